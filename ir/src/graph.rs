@@ -1,0 +1,201 @@
+//! The graph: typed `u32` ids into arenas. Values are defined once, by a graph input, a parameter
+//! or a node output; nodes are stored in execution order.
+
+use crate::op::Op;
+use crate::types::TensorType;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ValueId(pub u32);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u32);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ParamId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueDef {
+    Input(u32),
+    Param(ParamId),
+    Node(NodeId, u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Value {
+    pub ty: TensorType,
+    pub def: ValueDef,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique, hierarchical name (`blk12.attn.core`); also the NVTX range name.
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub outputs: Vec<ValueId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// Per-token data from the dataset.
+    Data,
+    /// A runtime scalar (never baked into kernels).
+    Scalar,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Input {
+    pub name: String,
+    pub kind: InputKind,
+    pub value: ValueId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal { std: f32 },
+    Const { value: f32 },
+    /// GRAPE-M log-frequencies `l_i = scale·ln(base^(−2i/head_dim))`.
+    LogFreq { scale: f32, base: f32, head_dim: u64 },
+}
+
+/// Which optimizer updates a parameter (MODEL.md §3: Normuon iff 2-D and not embedding/head; a
+/// stacked `[E, r, c]` expert tensor is E separate Normuon matrices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptGroup {
+    Normuon,
+    AdamW,
+    /// Not trained by the optimizer (expert bias, fixed frequencies).
+    Frozen,
+}
+
+/// What a parameter is, for counting active parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    InputEmbedding,
+    OutputHead,
+    /// Tied embeddings: one table is both.
+    TiedEmbedding,
+    /// Routed-expert tensor stacked over `experts`, of which `topk` are active per token.
+    Experts { experts: u64, topk: u64 },
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Param {
+    /// Megatron state-dict name (0-indexed layers), except stacked experts.
+    pub name: String,
+    pub ty: TensorType,
+    pub init: Init,
+    pub opt: OptGroup,
+    /// Decoupled weight decay applies (multiplier 1) or not (0).
+    pub weight_decay: bool,
+    pub role: Role,
+    pub value: ValueId,
+}
+
+impl Param {
+    pub fn numel(&self) -> u64 {
+        self.ty.numel(0)
+    }
+    pub fn trainable(&self) -> bool {
+        self.opt != OptGroup::Frozen
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    pub name: String,
+    pub values: Vec<Value>,
+    pub nodes: Vec<Node>,
+    pub params: Vec<Param>,
+    pub inputs: Vec<Input>,
+    pub outputs: Vec<(String, ValueId)>,
+}
+
+impl Graph {
+    pub fn new(name: &str) -> Self {
+        Graph { name: name.to_string(), ..Default::default() }
+    }
+
+    fn new_value(&mut self, ty: TensorType, def: ValueDef) -> ValueId {
+        self.values.push(Value { ty, def });
+        ValueId(self.values.len() as u32 - 1)
+    }
+
+    pub fn input(&mut self, name: &str, kind: InputKind, ty: TensorType) -> ValueId {
+        let v = self.new_value(ty, ValueDef::Input(self.inputs.len() as u32));
+        self.inputs.push(Input { name: name.to_string(), kind, value: v });
+        v
+    }
+
+    pub fn param(
+        &mut self,
+        name: String,
+        ty: TensorType,
+        init: Init,
+        opt: OptGroup,
+        weight_decay: bool,
+        role: Role,
+    ) -> ValueId {
+        let id = ParamId(self.params.len() as u32);
+        let v = self.new_value(ty.clone(), ValueDef::Param(id));
+        self.params.push(Param { name, ty, init, opt, weight_decay, role, value: v });
+        v
+    }
+
+    /// Appends a node; output types come from the op's signature.
+    pub fn node(&mut self, name: String, op: Op, inputs: Vec<ValueId>) -> Vec<ValueId> {
+        let id = NodeId(self.nodes.len() as u32);
+        let outs: Vec<ValueId> = op
+            .signature()
+            .1
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, ty))| self.new_value(ty, ValueDef::Node(id, i as u32)))
+            .collect();
+        self.nodes.push(Node { name, op, inputs, outputs: outs.clone() });
+        outs
+    }
+
+    pub fn output(&mut self, name: &str, v: ValueId) {
+        self.outputs.push((name.to_string(), v));
+    }
+
+    pub fn value(&self, v: ValueId) -> &Value {
+        &self.values[v.0 as usize]
+    }
+
+    pub fn param_of(&self, v: ValueId) -> Option<&Param> {
+        match self.value(v).def {
+            ValueDef::Param(p) => Some(&self.params[p.0 as usize]),
+            _ => None,
+        }
+    }
+
+    pub fn input_named(&self, name: &str) -> Option<&Input> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    pub fn output_named(&self, name: &str) -> Option<ValueId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Index of the last node reading each value (graph outputs live to the end).
+    pub fn last_uses(&self) -> Vec<Option<usize>> {
+        let mut last = vec![None; self.values.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                last[v.0 as usize] = Some(i);
+            }
+        }
+        for (_, v) in &self.outputs {
+            last[v.0 as usize] = Some(self.nodes.len());
+        }
+        last
+    }
+}

@@ -1,0 +1,419 @@
+//! The closed set of fused ops. Attributes fully determine every input and output type, so the
+//! verifier checks a node by comparing the graph's types with [`Op::signature`].
+//! Semantics (MODEL.md §4) live in [`crate::reference`].
+
+use crate::types::{DType, TensorType};
+use serde::{Deserialize, Serialize};
+
+/// Attention mask family. Both families also mask across documents (D5) and are causal.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AttnKind {
+    /// Sliding window of `W` keys including the query itself (`i − j < W`).
+    Window(u64),
+    /// Full causal attention, optionally with ALiBi (GRAPE-A) slopes `2^-(h+1)`.
+    Global { alibi: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attn {
+    pub heads: u64,
+    pub groups: u64,
+    pub head_dim: u64,
+    pub kind: AttnKind,
+    /// Learnable per-head sink logit (`softmax_type = "learnable"`).
+    pub sinks: bool,
+}
+
+/// Group-limited routing: experts split into `groups` contiguous groups; the `group_topk` groups
+/// with the largest sum of their top `topk/group_topk` biased scores stay eligible.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupLimit {
+    pub groups: u64,
+    pub group_topk: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// `h[t] = table[tokens[t]]`.
+    Embedding { vocab: u64, hidden: u64 },
+    /// `y = x / sqrt(mean(x²) + eps) ⊙ w` over the last dim.
+    RmsNorm { dim: u64, eps: f32 },
+    /// Plain QKV linear into the group-interleaved layout, split into q, k, v.
+    QkvProj { hidden: u64, heads: u64, groups: u64, head_dim: u64, bias: bool },
+    /// Tensor-product attention QKV (six bias-free factor linears, bias on the packed result).
+    TpaQkv { hidden: u64, heads: u64, groups: u64, head_dim: u64, q_rank: u64, kv_rank: u64, bias: bool },
+    /// Per-head RMSNorm of q and k with one weight each shared by all heads.
+    QkNorm { heads: u64, groups: u64, head_dim: u64, eps: f32 },
+    /// GRAPE-M rotation (rotate-half) of q and k with learnable log-frequencies `f = exp(l/scale)`.
+    GrapeM { heads: u64, groups: u64, head_dim: u64, log_freq_scale: f32 },
+    /// `v ← λ·v + (1−λ)·v₁`, `λ = sigmoid(logit)` in f32 (D2).
+    ValueResidual { groups: u64, head_dim: u64 },
+    /// Causal attention with document masking, optional window/ALiBi/sinks.
+    Attention(Attn),
+    /// `h' = resid + ctx·Wᵀ + b`.
+    OutProj { in_dim: u64, hidden: u64, bias: bool },
+    /// `out = [resid +] ReLU²(m·W₁ᵀ + b₁)·W₂ᵀ + b₂` (dense FFN and shared expert).
+    Mlp { hidden: u64, ffn: u64, bias: bool, residual: bool },
+    /// Sigmoid router: selection on `σ + expert_bias` (group-limited), gates `scale·σ/Σσ`.
+    Router {
+        hidden: u64,
+        experts: u64,
+        topk: u64,
+        group_limit: Option<GroupLimit>,
+        scale: f32,
+        expert_bias: bool,
+        bias: bool,
+    },
+    /// Permute tokens expert-major (ascending token order within an expert).
+    Dispatch { hidden: u64, experts: u64, topk: u64 },
+    /// Grouped expert GEMMs on ragged per-expert row ranges: `ReLU²(x·W₁ₑᵀ + b₁ₑ)·W₂ₑᵀ + b₂ₑ`.
+    ExpertFfn { hidden: u64, ffn: u64, experts: u64, topk: u64, bias: bool },
+    /// `h' = resid + Σ_k gate[t,k]·y[row(t,k)] [+ shared]`.
+    Combine { hidden: u64, topk: u64, shared: bool },
+    /// Sequence-level load-balancing loss (MODEL.md §4.10) without its coefficient.
+    SeqAuxLoss { experts: u64, topk: u64 },
+    /// `logits = z·Wᵀ` in f32.
+    LmHead { hidden: u64, vocab: u64 },
+    /// Span-normalised CE: `loss = Σ_t ce_t·mask_t·scale[span_t]`; also `ce_t·mask_t`.
+    SpanCe { vocab: u64 },
+}
+
+/// Named, typed input or output of an op.
+pub type Port = (&'static str, TensorType);
+
+fn act(rest: &[u64]) -> TensorType {
+    TensorType::tok(DType::Bf16, rest)
+}
+fn w(dims: &[u64]) -> TensorType {
+    TensorType::fixed(DType::Bf16, dims)
+}
+
+impl Op {
+    /// Op name in the text form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding { .. } => "embedding",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::QkvProj { .. } => "qkv_proj",
+            Op::TpaQkv { .. } => "tpa_qkv",
+            Op::QkNorm { .. } => "qk_norm",
+            Op::GrapeM { .. } => "grape_m",
+            Op::ValueResidual { .. } => "value_residual",
+            Op::Attention(a) => match a.kind {
+                AttnKind::Window(_) => "window_attention",
+                AttnKind::Global { .. } => "global_attention",
+            },
+            Op::OutProj { .. } => "out_proj",
+            Op::Mlp { .. } => "mlp",
+            Op::Router { .. } => "router",
+            Op::Dispatch { .. } => "dispatch",
+            Op::ExpertFfn { .. } => "expert_ffn",
+            Op::Combine { .. } => "combine",
+            Op::SeqAuxLoss { .. } => "seq_aux_loss",
+            Op::LmHead { .. } => "lm_head",
+            Op::SpanCe { .. } => "span_ce",
+        }
+    }
+
+    /// Attributes in print order.
+    pub fn attrs(&self) -> Vec<(&'static str, String)> {
+        let b = |v: &bool| v.to_string();
+        match self {
+            Op::Embedding { vocab, hidden } => vec![("vocab", vocab.to_string()), ("hidden", hidden.to_string())],
+            Op::RmsNorm { dim, eps } => vec![("dim", dim.to_string()), ("eps", format!("{eps:?}"))],
+            Op::QkvProj { hidden, heads, groups, head_dim, bias } => vec![
+                ("hidden", hidden.to_string()),
+                ("heads", heads.to_string()),
+                ("groups", groups.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("bias", b(bias)),
+            ],
+            Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => vec![
+                ("hidden", hidden.to_string()),
+                ("heads", heads.to_string()),
+                ("groups", groups.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("q_rank", q_rank.to_string()),
+                ("kv_rank", kv_rank.to_string()),
+                ("bias", b(bias)),
+            ],
+            Op::QkNorm { heads, groups, head_dim, eps } => vec![
+                ("heads", heads.to_string()),
+                ("groups", groups.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("eps", format!("{eps:?}")),
+            ],
+            Op::GrapeM { heads, groups, head_dim, log_freq_scale } => vec![
+                ("heads", heads.to_string()),
+                ("groups", groups.to_string()),
+                ("head_dim", head_dim.to_string()),
+                ("log_freq_scale", format!("{log_freq_scale:?}")),
+            ],
+            Op::ValueResidual { groups, head_dim } => {
+                vec![("groups", groups.to_string()), ("head_dim", head_dim.to_string())]
+            }
+            Op::Attention(a) => {
+                let mut v = vec![
+                    ("heads", a.heads.to_string()),
+                    ("groups", a.groups.to_string()),
+                    ("head_dim", a.head_dim.to_string()),
+                ];
+                match a.kind {
+                    AttnKind::Window(wnd) => v.push(("window", wnd.to_string())),
+                    AttnKind::Global { alibi } => v.push(("alibi", alibi.to_string())),
+                }
+                v.push(("sinks", a.sinks.to_string()));
+                v
+            }
+            Op::OutProj { in_dim, hidden, bias } => {
+                vec![("in", in_dim.to_string()), ("hidden", hidden.to_string()), ("bias", b(bias))]
+            }
+            Op::Mlp { hidden, ffn, bias, residual } => vec![
+                ("hidden", hidden.to_string()),
+                ("ffn", ffn.to_string()),
+                ("bias", b(bias)),
+                ("residual", b(residual)),
+            ],
+            Op::Router { hidden, experts, topk, group_limit, scale, expert_bias, bias } => {
+                let mut v = vec![
+                    ("hidden", hidden.to_string()),
+                    ("experts", experts.to_string()),
+                    ("topk", topk.to_string()),
+                ];
+                if let Some(g) = group_limit {
+                    v.push(("groups", g.groups.to_string()));
+                    v.push(("group_topk", g.group_topk.to_string()));
+                }
+                v.push(("scale", format!("{scale:?}")));
+                v.push(("expert_bias", b(expert_bias)));
+                v.push(("bias", b(bias)));
+                v
+            }
+            Op::Dispatch { hidden, experts, topk } => vec![
+                ("hidden", hidden.to_string()),
+                ("experts", experts.to_string()),
+                ("topk", topk.to_string()),
+            ],
+            Op::ExpertFfn { hidden, ffn, experts, topk, bias } => vec![
+                ("hidden", hidden.to_string()),
+                ("ffn", ffn.to_string()),
+                ("experts", experts.to_string()),
+                ("topk", topk.to_string()),
+                ("bias", b(bias)),
+            ],
+            Op::Combine { hidden, topk, shared } => vec![
+                ("hidden", hidden.to_string()),
+                ("topk", topk.to_string()),
+                ("shared", b(shared)),
+            ],
+            Op::SeqAuxLoss { experts, topk } => {
+                vec![("experts", experts.to_string()), ("topk", topk.to_string())]
+            }
+            Op::LmHead { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
+            Op::SpanCe { vocab } => vec![("vocab", vocab.to_string())],
+        }
+    }
+
+    /// Input and output ports. Optional inputs (biases, residuals) appear only when the
+    /// attributes ask for them, in the order listed here.
+    pub fn signature(&self) -> (Vec<Port>, Vec<Port>) {
+        use DType::*;
+        match *self {
+            Op::Embedding { vocab, hidden } => (
+                vec![("tokens", TensorType::tok(I32, &[])), ("table", w(&[vocab, hidden]))],
+                vec![("h", act(&[hidden]))],
+            ),
+            Op::RmsNorm { dim, .. } => (vec![("x", act(&[dim])), ("weight", w(&[dim]))], vec![("y", act(&[dim]))]),
+            Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
+                let n = (heads + 2 * groups) * head_dim;
+                let mut ins = vec![("x", act(&[hidden])), ("weight", w(&[n, hidden]))];
+                if bias {
+                    ins.push(("bias", w(&[n])));
+                }
+                (ins, qkv_outs(heads, groups, head_dim))
+            }
+            Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
+                let n = (heads + 2 * groups) * head_dim;
+                let mut ins = vec![
+                    ("x", act(&[hidden])),
+                    ("a_q", w(&[heads * q_rank, hidden])),
+                    ("a_k", w(&[groups * kv_rank, hidden])),
+                    ("a_v", w(&[groups * kv_rank, hidden])),
+                    ("b_q", w(&[q_rank * head_dim, hidden])),
+                    ("b_k", w(&[kv_rank * head_dim, hidden])),
+                    ("b_v", w(&[kv_rank * head_dim, hidden])),
+                ];
+                if bias {
+                    ins.push(("bias", w(&[n])));
+                }
+                (ins, qkv_outs(heads, groups, head_dim))
+            }
+            Op::QkNorm { heads, groups, head_dim, .. } => (
+                vec![
+                    ("q", act(&[heads, head_dim])),
+                    ("k", act(&[groups, head_dim])),
+                    ("q_weight", w(&[head_dim])),
+                    ("k_weight", w(&[head_dim])),
+                ],
+                vec![("q", act(&[heads, head_dim])), ("k", act(&[groups, head_dim]))],
+            ),
+            Op::GrapeM { heads, groups, head_dim, .. } => (
+                vec![
+                    ("q", act(&[heads, head_dim])),
+                    ("k", act(&[groups, head_dim])),
+                    ("log_freq", TensorType::fixed(F32, &[head_dim / 2])),
+                ],
+                vec![("q", act(&[heads, head_dim])), ("k", act(&[groups, head_dim]))],
+            ),
+            Op::ValueResidual { groups, head_dim } => (
+                vec![
+                    ("v", act(&[groups, head_dim])),
+                    ("v1", act(&[groups, head_dim])),
+                    ("logit", TensorType::scalar(F32)),
+                ],
+                vec![("v", act(&[groups, head_dim]))],
+            ),
+            Op::Attention(a) => {
+                let mut ins = vec![
+                    ("q", act(&[a.heads, a.head_dim])),
+                    ("k", act(&[a.groups, a.head_dim])),
+                    ("v", act(&[a.groups, a.head_dim])),
+                    ("doc", TensorType::tok(I32, &[])),
+                ];
+                if a.sinks {
+                    ins.push(("sinks", TensorType::fixed(F32, &[a.heads])));
+                }
+                (ins, vec![("ctx", act(&[a.heads * a.head_dim]))])
+            }
+            Op::OutProj { in_dim, hidden, bias } => {
+                let mut ins = vec![("ctx", act(&[in_dim])), ("weight", w(&[hidden, in_dim]))];
+                if bias {
+                    ins.push(("bias", w(&[hidden])));
+                }
+                ins.push(("resid", act(&[hidden])));
+                (ins, vec![("h", act(&[hidden]))])
+            }
+            Op::Mlp { hidden, ffn, bias, residual } => {
+                let mut ins = vec![("x", act(&[hidden])), ("fc1", w(&[ffn, hidden]))];
+                if bias {
+                    ins.push(("fc1_bias", w(&[ffn])));
+                }
+                ins.push(("fc2", w(&[hidden, ffn])));
+                if bias {
+                    ins.push(("fc2_bias", w(&[hidden])));
+                }
+                if residual {
+                    ins.push(("resid", act(&[hidden])));
+                }
+                (ins, vec![("y", act(&[hidden]))])
+            }
+            Op::Router { hidden, experts, topk, expert_bias, bias, .. } => {
+                let mut ins = vec![("x", act(&[hidden])), ("weight", w(&[experts, hidden]))];
+                if bias {
+                    ins.push(("bias", w(&[experts])));
+                }
+                if expert_bias {
+                    ins.push(("expert_bias", TensorType::fixed(F32, &[experts])));
+                }
+                (
+                    ins,
+                    vec![
+                        ("idx", TensorType::tok(I32, &[topk])),
+                        ("gate", TensorType::tok(F32, &[topk])),
+                        ("scores", TensorType::tok(F32, &[experts])),
+                    ],
+                )
+            }
+            Op::Dispatch { hidden, experts, topk } => (
+                vec![("x", act(&[hidden])), ("idx", TensorType::tok(I32, &[topk]))],
+                vec![
+                    ("xp", TensorType::tok_k(Bf16, topk, &[hidden])),
+                    ("slot", TensorType::tok_k(I32, topk, &[])),
+                    ("offsets", TensorType::fixed(I32, &[experts + 1])),
+                ],
+            ),
+            Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
+                let mut ins = vec![
+                    ("xp", TensorType::tok_k(Bf16, topk, &[hidden])),
+                    ("offsets", TensorType::fixed(I32, &[experts + 1])),
+                    ("fc1", w(&[experts, ffn, hidden])),
+                ];
+                if bias {
+                    ins.push(("fc1_bias", w(&[experts, ffn])));
+                }
+                ins.push(("fc2", w(&[experts, hidden, ffn])));
+                if bias {
+                    ins.push(("fc2_bias", w(&[experts, hidden])));
+                }
+                (ins, vec![("yp", TensorType::tok_k(Bf16, topk, &[hidden]))])
+            }
+            Op::Combine { hidden, topk, shared } => {
+                let mut ins = vec![
+                    ("yp", TensorType::tok_k(Bf16, topk, &[hidden])),
+                    ("slot", TensorType::tok_k(I32, topk, &[])),
+                    ("gate", TensorType::tok(F32, &[topk])),
+                    ("resid", act(&[hidden])),
+                ];
+                if shared {
+                    ins.push(("shared", act(&[hidden])));
+                }
+                (ins, vec![("h", act(&[hidden]))])
+            }
+            Op::SeqAuxLoss { experts, .. } => (
+                vec![("scores", TensorType::tok(F32, &[experts]))],
+                vec![("aux", TensorType::scalar(F32))],
+            ),
+            Op::LmHead { hidden, vocab } => (
+                vec![("z", act(&[hidden])), ("weight", w(&[vocab, hidden]))],
+                vec![("logits", TensorType::tok(F32, &[vocab]))],
+            ),
+            Op::SpanCe { vocab } => (
+                vec![
+                    ("logits", TensorType::tok(F32, &[vocab])),
+                    ("labels", TensorType::tok(I32, &[])),
+                    ("loss_mask", TensorType::tok(U8, &[])),
+                    ("span", TensorType::tok(U8, &[])),
+                    ("span_scale", TensorType::fixed(F32, &[3])),
+                ],
+                vec![("loss", TensorType::scalar(F32)), ("token_loss", TensorType::tok(F32, &[]))],
+            ),
+        }
+    }
+
+    /// Forward FLOPs for one sequence of `seq` tokens (GEMMs `2mkn`, attention `4·heads·d` per
+    /// query–key pair with exact causal/window counting; elementwise work is not counted),
+    /// following MODEL.md §10.
+    pub fn flops_per_sequence(&self, seq: u64) -> u128 {
+        let s = seq as u128;
+        let gemm = |k: u64, n: u64| 2 * k as u128 * n as u128 * s;
+        match *self {
+            Op::QkvProj { hidden, heads, groups, head_dim, .. } => gemm(hidden, (heads + 2 * groups) * head_dim),
+            Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, .. } => {
+                let factors = heads * q_rank + 2 * groups * kv_rank + (q_rank + 2 * kv_rank) * head_dim;
+                let products = heads * q_rank * head_dim + 2 * groups * kv_rank * head_dim;
+                gemm(hidden, factors) + 2 * products as u128 * s
+            }
+            Op::Attention(a) => {
+                let pairs: u128 = match a.kind {
+                    AttnKind::Window(wnd) => (0..seq).map(|i| (i + 1).min(wnd) as u128).sum(),
+                    AttnKind::Global { .. } => s * (s + 1) / 2,
+                };
+                4 * (a.heads * a.head_dim) as u128 * pairs
+            }
+            Op::OutProj { in_dim, hidden, .. } => gemm(in_dim, hidden),
+            Op::Mlp { hidden, ffn, .. } => 2 * gemm(hidden, ffn),
+            Op::Router { hidden, experts, .. } => gemm(hidden, experts),
+            Op::ExpertFfn { hidden, ffn, topk, .. } => topk as u128 * 2 * gemm(hidden, ffn),
+            Op::LmHead { hidden, vocab } => gemm(hidden, vocab),
+            _ => 0,
+        }
+    }
+}
+
+fn qkv_outs(heads: u64, groups: u64, head_dim: u64) -> Vec<Port> {
+    vec![
+        ("q", act(&[heads, head_dim])),
+        ("k", act(&[groups, head_dim])),
+        ("v", act(&[groups, head_dim])),
+    ]
+}

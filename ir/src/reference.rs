@@ -1,0 +1,519 @@
+//! Reference semantics of every op: plain loops written from MODEL.md §4, the living definition
+//! that every backend and kernel is tested against. Floating-point tensors are f32 (bf16 values
+//! are represented exactly); reductions accumulate in f64. Matrix products go through [`Gemm`] so
+//! a backend can swap in a fast implementation without restating the semantics.
+
+use crate::op::{Attn, AttnKind, GroupLimit, Op};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    /// Integer tensors (`i32` and `u8` in the IR).
+    I32(Vec<i32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, v: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), v.len(), "shape {shape:?} vs {} elements", v.len());
+        Tensor { shape, data: Data::F32(v) }
+    }
+    pub fn i32(shape: Vec<usize>, v: Vec<i32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), v.len(), "shape {shape:?} vs {} elements", v.len());
+        Tensor { shape, data: Data::I32(v) }
+    }
+    pub fn scalar(x: f32) -> Self {
+        Tensor { shape: vec![], data: Data::F32(vec![x]) }
+    }
+    pub fn f(&self) -> &[f32] {
+        match &self.data {
+            Data::F32(v) => v,
+            Data::I32(_) => panic!("expected an f32 tensor, got i32 {:?}", self.shape),
+        }
+    }
+    pub fn i(&self) -> &[i32] {
+        match &self.data {
+            Data::I32(v) => v,
+            Data::F32(_) => panic!("expected an i32 tensor, got f32 {:?}", self.shape),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Run-time dimensions: `tokens = B·S` rows of `seq` tokens each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub tokens: usize,
+    pub seq: usize,
+}
+
+/// `c[m×n] = a[m×k] · b[n×k]ᵀ` (+ `c` when `acc`), row-major: the `x·Wᵀ` of a linear layer.
+pub trait Gemm: Sync {
+    #[allow(clippy::too_many_arguments)]
+    fn xwt(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool);
+}
+
+/// The trivially correct GEMM: f64 accumulation, no blocking.
+pub struct NaiveGemm;
+
+impl Gemm for NaiveGemm {
+    fn xwt(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[j * k + p] as f64;
+                }
+                let base = if acc { c[i * n + j] as f64 } else { 0.0 };
+                c[i * n + j] = (base + s) as f32;
+            }
+        }
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
+}
+
+/// ALiBi slopes for `n` heads (the standard construction; `2^-(h+1)` for 8 heads).
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    fn pow2(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    if n.is_power_of_two() {
+        return pow2(n).into_iter().map(|x| x as f32).collect();
+    }
+    let c = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let mut s = pow2(c);
+    s.extend(pow2(2 * c).into_iter().step_by(2).take(n - c));
+    s.into_iter().map(|x| x as f32).collect()
+}
+
+/// Whether query `i` may attend key `j` (`j ≤ i`, same document, inside the window).
+pub fn attends(kind: AttnKind, i: usize, j: usize, doc_i: i32, doc_j: i32) -> bool {
+    j <= i
+        && doc_i == doc_j
+        && match kind {
+            AttnKind::Window(w) => ((i - j) as u64) < w,
+            AttnKind::Global { .. } => true,
+        }
+}
+
+/// Softmax over `scores` plus an optional sink logit in the denominator. Masked entries are
+/// `−∞` and get probability 0; with a sink a row whose keys are all masked gives all zeros
+/// (never NaN). Without a sink such a row also gives zeros.
+pub fn softmax_with_sink(scores: &[f32], sink: Option<f32>) -> Vec<f32> {
+    let mut m = sink.map(|s| s as f64).unwrap_or(f64::NEG_INFINITY);
+    for &s in scores {
+        m = m.max(s as f64);
+    }
+    if m == f64::NEG_INFINITY {
+        return vec![0.0; scores.len()];
+    }
+    let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - m).exp()).collect();
+    let denom: f64 = e.iter().sum::<f64>() + sink.map(|s| (s as f64 - m).exp()).unwrap_or(0.0);
+    e.into_iter().map(|x| (x / denom) as f32).collect()
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+pub fn topk(vals: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..vals.len()).collect();
+    idx.sort_by(|&a, &b| vals[b].total_cmp(&vals[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Expert selection of one token (MODEL.md §4.9c): top-k of `sel` restricted to the best groups.
+pub fn select_experts(sel: &[f32], k: usize, limit: Option<GroupLimit>) -> Vec<usize> {
+    let Some(gl) = limit else { return topk(sel, k) };
+    let (ng, gk) = (gl.groups as usize, gl.group_topk as usize);
+    let per = sel.len() / ng;
+    let take = k / gk;
+    let group_scores: Vec<f32> = (0..ng)
+        .map(|g| {
+            let grp = &sel[g * per..(g + 1) * per];
+            topk(grp, take).iter().map(|&i| grp[i] as f64).sum::<f64>() as f32
+        })
+        .collect();
+    let keep = topk(&group_scores, gk);
+    let masked: Vec<f32> = (0..sel.len())
+        .map(|e| if keep.contains(&(e / per)) { sel[e] } else { f32::NEG_INFINITY })
+        .collect();
+    topk(&masked, k)
+}
+
+fn rms_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    for ((o, &v), &wt) in out.iter_mut().zip(x).zip(w) {
+        *o = (v as f64 * inv) as f32 * wt;
+    }
+}
+
+/// `y[m×n] = x·Wᵀ (+ b)`.
+fn linear(g: &dyn Gemm, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    g.xwt(m, k, n, x, w, &mut y, false);
+    if let Some(b) = b {
+        for row in y.chunks_mut(n) {
+            for (v, bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+    y
+}
+
+fn relu2(v: &mut [f32]) {
+    for x in v {
+        let r = x.max(0.0);
+        *x = r * r;
+    }
+}
+
+/// Splits the group-interleaved packed QKV `[T, (heads+2·groups)·d]` into q, k, v.
+fn split_qkv(mixed: &[f32], t: usize, heads: usize, groups: usize, d: usize) -> Vec<Tensor> {
+    let gsz = heads / groups;
+    let n = (heads + 2 * groups) * d;
+    let (mut q, mut k, mut v) = (vec![0f32; t * heads * d], vec![0f32; t * groups * d], vec![0f32; t * groups * d]);
+    for ti in 0..t {
+        let row = &mixed[ti * n..(ti + 1) * n];
+        for g in 0..groups {
+            let base = g * (gsz + 2) * d;
+            for j in 0..gsz {
+                let h = g * gsz + j;
+                q[(ti * heads + h) * d..][..d].copy_from_slice(&row[base + j * d..][..d]);
+            }
+            k[(ti * groups + g) * d..][..d].copy_from_slice(&row[base + gsz * d..][..d]);
+            v[(ti * groups + g) * d..][..d].copy_from_slice(&row[base + (gsz + 1) * d..][..d]);
+        }
+    }
+    vec![
+        Tensor::f32(vec![t, heads, d], q),
+        Tensor::f32(vec![t, groups, d], k),
+        Tensor::f32(vec![t, groups, d], v),
+    ]
+}
+
+/// Rotation angles' frequencies `f_i = exp(l_i/scale)`.
+pub fn grape_freqs(log_freq: &[f32], scale: f32) -> Vec<f32> {
+    log_freq.iter().map(|&l| (l / scale).exp()).collect()
+}
+
+/// Rotate-half rotation of one head vector at position `pos` (angles in f32 as the reference).
+pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
+    let h = u.len() / 2;
+    for i in 0..h {
+        let th = pos as f32 * freqs[i];
+        let (s, c) = th.sin_cos();
+        let (a, b) = (u[i], u[i + h]);
+        u[i] = a * c - b * s;
+        u[i + h] = b * c + a * s;
+    }
+}
+
+fn attention(a: &Attn, dims: &Dims, q: &[f32], k: &[f32], v: &[f32], doc: &[i32], sinks: Option<&[f32]>) -> Vec<f32> {
+    let (nh, ng, d) = (a.heads as usize, a.groups as usize, a.head_dim as usize);
+    let gsz = nh / ng;
+    let scale = 1.0 / (d as f32).sqrt();
+    let slopes = match a.kind {
+        AttnKind::Global { alibi: true } => Some(alibi_slopes(nh)),
+        _ => None,
+    };
+    let mut out = vec![0f32; dims.tokens * nh * d];
+    for t in 0..dims.tokens {
+        let i = t % dims.seq;
+        let row0 = t - i;
+        for h in 0..nh {
+            let g = h / gsz;
+            let qv = &q[(t * nh + h) * d..][..d];
+            let scores: Vec<f32> = (0..=i)
+                .map(|j| {
+                    if !attends(a.kind, i, j, doc[t], doc[row0 + j]) {
+                        return f32::NEG_INFINITY;
+                    }
+                    let kv = &k[((row0 + j) * ng + g) * d..][..d];
+                    let dot = qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
+                    let bias = slopes.as_ref().map(|s| -s[h] * (i - j) as f32).unwrap_or(0.0);
+                    dot * scale + bias
+                })
+                .collect();
+            let p = softmax_with_sink(&scores, sinks.map(|s| s[h]));
+            let o = &mut out[(t * nh + h) * d..][..d];
+            for (j, &pj) in p.iter().enumerate() {
+                if pj != 0.0 {
+                    let vv = &v[((row0 + j) * ng + g) * d..][..d];
+                    for (oo, &x) in o.iter_mut().zip(vv) {
+                        *oo += pj * x;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Executes one op. Inputs are in signature order; integer inputs (`i32`, `u8`) are [`Data::I32`].
+/// Token ids and labels must already be validated against the vocabulary.
+pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Tensor> {
+    let t = dims.tokens;
+    match *op {
+        Op::Embedding { hidden, .. } => {
+            let h = hidden as usize;
+            let table = ins[1].f();
+            let mut out = Vec::with_capacity(t * h);
+            for &tok in ins[0].i() {
+                out.extend_from_slice(&table[tok as usize * h..][..h]);
+            }
+            vec![Tensor::f32(vec![t, h], out)]
+        }
+        Op::RmsNorm { dim, eps } => {
+            let d = dim as usize;
+            let mut y = vec![0f32; t * d];
+            for (xr, yr) in ins[0].f().chunks(d).zip(y.chunks_mut(d)) {
+                rms_row(xr, ins[1].f(), eps, yr);
+            }
+            vec![Tensor::f32(vec![t, d], y)]
+        }
+        Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
+            let n = ((heads + 2 * groups) * head_dim) as usize;
+            let mixed = linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), n, bias.then(|| ins[2].f()));
+            split_qkv(&mixed, t, heads as usize, groups as usize, head_dim as usize)
+        }
+        Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
+            let (h, nh, ng, d, rq, r) =
+                (hidden as usize, heads as usize, groups as usize, head_dim as usize, q_rank as usize, kv_rank as usize);
+            let x = ins[0].f();
+            let f = |i: usize, n: usize| linear(gemm, x, t, h, ins[i].f(), n, None);
+            let (aq, ak, av) = (f(1, nh * rq), f(2, ng * r), f(3, ng * r));
+            let (bq, bk, bv) = (f(4, rq * d), f(5, r * d), f(6, r * d));
+            let gsz = nh / ng;
+            let n = (nh + 2 * ng) * d;
+            let mut mixed = vec![0f32; t * n];
+            // q_h = (1/R_q) Σ_r A_q[h,r]·B_q[r,:], packed group-interleaved.
+            let product = |a: &[f32], b: &[f32], rank: usize, head: usize, out: &mut [f32]| {
+                for (c, o) in out.iter_mut().enumerate() {
+                    let s: f64 = (0..rank).map(|ri| a[head * rank + ri] as f64 * b[ri * d + c] as f64).sum();
+                    *o = (s / rank as f64) as f32;
+                }
+            };
+            for ti in 0..t {
+                let row = &mut mixed[ti * n..(ti + 1) * n];
+                let (aqt, akt, avt) = (&aq[ti * nh * rq..], &ak[ti * ng * r..], &av[ti * ng * r..]);
+                let (bqt, bkt, bvt) = (&bq[ti * rq * d..], &bk[ti * r * d..], &bv[ti * r * d..]);
+                for g in 0..ng {
+                    let base = g * (gsz + 2) * d;
+                    for j in 0..gsz {
+                        product(aqt, bqt, rq, g * gsz + j, &mut row[base + j * d..][..d]);
+                    }
+                    product(akt, bkt, r, g, &mut row[base + gsz * d..][..d]);
+                    product(avt, bvt, r, g, &mut row[base + (gsz + 1) * d..][..d]);
+                }
+                if bias {
+                    for (m, b) in row.iter_mut().zip(ins[7].f()) {
+                        *m += b;
+                    }
+                }
+            }
+            split_qkv(&mixed, t, nh, ng, d)
+        }
+        Op::QkNorm { head_dim, eps, .. } => {
+            let d = head_dim as usize;
+            [(ins[0], ins[2]), (ins[1], ins[3])]
+                .iter()
+                .map(|(x, w)| {
+                    let mut y = vec![0f32; x.numel()];
+                    for (xr, yr) in x.f().chunks(d).zip(y.chunks_mut(d)) {
+                        rms_row(xr, w.f(), eps, yr);
+                    }
+                    Tensor::f32(x.shape.clone(), y)
+                })
+                .collect()
+        }
+        Op::GrapeM { head_dim, log_freq_scale, .. } => {
+            let d = head_dim as usize;
+            let freqs = grape_freqs(ins[2].f(), log_freq_scale);
+            [ins[0], ins[1]]
+                .iter()
+                .map(|x| {
+                    let mut y = x.f().to_vec();
+                    let per_tok = y.len() / t;
+                    for (ti, row) in y.chunks_mut(per_tok).enumerate() {
+                        for u in row.chunks_mut(d) {
+                            grape_rotate(u, &freqs, ti % dims.seq);
+                        }
+                    }
+                    Tensor::f32(x.shape.clone(), y)
+                })
+                .collect()
+        }
+        Op::ValueResidual { .. } => {
+            let lam = sigmoid(ins[2].f()[0]);
+            let v: Vec<f32> = ins[0].f().iter().zip(ins[1].f()).map(|(&a, &b)| lam * a + (1.0 - lam) * b).collect();
+            vec![Tensor::f32(ins[0].shape.clone(), v)]
+        }
+        Op::Attention(ref a) => {
+            let sinks = a.sinks.then(|| ins[4].f());
+            let out = attention(a, dims, ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), sinks);
+            vec![Tensor::f32(vec![t, (a.heads * a.head_dim) as usize], out)]
+        }
+        Op::OutProj { in_dim, hidden, bias } => {
+            let n = hidden as usize;
+            let mut y = linear(gemm, ins[0].f(), t, in_dim as usize, ins[1].f(), n, bias.then(|| ins[2].f()));
+            for (o, r) in y.iter_mut().zip(ins[ins.len() - 1].f()) {
+                *o += r;
+            }
+            vec![Tensor::f32(vec![t, n], y)]
+        }
+        Op::Mlp { hidden, ffn, bias, residual } => {
+            let (h, f) = (hidden as usize, ffn as usize);
+            let mut it = ins[1..].iter();
+            let w1 = it.next().unwrap().f();
+            let b1 = if bias { Some(it.next().unwrap().f()) } else { None };
+            let w2 = it.next().unwrap().f();
+            let b2 = if bias { Some(it.next().unwrap().f()) } else { None };
+            let mut z = linear(gemm, ins[0].f(), t, h, w1, f, b1);
+            relu2(&mut z);
+            let mut y = linear(gemm, &z, t, f, w2, h, b2);
+            if residual {
+                for (o, r) in y.iter_mut().zip(it.next().unwrap().f()) {
+                    *o += r;
+                }
+            }
+            vec![Tensor::f32(vec![t, h], y)]
+        }
+        Op::Router { hidden, experts, topk: k, group_limit, scale, expert_bias, bias } => {
+            let (h, e, k) = (hidden as usize, experts as usize, k as usize);
+            let b = bias.then(|| ins[2].f());
+            let ebias = expert_bias.then(|| ins[2 + bias as usize].f());
+            let logits = linear(gemm, ins[0].f(), t, h, ins[1].f(), e, b);
+            let scores: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+            let (mut idx, mut gate) = (Vec::with_capacity(t * k), Vec::with_capacity(t * k));
+            for row in scores.chunks(e) {
+                let sel: Vec<f32> = match ebias {
+                    Some(eb) => row.iter().zip(eb).map(|(s, b)| s + b).collect(),
+                    None => row.to_vec(),
+                };
+                let chosen = select_experts(&sel, k, group_limit);
+                let z: f64 = chosen.iter().map(|&c| row[c] as f64).sum::<f64>() + 1e-20;
+                for &c in &chosen {
+                    idx.push(c as i32);
+                    gate.push((scale as f64 * row[c] as f64 / z) as f32);
+                }
+            }
+            vec![Tensor::i32(vec![t, k], idx), Tensor::f32(vec![t, k], gate), Tensor::f32(vec![t, e], scores)]
+        }
+        Op::Dispatch { hidden, experts, topk: k } => {
+            let (h, e, k) = (hidden as usize, experts as usize, k as usize);
+            let idx = ins[1].i();
+            let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); e];
+            for (s, &ex) in idx.iter().enumerate() {
+                buckets[ex as usize].push(s);
+            }
+            let (x, mut xp, mut slot, mut offsets) = (ins[0].f(), Vec::with_capacity(t * k * h), Vec::new(), vec![0i32]);
+            for b in &buckets {
+                for &s in b {
+                    xp.extend_from_slice(&x[(s / k) * h..][..h]);
+                    slot.push(s as i32);
+                }
+                offsets.push(slot.len() as i32);
+            }
+            vec![Tensor::f32(vec![t * k, h], xp), Tensor::i32(vec![t * k], slot), Tensor::i32(vec![e + 1], offsets)]
+        }
+        Op::ExpertFfn { hidden, ffn, experts, bias, .. } => {
+            let (h, f, e) = (hidden as usize, ffn as usize, experts as usize);
+            let (xp, off) = (ins[0].f(), ins[1].i());
+            let (w1, b1) = (ins[2].f(), bias.then(|| ins[3].f()));
+            let (w2, b2) = (ins[3 + bias as usize].f(), bias.then(|| ins[5].f()));
+            let mut yp = vec![0f32; xp.len()];
+            for ex in 0..e {
+                let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
+                if r0 == r1 {
+                    continue;
+                }
+                let n = r1 - r0;
+                let mut z = linear(gemm, &xp[r0 * h..r1 * h], n, h, &w1[ex * f * h..][..f * h], f, b1.map(|b| &b[ex * f..][..f]));
+                relu2(&mut z);
+                let y = linear(gemm, &z, n, f, &w2[ex * h * f..][..h * f], h, b2.map(|b| &b[ex * h..][..h]));
+                yp[r0 * h..r1 * h].copy_from_slice(&y);
+            }
+            vec![Tensor::f32(ins[0].shape.clone(), yp)]
+        }
+        Op::Combine { hidden, topk: k, shared } => {
+            let (h, k) = (hidden as usize, k as usize);
+            let (yp, slot, gate) = (ins[0].f(), ins[1].i(), ins[2].f());
+            let mut row_of = vec![0usize; t * k];
+            for (row, &s) in slot.iter().enumerate() {
+                row_of[s as usize] = row;
+            }
+            let mut out = ins[3].f().to_vec();
+            for ti in 0..t {
+                let o = &mut out[ti * h..(ti + 1) * h];
+                if shared {
+                    for (x, s) in o.iter_mut().zip(&ins[4].f()[ti * h..]) {
+                        *x += s;
+                    }
+                }
+                for kk in 0..k {
+                    let g = gate[ti * k + kk];
+                    let y = &yp[row_of[ti * k + kk] * h..][..h];
+                    for (x, yy) in o.iter_mut().zip(y) {
+                        *x += g * yy;
+                    }
+                }
+            }
+            vec![Tensor::f32(vec![t, h], out)]
+        }
+        Op::SeqAuxLoss { experts, topk: k } => {
+            let (e, k, s) = (experts as usize, k as usize, dims.seq);
+            let b = t / s;
+            let scores = ins[0].f();
+            let mut total = 0f64;
+            for bi in 0..b {
+                let (mut c, mut p) = (vec![0f64; e], vec![0f64; e]);
+                for row in scores[bi * s * e..(bi + 1) * s * e].chunks(e) {
+                    let u = row.iter().map(|&x| x as f64).sum::<f64>() + 1e-20;
+                    let norm: Vec<f32> = row.iter().map(|&x| (x as f64 / u) as f32).collect();
+                    for ex in topk(&norm, k) {
+                        c[ex] += 1.0;
+                    }
+                    for (pe, &n) in p.iter_mut().zip(&norm) {
+                        *pe += n as f64;
+                    }
+                }
+                let dot: f64 = c.iter().zip(&p).map(|(a, b)| a * b).sum();
+                total += e as f64 / (k as f64 * (s * s) as f64) * dot;
+            }
+            vec![Tensor::scalar((total / b as f64) as f32)]
+        }
+        Op::LmHead { hidden, vocab } => {
+            vec![Tensor::f32(vec![t, vocab as usize], linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), vocab as usize, None))]
+        }
+        Op::SpanCe { vocab } => {
+            let v = vocab as usize;
+            let (logits, labels, mask, span, scale) = (ins[0].f(), ins[1].i(), ins[2].i(), ins[3].i(), ins[4].f());
+            let mut tok = vec![0f32; t];
+            let mut loss = 0f64;
+            for ti in 0..t {
+                if mask[ti] == 0 {
+                    continue;
+                }
+                let row = &logits[ti * v..(ti + 1) * v];
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                let ce = lse - row[labels[ti] as usize] as f64;
+                tok[ti] = ce as f32;
+                loss += ce * scale[span[ti] as usize] as f64;
+            }
+            vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok)]
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Hand-computable cases of the reference semantics (MODEL.md §4).
+
+use vpmoe_ir::reference::*;
+use vpmoe_ir::{Attn, AttnKind, GroupLimit, Op};
+
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn sink_with_every_key_masked_gives_zeros_not_nan() {
+    let p = softmax_with_sink(&[f32::NEG_INFINITY; 4], Some(0.3));
+    assert_eq!(p, vec![0.0; 4]);
+    let p = softmax_with_sink(&[f32::NEG_INFINITY; 4], None);
+    assert!(p.iter().all(|x| *x == 0.0));
+}
+
+#[test]
+fn sink_takes_its_share_of_the_denominator() {
+    // exp(0)/(exp(0)+exp(0)+exp(0)) with one sink at 0 and two keys at 0.
+    let p = softmax_with_sink(&[0.0, 0.0], Some(0.0));
+    assert!(close(p[0], 1.0 / 3.0, 1e-6) && close(p[1], 1.0 / 3.0, 1e-6));
+    // A very negative sink is a plain softmax.
+    let p = softmax_with_sink(&[1.0, 1.0], Some(-1e4));
+    assert!(close(p[0], 0.5, 1e-6));
+}
+
+#[test]
+fn window_boundary_at_w_minus_1_and_w() {
+    let w = AttnKind::Window(4);
+    assert!(attends(w, 10, 7, 0, 0), "distance W-1 = 3 is inside the window");
+    assert!(!attends(w, 10, 6, 0, 0), "distance W = 4 is outside");
+    assert!(!attends(w, 10, 11, 0, 0), "never the future");
+    assert!(!attends(AttnKind::Global { alibi: false }, 10, 9, 0, 1), "never across documents");
+}
+
+/// One head, d = 1, q = k = 0 so every allowed key gets equal weight; v_j = j tells which keys
+/// were averaged.
+#[test]
+fn window_attention_averages_exactly_the_window() {
+    let s = 6;
+    let a = Attn { heads: 1, groups: 1, head_dim: 1, kind: AttnKind::Window(3), sinks: false };
+    let q = Tensor::f32(vec![s, 1, 1], vec![0.0; s]);
+    let k = q.clone();
+    let v = Tensor::f32(vec![s, 1, 1], (0..s).map(|j| j as f32).collect());
+    let doc = Tensor::i32(vec![s], vec![0, 0, 0, 0, 1, 1]);
+    let out = forward(&Op::Attention(a), &Dims { tokens: s, seq: s }, &[&q, &k, &v, &doc], &NaiveGemm);
+    let o = out[0].f();
+    assert!(close(o[0], 0.0, 1e-6));
+    assert!(close(o[2], 1.0, 1e-6)); // keys 0,1,2
+    assert!(close(o[3], 2.0, 1e-6)); // keys 1,2,3 (key 0 is at distance W)
+    assert!(close(o[4], 4.0, 1e-6)); // new document: only itself
+    assert!(close(o[5], 4.5, 1e-6)); // keys 4,5
+}
+
+#[test]
+fn alibi_slopes_are_powers_of_two() {
+    assert_eq!(alibi_slopes(8), vec![0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]);
+    assert_eq!(alibi_slopes(4), vec![0.25, 0.0625, 0.015625, 0.00390625]);
+    assert_eq!(alibi_slopes(6).len(), 6);
+}
+
+#[test]
+fn alibi_bias_shifts_attention_toward_recent_keys() {
+    // Two keys with equal scores: weights ∝ exp(−m·dist). Head 0 slope 0.5 for 8 heads.
+    let a = Attn { heads: 8, groups: 8, head_dim: 1, kind: AttnKind::Global { alibi: true }, sinks: false };
+    let q = Tensor::f32(vec![2, 8, 1], vec![0.0; 16]);
+    let v = Tensor::f32(vec![2, 8, 1], [vec![0.0; 8], vec![1.0; 8]].concat());
+    let doc = Tensor::i32(vec![2], vec![0, 0]);
+    let out = forward(&Op::Attention(a), &Dims { tokens: 2, seq: 2 }, &[&q, &q, &v, &doc], &NaiveGemm);
+    let want = 1.0 / (1.0 + (-0.5f32).exp()); // weight of the recent key (v=1)
+    assert!(close(out[0].f()[8], want, 1e-6));
+}
+
+#[test]
+fn grape_rotation_at_t0_is_identity_and_preserves_norm() {
+    let freqs = grape_freqs(&[0.0, -16.0 * 10f32.ln()], 16.0);
+    let orig = vec![1.0, 2.0, 3.0, 4.0];
+    let mut u = orig.clone();
+    grape_rotate(&mut u, &freqs, 0);
+    assert_eq!(u, orig);
+    grape_rotate(&mut u, &freqs, 7);
+    let n0: f32 = orig.iter().map(|x| x * x).sum();
+    let n1: f32 = u.iter().map(|x| x * x).sum();
+    assert!(close(n0, n1, 1e-5));
+    // f0 = 1: the first pair rotates by 7 radians.
+    let (s, c) = 7f32.sin_cos();
+    assert!(close(u[0], 1.0 * c - 3.0 * s, 1e-5));
+}
+
+#[test]
+fn router_ties_go_to_the_lower_index() {
+    assert_eq!(topk(&[0.5, 0.7, 0.7, 0.1, 0.7], 2), vec![1, 2]);
+    assert_eq!(select_experts(&[0.3; 8], 3, None), vec![0, 1, 2]);
+}
+
+#[test]
+fn group_limited_differs_from_plain_topk() {
+    // 4 groups of 2 experts.
+    let sel = [0.9, 0.8, 0.85, 0.0, 0.84, 0.83, 0.1, 0.1];
+    assert_eq!(select_experts(&sel, 2, None), vec![0, 2]);
+    // topk 2, group_topk 1: group score = sum of top-2 in each group:
+    // g0 = 1.7, g1 = 0.85, g2 = 1.67, g3 = 0.2 → only group 0 eligible → experts {0, 1}.
+    let gl = GroupLimit { groups: 4, group_topk: 1 };
+    assert_eq!(select_experts(&sel, 2, Some(gl)), vec![0, 1]);
+    // The locked config's rule (group score = top-1, group_topk = K) equals plain top-K.
+    let gl = GroupLimit { groups: 4, group_topk: 2 };
+    assert_eq!(select_experts(&sel, 2, Some(gl)), select_experts(&sel, 2, None));
+}
+
+#[test]
+fn gates_sum_to_the_scaling_factor_and_use_unbiased_scores() {
+    let (t, h, e, k) = (3, 2, 4, 2);
+    let op = Op::Router { hidden: h as u64, experts: e as u64, topk: k as u64, group_limit: None, scale: 2.5, expert_bias: true, bias: false };
+    let x = Tensor::f32(vec![t, h], vec![0.1, -0.2, 0.5, 0.3, -1.0, 2.0]);
+    let w = Tensor::f32(vec![e, h], vec![1.0, 0.0, 0.0, 1.0, -1.0, 0.5, 0.3, 0.3]);
+    // A large bias on expert 3 forces its selection without changing its gate's score.
+    let eb = Tensor::f32(vec![e], vec![0.0, 0.0, 0.0, 10.0]);
+    let out = forward(&op, &Dims { tokens: t, seq: t }, &[&x, &w, &eb], &NaiveGemm);
+    let (idx, gate, scores) = (out[0].i(), out[1].f(), out[2].f());
+    for ti in 0..t {
+        assert_eq!(idx[ti * k], 3);
+        let s: f32 = gate[ti * k..(ti + 1) * k].iter().sum();
+        assert!(close(s, 2.5, 1e-6), "gate sum {s}");
+        let (a, b) = (idx[ti * k] as usize, idx[ti * k + 1] as usize);
+        let (sa, sb) = (scores[ti * e + a], scores[ti * e + b]);
+        assert!(close(gate[ti * k], 2.5 * sa / (sa + sb), 1e-6));
+    }
+}
+
+#[test]
+fn dispatch_is_expert_major_and_combine_inverts_it() {
+    let (t, h, e, k) = (3usize, 2usize, 3usize, 2usize);
+    let x = Tensor::f32(vec![t, h], vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+    let idx = Tensor::i32(vec![t, k], vec![2, 0, 0, 1, 2, 0]);
+    let d = forward(&Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 }, &Dims { tokens: t, seq: t }, &[&x, &idx], &NaiveGemm);
+    assert_eq!(d[2].i(), &[0, 3, 4, 6]); // expert 0 has 3 rows, 1 has 1, 2 has 2
+    assert_eq!(d[1].i(), &[1, 2, 5, 3, 0, 4]); // slots t·K+k, ascending tokens within an expert
+    let gate = Tensor::f32(vec![t, k], vec![1.0; t * k]);
+    let resid = Tensor::f32(vec![t, h], vec![0.0; t * h]);
+    let c = forward(&Op::Combine { hidden: h as u64, topk: k as u64, shared: false }, &Dims { tokens: t, seq: t }, &[&d[0], &d[1], &gate, &resid], &NaiveGemm);
+    // Identity experts: each token gets k copies of itself.
+    assert_eq!(c[0].f(), &[2.0, 2.0, 4.0, 4.0, 6.0, 6.0]);
+}
+
+#[test]
+fn span_ce_weights_each_span() {
+    let v = 4;
+    let logits = Tensor::f32(vec![3, v], vec![0.0; 12]);
+    let labels = Tensor::i32(vec![3], vec![1, 2, -1]);
+    let mask = Tensor::i32(vec![3], vec![1, 1, 0]);
+    let span = Tensor::i32(vec![3], vec![1, 2, 0]);
+    let scale = Tensor::f32(vec![3], vec![0.0, 1.0, 0.5]);
+    let out = forward(&Op::SpanCe { vocab: v as u64 }, &Dims { tokens: 3, seq: 3 }, &[&logits, &labels, &mask, &span, &scale], &NaiveGemm);
+    let l = 4f32.ln();
+    assert!(close(out[0].f()[0], 1.5 * l, 1e-6));
+    assert_eq!(out[1].f()[2], 0.0);
+}
+
+#[test]
+fn seq_aux_loss_is_one_under_perfect_balance() {
+    // 2 experts, top-1, 2 tokens each preferring a different expert with symmetric scores.
+    let scores = Tensor::f32(vec![2, 2], vec![0.6, 0.4, 0.4, 0.6]);
+    let out = forward(&Op::SeqAuxLoss { experts: 2, topk: 1 }, &Dims { tokens: 2, seq: 2 }, &[&scores], &NaiveGemm);
+    // E/(K·S²)·Σ_e P_e·c_e = 2/4·(1.0·1 + 1.0·1) = 1.
+    assert!(close(out[0].f()[0], 1.0, 1e-6));
+}
+
+#[test]
+fn value_residual_at_init_is_almost_identity_in_f32() {
+    let v = Tensor::f32(vec![1, 1, 1], vec![1.0]);
+    let v1 = Tensor::f32(vec![1, 1, 1], vec![0.0]);
+    let logit = Tensor::scalar(9999f32.ln());
+    let out = forward(&Op::ValueResidual { groups: 1, head_dim: 1 }, &Dims { tokens: 1, seq: 1 }, &[&v, &v1, &logit], &NaiveGemm);
+    let lam = out[0].f()[0];
+    assert!(lam < 1.0 && close(lam, 0.9999, 1e-6), "D2: λ stays below 1 in f32, got {lam}");
+}
