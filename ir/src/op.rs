@@ -64,11 +64,12 @@ pub enum Op {
         expert_bias: bool,
         bias: bool,
     },
-    /// Permute tokens expert-major (ascending token order within an expert).
+    /// Permute tokens expert-major (ascending token order within an expert); `row[t·K+k]` is the
+    /// permuted row of token t's k-th choice, `offsets` the per-expert row ranges.
     Dispatch { hidden: u64, experts: u64, topk: u64 },
     /// Grouped expert GEMMs on ragged per-expert row ranges: `ReLU²(x·W₁ₑᵀ + b₁ₑ)·W₂ₑᵀ + b₂ₑ`.
     ExpertFfn { hidden: u64, ffn: u64, experts: u64, topk: u64, bias: bool },
-    /// `h' = resid + Σ_k gate[t,k]·y[row(t,k)] [+ shared]`.
+    /// `h' = resid + Σ_k gate[t,k]·yp[row[t·K+k]] [+ shared]`.
     Combine { hidden: u64, topk: u64, shared: bool },
     /// Sequence-level load-balancing loss (MODEL.md §4.10) without its coefficient.
     SeqAuxLoss { experts: u64, topk: u64 },
@@ -328,7 +329,7 @@ impl Op {
                 vec![("x", act(&[hidden])), ("idx", TensorType::tok(I32, &[topk]))],
                 vec![
                     ("xp", TensorType::tok_k(Bf16, topk, &[hidden])),
-                    ("slot", TensorType::tok_k(I32, topk, &[])),
+                    ("row", TensorType::tok_k(I32, topk, &[])),
                     ("offsets", TensorType::fixed(I32, &[experts + 1])),
                 ],
             ),
@@ -350,7 +351,7 @@ impl Op {
             Op::Combine { hidden, topk, shared } => {
                 let mut ins = vec![
                     ("yp", TensorType::tok_k(Bf16, topk, &[hidden])),
-                    ("slot", TensorType::tok_k(I32, topk, &[])),
+                    ("row", TensorType::tok_k(I32, topk, &[])),
                     ("gate", TensorType::tok(F32, &[topk])),
                     ("resid", act(&[hidden])),
                 ];

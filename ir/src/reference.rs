@@ -418,15 +418,17 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             for (s, &ex) in idx.iter().enumerate() {
                 buckets[ex as usize].push(s);
             }
-            let (x, mut xp, mut slot, mut offsets) = (ins[0].f(), Vec::with_capacity(t * k * h), Vec::new(), vec![0i32]);
+            let (x, mut xp, mut row, mut offsets) = (ins[0].f(), Vec::with_capacity(t * k * h), vec![0i32; t * k], vec![0i32]);
+            let mut n = 0;
             for b in &buckets {
                 for &s in b {
                     xp.extend_from_slice(&x[(s / k) * h..][..h]);
-                    slot.push(s as i32);
+                    row[s] = n;
+                    n += 1;
                 }
-                offsets.push(slot.len() as i32);
+                offsets.push(n);
             }
-            vec![Tensor::f32(vec![t * k, h], xp), Tensor::i32(vec![t * k], slot), Tensor::i32(vec![e + 1], offsets)]
+            vec![Tensor::f32(vec![t * k, h], xp), Tensor::i32(vec![t * k], row), Tensor::i32(vec![e + 1], offsets)]
         }
         Op::ExpertFfn { hidden, ffn, experts, bias, .. } => {
             let (h, f, e) = (hidden as usize, ffn as usize, experts as usize);
@@ -449,11 +451,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
         }
         Op::Combine { hidden, topk: k, shared } => {
             let (h, k) = (hidden as usize, k as usize);
-            let (yp, slot, gate) = (ins[0].f(), ins[1].i(), ins[2].f());
-            let mut row_of = vec![0usize; t * k];
-            for (row, &s) in slot.iter().enumerate() {
-                row_of[s as usize] = row;
-            }
+            let (yp, row, gate) = (ins[0].f(), ins[1].i(), ins[2].f());
             let mut out = ins[3].f().to_vec();
             for ti in 0..t {
                 let o = &mut out[ti * h..(ti + 1) * h];
@@ -464,7 +462,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                 }
                 for kk in 0..k {
                     let g = gate[ti * k + kk];
-                    let y = &yp[row_of[ti * k + kk] * h..][..h];
+                    let y = &yp[row[ti * k + kk] as usize * h..][..h];
                     for (x, yy) in o.iter_mut().zip(y) {
                         *x += g * yy;
                     }

@@ -135,7 +135,8 @@ fn dispatch_is_expert_major_and_combine_inverts_it() {
     let idx = Tensor::i32(vec![t, k], vec![2, 0, 0, 1, 2, 0]);
     let d = forward(&Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 }, &Dims { tokens: t, seq: t }, &[&x, &idx], &NaiveGemm);
     assert_eq!(d[2].i(), &[0, 3, 4, 6]); // expert 0 has 3 rows, 1 has 1, 2 has 2
-    assert_eq!(d[1].i(), &[1, 2, 5, 3, 0, 4]); // slots t·K+k, ascending tokens within an expert
+    // row of (t,k): expert 0 rows 0..3 hold slots 1,2,5; expert 1 row 3 slot 3; expert 2 rows 4,5 slots 0,4.
+    assert_eq!(d[1].i(), &[4, 0, 1, 3, 5, 2]);
     let gate = Tensor::f32(vec![t, k], vec![1.0; t * k]);
     let resid = Tensor::f32(vec![t, h], vec![0.0; t * h]);
     let c = forward(&Op::Combine { hidden: h as u64, topk: k as u64, shared: false }, &Dims { tokens: t, seq: t }, &[&d[0], &d[1], &gate, &resid], &NaiveGemm);
