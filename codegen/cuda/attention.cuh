@@ -1,0 +1,2 @@
+// attention: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// ce_rows: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// combine: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// embed: placeholder, to be written
+#pragma once

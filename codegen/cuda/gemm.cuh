@@ -1,0 +1,2 @@
+// gemm: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// grape: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// grouped_gemm: placeholder, to be written
+#pragma once

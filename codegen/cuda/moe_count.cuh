@@ -1,0 +1,2 @@
+// moe_count: placeholder, to be written
+#pragma once

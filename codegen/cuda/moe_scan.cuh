@@ -1,0 +1,2 @@
+// moe_scan: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// moe_scatter: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// qkv_split: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// rmsnorm: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// router: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// seq_aux: placeholder, to be written
+#pragma once

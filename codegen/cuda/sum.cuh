@@ -1,0 +1,2 @@
+// sum: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// tpa_combine: placeholder, to be written
+#pragma once

@@ -1,0 +1,2 @@
+// vres: placeholder, to be written
+#pragma once
