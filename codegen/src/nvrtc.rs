@@ -88,6 +88,9 @@ fn preload(lib_dir: &Path) -> bool {
 impl Toolchain {
     /// Finds and loads NVRTC, or explains what is missing.
     pub fn discover() -> Result<Toolchain> {
+        if std::env::var_os("VPMOE_NO_NVRTC").is_some() {
+            bail!("NVRTC disabled by VPMOE_NO_NVRTC");
+        }
         let roots = candidate_roots();
         let mut include = std::env::var("CUDA_INCLUDE").ok().map(PathBuf::from);
         for r in &roots {

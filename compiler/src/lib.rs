@@ -1,1 +1,136 @@
-//! placeholder
+//! vpmoec: architecture TOML → verified IR → plan → CUDA kernels.
+//!
+//! The pipeline is [`compile_arch`]: `config` (parse + validate) → `lower` (forward graph) →
+//! `verify` → `plan` (kernels, launches, liveness-based memory plan, parameter table, report,
+//! fingerprint). [`write_plan_dir`] then generates and NVRTC-compiles every kernel.
+
+pub mod config;
+pub mod lower;
+pub mod plan;
+pub mod report;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use vpmoe_codegen::nvrtc::{Resources, Toolchain};
+use vpmoe_ir::Graph;
+
+pub use config::Arch;
+pub use plan::Plan;
+
+/// Lowers and verifies the forward graph and builds its plan.
+pub fn compile_arch(arch: &Arch) -> Result<(Graph, Plan)> {
+    let graph = lower::lower(arch);
+    if let Err(errs) = vpmoe_ir::verify(&graph) {
+        bail!("internal error: the lowered graph fails verification:\n  {}", errs.join("\n  "));
+    }
+    let plan = plan::build(&graph, arch);
+    Ok((graph, plan))
+}
+
+/// How `write_plan_dir` treats NVRTC.
+pub struct KernelOptions {
+    pub arch: String,
+    /// Fail instead of writing sources only when NVRTC is missing.
+    pub require_nvrtc: bool,
+    pub cache_dir: PathBuf,
+    /// Also copy every kernel's source and PTX here (for nsys/ncu).
+    pub dump_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+pub struct KernelSummary {
+    pub compiled: usize,
+    pub cached: usize,
+    /// Why kernels were not compiled, when NVRTC is absent.
+    pub skipped: Option<String>,
+    pub resources: Vec<(String, Resources)>,
+}
+
+/// The persistent kernel cache: `$VPMOE_CACHE_DIR`, else `$XDG_CACHE_HOME/vpmoe/kernels`,
+/// else `~/.cache/vpmoe/kernels`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("VPMOE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache"));
+    base.join("vpmoe/kernels")
+}
+
+/// Writes `plan.json`, `ir.txt` and `kernels/` (sources, and PTX, CUBIN and ptxas reports when
+/// NVRTC is present) to `out`. Everything is built in a temporary directory next to `out` and
+/// renamed into place, so a failure never leaves a half-written or damaged plan directory.
+pub fn write_plan_dir(graph: &Graph, plan: &Plan, out: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out.file_name().context("output directory has no name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = fill_plan_dir(graph, plan, &tmp, opts);
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return res;
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        std::fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    res
+}
+
+fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
+    let kdir = dir.join("kernels");
+    std::fs::create_dir_all(&kdir)?;
+    std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
+    std::fs::write(dir.join("ir.txt"), graph.to_text())?;
+    let toolchain = match Toolchain::discover() {
+        Ok(t) => Some(t),
+        Err(e) if opts.require_nvrtc => return Err(e.context("--require-nvrtc")),
+        Err(e) => {
+            let mut s = KernelSummary { skipped: Some(format!("{e}")), ..Default::default() };
+            for k in &plan.kernels {
+                let spec = vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() };
+                std::fs::write(kdir.join(format!("{}.cu", k.name)), vpmoe_codegen::shim(&spec, k.block))?;
+            }
+            s.resources.clear();
+            return Ok(s);
+        }
+    };
+    let tc = toolchain.expect("checked");
+    let mut summary = KernelSummary::default();
+    if let Some(d) = &opts.dump_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut table = serde_json::Map::new();
+    for k in &plan.kernels {
+        let spec = vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() };
+        let src = vpmoe_codegen::shim(&spec, k.block);
+        std::fs::write(kdir.join(format!("{}.cu", k.name)), &src)?;
+        let c = tc.compile(&k.name, &src, &opts.arch, &opts.cache_dir)?;
+        std::fs::write(kdir.join(format!("{}.ptx", k.name)), &c.ptx)?;
+        std::fs::write(kdir.join(format!("{}.cubin", k.name)), &c.cubin)?;
+        std::fs::write(kdir.join(format!("{}.log", k.name)), &c.log)?;
+        if let Some(d) = &opts.dump_dir {
+            std::fs::write(d.join(format!("{}.cu", k.name)), &src)?;
+            std::fs::write(d.join(format!("{}.ptx", k.name)), &c.ptx)?;
+        }
+        if c.cached {
+            summary.cached += 1;
+        } else {
+            summary.compiled += 1;
+        }
+        table.insert(k.name.clone(), serde_json::to_value(&c.resources)?);
+        summary.resources.push((k.name.clone(), c.resources));
+    }
+    if let Some(d) = &opts.dump_dir {
+        for (n, body) in vpmoe_codegen::headers::HEADERS {
+            std::fs::write(d.join(n), body)?;
+        }
+    }
+    let meta = serde_json::json!({ "arch": opts.arch, "nvrtc": tc.version, "kernels": table });
+    std::fs::write(kdir.join("resources.json"), serde_json::to_string_pretty(&meta)?)?;
+    Ok(summary)
+}

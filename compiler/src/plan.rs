@@ -1,0 +1,229 @@
+//! The plan: kernels with launch shapes, a liveness-based memory plan, the parameter table, the
+//! report and the fingerprint. Every activation scales with `T` (no tensor is `S×S`), so buffers
+//! live in two arenas: one sized in bytes per token (offsets valid for any `T`) and one fixed.
+
+use crate::config::Arch;
+use crate::report::Report;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use vpmoe_codegen::{lower_node, Launch};
+use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType, ValueDef};
+
+pub const PLAN_FORMAT: u32 = 1;
+pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
+
+/// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).
+const TOK_ALIGN: u64 = 16;
+const FIXED_ALIGN: u64 = 256;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamEntry {
+    pub name: String,
+    pub ty: TensorType,
+    pub numel: u64,
+    pub init: Init,
+    pub opt: OptGroup,
+    pub weight_decay: bool,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKey {
+    /// An IR value (graph input or node output), by value id.
+    Value(u32),
+    /// Scratch `index` of node `node`.
+    Scratch { node: u32, index: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arena {
+    /// Offset and size are bytes per token.
+    Tok,
+    Fixed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub key: BufferKey,
+    pub arena: Arena,
+    pub offset: u64,
+    pub size: u64,
+    /// First and last node index (inclusive) during which it is live.
+    pub live: (u32, u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub node: String,
+    pub launches: Vec<Launch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    pub name: String,
+    pub family: String,
+    pub targs: Vec<u64>,
+    pub block: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub format: u32,
+    pub compiler: String,
+    pub fingerprint: String,
+    pub arch: Arch,
+    pub params: Vec<ParamEntry>,
+    /// Unique kernels, sorted by name.
+    pub kernels: Vec<KernelEntry>,
+    /// One step per IR node, in execution order.
+    pub steps: Vec<Step>,
+    pub buffers: Vec<Buffer>,
+    pub tok_arena_bytes_per_token: u64,
+    pub fixed_arena_bytes: u64,
+    pub report: Report,
+}
+
+/// `sha256(normalised config without its name ‖ compiler version ‖ codegen version)`.
+pub fn fingerprint(arch: &Arch) -> String {
+    let mut a = arch.clone();
+    a.name = String::new();
+    let mut h = Sha256::new();
+    h.update(a.canonical_json());
+    h.update(COMPILER_VERSION);
+    h.update(vpmoe_codegen::CODEGEN_VERSION);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Req {
+    key: BufferKey,
+    arena: Arena,
+    size: u64,
+    live: (u32, u32),
+}
+
+/// First-fit assignment by increasing start time; buffers whose live ranges overlap never overlap
+/// in memory. Returns the arena size.
+fn assign(reqs: &[&Req]) -> (Vec<u64>, u64) {
+    let mut offsets = vec![0u64; reqs.len()];
+    let mut active: Vec<(u64, u64, u32)> = Vec::new(); // (offset, size, end)
+    let mut peak = 0;
+    for (i, r) in reqs.iter().enumerate() {
+        active.retain(|a| a.2 >= r.live.0);
+        active.sort_by_key(|a| a.0);
+        let mut off = 0;
+        for a in &active {
+            if off + r.size <= a.0 {
+                break;
+            }
+            off = off.max(a.0 + a.1);
+        }
+        offsets[i] = off;
+        peak = peak.max(off + r.size);
+        active.push((off, r.size, r.live.1));
+    }
+    (offsets, peak)
+}
+
+pub fn build(g: &Graph, arch: &Arch) -> Plan {
+    let n_nodes = g.nodes.len() as u32;
+    let last = g.last_uses();
+    let mut reqs = Vec::new();
+    let sized = |ty: &TensorType| -> (Arena, u64) {
+        let (per_tok, fixed) = ty.numel_split();
+        if ty.scales_with_tokens() {
+            (Arena::Tok, (per_tok * ty.dtype.bytes()).next_multiple_of(TOK_ALIGN))
+        } else {
+            (Arena::Fixed, (fixed * ty.dtype.bytes()).next_multiple_of(FIXED_ALIGN))
+        }
+    };
+    for inp in &g.inputs {
+        let (arena, size) = sized(&g.value(inp.value).ty);
+        reqs.push(Req { key: BufferKey::Value(inp.value.0), arena, size, live: (0, n_nodes) });
+    }
+    let mut steps = Vec::new();
+    let mut kernels: BTreeMap<String, KernelEntry> = BTreeMap::new();
+    for (ni, node) in g.nodes.iter().enumerate() {
+        let ni = ni as u32;
+        for v in &node.outputs {
+            let (arena, size) = sized(&g.value(*v).ty);
+            let end = last[v.0 as usize].map(|x| x as u32).unwrap_or(ni);
+            reqs.push(Req { key: BufferKey::Value(v.0), arena, size, live: (ni, end) });
+        }
+        let (launches, scratch) = lower_node(node);
+        for (si, s) in scratch.iter().enumerate() {
+            let ty = if s.per_token > 0 {
+                TensorType::tok(s.dtype, &[s.per_token])
+            } else {
+                TensorType::fixed(s.dtype, &[s.fixed])
+            };
+            let (arena, size) = sized(&ty);
+            reqs.push(Req { key: BufferKey::Scratch { node: ni, index: si as u32 }, arena, size, live: (ni, ni) });
+        }
+        for l in &launches {
+            kernels.entry(l.kernel.name()).or_insert_with(|| KernelEntry {
+                name: l.kernel.name(),
+                family: l.kernel.family.clone(),
+                targs: l.kernel.targs.clone(),
+                block: l.block,
+            });
+        }
+        steps.push(Step { node: node.name.clone(), launches });
+    }
+    let mut buffers = Vec::new();
+    let mut sizes = (0, 0);
+    for arena in [Arena::Tok, Arena::Fixed] {
+        let rs: Vec<&Req> = reqs.iter().filter(|r| r.arena == arena).collect();
+        let (offs, peak) = assign(&rs);
+        for (r, off) in rs.iter().zip(offs) {
+            buffers.push(Buffer { key: r.key.clone(), arena, offset: off, size: r.size, live: r.live });
+        }
+        match arena {
+            Arena::Tok => sizes.0 = peak,
+            Arena::Fixed => sizes.1 = peak,
+        }
+    }
+    buffers.sort_by(|a, b| a.key.cmp(&b.key));
+    let params: Vec<ParamEntry> = g
+        .params
+        .iter()
+        .map(|p| ParamEntry {
+            name: p.name.clone(),
+            ty: p.ty.clone(),
+            numel: p.numel(),
+            init: p.init,
+            opt: p.opt,
+            weight_decay: p.weight_decay,
+            role: p.role,
+        })
+        .collect();
+    let kernels: Vec<KernelEntry> = kernels.into_values().collect();
+    let report = crate::report::report(g, arch, &params, sizes.0, sizes.1, kernels.len(), steps.iter().map(|s| s.launches.len()).sum());
+    Plan {
+        format: PLAN_FORMAT,
+        compiler: COMPILER_VERSION.into(),
+        fingerprint: fingerprint(arch),
+        arch: arch.clone(),
+        params,
+        kernels,
+        steps,
+        buffers,
+        tok_arena_bytes_per_token: sizes.0,
+        fixed_arena_bytes: sizes.1,
+        report,
+    }
+}
+
+impl Plan {
+    /// The buffer holding a value, if it has one (parameters live in the parameter store).
+    pub fn buffer_of(&self, key: &BufferKey) -> Option<&Buffer> {
+        self.buffers.binary_search_by(|b| b.key.cmp(key)).ok().map(|i| &self.buffers[i])
+    }
+}
+
+/// Values that the plan gives a buffer (everything but parameters).
+pub fn has_buffer(g: &Graph, v: vpmoe_ir::ValueId) -> bool {
+    !matches!(g.value(v).def, ValueDef::Param(_))
+}

@@ -1,0 +1,129 @@
+//! `vpmoec compile --report`: parameter counts, FLOPs per token (MODEL.md §9–10) and the memory
+//! budget by category, all derived from the graph and plan so they hold for every valid config.
+
+use crate::config::Arch;
+use crate::plan::ParamEntry;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+use vpmoe_ir::{DType, Graph, OptGroup, Role};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    /// Model-dtype copies of every parameter and buffer (bf16, f32 where the IR says so).
+    pub weights: u64,
+    pub masters: u64,
+    pub gradients: u64,
+    /// Normuon momentum + row second moment; AdamW first and second moments.
+    pub optimizer_state: u64,
+    /// Peak of the activation arenas for one micro-batch of `seq_len` tokens (forward graph).
+    pub activations: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub arch: String,
+    pub seq_len: u64,
+    pub layers: u64,
+    pub params_total: u64,
+    pub params_active: u64,
+    pub params_active_excl_embedding_and_head: u64,
+    pub forward_flops_per_token: f64,
+    pub training_flops_per_token: f64,
+    pub kernels: usize,
+    pub launches: usize,
+    pub activation_bytes_per_token: u64,
+    pub fixed_arena_bytes: u64,
+    pub memory: Memory,
+}
+
+pub fn report(
+    g: &Graph,
+    arch: &Arch,
+    params: &[ParamEntry],
+    tok_bytes: u64,
+    fixed_bytes: u64,
+    kernels: usize,
+    launches: usize,
+) -> Report {
+    let trainable = params.iter().filter(|p| p.opt != OptGroup::Frozen);
+    let (mut total, mut active, mut core) = (0u64, 0u64, 0u64);
+    for p in trainable {
+        total += p.numel;
+        let a = match p.role {
+            Role::Experts { experts, topk } => p.numel / experts * topk,
+            _ => p.numel,
+        };
+        active += a;
+        if !matches!(p.role, Role::InputEmbedding | Role::OutputHead | Role::TiedEmbedding) {
+            core += a;
+        }
+    }
+    let s = arch.max_seq;
+    let fwd: u128 = g.nodes.iter().map(|n| n.op.flops_per_sequence(s)).sum();
+    let fwd_tok = fwd as f64 / s as f64;
+
+    let mut mem = Memory { weights: 0, masters: 0, gradients: 0, optimizer_state: 0, activations: tok_bytes * s + fixed_bytes };
+    for p in params {
+        mem.weights += p.numel * p.ty.dtype.bytes();
+        if p.opt == OptGroup::Frozen {
+            continue;
+        }
+        mem.masters += p.numel * DType::F32.bytes();
+        mem.gradients += p.numel * DType::F32.bytes();
+        mem.optimizer_state += match p.opt {
+            OptGroup::Normuon => {
+                let rows: u64 = p.ty.numel(0) / p.ty.dims.last().map(|d| d.eval(0)).unwrap_or(1);
+                (p.numel + rows) * 4
+            }
+            _ => 2 * p.numel * 4,
+        };
+    }
+    Report {
+        arch: arch.name.clone(),
+        seq_len: s,
+        layers: arch.layers,
+        params_total: total,
+        params_active: active,
+        params_active_excl_embedding_and_head: core,
+        forward_flops_per_token: fwd_tok,
+        training_flops_per_token: 3.0 * fwd_tok,
+        kernels,
+        launches,
+        activation_bytes_per_token: tok_bytes,
+        fixed_arena_bytes: fixed_bytes,
+        memory: mem,
+    }
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let m = &self.memory;
+        writeln!(s, "{} ({} layers, seq {})", self.arch, self.layers, self.seq_len).unwrap();
+        writeln!(s, "  parameters, total                          {:>16}", group(self.params_total)).unwrap();
+        writeln!(s, "  parameters, active per token               {:>16}", group(self.params_active)).unwrap();
+        writeln!(s, "  active, excluding embedding and head       {:>16}", group(self.params_active_excl_embedding_and_head)).unwrap();
+        writeln!(s, "  forward FLOPs per token                    {:>16.4e}", self.forward_flops_per_token).unwrap();
+        writeln!(s, "  training FLOPs per token (3x forward)      {:>16.4e}", self.training_flops_per_token).unwrap();
+        writeln!(s, "  kernels / launches per forward             {:>9} / {}", self.kernels, self.launches).unwrap();
+        writeln!(s, "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}",
+            gib(m.weights), gib(m.masters), gib(m.gradients), gib(m.optimizer_state), self.seq_len, gib(m.activations)).unwrap();
+        s
+    }
+}
