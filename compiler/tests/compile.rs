@@ -1,0 +1,244 @@
+//! Compiler tests: IR snapshots of the small configs, the report's exactness (against the
+//! locked numbers and an independent closed-form count), config errors, the memory plan's
+//! invariants and the layer-count independence of the kernel set.
+
+use std::path::{Path, PathBuf};
+use vpmoe_compiler::config::{self, Arch};
+use vpmoe_compiler::{compile_arch, plan::Arena};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+fn load(rel: &str) -> Arch {
+    config::load(&root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e:#}"))
+}
+const SMALL: [&str; 4] = ["tiny_moe", "tiny_tied", "tiny_dense", "tiny_noshared"];
+
+#[test]
+fn ir_snapshots_of_small_configs() {
+    for name in SMALL {
+        let (g, _) = compile_arch(&load(&format!("tests/configs/{name}.toml"))).unwrap();
+        insta::assert_snapshot!(format!("ir_{name}"), g.to_text());
+    }
+}
+
+#[test]
+fn plan_snapshot_of_tiny_moe() {
+    // The memory-planning and codegen lowering, shown as the plan's text: each node's launches
+    // and the arena assignment of every buffer.
+    let (_, plan) = compile_arch(&load("tests/configs/tiny_moe.toml")).unwrap();
+    let mut s = String::new();
+    for st in &plan.steps {
+        for l in &st.launches {
+            s.push_str(&format!("{}: {} grid={:?} block={}\n", st.node, l.kernel.name(), l.grid, l.block));
+        }
+    }
+    s.push_str(&format!("tok arena {} B/token, fixed arena {} B\n", plan.tok_arena_bytes_per_token, plan.fixed_arena_bytes));
+    for b in &plan.buffers {
+        s.push_str(&format!("{:?} {:?} @{} +{} live {:?}\n", b.key, b.arena, b.offset, b.size, b.live));
+    }
+    insta::assert_snapshot!("plan_tiny_moe", s);
+}
+
+#[test]
+fn kernel_shims_snapshot() {
+    let (_, plan) = compile_arch(&load("tests/configs/tiny_moe.toml")).unwrap();
+    let all: String = plan
+        .kernels
+        .iter()
+        .map(|k| vpmoe_codegen::shim(&vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() }, k.block))
+        .collect::<Vec<_>>()
+        .join("\n");
+    insta::assert_snapshot!("shims_tiny_moe", all);
+}
+
+#[test]
+fn report_is_exact_for_the_locked_config() {
+    let (_, plan) = compile_arch(&load("configs/vpmoe.toml")).unwrap();
+    let r = &plan.report;
+    assert_eq!(r.params_total, 6_021_784_719);
+    assert_eq!(r.params_active, 780_087_951);
+    assert_eq!(r.params_active_excl_embedding_and_head, 368_259_727);
+    // MODEL.md §10: 1,147,166,720 GEMM + 114,408,960 attention FLOPs per token.
+    assert_eq!(r.forward_flops_per_token, 1_261_575_680.0);
+    assert_eq!(r.training_flops_per_token, 3.0 * 1_261_575_680.0);
+    insta::assert_json_snapshot!("report_locked", r);
+}
+
+/// MODEL.md §9's arithmetic, generalised: an independent count to check the graph-derived one.
+fn closed_form(a: &Arch) -> (u64, u64, u64) {
+    let (h, nh, ng, d, v) = (a.hidden, a.heads, a.groups, a.head_dim, a.vocab);
+    let b = a.bias_linear as u64;
+    let qkv_n = (nh + 2 * ng) * d;
+    let mlp = |f: u64| 2 * h * f + b * (f + h);
+    let embed = v * h * if a.tied_embeddings { 1 } else { 2 };
+    let (mut total, mut active) = (embed + h, embed + h);
+    if (0..a.layers).any(|i| a.layer(i).rotate) && a.grape.learnable_freq {
+        total += d / 2;
+        active += d / 2;
+    }
+    for i in 0..a.layers {
+        let l = a.layer(i);
+        let mut p = 2 * h + if a.qk_norm { 2 * d } else { 0 } + if a.sinks { nh } else { 0 };
+        p += h * nh * d + b * h;
+        p += if l.tpa {
+            let (rq, r) = a.tpa.unwrap();
+            h * (nh * rq + 2 * ng * r + (rq + 2 * r) * d)
+        } else {
+            h * qkv_n
+        } + if a.qkv_bias { qkv_n } else { 0 };
+        if a.value_residual.is_some() && i > 0 {
+            p += 1;
+        }
+        let (mut lt, mut la) = (p, p);
+        if l.moe {
+            let m = a.moe.as_ref().unwrap();
+            let router = m.experts * h + b * m.experts;
+            let shared = m.shared.map(mlp).unwrap_or(0);
+            lt += router + shared + m.experts * mlp(a.ffn);
+            la += router + shared + m.topk * mlp(a.ffn);
+        } else {
+            lt += mlp(a.ffn);
+            la += mlp(a.ffn);
+        }
+        total += lt;
+        active += la;
+    }
+    (total, active, active - embed)
+}
+
+#[test]
+fn report_matches_the_closed_form_count_for_every_config() {
+    let mut variants: Vec<Arch> = SMALL.iter().map(|n| load(&format!("tests/configs/{n}.toml"))).collect();
+    variants.push(load("configs/vpmoe.toml"));
+    // Other ranks, windows, skip frequencies and expert counts.
+    let locked = std::fs::read_to_string(root().join("configs/vpmoe.toml")).unwrap();
+    for (from, to) in [
+        ("tpa_rank = 2", "tpa_rank = 3"),
+        ("window_size = 128", "window_size = 64"),
+        ("window_attn_skip_freq = 4", "window_attn_skip_freq = 3"),
+        ("num_experts = 256", "num_experts = 64"),
+        ("num_layers = 80", "num_layers = 7"),
+        ("grapem_learnable_freq = true", "grapem_learnable_freq = false"),
+    ] {
+        assert!(locked.contains(from));
+        variants.push(config::parse(&locked.replace(from, to), "variant", Path::new(".")).unwrap());
+    }
+    for a in &variants {
+        let (_, plan) = compile_arch(a).unwrap();
+        let r = &plan.report;
+        assert_eq!(
+            (r.params_total, r.params_active, r.params_active_excl_embedding_and_head),
+            closed_form(a),
+            "{}",
+            a.name
+        );
+    }
+}
+
+#[test]
+fn kernel_set_does_not_grow_with_layers() {
+    let locked = std::fs::read_to_string(root().join("configs/vpmoe.toml")).unwrap();
+    let eight = config::parse(&locked.replace("num_layers = 80", "num_layers = 8"), "eight", Path::new(".")).unwrap();
+    let names = |a: &Arch| compile_arch(a).unwrap().1.kernels.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+    let k80 = names(&load("configs/vpmoe.toml"));
+    assert_eq!(k80, names(&eight));
+    assert!(k80.len() < 40, "{} kernels", k80.len());
+}
+
+#[test]
+fn memory_plan_never_overlaps_live_buffers() {
+    for name in SMALL.iter().map(|n| format!("tests/configs/{n}.toml")).chain(["configs/vpmoe.toml".to_string()]) {
+        let (_, plan) = compile_arch(&load(&name)).unwrap();
+        for arena in [Arena::Tok, Arena::Fixed] {
+            let bs: Vec<_> = plan.buffers.iter().filter(|b| b.arena == arena).collect();
+            let cap = if arena == Arena::Tok { plan.tok_arena_bytes_per_token } else { plan.fixed_arena_bytes };
+            for (i, a) in bs.iter().enumerate() {
+                assert!(a.offset + a.size <= cap);
+                assert_eq!(a.offset % if arena == Arena::Tok { 16 } else { 256 }, 0);
+                for b in &bs[i + 1..] {
+                    let time = a.live.0 <= b.live.1 && b.live.0 <= a.live.1;
+                    let space = a.offset < b.offset + b.size && b.offset < a.offset + a.size;
+                    assert!(!(time && space), "{name}: {:?} and {:?} overlap", a.key, b.key);
+                }
+            }
+            // Reuse happens: the arena is smaller than the sum of its buffers.
+            let sum: u64 = bs.iter().map(|b| b.size).sum();
+            assert!(cap < sum || bs.len() < 3, "{name}: no reuse in {arena:?}");
+        }
+    }
+}
+
+#[test]
+fn fingerprint_tracks_the_config_only() {
+    let a = load("tests/configs/tiny_moe.toml");
+    let mut renamed = a.clone();
+    renamed.name = "other".into();
+    assert_eq!(vpmoe_compiler::plan::fingerprint(&a), vpmoe_compiler::plan::fingerprint(&renamed));
+    let mut wider = a.clone();
+    wider.ffn += 1;
+    assert_ne!(vpmoe_compiler::plan::fingerprint(&a), vpmoe_compiler::plan::fingerprint(&wider));
+}
+
+#[test]
+fn config_errors_name_the_file_and_key() {
+    let base = std::fs::read_to_string(root().join("tests/configs/tiny_moe.toml")).unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("num_query_groups = 2", "num_query_groups = 3", "model.num_query_groups"),
+        ("topk = 2", "topk = 9", "moe.topk"),
+        ("router_num_groups = 4", "router_num_groups = 3", "moe.router_num_groups"),
+        ("router_group_topk = 1", "router_group_topk = 5", "moe.router_group_topk"),
+        ("window_size = 4", "window_size = -1", "attention.window_size"),
+        ("activation = \"squaredrelu\"", "activation = \"swiglu\"", "model.activation"),
+        ("normalization = \"RMSNorm\"", "normalization = \"LayerNorm\"", "model.normalization"),
+        ("softmax_type = \"learnable\"", "softmax_type = \"off-by-one\"", "model.softmax_type"),
+        ("hidden_size = 32", "hidden_size = 32\nhiden_dropout = 0.0", "hiden_dropout"),
+        ("hidden_size = 32\n", "", "hidden_size"),
+        ("num_layers = 4", "num_layers = \"four\"", "num_layers"),
+        ("position_embedding_type = \"grapem\"", "position_embedding_type = \"rope\"", "attention.position_embedding_type"),
+        ("[model]", "[model]\nhidden_dropout = 0.1", "model.hidden_dropout"),
+    ];
+    let dir = std::env::temp_dir().join(format!("vpmoe-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, to, key) in cases {
+        assert!(base.contains(from), "{from}");
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, base.replacen(from, to, 1)).unwrap();
+        let err = format!("{:#}", config::load(&path).expect_err(key));
+        assert!(err.contains("bad.toml"), "{key}: error does not name the file: {err}");
+        assert!(err.contains(key), "error does not name {key}: {err}");
+    }
+    // TPA without a window.
+    let no_window = base.replace("window_size = 4\nwindow_attn_skip_freq = 2\n", "").replace("grape_a = true", "grape_a = false");
+    std::fs::write(dir.join("bad.toml"), no_window).unwrap();
+    let err = format!("{:#}", config::load(&dir.join("bad.toml")).unwrap_err());
+    assert!(err.contains("tpa.use_tpa"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
+    let dir = std::env::temp_dir().join(format!("vpmoe-plan-{}", std::process::id()));
+    let out = dir.join("plan");
+    let a = load("tests/configs/tiny_dense.toml");
+    let (g, plan) = compile_arch(&a).unwrap();
+    let opts = vpmoe_compiler::KernelOptions {
+        arch: "sm_90a".into(),
+        require_nvrtc: false,
+        cache_dir: dir.join("cache"),
+        dump_dir: None,
+    };
+    std::env::set_var("VPMOE_NO_NVRTC", "1");
+    vpmoe_compiler::write_plan_dir(&g, &plan, &out, &opts).unwrap();
+    let before = std::fs::read(out.join("plan.json")).unwrap();
+    // A failing write (NVRTC required but disabled) leaves the previous directory intact.
+    let strict = vpmoe_compiler::KernelOptions { require_nvrtc: true, ..opts };
+    assert!(vpmoe_compiler::write_plan_dir(&g, &plan, &out, &strict).is_err());
+    std::env::remove_var("VPMOE_NO_NVRTC");
+    assert_eq!(std::fs::read(out.join("plan.json")).unwrap(), before);
+    let stray: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(stray.is_empty(), "temporary directories left behind");
+    let p: vpmoe_compiler::Plan = serde_json::from_slice(&before).unwrap();
+    assert!(p == plan, "plan.json does not round-trip exactly");
+    std::fs::remove_dir_all(&dir).ok();
+}
