@@ -1,1 +1,58 @@
-//! placeholder
+//! vpmoe-rt: runs compiled plans. Backends share one interface ([`backend`]); the cpu backend
+//! ([`cpu`]) interprets the graph with the IR reference semantics and a fast GEMM.
+
+pub mod backend;
+pub mod cpu;
+pub mod params;
+pub mod rng;
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use vpmoe_compiler::{compile_arch, plan::fingerprint, Plan};
+use vpmoe_ir::Graph;
+
+pub use backend::{Backend, Batch, ForwardOut};
+
+/// Loads `DIR/plan.json` and rebuilds its graph, refusing a plan whose fingerprint this build
+/// would not produce (edited, or compiled by another vpmoec version).
+pub fn load_plan(dir: &Path) -> Result<(Graph, Plan)> {
+    let path = dir.join("plan.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text).with_context(|| format!("{}: not a vpmoe plan", path.display()))?;
+    if plan.format != vpmoe_compiler::plan::PLAN_FORMAT {
+        bail!("{}: plan format {} (this build reads {})", path.display(), plan.format, vpmoe_compiler::plan::PLAN_FORMAT);
+    }
+    let want = fingerprint(&plan.arch);
+    if plan.fingerprint != want {
+        bail!(
+            "{}: fingerprint {} does not match {} for its architecture under {}; recompile it with this vpmoec",
+            path.display(),
+            &plan.fingerprint[..16.min(plan.fingerprint.len())],
+            &want[..16],
+            vpmoe_compiler::plan::COMPILER_VERSION
+        );
+    }
+    let (graph, rebuilt) = compile_arch(&plan.arch)?;
+    if rebuilt.params != plan.params {
+        bail!("{}: parameter table differs from its architecture's", path.display());
+    }
+    Ok((graph, plan))
+}
+
+/// A seeded synthetic micro-batch: `rows` rows of `seq` random tokens, two documents per row,
+/// every position supervised except each document's last, spans alternating reasoning/final.
+pub fn synthetic_batch(vocab: u64, seq: usize, rows: usize, seed: u64) -> Batch {
+    let mut rng = rng::Rng::new(seed);
+    let t = seq * rows;
+    let tokens: Vec<i32> = (0..t).map(|_| rng.below(vocab) as i32).collect();
+    let doc: Vec<i32> = (0..t).map(|i| ((i % seq) >= seq / 2) as i32).collect();
+    let mut b = Batch { seq, tokens, doc, ..Default::default() };
+    for i in 0..t {
+        let next_same_doc = (i + 1) % seq != 0 && b.doc[i + 1] == b.doc[i];
+        b.labels.push(if next_same_doc { b.tokens[i + 1] } else { -1 });
+        b.loss_mask.push(next_same_doc as u8);
+        b.span.push(if next_same_doc { 1 + ((i % seq) >= seq / 4) as u8 } else { 0 });
+    }
+    b.single_step_scale(1.0, 1.0);
+    b
+}
