@@ -228,17 +228,48 @@ fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
         cache_dir: dir.join("cache"),
         dump_dir: None,
     };
-    std::env::set_var("VPMOE_NO_NVRTC", "1");
     vpmoe_compiler::write_plan_dir(&g, &plan, &out, &opts).unwrap();
     let before = std::fs::read(out.join("plan.json")).unwrap();
-    // A failing write (NVRTC required but disabled) leaves the previous directory intact.
-    let strict = vpmoe_compiler::KernelOptions { require_nvrtc: true, ..opts };
+    // A failing write (a GPU architecture NVRTC rejects, or no NVRTC at all) leaves the previous
+    // directory intact.
+    let strict = vpmoe_compiler::KernelOptions { require_nvrtc: true, arch: "sm_bogus".into(), ..opts };
     assert!(vpmoe_compiler::write_plan_dir(&g, &plan, &out, &strict).is_err());
-    std::env::remove_var("VPMOE_NO_NVRTC");
     assert_eq!(std::fs::read(out.join("plan.json")).unwrap(), before);
     let stray: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
     assert!(stray.is_empty(), "temporary directories left behind");
     let p: vpmoe_compiler::Plan = serde_json::from_slice(&before).unwrap();
     assert!(p == plan, "plan.json does not round-trip exactly");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every kernel of the locked plan compiles with the real NVRTC for sm_90a (skips loudly without
+/// NVRTC unless VPMOE_REQUIRE_NVRTC=1), and a second compile is served from the cache.
+#[test]
+fn locked_plan_kernels_compile_with_nvrtc_and_cache() {
+    if std::env::var_os("VPMOE_NO_NVRTC").is_some() {
+        return;
+    }
+    if let Err(e) = vpmoe_codegen::nvrtc::Toolchain::discover() {
+        assert!(std::env::var("VPMOE_REQUIRE_NVRTC").as_deref() != Ok("1"), "VPMOE_REQUIRE_NVRTC=1: {e}");
+        eprintln!("SKIPPED (no NVRTC): {e}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vpmoe-locked-{}", std::process::id()));
+    let (g, plan) = compile_arch(&load("configs/vpmoe.toml")).unwrap();
+    let opts = vpmoe_compiler::KernelOptions {
+        arch: "sm_90a".into(),
+        require_nvrtc: true,
+        cache_dir: dir.join("cache"),
+        dump_dir: Some(dir.join("dump")),
+    };
+    let first = vpmoe_compiler::write_plan_dir(&g, &plan, &dir.join("plan"), &opts).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(first.compiled, plan.kernels.len());
+    for k in &plan.kernels {
+        let cubin = std::fs::read(dir.join("plan/kernels").join(format!("{}.cubin", k.name))).unwrap();
+        assert!(cubin.starts_with(b"\x7fELF"), "{}", k.name);
+        assert!(dir.join("dump").join(format!("{}.cu", k.name)).exists());
+    }
+    let second = vpmoe_compiler::write_plan_dir(&g, &plan, &dir.join("plan"), &opts).unwrap();
+    assert_eq!((second.compiled, second.cached), (0, plan.kernels.len()));
     std::fs::remove_dir_all(&dir).ok();
 }
