@@ -481,7 +481,9 @@ pub fn system_body(s: &SystemContent, function_tools: bool) -> String {
                 h.push_str(" Channel must be included for every message.");
             }
             if function_tools {
-                h.push_str("\nCalls to these tools must go to the commentary channel: 'functions'.");
+                h.push_str(
+                    "\nCalls to these tools must go to the commentary channel: 'functions'.",
+                );
             }
             sections.push(h);
         }
@@ -530,8 +532,7 @@ pub fn render_messages(conv: &Conversation, cfg: RenderConfig) -> Result<Vec<Mes
     kept_messages(&conv.messages, cfg)
         .into_iter()
         .map(|i| {
-            render_message(i, &conv.messages[i], ft)
-                .map_err(|e| e.context(format!("message {i}")))
+            render_message(i, &conv.messages[i], ft).map_err(|e| e.context(format!("message {i}")))
         })
         .collect()
 }
@@ -594,10 +595,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.token_ids.len(), 50);
         assert_eq!(r.token_ids[29], 14093);
-        for (e, id) in [
-            (ReasoningEffort::Low, 4465),
-            (ReasoningEffort::High, 1932),
-        ] {
+        for (e, id) in [(ReasoningEffort::Low, 4465), (ReasoningEffort::High, 1932)] {
             let s = SystemContent {
                 reasoning_effort: Some(e),
                 ..Default::default()
@@ -641,7 +639,9 @@ mod tests {
             content_type: Some("<|constrain|>json".into()),
         };
         let t = render_message(0, &m, false).unwrap();
-        let mut want = vec![START, 173781, 316, 28, 44580, 775, 170154, CHANNEL, 12606, 815];
+        let mut want = vec![
+            START, 173781, 316, 28, 44580, 775, 170154, CHANNEL, 12606, 815,
+        ];
         want.extend(tokenizer::encode(" "));
         want.push(CONSTRAIN);
         want.extend(tokenizer::encode("json"));

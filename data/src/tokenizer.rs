@@ -144,13 +144,19 @@ mod tests {
             "final",
             "commentary",
         ] {
-            assert_eq!(fixed_piece(p).unwrap(), &bpe().encode_ordinary(p)[..], "{p}");
+            assert_eq!(
+                fixed_piece(p).unwrap(),
+                &bpe().encode_ordinary(p)[..],
+                "{p}"
+            );
         }
     }
 
     #[test]
     fn specials() {
-        let sp = bpe().encode_with_special_tokens("<|start|><|end|><|message|><|channel|><|return|><|call|><|constrain|><|endoftext|>");
+        let sp = bpe().encode_with_special_tokens(
+            "<|start|><|end|><|message|><|channel|><|return|><|call|><|constrain|><|endoftext|>",
+        );
         assert_eq!(
             sp,
             vec![START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN, EOD]

@@ -38,9 +38,16 @@ fn every_golden_vector_matches() {
         let cfg: RenderConfig = serde_json::from_value(case["render_config"].clone()).unwrap();
         let r = harmony::render_for_training(&conv, cfg).unwrap();
         assert_eq!(r.token_ids, u32s(&case["token_ids"]), "{id}: token_ids");
-        assert_eq!(r.token_ids.len() as u64, case["num_tokens"].as_u64().unwrap());
+        assert_eq!(
+            r.token_ids.len() as u64,
+            case["num_tokens"].as_u64().unwrap()
+        );
         assert_eq!(r.loss_mask, u8s(&case["loss_mask"]), "{id}: loss_mask");
-        assert_eq!(r.loss_mask_gen, u8s(&case["loss_mask_gen"]), "{id}: loss_mask_gen");
+        assert_eq!(
+            r.loss_mask_gen,
+            u8s(&case["loss_mask_gen"]),
+            "{id}: loss_mask_gen"
+        );
         assert_eq!(r.span_id, u8s(&case["span_id"]), "{id}: span_id");
         assert_eq!(r.text(), case["text"].as_str().unwrap(), "{id}: text");
         let spans = serde_json::to_value(&r.message_spans).unwrap();
