@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::indexed::{self, IndexedDataset};
 
 /// The three arrays of one shard, checked against each other.
+#[derive(Debug)]
 pub struct Shard {
     pub tokens: IndexedDataset,
     pub lossmask: IndexedDataset,
@@ -105,6 +106,7 @@ impl Shard {
 }
 
 /// All shards of one dataset, addressed by a global document number.
+#[derive(Debug)]
 pub struct Dataset {
     pub path: PathBuf,
     pub shards: Vec<Shard>,
