@@ -185,10 +185,7 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
     for (name, path) in splits {
         let prefixes = if manifest.is_file() {
             let root_split = dir.join(&name);
-            match resolve_prefixes(&root_split) {
-                Ok(p) => p,
-                Err(_) => Vec::new(),
-            }
+            resolve_prefixes(&root_split)?
         } else {
             resolve_prefixes(&path)?
         };
