@@ -1,1 +1,25 @@
-//! placeholder
+//! vpmoe data pipeline: SYNTH parquet → Harmony → tokens, loss masks and spans.
+//!
+//! * [`harmony`] — Harmony conversations (official JSON form) and the token-exact renderer
+//!   (parity with openai-harmony 0.0.8), with per-token loss mask and span id; [`tools`] —
+//!   tool namespaces; [`tokenizer`] — o200k_harmony and special ids.
+//! * [`synth`] — SYNTH rows → conversations, validation, structured truncation (D8), label
+//!   alignment (D7); streaming parquet reader.
+//! * [`indexed`] — Megatron IndexedDataset writer/reader (MODEL.md §8.1 byte layout).
+//! * [`build_synth`] — the `build-synth` pipeline (shards, split, manifest, atomic writes,
+//!   resumability, determinism for any thread count).
+//! * [`reader`] — the training reader: [`reader::Reader::open`] with weighted datasets,
+//!   [`reader::Reader::next_batch`] → [`reader::Batch`] (`tokens`, `labels`, `loss_mask`,
+//!   `span`, `doc`, batch-major `t = b*S + s`), [`reader::Reader::cursor`] /
+//!   [`reader::Reader::restore`] with a serde-serialisable [`reader::Cursor`].
+//! * [`inspect`] — dataset statistics and a decoded sample.
+//! * [`cli`] — `vpmoe-rt data render|build-synth|inspect` ([`cli::DataCmd`], [`cli::run`]).
+pub mod build_synth;
+pub mod cli;
+pub mod harmony;
+pub mod indexed;
+pub mod inspect;
+pub mod reader;
+pub mod synth;
+pub mod tokenizer;
+pub mod tools;

@@ -1,0 +1,364 @@
+//! build-synth end to end: sample fixture, generated fixtures (multilingual, empty reasoning,
+//! rag, overlong, invalid, null columns), alignment properties, determinism across thread
+//! counts, resumability, corrupt input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+use vpmoe_data::build_synth::{build_synth, BuildOptions};
+use vpmoe_data::harmony::{self, ReasoningEffort, RenderConfig};
+use vpmoe_data::reader::Shard;
+use vpmoe_data::synth::{SynthRow, ValidFraction};
+use vpmoe_data::tokenizer::{EOD, RETURN};
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/synth_sample.parquet")
+}
+
+fn opts(inputs: Vec<PathBuf>, out: &Path) -> BuildOptions {
+    let mut o = BuildOptions::new(inputs, out.to_path_buf());
+    o.valid_fraction = "0.2".parse().unwrap();
+    o
+}
+
+fn manifest(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn docs(out: &Path, split: &str, shard: &str) -> Vec<(Vec<i32>, Vec<u8>, Vec<u8>)> {
+    let p = out.join(split).join(format!("{shard}_tokens"));
+    if !vpmoe_data::indexed::idx_path(&p).exists() {
+        return vec![];
+    }
+    let s = Shard::open(&p).unwrap();
+    (0..s.len())
+        .map(|i| (s.tokens.get(i), s.lossmask.get(i), s.span.get(i)))
+        .collect()
+}
+
+/// The expected document of a row through the generic renderer (+EOD, label shift).
+fn expected_doc(row: &SynthRow, effort: ReasoningEffort) -> (Vec<i32>, Vec<u8>, Vec<u8>) {
+    let conv = row.to_conversation(effort).unwrap();
+    let r = harmony::render_for_training(&conv, RenderConfig::default()).unwrap();
+    let mut t: Vec<i32> = r.token_ids.iter().map(|&x| x as i32).collect();
+    t.push(EOD as i32);
+    let mut m = r.loss_mask[1..].to_vec();
+    m.extend([0, 0]);
+    let mut s = r.span_id[1..].to_vec();
+    s.extend([0, 0]);
+    (t, m, s)
+}
+
+#[test]
+fn sample_fixture_matches_generic_renderer() {
+    let out = tmpdir("sample");
+    let mut o = opts(vec![sample()], &out);
+    o.reasoning_effort = ReasoningEffort::High;
+    let rep = build_synth(&o).unwrap();
+    assert_eq!(
+        (rep.rows_read, rep.rows_written, rep.rows_rejected),
+        (9, 9, 0)
+    );
+    let m = manifest(&out);
+    assert_eq!(m["config"]["reasoning_effort"], "high");
+    assert_eq!(m["input"]["files"][0]["name"], "synth_sample.parquet");
+    assert_eq!(m["input"]["files"][0]["bytes"], 7336);
+    assert_eq!(
+        m["tokenizer"]["model_sha256"],
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+    );
+    // Rows from the JSONL mirror, in order, routed by the split rule.
+    let vf: ValidFraction = "0.2".parse().unwrap();
+    let mirror = include_str!("fixtures/synth_sample.jsonl");
+    let (mut train, mut valid) = (vec![], vec![]);
+    for line in mirror.lines() {
+        let row: SynthRow = serde_json::from_str(line).unwrap();
+        let d = expected_doc(&row, ReasoningEffort::High);
+        if vf.is_valid(row.synth_id.as_deref().unwrap()) {
+            valid.push(d)
+        } else {
+            train.push(d)
+        }
+    }
+    assert!(!valid.is_empty() && !train.is_empty());
+    assert_eq!(docs(&out, "train", "synth_sample"), train);
+    assert_eq!(docs(&out, "valid", "synth_sample"), valid);
+    let n_train = train.len() as u64;
+    assert_eq!(m["splits"]["train"]["rows"], n_train);
+    let toks: u64 = train.iter().map(|d| d.0.len() as u64).sum();
+    assert_eq!(m["splits"]["train"]["tokens"], toks);
+    // Reasoning effort high → token 29 is " high".
+    assert_eq!(train[0].0[29], 1932);
+}
+
+fn check_alignment(d: &(Vec<i32>, Vec<u8>, Vec<u8>), seq_len: usize) {
+    let (t, m, s) = d;
+    let n = t.len();
+    assert!(
+        n <= seq_len + 1,
+        "document of {n} tokens exceeds seq_len + 1"
+    );
+    assert_eq!((m.len(), s.len()), (n, n));
+    assert_eq!(t[n - 1], EOD as i32);
+    assert_eq!(t[n - 2], RETURN as i32);
+    // Positions predicting EOD and the EOD itself carry no loss.
+    assert_eq!((m[n - 2], m[n - 1], s[n - 2], s[n - 1]), (0, 0, 0, 0));
+    for k in 0..n {
+        assert!(m[k] <= 1 && s[k] <= 2);
+        assert!(s[k] == 0 || m[k] == 1, "span without mask at {k}");
+    }
+    // Label alignment: the position before an assistant <|start|> is supervised to predict it.
+    for k in 0..n - 1 {
+        if t[k + 1] == 200006 && t.get(k + 2) == Some(&173781) {
+            assert_eq!(m[k], 1, "position {k} should predict <|start|>assistant");
+        }
+        if t[k] == 200007 && t.get(k + 1) == Some(&200006) && t.get(k + 2) == Some(&1428) {
+            // An <|end|> followed by a user turn: not supervised.
+            assert_eq!(m[k], 0);
+        }
+    }
+    // Spans: 1 (analysis) strictly before 2 (final), 0 for the prompt.
+    let first2 = s.iter().position(|&x| x == 2).expect("final span present");
+    assert!(s[first2..n - 2].iter().all(|&x| x == 2));
+    assert!(s[..first2].iter().all(|&x| x != 2));
+}
+
+#[test]
+fn generated_fixtures_reject_truncate_and_align() {
+    let dir = tmpdir("gen-in");
+    let files = write_fixture_dir(&dir, 3, 120);
+    let out = tmpdir("gen-out");
+    let mut o = opts(vec![dir.clone()], &out);
+    o.seq_len = 256;
+    o.batch_rows = 37;
+    let rep = build_synth(&o).unwrap();
+    assert_eq!(rep.rows_read, 360);
+    let expected_invalid: usize = (0..3)
+        .map(|k| {
+            fixture_rows(k, 120)
+                .iter()
+                .filter(|r| {
+                    let row = r.row();
+                    row.messages().is_err()
+                })
+                .count()
+        })
+        .sum();
+    assert_eq!(rep.rows_rejected as usize, expected_invalid);
+    assert!(rep.rows_rejected >= 9);
+    assert!(rep.rows_dropped >= 3, "{rep:?}");
+    assert!(rep.rows_truncated >= 20, "{rep:?}");
+    assert_eq!(
+        rep.rows_written + rep.rows_rejected + rep.rows_dropped,
+        rep.rows_read
+    );
+    // Rejections are reported by synth_id.
+    let rejected = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
+    assert!(rejected.contains("\"synth_id\":\"synth_00_00007\""));
+    assert!(rejected.contains("missing query"));
+    assert!(rejected.contains("missing synthetic_answer"));
+    assert!(rejected.contains("missing synth_id"));
+    assert!(rejected.contains("\"kind\":\"dropped\""));
+    let m = manifest(&out);
+    assert_eq!(m["rows"]["rejected"], rep.rows_rejected);
+    assert_eq!(m["rows"]["dropped_overlong"], rep.rows_dropped);
+    assert_eq!(m["input"]["files"].as_array().unwrap().len(), 3);
+    // Every document obeys the alignment properties; untruncated ones equal the generic render.
+    let mut checked = 0;
+    for (k, f) in files.iter().enumerate() {
+        let shard = f.file_stem().unwrap().to_str().unwrap();
+        let mut all = docs(&out, "train", shard);
+        all.extend(docs(&out, "valid", shard));
+        for d in &all {
+            check_alignment(d, 256);
+            checked += 1;
+        }
+        let vf: ValidFraction = "0.2".parse().unwrap();
+        let train = docs(&out, "train", shard);
+        let mut it = train.iter();
+        for r in fixture_rows(k, 120) {
+            let row = r.row();
+            if row.messages().is_err() || vf.is_valid(row.synth_id.as_deref().unwrap()) {
+                continue;
+            }
+            let want = expected_doc(&row, ReasoningEffort::Medium);
+            if want.0.len() > 257 {
+                // truncated or dropped: skip over it if it was written truncated
+                let rend = vpmoe_data::synth::SynthRenderer::new(ReasoningEffort::Medium, 256)
+                    .unwrap()
+                    .process(&row);
+                if let vpmoe_data::synth::RowOutcome::Doc { doc, truncated } = rend {
+                    assert!(truncated);
+                    let got = it.next().unwrap();
+                    assert_eq!(got.0, doc.tokens);
+                    // The final message (and <|return|>) is kept whole.
+                    let tail = want.0.len() - got.0.len();
+                    assert_eq!(
+                        &got.0[got.0.len() - 20..],
+                        &want.0[tail + got.0.len() - 20..]
+                    );
+                }
+                continue;
+            }
+            assert_eq!(it.next().unwrap(), &want);
+        }
+        assert!(it.next().is_none());
+    }
+    assert_eq!(checked as u64, rep.rows_written);
+    // Multilingual text survives (decode a French document).
+    let text = vpmoe_data::inspect::describe(&out, false).unwrap();
+    assert!(text.contains("split train:") && text.contains("split valid:"));
+}
+
+#[test]
+fn strict_mode_fails_on_the_first_invalid_row() {
+    let dir = tmpdir("strict-in");
+    write_fixture_dir(&dir, 1, 40);
+    let out = tmpdir("strict-out");
+    let mut o = opts(vec![dir], &out);
+    o.strict = true;
+    let err = format!("{:#}", build_synth(&o).unwrap_err());
+    assert!(
+        err.contains("synth_00_00007") && err.contains("missing query"),
+        "{err}"
+    );
+    assert!(err.contains("synth_001.parquet"), "{err}");
+    assert!(!out.join("manifest.json").exists());
+    // No complete-looking shard is left behind.
+    for split in ["train", "valid"] {
+        for e in std::fs::read_dir(out.join(split)).unwrap() {
+            let p = e.unwrap().path();
+            assert!(!p.to_string_lossy().ends_with(".idx"), "{}", p.display());
+        }
+    }
+}
+
+#[test]
+fn output_is_identical_for_any_thread_count_and_batch_size() {
+    let dir = tmpdir("det-in");
+    write_fixture_dir(&dir, 2, 90);
+    let mut snaps = Vec::new();
+    for (threads, batch) in [(1, 512), (2, 7), (4, 64)] {
+        let out = tmpdir("det-out");
+        let mut o = opts(vec![dir.clone()], &out);
+        o.seq_len = 256;
+        o.threads = Some(threads);
+        o.batch_rows = batch;
+        build_synth(&o).unwrap();
+        snaps.push(snapshot(&out));
+    }
+    assert!(snaps[0].len() >= 14);
+    assert_eq!(snaps[0], snaps[1]);
+    assert_eq!(snaps[0], snaps[2]);
+}
+
+#[test]
+fn max_rows_limits_and_changes_the_config_hash() {
+    let dir = tmpdir("max-in");
+    write_fixture_dir(&dir, 2, 30);
+    let out = tmpdir("max-out");
+    let mut o = opts(vec![dir.clone()], &out);
+    o.max_rows = Some(45);
+    let rep = build_synth(&o).unwrap();
+    assert_eq!(rep.rows_read, 45);
+    let h1 = manifest(&out)["config_hash"].clone();
+    o.max_rows = None;
+    let rep = build_synth(&o).unwrap();
+    assert_eq!(rep.rows_read, 60);
+    assert_eq!(rep.shards_built, 2);
+    assert_ne!(manifest(&out)["config_hash"], h1);
+}
+
+#[test]
+fn rerun_resumes_and_rebuilds_damaged_shards() {
+    let dir = tmpdir("resume-in");
+    write_fixture_dir(&dir, 3, 40);
+    let out = tmpdir("resume-out");
+    let o = opts(vec![dir.clone()], &out);
+    let r1 = build_synth(&o).unwrap();
+    assert_eq!((r1.shards_built, r1.shards_reused), (3, 0));
+    let snap = snapshot(&out);
+    // Complete re-run: everything reused, identical bytes.
+    let r2 = build_synth(&o).unwrap();
+    assert_eq!((r2.shards_built, r2.shards_reused), (0, 3));
+    assert_eq!(snapshot(&out), snap);
+    // Simulate a crash in shard 2: a half-written temp file, a truncated .bin, no manifest.
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    std::fs::write(out.join("train/synth_002_tokens.bin.tmp"), b"partial").unwrap();
+    let bin = out.join("train/synth_002_tokens.bin");
+    let len = std::fs::metadata(&bin).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    // A reader refuses the damaged shard, naming the file.
+    let err = format!(
+        "{:#}",
+        Shard::open(&out.join("train/synth_002_tokens")).unwrap_err()
+    );
+    assert!(err.contains("synth_002_tokens.bin"), "{err}");
+    let r3 = build_synth(&o).unwrap();
+    assert_eq!((r3.shards_built, r3.shards_reused), (1, 2));
+    assert_eq!(snapshot(&out), snap);
+    // A changed input file is detected by its hash and rebuilt.
+    write_parquet(&dir.join("synth_003.parquet"), &fixture_rows(7, 40), 50);
+    let r4 = build_synth(&o).unwrap();
+    assert_eq!((r4.shards_built, r4.shards_reused), (1, 2));
+    assert_ne!(snapshot(&out), snap);
+}
+
+#[test]
+fn corrupt_or_truncated_parquet_is_a_clear_error() {
+    let dir = tmpdir("corrupt");
+    let good = dir.join("good.parquet");
+    write_parquet(&good, &fixture_rows(0, 60), 20);
+    let bytes = std::fs::read(&good).unwrap();
+    // Truncated file (footer lost).
+    let trunc = dir.join("truncated.parquet");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    // Not parquet at all.
+    let junk = dir.join("junk.parquet");
+    std::fs::write(&junk, b"this is not a parquet file at all, just text").unwrap();
+    // Footer intact, page data overwritten.
+    let smashed = dir.join("smashed.parquet");
+    let mut b = bytes.clone();
+    for x in &mut b[8..bytes.len() / 2] {
+        *x = 0xA5;
+    }
+    std::fs::write(&smashed, &b).unwrap();
+    // Missing columns.
+    let missing = dir.join("missing.parquet");
+    {
+        use arrow_array::{ArrayRef, RecordBatch, StringArray};
+        use std::sync::Arc;
+        let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+            "synth_id",
+            arrow_schema::DataType::Utf8,
+            true,
+        )]));
+        let col: ArrayRef = Arc::new(StringArray::from(vec![Some("a")]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![col]).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&missing).unwrap(),
+            schema,
+            None,
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    for (f, needle) in [
+        (&trunc, "truncated.parquet"),
+        (&junk, "junk.parquet"),
+        (&smashed, "smashed.parquet"),
+        (&missing, "missing SYNTH column"),
+    ] {
+        let out = tmpdir("corrupt-out");
+        let err = build_synth(&opts(vec![f.clone()], &out)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(needle), "{}: {msg}", f.display());
+        assert!(!out.join("manifest.json").exists());
+    }
+}
