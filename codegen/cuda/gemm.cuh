@@ -1,2 +1,171 @@
-// gemm: placeholder, to be written
 #pragma once
+// gemm.cuh: dense linear layer on tensor cores.
+//
+//   Y[M, N] = epi(X[M, KD] · W[N, KD]ᵀ (+ bias[N]))       Y row stride `ldy`, f32 or bf16 (OUT)
+//   EPI_NONE: z     EPI_RELU2: max(z, 0)²     EPI_RESID: z + resid[M, N] (resid row stride N)
+//
+// Launch: grid (ceil(M/64), ceil(N/64)), block 128. Each block computes one 64x64 tile of Y; its
+// four warps form a 2x2 grid of 32x32 warp tiles, each 2x4 mma.sync m16n8k16 (bf16 in, f32
+// accumulate). K is walked in slices of 32 through a 3-stage cp.async ring in static shared
+// memory (30 KB, rows padded to 80 bytes so the ldmatrix row reads hit 8 distinct bank groups).
+// N and KD are compile-time; neither has to be a multiple of 64 or 8: edge rows/columns/K are
+// zero-filled on load and masked on store, and when KD % 8 != 0 or a pointer is not 16-byte
+// aligned the loader falls back to element copies (still correct, slower).
+// Deterministic: every output element is one thread's fixed-order sum; no atomics.
+//
+// `gemm_tile` is also the body of grouped_gemm (one expert's ragged row range).
+#include "vp_common.cuh"
+
+namespace vp {
+
+constexpr int EPI_NONE = 0;
+constexpr int EPI_RELU2 = 1;
+constexpr int EPI_RESID = 2;
+
+namespace gemm_cfg {
+constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-free ldmatrix)
+}  // namespace gemm_cfg
+
+// One 64x64 tile of Y: rows [row0, min(row0 + 64, row_end)) of x (row stride KD) times columns
+// [col0, min(col0 + 64, N)) of W (rows of w, row stride KD). `resid` (EPI_RESID) has row stride N.
+// Must be called by all 128 threads of the block.
+template <int N, int KD, int EPI, int OUT>
+__device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ bias, const bf16* __restrict__ resid,
+                                          void* __restrict__ y, int row0, int row_end, int col0, int ldy) {
+    using namespace gemm_cfg;
+    static_assert(N > 0 && KD > 0, "empty GEMM");
+    constexpr int KT = (KD + BK - 1) / BK;
+    __shared__ __align__(128) bf16 sA[STAGES][BM * LDS];
+    __shared__ __align__(128) bf16 sB[STAGES][BN * LDS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm*32.., cols wn*32..
+    const bool vec_x = (KD % 8 == 0) && aligned(x, 16);
+    const bool vec_w = (KD % 8 == 0) && aligned(w, 16);
+
+    // Tile kt (K columns kt*32 .. +32) into ring slot s: 64 rows x 4 chunks of 8 for A and for B,
+    // 2 chunks of each per thread.
+    auto load_tile = [&](int kt, int s) {
+        const int k0 = kt * BK;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int c = tid + i * THREADS;
+            const int r = c >> 2, kc = (c & 3) * 8;
+            const int gk = k0 + kc;
+            const int gr = row0 + r, gn = col0 + r;
+            load_chunk8(&sA[s][r * LDS + kc], x + (size_t)gr * KD + gk, gr < row_end ? KD - gk : 0, vec_x, x);
+            load_chunk8(&sB[s][r * LDS + kc], w + (size_t)gn * KD + gk, gn < N ? KD - gk : 0, vec_w, w);
+        }
+    };
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+    // Prologue: slices 0 .. STAGES-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();  // slice kt has landed (this thread's copies)
+        __syncthreads();              // ... everyone's; and slot (kt-1)%STAGES is free again
+        {
+            const int nk = kt + STAGES - 1;
+            if (nk < KT) load_tile(nk, nk % STAGES);
+            cp_async_commit();
+        }
+        const bf16* a_s = sA[kt % STAGES];
+        const bf16* b_s = sB[kt % STAGES];
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned int a[2][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                ldsm_x4(a[mi], a_s + (wm * 32 + mi * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                unsigned int r[4];
+                ldsm_x4(r, b_s + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 +
+                               ((lane >> 3) & 1) * 8);
+                b[2 * nj][0] = r[0];
+                b[2 * nj][1] = r[1];
+                b[2 * nj + 1][0] = r[2];
+                b[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue straight from the accumulator fragments: each thread owns column pairs
+    // (c, c+1) of rows g and g+8 of each 16x8 piece.
+    const bool pair_ok = (ldy % 2 == 0) && aligned(y, OUT ? 8 : 4);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = row0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                const int c = col0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+                if (r >= row_end || c >= N) continue;
+                const bool has1 = c + 1 < N;
+                float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+                if (bias != nullptr) {
+                    v0 += bf2f(bias[c]);
+                    if (has1) v1 += bf2f(bias[c + 1]);
+                }
+                if (EPI == EPI_RELU2) {
+                    v0 = fmaxf(v0, 0.f);
+                    v1 = fmaxf(v1, 0.f);
+                    v0 *= v0;
+                    v1 *= v1;
+                }
+                if (EPI == EPI_RESID) {
+                    const bf16* rr = resid + (size_t)r * N + c;
+                    v0 += bf2f(rr[0]);
+                    if (has1) v1 += bf2f(rr[1]);
+                }
+                const size_t o = (size_t)r * (size_t)ldy + (size_t)c;
+                if (OUT) {
+                    float* yo = reinterpret_cast<float*>(y) + o;
+                    if (has1 && pair_ok) {
+                        *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
+                    } else {
+                        yo[0] = v0;
+                        if (has1) yo[1] = v1;
+                    }
+                } else {
+                    bf16* yo = reinterpret_cast<bf16*>(y) + o;
+                    if (has1 && pair_ok) {
+                        *reinterpret_cast<unsigned int*>(yo) = pack_bf2(v0, v1);
+                    } else {
+                        yo[0] = f2bf(v0);
+                        if (has1) yo[1] = f2bf(v1);
+                    }
+                }
+            }
+}
+
+template <int N, int KD, int EPI, int OUT>
+__device__ __forceinline__ void gemm(const bf16* x, const bf16* w, const bf16* bias, const bf16* resid, void* y, int M,
+                                     int ldy) {
+    const int row0 = blockIdx.x * gemm_cfg::BM;
+    if (row0 >= M) return;  // whole block: never happens with the contract's grid
+    gemm_tile<N, KD, EPI, OUT>(x, w, bias, resid, y, row0, M, blockIdx.y * gemm_cfg::BN, ldy);
+}
+
+}  // namespace vp

@@ -1,2 +1,121 @@
-// seq_aux: placeholder, to be written
 #pragma once
+// seq_aux.cuh: sequence-level load-balancing loss, one partial per sequence b (S tokens):
+//   s̃[t, e] = scores[t, e] / (Σ_e' scores[t, e'] + 1e-20)
+//   c_e = #tokens whose plain top-K of s̃ (ties to the lower index) contains e,  P_e = Σ_t s̃[t, e]
+//   partial[b] = E / (K·S²) · Σ_e P_e·c_e            (`sum` then averages the partials)
+//
+// Launch: grid B = T/S, block 256. Each warp takes TB = 4 tokens at a time (so four independent
+// shuffle chains hide each other's latency; the grid is only B blocks, so per-block throughput
+// is what counts); lane l owns experts l, l+32, … and keeps its P_e (f64) and c_e in registers
+// across the warp's tokens. The row sum is an f64 warp butterfly, s̃ is rounded to f32 as in the
+// reference, the top-K is K rounds of warp arg-max over rank keys. Per-warp partials are then
+// combined in warp order through shared memory and a fixed-order block sum: deterministic.
+#include "vp_common.cuh"
+
+namespace vp {
+
+template <int E, int K>
+__device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float* __restrict__ partial, int S) {
+    constexpr int NT = 256, NW = NT / 32, EJ = (E + 31) / 32, TB = 4;
+    static_assert(EJ <= 32, "at most 1024 experts");
+    static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
+    __shared__ double sP[NW][E];
+    __shared__ int sC[NW][E];
+    const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    double P[EJ];
+    int C[EJ];
+#pragma unroll
+    for (int j = 0; j < EJ; ++j) {
+        P[j] = 0.0;
+        C[j] = 0;
+    }
+    for (int s0 = warp * TB; s0 < S; s0 += NW * TB) {  // warp-uniform
+        float x[TB][EJ];
+        double u[TB];
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb) {
+            const bool valid = s0 + tb < S;
+            const float* rowp = scores + ((size_t)b * S + s0 + tb) * E;
+            u[tb] = 0.0;
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                const int e = lane + 32 * j;
+                x[tb][j] = (valid && e < E) ? rowp[e] : 0.f;
+                u[tb] += (double)x[tb][j];
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int tb = 0; tb < TB; ++tb) u[tb] += __shfl_xor_sync(FULL_MASK, u[tb], o);
+        float nrm[TB][EJ];
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb)
+#pragma unroll
+            for (int j = 0; j < EJ; ++j) {
+                nrm[tb][j] = (float)((double)x[tb][j] / (u[tb] + 1e-20));
+                P[j] += (double)nrm[tb][j];  // 0 for padding tokens and experts
+            }
+        unsigned int taken[TB];
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb) taken[tb] = 0;
+        for (int r = 0; r < K; ++r) {
+            unsigned long long best[TB];
+#pragma unroll
+            for (int tb = 0; tb < TB; ++tb) {
+                best[tb] = 0;
+#pragma unroll
+                for (int j = 0; j < EJ; ++j) {
+                    const int e = lane + 32 * j;
+                    if (e < E && !((taken[tb] >> j) & 1u)) {
+                        const unsigned long long kk = rank_key(nrm[tb][j], e);
+                        best[tb] = kk > best[tb] ? kk : best[tb];
+                    }
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int tb = 0; tb < TB; ++tb) {
+                    const unsigned long long w = __shfl_xor_sync(FULL_MASK, best[tb], o);
+                    best[tb] = w > best[tb] ? w : best[tb];
+                }
+#pragma unroll
+            for (int tb = 0; tb < TB; ++tb) {
+                const int eb = rank_index(best[tb]);
+                const int add = s0 + tb < S ? 1 : 0;
+#pragma unroll
+                for (int j = 0; j < EJ; ++j)
+                    if (lane + 32 * j == eb) {
+                        taken[tb] |= 1u << j;
+                        C[j] += add;
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < EJ; ++j) {
+        const int e = lane + 32 * j;
+        if (e < E) {
+            sP[warp][e] = P[j];
+            sC[warp][e] = C[j];
+        }
+    }
+    __syncthreads();
+    double dot = 0.0;
+    for (int e = tid; e < E; e += NT) {
+        double pe = 0.0;
+        int ce = 0;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            pe += sP[w][e];
+            ce += sC[w][e];
+        }
+        dot += pe * (double)ce;
+    }
+    dot = block_sum<NT>(dot);
+    if (tid == 0) partial[b] = (float)((double)E / ((double)K * (double)S * (double)S) * dot);
+}
+
+}  // namespace vp

@@ -19,8 +19,16 @@ const BF: &str = "const __nv_bfloat16*";
 const BFM: &str = "__nv_bfloat16*";
 
 pub const FAMILIES: &[Family] = &[
-    Family { name: "embed", tparams: &["H"], params: &[("const int*", "tokens"), (BF, "table"), (BFM, "out"), ("int", "T")] },
-    Family { name: "rmsnorm", tparams: &["D"], params: &[(BF, "x"), (BF, "w"), (BFM, "y"), ("int", "rows"), ("float", "eps")] },
+    Family {
+        name: "embed",
+        tparams: &["H"],
+        params: &[("const int*", "tokens"), (BF, "table"), (BFM, "out"), ("int", "T")],
+    },
+    Family {
+        name: "rmsnorm",
+        tparams: &["D"],
+        params: &[(BF, "x"), (BF, "w"), (BFM, "y"), ("int", "rows"), ("float", "eps")],
+    },
     Family {
         name: "gemm",
         tparams: &["N", "KD", "EPI", "OUT"],
@@ -81,12 +89,23 @@ pub const FAMILIES: &[Family] = &[
             ("float", "scale"),
         ],
     },
-    Family { name: "moe_count", tparams: &["E", "K"], params: &[("const int*", "idx"), ("int*", "offsets"), ("int", "T")] },
+    Family {
+        name: "moe_count",
+        tparams: &["E", "K"],
+        params: &[("const int*", "idx"), ("int*", "offsets"), ("int", "T")],
+    },
     Family { name: "moe_scan", tparams: &["E"], params: &[("int*", "offsets")] },
     Family {
         name: "moe_scatter",
         tparams: &["H", "E", "K"],
-        params: &[(BF, "x"), ("const int*", "idx"), ("const int*", "offsets"), (BFM, "xp"), ("int*", "row"), ("int", "T")],
+        params: &[
+            (BF, "x"),
+            ("const int*", "idx"),
+            ("const int*", "offsets"),
+            (BFM, "xp"),
+            ("int*", "row"),
+            ("int", "T"),
+        ],
     },
     Family {
         name: "grouped_gemm",
@@ -106,7 +125,11 @@ pub const FAMILIES: &[Family] = &[
             ("int", "T"),
         ],
     },
-    Family { name: "seq_aux", tparams: &["E", "K"], params: &[("const float*", "scores"), ("float*", "partial"), ("int", "S")] },
+    Family {
+        name: "seq_aux",
+        tparams: &["E", "K"],
+        params: &[("const float*", "scores"), ("float*", "partial"), ("int", "S")],
+    },
     Family {
         name: "ce_rows",
         tparams: &["V"],
@@ -121,7 +144,11 @@ pub const FAMILIES: &[Family] = &[
             ("int", "T"),
         ],
     },
-    Family { name: "sum", tparams: &[], params: &[("const float*", "x"), ("float*", "out"), ("int", "n"), ("float", "scale")] },
+    Family {
+        name: "sum",
+        tparams: &[],
+        params: &[("const float*", "x"), ("float*", "out"), ("int", "n"), ("float", "scale")],
+    },
 ];
 
 pub fn family(name: &str) -> &'static Family {
@@ -181,10 +208,15 @@ pub enum Arg {
     /// Device pointer to an IR value (input, parameter or node output).
     Value(ValueId),
     /// Device pointer into the node's scratch buffer `index`, `offset` elements in.
-    Scratch { index: u32, offset: u64 },
+    Scratch {
+        index: u32,
+        offset: u64,
+    },
     Null,
     /// `mul·T`.
-    Tokens { mul: u64 },
+    Tokens {
+        mul: u64,
+    },
     Seq,
     /// The row count `T/S`.
     Rows,
@@ -227,7 +259,19 @@ fn rows_grid(mul: u64) -> [LaunchDim; 3] {
 pub const GEMM_TILE: u64 = 64;
 
 #[allow(clippy::too_many_arguments)]
-fn gemm(n: u64, kd: u64, epi: u64, out_f32: bool, m_mul: u64, x: Arg, w: Arg, bias: Arg, resid: Arg, y: Arg, ldy: u64) -> Launch {
+fn gemm(
+    n: u64,
+    kd: u64,
+    epi: u64,
+    out_f32: bool,
+    m_mul: u64,
+    x: Arg,
+    w: Arg,
+    bias: Arg,
+    resid: Arg,
+    y: Arg,
+    ldy: u64,
+) -> Launch {
     launch(
         KernelSpec::new("gemm", &[n, kd, epi, out_f32 as u64]),
         vec![x, w, bias, resid, y, Arg::Tokens { mul: m_mul }, Arg::Int(ldy as i64)],
@@ -245,7 +289,12 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
     let scratch = |dtype, per_token| Scratch { dtype, per_token, fixed: 0 };
     match node.op {
         Op::Embedding { hidden, .. } => (
-            vec![launch(KernelSpec::new("embed", &[hidden]), vec![i(0), i(1), o(0), Arg::Tokens { mul: 1 }], rows_grid(1), 128)],
+            vec![launch(
+                KernelSpec::new("embed", &[hidden]),
+                vec![i(0), i(1), o(0), Arg::Tokens { mul: 1 }],
+                rows_grid(1),
+                128,
+            )],
             vec![],
         ),
         Op::RmsNorm { dim, eps } => (
@@ -259,7 +308,9 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         ),
         Op::QkNorm { heads, groups, head_dim, eps } => {
             let k = KernelSpec::new("rmsnorm", &[head_dim]);
-            let l = |x, w, y, n| launch(k.clone(), vec![x, w, y, Arg::Tokens { mul: n }, Arg::Float(eps)], rows_grid(n), 256);
+            let l = |x, w, y, n| {
+                launch(k.clone(), vec![x, w, y, Arg::Tokens { mul: n }, Arg::Float(eps)], rows_grid(n), 256)
+            };
             (vec![l(i(0), i(2), o(0), heads), l(i(1), i(3), o(1), groups)], vec![])
         }
         Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
@@ -278,13 +329,31 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             )
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
-            let widths =
-                [heads * q_rank, groups * kv_rank, groups * kv_rank, q_rank * head_dim, kv_rank * head_dim, kv_rank * head_dim];
+            let widths = [
+                heads * q_rank,
+                groups * kv_rank,
+                groups * kv_rank,
+                q_rank * head_dim,
+                kv_rank * head_dim,
+                kv_rank * head_dim,
+            ];
             let total: u64 = widths.iter().sum();
             let mut launches = Vec::new();
             let mut off = 0;
             for (f, &wd) in widths.iter().enumerate() {
-                launches.push(gemm(wd, hidden, EPI_NONE, false, 1, i(0), i(1 + f), Arg::Null, Arg::Null, s(0, off), total));
+                launches.push(gemm(
+                    wd,
+                    hidden,
+                    EPI_NONE,
+                    false,
+                    1,
+                    i(0),
+                    i(1 + f),
+                    Arg::Null,
+                    Arg::Null,
+                    s(0, off),
+                    total,
+                ));
                 off += wd;
             }
             launches.push(launch(
@@ -391,7 +460,13 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         ),
         Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
             let (b1, w2, b2) = if bias { (i(3), i(4), i(5)) } else { (Arg::Null, i(3), Arg::Null) };
-            let grid = |n: u64| [LaunchDim::Tok { mul: topk, div: GEMM_TILE, add: experts }, LaunchDim::Const(n.div_ceil(GEMM_TILE)), one()];
+            let grid = |n: u64| {
+                [
+                    LaunchDim::Tok { mul: topk, div: GEMM_TILE, add: experts },
+                    LaunchDim::Const(n.div_ceil(GEMM_TILE)),
+                    one(),
+                ]
+            };
             (
                 vec![
                     launch(
@@ -427,7 +502,12 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                     [LaunchDim::Rows, one(), one()],
                     256,
                 ),
-                launch(KernelSpec::new("sum", &[]), vec![s(0, 0), o(0), Arg::Rows, Arg::InvRows], [one(), one(), one()], 1024),
+                launch(
+                    KernelSpec::new("sum", &[]),
+                    vec![s(0, 0), o(0), Arg::Rows, Arg::InvRows],
+                    [one(), one(), one()],
+                    1024,
+                ),
             ],
             vec![scratch(DType::F32, 1)],
         ),

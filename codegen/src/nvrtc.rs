@@ -217,7 +217,9 @@ fn compile_uncached(name: &str, src: &str, opts: &[String]) -> Result<(String, V
     let cubin = unsafe {
         nsys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
         let mut buf = vec![0u8; size];
-        nsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char).result().map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
+        nsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char)
+            .result()
+            .map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
         buf
     };
     unsafe { nres::destroy_program(prog) }.ok();

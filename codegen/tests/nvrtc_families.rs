@@ -63,7 +63,13 @@ fn every_family_compiles_for_sm90a() {
             Ok(c) => {
                 assert!(c.cubin.starts_with(b"\x7fELF"), "{}: not an ELF cubin", spec.name());
                 assert!(c.ptx.contains(&spec.name()), "{}: entry point missing from PTX", spec.name());
-                eprintln!("{}: {} regs, {} B smem, {} B spills", spec.name(), c.resources.registers, c.resources.smem_bytes, c.resources.spill_stores);
+                eprintln!(
+                    "{}: {} regs, {} B smem, {} B spills",
+                    spec.name(),
+                    c.resources.registers,
+                    c.resources.smem_bytes,
+                    c.resources.spill_stores
+                );
             }
             Err(e) => failures.push(format!("{e:#}")),
         }

@@ -347,7 +347,12 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     one_of("model.activation", &m.activation, &["squaredrelu"])?;
     ensure!(!m.gated_linear_unit, "model.gated_linear_unit", "gated linear units are not supported");
     ensure!(m.hidden_dropout == 0.0, "model.hidden_dropout", "only 0.0 is supported (D1), got {}", m.hidden_dropout);
-    ensure!(a.attention_dropout == 0.0, "attention.attention_dropout", "only 0.0 is supported, got {}", a.attention_dropout);
+    ensure!(
+        a.attention_dropout == 0.0,
+        "attention.attention_dropout",
+        "only 0.0 is supported, got {}",
+        a.attention_dropout
+    );
     ensure!(m.init_method_std > 0.0, "model.init_method_std", "must be positive");
     ensure!(m.norm_epsilon > 0.0, "model.norm_epsilon", "must be positive");
     let value_residual = if m.value_residual {
@@ -386,7 +391,11 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 p.len(),
                 layers
             );
-            ensure!(p.iter().all(|&x| x == 0 || x == 1), "attention.window_attn_skip_freq", "pattern entries must be 0 or 1");
+            ensure!(
+                p.iter().all(|&x| x == 0 || x == 1),
+                "attention.window_attn_skip_freq",
+                "pattern entries must be 0 or 1"
+            );
             p.iter().map(|&x| x == 1).collect()
         }
     };
@@ -399,7 +408,9 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         }
         _ => None,
     };
-    let Some(g) = &raw.grape else { bail!("grape: missing section [grape] (required for position_embedding_type = \"grapem\")") };
+    let Some(g) = &raw.grape else {
+        bail!("grape: missing section [grape] (required for position_embedding_type = \"grapem\")")
+    };
     ensure!(
         g.grapem_share_across_heads,
         "grape.grapem_share_across_heads",
@@ -432,8 +443,17 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 (Some(_), None) => bail!("moe.router_group_topk: required when moe.router_num_groups is set"),
                 (None, Some(_)) => bail!("moe.router_num_groups: required when moe.router_group_topk is set"),
                 (Some(ng), Some(gk)) => {
-                    ensure!(ng >= 1 && r.num_experts % ng == 0, "moe.router_num_groups", "{ng} groups do not divide {} experts", r.num_experts);
-                    ensure!(gk >= 1 && gk <= ng, "moe.router_group_topk", "group top-k {gk} must be in 1..={ng} groups");
+                    ensure!(
+                        ng >= 1 && r.num_experts % ng == 0,
+                        "moe.router_num_groups",
+                        "{ng} groups do not divide {} experts",
+                        r.num_experts
+                    );
+                    ensure!(
+                        gk >= 1 && gk <= ng,
+                        "moe.router_group_topk",
+                        "group top-k {gk} must be in 1..={ng} groups"
+                    );
                     ensure!(r.topk % gk == 0, "moe.router_group_topk", "group top-k {gk} must divide top-k {}", r.topk);
                     ensure!(
                         gk * (r.num_experts / ng) >= r.topk,
@@ -473,7 +493,10 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("optimizer.polar_express_coeffs_path: reading {}", path.display()))?;
             let table: Vec<[f64; 3]> = serde_json::from_str(&text).with_context(|| {
-                format!("optimizer.polar_express_coeffs_path: {} must be a JSON list of [a, b, c] triples", path.display())
+                format!(
+                    "optimizer.polar_express_coeffs_path: {} must be a JSON list of [a, b, c] triples",
+                    path.display()
+                )
             })?;
             ensure!(!table.is_empty(), "optimizer.polar_express_coeffs_path", "the coefficient table is empty");
             table
@@ -514,7 +537,11 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         window,
         local,
         tpa,
-        grape: Grape { alibi: g.grape_a, learnable_freq: g.grapem_learnable_freq, log_freq_scale: g.grapem_log_freq_scale },
+        grape: Grape {
+            alibi: g.grape_a,
+            learnable_freq: g.grapem_learnable_freq,
+            log_freq_scale: g.grapem_log_freq_scale,
+        },
         moe,
         optimizer: Optimizer {
             momentum: o.normuon_momentum,

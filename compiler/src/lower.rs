@@ -3,9 +3,7 @@
 //! are `blk<N>` with Megatron's 1-indexed layer numbers).
 
 use crate::config::{Arch, LayerSpec};
-use vpmoe_ir::{
-    Attn, AttnKind, DType, Graph, GroupLimit, Init, InputKind, Op, OptGroup, Role, TensorType, ValueId,
-};
+use vpmoe_ir::{Attn, AttnKind, DType, Graph, GroupLimit, Init, InputKind, Op, OptGroup, Role, TensorType, ValueId};
 
 struct Lower<'a> {
     arch: &'a Arch,
@@ -14,7 +12,16 @@ struct Lower<'a> {
 
 impl Lower<'_> {
     #[allow(clippy::too_many_arguments)]
-    fn param(&mut self, name: String, dtype: DType, dims: &[u64], init: Init, opt: OptGroup, wd: bool, role: Role) -> ValueId {
+    fn param(
+        &mut self,
+        name: String,
+        dtype: DType,
+        dims: &[u64],
+        init: Init,
+        opt: OptGroup,
+        wd: bool,
+        role: Role,
+    ) -> ValueId {
         self.g.param(name, TensorType::fixed(dtype, dims), init, opt, wd, role)
     }
     /// A 2-D weight: Normuon with weight decay.
@@ -83,13 +90,16 @@ pub fn lower(arch: &Arch) -> Graph {
         let qkv = if spec.tpa {
             let (rq, r) = a.tpa.expect("tpa layer");
             let mut ins = vec![x];
-            for (f, rows) in [("a_q", nh * rq), ("a_k", ng * r), ("a_v", ng * r), ("b_q", rq * d), ("b_k", r * d), ("b_v", r * d)] {
+            for (f, rows) in
+                [("a_q", nh * rq), ("a_k", ng * r), ("a_v", ng * r), ("b_q", rq * d), ("b_k", r * d), ("b_v", r * d)]
+            {
                 ins.push(l.matrix(format!("{sa}.linear_qkv.linear_{f}.weight"), &[rows, h], std0));
             }
             if a.qkv_bias {
                 ins.push(l.vector(format!("{sa}.linear_qkv.bias"), &[qkv_n], Init::Zeros));
             }
-            let op = Op::TpaQkv { hidden: h, heads: nh, groups: ng, head_dim: d, q_rank: rq, kv_rank: r, bias: a.qkv_bias };
+            let op =
+                Op::TpaQkv { hidden: h, heads: nh, groups: ng, head_dim: d, q_rank: rq, kv_rank: r, bias: a.qkv_bias };
             l.node(format!("{n}.attn.qkv"), op, ins)
         } else {
             let mut ins = vec![x, l.matrix(format!("{sa}.linear_qkv.weight"), &[qkv_n, h], std0)];
@@ -103,7 +113,11 @@ pub fn lower(arch: &Arch) -> Graph {
         if a.qk_norm {
             let wq = l.vector(format!("{sa}.q_layernorm.weight"), &[d], Init::Ones);
             let wk = l.vector(format!("{sa}.k_layernorm.weight"), &[d], Init::Ones);
-            let o = l.node(format!("{n}.attn.qk_norm"), Op::QkNorm { heads: nh, groups: ng, head_dim: d, eps }, vec![q, k, wq, wk]);
+            let o = l.node(
+                format!("{n}.attn.qk_norm"),
+                Op::QkNorm { heads: nh, groups: ng, head_dim: d, eps },
+                vec![q, k, wq, wk],
+            );
             (q, k) = (o[0], o[1]);
         }
         if spec.rotate {
@@ -127,11 +141,19 @@ pub fn lower(arch: &Arch) -> Graph {
                         false,
                         Role::Other,
                     );
-                    v = l.node(format!("{n}.attn.vres"), Op::ValueResidual { groups: ng, head_dim: d }, vec![v, src, lp])[0];
+                    v = l.node(
+                        format!("{n}.attn.vres"),
+                        Op::ValueResidual { groups: ng, head_dim: d },
+                        vec![v, src, lp],
+                    )[0];
                 }
             }
         }
-        let kind = if spec.local { AttnKind::Window(a.window.expect("local layer")) } else { AttnKind::Global { alibi: spec.alibi } };
+        let kind = if spec.local {
+            AttnKind::Window(a.window.expect("local layer"))
+        } else {
+            AttnKind::Global { alibi: spec.alibi }
+        };
         let mut ins = vec![q, k, v, doc];
         if a.sinks {
             ins.push(l.param(
@@ -166,7 +188,8 @@ pub fn lower(arch: &Arch) -> Graph {
             let ins = mlp_params(&mut l, &format!("{p}.mlp"), m, a.ffn, std0, std_out);
             let mut ins = ins;
             ins.push(hcur);
-            l.node(format!("{n}.ffn.mlp"), Op::Mlp { hidden: h, ffn: a.ffn, bias: a.bias_linear, residual: true }, ins)[0]
+            l.node(format!("{n}.ffn.mlp"), Op::Mlp { hidden: h, ffn: a.ffn, bias: a.bias_linear, residual: true }, ins)
+                [0]
         };
     }
 
@@ -234,7 +257,15 @@ fn moe_block(
         ins.push(l.vector(format!("{p}.mlp.router.bias"), &[e], Init::Normal { std: std0 as f32 }));
     }
     if moe.expert_bias_rate.is_some() {
-        ins.push(l.param(format!("{p}.mlp.router.expert_bias"), DType::F32, &[e], Init::Zeros, OptGroup::Frozen, false, Role::Other));
+        ins.push(l.param(
+            format!("{p}.mlp.router.expert_bias"),
+            DType::F32,
+            &[e],
+            Init::Zeros,
+            OptGroup::Frozen,
+            false,
+            Role::Other,
+        ));
     }
     let op = Op::Router {
         hidden: h,
@@ -256,12 +287,28 @@ fn moe_block(
     let role = Role::Experts { experts: e, topk: k };
     let ep = format!("{p}.mlp.experts");
     let mut ins = vec![xp, offsets];
-    let w = |l: &mut Lower, name: String, dims: &[u64], init: Init, opt: OptGroup, wd: bool| l.param(name, DType::Bf16, dims, init, opt, wd, role);
-    ins.push(w(l, format!("{ep}.linear_fc1.weight"), &[e, f, h], Init::Normal { std: std0 as f32 }, OptGroup::Normuon, true));
+    let w = |l: &mut Lower, name: String, dims: &[u64], init: Init, opt: OptGroup, wd: bool| {
+        l.param(name, DType::Bf16, dims, init, opt, wd, role)
+    };
+    ins.push(w(
+        l,
+        format!("{ep}.linear_fc1.weight"),
+        &[e, f, h],
+        Init::Normal { std: std0 as f32 },
+        OptGroup::Normuon,
+        true,
+    ));
     if bias {
         ins.push(w(l, format!("{ep}.linear_fc1.bias"), &[e, f], Init::Zeros, OptGroup::AdamW, false));
     }
-    ins.push(w(l, format!("{ep}.linear_fc2.weight"), &[e, h, f], Init::Normal { std: std_out as f32 }, OptGroup::Normuon, true));
+    ins.push(w(
+        l,
+        format!("{ep}.linear_fc2.weight"),
+        &[e, h, f],
+        Init::Normal { std: std_out as f32 },
+        OptGroup::Normuon,
+        true,
+    ));
     if bias {
         ins.push(w(l, format!("{ep}.linear_fc2.bias"), &[e, h], Init::Zeros, OptGroup::AdamW, false));
     }

@@ -7,7 +7,11 @@ use std::time::Instant;
 use vpmoe_compiler::{compile_arch, config, default_cache_dir, write_plan_dir, KernelOptions};
 
 #[derive(Parser)]
-#[command(name = "vpmoec", version, about = "Compile a vpMoE architecture TOML into a plan directory (IR, plan, CUDA kernels)")]
+#[command(
+    name = "vpmoec",
+    version,
+    about = "Compile a vpMoE architecture TOML into a plan directory (IR, plan, CUDA kernels)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -200,7 +200,15 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         })
         .collect();
     let kernels: Vec<KernelEntry> = kernels.into_values().collect();
-    let report = crate::report::report(g, arch, &params, sizes.0, sizes.1, kernels.len(), steps.iter().map(|s| s.launches.len()).sum());
+    let report = crate::report::report(
+        g,
+        arch,
+        &params,
+        sizes.0,
+        sizes.1,
+        kernels.len(),
+        steps.iter().map(|s| s.launches.len()).sum(),
+    );
     Plan {
         format: PLAN_FORMAT,
         compiler: COMPILER_VERSION.into(),

@@ -62,7 +62,8 @@ pub fn report(
     let fwd: u128 = g.nodes.iter().map(|n| n.op.flops_per_sequence(s)).sum();
     let fwd_tok = fwd as f64 / s as f64;
 
-    let mut mem = Memory { weights: 0, masters: 0, gradients: 0, optimizer_state: 0, activations: tok_bytes * s + fixed_bytes };
+    let mut mem =
+        Memory { weights: 0, masters: 0, gradients: 0, optimizer_state: 0, activations: tok_bytes * s + fixed_bytes };
     for p in params {
         mem.weights += p.numel * p.ty.dtype.bytes();
         if p.opt == OptGroup::Frozen {
@@ -118,12 +119,26 @@ impl Report {
         writeln!(s, "{} ({} layers, seq {})", self.arch, self.layers, self.seq_len).unwrap();
         writeln!(s, "  parameters, total                          {:>16}", group(self.params_total)).unwrap();
         writeln!(s, "  parameters, active per token               {:>16}", group(self.params_active)).unwrap();
-        writeln!(s, "  active, excluding embedding and head       {:>16}", group(self.params_active_excl_embedding_and_head)).unwrap();
+        writeln!(
+            s,
+            "  active, excluding embedding and head       {:>16}",
+            group(self.params_active_excl_embedding_and_head)
+        )
+        .unwrap();
         writeln!(s, "  forward FLOPs per token                    {:>16.4e}", self.forward_flops_per_token).unwrap();
         writeln!(s, "  training FLOPs per token (3x forward)      {:>16.4e}", self.training_flops_per_token).unwrap();
         writeln!(s, "  kernels / launches per forward             {:>9} / {}", self.kernels, self.launches).unwrap();
-        writeln!(s, "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}",
-            gib(m.weights), gib(m.masters), gib(m.gradients), gib(m.optimizer_state), self.seq_len, gib(m.activations)).unwrap();
+        writeln!(
+            s,
+            "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}",
+            gib(m.weights),
+            gib(m.masters),
+            gib(m.gradients),
+            gib(m.optimizer_state),
+            self.seq_len,
+            gib(m.activations)
+        )
+        .unwrap();
         s
     }
 }

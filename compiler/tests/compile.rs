@@ -33,7 +33,10 @@ fn plan_snapshot_of_tiny_moe() {
             s.push_str(&format!("{}: {} grid={:?} block={}\n", st.node, l.kernel.name(), l.grid, l.block));
         }
     }
-    s.push_str(&format!("tok arena {} B/token, fixed arena {} B\n", plan.tok_arena_bytes_per_token, plan.fixed_arena_bytes));
+    s.push_str(&format!(
+        "tok arena {} B/token, fixed arena {} B\n",
+        plan.tok_arena_bytes_per_token, plan.fixed_arena_bytes
+    ));
     for b in &plan.buffers {
         s.push_str(&format!("{:?} {:?} @{} +{} live {:?}\n", b.key, b.arena, b.offset, b.size, b.live));
     }
@@ -46,7 +49,12 @@ fn kernel_shims_snapshot() {
     let all: String = plan
         .kernels
         .iter()
-        .map(|k| vpmoe_codegen::shim(&vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() }, k.block))
+        .map(|k| {
+            vpmoe_codegen::shim(
+                &vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() },
+                k.block,
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n");
     insta::assert_snapshot!("shims_tiny_moe", all);
@@ -195,7 +203,11 @@ fn config_errors_name_the_file_and_key() {
         ("hidden_size = 32", "hidden_size = 32\nhiden_dropout = 0.0", "hiden_dropout"),
         ("hidden_size = 32\n", "", "hidden_size"),
         ("num_layers = 4", "num_layers = \"four\"", "num_layers"),
-        ("position_embedding_type = \"grapem\"", "position_embedding_type = \"rope\"", "attention.position_embedding_type"),
+        (
+            "position_embedding_type = \"grapem\"",
+            "position_embedding_type = \"rope\"",
+            "attention.position_embedding_type",
+        ),
         ("[model]", "[model]\nhidden_dropout = 0.1", "model.hidden_dropout"),
     ];
     let dir = std::env::temp_dir().join(format!("vpmoe-cfg-{}", std::process::id()));
@@ -209,7 +221,8 @@ fn config_errors_name_the_file_and_key() {
         assert!(err.contains(key), "error does not name {key}: {err}");
     }
     // TPA without a window.
-    let no_window = base.replace("window_size = 4\nwindow_attn_skip_freq = 2\n", "").replace("grape_a = true", "grape_a = false");
+    let no_window =
+        base.replace("window_size = 4\nwindow_attn_skip_freq = 2\n", "").replace("grape_a = true", "grape_a = false");
     std::fs::write(dir.join("bad.toml"), no_window).unwrap();
     let err = format!("{:#}", config::load(&dir.join("bad.toml")).unwrap_err());
     assert!(err.contains("tpa.use_tpa"), "{err}");
@@ -235,7 +248,11 @@ fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
     let strict = vpmoe_compiler::KernelOptions { require_nvrtc: true, arch: "sm_bogus".into(), ..opts };
     assert!(vpmoe_compiler::write_plan_dir(&g, &plan, &out, &strict).is_err());
     assert_eq!(std::fs::read(out.join("plan.json")).unwrap(), before);
-    let stray: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    let stray: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(stray.is_empty(), "temporary directories left behind");
     let p: vpmoe_compiler::Plan = serde_json::from_slice(&before).unwrap();
     assert!(p == plan, "plan.json does not round-trip exactly");

@@ -19,15 +19,92 @@ use vpmoe_data::build_synth::{build_synth, BuildOptions};
 use vpmoe_data::synth::SynthParquet;
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "was", "for", "that", "with", "as", "by", "on", "from",
-    "tower", "permit", "years", "structure", "antenna", "radio", "military", "exposition",
-    "because", "however", "therefore", "approximately", "constitution", "parliament",
-    "photosynthesis", "atmosphere", "nitrogen", "oxygen", "Query:", "→", "∴", "?", "AND", "OR",
-    "NOT", "IF", "THEN", "1889", "20", "16,020", "**bold**", "`code`", "(see", "above)", "—",
-    "la", "le", "des", "est", "une", "différence", "être", "démontée", "après", "Wärme",
-    "Gradienten", "über", "Kármán-Wirbel", "für", "die", "und", "qué", "proceso", "energía",
-    "Zażółć", "gęślą", "jaźń", "amor", "est", "affectus", "Москва", "энтропия", "東京",
-    "<ref", "name=\"source_1\">", "</ref>", "e.g.", "i.e.", "etc.", "x²", "≈", "78%",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "that",
+    "with",
+    "as",
+    "by",
+    "on",
+    "from",
+    "tower",
+    "permit",
+    "years",
+    "structure",
+    "antenna",
+    "radio",
+    "military",
+    "exposition",
+    "because",
+    "however",
+    "therefore",
+    "approximately",
+    "constitution",
+    "parliament",
+    "photosynthesis",
+    "atmosphere",
+    "nitrogen",
+    "oxygen",
+    "Query:",
+    "→",
+    "∴",
+    "?",
+    "AND",
+    "OR",
+    "NOT",
+    "IF",
+    "THEN",
+    "1889",
+    "20",
+    "16,020",
+    "**bold**",
+    "`code`",
+    "(see",
+    "above)",
+    "—",
+    "la",
+    "le",
+    "des",
+    "est",
+    "une",
+    "différence",
+    "être",
+    "démontée",
+    "après",
+    "Wärme",
+    "Gradienten",
+    "über",
+    "Kármán-Wirbel",
+    "für",
+    "die",
+    "und",
+    "qué",
+    "proceso",
+    "energía",
+    "Zażółć",
+    "gęślą",
+    "jaźń",
+    "amor",
+    "est",
+    "affectus",
+    "Москва",
+    "энтропия",
+    "東京",
+    "<ref",
+    "name=\"source_1\">",
+    "</ref>",
+    "e.g.",
+    "i.e.",
+    "etc.",
+    "x²",
+    "≈",
+    "78%",
 ];
 
 fn splitmix(s: &mut u64) -> u64 {
@@ -94,11 +171,7 @@ fn write_corpus(path: &PathBuf, rows: usize) {
             Some(text(&mut rng, 300)),
             Some(String::new()),
             Some("CC-BY-SA 4.0".to_string()),
-            Some(if rag {
-                format!("<source_1>\n{}\n</source_1>", text(&mut rng, 800))
-            } else {
-                String::new()
-            }),
+            Some(if rag { format!("<source_1>\n{}\n</source_1>", text(&mut rng, 800)) } else { String::new() }),
             Some(String::new()),
             Some(reason),
             Some(ans),
@@ -108,24 +181,17 @@ fn write_corpus(path: &PathBuf, rows: usize) {
         }
         words.push(Some(500i64));
     }
-    let mut fields: Vec<Field> = names
-        .iter()
-        .map(|n| Field::new(*n, DataType::Utf8, true))
-        .collect();
+    let mut fields: Vec<Field> = names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect();
     fields.push(Field::new("words", DataType::Int64, true));
     let schema = Arc::new(Schema::new(fields));
-    let mut arrays: Vec<ArrayRef> = cols
-        .into_iter()
-        .map(|c| Arc::new(StringArray::from(c)) as ArrayRef)
-        .collect();
+    let mut arrays: Vec<ArrayRef> = cols.into_iter().map(|c| Arc::new(StringArray::from(c)) as ArrayRef).collect();
     arrays.push(Arc::new(Int64Array::from(words)));
     let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(rows)) // one row group, like the real shards
         .build();
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props))
-        .unwrap();
+    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props)).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 }
@@ -134,9 +200,7 @@ fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -146,10 +210,7 @@ fn reset_peak_rss() {
 }
 
 fn main() {
-    let rows: usize = std::env::var("BENCH_ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8000);
+    let rows: usize = std::env::var("BENCH_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(8000);
     let dir = std::env::temp_dir().join(format!("vpmoe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -184,10 +245,7 @@ fn main() {
     let base_tps = content_tokens as f64 / base_s;
     drop(texts);
     println!("corpus: {rows} rows, {bytes} parquet bytes, {chars} chars, {content_tokens} content tokens");
-    println!(
-        "baseline encode_ordinary (1 core): {:.3} s, {:.0} tokens/s",
-        base_s, base_tps
-    );
+    println!("baseline encode_ordinary (1 core): {:.3} s, {:.0} tokens/s", base_s, base_tps);
 
     // Fixed costs inside a build, measured alone.
     let t0 = Instant::now();

@@ -6,10 +6,7 @@ use clap::Parser;
 use vpmoe_data::cli::{run, DataCmd};
 
 #[derive(Parser)]
-#[command(
-    name = "vpmoe-data",
-    about = "vpmoe data pipeline (same as `vpmoe-rt data`)"
-)]
+#[command(name = "vpmoe-data", about = "vpmoe data pipeline (same as `vpmoe-rt data`)")]
 struct Cli {
     #[command(subcommand)]
     cmd: DataCmd,

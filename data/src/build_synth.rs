@@ -160,11 +160,7 @@ pub fn discover_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut stems = BTreeSet::new();
     for f in &files {
         let s = shard_name(f)?;
-        ensure!(
-            stems.insert(s.clone()),
-            "two input files share the shard name {s:?} ({})",
-            f.display()
-        );
+        ensure!(stems.insert(s.clone()), "two input files share the shard name {s:?} ({})", f.display());
     }
     Ok(files)
 }
@@ -176,9 +172,7 @@ pub fn shard_name(path: &Path) -> Result<String> {
         .and_then(|s| s.to_str())
         .with_context(|| format!("input {} has no usable file name", path.display()))?;
     ensure!(
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
         "input file name {s:?} must be ASCII letters, digits, '_', '-' or '.'"
     );
     Ok(s.to_string())
@@ -189,9 +183,7 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -297,10 +289,7 @@ pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
     ensure!(opts.seq_len >= 16, "--seq-len must be at least 16");
     let files = discover_inputs(&opts.inputs)?;
     let threads = opts.threads.unwrap_or(0);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the worker pool")?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the worker pool")?;
     pool.install(|| build_in_pool(opts, &files))
 }
 
@@ -309,8 +298,7 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
-        fs::remove_file(&manifest_path)
-            .with_context(|| format!("removing stale {}", manifest_path.display()))?;
+        fs::remove_file(&manifest_path).with_context(|| format!("removing stale {}", manifest_path.display()))?;
     }
     for split in SPLITS {
         fs::create_dir_all(out.join(split))?;
@@ -330,12 +318,7 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
             let bytes = fs::metadata(f)?.len();
             let sha256 = sha256_file(f)?;
             let rows = SynthParquet::open(f, 1)?.num_rows;
-            Ok(InputFile {
-                name: f.file_name().unwrap().to_string_lossy().into_owned(),
-                bytes,
-                sha256,
-                rows,
-            })
+            Ok(InputFile { name: f.file_name().unwrap().to_string_lossy().into_owned(), bytes, sha256, rows })
         })
         .collect::<Result<_>>()?;
     let mut remaining = opts.max_rows.unwrap_or(u64::MAX);
@@ -346,22 +329,13 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
         }
         let limit = input.rows.min(remaining);
         remaining -= limit;
-        plans.push(Plan {
-            path: f.clone(),
-            name: shard_name(f)?,
-            input: input.clone(),
-            limit,
-        });
+        plans.push(Plan { path: f.clone(), name: shard_name(f)?, input: input.clone(), limit });
     }
     remove_stale_shards(out, &plans)?;
 
     let renderer = SynthRenderer::new(opts.reasoning_effort, opts.seq_len)?;
     let total_rows: u64 = plans.iter().map(|p| p.limit).sum();
-    let pb = if opts.progress {
-        ProgressBar::new(total_rows)
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = if opts.progress { ProgressBar::new(total_rows) } else { ProgressBar::hidden() };
     if opts.progress {
         pb.set_draw_target(ProgressDrawTarget::stderr());
     }
@@ -388,15 +362,7 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
         if record_path.exists() {
             fs::remove_file(&record_path)?;
         }
-        let rec = build_shard(
-            opts,
-            plan,
-            &renderer,
-            &config_hash,
-            &pb,
-            started,
-            &mut tokens_done,
-        )?;
+        let rec = build_shard(opts, plan, &renderer, &config_hash, &pb, started, &mut tokens_done)?;
         let text = serde_json::to_string_pretty(&rec)? + "\n";
         indexed::write_atomic(&record_path, text.as_bytes())?;
         records.push(rec);
@@ -414,60 +380,29 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     }
     indexed::write_atomic(&out.join("rejected.jsonl"), rejected.as_bytes())?;
     let report = summarise(&records, built, reused, manifest_path.clone());
-    let manifest = manifest_json(
-        opts,
-        &config,
-        &config_hash,
-        &tokenizer_sha,
-        &inputs,
-        &records,
-    );
+    let manifest = manifest_json(opts, &config, &config_hash, &tokenizer_sha, &inputs, &records);
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
     indexed::write_atomic(&manifest_path, text.as_bytes())?;
     Ok(report)
 }
 
-fn summarise(
-    records: &[ShardRecord],
-    built: usize,
-    reused: usize,
-    manifest: PathBuf,
-) -> BuildReport {
-    let count = |k: &str| -> u64 {
-        records
-            .iter()
-            .flat_map(|r| &r.skipped)
-            .filter(|s| s.kind == k)
-            .count() as u64
-    };
+fn summarise(records: &[ShardRecord], built: usize, reused: usize, manifest: PathBuf) -> BuildReport {
+    let count = |k: &str| -> u64 { records.iter().flat_map(|r| &r.skipped).filter(|s| s.kind == k).count() as u64 };
     BuildReport {
         shards_built: built,
         shards_reused: reused,
         rows_read: records.iter().map(|r| r.rows_read).sum(),
-        rows_written: records
-            .iter()
-            .flat_map(|r| r.splits.values())
-            .map(|s| s.rows)
-            .sum(),
+        rows_written: records.iter().flat_map(|r| r.splits.values()).map(|s| s.rows).sum(),
         rows_rejected: count("rejected"),
         rows_dropped: count("dropped"),
         rows_truncated: records.iter().map(|r| r.rows_truncated).sum(),
-        tokens: records
-            .iter()
-            .flat_map(|r| r.splits.values())
-            .map(|s| s.tokens)
-            .sum(),
+        tokens: records.iter().flat_map(|r| r.splits.values()).map(|s| s.tokens).sum(),
         manifest,
     }
 }
 
 fn remove_tmp_files(out: &Path) -> Result<()> {
-    for dir in [
-        out.to_path_buf(),
-        out.join("train"),
-        out.join("valid"),
-        out.join(".shards"),
-    ] {
+    for dir in [out.to_path_buf(), out.join("train"), out.join("valid"), out.join(".shards")] {
         if !dir.is_dir() {
             continue;
         }
@@ -498,15 +433,10 @@ fn remove_stale_shards(out: &Path, plans: &[Plan]) -> Result<()> {
             let Some(fname) = p.file_name().and_then(|s| s.to_str()) else {
                 continue;
             };
-            let Some(base) = fname
-                .strip_suffix(".bin")
-                .or_else(|| fname.strip_suffix(".idx"))
-            else {
+            let Some(base) = fname.strip_suffix(".bin").or_else(|| fname.strip_suffix(".idx")) else {
                 continue;
             };
-            let shard = KINDS
-                .iter()
-                .find_map(|k| base.strip_suffix(&format!("_{k}")));
+            let shard = KINDS.iter().find_map(|k| base.strip_suffix(&format!("_{k}")));
             if let Some(shard) = shard {
                 if !keep.contains(shard) {
                     fs::remove_file(&p)?;
@@ -520,10 +450,7 @@ fn remove_stale_shards(out: &Path, plans: &[Plan]) -> Result<()> {
 fn reusable(out: &Path, record_path: &Path, plan: &Plan, config_hash: &str) -> Option<ShardRecord> {
     let text = fs::read_to_string(record_path).ok()?;
     let rec: ShardRecord = serde_json::from_str(&text).ok()?;
-    if rec.name != plan.name
-        || rec.input != plan.input
-        || rec.config_hash != config_hash
-        || rec.rows_read != plan.limit
+    if rec.name != plan.name || rec.input != plan.input || rec.config_hash != config_hash || rec.rows_read != plan.limit
     {
         return None;
     }
@@ -564,10 +491,7 @@ struct SplitWriter {
 impl SplitWriter {
     fn create(out: &Path, split: &str, shard: &str) -> Result<Self> {
         let p = |k: &str| out.join(split).join(format!("{shard}_{k}"));
-        let mut stats = ShardSplit {
-            name: shard.to_string(),
-            ..Default::default()
-        };
+        let mut stats = ShardSplit { name: shard.to_string(), ..Default::default() };
         for s in ["0", "1", "2"] {
             stats.span_tokens.insert(s.to_string(), 0);
         }
@@ -606,17 +530,12 @@ impl SplitWriter {
             return Ok(None);
         }
         let mut stats = self.stats;
-        let sizes = [
-            ("tokens", self.tokens.finish()?),
-            ("lossmask", self.lossmask.finish()?),
-            ("span", self.span.finish()?),
-        ];
+        let sizes =
+            [("tokens", self.tokens.finish()?), ("lossmask", self.lossmask.finish()?), ("span", self.span.finish()?)];
         for (kind, (bin, idx)) in sizes {
             for (ext, n) in [("bin", bin), ("idx", idx)] {
                 let key = format!("{kind}_{ext}");
-                stats
-                    .paths
-                    .insert(key.clone(), format!("{split}/{shard}_{kind}.{ext}"));
+                stats.paths.insert(key.clone(), format!("{split}/{shard}_{kind}.{ext}"));
                 stats.bytes.insert(key, n);
             }
         }
@@ -637,10 +556,7 @@ fn build_shard(
     for split in SPLITS {
         for kind in KINDS {
             for ext in ["bin", "idx"] {
-                let p = opts
-                    .out
-                    .join(split)
-                    .join(format!("{}_{kind}.{ext}", plan.name));
+                let p = opts.out.join(split).join(format!("{}_{kind}.{ext}", plan.name));
                 if p.exists() {
                     fs::remove_file(&p)?;
                 }
@@ -648,10 +564,8 @@ fn build_shard(
         }
     }
     let mut reader = SynthParquet::open(&plan.path, opts.batch_rows)?;
-    let mut writers = [
-        SplitWriter::create(&opts.out, "train", &plan.name)?,
-        SplitWriter::create(&opts.out, "valid", &plan.name)?,
-    ];
+    let mut writers =
+        [SplitWriter::create(&opts.out, "train", &plan.name)?, SplitWriter::create(&opts.out, "valid", &plan.name)?];
     let mut skipped = Vec::new();
     let mut rows_read = 0u64;
     let mut truncated = 0u64;
@@ -665,11 +579,7 @@ fn build_shard(
     while let Some(rows) = next {
         let after = rows_read + rows.len() as u64;
         let (outcomes, upcoming) = rayon::join(
-            || {
-                rows.par_iter()
-                    .map(|r| renderer.process(r))
-                    .collect::<Vec<RowOutcome>>()
-            },
+            || rows.par_iter().map(|r| renderer.process(r)).collect::<Vec<RowOutcome>>(),
             || {
                 if after < plan.limit {
                     reader.next_rows()

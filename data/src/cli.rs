@@ -95,11 +95,7 @@ struct RenderLine<'a> {
 fn parse_line(line: &str) -> Result<(Option<String>, Conversation, RenderConfig)> {
     let v: serde_json::Value = serde_json::from_str(line).context("invalid JSON")?;
     if v.get("messages").is_some() {
-        return Ok((
-            None,
-            harmony::parse_conversation(line).context("invalid conversation")?,
-            RenderConfig::default(),
-        ));
+        return Ok((None, harmony::parse_conversation(line).context("invalid conversation")?, RenderConfig::default()));
     }
     let Some(conv) = v.get("conversation") else {
         bail!("expected an object with \"messages\" (or \"conversation\")");
@@ -114,10 +110,7 @@ fn parse_line(line: &str) -> Result<(Option<String>, Conversation, RenderConfig)
 }
 
 /// Render every line of `input` to `out`; returns (lines rendered, errors as (line, message)).
-pub fn render_stream(
-    input: impl BufRead,
-    mut out: impl Write,
-) -> Result<(usize, Vec<(usize, String)>)> {
+pub fn render_stream(input: impl BufRead, mut out: impl Write) -> Result<(usize, Vec<(usize, String)>)> {
     let mut ok = 0;
     let mut errors = Vec::new();
     for (i, line) in input.lines().enumerate() {
@@ -186,17 +179,9 @@ fn build_synth_cmd(a: &BuildSynthArgs) -> Result<()> {
         "build-synth: {} rows read, {} documents written ({} tokens), {} truncated, {} rejected, {} dropped (overlong)",
         r.rows_read, r.rows_written, r.tokens, r.rows_truncated, r.rows_rejected, r.rows_dropped
     );
-    println!(
-        "shards: {} built, {} reused; manifest {}",
-        r.shards_built,
-        r.shards_reused,
-        r.manifest.display()
-    );
+    println!("shards: {} built, {} reused; manifest {}", r.shards_built, r.shards_reused, r.manifest.display());
     if r.rows_rejected + r.rows_dropped > 0 {
-        eprintln!(
-            "skipped rows are listed with their synth_id in {}",
-            a.out.join("rejected.jsonl").display()
-        );
+        eprintln!("skipped rows are listed with their synth_id in {}", a.out.join("rejected.jsonl").display());
     }
     Ok(())
 }

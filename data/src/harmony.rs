@@ -101,9 +101,7 @@ impl Default for SystemContent {
     /// `Reasoning: medium`, channels analysis/commentary/final required).
     fn default() -> Self {
         SystemContent {
-            model_identity: Some(
-                "You are ChatGPT, a large language model trained by OpenAI.".to_string(),
-            ),
+            model_identity: Some("You are ChatGPT, a large language model trained by OpenAI.".to_string()),
             reasoning_effort: Some(ReasoningEffort::Medium),
             tools: None,
             conversation_start_date: None,
@@ -354,10 +352,9 @@ impl Rendered {
 pub fn has_function_tools(messages: &[Message]) -> bool {
     messages.iter().any(|m| {
         m.content.iter().any(|c| match c {
-            Content::DeveloperContent(d) => d
-                .tools
-                .as_ref()
-                .is_some_and(|t| t.get("functions").is_some_and(|ns| !ns.tools.is_empty())),
+            Content::DeveloperContent(d) => {
+                d.tools.as_ref().is_some_and(|t| t.get("functions").is_some_and(|ns| !ns.tools.is_empty()))
+            }
             _ => false,
         })
     })
@@ -425,19 +422,11 @@ pub fn render_message(index: usize, m: &Message, function_tools: bool) -> Result
     for c in &m.content {
         match c {
             Content::Text(t) => tokenizer::encode_into(&t.text, &mut content),
-            Content::SystemContent(s) => {
-                tokenizer::encode_into(&system_body(s, function_tools), &mut content)
-            }
-            Content::DeveloperContent(d) => {
-                tokenizer::encode_into(&developer_body(d), &mut content)
-            }
+            Content::SystemContent(s) => tokenizer::encode_into(&system_body(s, function_tools), &mut content),
+            Content::DeveloperContent(d) => tokenizer::encode_into(&developer_body(d), &mut content),
         }
     }
-    let end = if m.role == Role::Assistant && m.recipient.is_some() {
-        CALL
-    } else {
-        END
-    };
+    let end = if m.role == Role::Assistant && m.recipient.is_some() { CALL } else { END };
     Ok(MessageTokens {
         index,
         role: m.role,
@@ -481,9 +470,7 @@ pub fn system_body(s: &SystemContent, function_tools: bool) -> String {
                 h.push_str(" Channel must be included for every message.");
             }
             if function_tools {
-                h.push_str(
-                    "\nCalls to these tools must go to the commentary channel: 'functions'.",
-                );
+                h.push_str("\nCalls to these tools must go to the commentary channel: 'functions'.");
             }
             sections.push(h);
         }
@@ -514,14 +501,10 @@ fn kept_messages(messages: &[Message], cfg: RenderConfig) -> Vec<usize> {
         .find(|m| m.role == Role::Assistant)
         .is_some_and(|m| m.channel.as_deref() == Some("final"));
     let drop = cfg.auto_drop_analysis && last_assistant_is_final;
-    let first_final = messages
-        .iter()
-        .position(|m| m.channel.as_deref() == Some("final"));
+    let first_final = messages.iter().position(|m| m.channel.as_deref() == Some("final"));
     (0..messages.len())
         .filter(|&i| {
-            !(drop
-                && first_final.is_some_and(|f| i < f)
-                && messages[i].channel.as_deref() == Some("analysis"))
+            !(drop && first_final.is_some_and(|f| i < f) && messages[i].channel.as_deref() == Some("analysis"))
         })
         .collect()
 }
@@ -531,9 +514,7 @@ pub fn render_messages(conv: &Conversation, cfg: RenderConfig) -> Result<Vec<Mes
     let ft = has_function_tools(&conv.messages);
     kept_messages(&conv.messages, cfg)
         .into_iter()
-        .map(|i| {
-            render_message(i, &conv.messages[i], ft).map_err(|e| e.context(format!("message {i}")))
-        })
+        .map(|i| render_message(i, &conv.messages[i], ft).map_err(|e| e.context(format!("message {i}"))))
         .collect()
 }
 
@@ -560,11 +541,7 @@ pub fn render_for_training(conv: &Conversation, cfg: RenderConfig) -> Result<Ren
 }
 
 /// `render_conversation_for_completion`: [`render`] + `<|start|>` + the next role.
-pub fn render_for_completion(
-    conv: &Conversation,
-    next_role: Role,
-    cfg: RenderConfig,
-) -> Result<Vec<u32>> {
+pub fn render_for_completion(conv: &Conversation, next_role: Role, cfg: RenderConfig) -> Result<Vec<u32>> {
     let mut ids = render(conv, cfg)?.token_ids;
     ids.push(START);
     tokenizer::encode_into(next_role.as_str(), &mut ids);
@@ -587,26 +564,15 @@ mod tests {
     #[test]
     fn default_system_message_is_pinned() {
         let r = render(
-            &Conversation {
-                messages: vec![Message::system(SystemContent::default())],
-            },
+            &Conversation { messages: vec![Message::system(SystemContent::default())] },
             RenderConfig::default(),
         )
         .unwrap();
         assert_eq!(r.token_ids.len(), 50);
         assert_eq!(r.token_ids[29], 14093);
         for (e, id) in [(ReasoningEffort::Low, 4465), (ReasoningEffort::High, 1932)] {
-            let s = SystemContent {
-                reasoning_effort: Some(e),
-                ..Default::default()
-            };
-            let r = render(
-                &Conversation {
-                    messages: vec![Message::system(s)],
-                },
-                RenderConfig::default(),
-            )
-            .unwrap();
+            let s = SystemContent { reasoning_effort: Some(e), ..Default::default() };
+            let r = render(&Conversation { messages: vec![Message::system(s)] }, RenderConfig::default()).unwrap();
             assert_eq!(r.token_ids[29], id);
         }
     }
@@ -620,10 +586,7 @@ mod tests {
     #[test]
     fn structure_errors() {
         assert!(parse_conversation(r#"{"messages":[{"role":"tool","content":"x"}]}"#).is_err());
-        assert!(parse_conversation(
-            r#"{"messages":[{"role":"user","content":[{"type":"system_content"}]}]}"#
-        )
-        .is_err());
+        assert!(parse_conversation(r#"{"messages":[{"role":"user","content":[{"type":"system_content"}]}]}"#).is_err());
         assert!(parse_conversation(r#"{"messages":[{"role":"robot","content":"x"}]}"#).is_err());
         assert!(parse_conversation(r#"{"messages":[{"role":"user","contnt":"x"}]}"#).is_err());
     }
@@ -639,9 +602,7 @@ mod tests {
             content_type: Some("<|constrain|>json".into()),
         };
         let t = render_message(0, &m, false).unwrap();
-        let mut want = vec![
-            START, 173781, 316, 28, 44580, 775, 170154, CHANNEL, 12606, 815,
-        ];
+        let mut want = vec![START, 173781, 316, 28, 44580, 775, 170154, CHANNEL, 12606, 815];
         want.extend(tokenizer::encode(" "));
         want.push(CONSTRAIN);
         want.extend(tokenizer::encode("json"));

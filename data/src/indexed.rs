@@ -164,9 +164,7 @@ impl<T: Element> IndexedWriter<T> {
         for &x in items {
             x.write_le(&mut self.scratch);
         }
-        self.bin
-            .write_all(&self.scratch)
-            .with_context(|| format!("writing {}", bin_path(&self.prefix).display()))?;
+        self.bin.write_all(&self.scratch).with_context(|| format!("writing {}", bin_path(&self.prefix).display()))?;
         self.lengths.push(items.len() as i32);
         self.elements += items.len() as u64;
         Ok(())
@@ -185,16 +183,12 @@ impl<T: Element> IndexedWriter<T> {
     pub fn finish(self) -> Result<(u64, u64)> {
         let bin = bin_path(&self.prefix);
         let idx = idx_path(&self.prefix);
-        let f = self
-            .bin
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("flushing {}: {}", bin.display(), e.error()))?;
+        let f = self.bin.into_inner().map_err(|e| anyhow::anyhow!("flushing {}: {}", bin.display(), e.error()))?;
         f.sync_all()?;
         drop(f);
         let index = encode_index(T::CODE, &self.lengths);
         write_atomic(&idx, &index)?;
-        std::fs::rename(tmp_path(&bin), &bin)
-            .with_context(|| format!("renaming into {}", bin.display()))?;
+        std::fs::rename(tmp_path(&bin), &bin).with_context(|| format!("renaming into {}", bin.display()))?;
         Ok((self.elements * T::SIZE as u64, index.len() as u64))
     }
 
@@ -211,8 +205,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     {
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
@@ -252,10 +245,7 @@ impl IndexedDataset {
         let raw = std::fs::read(&idx).with_context(|| format!("reading {}", idx.display()))?;
         let bad = |msg: String| anyhow::anyhow!("{}: {msg}", idx.display());
         if raw.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "truncated index ({} bytes, header needs {HEADER_LEN})",
-                raw.len()
-            )));
+            return Err(bad(format!("truncated index ({} bytes, header needs {HEADER_LEN})", raw.len())));
         }
         if &raw[..9] != MAGIC {
             return Err(bad("not a Megatron IndexedDataset index (bad magic)".into()));
@@ -270,35 +260,24 @@ impl IndexedDataset {
         let d = u64_at(&raw, 26) as usize;
         let want = (HEADER_LEN as u128) + 12 * n as u128 + 8 * d as u128;
         if raw.len() as u128 != want && raw.len() as u128 != want + n as u128 {
-            return Err(bad(format!(
-                "size {} bytes does not match N={n}, D={d} (expected {want})",
-                raw.len()
-            )));
+            return Err(bad(format!("size {} bytes does not match N={n}, D={d} (expected {want})", raw.len())));
         }
         let mut off = HEADER_LEN;
-        let lengths: Vec<i32> = raw[off..off + 4 * n]
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let lengths: Vec<i32> =
+            raw[off..off + 4 * n].chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
         off += 4 * n;
-        let pointers: Vec<i64> = raw[off..off + 8 * n]
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let pointers: Vec<i64> =
+            raw[off..off + 8 * n].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
         off += 8 * n;
-        let doc_index: Vec<i64> = raw[off..off + 8 * d]
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let doc_index: Vec<i64> =
+            raw[off..off + 8 * d].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
         let mut expect = 0i64;
         for (i, (&l, &p)) in lengths.iter().zip(&pointers).enumerate() {
             if l < 0 {
                 return Err(bad(format!("sequence {i} has negative length {l}")));
             }
             if p != expect {
-                return Err(bad(format!(
-                    "sequence {i} pointer {p} is not contiguous (expected {expect})"
-                )));
+                return Err(bad(format!("sequence {i} pointer {p} is not contiguous (expected {expect})")));
             }
             expect += i64::from(l) * size as i64;
         }
@@ -308,9 +287,7 @@ impl IndexedDataset {
         if doc_index.windows(2).any(|w| w[1] < w[0]) {
             return Err(bad("document index is not non-decreasing".into()));
         }
-        let bin_len = std::fs::metadata(&bin)
-            .with_context(|| format!("reading {}", bin.display()))?
-            .len();
+        let bin_len = std::fs::metadata(&bin).with_context(|| format!("reading {}", bin.display()))?.len();
         if bin_len != expect as u64 {
             bail!(
                 "{}: {} bytes, but {} says the sequences take {} bytes (truncated or mismatched pair)",
@@ -328,14 +305,7 @@ impl IndexedDataset {
             // place (writers only ever create new files under temporary names).
             Some(unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", bin.display()))?)
         };
-        Ok(IndexedDataset {
-            prefix: prefix.to_path_buf(),
-            code,
-            lengths,
-            pointers,
-            doc_index,
-            bin: map,
-        })
+        Ok(IndexedDataset { prefix: prefix.to_path_buf(), code, lengths, pointers, doc_index, bin: map })
     }
 
     pub fn prefix(&self) -> &Path {
@@ -369,10 +339,7 @@ impl IndexedDataset {
     /// Raw bytes of sequence `i`, elements `[start, start+count)`.
     pub fn bytes(&self, i: usize, start: usize, count: usize) -> &[u8] {
         let size = dtype_size(self.code).unwrap();
-        assert!(
-            start + count <= self.lengths[i] as usize,
-            "read past sequence {i}"
-        );
+        assert!(start + count <= self.lengths[i] as usize, "read past sequence {i}");
         if count == 0 {
             return &[];
         }
@@ -382,17 +349,8 @@ impl IndexedDataset {
 
     /// Append elements `[start, start+count)` of sequence `i` to `out`.
     pub fn read_into<T: Element>(&self, i: usize, start: usize, count: usize, out: &mut Vec<T>) {
-        assert_eq!(
-            T::CODE,
-            self.code,
-            "dtype mismatch for {}",
-            self.prefix.display()
-        );
-        out.extend(
-            self.bytes(i, start, count)
-                .chunks_exact(T::SIZE)
-                .map(T::read_le),
-        );
+        assert_eq!(T::CODE, self.code, "dtype mismatch for {}", self.prefix.display());
+        out.extend(self.bytes(i, start, count).chunks_exact(T::SIZE).map(T::read_le));
     }
 
     /// Sequence `i` as a vector.

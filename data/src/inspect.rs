@@ -28,11 +28,7 @@ pub struct Stats {
 
 /// Compute statistics by reading the shards (lengths from the index, masks from the data).
 pub fn stats(shards: &[Shard]) -> Stats {
-    let mut st = Stats {
-        shards: shards.len(),
-        min_len: u64::MAX,
-        ..Default::default()
-    };
+    let mut st = Stats { shards: shards.len(), min_len: u64::MAX, ..Default::default() };
     let mut bins = [0u64; 40];
     for sh in shards {
         for (i, &l) in sh.tokens.lengths().iter().enumerate() {
@@ -70,8 +66,7 @@ fn pct(a: u64, b: u64) -> f64 {
 /// Render the statistics as text.
 pub fn format_stats(name: &str, st: &Stats) -> String {
     let mut s = String::new();
-    let _ =
-        writeln!(
+    let _ = writeln!(
         s,
         "split {name}: {} shards, {} documents, {} tokens (length min {} / mean {:.1} / max {})",
         st.shards,
@@ -143,10 +138,9 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
     let mut out = String::new();
     let manifest = dir.join("manifest.json");
     let splits: Vec<(String, std::path::PathBuf)> = if manifest.is_file() {
-        let text = std::fs::read_to_string(&manifest)
-            .with_context(|| format!("reading {}", manifest.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", manifest.display()))?;
+        let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", manifest.display()))?;
         let _ = writeln!(
             out,
             "dataset {} ({}), config_hash {}, git {}",
@@ -170,15 +164,9 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
             "rows: {} read, {} written, {} truncated, {} rejected, {} dropped (overlong)",
             r["read"], r["written"], r["truncated"], r["rejected"], r["dropped_overlong"]
         );
-        ["train", "valid"]
-            .iter()
-            .map(|s| (s.to_string(), dir.join(s)))
-            .collect()
+        ["train", "valid"].iter().map(|s| (s.to_string(), dir.join(s))).collect()
     } else {
-        let name = dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         vec![(name, dir.to_path_buf())]
     };
     let mut sample: Option<(String, Shard)> = None;
@@ -195,11 +183,8 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
         }
         out.push_str(&format_stats(&name, &stats(&shards)));
         if sample.is_none() {
-            sample = prefixes
-                .iter()
-                .zip(shards)
-                .find(|(_, s)| !s.is_empty())
-                .map(|(p, s)| (p.display().to_string(), s));
+            sample =
+                prefixes.iter().zip(shards).find(|(_, s)| !s.is_empty()).map(|(p, s)| (p.display().to_string(), s));
         }
     }
     if let Some((name, sh)) = sample {

@@ -45,21 +45,14 @@ impl Shard {
     /// (`…/shard_tokens`, with or without `.idx`/`.bin`).
     pub fn open(tokens_prefix: &Path) -> Result<Shard> {
         let s = tokens_prefix.to_string_lossy();
-        let s = s
-            .strip_suffix(".idx")
-            .or_else(|| s.strip_suffix(".bin"))
-            .unwrap_or(&s);
+        let s = s.strip_suffix(".idx").or_else(|| s.strip_suffix(".bin")).unwrap_or(&s);
         let Some(base) = s.strip_suffix("_tokens") else {
             bail!("{s}: a dataset prefix must end in _tokens");
         };
         let tokens = IndexedDataset::open(Path::new(&format!("{base}_tokens")))?;
         let lossmask = IndexedDataset::open(Path::new(&format!("{base}_lossmask")))?;
         let span = IndexedDataset::open(Path::new(&format!("{base}_span")))?;
-        for (ds, code, what) in [
-            (&tokens, 4, "int32"),
-            (&lossmask, 1, "uint8"),
-            (&span, 1, "uint8"),
-        ] {
+        for (ds, code, what) in [(&tokens, 4, "int32"), (&lossmask, 1, "uint8"), (&span, 1, "uint8")] {
             ensure!(
                 ds.dtype_code() == code,
                 "{}.idx: dtype code {} but {what} (code {code}) is required",
@@ -90,11 +83,7 @@ impl Shard {
                 tokens.prefix().display()
             );
         }
-        Ok(Shard {
-            tokens,
-            lossmask,
-            span,
-        })
+        Ok(Shard { tokens, lossmask, span })
     }
 
     pub fn len(&self) -> usize {
@@ -125,31 +114,23 @@ pub fn resolve_prefixes(path: &Path) -> Result<Vec<PathBuf>> {
     let (root, split) = if path.join("manifest.json").is_file() {
         (path.to_path_buf(), "train".to_string())
     } else {
-        let split = path
-            .file_name()
-            .and_then(|s| s.to_str())
-            .unwrap_or("")
-            .to_string();
-        (
-            path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            split,
-        )
+        let split = path.file_name().and_then(|s| s.to_str()).unwrap_or("").to_string();
+        (path.parent().map(Path::to_path_buf).unwrap_or_default(), split)
     };
     let manifest = root.join("manifest.json");
     if manifest.is_file() {
-        let text = std::fs::read_to_string(&manifest)
-            .with_context(|| format!("reading {}", manifest.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", manifest.display()))?;
+        let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", manifest.display()))?;
         let shards = v["splits"][&split]["shards"]
             .as_array()
             .with_context(|| format!("{}: no split {split:?}", manifest.display()))?;
         return shards
             .iter()
             .map(|s| {
-                let rel = s["paths"]["tokens_idx"].as_str().with_context(|| {
-                    format!("{}: shard without paths.tokens_idx", manifest.display())
-                })?;
+                let rel = s["paths"]["tokens_idx"]
+                    .as_str()
+                    .with_context(|| format!("{}: shard without paths.tokens_idx", manifest.display()))?;
                 Ok(root.join(rel.strip_suffix(".idx").unwrap_or(rel)))
             })
             .collect();
@@ -164,11 +145,7 @@ pub fn resolve_prefixes(path: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     out.sort();
-    ensure!(
-        !out.is_empty(),
-        "{}: no *_tokens.idx datasets",
-        path.display()
-    );
+    ensure!(!out.is_empty(), "{}: no *_tokens.idx datasets", path.display());
     Ok(out)
 }
 
@@ -186,12 +163,7 @@ impl Dataset {
             starts.push(starts.last().unwrap() + s.len() as u64);
             n_tokens += s.tokens.total_elements();
         }
-        Ok(Dataset {
-            path: path.to_path_buf(),
-            shards,
-            starts,
-            n_tokens,
-        })
+        Ok(Dataset { path: path.to_path_buf(), shards, starts, n_tokens })
     }
 
     /// Number of documents.
@@ -367,9 +339,7 @@ impl Stream {
         // The label of the last position: the next token, which starts the next window.
         let doc = self.normalise();
         let (k, i) = self.ds.locate(doc);
-        self.ds.shards[k]
-            .tokens
-            .read_into(i, self.pos.offset as usize, 1, &mut toks);
+        self.ds.shards[k].tokens.read_into(i, self.pos.offset as usize, 1, &mut toks);
         b.tokens.extend_from_slice(&toks[..seq_len]);
         b.labels.extend_from_slice(&toks[1..]);
         self.pos.samples += 1;
@@ -397,29 +367,12 @@ impl Reader {
         let mut fp = format!("seq_len={seq_len};seed={seed}");
         for (i, (p, w)) in sources.iter().enumerate() {
             let p = p.as_ref();
-            ensure!(
-                w.is_finite() && *w > 0.0,
-                "{}: weight must be positive, got {w}",
-                p.display()
-            );
+            ensure!(w.is_finite() && *w > 0.0, "{}: weight must be positive, got {w}", p.display());
             let ds = Dataset::open(p)?;
             ensure!(ds.n_tokens > 0, "{}: dataset has no tokens", p.display());
-            fp.push_str(&format!(
-                ";{}:{}docs:{}tok:w{}",
-                i,
-                ds.n_docs(),
-                ds.n_tokens,
-                w / total
-            ));
+            fp.push_str(&format!(";{}:{}docs:{}tok:w{}", i, ds.n_docs(), ds.n_tokens, w / total));
             let perm = Permutation::new(ds.n_docs(), 0);
-            let mut s = Stream {
-                ds,
-                seed,
-                index: i as u64,
-                pos: StreamPos::default(),
-                perm,
-                perm_epoch: u64::MAX,
-            };
+            let mut s = Stream { ds, seed, index: i as u64, pos: StreamPos::default(), perm, perm_epoch: u64::MAX };
             s.perm_for(0);
             streams.push(s);
         }
@@ -509,10 +462,7 @@ impl Reader {
             self.seed,
             self.fingerprint
         );
-        ensure!(
-            c.streams.len() == self.streams.len(),
-            "cursor has a different number of datasets"
-        );
+        ensure!(c.streams.len() == self.streams.len(), "cursor has a different number of datasets");
         for (s, p) in self.streams.iter().zip(&c.streams) {
             ensure!(
                 p.doc_pos < s.ds.n_docs(),

@@ -29,21 +29,12 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 
-use crate::harmony::{
-    self, Conversation, Message, MessageTokens, ReasoningEffort, Role, SystemContent,
-};
+use crate::harmony::{self, Conversation, Message, MessageTokens, ReasoningEffort, Role, SystemContent};
 use crate::tokenizer::{EOD, RETURN};
 
 /// The SYNTH columns vpmoe reads (others are ignored and never decoded).
-pub const COLUMNS: [&str; 7] = [
-    "synth_id",
-    "language",
-    "exercise",
-    "query",
-    "constraints",
-    "synthetic_reasoning",
-    "synthetic_answer",
-];
+pub const COLUMNS: [&str; 7] =
+    ["synth_id", "language", "exercise", "query", "constraints", "synthetic_reasoning", "synthetic_answer"];
 
 /// The fields of one SYNTH row that the mapping uses (all nullable).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -63,10 +54,7 @@ fn present(s: &Option<String>) -> Option<&str> {
 
 /// The pinned system message with the given reasoning effort.
 pub fn system_content(effort: ReasoningEffort) -> SystemContent {
-    SystemContent {
-        reasoning_effort: Some(effort),
-        ..SystemContent::default()
-    }
+    SystemContent { reasoning_effort: Some(effort), ..SystemContent::default() }
 }
 
 impl SynthRow {
@@ -113,11 +101,8 @@ impl Document {
     /// Concatenate rendered messages, append EOD and shift the masks to label alignment.
     pub fn from_messages(msgs: &[MessageTokens]) -> Document {
         let n: usize = msgs.iter().map(MessageTokens::len).sum::<usize>() + 1;
-        let mut d = Document {
-            tokens: Vec::with_capacity(n),
-            lossmask: Vec::with_capacity(n),
-            span: Vec::with_capacity(n),
-        };
+        let mut d =
+            Document { tokens: Vec::with_capacity(n), lossmask: Vec::with_capacity(n), span: Vec::with_capacity(n) };
         for m in msgs {
             d.tokens.extend(m.header.iter().map(|&t| t as i32));
             d.tokens.extend(m.content.iter().map(|&t| t as i32));
@@ -168,16 +153,11 @@ pub fn fit(msgs: &mut Vec<MessageTokens>, budget: usize) -> Fit {
     if total <= budget {
         return Fit::Whole;
     }
-    let Some(f) = msgs
-        .iter()
-        .rposition(|m| m.role == Role::Assistant && m.channel.as_deref() == Some("final"))
-    else {
+    let Some(f) = msgs.iter().rposition(|m| m.role == Role::Assistant && m.channel.as_deref() == Some("final")) else {
         return Fit::Dropped("overlong and has no final message".into());
     };
-    let a = (f > 0
-        && msgs[f - 1].role == Role::Assistant
-        && msgs[f - 1].channel.as_deref() == Some("analysis"))
-    .then(|| f - 1);
+    let a = (f > 0 && msgs[f - 1].role == Role::Assistant && msgs[f - 1].channel.as_deref() == Some("analysis"))
+        .then(|| f - 1);
     let before = a.unwrap_or(f);
     let u = msgs[..before].iter().rposition(|m| m.role == Role::User);
     let prefix_end = msgs
@@ -195,9 +175,7 @@ pub fn fit(msgs: &mut Vec<MessageTokens>, budget: usize) -> Fit {
         + a.map_or(0, |i| wrapper(&msgs[i]))
         + msgs[f].len();
     if fixed > budget {
-        return Fit::Dropped(format!(
-            "final message and wrappers need {fixed} tokens, more than the budget {budget}"
-        ));
+        return Fit::Dropped(format!("final message and wrappers need {fixed} tokens, more than the budget {budget}"));
     }
     let mut room = budget - fixed;
     for i in a.into_iter().chain(u) {
@@ -240,10 +218,7 @@ pub enum RowOutcome {
 impl SynthRenderer {
     pub fn new(effort: ReasoningEffort, seq_len: usize) -> Result<Self> {
         let system = harmony::render_message(0, &Message::system(system_content(effort)), false)?;
-        Ok(SynthRenderer {
-            system,
-            max_doc_tokens: seq_len + 1,
-        })
+        Ok(SynthRenderer { system, max_doc_tokens: seq_len + 1 })
     }
 
     /// Map, validate, render, truncate and label-align one row.
@@ -268,10 +243,7 @@ impl SynthRenderer {
             Fit::Truncated => true,
             Fit::Dropped(why) => return RowOutcome::Dropped(why),
         };
-        RowOutcome::Doc {
-            doc: Document::from_messages(&rendered),
-            truncated,
-        }
+        RowOutcome::Doc { doc: Document::from_messages(&rendered), truncated }
     }
 }
 
@@ -308,25 +280,13 @@ impl std::str::FromStr for ValidFraction {
         if frac.len() > 18 {
             return Err(format!("valid fraction {s:?} has more than 18 decimals"));
         }
-        let int: u128 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| bad())?
-        };
+        let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
         let scale = 10u128.pow(frac.len() as u32);
-        let num = int * scale
-            + if frac.is_empty() {
-                0
-            } else {
-                frac.parse::<u128>().map_err(|_| bad())?
-            };
+        let num = int * scale + if frac.is_empty() { 0 } else { frac.parse::<u128>().map_err(|_| bad())? };
         if num > scale {
             return Err(bad());
         }
-        Ok(ValidFraction {
-            text: t.to_string(),
-            threshold: (num << 64) / scale,
-        })
+        Ok(ValidFraction { text: t.to_string(), threshold: (num << 64) / scale })
     }
 }
 
@@ -357,10 +317,7 @@ impl<'a> StrCol<'a> {
         } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
             Ok(StrCol::View(a))
         } else {
-            bail!(
-                "column {name:?} has type {}, expected a string",
-                col.data_type()
-            )
+            bail!("column {name:?} has type {}, expected a string", col.data_type())
         }
     }
     fn get(&self, i: usize) -> Option<String> {
@@ -375,10 +332,7 @@ impl<'a> StrCol<'a> {
 
 /// Convert a record batch of SYNTH columns to rows.
 pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<SynthRow>> {
-    let c: Vec<StrCol> = COLUMNS
-        .iter()
-        .map(|n| StrCol::of(batch, n))
-        .collect::<Result<_>>()?;
+    let c: Vec<StrCol> = COLUMNS.iter().map(|n| StrCol::of(batch, n)).collect::<Result<_>>()?;
     Ok((0..batch.num_rows())
         .map(|i| SynthRow {
             synth_id: c[0].get(i),
@@ -416,38 +370,23 @@ impl SynthParquet {
                 Err(_) => bail!(
                     "{}: missing SYNTH column {name:?} (columns: {})",
                     path.display(),
-                    schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
                 ),
             }
         }
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder
-            .with_projection(mask)
-            .with_batch_size(batch_rows.max(1))
-            .build()
-            .with_context(ctx)?;
-        Ok(SynthParquet {
-            path: path.to_path_buf(),
-            reader,
-            num_rows,
-        })
+        let reader = builder.with_projection(mask).with_batch_size(batch_rows.max(1)).build().with_context(ctx)?;
+        Ok(SynthParquet { path: path.to_path_buf(), reader, num_rows })
     }
 
     /// The next batch of rows, `None` at the end. Decoding errors name the file.
     pub fn next_rows(&mut self) -> Result<Option<Vec<SynthRow>>> {
         match self.reader.next() {
             None => Ok(None),
-            Some(Err(e)) => Err(anyhow!(e)).with_context(|| {
-                format!("{}: corrupt or truncated parquet data", self.path.display())
-            }),
-            Some(Ok(batch)) => rows_from_batch(&batch)
-                .map(Some)
-                .with_context(|| format!("{}", self.path.display())),
+            Some(Err(e)) => {
+                Err(anyhow!(e)).with_context(|| format!("{}: corrupt or truncated parquet data", self.path.display()))
+            }
+            Some(Ok(batch)) => rows_from_batch(&batch).map(Some).with_context(|| format!("{}", self.path.display())),
         }
     }
 }
@@ -471,18 +410,13 @@ mod tests {
     fn fast_path_equals_generic_render() {
         let r = SynthRenderer::new(ReasoningEffort::Medium, 2048).unwrap();
         let row = row("What is 2 + 2?", Some("Simple."), "4.");
-        let RowOutcome::Doc { doc, truncated } = r.process(&row) else {
-            panic!()
-        };
+        let RowOutcome::Doc { doc, truncated } = r.process(&row) else { panic!() };
         assert!(!truncated);
         let conv = row.to_conversation(ReasoningEffort::Medium).unwrap();
         let g = harmony::render_for_training(&conv, RenderConfig::default()).unwrap();
         let n = g.token_ids.len();
         assert_eq!(doc.len(), n + 1);
-        assert_eq!(
-            &doc.tokens[..n],
-            &g.token_ids.iter().map(|&t| t as i32).collect::<Vec<_>>()[..]
-        );
+        assert_eq!(&doc.tokens[..n], &g.token_ids.iter().map(|&t| t as i32).collect::<Vec<_>>()[..]);
         assert_eq!(doc.tokens[n], EOD as i32);
         assert_eq!(&doc.lossmask[..n - 1], &g.loss_mask[1..]);
         assert_eq!(&doc.span[..n - 1], &g.span_id[1..]);
@@ -498,26 +432,17 @@ mod tests {
         assert_eq!(r.process(&x), RowOutcome::Rejected("missing query".into()));
         let mut x = row("q", None, "a");
         x.synthetic_answer = None;
-        assert_eq!(
-            r.process(&x),
-            RowOutcome::Rejected("missing synthetic_answer".into())
-        );
+        assert_eq!(r.process(&x), RowOutcome::Rejected("missing synthetic_answer".into()));
         let mut x = row("q", None, "a");
         x.synth_id = None;
-        assert_eq!(
-            r.process(&x),
-            RowOutcome::Rejected("missing synth_id".into())
-        );
+        assert_eq!(r.process(&x), RowOutcome::Rejected("missing synth_id".into()));
     }
 
     #[test]
     fn truncation_keeps_final_then_analysis_suffix() {
         let long = "word ".repeat(400);
         let r = SynthRenderer::new(ReasoningEffort::Medium, 256).unwrap();
-        let RowOutcome::Doc { doc, truncated } = r.process(&row(&long, Some(&long), "Done."))
-        else {
-            panic!()
-        };
+        let RowOutcome::Doc { doc, truncated } = r.process(&row(&long, Some(&long), "Done.")) else { panic!() };
         assert!(truncated);
         assert_eq!(doc.len(), 257);
         // Ends with the whole final message + <|return|> + EOD.
@@ -529,10 +454,7 @@ mod tests {
         let user_hdr = [200006u32, 1428, 200008, 200007];
         assert!(toks.windows(4).any(|w| w == user_hdr));
         let small = SynthRenderer::new(ReasoningEffort::Medium, 60).unwrap();
-        assert!(matches!(
-            small.process(&row("q", None, &long)),
-            RowOutcome::Dropped(_)
-        ));
+        assert!(matches!(small.process(&row("q", None, &long)), RowOutcome::Dropped(_)));
     }
 
     #[test]
@@ -559,10 +481,7 @@ mod tests {
         x.exercise = Some("rag".into());
         x.constraints = Some("<source_1>S</source_1>".into());
         let c = x.to_conversation(ReasoningEffort::Medium).unwrap();
-        assert_eq!(
-            c.messages[1].content,
-            vec![harmony::Content::text("Q?\n\n<source_1>S</source_1>")]
-        );
+        assert_eq!(c.messages[1].content, vec![harmony::Content::text("Q?\n\n<source_1>S</source_1>")]);
         x.exercise = Some("math exercise".into());
         x.constraints = Some("result:4".into());
         let c = x.to_conversation(ReasoningEffort::Medium).unwrap();

@@ -31,8 +31,7 @@ pub const VOCAB_SIZE: u32 = 201_088;
 pub const N_ORDINARY: u32 = 199_998;
 /// SHA-256 of `o200k_base.tiktoken` as embedded in tiktoken-rs 0.12 (checked by a test that
 /// re-serialises the loaded vocabulary, see [`vocabulary_sha256`]).
-pub const O200K_BASE_SHA256: &str =
-    "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d";
+pub const O200K_BASE_SHA256: &str = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d";
 
 /// The process-wide tokenizer (loaded once, ~0.1 s in release).
 pub fn bpe() -> &'static CoreBPE {
@@ -91,9 +90,7 @@ pub fn vocabulary_sha256() -> String {
     let mut h = Sha256::new();
     let mut line = String::with_capacity(64);
     for rank in 0..N_ORDINARY {
-        let bytes = bpe
-            .decode_bytes(&[rank])
-            .expect("o200k_base has contiguous ranks");
+        let bytes = bpe.decode_bytes(&[rank]).expect("o200k_base has contiguous ranks");
         line.clear();
         base64_into(&bytes, &mut line);
         line.push(' ');
@@ -135,20 +132,8 @@ mod tests {
 
     #[test]
     fn fixed_pieces_match_tokenizer() {
-        for p in [
-            "system",
-            "user",
-            "assistant",
-            "developer",
-            "analysis",
-            "final",
-            "commentary",
-        ] {
-            assert_eq!(
-                fixed_piece(p).unwrap(),
-                &bpe().encode_ordinary(p)[..],
-                "{p}"
-            );
+        for p in ["system", "user", "assistant", "developer", "analysis", "final", "commentary"] {
+            assert_eq!(fixed_piece(p).unwrap(), &bpe().encode_ordinary(p)[..], "{p}");
         }
     }
 
@@ -157,10 +142,7 @@ mod tests {
         let sp = bpe().encode_with_special_tokens(
             "<|start|><|end|><|message|><|channel|><|return|><|call|><|constrain|><|endoftext|>",
         );
-        assert_eq!(
-            sp,
-            vec![START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN, EOD]
-        );
+        assert_eq!(sp, vec![START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN, EOD]);
         assert_eq!(encode("<|end|>"), vec![27, 91, 419, 91, 29]);
     }
 

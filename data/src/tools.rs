@@ -113,9 +113,7 @@ impl<'de> Deserialize<'de> for OJson {
                 Ok(OJson::Number(v.into()))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<OJson, E> {
-                serde_json::Number::from_f64(v)
-                    .map(OJson::Number)
-                    .ok_or_else(|| E::custom("non-finite number"))
+                serde_json::Number::from_f64(v).map(OJson::Number).ok_or_else(|| E::custom("non-finite number"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<OJson, E> {
                 Ok(OJson::String(v.to_string()))
@@ -205,11 +203,7 @@ pub fn tools_section(tools: &ToolMap) -> String {
                     parts.push(format!("// {line}"));
                 }
                 match &tool.parameters {
-                    Some(p) => parts.push(format!(
-                        "type {} = (_: {}) => any;\n",
-                        tool.name,
-                        schema_to_ts(p, "")
-                    )),
+                    Some(p) => parts.push(format!("type {} = (_: {}) => any;\n", tool.name, schema_to_ts(p, ""))),
                     None => parts.push(format!("type {} = () => any;\n", tool.name)),
                 }
             }
@@ -221,17 +215,11 @@ pub fn tools_section(tools: &ToolMap) -> String {
 }
 
 fn is_enum(schema: &OJson) -> bool {
-    schema
-        .get("enum")
-        .and_then(OJson::as_array)
-        .is_some_and(|a| !a.is_empty())
+    schema.get("enum").and_then(OJson::as_array).is_some_and(|a| !a.is_empty())
 }
 
 fn is_nullable(schema: &OJson) -> bool {
-    schema
-        .get("nullable")
-        .and_then(OJson::as_bool)
-        .unwrap_or(false)
+    schema.get("nullable").and_then(OJson::as_bool).unwrap_or(false)
 }
 
 fn with_null(schema: &OJson, ty: String) -> String {
@@ -281,11 +269,8 @@ pub fn schema_to_ts(schema: &OJson, indent: &str) -> String {
         return out;
     }
     if let Some(types) = schema.get("type").and_then(OJson::as_array) {
-        let names: Vec<&str> = types
-            .iter()
-            .filter_map(OJson::as_str)
-            .map(|t| if t == "integer" { "number" } else { t })
-            .collect();
+        let names: Vec<&str> =
+            types.iter().filter_map(OJson::as_str).map(|t| if t == "integer" { "number" } else { t }).collect();
         if !names.is_empty() {
             return names.join(" | ");
         }
@@ -297,11 +282,7 @@ pub fn schema_to_ts(schema: &OJson, indent: &str) -> String {
         "object" => object_to_ts(schema, indent),
         "string" => {
             if let Some(vals) = schema.get("enum").and_then(OJson::as_array) {
-                let e: Vec<String> = vals
-                    .iter()
-                    .filter_map(OJson::as_str)
-                    .map(|s| format!("\"{s}\""))
-                    .collect();
+                let e: Vec<String> = vals.iter().filter_map(OJson::as_str).map(|s| format!("\"{s}\"")).collect();
                 if !e.is_empty() {
                     return e.join(" | ");
                 }
@@ -331,11 +312,7 @@ fn object_to_ts(schema: &OJson, indent: &str) -> String {
         .unwrap_or_default();
     if let Some(OJson::Object(props)) = schema.get("properties") {
         for (key, val) in props {
-            let opt = if required.contains(&key.as_str()) {
-                ""
-            } else {
-                "?"
-            };
+            let opt = if required.contains(&key.as_str()) { "" } else { "?" };
             if let Some(t) = val.get("title").and_then(OJson::as_str) {
                 out.push_str(&format!("{indent}// {t}\n{indent}//\n"));
             }
@@ -356,11 +333,7 @@ fn object_to_ts(schema: &OJson, indent: &str) -> String {
             if let Some(variants) = one_of.and_then(OJson::as_array) {
                 let prop_desc = val.get("description").and_then(OJson::as_str);
                 let skip_desc = prop_desc.is_some()
-                    && variants
-                        .first()
-                        .and_then(|v| v.get("description"))
-                        .and_then(OJson::as_str)
-                        == prop_desc;
+                    && variants.first().and_then(|v| v.get("description")).and_then(OJson::as_str) == prop_desc;
                 let mut desc_above = false;
                 if !skip_desc {
                     if let Some(d) = prop_desc {

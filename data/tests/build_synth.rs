@@ -34,9 +34,7 @@ fn docs(out: &Path, split: &str, shard: &str) -> Vec<(Vec<i32>, Vec<u8>, Vec<u8>
         return vec![];
     }
     let s = Shard::open(&p).unwrap();
-    (0..s.len())
-        .map(|i| (s.tokens.get(i), s.lossmask.get(i), s.span.get(i)))
-        .collect()
+    (0..s.len()).map(|i| (s.tokens.get(i), s.lossmask.get(i), s.span.get(i))).collect()
 }
 
 /// The expected document of a row through the generic renderer (+EOD, label shift).
@@ -58,18 +56,12 @@ fn sample_fixture_matches_generic_renderer() {
     let mut o = opts(vec![sample()], &out);
     o.reasoning_effort = ReasoningEffort::High;
     let rep = build_synth(&o).unwrap();
-    assert_eq!(
-        (rep.rows_read, rep.rows_written, rep.rows_rejected),
-        (9, 9, 0)
-    );
+    assert_eq!((rep.rows_read, rep.rows_written, rep.rows_rejected), (9, 9, 0));
     let m = manifest(&out);
     assert_eq!(m["config"]["reasoning_effort"], "high");
     assert_eq!(m["input"]["files"][0]["name"], "synth_sample.parquet");
     assert_eq!(m["input"]["files"][0]["bytes"], 7336);
-    assert_eq!(
-        m["tokenizer"]["model_sha256"],
-        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-    );
+    assert_eq!(m["tokenizer"]["model_sha256"], "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d");
     // Rows from the JSONL mirror, in order, routed by the split rule.
     let vf: ValidFraction = "0.2".parse().unwrap();
     let mirror = include_str!("fixtures/synth_sample.jsonl");
@@ -97,10 +89,7 @@ fn sample_fixture_matches_generic_renderer() {
 fn check_alignment(d: &(Vec<i32>, Vec<u8>, Vec<u8>), seq_len: usize) {
     let (t, m, s) = d;
     let n = t.len();
-    assert!(
-        n <= seq_len + 1,
-        "document of {n} tokens exceeds seq_len + 1"
-    );
+    assert!(n <= seq_len + 1, "document of {n} tokens exceeds seq_len + 1");
     assert_eq!((m.len(), s.len()), (n, n));
     assert_eq!(t[n - 1], EOD as i32);
     assert_eq!(t[n - 2], RETURN as i32);
@@ -151,10 +140,7 @@ fn generated_fixtures_reject_truncate_and_align() {
     assert!(rep.rows_rejected >= 9);
     assert!(rep.rows_dropped >= 3, "{rep:?}");
     assert!(rep.rows_truncated >= 20, "{rep:?}");
-    assert_eq!(
-        rep.rows_written + rep.rows_rejected + rep.rows_dropped,
-        rep.rows_read
-    );
+    assert_eq!(rep.rows_written + rep.rows_rejected + rep.rows_dropped, rep.rows_read);
     // Rejections are reported by synth_id.
     let rejected = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
     assert!(rejected.contains("\"synth_id\":\"synth_00_00007\""));
@@ -187,19 +173,14 @@ fn generated_fixtures_reject_truncate_and_align() {
             let want = expected_doc(&row, ReasoningEffort::Medium);
             if want.0.len() > 257 {
                 // truncated or dropped: skip over it if it was written truncated
-                let rend = vpmoe_data::synth::SynthRenderer::new(ReasoningEffort::Medium, 256)
-                    .unwrap()
-                    .process(&row);
+                let rend = vpmoe_data::synth::SynthRenderer::new(ReasoningEffort::Medium, 256).unwrap().process(&row);
                 if let vpmoe_data::synth::RowOutcome::Doc { doc, truncated } = rend {
                     assert!(truncated);
                     let got = it.next().unwrap();
                     assert_eq!(got.0, doc.tokens);
                     // The final message (and <|return|>) is kept whole.
                     let tail = want.0.len() - got.0.len();
-                    assert_eq!(
-                        &got.0[got.0.len() - 20..],
-                        &want.0[tail + got.0.len() - 20..]
-                    );
+                    assert_eq!(&got.0[got.0.len() - 20..], &want.0[tail + got.0.len() - 20..]);
                 }
                 continue;
             }
@@ -221,10 +202,7 @@ fn strict_mode_fails_on_the_first_invalid_row() {
     let mut o = opts(vec![dir], &out);
     o.strict = true;
     let err = format!("{:#}", build_synth(&o).unwrap_err());
-    assert!(
-        err.contains("synth_00_00007") && err.contains("missing query"),
-        "{err}"
-    );
+    assert!(err.contains("synth_00_00007") && err.contains("missing query"), "{err}");
     assert!(err.contains("synth_001.parquet"), "{err}");
     assert!(!out.join("manifest.json").exists());
     // No complete-looking shard is left behind.
@@ -294,10 +272,7 @@ fn rerun_resumes_and_rebuilds_damaged_shards() {
     f.set_len(len / 2).unwrap();
     drop(f);
     // A reader refuses the damaged shard, naming the file.
-    let err = format!(
-        "{:#}",
-        Shard::open(&out.join("train/synth_002_tokens")).unwrap_err()
-    );
+    let err = format!("{:#}", Shard::open(&out.join("train/synth_002_tokens")).unwrap_err());
     assert!(err.contains("synth_002_tokens.bin"), "{err}");
     let r3 = build_synth(&o).unwrap();
     assert_eq!((r3.shards_built, r3.shards_reused), (1, 2));
@@ -340,12 +315,8 @@ fn corrupt_or_truncated_parquet_is_a_clear_error() {
         )]));
         let col: ArrayRef = Arc::new(StringArray::from(vec![Some("a")]));
         let batch = RecordBatch::try_new(schema.clone(), vec![col]).unwrap();
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            std::fs::File::create(&missing).unwrap(),
-            schema,
-            None,
-        )
-        .unwrap();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&missing).unwrap(), schema, None).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
     }

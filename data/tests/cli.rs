@@ -13,10 +13,8 @@ struct Cli {
 
 #[test]
 fn render_writes_good_lines_and_names_bad_ones() {
-    let golden: Vec<serde_json::Value> = include_str!("fixtures/harmony_golden.jsonl")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let golden: Vec<serde_json::Value> =
+        include_str!("fixtures/harmony_golden.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let input = format!(
         "{}\n{{\"messages\": [\n\n{}\n{}\n{}\n",
         golden[0]["conversation"],
@@ -33,10 +31,7 @@ fn render_writes_good_lines_and_names_bad_ones() {
     assert!(errors[1].1.contains("developer_content may only appear"));
     assert!(errors[2].1.contains("chanel"));
     let text = String::from_utf8(out).unwrap();
-    let outs: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let outs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(outs.len(), 2);
     for (o, g) in outs.iter().zip([&golden[0], &golden[1]]) {
         for k in ["token_ids", "loss_mask", "span_id", "text"] {
@@ -59,12 +54,7 @@ fn every_flag_has_help_and_parses() {
     for sub in cmd.get_subcommands() {
         assert!(sub.get_about().is_some(), "{}", sub.get_name());
         for arg in sub.get_arguments() {
-            assert!(
-                arg.get_help().is_some(),
-                "{} {}",
-                sub.get_name(),
-                arg.get_id()
-            );
+            assert!(arg.get_help().is_some(), "{} {}", sub.get_name(), arg.get_id());
         }
     }
     let c = Cli::try_parse_from([
@@ -92,73 +82,37 @@ fn every_flag_has_help_and_parses() {
         DataCmd::BuildSynth(a) => {
             assert_eq!(a.input.len(), 2);
             assert_eq!(a.valid_fraction.text, "0.01");
-            assert_eq!(
-                (a.seq_len, a.max_rows, a.threads, a.strict),
-                (1024, Some(5), Some(2), true)
-            );
+            assert_eq!((a.seq_len, a.max_rows, a.threads, a.strict), (1024, Some(5), Some(2), true));
         }
         _ => panic!(),
     }
-    assert!(Cli::try_parse_from([
-        "x",
-        "build-synth",
-        "--input",
-        "a",
-        "--out",
-        "o",
-        "--valid-fraction",
-        "2"
-    ])
-    .is_err());
-    assert!(Cli::try_parse_from([
-        "x",
-        "build-synth",
-        "--input",
-        "a",
-        "--out",
-        "o",
-        "--reasoning-effort",
-        "max"
-    ])
-    .is_err());
+    assert!(Cli::try_parse_from(["x", "build-synth", "--input", "a", "--out", "o", "--valid-fraction", "2"]).is_err());
     assert!(
-        matches!(Cli::try_parse_from(["x", "render"]).unwrap().cmd, DataCmd::Render(a) if a.input == "-")
+        Cli::try_parse_from(["x", "build-synth", "--input", "a", "--out", "o", "--reasoning-effort", "max"]).is_err()
     );
-    assert!(matches!(
-        Cli::try_parse_from(["x", "inspect", "d"]).unwrap().cmd,
-        DataCmd::Inspect(_)
-    ));
+    assert!(matches!(Cli::try_parse_from(["x", "render"]).unwrap().cmd, DataCmd::Render(a) if a.input == "-"));
+    assert!(matches!(Cli::try_parse_from(["x", "inspect", "d"]).unwrap().cmd, DataCmd::Inspect(_)));
 }
 
 #[test]
 fn inspect_shows_counts_histogram_and_a_sample() {
     let out = common::tmpdir("inspect");
     let mut o = vpmoe_data::build_synth::BuildOptions::new(
-        vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/synth_sample.parquet")],
+        vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/synth_sample.parquet")],
         out.clone(),
     );
     o.valid_fraction = "0.2".parse().unwrap();
     vpmoe_data::build_synth::build_synth(&o).unwrap();
     let plain = vpmoe_data::inspect::describe(&out, false).unwrap();
     assert!(plain.contains("rows: 9 read, 9 written"), "{plain}");
-    assert!(
-        plain.contains("split train: 1 shards, 6 documents"),
-        "{plain}"
-    );
+    assert!(plain.contains("split train: 1 shards, 6 documents"), "{plain}");
     assert!(plain.contains("document length histogram"));
-    assert!(
-        plain.contains("«m1s1:<|start|>assistant<|channel|>analysis<|message|>"),
-        "{plain}"
-    );
+    assert!(plain.contains("«m1s1:<|start|>assistant<|channel|>analysis<|message|>"), "{plain}");
     assert!(plain.contains("<|return|>»«m0s0:<|endoftext|>»"), "{plain}");
     assert!(!plain.contains('\x1b'));
     let color = vpmoe_data::inspect::describe(&out, true).unwrap();
     assert!(color.contains("\x1b[33m"));
     // A split directory works too.
     let split = vpmoe_data::inspect::describe(&out.join("valid"), false).unwrap();
-    assert!(
-        split.contains("split valid: 1 shards, 3 documents"),
-        "{split}"
-    );
+    assert!(split.contains("split valid: 1 shards, 3 documents"), "{split}");
 }

@@ -5,8 +5,7 @@ use vpmoe_data::tokenizer;
 
 fn render_completion(json: &str) -> String {
     let conv = harmony::parse_conversation(json).unwrap();
-    let ids =
-        harmony::render_for_completion(&conv, Role::Assistant, RenderConfig::default()).unwrap();
+    let ids = harmony::render_for_completion(&conv, Role::Assistant, RenderConfig::default()).unwrap();
     tokenizer::decode(&ids)
 }
 

@@ -62,15 +62,9 @@ fn int32_and_uint8_files_are_byte_exact() {
     let idx = std::fs::read(indexed::idx_path(&q)).unwrap();
     assert_eq!(idx[17], 1, "uint8 dtype code");
     assert_eq!(&idx[34..46], &[3, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0]);
-    assert_eq!(
-        &idx[46..70],
-        &[&le64(0)[..], &le64(3)[..], &le64(4)[..]].concat()[..]
-    );
+    assert_eq!(&idx[46..70], &[&le64(0)[..], &le64(3)[..], &le64(4)[..]].concat()[..]);
     assert_eq!(&idx[70..102], &want[70..102]);
-    assert_eq!(
-        std::fs::read(indexed::bin_path(&q)).unwrap(),
-        vec![0, 1, 1, 1, 0, 0]
-    );
+    assert_eq!(std::fs::read(indexed::bin_path(&q)).unwrap(), vec![0, 1, 1, 1, 0, 0]);
 
     // And they read back.
     let ds = IndexedDataset::open(&p).unwrap();
@@ -117,18 +111,12 @@ fn mismatched_sidecars_fail_naming_the_file() {
     write("a_lossmask", &[3, 5]);
     write("a_span", &[3, 4]);
     let err = format!("{:#}", Shard::open(&dir.join("a_tokens")).unwrap_err());
-    assert!(
-        err.contains("a_lossmask") && err.contains("sequence 1"),
-        "{err}"
-    );
+    assert!(err.contains("a_lossmask") && err.contains("sequence 1"), "{err}");
     write("b_tokens", &[3, 4]);
     write("b_lossmask", &[3, 4]);
     write("b_span", &[3]);
     let err = format!("{:#}", Shard::open(&dir.join("b_tokens")).unwrap_err());
-    assert!(
-        err.contains("b_span") && err.contains("1 sequences"),
-        "{err}"
-    );
+    assert!(err.contains("b_span") && err.contains("1 sequences"), "{err}");
     // Wrong dtype for tokens.
     write("c_lossmask", &[1]);
     write("c_span", &[1]);
@@ -136,23 +124,11 @@ fn mismatched_sidecars_fail_naming_the_file() {
     w.add(&[1]).unwrap();
     w.finish().unwrap();
     let err = format!("{:#}", Shard::open(&dir.join("c_tokens")).unwrap_err());
-    assert!(
-        err.contains("c_tokens.idx") && err.contains("int32"),
-        "{err}"
-    );
+    assert!(err.contains("c_tokens.idx") && err.contains("int32"), "{err}");
     // Bad magic.
-    std::fs::write(
-        dir.join("d_tokens.idx"),
-        b"NOTANIDX\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
-    )
-    .unwrap();
+    std::fs::write(dir.join("d_tokens.idx"), b"NOTANIDX\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0")
+        .unwrap();
     std::fs::write(dir.join("d_tokens.bin"), b"").unwrap();
-    let err = format!(
-        "{:#}",
-        IndexedDataset::open(&dir.join("d_tokens")).unwrap_err()
-    );
-    assert!(
-        err.contains("d_tokens.idx") && err.contains("magic"),
-        "{err}"
-    );
+    let err = format!("{:#}", IndexedDataset::open(&dir.join("d_tokens")).unwrap_err());
+    assert!(err.contains("d_tokens.idx") && err.contains("magic"), "{err}");
 }

@@ -37,11 +37,7 @@ fn check_batch(b: &Batch) {
         assert_eq!(&t[1..], &l[..s - 1], "labels are the next tokens");
         assert_eq!(d[0], 0);
         for k in 1..s {
-            assert_eq!(
-                d[k],
-                d[k - 1] + i32::from(t[k - 1] == EODI),
-                "doc index at {k}"
-            );
+            assert_eq!(d[k], d[k - 1] + i32::from(t[k - 1] == EODI), "doc index at {k}");
         }
         for k in 0..s {
             if t[k] == EODI || l[k] == EODI {
@@ -67,15 +63,8 @@ fn first_epoch_visits_every_document_once() {
         }
     }
     stream.truncate(ds.n_tokens as usize);
-    let mut got: Vec<Vec<i32>> = stream
-        .split_inclusive(|&t| t == EODI)
-        .map(|d| d.to_vec())
-        .collect();
-    let mut want: Vec<Vec<i32>> = ds
-        .shards
-        .iter()
-        .flat_map(|s| (0..s.len()).map(|i| s.tokens.get::<i32>(i)))
-        .collect();
+    let mut got: Vec<Vec<i32>> = stream.split_inclusive(|&t| t == EODI).map(|d| d.to_vec()).collect();
+    let mut want: Vec<Vec<i32>> = ds.shards.iter().flat_map(|s| (0..s.len()).map(|i| s.tokens.get::<i32>(i))).collect();
     assert_eq!(got.len() as u64, ds.n_docs());
     // Shuffled, not in storage order.
     assert_ne!(got, want);
@@ -95,9 +84,7 @@ fn masks_follow_the_stored_arrays() {
     let first_len = b.tokens.iter().position(|&t| t == EODI).unwrap() + 1;
     // Find that document in the dataset and compare its masks.
     let s = &ds.shards[0];
-    let i = (0..s.len())
-        .find(|&i| s.tokens.get::<i32>(i) == b.tokens[..first_len])
-        .expect("first document found");
+    let i = (0..s.len()).find(|&i| s.tokens.get::<i32>(i) == b.tokens[..first_len]).expect("first document found");
     assert_eq!(s.lossmask.get::<u8>(i), b.loss_mask[..first_len]);
     assert_eq!(s.span.get::<u8>(i), b.span[..first_len]);
     assert!(b.doc[first_len..].iter().all(|&d| d >= 1));
@@ -106,14 +93,7 @@ fn masks_follow_the_stored_arrays() {
 #[test]
 fn cursor_restores_exactly() {
     let root = dataset("cursor", 2, 50);
-    let open = || {
-        Reader::open(
-            &[(&root.join("train"), 2.0), (&root.join("valid"), 1.0)],
-            96,
-            11,
-        )
-        .unwrap()
-    };
+    let open = || Reader::open(&[(&root.join("train"), 2.0), (&root.join("valid"), 1.0)], 96, 11).unwrap();
     let mut a = open();
     for _ in 0..5 {
         a.next_batch(2);
@@ -121,8 +101,7 @@ fn cursor_restores_exactly() {
     let saved = serde_json::to_string(&a.cursor()).unwrap();
     let cont: Vec<Batch> = (0..40).map(|_| a.next_batch(2)).collect();
     let mut b = open();
-    b.restore(serde_json::from_str::<Cursor>(&saved).unwrap())
-        .unwrap();
+    b.restore(serde_json::from_str::<Cursor>(&saved).unwrap()).unwrap();
     let again: Vec<Batch> = (0..40).map(|_| b.next_batch(2)).collect();
     assert_eq!(cont, again);
     for x in &again {
@@ -130,17 +109,10 @@ fn cursor_restores_exactly() {
     }
     // Same seed, fresh reader: same data; other seed: different order, and the cursor is refused.
     let mut c = open();
-    let mut d = Reader::open(
-        &[(&root.join("train"), 2.0), (&root.join("valid"), 1.0)],
-        96,
-        12,
-    )
-    .unwrap();
+    let mut d = Reader::open(&[(&root.join("train"), 2.0), (&root.join("valid"), 1.0)], 96, 12).unwrap();
     assert_eq!(c.next_batch(2), open().next_batch(2));
     assert_ne!(open().next_batch(4).tokens, d.next_batch(4).tokens);
-    let err = d
-        .restore(serde_json::from_str(&saved).unwrap())
-        .unwrap_err();
+    let err = d.restore(serde_json::from_str(&saved).unwrap()).unwrap_err();
     assert!(format!("{err}").contains("another data configuration"));
 }
 
@@ -156,10 +128,7 @@ fn blending_follows_the_weights() {
             counts[usize::from(s)] += 1;
         }
         let n = (i + 1) as f64 * 4.0;
-        assert!(
-            (counts[0] as f64 - 0.75 * n).abs() <= 1.0,
-            "{counts:?} after {n}"
-        );
+        assert!((counts[0] as f64 - 0.75 * n).abs() <= 1.0, "{counts:?} after {n}");
     }
     assert_eq!(counts, [300, 100]);
 }

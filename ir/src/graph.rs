@@ -55,10 +55,18 @@ pub struct Input {
 pub enum Init {
     Zeros,
     Ones,
-    Normal { std: f32 },
-    Const { value: f32 },
+    Normal {
+        std: f32,
+    },
+    Const {
+        value: f32,
+    },
     /// GRAPE-M log-frequencies `l_i = scale·ln(base^(−2i/head_dim))`.
-    LogFreq { scale: f32, base: f32, head_dim: u64 },
+    LogFreq {
+        scale: f32,
+        base: f32,
+        head_dim: u64,
+    },
 }
 
 /// Which optimizer updates a parameter (MODEL.md §3: Normuon iff 2-D and not embedding/head; a
@@ -81,7 +89,10 @@ pub enum Role {
     /// Tied embeddings: one table is both.
     TiedEmbedding,
     /// Routed-expert tensor stacked over `experts`, of which `topk` are active per token.
-    Experts { experts: u64, topk: u64 },
+    Experts {
+        experts: u64,
+        topk: u64,
+    },
     Other,
 }
 

@@ -9,7 +9,9 @@ pub mod types;
 pub mod verify;
 pub mod write;
 
-pub use graph::{Graph, Init, Input, InputKind, Node, NodeId, OptGroup, Param, ParamId, Role, Value, ValueDef, ValueId};
+pub use graph::{
+    Graph, Init, Input, InputKind, Node, NodeId, OptGroup, Param, ParamId, Role, Value, ValueDef, ValueId,
+};
 pub use op::{Attn, AttnKind, GroupLimit, Op};
 pub use types::{DType, Dim, TensorType};
 pub use verify::verify;

@@ -176,11 +176,8 @@ impl Op {
                 ("residual", b(residual)),
             ],
             Op::Router { hidden, experts, topk, group_limit, scale, expert_bias, bias } => {
-                let mut v = vec![
-                    ("hidden", hidden.to_string()),
-                    ("experts", experts.to_string()),
-                    ("topk", topk.to_string()),
-                ];
+                let mut v =
+                    vec![("hidden", hidden.to_string()), ("experts", experts.to_string()), ("topk", topk.to_string())];
                 if let Some(g) = group_limit {
                     v.push(("groups", g.groups.to_string()));
                     v.push(("group_topk", g.group_topk.to_string()));
@@ -190,11 +187,9 @@ impl Op {
                 v.push(("bias", b(bias)));
                 v
             }
-            Op::Dispatch { hidden, experts, topk } => vec![
-                ("hidden", hidden.to_string()),
-                ("experts", experts.to_string()),
-                ("topk", topk.to_string()),
-            ],
+            Op::Dispatch { hidden, experts, topk } => {
+                vec![("hidden", hidden.to_string()), ("experts", experts.to_string()), ("topk", topk.to_string())]
+            }
             Op::ExpertFfn { hidden, ffn, experts, topk, bias } => vec![
                 ("hidden", hidden.to_string()),
                 ("ffn", ffn.to_string()),
@@ -202,11 +197,9 @@ impl Op {
                 ("topk", topk.to_string()),
                 ("bias", b(bias)),
             ],
-            Op::Combine { hidden, topk, shared } => vec![
-                ("hidden", hidden.to_string()),
-                ("topk", topk.to_string()),
-                ("shared", b(shared)),
-            ],
+            Op::Combine { hidden, topk, shared } => {
+                vec![("hidden", hidden.to_string()), ("topk", topk.to_string()), ("shared", b(shared))]
+            }
             Op::SeqAuxLoss { experts, topk } => {
                 vec![("experts", experts.to_string()), ("topk", topk.to_string())]
             }
@@ -360,10 +353,9 @@ impl Op {
                 }
                 (ins, vec![("h", act(&[hidden]))])
             }
-            Op::SeqAuxLoss { experts, .. } => (
-                vec![("scores", TensorType::tok(F32, &[experts]))],
-                vec![("aux", TensorType::scalar(F32))],
-            ),
+            Op::SeqAuxLoss { experts, .. } => {
+                (vec![("scores", TensorType::tok(F32, &[experts]))], vec![("aux", TensorType::scalar(F32))])
+            }
             Op::LmHead { hidden, vocab } => (
                 vec![("z", act(&[hidden])), ("weight", w(&[vocab, hidden]))],
                 vec![("logits", TensorType::tok(F32, &[vocab]))],
@@ -412,9 +404,5 @@ impl Op {
 }
 
 fn qkv_outs(heads: u64, groups: u64, head_dim: u64) -> Vec<Port> {
-    vec![
-        ("q", act(&[heads, head_dim])),
-        ("k", act(&[groups, head_dim])),
-        ("v", act(&[groups, head_dim])),
-    ]
+    vec![("q", act(&[heads, head_dim])), ("k", act(&[groups, head_dim])), ("v", act(&[groups, head_dim]))]
 }

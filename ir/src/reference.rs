@@ -144,9 +144,8 @@ pub fn select_experts(sel: &[f32], k: usize, limit: Option<GroupLimit>) -> Vec<u
         })
         .collect();
     let keep = topk(&group_scores, gk);
-    let masked: Vec<f32> = (0..sel.len())
-        .map(|e| if keep.contains(&(e / per)) { sel[e] } else { f32::NEG_INFINITY })
-        .collect();
+    let masked: Vec<f32> =
+        (0..sel.len()).map(|e| if keep.contains(&(e / per)) { sel[e] } else { f32::NEG_INFINITY }).collect();
     topk(&masked, k)
 }
 
@@ -196,11 +195,7 @@ fn split_qkv(mixed: &[f32], t: usize, heads: usize, groups: usize, d: usize) -> 
             v[(ti * groups + g) * d..][..d].copy_from_slice(&row[base + (gsz + 1) * d..][..d]);
         }
     }
-    vec![
-        Tensor::f32(vec![t, heads, d], q),
-        Tensor::f32(vec![t, groups, d], k),
-        Tensor::f32(vec![t, groups, d], v),
-    ]
+    vec![Tensor::f32(vec![t, heads, d], q), Tensor::f32(vec![t, groups, d], k), Tensor::f32(vec![t, groups, d], v)]
 }
 
 /// Rotation angles' frequencies `f_i = exp(l_i/scale)`.
@@ -289,8 +284,14 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             split_qkv(&mixed, t, heads as usize, groups as usize, head_dim as usize)
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
-            let (h, nh, ng, d, rq, r) =
-                (hidden as usize, heads as usize, groups as usize, head_dim as usize, q_rank as usize, kv_rank as usize);
+            let (h, nh, ng, d, rq, r) = (
+                hidden as usize,
+                heads as usize,
+                groups as usize,
+                head_dim as usize,
+                q_rank as usize,
+                kv_rank as usize,
+            );
             let x = ins[0].f();
             let f = |i: usize, n: usize| linear(gemm, x, t, h, ins[i].f(), n, None);
             let (aq, ak, av) = (f(1, nh * rq), f(2, ng * r), f(3, ng * r));
@@ -418,7 +419,8 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             for (s, &ex) in idx.iter().enumerate() {
                 buckets[ex as usize].push(s);
             }
-            let (x, mut xp, mut row, mut offsets) = (ins[0].f(), Vec::with_capacity(t * k * h), vec![0i32; t * k], vec![0i32]);
+            let (x, mut xp, mut row, mut offsets) =
+                (ins[0].f(), Vec::with_capacity(t * k * h), vec![0i32; t * k], vec![0i32]);
             let mut n = 0;
             for b in &buckets {
                 for &s in b {
@@ -442,7 +444,15 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                     continue;
                 }
                 let n = r1 - r0;
-                let mut z = linear(gemm, &xp[r0 * h..r1 * h], n, h, &w1[ex * f * h..][..f * h], f, b1.map(|b| &b[ex * f..][..f]));
+                let mut z = linear(
+                    gemm,
+                    &xp[r0 * h..r1 * h],
+                    n,
+                    h,
+                    &w1[ex * f * h..][..f * h],
+                    f,
+                    b1.map(|b| &b[ex * f..][..f]),
+                );
                 relu2(&mut z);
                 let y = linear(gemm, &z, n, f, &w2[ex * h * f..][..h * f], h, b2.map(|b| &b[ex * h..][..h]));
                 yp[r0 * h..r1 * h].copy_from_slice(&y);
@@ -493,7 +503,10 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             vec![Tensor::scalar((total / b as f64) as f32)]
         }
         Op::LmHead { hidden, vocab } => {
-            vec![Tensor::f32(vec![t, vocab as usize], linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), vocab as usize, None))]
+            vec![Tensor::f32(
+                vec![t, vocab as usize],
+                linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), vocab as usize, None),
+            )]
         }
         Op::SpanCe { vocab } => {
             let v = vocab as usize;

@@ -111,7 +111,15 @@ fn group_limited_differs_from_plain_topk() {
 #[test]
 fn gates_sum_to_the_scaling_factor_and_use_unbiased_scores() {
     let (t, h, e, k) = (3, 2, 4, 2);
-    let op = Op::Router { hidden: h as u64, experts: e as u64, topk: k as u64, group_limit: None, scale: 2.5, expert_bias: true, bias: false };
+    let op = Op::Router {
+        hidden: h as u64,
+        experts: e as u64,
+        topk: k as u64,
+        group_limit: None,
+        scale: 2.5,
+        expert_bias: true,
+        bias: false,
+    };
     let x = Tensor::f32(vec![t, h], vec![0.1, -0.2, 0.5, 0.3, -1.0, 2.0]);
     let w = Tensor::f32(vec![e, h], vec![1.0, 0.0, 0.0, 1.0, -1.0, 0.5, 0.3, 0.3]);
     // A large bias on expert 3 forces its selection without changing its gate's score.
@@ -133,13 +141,23 @@ fn dispatch_is_expert_major_and_combine_inverts_it() {
     let (t, h, e, k) = (3usize, 2usize, 3usize, 2usize);
     let x = Tensor::f32(vec![t, h], vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
     let idx = Tensor::i32(vec![t, k], vec![2, 0, 0, 1, 2, 0]);
-    let d = forward(&Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 }, &Dims { tokens: t, seq: t }, &[&x, &idx], &NaiveGemm);
+    let d = forward(
+        &Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 },
+        &Dims { tokens: t, seq: t },
+        &[&x, &idx],
+        &NaiveGemm,
+    );
     assert_eq!(d[2].i(), &[0, 3, 4, 6]); // expert 0 has 3 rows, 1 has 1, 2 has 2
-    // row of (t,k): expert 0 rows 0..3 hold slots 1,2,5; expert 1 row 3 slot 3; expert 2 rows 4,5 slots 0,4.
+                                         // row of (t,k): expert 0 rows 0..3 hold slots 1,2,5; expert 1 row 3 slot 3; expert 2 rows 4,5 slots 0,4.
     assert_eq!(d[1].i(), &[4, 0, 1, 3, 5, 2]);
     let gate = Tensor::f32(vec![t, k], vec![1.0; t * k]);
     let resid = Tensor::f32(vec![t, h], vec![0.0; t * h]);
-    let c = forward(&Op::Combine { hidden: h as u64, topk: k as u64, shared: false }, &Dims { tokens: t, seq: t }, &[&d[0], &d[1], &gate, &resid], &NaiveGemm);
+    let c = forward(
+        &Op::Combine { hidden: h as u64, topk: k as u64, shared: false },
+        &Dims { tokens: t, seq: t },
+        &[&d[0], &d[1], &gate, &resid],
+        &NaiveGemm,
+    );
     // Identity experts: each token gets k copies of itself.
     assert_eq!(c[0].f(), &[2.0, 2.0, 4.0, 4.0, 6.0, 6.0]);
 }
@@ -152,7 +170,12 @@ fn span_ce_weights_each_span() {
     let mask = Tensor::i32(vec![3], vec![1, 1, 0]);
     let span = Tensor::i32(vec![3], vec![1, 2, 0]);
     let scale = Tensor::f32(vec![3], vec![0.0, 1.0, 0.5]);
-    let out = forward(&Op::SpanCe { vocab: v as u64 }, &Dims { tokens: 3, seq: 3 }, &[&logits, &labels, &mask, &span, &scale], &NaiveGemm);
+    let out = forward(
+        &Op::SpanCe { vocab: v as u64 },
+        &Dims { tokens: 3, seq: 3 },
+        &[&logits, &labels, &mask, &span, &scale],
+        &NaiveGemm,
+    );
     let l = 4f32.ln();
     assert!(close(out[0].f()[0], 1.5 * l, 1e-6));
     assert_eq!(out[1].f()[2], 0.0);
@@ -172,7 +195,12 @@ fn value_residual_at_init_is_almost_identity_in_f32() {
     let v = Tensor::f32(vec![1, 1, 1], vec![1.0]);
     let v1 = Tensor::f32(vec![1, 1, 1], vec![0.0]);
     let logit = Tensor::scalar(9999f32.ln());
-    let out = forward(&Op::ValueResidual { groups: 1, head_dim: 1 }, &Dims { tokens: 1, seq: 1 }, &[&v, &v1, &logit], &NaiveGemm);
+    let out = forward(
+        &Op::ValueResidual { groups: 1, head_dim: 1 },
+        &Dims { tokens: 1, seq: 1 },
+        &[&v, &v1, &logit],
+        &NaiveGemm,
+    );
     let lam = out[0].f()[0];
     assert!(lam < 1.0 && close(lam, 0.9999, 1e-6), "D2: λ stays below 1 in f32, got {lam}");
 }

@@ -26,7 +26,12 @@ impl Batch {
         if self.seq == 0 || t == 0 || t % self.seq != 0 {
             bail!("batch of {t} tokens is not a whole number of rows of {}", self.seq);
         }
-        for (name, n) in [("doc", self.doc.len()), ("labels", self.labels.len()), ("loss_mask", self.loss_mask.len()), ("span", self.span.len())] {
+        for (name, n) in [
+            ("doc", self.doc.len()),
+            ("labels", self.labels.len()),
+            ("loss_mask", self.loss_mask.len()),
+            ("span", self.span.len()),
+        ] {
             if n != t {
                 bail!("batch field {name} has {n} entries for {t} tokens");
             }
@@ -59,7 +64,10 @@ impl Batch {
             "tokens" => Tensor::i32(vec![t], self.tokens.clone()),
             "doc" => Tensor::i32(vec![t], self.doc.clone()),
             // Unsupervised positions may hold the pad id; they are never read.
-            "labels" => Tensor::i32(vec![t], self.labels.iter().zip(&self.loss_mask).map(|(&l, &m)| if m != 0 { l } else { 0 }).collect()),
+            "labels" => Tensor::i32(
+                vec![t],
+                self.labels.iter().zip(&self.loss_mask).map(|(&l, &m)| if m != 0 { l } else { 0 }).collect(),
+            ),
             "loss_mask" => Tensor::i32(vec![t], u8s(&self.loss_mask)),
             "span" => Tensor::i32(vec![t], u8s(&self.span)),
             "span_scale" => Tensor::f32(vec![3], self.span_scale.to_vec()),

@@ -19,7 +19,20 @@ impl Gemm for FastGemm {
         // a: m×k row-major (rs=k, cs=1); bᵀ: k×n with b n×k row-major (rs=1, cs=k).
         unsafe {
             matrixmultiply::sgemm(
-                m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, beta, c.as_mut_ptr(), n as isize, 1,
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                1,
+                k as isize,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
             );
         }
     }

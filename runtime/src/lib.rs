@@ -20,7 +20,12 @@ pub fn load_plan(dir: &Path) -> Result<(Graph, Plan)> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let plan: Plan = serde_json::from_str(&text).with_context(|| format!("{}: not a vpmoe plan", path.display()))?;
     if plan.format != vpmoe_compiler::plan::PLAN_FORMAT {
-        bail!("{}: plan format {} (this build reads {})", path.display(), plan.format, vpmoe_compiler::plan::PLAN_FORMAT);
+        bail!(
+            "{}: plan format {} (this build reads {})",
+            path.display(),
+            plan.format,
+            vpmoe_compiler::plan::PLAN_FORMAT
+        );
     }
     let want = fingerprint(&plan.arch);
     if plan.fingerprint != want {

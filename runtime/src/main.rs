@@ -21,6 +21,9 @@ enum BackendKind {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Datasets: render Harmony conversations, build token datasets from SYNTH parquet, inspect.
+    #[command(subcommand)]
+    Data(vpmoe_data::cli::DataCmd),
     /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
     /// span-normalised loss (at initialisation it should be close to ln(vocab)).
     Forward {
@@ -54,6 +57,7 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
         Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
             let (graph, plan) = match plan {
                 Some(dir) => load_plan(&dir)?,
@@ -80,19 +84,45 @@ fn run() -> Result<()> {
             let fwd_s = t1.elapsed().as_secs_f64();
             let tl = out.values["token_loss"].f();
             let span_mean = |s: u8| {
-                let (sum, n) = tl.iter().zip(&batch.span).zip(&batch.loss_mask).filter(|((_, sp), m)| **sp == s && **m != 0).fold((0f64, 0usize), |(a, n), ((l, _), _)| (a + *l as f64, n + 1));
-                if n > 0 { sum / n as f64 } else { 0.0 }
+                let (sum, n) = tl
+                    .iter()
+                    .zip(&batch.span)
+                    .zip(&batch.loss_mask)
+                    .filter(|((_, sp), m)| **sp == s && **m != 0)
+                    .fold((0f64, 0usize), |(a, n), ((l, _), _)| (a + *l as f64, n + 1));
+                if n > 0 {
+                    sum / n as f64
+                } else {
+                    0.0
+                }
             };
-            let aux: Vec<f32> = out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0]).collect();
-            println!("arch          {} ({} params, fingerprint {})", a.name, plan.report.params_total, &plan.fingerprint[..16]);
+            let aux: Vec<f32> =
+                out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0]).collect();
+            println!(
+                "arch          {} ({} params, fingerprint {})",
+                a.name,
+                plan.report.params_total,
+                &plan.fingerprint[..16]
+            );
             println!("backend       {}", be.name());
             println!("batch         {micro_batch} x {seq} tokens (seed {seed})");
-            println!("loss          {:.6}   (w_r·CE_r + w_f·CE_f; ln(vocab) = {:.6})", out.loss(), (a.vocab as f64).ln());
+            println!(
+                "loss          {:.6}   (w_r·CE_r + w_f·CE_f; ln(vocab) = {:.6})",
+                out.loss(),
+                (a.vocab as f64).ln()
+            );
             println!("span losses   reasoning {:.6}, final {:.6}", span_mean(1), span_mean(2));
             if !aux.is_empty() {
-                println!("seq aux loss  {:.6} (mean over {} MoE layers; 1.0 = balanced)", aux.iter().sum::<f32>() / aux.len() as f32, aux.len());
+                println!(
+                    "seq aux loss  {:.6} (mean over {} MoE layers; 1.0 = balanced)",
+                    aux.iter().sum::<f32>() / aux.len() as f32,
+                    aux.len()
+                );
             }
-            println!("time          init {init_s:.2} s, forward {fwd_s:.3} s ({:.0} tokens/s)", batch.tokens.len() as f64 / fwd_s);
+            println!(
+                "time          init {init_s:.2} s, forward {fwd_s:.3} s ({:.0} tokens/s)",
+                batch.tokens.len() as f64 / fwd_s
+            );
             Ok(())
         }
     }

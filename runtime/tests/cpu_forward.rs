@@ -70,7 +70,9 @@ fn group_limited_routing_changes_the_selection_in_tiny_moe() {
     let x: Vec<f32> = (0..t * 32).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect();
     let x = vpmoe_ir::reference::Tensor::f32(vec![t, 32], x);
     let ins: Vec<&vpmoe_ir::reference::Tensor> = std::iter::once(&x)
-        .chain(node.inputs[1..].iter().map(|v| &params.tensors[g.param_of(*v).map(|p| plan.params.iter().position(|q| q.name == p.name).unwrap()).unwrap()]))
+        .chain(node.inputs[1..].iter().map(|v| {
+            &params.tensors[g.param_of(*v).map(|p| plan.params.iter().position(|q| q.name == p.name).unwrap()).unwrap()]
+        }))
         .collect();
     let out = forward(&node.op, &Dims { tokens: t, seq: t }, &ins, &NaiveGemm);
     let (idx, scores) = (out[0].i(), out[2].f());

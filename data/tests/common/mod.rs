@@ -98,10 +98,7 @@ pub fn write_parquet(path: &Path, rows: &[Rec], row_group_rows: usize) {
         "synthetic_reasoning",
         "synthetic_answer",
     ];
-    let mut fields: Vec<Field> = names
-        .iter()
-        .map(|n| Field::new(*n, DataType::Utf8, true))
-        .collect();
+    let mut fields: Vec<Field> = names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect();
     fields.push(Field::new("words", DataType::Int64, true));
     let schema = Arc::new(Schema::new(fields));
     let get = |r: &Rec, i: usize| -> Option<String> {
@@ -122,15 +119,9 @@ pub fn write_parquet(path: &Path, rows: &[Rec], row_group_rows: usize) {
         }
     };
     let mut cols: Vec<ArrayRef> = (0..names.len())
-        .map(|i| {
-            Arc::new(StringArray::from(
-                rows.iter().map(|r| get(r, i)).collect::<Vec<_>>(),
-            )) as ArrayRef
-        })
+        .map(|i| Arc::new(StringArray::from(rows.iter().map(|r| get(r, i)).collect::<Vec<_>>())) as ArrayRef)
         .collect();
-    cols.push(Arc::new(Int64Array::from(
-        rows.iter().map(|r| r.words).collect::<Vec<_>>(),
-    )));
+    cols.push(Arc::new(Int64Array::from(rows.iter().map(|r| r.words).collect::<Vec<_>>())));
     let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -170,30 +161,15 @@ pub fn fixture_rows(shard: usize, n: usize) -> Vec<Rec> {
             "Luz + CO₂ + H₂O → glucosa.",
             "Es el proceso por el cual las plantas convierten la luz en energía química.",
         ),
-        (
-            "pl",
-            "Popraw błędy: 'Zażółć gęślą jaźń'",
-            "Tekst poprawny → brak zmian.",
-            "Zażółć gęślą jaźń.",
-        ),
-        (
-            "ja",
-            "日本の首都はどこですか？",
-            "首都 → 東京。",
-            "日本の首都は東京です。",
-        ),
+        ("pl", "Popraw błędy: 'Zażółć gęślą jaźń'", "Tekst poprawny → brak zmian.", "Zażółć gęślą jaźń."),
+        ("ja", "日本の首都はどこですか？", "首都 → 東京。", "日本の首都は東京です。"),
         (
             "ru",
             "Что такое энтропия? 🤔",
             "Мера беспорядка ∴ 2-й закон.",
             "Энтропия — мера неупорядоченности системы. 🔥",
         ),
-        (
-            "la",
-            "Quid est amor?",
-            "Amor → affectus.",
-            "Amor est affectus animi.",
-        ),
+        ("la", "Quid est amor?", "Amor → affectus.", "Amor est affectus animi."),
     ];
     let mut rows = Vec::new();
     for i in 0..n {
@@ -205,11 +181,9 @@ pub fn fixture_rows(shard: usize, n: usize) -> Vec<Rec> {
             2 => rec.synthetic_reasoning = None,
             3 => {
                 rec.exercise = Some("rag".into());
-                rec.constraints = Some(format!(
-                    "<source_1>\nSource one for {id}.\n</source_1>\n<source_2>\nMore text.\n</source_2>"
-                ));
-                rec.synthetic_answer =
-                    Some(format!("Per the sources<ref name=\"source_1\">{id}</ref>."));
+                rec.constraints =
+                    Some(format!("<source_1>\nSource one for {id}.\n</source_1>\n<source_2>\nMore text.\n</source_2>"));
+                rec.synthetic_answer = Some(format!("Per the sources<ref name=\"source_1\">{id}</ref>."));
             }
             4 => {
                 rec.language = None;
@@ -264,10 +238,7 @@ pub fn write_fixture_dir(dir: &Path, files: usize, n: usize) -> Vec<PathBuf> {
 pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     fn walk(root: &Path, d: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-        let mut es: Vec<_> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut es: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).collect();
         es.sort();
         for p in es {
             if p.is_dir() {
