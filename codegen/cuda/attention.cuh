@@ -52,6 +52,7 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
     __shared__ __align__(128) bf16 sV[BKV * LD];
     __shared__ int sDoc[BKV];
 
+    require_block(NT);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, g = h / (HEADS / GROUPS);
     const int t0 = blockIdx.x * BQ;

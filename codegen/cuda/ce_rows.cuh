@@ -27,6 +27,7 @@ __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const 
                                         const float* __restrict__ scale, float* __restrict__ token_loss,
                                         float* __restrict__ weighted, int T) {
     constexpr int NT = 256, NW = NT / 32;
+    require_block(NT);
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (t >= T) return;  // whole block
     if (mask[t] == 0) {  // block-uniform

@@ -163,6 +163,7 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16
 template <int N, int KD, int EPI, int OUT>
 __device__ __forceinline__ void gemm(const bf16* x, const bf16* w, const bf16* bias, const bf16* resid, void* y, int M,
                                      int ldy) {
+    require_block(gemm_cfg::THREADS);
     const int row0 = blockIdx.x * gemm_cfg::BM;
     if (row0 >= M) return;  // whole block: never happens with the contract's grid
     gemm_tile<N, KD, EPI, OUT>(x, w, bias, resid, y, row0, M, blockIdx.y * gemm_cfg::BN, ldy);

@@ -23,6 +23,7 @@ __device__ __forceinline__ void grouped_gemm(const bf16* x, const int* offsets, 
     constexpr int NT = gemm_cfg::THREADS, BM = gemm_cfg::BM;
     __shared__ int s_pick[2];  // (expert, tile within the expert) of this block, or expert -1
     (void)rows;
+    require_block(NT);
 
     const int b = blockIdx.x;
     if (threadIdx.x == 0) {

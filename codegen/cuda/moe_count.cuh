@@ -12,6 +12,7 @@ namespace vp {
 template <int E, int K>
 __device__ __forceinline__ void moe_count(const int* __restrict__ idx, int* __restrict__ offsets, int T) {
     constexpr int NT = 256;
+    require_block(NT);
     const int e = blockIdx.x;
     const int n = T * K;
     int c = 0;

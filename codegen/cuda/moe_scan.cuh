@@ -11,6 +11,7 @@ namespace vp {
 template <int E>
 __device__ __forceinline__ void moe_scan(int* offsets) {
     constexpr int NT = 1024;
+    require_block(NT);
     int carry = 0;
     for (int base = 0; base < E; base += NT) {
         const int i = base + threadIdx.x;

@@ -21,6 +21,7 @@ __device__ __forceinline__ void moe_scatter(const bf16* __restrict__ x, const in
                                             int* __restrict__ row, int T) {
     constexpr int NT = 256, PT = 16, CHUNK = NT * PT;
     __shared__ int s_slot[CHUNK];
+    require_block(NT);
     const int e = blockIdx.x, tid = threadIdx.x;
     const int n = T * K;
     const bool vec = (H % 8 == 0) && aligned(x, 16) && aligned(xp, 16);

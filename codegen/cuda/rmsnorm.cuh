@@ -16,6 +16,7 @@ template <int D>
 __device__ __forceinline__ void rmsnorm(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y,
                                         int rows, float eps) {
     constexpr int NT = 256;
+    require_block(NT);
     const int row = blockIdx.x;
     if (row >= rows) return;  // whole block
     const int tid = threadIdx.x;

@@ -29,6 +29,7 @@ __device__ __forceinline__ void router(const float* __restrict__ logits, const f
     __shared__ float s_sel[E];
     __shared__ unsigned long long s_key[E];
     __shared__ int s_pick[K];
+    require_block(NT);
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (t >= T) return;  // whole block
 

@@ -21,6 +21,7 @@ __device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float*
     static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
     __shared__ double sP[NW][E];
     __shared__ int sC[NW][E];
+    require_block(NT);
     const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     double P[EJ];

@@ -9,6 +9,7 @@ namespace vp {
 
 __device__ __forceinline__ void sum(const float* __restrict__ x, float* __restrict__ out, int n, float scale) {
     constexpr int NT = 1024;
+    require_block(NT);
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += NT) acc += (double)x[i];
     acc = block_sum<NT>(acc);

@@ -60,6 +60,12 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Kernels whose reductions, scans or tiles are sized for the contract's block size call this
+// first: a launch with another block size traps (a launch failure) instead of computing garbage.
+__device__ __forceinline__ void require_block(unsigned int nt) {
+    if (blockDim.x != nt || blockDim.y != 1 || blockDim.z != 1) __trap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Total order for top-k: `order_key` maps a float to an unsigned whose integer order is Rust's
 // f32::total_cmp order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN). `rank_key` packs

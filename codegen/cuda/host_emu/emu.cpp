@@ -1,0 +1,129 @@
+// Fiber-based CUDA block emulator for the vpmoe kernel templates (no GPU needed).
+// Every CUDA thread of a block is a ucontext fiber. Fibers run one at a time, in a random order,
+// each until it reaches a barrier: __syncthreads (all live threads of the block) or a warp
+// collective (shuffle, ldmatrix, mma: the 32 lanes of the warp). Blocks run one after another,
+// so `__shared__` can be a function-local static. cp.async copies complete either at issue or
+// only at the cp.async.wait_group that covers them (chosen at random), so a missing wait or a
+// missing barrier shows up as wrong results. ldmatrix (.trans) and mma.sync m16n8k16 bf16 are
+// emulated from the PTX ISA fragment layouts. Errors (barrier with exited threads, deadlock,
+// misaligned cp.async/ldmatrix, copies outstanding at exit) are counted in g_errors.
+#include "cuda_bf16.h"
+#include <ucontext.h>
+#include <vector>
+#include <functional>
+#include <random>
+#include <deque>
+
+dim3e threadIdx, blockIdx, blockDim, gridDim;
+enum St { READY, WB, WW, DONE };
+struct Copy { void* d; const void* s; int n; };
+struct Fiber { ucontext_t ctx; std::vector<char> stack; St st; int tid; std::vector<Copy> cur; std::deque<std::vector<Copy>> groups; };
+static std::vector<Fiber>* g_f; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
+static std::mt19937_64 g_rng(12345);
+static unsigned long long g_slots[32][32];
+int g_errors = 0;
+#define EMU_FAIL(...) do { fprintf(stderr, "EMU ERROR: " __VA_ARGS__); fprintf(stderr, "\n"); g_errors++; } while (0)
+
+static void yield_as(St s) { (*g_f)[g_cur].st = s; swapcontext(&(*g_f)[g_cur].ctx, &g_sched); }
+void __syncthreads() { yield_as(WB); }
+void emu_warp_barrier() { yield_as(WW); }
+unsigned long long* emu_warp_slots() { return g_slots[g_cur / 32]; }
+int emu_lane() { return g_cur % 32; }
+static void fiber_main() { g_body(); yield_as(DONE); }
+
+static void do_copies(std::vector<Copy>& v) { for (auto& c : v) { if (c.n) memcpy(c.d, c.s, 16); else memset(c.d, 0, 16); } v.clear(); }
+void vp_emu_cp_async16(void* smem, const void* gmem, int n) {
+    if ((unsigned long long)smem % 16 || (n && (unsigned long long)gmem % 16)) EMU_FAIL("cp.async misaligned");
+    Fiber& f = (*g_f)[g_cur];
+    if (g_rng() & 1) { Copy c{smem, gmem, n}; std::vector<Copy> v{c}; do_copies(v); }
+    else f.cur.push_back(Copy{smem, gmem, n});
+}
+void vp_emu_cp_async_commit() { Fiber& f = (*g_f)[g_cur]; f.groups.push_back(std::move(f.cur)); f.cur.clear(); }
+void vp_emu_cp_async_wait(int n) { Fiber& f = (*g_f)[g_cur]; while ((int)f.groups.size() > n) { do_copies(f.groups.front()); f.groups.pop_front(); } }
+
+static const void* g_addr[32][32]; static bool g_trans_flag[32];
+void vp_emu_ldmatrix_x4(unsigned (&r)[4], const void* smem, bool trans) {
+    int w = g_cur / 32, l = g_cur % 32;
+    if ((unsigned long long)smem % 16) EMU_FAIL("ldmatrix misaligned");
+    g_addr[w][l] = smem;
+    emu_warp_barrier();
+    for (int i = 0; i < 4; ++i) {
+        unsigned short e0, e1;
+        if (!trans) {
+            const unsigned short* row = (const unsigned short*)g_addr[w][8 * i + l / 4];
+            e0 = row[2 * (l % 4)]; e1 = row[2 * (l % 4) + 1];
+        } else {
+            const unsigned short* r0 = (const unsigned short*)g_addr[w][8 * i + 2 * (l % 4)];
+            const unsigned short* r1 = (const unsigned short*)g_addr[w][8 * i + 2 * (l % 4) + 1];
+            e0 = r0[l / 4]; e1 = r1[l / 4];
+        }
+        r[i] = e0 | ((unsigned)e1 << 16);
+    }
+    emu_warp_barrier();
+}
+static unsigned g_a[32][32][4], g_b[32][32][2];
+static float bfl(unsigned u, int hi) { return __uint_as_float(hi ? (u & 0xffff0000u) : (u << 16)); }
+void vp_emu_mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    int w = g_cur / 32, l = g_cur % 32;
+    for (int i = 0; i < 4; ++i) g_a[w][l][i] = a[i];
+    g_b[w][l][0] = b[0]; g_b[w][l][1] = b[1];
+    emu_warp_barrier();
+    float A[16][16], B[16][8];
+    for (int L = 0; L < 32; ++L) {
+        int g = L / 4, q = L % 4;
+        A[g][2 * q] = bfl(g_a[w][L][0], 0); A[g][2 * q + 1] = bfl(g_a[w][L][0], 1);
+        A[g + 8][2 * q] = bfl(g_a[w][L][1], 0); A[g + 8][2 * q + 1] = bfl(g_a[w][L][1], 1);
+        A[g][2 * q + 8] = bfl(g_a[w][L][2], 0); A[g][2 * q + 9] = bfl(g_a[w][L][2], 1);
+        A[g + 8][2 * q + 8] = bfl(g_a[w][L][3], 0); A[g + 8][2 * q + 9] = bfl(g_a[w][L][3], 1);
+        B[2 * q][g] = bfl(g_b[w][L][0], 0); B[2 * q + 1][g] = bfl(g_b[w][L][0], 1);
+        B[2 * q + 8][g] = bfl(g_b[w][L][1], 0); B[2 * q + 9][g] = bfl(g_b[w][L][1], 1);
+    }
+    int g = l / 4, q = l % 4;
+    int rr[4] = {g, g, g + 8, g + 8}, cc[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
+    for (int i = 0; i < 4; ++i) { double s = d[i]; for (int k = 0; k < 16; ++k) s += (double)A[rr[i]][k] * B[k][cc[i]]; d[i] = (float)s; }
+    emu_warp_barrier();
+}
+
+void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body) {
+    gridDim = {gx, gy, 1}; blockDim = {nt, 1, 1};
+    std::vector<Fiber> fs(nt);
+    for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
+        g_body = body; g_f = &fs;
+        for (unsigned i = 0; i < nt; ++i) {
+            Fiber& f = fs[i]; f.stack.resize(1 << 17); f.st = READY; f.tid = i; f.cur.clear(); f.groups.clear();
+            getcontext(&f.ctx); f.ctx.uc_stack.ss_sp = f.stack.data(); f.ctx.uc_stack.ss_size = f.stack.size(); f.ctx.uc_link = nullptr;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        std::vector<int> ready;
+        for (;;) {
+            ready.clear();
+            for (unsigned i = 0; i < nt; ++i) if (fs[i].st == READY) ready.push_back(i);
+            if (ready.empty()) {
+                bool released = false;
+                for (unsigned w = 0; w * 32 < nt; ++w) {
+                    int ww = 0, dn = 0;
+                    for (int l = 0; l < 32; ++l) { St s = fs[w * 32 + l].st; ww += s == WW; dn += s == DONE; }
+                    if (ww == 32) { for (int l = 0; l < 32; ++l) fs[w * 32 + l].st = READY; released = true; }
+                    else if (ww > 0) { EMU_FAIL("warp %u: %d lanes at a warp collective, %d exited (block %u,%u)", w, ww, dn, bx, by); }
+                }
+                if (released) continue;
+                int wb = 0, dn = 0;
+                for (unsigned i = 0; i < nt; ++i) { wb += fs[i].st == WB; dn += fs[i].st == DONE; }
+                if ((unsigned)dn == nt) break;
+                if (wb + dn == (int)nt) {
+                    if (dn) EMU_FAIL("__syncthreads with %d exited threads (block %u,%u)", dn, bx, by);
+                    for (unsigned i = 0; i < nt; ++i) if (fs[i].st == WB) fs[i].st = READY;
+                    continue;
+                }
+                EMU_FAIL("deadlock block %u,%u", bx, by); exit(1);
+            }
+            int i = ready[g_rng() % ready.size()];
+            g_cur = i; threadIdx = {(unsigned)i, 0, 0}; blockIdx = {bx, by, 0};
+            swapcontext(&g_sched, &fs[i].ctx);
+        }
+        for (unsigned i = 0; i < nt; ++i) if (!fs[i].cur.empty() || !fs[i].groups.empty()) {
+            bool any = !fs[i].cur.empty(); for (auto& gq : fs[i].groups) any |= !gq.empty();
+            if (any) EMU_FAIL("thread %u exited with cp.async copies outstanding", i);
+        }
+    }
+}

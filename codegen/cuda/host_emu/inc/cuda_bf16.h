@@ -1,0 +1,67 @@
+// Host stand-in for cuda_bf16.h and the CUDA built-ins the vpmoe templates use, so the very
+// .cuh files NVRTC compiles can be run on a CPU by the fiber emulator (emu.cpp). Only what the
+// templates touch is provided. Never given to NVRTC (it gets the real CUDA include directory).
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3e { unsigned x, y, z; };
+extern dim3e threadIdx, blockIdx, blockDim, gridDim;
+
+struct uint4 { unsigned x, y, z, w; };
+struct int4 { int x, y, z, w; };
+inline int __popc(unsigned u) { return __builtin_popcount(u); }
+struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
+
+struct __nv_bfloat16 { unsigned short x; };
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned)b.x << 16); }
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    unsigned u = __float_as_uint(f);
+    __nv_bfloat16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (unsigned short)((u >> 16) | 0x40); return r; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = (unsigned short)(u >> 16);
+    return r;
+}
+using std::max; using std::min;
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+void __syncthreads();
+[[noreturn]] inline void __trap() { fprintf(stderr, "__trap\n"); abort(); }
+void emu_warp_barrier();
+// warp exchange
+extern unsigned long long* emu_warp_slots();  // 32 slots of the current warp
+int emu_lane();
+template <typename T> inline T emu_shfl_generic(T v, int src) {
+    static_assert(sizeof(T) <= 8, "shfl size");
+    unsigned long long* s = emu_warp_slots();
+    unsigned long long b = 0; memcpy(&b, &v, sizeof(T));
+    s[emu_lane()] = b;
+    emu_warp_barrier();
+    unsigned long long r = s[src];
+    emu_warp_barrier();
+    T out; memcpy(&out, &r, sizeof(T));
+    return out;
+}
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int o) { return emu_shfl_generic(v, emu_lane() ^ o); }
+template <typename T> inline T __shfl_sync(unsigned, T v, int l) { return emu_shfl_generic(v, l); }
+template <typename T> inline T __shfl_up_sync(unsigned, T v, int o) { int l = emu_lane(); return emu_shfl_generic(v, l >= o ? l - o : l); }
