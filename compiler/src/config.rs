@@ -307,7 +307,8 @@ pub fn parse(text: &str, name: &str, base: &Path) -> Result<Arch> {
 
 macro_rules! ensure {
     ($cond:expr, $key:expr, $($msg:tt)+) => {
-        if !$cond {
+        let ok: bool = $cond;
+        if !ok {
             bail!("{}: {}", $key, format!($($msg)+));
         }
     };
@@ -335,13 +336,13 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         ensure!(v >= 1, key, "must be at least 1, got {v}");
     }
     ensure!(
-        m.num_attention_heads % m.num_query_groups == 0,
+        m.num_attention_heads.is_multiple_of(m.num_query_groups),
         "model.num_query_groups",
         "{} query groups do not divide {} attention heads",
         m.num_query_groups,
         m.num_attention_heads
     );
-    ensure!(m.head_dim % 2 == 0, "model.head_dim", "must be even for the rotation, got {}", m.head_dim);
+    ensure!(m.head_dim.is_multiple_of(2), "model.head_dim", "must be even for the rotation, got {}", m.head_dim);
     one_of("model.normalization", &m.normalization, &["RMSNorm"])?;
     one_of("model.softmax_type", &m.softmax_type, &["learnable", "vanilla"])?;
     one_of("model.activation", &m.activation, &["squaredrelu"])?;

@@ -23,7 +23,7 @@ impl Batch {
     /// Validates shapes and ids against the vocabulary.
     pub fn validate(&self, vocab: u64) -> Result<()> {
         let t = self.tokens.len();
-        if self.seq == 0 || t == 0 || t % self.seq != 0 {
+        if self.seq == 0 || t == 0 || !t.is_multiple_of(self.seq) {
             bail!("batch of {t} tokens is not a whole number of rows of {}", self.seq);
         }
         for (name, n) in [
