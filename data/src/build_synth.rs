@@ -295,6 +295,8 @@ struct Plan {
 /// Build the dataset. See the module docs.
 pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
     ensure!(opts.seq_len >= 16, "--seq-len must be at least 16");
+    ensure!(opts.threads != Some(0), "--threads must be at least 1");
+    ensure!(opts.max_rows != Some(0), "--max-rows must be at least 1");
     let files = discover_inputs(&opts.inputs)?;
     let threads = opts.threads.unwrap_or(0);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -319,7 +321,9 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     fs::create_dir_all(&records_dir)?;
     remove_tmp_files(out)?;
 
-    let tokenizer_sha = tokenizer::vocabulary_sha256();
+    // The vocabulary linked into this binary; `tokenizer::tests` recomputes it from the loaded
+    // tokenizer (`vocabulary_sha256`), so the constant cannot drift from the code.
+    let tokenizer_sha = tokenizer::O200K_BASE_SHA256.to_string();
     let config = config_json(opts, &tokenizer_sha);
     let config_hash = tokenizer::hex(&Sha256::digest(canonical_json(&config).as_bytes()));
 
