@@ -152,7 +152,7 @@ fn write_corpus(path: &PathBuf, rows: usize) {
     for i in 0..rows {
         let r = splitmix(&mut rng);
         let lang = ["en", "en", "en", "en", "fr", "de", "es", "it", "pl", "en"][(r % 10) as usize];
-        let rag = r.is_multiple_of(50);
+        let rag = r % 50 == 0;
         let (lq, lr, la) = (
             120 + (splitmix(&mut rng) % 200) as usize,
             800 + (splitmix(&mut rng) % 2400) as usize,
