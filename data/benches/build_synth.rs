@@ -1,6 +1,6 @@
 //! build-synth throughput vs raw tiktoken-rs `encode_ordinary` on the same text.
 //!
-//! `cargo bench -p vpmoe-data --bench build_synth` (env `BENCH_ROWS`, default 8000 rows of
+//! `cargo bench -p vpmoe-data --bench build_synth` (env `BENCH_ROWS`, default 20000 rows of
 //! SYNTH-like length: query ≈ 220, reasoning ≈ 2000, answer ≈ 1450 characters, 20 % non-English).
 //! Prints, per thread count, tokens/s of the full pipeline (parquet decode, render, truncate,
 //! split, write) next to the single-core `encode_ordinary` baseline over exactly the texts the
@@ -226,7 +226,7 @@ fn main() {
     let rows: usize = std::env::var("BENCH_ROWS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8000);
+        .unwrap_or(20000);
     let dir = std::env::temp_dir().join(format!("vpmoe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
