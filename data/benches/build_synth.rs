@@ -218,6 +218,16 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) of the whole process so far, in seconds (from /proc, 10 ms ticks).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -255,20 +265,24 @@ fn main() {
     // Best of three (the machine is shared; the minimum is the least disturbed run).
     let mut content_tokens = 0u64;
     let mut base_s = f64::INFINITY;
+    let mut base_cpu = f64::INFINITY;
     for _ in 0..3 {
         let t0 = Instant::now();
+        let c0 = cpu_seconds();
         content_tokens = 0;
         for t in &texts {
             content_tokens += bpe.encode_ordinary(t).len() as u64;
         }
         base_s = base_s.min(t0.elapsed().as_secs_f64());
+        base_cpu = base_cpu.min(cpu_seconds() - c0);
     }
     let base_tps = content_tokens as f64 / base_s;
     drop(texts);
     println!("corpus: {rows} rows, {bytes} parquet bytes, {chars} chars, {content_tokens} content tokens");
+    let base_cpu_tps = content_tokens as f64 / base_cpu;
     println!(
-        "baseline encode_ordinary (1 core, best of 3): {:.3} s, {:.0} tokens/s",
-        base_s, base_tps
+        "baseline encode_ordinary (1 core, best of 3): {:.3} s wall, {:.0} tokens/s; {:.2} CPU-s, {:.0} tokens per CPU-second",
+        base_s, base_tps, base_cpu, base_cpu_tps
     );
 
     // Fixed costs inside a build, measured alone.
@@ -297,14 +311,17 @@ fn main() {
         let mut o = BuildOptions::new(vec![input.clone()], out.clone());
         o.threads = Some(threads);
         let mut s = f64::INFINITY;
+        let mut cpu = f64::INFINITY;
         let mut peak = 0;
         let mut rep = None;
         for _ in 0..3 {
             let _ = std::fs::remove_dir_all(&out);
             reset_peak_rss();
             let t0 = Instant::now();
+            let c0 = cpu_seconds();
             rep = Some(build_synth(&o).unwrap());
             s = s.min(t0.elapsed().as_secs_f64());
+            cpu = cpu.min(cpu_seconds() - c0);
             peak = peak.max(peak_rss_kib());
         }
         let rep = rep.unwrap();
@@ -325,6 +342,13 @@ fn main() {
             100.0 * per_core / base_tps,
             speedup,
             peak / 1024
+        );
+        let cpu_tps = content_tokens as f64 / cpu;
+        println!(
+            "    CPU time {:.2} CPU-s: {:.0} content tokens per CPU-second = {:.1}% of encode_ordinary per CPU-second",
+            cpu,
+            cpu_tps,
+            100.0 * cpu_tps / base_cpu_tps
         );
     }
     println!("(machine: {cores} logical cores)");
