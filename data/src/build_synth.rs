@@ -308,6 +308,18 @@ pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
 
 fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
     let out = &opts.out;
+    if out.is_dir()
+        && !out.join(".shards").is_dir()
+        && fs::read_dir(out)
+            .with_context(|| format!("listing {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty and is not a build-synth output directory (no .shards/); refusing to write into it",
+            out.display()
+        );
+    }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
