@@ -298,12 +298,15 @@ pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
     ensure!(opts.threads != Some(0), "--threads must be at least 1");
     ensure!(opts.max_rows != Some(0), "--max-rows must be at least 1");
     let files = discover_inputs(&opts.inputs)?;
-    let threads = opts.threads.unwrap_or(0);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("starting the worker pool")?;
-    pool.install(|| build_in_pool(opts, &files))
+    match opts.threads {
+        // The global pool: its threads (and their tokenizers) outlive one build.
+        None => rayon::scope(|_| build_in_pool(opts, &files)),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .context("starting the worker pool")?
+            .install(|| build_in_pool(opts, &files)),
+    }
 }
 
 fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
