@@ -287,14 +287,31 @@ struct Plan {
 /// Build the dataset. See the module docs.
 pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
     ensure!(opts.seq_len >= 16, "--seq-len must be at least 16");
+    ensure!(opts.threads != Some(0), "--threads must be at least 1");
+    ensure!(opts.max_rows != Some(0), "--max-rows must be at least 1");
     let files = discover_inputs(&opts.inputs)?;
-    let threads = opts.threads.unwrap_or(0);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the worker pool")?;
-    pool.install(|| build_in_pool(opts, &files))
+    match opts.threads {
+        // The global pool: its threads (and their tokenizers) outlive one build.
+        None => rayon::scope(|_| build_in_pool(opts, &files)),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .context("starting the worker pool")?
+            .install(|| build_in_pool(opts, &files)),
+    }
 }
 
 fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
     let out = &opts.out;
+    if out.is_dir()
+        && !out.join(".shards").is_dir()
+        && fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_some()
+    {
+        bail!(
+            "{} is not empty and is not a build-synth output directory (no .shards/); refusing to write into it",
+            out.display()
+        );
+    }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
@@ -307,7 +324,9 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     fs::create_dir_all(&records_dir)?;
     remove_tmp_files(out)?;
 
-    let tokenizer_sha = tokenizer::vocabulary_sha256();
+    // The vocabulary linked into this binary; `tokenizer::tests` recomputes it from the loaded
+    // tokenizer (`vocabulary_sha256`), so the constant cannot drift from the code.
+    let tokenizer_sha = tokenizer::O200K_BASE_SHA256.to_string();
     let config = config_json(opts, &tokenizer_sha);
     let config_hash = tokenizer::hex(&Sha256::digest(canonical_json(&config).as_bytes()));
 

@@ -234,6 +234,15 @@ fn output_is_identical_for_any_thread_count_and_batch_size() {
 }
 
 #[test]
+fn refuses_a_foreign_non_empty_output_directory() {
+    let out = tmpdir("foreign");
+    std::fs::write(out.join("precious.txt"), b"keep me").unwrap();
+    let err = format!("{:#}", build_synth(&opts(vec![sample()], &out)).unwrap_err());
+    assert!(err.contains("not a build-synth output directory"), "{err}");
+    assert_eq!(std::fs::read(out.join("precious.txt")).unwrap(), b"keep me");
+}
+
+#[test]
 fn max_rows_limits_and_changes_the_config_hash() {
     let dir = tmpdir("max-in");
     write_fixture_dir(&dir, 2, 30);
