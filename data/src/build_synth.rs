@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 
 use crate::harmony::ReasoningEffort;
 use crate::indexed::{self, IndexedWriter};
-use crate::synth::{RowOutcome, SynthParquet, SynthRenderer, SynthRow, ValidFraction};
+use crate::synth::{row_refs, RowOutcome, SynthParquet, SynthRenderer, ValidFraction};
 use crate::tokenizer;
+use arrow_array::RecordBatch;
 
 /// Dataset schema tag in the manifest.
 pub const SCHEMA_VERSION: &str = "synth_kd_v1";
@@ -674,24 +675,29 @@ fn build_shard(
     let mut skipped = Vec::new();
     let mut rows_read = 0u64;
     let mut truncated = 0u64;
-    let take = |rows: Option<Vec<SynthRow>>, rows_read: u64| -> Option<Vec<SynthRow>> {
-        let mut rows = rows?;
+    let take = |batch: Option<RecordBatch>, rows_read: u64| -> Option<RecordBatch> {
+        let batch = batch?;
         let left = plan.limit.saturating_sub(rows_read);
-        rows.truncate(left.min(usize::MAX as u64) as usize);
-        (!rows.is_empty()).then_some(rows)
+        let batch = if batch.num_rows() as u64 > left {
+            batch.slice(0, left as usize)
+        } else {
+            batch
+        };
+        (batch.num_rows() > 0).then_some(batch)
     };
-    let mut next = take(reader.next_rows()?, 0);
-    while let Some(rows) = next {
+    let mut next = take(reader.next_batch()?, 0);
+    while let Some(batch) = next {
+        let rows = row_refs(&batch)?;
         let after = rows_read + rows.len() as u64;
         let (outcomes, upcoming) = rayon::join(
             || {
                 rows.par_iter()
-                    .map(|r| renderer.process(r))
+                    .map(|r| renderer.process_ref(r))
                     .collect::<Vec<RowOutcome>>()
             },
             || {
                 if after < plan.limit {
-                    reader.next_rows()
+                    reader.next_batch()
                 } else {
                     Ok(None)
                 }
@@ -702,14 +708,14 @@ fn build_shard(
             let row_no = rows_read + i as u64;
             let skip = |kind: &str, reason: String| Skipped {
                 kind: kind.to_string(),
-                synth_id: row.synth_id.clone(),
+                synth_id: row.synth_id.map(str::to_string),
                 file: plan.input.name.clone(),
                 row: row_no,
                 reason,
             };
             match outcome {
                 RowOutcome::Doc { doc, truncated: t } => {
-                    let id = row.synth_id.as_deref().unwrap_or_default();
+                    let id = row.synth_id.unwrap_or_default();
                     let w = usize::from(opts.valid_fraction.is_valid(id));
                     writers[w].add(&doc)?;
                     truncated += u64::from(t);
@@ -725,7 +731,7 @@ fn build_shard(
                         bail!(
                             "{} row {row_no}: synth_id {:?} rejected: {reason} (--strict)",
                             plan.input.name,
-                            row.synth_id.as_deref().unwrap_or("<null>")
+                            row.synth_id.unwrap_or("<null>")
                         );
                     }
                     skipped.push(skip("rejected", reason));
