@@ -228,16 +228,22 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
 fn main() {
+    // Child mode: one build, then report the peak RSS of this process (see the end of main).
+    if let Ok(spec) = std::env::var("BENCH_CHILD_BUILD") {
+        let (threads, rest) = spec.split_once(':').unwrap();
+        let (input, out) = rest.split_once('|').unwrap();
+        let mut o = BuildOptions::new(vec![PathBuf::from(input)], PathBuf::from(out));
+        o.threads = Some(threads.parse().unwrap());
+        build_synth(&o).unwrap();
+        println!("{}", peak_rss_kib());
+        return;
+    }
     let rows: usize = std::env::var("BENCH_ROWS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -359,16 +365,23 @@ fn main() {
     let _ = bc;
     drop(texts);
 
-    // Peak memory of one build per thread count (after the baseline texts are freed).
+    // Peak memory of one build per thread count, each in a fresh process.
     for &threads in &threads_list {
         let out = dir.join(format!("mem-{threads}"));
-        let mut o = BuildOptions::new(vec![input.clone()], out);
-        o.threads = Some(threads);
-        reset_peak_rss();
-        build_synth(&o).unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(
+                "BENCH_CHILD_BUILD",
+                format!("{threads}:{}|{}", input.display(), out.display()),
+            )
+            .output()
+            .unwrap();
+        let kib: u64 = String::from_utf8_lossy(&child.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         println!(
-            "peak RSS during a build with threads={threads}: {} MiB (process total, incl. the benchmark's own tokenizer)",
-            peak_rss_kib() / 1024
+            "peak RSS of a build-synth process with threads={threads}: {} MiB",
+            kib / 1024
         );
     }
     println!("(machine: {cores} logical cores)");
