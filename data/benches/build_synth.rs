@@ -228,6 +228,25 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
+/// Raw `encode_ordinary` over the texts on `n` threads, each with its own tokenizer (built
+/// before timing): the hardware's scaling limit for the same work. Returns seconds.
+fn parallel_encode(texts: &[String], bpes: &[tiktoken_rs::CoreBPE]) -> f64 {
+    let n = bpes.len();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for (k, bpe) in bpes.iter().enumerate() {
+            s.spawn(move || {
+                let mut c = 0usize;
+                for t in texts.iter().skip(k).step_by(n) {
+                    c += bpe.encode_ordinary(t).len();
+                }
+                c
+            });
+        }
+    });
+    t0.elapsed().as_secs_f64()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -312,6 +331,15 @@ fn main() {
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
     let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
     let mut cpu_ratio: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let mut raw_par: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let bpes: Vec<Vec<tiktoken_rs::CoreBPE>> = threads_list
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| tiktoken_rs::o200k_harmony().unwrap())
+                .collect()
+        })
+        .collect();
     let mut out_tokens = 0u64;
     for round in 0..rounds {
         let t0 = Instant::now();
@@ -339,6 +367,11 @@ fn main() {
             ratio[ti].push(bw / (w * threads as f64));
             cpu_ratio[ti].push(bc / c);
             line.push_str(&format!(", threads={threads} {w:.3} s"));
+            if threads > 1 {
+                let r = parallel_encode(&texts, &bpes[ti]);
+                raw_par[ti].push(r);
+                line.push_str(&format!(" (raw encode on {threads} threads {r:.3} s)"));
+            }
         }
         println!("{line}");
     }
@@ -360,6 +393,15 @@ fn main() {
             100.0 * median(&mut ratio[ti]),
             100.0 * median(&mut cpu_ratio[ti]),
             w1 / w
+        );
+    }
+    for (ti, &threads) in threads_list.iter().enumerate().skip(1) {
+        let r = median(&mut raw_par[ti].clone());
+        let w = median(&mut wall[ti].clone());
+        println!(
+            "reference: raw encode_ordinary on {threads} threads (own tokenizer each): {r:.3} s = {:.2}x of one core; build-synth threads={threads} reaches {:.1}% of it",
+            bw / r,
+            100.0 * r / w
         );
     }
     let _ = bc;
