@@ -215,12 +215,43 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// Raw `encode_ordinary` over the texts on `n` threads, each with its own tokenizer (built
+/// before timing): the hardware's scaling limit for the same work. Returns seconds.
+fn parallel_encode(texts: &[String], bpes: &[tiktoken_rs::CoreBPE]) -> f64 {
+    let n = bpes.len();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for (k, bpe) in bpes.iter().enumerate() {
+            s.spawn(move || {
+                let mut c = 0usize;
+                for t in texts.iter().skip(k).step_by(n) {
+                    c += bpe.encode_ordinary(t).len();
+                }
+                c
+            });
+        }
+    });
+    t0.elapsed().as_secs_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
 fn main() {
+    // Child mode: one build, then report the peak RSS of this process (see the end of main).
+    if let Ok(spec) = std::env::var("BENCH_CHILD_BUILD") {
+        let (threads, rest) = spec.split_once(':').unwrap();
+        let (input, out) = rest.split_once('|').unwrap();
+        let mut o = BuildOptions::new(vec![PathBuf::from(input)], PathBuf::from(out));
+        o.threads = Some(threads.parse().unwrap());
+        build_synth(&o).unwrap();
+        println!("{}", peak_rss_kib());
+        return;
+    }
     let rows: usize = std::env::var("BENCH_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(20000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = std::env::temp_dir().join(format!("vpmoe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -230,7 +261,7 @@ fn main() {
     let bpe = vpmoe_data::tokenizer::bpe();
     let _ = bpe.encode_ordinary("warm up");
 
-    // Baseline: the exact texts the pipeline encodes, encode_ordinary on one core.
+    // Baseline texts: exactly what the pipeline encodes.
     let mut texts = Vec::new();
     let mut reader = SynthParquet::open(&input, 1024).unwrap();
     while let Some(batch) = reader.next_rows().unwrap() {
@@ -246,33 +277,10 @@ fn main() {
         }
     }
     let chars: usize = texts.iter().map(|t| t.chars().count()).sum();
-    // Best of three (the machine is shared; the minimum is the least disturbed run).
-    let mut content_tokens = 0u64;
-    let mut base_s = f64::INFINITY;
-    let mut base_cpu = f64::INFINITY;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let c0 = cpu_seconds();
-        content_tokens = 0;
-        for t in &texts {
-            content_tokens += bpe.encode_ordinary(t).len() as u64;
-        }
-        base_s = base_s.min(t0.elapsed().as_secs_f64());
-        base_cpu = base_cpu.min(cpu_seconds() - c0);
-    }
-    let base_tps = content_tokens as f64 / base_s;
-    drop(texts);
+    let content_tokens: u64 = texts.iter().map(|t| bpe.encode_ordinary(t).len() as u64).sum();
     println!("corpus: {rows} rows, {bytes} parquet bytes, {chars} chars, {content_tokens} content tokens");
-    let base_cpu_tps = content_tokens as f64 / base_cpu;
-    println!(
-        "baseline encode_ordinary (1 core, best of 3): {:.3} s wall, {:.0} tokens/s; {:.2} CPU-s, {:.0} tokens per CPU-second",
-        base_s, base_tps, base_cpu, base_cpu_tps
-    );
 
     // Fixed costs inside a build, measured alone.
-    let t0 = Instant::now();
-    let _ = vpmoe_data::tokenizer::vocabulary_sha256();
-    let vocab_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let mut reader = SynthParquet::open(&input, 512).unwrap();
     let mut n = 0usize;
@@ -281,59 +289,103 @@ fn main() {
     }
     let decode_s = t0.elapsed().as_secs_f64();
     assert_eq!(n, rows);
+    let t0 = Instant::now();
+    let _ = tiktoken_rs::o200k_harmony().unwrap();
+    let load_s = t0.elapsed().as_secs_f64();
     println!(
-        "for reference: tokenizer vocabulary sha256 {:.3} s (not done per build); parquet decode of the needed columns {:.3} s",
-        vocab_s, decode_s
+        "fixed costs inside a build: parquet decode of the needed columns {decode_s:.3} s; tokenizer construction {load_s:.3} s per worker thread"
     );
 
-    let mut one_thread = None;
+    // Interleaved rounds: baseline, then a build per thread count, so that the VM's speed
+    // drift affects both sides of each ratio alike. Ratios are per round; medians reported.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut threads_list = vec![1usize, 2, 4];
+    let mut threads_list = vec![1usize, 2, 4, 8, 16];
     threads_list.retain(|&t| t <= cores.max(2));
-    for threads in threads_list {
-        let out = dir.join(format!("out-{threads}"));
-        let mut o = BuildOptions::new(vec![input.clone()], out.clone());
-        o.threads = Some(threads);
-        let mut s = f64::INFINITY;
-        let mut cpu = f64::INFINITY;
-        let mut peak = 0;
-        let mut rep = None;
-        for _ in 0..3 {
+    let mut base_wall = Vec::new();
+    let mut base_cpu = Vec::new();
+    let mut wall: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let mut cpu_ratio: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let mut raw_par: Vec<Vec<f64>> = vec![Vec::new(); threads_list.len()];
+    let bpes: Vec<Vec<tiktoken_rs::CoreBPE>> =
+        threads_list.iter().map(|&n| (0..n).map(|_| tiktoken_rs::o200k_harmony().unwrap()).collect()).collect();
+    let mut out_tokens = 0u64;
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let c0 = cpu_seconds();
+        let mut k = 0u64;
+        for t in &texts {
+            k += bpe.encode_ordinary(t).len() as u64;
+        }
+        assert_eq!(k, content_tokens);
+        let (bw, bc) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        base_wall.push(bw);
+        base_cpu.push(bc);
+        let mut line = format!("round {round}: baseline {bw:.3} s");
+        for (ti, &threads) in threads_list.iter().enumerate() {
+            let out = dir.join(format!("out-{threads}"));
             let _ = std::fs::remove_dir_all(&out);
-            reset_peak_rss();
+            let mut o = BuildOptions::new(vec![input.clone()], out);
+            o.threads = Some(threads);
             let t0 = Instant::now();
             let c0 = cpu_seconds();
-            rep = Some(build_synth(&o).unwrap());
-            s = s.min(t0.elapsed().as_secs_f64());
-            cpu = cpu.min(cpu_seconds() - c0);
-            peak = peak.max(peak_rss_kib());
+            out_tokens = build_synth(&o).unwrap().tokens;
+            let (w, c) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            wall[ti].push(w);
+            cpu[ti].push(c);
+            ratio[ti].push(bw / (w * threads as f64));
+            cpu_ratio[ti].push(bc / c);
+            line.push_str(&format!(", threads={threads} {w:.3} s"));
+            if threads > 1 {
+                let r = parallel_encode(&texts, &bpes[ti]);
+                raw_par[ti].push(r);
+                line.push_str(&format!(" (raw encode on {threads} threads {r:.3} s)"));
+            }
         }
-        let rep = rep.unwrap();
-        // Same-text throughput: content tokens (what the baseline encodes) per second.
-        let tps = content_tokens as f64 / s;
-        let per_core = tps / threads as f64;
-        let speedup = one_thread.map_or(1.0, |t1: f64| t1 / s);
-        if threads == 1 {
-            one_thread = Some(s);
-        }
+        println!("{line}");
+    }
+    let bw = median(&mut base_wall.clone());
+    let bc = median(&mut base_cpu.clone());
+    println!(
+        "baseline encode_ordinary, 1 core (median of {rounds}): {bw:.3} s, {:.0} tokens/s",
+        content_tokens as f64 / bw
+    );
+    let w1 = median(&mut wall[0].clone());
+    for (ti, &threads) in threads_list.iter().enumerate() {
+        let w = median(&mut wall[ti].clone());
+        let c = median(&mut cpu[ti].clone());
         println!(
-            "build-synth threads={threads} (best of 3, from scratch): {:.3} s, {:.0} content tokens/s ({:.0} output tokens/s incl. system/wrappers/EOD), \
-             per core {:.0} tok/s = {:.1}% of encode_ordinary, speedup vs 1 thread {:.2}x, peak RSS {} MiB",
-            s,
-            tps,
-            rep.tokens as f64 / s,
-            per_core,
-            100.0 * per_core / base_tps,
-            speedup,
-            peak / 1024
+            "build-synth threads={threads} (median of {rounds}, from scratch): {w:.3} s, {:.0} content tokens/s ({:.0} output tokens/s incl. system/wrappers/EOD); \
+             per core {:.1}% of encode_ordinary (median of per-round ratios); {c:.2} CPU-s = {:.1}% of the baseline's tokens per CPU-second; speed-up vs 1 thread {:.2}x",
+            content_tokens as f64 / w,
+            out_tokens as f64 / w,
+            100.0 * median(&mut ratio[ti]),
+            100.0 * median(&mut cpu_ratio[ti]),
+            w1 / w
         );
-        let cpu_tps = content_tokens as f64 / cpu;
+    }
+    for (ti, &threads) in threads_list.iter().enumerate().skip(1) {
+        let r = median(&mut raw_par[ti].clone());
+        let w = median(&mut wall[ti].clone());
         println!(
-            "    CPU time {:.2} CPU-s: {:.0} content tokens per CPU-second = {:.1}% of encode_ordinary per CPU-second",
-            cpu,
-            cpu_tps,
-            100.0 * cpu_tps / base_cpu_tps
+            "reference: raw encode_ordinary on {threads} threads (own tokenizer each): {r:.3} s = {:.2}x of one core; build-synth threads={threads} reaches {:.1}% of it",
+            bw / r,
+            100.0 * r / w
         );
+    }
+    let _ = bc;
+    drop(texts);
+
+    // Peak memory of one build per thread count, each in a fresh process.
+    for &threads in &threads_list {
+        let out = dir.join(format!("mem-{threads}"));
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("BENCH_CHILD_BUILD", format!("{threads}:{}|{}", input.display(), out.display()))
+            .output()
+            .unwrap();
+        let kib: u64 = String::from_utf8_lossy(&child.stdout).trim().parse().unwrap_or(0);
+        println!("peak RSS of a build-synth process with threads={threads}: {} MiB", kib / 1024);
     }
     println!("(machine: {cores} logical cores)");
     let _ = std::fs::remove_dir_all(&dir);

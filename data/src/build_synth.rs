@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 
 use crate::harmony::ReasoningEffort;
 use crate::indexed::{self, IndexedWriter};
-use crate::synth::{RowOutcome, SynthParquet, SynthRenderer, SynthRow, ValidFraction};
+use crate::synth::{row_refs, RowOutcome, RowRef, SynthParquet, SynthRenderer, ValidFraction};
 use crate::tokenizer;
+use arrow_array::RecordBatch;
 
 /// Dataset schema tag in the manifest.
 pub const SCHEMA_VERSION: &str = "synth_kd_v1";
@@ -562,6 +563,71 @@ impl SplitWriter {
     }
 }
 
+/// One rendered row, ready to be written in order.
+struct Processed {
+    synth_id: Option<String>,
+    /// Goes to `valid/`.
+    valid: bool,
+    outcome: RowOutcome,
+}
+
+impl Processed {
+    fn new(row: &RowRef<'_>, outcome: RowOutcome, vf: &ValidFraction) -> Self {
+        let doc = matches!(outcome, RowOutcome::Doc { .. });
+        Processed {
+            // Only needed for reports (skipped rows).
+            synth_id: if doc { None } else { row.synth_id.map(str::to_string) },
+            valid: doc && vf.is_valid(row.synth_id.unwrap_or_default()),
+            outcome,
+        }
+    }
+}
+
+/// The in-order writing side of a shard build.
+struct ShardSink {
+    writers: [SplitWriter; 2],
+    skipped: Vec<Skipped>,
+    truncated: u64,
+    /// Rows consumed so far (the row number of the next row).
+    rows_written_through: u64,
+}
+
+impl ShardSink {
+    /// Write one batch in input order; returns the tokens written.
+    fn write(&mut self, batch: Vec<Processed>, strict: bool, file: &str) -> Result<u64> {
+        let mut tokens = 0u64;
+        for p in batch {
+            let row_no = self.rows_written_through;
+            self.rows_written_through += 1;
+            let skip = |kind: &str, reason: String, id: Option<String>| Skipped {
+                kind: kind.to_string(),
+                synth_id: id,
+                file: file.to_string(),
+                row: row_no,
+                reason,
+            };
+            match p.outcome {
+                RowOutcome::Doc { doc, truncated } => {
+                    self.writers[usize::from(p.valid)].add(&doc)?;
+                    self.truncated += u64::from(truncated);
+                    tokens += doc.len() as u64;
+                }
+                RowOutcome::Rejected(reason) => {
+                    if strict {
+                        bail!(
+                            "{file} row {row_no}: synth_id {:?} rejected: {reason} (--strict)",
+                            p.synth_id.as_deref().unwrap_or("<null>")
+                        );
+                    }
+                    self.skipped.push(skip("rejected", reason, p.synth_id));
+                }
+                RowOutcome::Dropped(reason) => self.skipped.push(skip("dropped", reason, p.synth_id)),
+            }
+        }
+        Ok(tokens)
+    }
+}
+
 fn build_shard(
     opts: &BuildOptions,
     plan: &Plan,
@@ -583,73 +649,75 @@ fn build_shard(
         }
     }
     let mut reader = SynthParquet::open(&plan.path, opts.batch_rows)?;
-    let mut writers =
-        [SplitWriter::create(&opts.out, "train", &plan.name)?, SplitWriter::create(&opts.out, "valid", &plan.name)?];
-    let mut skipped = Vec::new();
-    let mut rows_read = 0u64;
-    let mut truncated = 0u64;
-    let take = |rows: Option<Vec<SynthRow>>, rows_read: u64| -> Option<Vec<SynthRow>> {
-        let mut rows = rows?;
-        let left = plan.limit.saturating_sub(rows_read);
-        rows.truncate(left.min(usize::MAX as u64) as usize);
-        (!rows.is_empty()).then_some(rows)
+    let mut sink = ShardSink {
+        writers: [
+            SplitWriter::create(&opts.out, "train", &plan.name)?,
+            SplitWriter::create(&opts.out, "valid", &plan.name)?,
+        ],
+        skipped: Vec::new(),
+        truncated: 0,
+        rows_written_through: 0,
     };
-    let mut next = take(reader.next_rows()?, 0);
-    while let Some(rows) = next {
+    let take = |batch: Option<RecordBatch>, rows_read: u64| -> Option<RecordBatch> {
+        let batch = batch?;
+        let left = plan.limit.saturating_sub(rows_read);
+        let batch = if batch.num_rows() as u64 > left { batch.slice(0, left as usize) } else { batch };
+        (batch.num_rows() > 0).then_some(batch)
+    };
+    // Three stages overlap: batch k is rendered in parallel while batch k-1 is written (in
+    // order) and batch k+1 is decoded.
+    let mut rows_read = 0u64;
+    let mut pending: Option<Vec<Processed>> = None;
+    let mut next = take(reader.next_batch()?, 0);
+    let mut result: Result<()> = Ok(());
+    while let Some(batch) = next {
+        let rows = row_refs(&batch)?;
         let after = rows_read + rows.len() as u64;
-        let (outcomes, upcoming) = rayon::join(
-            || rows.par_iter().map(|r| renderer.process(r)).collect::<Vec<RowOutcome>>(),
+        let (processed, (written, upcoming)) = rayon::join(
             || {
-                if after < plan.limit {
-                    reader.next_rows()
-                } else {
-                    Ok(None)
-                }
+                rows.par_iter()
+                    .map(|r| Processed::new(r, renderer.process_ref(r), &opts.valid_fraction))
+                    .collect::<Vec<Processed>>()
+            },
+            || {
+                let written = match pending.take() {
+                    Some(p) => sink.write(p, opts.strict, &plan.input.name),
+                    None => Ok(0),
+                };
+                let upcoming = if after < plan.limit && written.is_ok() { reader.next_batch() } else { Ok(None) };
+                (written, upcoming)
             },
         );
-        let mut batch_tokens = 0u64;
-        for (i, (row, outcome)) in rows.iter().zip(outcomes).enumerate() {
-            let row_no = rows_read + i as u64;
-            let skip = |kind: &str, reason: String| Skipped {
-                kind: kind.to_string(),
-                synth_id: row.synth_id.clone(),
-                file: plan.input.name.clone(),
-                row: row_no,
-                reason,
-            };
-            match outcome {
-                RowOutcome::Doc { doc, truncated: t } => {
-                    let id = row.synth_id.as_deref().unwrap_or_default();
-                    let w = usize::from(opts.valid_fraction.is_valid(id));
-                    writers[w].add(&doc)?;
-                    truncated += u64::from(t);
-                    batch_tokens += doc.len() as u64;
-                }
-                RowOutcome::Rejected(reason) => {
-                    if opts.strict {
-                        for w in writers {
-                            w.tokens.abandon();
-                            w.lossmask.abandon();
-                            w.span.abandon();
-                        }
-                        bail!(
-                            "{} row {row_no}: synth_id {:?} rejected: {reason} (--strict)",
-                            plan.input.name,
-                            row.synth_id.as_deref().unwrap_or("<null>")
-                        );
-                    }
-                    skipped.push(skip("rejected", reason));
-                }
-                RowOutcome::Dropped(reason) => skipped.push(skip("dropped", reason)),
+        match written {
+            Ok(tokens) => *tokens_done += tokens,
+            Err(e) => {
+                result = Err(e);
+                break;
             }
         }
+        pending = Some(processed);
         rows_read = after;
-        *tokens_done += batch_tokens;
         pb.inc(rows.len() as u64);
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         pb.set_message(format!("{:.0} tok/s", *tokens_done as f64 / secs));
         next = take(upcoming?, rows_read);
     }
+    if result.is_ok() {
+        if let Some(p) = pending.take() {
+            result = sink.write(p, opts.strict, &plan.input.name).map(|t| {
+                *tokens_done += t;
+            });
+        }
+    }
+    if let Err(e) = result {
+        for w in sink.writers {
+            w.tokens.abandon();
+            w.lossmask.abandon();
+            w.span.abandon();
+        }
+        return Err(e);
+    }
+    let ShardSink { writers, skipped, truncated, .. } = sink;
     ensure!(
         rows_read == plan.limit,
         "{}: read {rows_read} rows but the footer says {}",

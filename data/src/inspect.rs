@@ -26,8 +26,9 @@ pub struct Stats {
     pub histogram: Vec<(u64, u64)>,
 }
 
-/// Compute statistics by reading the shards (lengths from the index, masks from the data).
-pub fn stats(shards: &[Shard]) -> Stats {
+/// Compute statistics: lengths from the indices; loss/span counts by scanning the mask data
+/// when `scan_masks` (otherwise left 0 for the caller to fill, e.g. from the manifest).
+pub fn stats(shards: &[Shard], scan_masks: bool) -> Stats {
     let mut st = Stats { shards: shards.len(), min_len: u64::MAX, ..Default::default() };
     let mut bins = [0u64; 40];
     for sh in shards {
@@ -38,6 +39,9 @@ pub fn stats(shards: &[Shard]) -> Stats {
             st.min_len = st.min_len.min(l);
             st.max_len = st.max_len.max(l);
             bins[(64 - l.max(1).leading_zeros() - 1) as usize] += 1;
+            if !scan_masks {
+                continue;
+            }
             for &m in sh.lossmask.bytes(i, 0, l as usize) {
                 st.loss_tokens += u64::from(m);
             }
@@ -137,10 +141,12 @@ pub fn format_sample(shard: &Shard, doc: usize, color: bool) -> String {
 pub fn describe(dir: &Path, color: bool) -> Result<String> {
     let mut out = String::new();
     let manifest = dir.join("manifest.json");
+    let mut manifest_json: Option<serde_json::Value> = None;
     let splits: Vec<(String, std::path::PathBuf)> = if manifest.is_file() {
         let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", manifest.display()))?;
+        manifest_json = Some(v.clone());
         let _ = writeln!(
             out,
             "dataset {} ({}), config_hash {}, git {}",
@@ -181,7 +187,24 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
         for p in &prefixes {
             shards.push(Shard::open(p)?);
         }
-        out.push_str(&format_stats(&name, &stats(&shards)));
+        // With a manifest, loss/span counts come from it (no scan of the mask data, which can
+        // be tens of GB); the manifest's token count must agree with the indices.
+        let mut st = stats(&shards, manifest_json.is_none());
+        if let Some(v) = &manifest_json {
+            let sp = &v["splits"][&name];
+            let want = sp["tokens"].as_u64().unwrap_or(0);
+            anyhow::ensure!(
+                want == st.tokens,
+                "{}: split {name} has {} tokens in its indices but the manifest says {want}",
+                manifest.display(),
+                st.tokens
+            );
+            st.loss_tokens = sp["loss_tokens"].as_u64().unwrap_or(0);
+            for k in 0..3 {
+                st.span_tokens[k] = sp["span_tokens"][k.to_string()].as_u64().unwrap_or(0);
+            }
+        }
+        out.push_str(&format_stats(&name, &st));
         if sample.is_none() {
             sample =
                 prefixes.iter().zip(shards).find(|(_, s)| !s.is_empty()).map(|(p, s)| (p.display().to_string(), s));

@@ -48,16 +48,64 @@ pub struct SynthRow {
     pub synthetic_answer: Option<String>,
 }
 
-fn present(s: &Option<String>) -> Option<&str> {
-    s.as_deref().filter(|t| !t.trim().is_empty())
-}
-
 /// The pinned system message with the given reasoning effort.
 pub fn system_content(effort: ReasoningEffort) -> SystemContent {
     SystemContent { reasoning_effort: Some(effort), ..SystemContent::default() }
 }
 
+/// A SYNTH row borrowed from a record batch (no copies on the build path).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowRef<'a> {
+    pub synth_id: Option<&'a str>,
+    pub exercise: Option<&'a str>,
+    pub query: Option<&'a str>,
+    pub constraints: Option<&'a str>,
+    pub synthetic_reasoning: Option<&'a str>,
+    pub synthetic_answer: Option<&'a str>,
+}
+
+fn present_ref(s: Option<&str>) -> Option<&str> {
+    s.filter(|t| !t.trim().is_empty())
+}
+
+/// The validated parts of a row: user text, reasoning, answer.
+pub struct RowTexts<'a> {
+    pub user: std::borrow::Cow<'a, str>,
+    pub reasoning: &'a str,
+    pub answer: &'a str,
+}
+
+impl<'a> RowRef<'a> {
+    /// Validate and pick the texts (the mapping rules of the module docs).
+    pub fn texts(&self) -> Result<RowTexts<'a>, String> {
+        if present_ref(self.synth_id).is_none() {
+            return Err("missing synth_id".into());
+        }
+        let query = present_ref(self.query).ok_or("missing query")?;
+        let answer = present_ref(self.synthetic_answer).ok_or("missing synthetic_answer")?;
+        let mut user = std::borrow::Cow::Borrowed(query);
+        if self.exercise.map(str::trim) == Some("rag") {
+            if let Some(src) = present_ref(self.constraints) {
+                user = std::borrow::Cow::Owned(format!("{query}\n\n{src}"));
+            }
+        }
+        Ok(RowTexts { user, reasoning: self.synthetic_reasoning.unwrap_or_default(), answer })
+    }
+}
+
 impl SynthRow {
+    /// Borrow as a [`RowRef`].
+    pub fn as_ref(&self) -> RowRef<'_> {
+        RowRef {
+            synth_id: self.synth_id.as_deref(),
+            exercise: self.exercise.as_deref(),
+            query: self.query.as_deref(),
+            constraints: self.constraints.as_deref(),
+            synthetic_reasoning: self.synthetic_reasoning.as_deref(),
+            synthetic_answer: self.synthetic_answer.as_deref(),
+        }
+    }
+
     /// Validate and map to a conversation. The error is the rejection reason.
     pub fn to_conversation(&self, effort: ReasoningEffort) -> Result<Conversation, String> {
         let msgs = self.messages()?;
@@ -68,23 +116,11 @@ impl SynthRow {
 
     /// The user, analysis and final messages (without the system message).
     pub fn messages(&self) -> Result<[Message; 3], String> {
-        if present(&self.synth_id).is_none() {
-            return Err("missing synth_id".into());
-        }
-        let query = present(&self.query).ok_or("missing query")?;
-        let answer = present(&self.synthetic_answer).ok_or("missing synthetic_answer")?;
-        let mut user = query.to_string();
-        if self.exercise.as_deref().map(str::trim) == Some("rag") {
-            if let Some(src) = present(&self.constraints) {
-                user.push_str("\n\n");
-                user.push_str(src);
-            }
-        }
-        let reasoning = self.synthetic_reasoning.clone().unwrap_or_default();
+        let t = self.as_ref().texts()?;
         Ok([
-            Message::new(Role::User, user),
-            Message::new(Role::Assistant, reasoning).with_channel("analysis"),
-            Message::new(Role::Assistant, answer).with_channel("final"),
+            Message::new(Role::User, t.user.into_owned()),
+            Message::new(Role::Assistant, t.reasoning).with_channel("analysis"),
+            Message::new(Role::Assistant, t.answer).with_channel("final"),
         ])
     }
 }
@@ -223,27 +259,54 @@ impl SynthRenderer {
 
     /// Map, validate, render, truncate and label-align one row.
     pub fn process(&self, row: &SynthRow) -> RowOutcome {
-        let msgs = match row.messages() {
-            Ok(m) => m,
+        self.process_ref(&row.as_ref())
+    }
+
+    /// [`SynthRenderer::process`] on a borrowed row. Renders the user/analysis/final messages
+    /// directly from the texts (the same tokens as [`harmony::render_message`], checked by
+    /// tests) without building [`Message`] values.
+    pub fn process_ref(&self, row: &RowRef<'_>) -> RowOutcome {
+        let t = match row.texts() {
+            Ok(t) => t,
             Err(e) => return RowOutcome::Rejected(e),
         };
         let mut rendered = Vec::with_capacity(4);
         rendered.push(self.system.clone());
-        for (i, m) in msgs.iter().enumerate() {
-            match harmony::render_message(i + 1, m, false) {
-                Ok(t) => rendered.push(t),
-                Err(e) => return RowOutcome::Rejected(format!("{e:#}")),
-            }
-        }
-        if let Some(last) = rendered.last_mut() {
-            last.end = RETURN;
-        }
+        rendered.push(text_message(1, Role::User, None, &t.user));
+        rendered.push(text_message(2, Role::Assistant, Some("analysis"), t.reasoning));
+        let mut fin = text_message(3, Role::Assistant, Some("final"), t.answer);
+        fin.end = RETURN;
+        rendered.push(fin);
         let truncated = match fit(&mut rendered, self.max_doc_tokens - 1) {
             Fit::Whole => false,
             Fit::Truncated => true,
             Fit::Dropped(why) => return RowOutcome::Dropped(why),
         };
         RowOutcome::Doc { doc: Document::from_messages(&rendered), truncated }
+    }
+}
+
+/// A message with one text item, no name/recipient/content type (the SYNTH shapes).
+fn text_message(index: usize, role: Role, channel: Option<&str>, text: &str) -> MessageTokens {
+    let mut header = Vec::with_capacity(6);
+    header.push(crate::tokenizer::START);
+    crate::tokenizer::encode_into(role.as_str(), &mut header);
+    if let Some(ch) = channel {
+        header.push(crate::tokenizer::CHANNEL);
+        crate::tokenizer::encode_into(ch, &mut header);
+    }
+    header.push(crate::tokenizer::MESSAGE);
+    let mut content = Vec::new();
+    crate::tokenizer::encode_into(text, &mut content);
+    MessageTokens {
+        index,
+        role,
+        channel: channel.map(str::to_string),
+        recipient: None,
+        content_type: None,
+        header,
+        content,
+        end: crate::tokenizer::END,
     }
 }
 
@@ -320,13 +383,16 @@ impl<'a> StrCol<'a> {
             bail!("column {name:?} has type {}, expected a string", col.data_type())
         }
     }
-    fn get(&self, i: usize) -> Option<String> {
+    fn get_ref(&self, i: usize) -> Option<&'a str> {
         match self {
-            StrCol::Utf8(a) => (!a.is_null(i)).then(|| a.value(i).to_string()),
-            StrCol::Large(a) => (!a.is_null(i)).then(|| a.value(i).to_string()),
-            StrCol::View(a) => (!a.is_null(i)).then(|| a.value(i).to_string()),
+            StrCol::Utf8(a) => (!a.is_null(i)).then(|| a.value(i)),
+            StrCol::Large(a) => (!a.is_null(i)).then(|| a.value(i)),
+            StrCol::View(a) => (!a.is_null(i)).then(|| a.value(i)),
             StrCol::Missing => None,
         }
+    }
+    fn get(&self, i: usize) -> Option<String> {
+        self.get_ref(i).map(str::to_string)
     }
 }
 
@@ -342,6 +408,29 @@ pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<SynthRow>> {
             constraints: c[4].get(i),
             synthetic_reasoning: c[5].get(i),
             synthetic_answer: c[6].get(i),
+        })
+        .collect())
+}
+
+/// Borrow the rows of a record batch of SYNTH columns.
+pub fn row_refs(batch: &RecordBatch) -> Result<Vec<RowRef<'_>>> {
+    let c = |n: &str| StrCol::of(batch, n);
+    let (id, ex, q, cons, r, a) = (
+        c("synth_id")?,
+        c("exercise")?,
+        c("query")?,
+        c("constraints")?,
+        c("synthetic_reasoning")?,
+        c("synthetic_answer")?,
+    );
+    Ok((0..batch.num_rows())
+        .map(|i| RowRef {
+            synth_id: id.get_ref(i),
+            exercise: ex.get_ref(i),
+            query: q.get_ref(i),
+            constraints: cons.get_ref(i),
+            synthetic_reasoning: r.get_ref(i),
+            synthetic_answer: a.get_ref(i),
         })
         .collect())
 }
@@ -379,14 +468,28 @@ impl SynthParquet {
         Ok(SynthParquet { path: path.to_path_buf(), reader, num_rows })
     }
 
-    /// The next batch of rows, `None` at the end. Decoding errors name the file.
-    pub fn next_rows(&mut self) -> Result<Option<Vec<SynthRow>>> {
+    /// The next record batch (only the SYNTH columns), `None` at the end. Decoding errors
+    /// name the file; so do column type errors (checked here).
+    pub fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         match self.reader.next() {
             None => Ok(None),
             Some(Err(e)) => {
                 Err(anyhow!(e)).with_context(|| format!("{}: corrupt or truncated parquet data", self.path.display()))
             }
-            Some(Ok(batch)) => rows_from_batch(&batch).map(Some).with_context(|| format!("{}", self.path.display())),
+            Some(Ok(batch)) => {
+                for name in COLUMNS {
+                    StrCol::of(&batch, name).with_context(|| format!("{}", self.path.display()))?;
+                }
+                Ok(Some(batch))
+            }
+        }
+    }
+
+    /// The next batch of rows as owned values, `None` at the end.
+    pub fn next_rows(&mut self) -> Result<Option<Vec<SynthRow>>> {
+        match self.next_batch()? {
+            None => Ok(None),
+            Some(batch) => rows_from_batch(&batch).map(Some).with_context(|| format!("{}", self.path.display())),
         }
     }
 }

@@ -199,7 +199,7 @@ fn strict_mode_fails_on_the_first_invalid_row() {
     let dir = tmpdir("strict-in");
     write_fixture_dir(&dir, 1, 40);
     let out = tmpdir("strict-out");
-    let mut o = opts(vec![dir], &out);
+    let mut o = opts(vec![dir.to_path_buf()], &out);
     o.strict = true;
     let err = format!("{:#}", build_synth(&o).unwrap_err());
     assert!(err.contains("synth_00_00007") && err.contains("missing query"), "{err}");

@@ -1,4 +1,5 @@
-//! Tool sections: text parity with openai-harmony's own test data (v0.0.8, Apache-2.0).
+//! Text parity with openai-harmony's own test data (v0.0.8, Apache-2.0): tool sections,
+//! tool calls and tool messages, auto-drop-analysis rules.
 
 use vpmoe_data::harmony::{self, RenderConfig, Role};
 use vpmoe_data::tokenizer;
@@ -77,4 +78,66 @@ fn browser_and_python_tools() {
     );
     let want = include_str!("fixtures/harmony_upstream/test_browser_and_python_tool.txt");
     assert_eq!(render_completion(&text), want);
+}
+
+fn expected(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/harmony_upstream")
+        .join(format!("{name}.txt"));
+    std::fs::read_to_string(p).unwrap().trim_end().to_string()
+}
+
+fn completion(json: &str, drop: bool) -> String {
+    let conv = harmony::parse_conversation(json).unwrap();
+    let cfg = RenderConfig { auto_drop_analysis: drop };
+    tokenizer::decode(&harmony::render_for_completion(&conv, Role::Assistant, cfg).unwrap())
+}
+
+const COT: &str = r#"{"messages": [
+  {"role": "user", "content": "What is 2 + 2?"},
+  {"role": "assistant", "channel": "analysis", "content": "User asks a simple question: \"What is 2 + 2?\" The answer: 4."},
+  {"role": "assistant", "channel": "final", "content": "2 + 2 equals 4."},
+  {"role": "user", "content": "What about 9 / 2?"}]}"#;
+
+#[test]
+fn auto_drop_analysis_rules() {
+    assert_eq!(completion(COT, false), expected("test_preserve_cot"));
+    let dropping = COT.replace(
+        "User asks a simple question: \\\"What is 2 + 2?\\\" The answer: 4.",
+        "User asks: “What is 2 + 2?” Simple arithmetic. Provide answer.",
+    );
+    assert_eq!(completion(&dropping, true), expected("test_dropping_cot_by_default"));
+    let between = r#"{"messages": [
+      {"role": "user", "content": "What is 2 + 2?"},
+      {"role": "assistant", "channel": "analysis", "content": "thinking 2+2"},
+      {"role": "assistant", "channel": "final", "content": "4"},
+      {"role": "user", "content": "What is 3 + 5?"},
+      {"role": "assistant", "channel": "analysis", "content": "thinking 3+5"},
+      {"role": "assistant", "channel": "final", "content": "8"}]}"#;
+    let conv = harmony::parse_conversation(between).unwrap();
+    let r = harmony::render(&conv, RenderConfig { auto_drop_analysis: true }).unwrap();
+    assert_eq!(r.text(), expected("test_keep_analysis_between_finals"));
+}
+
+#[test]
+fn tool_call_and_tool_message() {
+    let json = r#"{"messages": [
+      {"role": "user", "content": "What is the weather in SF?"},
+      {"role": "assistant", "channel": "analysis", "content": "User asks: “What is the weather in SF?” We need to use lookup_weather tool."},
+      {"role": "assistant", "channel": "commentary", "recipient": "functions.lookup_weather", "content_type": "<|constrain|>json", "content": "{\"location\": \"San Francisco\"}"},
+      {"role": "tool", "name": "functions.lookup_weather", "content": "{\"temperature\": 20, \"description\": \"sunny\"}"}]}"#;
+    assert_eq!(completion(json, true), expected("test_does_not_drop_if_ongoing_analysis"));
+    // Masks: the tool call is supervised (mask 1, span 0) and ends with <|call|>; the tool's
+    // answer is not supervised.
+    let conv = harmony::parse_conversation(json).unwrap();
+    let r = harmony::render_for_training(&conv, RenderConfig::default()).unwrap();
+    let call = &r.message_spans[2];
+    assert_eq!(r.token_ids[call.content_end], tokenizer::CALL);
+    assert!(r.loss_mask[call.start..call.end].iter().all(|&m| m == 1));
+    assert!(r.span_id[call.start..call.end].iter().all(|&s| s == 0));
+    let tool = &r.message_spans[3];
+    assert!(r.loss_mask[tool.start..tool.end].iter().all(|&m| m == 0));
+    assert_eq!(r.token_ids[tool.end - 1], tokenizer::END);
+    // The tool message header is the author name, not the role.
+    assert_eq!(&r.token_ids[tool.start + 1..tool.header_end], &tokenizer::encode("functions.lookup_weather")[..]);
 }

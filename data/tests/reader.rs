@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vpmoe_data::build_synth::{build_synth, BuildOptions};
 use vpmoe_data::reader::{Batch, Cursor, Dataset, Reader};
@@ -11,11 +11,11 @@ use vpmoe_data::tokenizer::EOD;
 
 const EODI: i32 = EOD as i32;
 
-fn dataset(name: &str, files: usize, rows: usize) -> PathBuf {
+fn dataset(name: &str, files: usize, rows: usize) -> common::TempDir {
     let dir = common::tmpdir(&format!("{name}-in"));
     common::write_fixture_dir(&dir, files, rows);
     let out = common::tmpdir(&format!("{name}-out"));
-    let mut o = BuildOptions::new(vec![dir], out.clone());
+    let mut o = BuildOptions::new(vec![dir.to_path_buf()], out.clone());
     o.seq_len = 256;
     o.valid_fraction = "0.25".parse().unwrap();
     build_synth(&o).unwrap();

@@ -16,8 +16,29 @@ use vpmoe_data::synth::SynthRow;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh, empty directory under the system temp dir.
-pub fn tmpdir(name: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tmpdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!(
         "vpmoe-data-test-{}-{}-{}",
         name,
@@ -26,7 +47,7 @@ pub fn tmpdir(name: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 /// One full SYNTH row (all 14 columns).
