@@ -90,12 +90,11 @@ fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -
         Ok(t) => Some(t),
         Err(e) if opts.require_nvrtc => return Err(e.context("--require-nvrtc")),
         Err(e) => {
-            let mut s = KernelSummary { skipped: Some(format!("{e}")), ..Default::default() };
+            let s = KernelSummary { skipped: Some(format!("{e}")), ..Default::default() };
             for k in &plan.kernels {
                 let spec = vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() };
                 std::fs::write(kdir.join(format!("{}.cu", k.name)), vpmoe_codegen::shim(&spec, k.block))?;
             }
-            s.resources.clear();
             return Ok(s);
         }
     };

@@ -2,7 +2,7 @@
 //! parameter inventory of §3 (names are Megatron state-dict names, layers 0-indexed; node names
 //! are `blk<N>` with Megatron's 1-indexed layer numbers).
 
-use crate::config::{Arch, LayerSpec};
+use crate::config::Arch;
 use vpmoe_ir::{Attn, AttnKind, DType, Graph, GroupLimit, Init, InputKind, Op, OptGroup, Role, TensorType, ValueId};
 
 struct Lower<'a> {
@@ -179,14 +179,13 @@ pub fn lower(arch: &Arch) -> Graph {
         let w = l.vector(format!("{p}.pre_mlp_layernorm.weight"), &[h], Init::Ones);
         let m = l.node(format!("{n}.ffn.norm"), Op::RmsNorm { dim: h, eps }, vec![hcur, w])[0];
         hcur = if spec.moe {
-            let (out, aux_v) = moe_block(&mut l, &spec, &p, &n, m, hcur, std0, std_out);
+            let (out, aux_v) = moe_block(&mut l, &p, &n, m, hcur, std0, std_out);
             if let Some(x) = aux_v {
                 aux.push((format!("aux.{n}"), x));
             }
             out
         } else {
-            let ins = mlp_params(&mut l, &format!("{p}.mlp"), m, a.ffn, std0, std_out);
-            let mut ins = ins;
+            let mut ins = mlp_params(&mut l, &format!("{p}.mlp"), m, a.ffn, std0, std_out);
             ins.push(hcur);
             l.node(format!("{n}.ffn.mlp"), Op::Mlp { hidden: h, ffn: a.ffn, bias: a.bias_linear, residual: true }, ins)
                 [0]
@@ -237,7 +236,6 @@ fn mlp_params(l: &mut Lower, p: &str, x: ValueId, ffn: u64, std0: f64, std_out: 
 #[allow(clippy::too_many_arguments)]
 fn moe_block(
     l: &mut Lower,
-    spec: &LayerSpec,
     p: &str,
     n: &str,
     m: ValueId,
@@ -248,7 +246,6 @@ fn moe_block(
     let a = l.arch;
     let moe = a.moe.as_ref().expect("moe layer");
     let (h, e, k, f) = (a.hidden, moe.experts, moe.topk, a.ffn);
-    let _ = spec;
     let bias = a.bias_linear;
 
     let mut ins = vec![m, l.matrix(format!("{p}.mlp.router.weight"), &[e, h], std0)];

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use vpmoe_codegen::{lower_node, Launch};
-use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType, ValueDef};
+use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
 pub const PLAN_FORMAT: u32 = 1;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
@@ -229,9 +229,4 @@ impl Plan {
     pub fn buffer_of(&self, key: &BufferKey) -> Option<&Buffer> {
         self.buffers.binary_search_by(|b| b.key.cmp(key)).ok().map(|i| &self.buffers[i])
     }
-}
-
-/// Values that the plan gives a buffer (everything but parameters).
-pub fn has_buffer(g: &Graph, v: vpmoe_ir::ValueId) -> bool {
-    !matches!(g.value(v).def, ValueDef::Param(_))
 }
