@@ -1,7 +1,9 @@
 //! vpmoe IR: pure data. Typed `u32` ids into arenas ([`graph`]), tensor types ([`types`]), the
 //! closed set of fused ops ([`op`]), the canonical text form ([`write`]), the verifier
-//! ([`verify`]) and the reference semantics of every op ([`reference`]). No I/O, no GPU.
+//! ([`verify`]) the reference semantics of every op ([`reference`]) and of its
+//! vector–Jacobian product ([`backward`]). No I/O, no GPU.
 
+pub mod backward;
 pub mod graph;
 pub mod op;
 pub mod reference;
@@ -12,6 +14,6 @@ pub mod write;
 pub use graph::{
     Graph, Init, Input, InputKind, Node, NodeId, OptGroup, Param, ParamId, Role, Value, ValueDef, ValueId,
 };
-pub use op::{Attn, AttnKind, GroupLimit, Op};
+pub use op::{grad_type, Attn, AttnKind, GroupLimit, Op, Vjp};
 pub use types::{DType, Dim, TensorType};
 pub use verify::verify;

@@ -77,6 +77,29 @@ pub enum Op {
     LmHead { hidden: u64, vocab: u64 },
     /// Span-normalised CE: `loss = Σ_t ce_t·mask_t·scale[span_t]`; also `ce_t·mask_t`.
     SpanCe { vocab: u64 },
+    /// Sum of `n` gradient contributions of one type (fan-in of a value read by several nodes).
+    Add { n: u64, ty: TensorType },
+    /// Vector–Jacobian product of a forward op, emitted by autodiff (semantics:
+    /// `crate::backward`). Inputs: the forward op's inputs, its outputs, then the upstream
+    /// gradient of each seeded output; outputs: the gradient of each differentiable input.
+    Vjp(Box<Vjp>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vjp {
+    pub of: Op,
+    /// Per forward output: whether an upstream gradient is supplied (absent ones are zero).
+    pub seeds: Vec<bool>,
+}
+
+/// A gradient's type: activation gradients keep the activation dtype; parameter and scalar
+/// gradients are f32 (D9: gradients accumulate in fp32).
+pub fn grad_type(ty: &TensorType) -> TensorType {
+    if ty.scales_with_tokens() {
+        ty.clone()
+    } else {
+        TensorType { dtype: DType::F32, dims: ty.dims.clone() }
+    }
 }
 
 /// Named, typed input or output of an op.
@@ -113,7 +136,35 @@ impl Op {
             Op::SeqAuxLoss { .. } => "seq_aux_loss",
             Op::LmHead { .. } => "lm_head",
             Op::SpanCe { .. } => "span_ce",
+            Op::Add { .. } => "add",
+            Op::Vjp(_) => "vjp",
         }
+    }
+
+    /// Per input port: whether the op is differentiable in it (float data that is not a routing
+    /// decision, a mask or a loss weight).
+    pub fn grad_ins(&self) -> Vec<bool> {
+        let (ins, _) = self.signature();
+        let mut g: Vec<bool> = ins.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
+        match *self {
+            Op::Router { expert_bias: true, .. } => *g.last_mut().unwrap() = false,
+            Op::SpanCe { .. } => g[4] = false,
+            Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            _ => {}
+        }
+        g
+    }
+
+    /// Per output port: whether a gradient can flow back through it (`token_loss` is a metric).
+    pub fn grad_outs(&self) -> Vec<bool> {
+        let (_, outs) = self.signature();
+        let mut g: Vec<bool> = outs.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
+        match *self {
+            Op::SpanCe { .. } => g[1] = false,
+            Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            _ => {}
+        }
+        g
     }
 
     /// Attributes in print order.
@@ -205,6 +256,13 @@ impl Op {
             }
             Op::LmHead { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
             Op::SpanCe { vocab } => vec![("vocab", vocab.to_string())],
+            Op::Add { n, ref ty } => vec![("n", n.to_string()), ("ty", ty.to_string())],
+            Op::Vjp(ref v) => {
+                let mut a = vec![("of", v.of.name().to_string())];
+                a.extend(v.of.attrs());
+                a.push(("seeds", v.seeds.iter().map(|&s| if s { '1' } else { '0' }).collect()));
+                a
+            }
         }
     }
 
@@ -370,6 +428,19 @@ impl Op {
                 ],
                 vec![("loss", TensorType::scalar(F32)), ("token_loss", TensorType::tok(F32, &[]))],
             ),
+            Op::Add { n, ref ty } => (vec![("x", ty.clone()); n as usize], vec![("sum", ty.clone())]),
+            Op::Vjp(ref v) => {
+                let (fi, fo) = v.of.signature();
+                let mut ins = fi.clone();
+                ins.extend(fo.iter().cloned());
+                for (p, s) in fo.iter().zip(&v.seeds) {
+                    if *s {
+                        ins.push((p.0, grad_type(&p.1)));
+                    }
+                }
+                let outs = fi.iter().zip(v.of.grad_ins()).filter(|(_, g)| *g).map(|(p, _)| (p.0, grad_type(&p.1)));
+                (ins, outs.collect())
+            }
         }
     }
 
@@ -398,6 +469,8 @@ impl Op {
             Op::Router { hidden, experts, .. } => gemm(hidden, experts),
             Op::ExpertFfn { hidden, ffn, topk, .. } => topk as u128 * 2 * gemm(hidden, ffn),
             Op::LmHead { hidden, vocab } => gemm(hidden, vocab),
+            // A backward pass is two GEMMs per forward GEMM (input and weight gradients).
+            Op::Vjp(ref v) => 2 * v.of.flops_per_sequence(seq),
             _ => 0,
         }
     }

@@ -526,5 +526,13 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             }
             vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok)]
         }
+        Op::Add { .. } => {
+            let mut acc: Vec<f64> = ins[0].f().iter().map(|&x| x as f64).collect();
+            for x in &ins[1..] {
+                acc.iter_mut().zip(x.f()).for_each(|(a, &b)| *a += b as f64);
+            }
+            vec![Tensor::f32(ins[0].shape.clone(), acc.into_iter().map(|x| x as f32).collect())]
+        }
+        Op::Vjp(ref v) => crate::backward::vjp(v, dims, ins, gemm),
     }
 }
