@@ -1,11 +1,13 @@
 //! vpmoec: architecture TOML → verified IR → plan → CUDA kernels.
 //!
 //! The pipeline is [`compile_arch`]: `config` (parse + validate) → `lower` (forward graph) →
-//! `verify` → `plan` (kernels, launches, liveness-based memory plan, parameter table, report,
+//! `verify` → `autodiff` (explicit backward nodes) → `verify` → `plan` (kernels, launches, liveness-based memory plan, parameter table, report,
 //! fingerprint). [`write_plan_dir`] then generates and NVRTC-compiles every kernel.
 
+pub mod autodiff;
 pub mod config;
 pub mod lower;
+pub mod optimizer;
 pub mod plan;
 pub mod report;
 
@@ -17,14 +19,22 @@ use vpmoe_ir::Graph;
 pub use config::Arch;
 pub use plan::Plan;
 
-/// Lowers and verifies the forward graph and builds its plan.
+/// Lowers the forward graph, appends its backward graph, verifying after each pass, and builds
+/// the plan of the whole training step.
 pub fn compile_arch(arch: &Arch) -> Result<(Graph, Plan)> {
-    let graph = lower::lower(arch);
-    if let Err(errs) = vpmoe_ir::verify(&graph) {
-        bail!("internal error: the lowered graph fails verification:\n  {}", errs.join("\n  "));
-    }
+    let mut graph = lower::lower(arch);
+    check(&graph, "lower")?;
+    autodiff::autodiff(&mut graph)?;
+    check(&graph, "autodiff")?;
     let plan = plan::build(&graph, arch);
     Ok((graph, plan))
+}
+
+fn check(g: &Graph, pass: &str) -> Result<()> {
+    if let Err(errs) = vpmoe_ir::verify(g) {
+        bail!("internal error: the graph fails verification after {pass}:\n  {}", errs.join("\n  "));
+    }
+    Ok(())
 }
 
 /// How `write_plan_dir` treats NVRTC.
@@ -85,7 +95,7 @@ fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -
     let kdir = dir.join("kernels");
     std::fs::create_dir_all(&kdir)?;
     std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
-    std::fs::write(dir.join("ir.txt"), graph.to_text())?;
+    std::fs::write(dir.join("ir.txt"), graph.to_text() + "\n" + &plan.optimizer.to_text(graph))?;
     let toolchain = match Toolchain::discover() {
         Ok(t) => Some(t),
         Err(e) if opts.require_nvrtc => return Err(e.context("--require-nvrtc")),

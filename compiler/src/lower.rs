@@ -38,7 +38,8 @@ impl Lower<'_> {
 }
 
 /// Builds the forward graph: embedding → layers → final norm → LM head → span-normalised CE.
-/// Outputs: `logits`, `loss`, `token_loss`, and `aux.blkN` per MoE layer with a sequence aux loss.
+/// Outputs: `logits`, `loss`, `token_loss`, `load.blkN` (expert row offsets) per MoE layer and
+/// `aux.blkN` per MoE layer with a sequence aux loss.
 pub fn lower(arch: &Arch) -> Graph {
     let mut l = Lower { arch, g: Graph::new(&arch.name) };
     let a = arch;
@@ -280,6 +281,8 @@ fn moe_block(
         .map(|_| l.node(format!("{n}.moe.aux"), Op::SeqAuxLoss { experts: e, topk: k }, vec![scores])[0]);
     let dsp = l.node(format!("{n}.moe.dispatch"), Op::Dispatch { hidden: h, experts: e, topk: k }, vec![m, idx]);
     let (xp, row, offsets) = (dsp[0], dsp[1], dsp[2]);
+    // Per-expert row ranges: the step's expert loads (bias update §4.11, router health).
+    l.g.output(&format!("load.{n}"), offsets);
 
     let role = Role::Experts { experts: e, topk: k };
     let ep = format!("{p}.mlp.experts");

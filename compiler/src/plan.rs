@@ -28,6 +28,12 @@ pub struct ParamEntry {
     pub role: Role,
 }
 
+impl ParamEntry {
+    pub fn trainable(&self) -> bool {
+        self.opt != OptGroup::Frozen
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BufferKey {
@@ -83,6 +89,7 @@ pub struct Plan {
     pub buffers: Vec<Buffer>,
     pub tok_arena_bytes_per_token: u64,
     pub fixed_arena_bytes: u64,
+    pub optimizer: crate::optimizer::OptimizerPlan,
     pub report: Report,
 }
 
@@ -200,6 +207,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         })
         .collect();
     let kernels: Vec<KernelEntry> = kernels.into_values().collect();
+    let optimizer = crate::optimizer::build(g, arch);
     let report = crate::report::report(
         g,
         arch,
@@ -208,6 +216,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         sizes.1,
         kernels.len(),
         steps.iter().map(|s| s.launches.len()).sum(),
+        &optimizer,
     );
     Plan {
         format: PLAN_FORMAT,
@@ -220,6 +229,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         buffers,
         tok_arena_bytes_per_token: sizes.0,
         fixed_arena_bytes: sizes.1,
+        optimizer,
         report,
     }
 }

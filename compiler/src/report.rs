@@ -15,7 +15,8 @@ pub struct Memory {
     pub gradients: u64,
     /// Normuon momentum + row second moment; AdamW first and second moments.
     pub optimizer_state: u64,
-    /// Peak of the activation arenas for one micro-batch of `seq_len` tokens (forward graph).
+    /// Peak of the activation arenas for a training step (forward and backward) of one
+    /// micro-batch of `seq_len` tokens, excluding the parameter gradients.
     pub activations: u64,
 }
 
@@ -33,6 +34,10 @@ pub struct Report {
     pub launches: usize,
     pub activation_bytes_per_token: u64,
     pub fixed_arena_bytes: u64,
+    /// Normuon matrices and the batched Polar Express operations that orthogonalise them per
+    /// step (one per shape family, D10).
+    pub normuon_matrices: u64,
+    pub polar_express_launches: usize,
     pub memory: Memory,
 }
 
@@ -44,6 +49,7 @@ pub fn report(
     fixed_bytes: u64,
     kernels: usize,
     launches: usize,
+    opt: &crate::optimizer::OptimizerPlan,
 ) -> Report {
     let trainable = params.iter().filter(|p| p.opt != OptGroup::Frozen);
     let (mut total, mut active, mut core) = (0u64, 0u64, 0u64);
@@ -59,7 +65,7 @@ pub fn report(
         }
     }
     let s = arch.max_seq;
-    let fwd: u128 = g.nodes.iter().map(|n| n.op.flops_per_sequence(s)).sum();
+    let fwd: u128 = g.nodes[..crate::autodiff::forward_len(g)].iter().map(|n| n.op.flops_per_sequence(s)).sum();
     let fwd_tok = fwd as f64 / s as f64;
 
     let mut mem =
@@ -79,6 +85,8 @@ pub fn report(
             _ => 2 * p.numel * 4,
         };
     }
+    // The fixed arena also holds the step's parameter gradients, counted under `gradients`.
+    mem.activations = mem.activations.saturating_sub(mem.gradients);
     Report {
         arch: arch.name.clone(),
         seq_len: s,
@@ -92,6 +100,8 @@ pub fn report(
         launches,
         activation_bytes_per_token: tok_bytes,
         fixed_arena_bytes: fixed_bytes,
+        normuon_matrices: opt.families.iter().map(|f| f.matrices()).sum(),
+        polar_express_launches: opt.families.len(),
         memory: mem,
     }
 }
@@ -127,7 +137,14 @@ impl Report {
         .unwrap();
         writeln!(s, "  forward FLOPs per token                    {:>16.4e}", self.forward_flops_per_token).unwrap();
         writeln!(s, "  training FLOPs per token (3x forward)      {:>16.4e}", self.training_flops_per_token).unwrap();
-        writeln!(s, "  kernels / launches per forward             {:>9} / {}", self.kernels, self.launches).unwrap();
+        writeln!(s, "  kernels / launches per training step       {:>9} / {}", self.kernels, self.launches).unwrap();
+        writeln!(
+            s,
+            "  Normuon matrices / Polar Express launches  {:>9} / {}",
+            group(self.normuon_matrices),
+            self.polar_express_launches
+        )
+        .unwrap();
         writeln!(
             s,
             "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}",

@@ -6,6 +6,7 @@
 pub mod backward;
 pub mod graph;
 pub mod op;
+pub mod optim;
 pub mod reference;
 pub mod types;
 pub mod verify;

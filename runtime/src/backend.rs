@@ -1,5 +1,5 @@
 //! The backend interface shared by the cpu reference interpreter and (later) the cuda executor,
-//! and the micro-batch it consumes.
+//! the micro-batch it consumes, and what a training step reports back.
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -17,6 +17,9 @@ pub struct Batch {
     pub span: Vec<u8>,
     /// `[0, w_r/N_r, w_f/N_f]`: span weights over the step's global span token counts (D6).
     pub span_scale: [f32; 3],
+    /// Seed of the loss gradient (1) and of every sequence aux loss (`α/M`, MODEL.md §4.10).
+    pub loss_grad: f32,
+    pub aux_grad: f32,
 }
 
 impl Batch {
@@ -50,11 +53,36 @@ impl Batch {
         Ok(())
     }
 
+    /// A micro-batch from the dataset reader (scales and seeds still to be set by the step).
+    pub fn from_reader(b: vpmoe_data::reader::Batch) -> Batch {
+        Batch {
+            seq: b.seq_len,
+            tokens: b.tokens,
+            doc: b.doc,
+            labels: b.labels,
+            loss_mask: b.loss_mask,
+            span: b.span,
+            span_scale: [0.0; 3],
+            loss_grad: 1.0,
+            aux_grad: 0.0,
+        }
+    }
+
+    /// Supervised tokens of span 1 (reasoning) and 2 (final).
+    pub fn span_counts(&self) -> [u64; 3] {
+        let mut n = [0u64; 3];
+        for (m, s) in self.loss_mask.iter().zip(&self.span) {
+            if *m != 0 {
+                n[*s as usize] += 1;
+            }
+        }
+        n
+    }
+
     /// Per-micro-batch span scale for a step of one micro-batch: `w/N` per span (0 if empty).
     pub fn single_step_scale(&mut self, w_r: f32, w_f: f32) {
-        let count = |s: u8| self.loss_mask.iter().zip(&self.span).filter(|(m, sp)| **m != 0 && **sp == s).count();
-        let (nr, nf) = (count(1), count(2));
-        self.span_scale = [0.0, if nr > 0 { w_r / nr as f32 } else { 0.0 }, if nf > 0 { w_f / nf as f32 } else { 0.0 }];
+        let n = self.span_counts();
+        self.span_scale = span_scale(&[n[0], n[1], n[2]], w_r, w_f);
     }
 
     pub fn input(&self, name: &str) -> Result<Tensor> {
@@ -71,9 +99,17 @@ impl Batch {
             "loss_mask" => Tensor::i32(vec![t], u8s(&self.loss_mask)),
             "span" => Tensor::i32(vec![t], u8s(&self.span)),
             "span_scale" => Tensor::f32(vec![3], self.span_scale.to_vec()),
+            "loss_grad" => Tensor::scalar(self.loss_grad),
+            "aux_grad" => Tensor::scalar(self.aux_grad),
             other => bail!("the plan asks for an unknown input {other:?}"),
         })
     }
+}
+
+/// D6: `[0, w_r/N_r, w_f/N_f]` from the step's global span token counts (0 for an empty span).
+pub fn span_scale(n: &[u64; 3], w_r: f32, w_f: f32) -> [f32; 3] {
+    let w = |w: f32, n: u64| if n > 0 { (w as f64 / n as f64) as f32 } else { 0.0 };
+    [0.0, w(w_r, n[1]), w(w_f, n[2])]
 }
 
 #[derive(Debug, Default)]
@@ -87,8 +123,52 @@ impl ForwardOut {
     }
 }
 
+/// What one micro-batch's forward + backward reports (its gradients stay in the backend).
+#[derive(Debug, Clone, Default)]
+pub struct MicroOut {
+    /// This micro-batch's share of the step objective `Σ ℓ·scale[span]` (D6).
+    pub loss: f64,
+    /// `Σ ℓ` over supervised tokens of span 1 and 2 (for per-span means).
+    pub span_loss: [f64; 3],
+    /// Sequence aux loss (without α) per MoE layer name (`blkN`).
+    pub aux: Vec<(String, f32)>,
+}
+
+/// Runtime scalars of one optimizer step (never baked into a plan).
+#[derive(Debug, Clone, Copy)]
+pub struct StepScalars {
+    /// LR of the Normuon group and of the AdamW group.
+    pub lr: f64,
+    pub aux_lr: f64,
+    pub weight_decay: f64,
+    /// Global grad-norm clipping threshold (0 disables).
+    pub clip: f64,
+    /// Expert-bias update rate (§4.11; 0 when the architecture has none).
+    pub bias_rate: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    /// Global gradient norm before clipping, and the applied clip coefficient (1 = none).
+    pub grad_norm: f64,
+    pub clip_coef: f32,
+    /// Per MoE layer name: the step's expert loads (token-slots per expert).
+    pub loads: Vec<(String, Vec<u64>)>,
+    pub optimizer_seconds: f64,
+}
+
 pub trait Backend {
     fn name(&self) -> &'static str;
-    /// Runs the forward graph; returns `loss`, every `aux.*` and the outputs named in `keep`.
+    /// Runs the forward graph only; returns `loss`, `token_loss`, every `aux.*` and the outputs
+    /// named in `keep`.
     fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut>;
+    /// Forward and backward of one micro-batch; gradients accumulate (fp32) in the backend.
+    fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut>;
+    /// Ends the step (MODEL.md §7.1): expert-bias update, global clipping, Normuon and AdamW,
+    /// new model copies; gradients and loads are reset. Fails, naming the first offending
+    /// tensor, when a gradient is not finite — before anything is updated.
+    fn step(&mut self, s: &StepScalars) -> Result<StepStats>;
+    /// The backend-independent training state (for checkpoints).
+    fn state(&self) -> crate::state::TrainState;
+    fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
 }

@@ -2,9 +2,14 @@
 //! ([`cpu`]) interprets the graph with the IR reference semantics and a fast GEMM.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod cpu;
+pub mod health;
+pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod state;
+pub mod train;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -51,7 +56,7 @@ pub fn synthetic_batch(vocab: u64, seq: usize, rows: usize, seed: u64) -> Batch 
     let t = seq * rows;
     let tokens: Vec<i32> = (0..t).map(|_| rng.below(vocab) as i32).collect();
     let doc: Vec<i32> = (0..t).map(|i| ((i % seq) >= seq / 2) as i32).collect();
-    let mut b = Batch { seq, tokens, doc, ..Default::default() };
+    let mut b = Batch { seq, tokens, doc, loss_grad: 1.0, ..Default::default() };
     for i in 0..t {
         let next_same_doc = (i + 1) % seq != 0 && b.doc[i + 1] == b.doc[i];
         b.labels.push(if next_same_doc { b.tokens[i + 1] } else { -1 });
@@ -61,3 +66,21 @@ pub fn synthetic_batch(vocab: u64, seq: usize, rows: usize, seed: u64) -> Batch 
     b.single_step_scale(1.0, 1.0);
     b
 }
+
+/// The bundled SYNTH sample (9 rows), rendered with the real o200k Harmony tokenizer into a token
+/// dataset at `out` (train and valid splits) unless one is already there.
+pub fn bundled_sample_dataset(out: &Path, seq_len: usize) -> Result<std::path::PathBuf> {
+    if out.join("manifest.json").is_file() {
+        return Ok(out.to_path_buf());
+    }
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures/synth_sample.parquet");
+    let mut o = vpmoe_data::build_synth::BuildOptions::new(vec![sample], out.to_path_buf());
+    o.seq_len = seq_len;
+    o.valid_fraction = SAMPLE_VALID_FRACTION.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("building the bundled SYNTH sample into {}", out.display());
+    vpmoe_data::build_synth::build_synth(&o)?;
+    Ok(out.to_path_buf())
+}
+
+/// Puts 2 of the sample's 9 rows into the held-out split (the split hashes `synth_id`).
+const SAMPLE_VALID_FRACTION: &str = "0.25";

@@ -4,7 +4,8 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
-use vpmoe_runtime::{cpu::CpuBackend, load_plan, params::Params, synthetic_batch, Backend};
+use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
+use vpmoe_runtime::{cpu::CpuBackend, load_plan, state::TrainState, synthetic_batch, Backend};
 
 #[derive(Parser)]
 #[command(name = "vpmoe-rt", version, about = "Run compiled vpmoe plans: forward, data, training")]
@@ -19,8 +20,19 @@ enum BackendKind {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Decay {
+    Constant,
+    Linear,
+    Cosine,
+    Wsd,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train (stage 1, span-normalised CE) on a token dataset; with no --data, on the bundled
+    /// SYNTH sample, rendered and tokenised into CKPT_DIR/data on first use.
+    Train(TrainArgs),
     /// Datasets: render Harmony conversations, build token datasets from SYNTH parquet, inspect.
     #[command(subcommand)]
     Data(vpmoe_data::cli::DataCmd),
@@ -48,6 +60,80 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Plan directory written by `vpmoec compile`.
+    #[arg(long, conflicts_with = "arch")]
+    plan: Option<PathBuf>,
+    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    #[arg(long)]
+    arch: Option<PathBuf>,
+    /// Dataset root written by `vpmoe-rt data build-synth` (its train split; valid for --eval-every).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which backend trains. Always explicit: nothing falls back silently.
+    #[arg(long, value_enum)]
+    backend: BackendKind,
+    /// Optimizer steps of the whole run (a resumed run continues up to this step).
+    #[arg(long, default_value_t = 40)]
+    steps: u64,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 2)]
+    grad_accum: usize,
+    /// Tokens per row (default: min(128, max_sequence_length)).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Checkpoints and metrics.jsonl go here (default: runs/<arch name>).
+    #[arg(long)]
+    ckpt_dir: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs).
+    #[arg(long)]
+    resume: bool,
+    /// Held-out evaluation every N steps (0: never).
+    #[arg(long, default_value_t = 10)]
+    eval_every: u64,
+    /// Micro-batches per held-out evaluation.
+    #[arg(long, default_value_t = 2)]
+    eval_batches: usize,
+    /// Save a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Peak learning rate of the Normuon group.
+    #[arg(long, default_value_t = 0.02)]
+    lr: f64,
+    /// Final learning rate of the decay.
+    #[arg(long, default_value_t = 0.002)]
+    min_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 4)]
+    warmup: u64,
+    #[arg(long, value_enum, default_value_t = Decay::Cosine)]
+    decay: Decay,
+    /// Length of the final decay of --decay wsd.
+    #[arg(long, default_value_t = 0)]
+    wsd_decay: u64,
+    /// Peak learning rate of the AdamW group (default: the config's, else 0.004).
+    #[arg(long)]
+    aux_lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Global gradient-norm clipping threshold (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Span weights w_r,w_f of the loss.
+    #[arg(long, default_value = "1.0,1.0", value_delimiter = ',', num_args = 2)]
+    span_weights: Vec<f32>,
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
@@ -55,17 +141,96 @@ fn main() {
     }
 }
 
+/// The plan of `--plan DIR`, or of `--arch TOML` compiled in memory (default: the small config).
+fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan)> {
+    match plan {
+        Some(dir) => load_plan(&dir),
+        None => {
+            let path = arch.unwrap_or_else(|| PathBuf::from("configs/small.toml"));
+            vpmoe_compiler::compile_arch(&vpmoe_compiler::config::load(&path)?)
+        }
+    }
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let (graph, plan) = plan_of(a.plan, a.arch)?;
+    if a.backend == BackendKind::Cuda {
+        bail!("the cuda backend is not part of this build yet; run with --backend cpu");
+    }
+    let seq_len = a.seq_len.unwrap_or(plan.arch.max_seq.min(128) as usize);
+    let decay = match a.decay {
+        Decay::Constant => vpmoe_ir::optim::DecayStyle::Constant,
+        Decay::Linear => vpmoe_ir::optim::DecayStyle::Linear,
+        Decay::Cosine => vpmoe_ir::optim::DecayStyle::Cosine,
+        Decay::Wsd => vpmoe_ir::optim::DecayStyle::Wsd,
+    };
+    let schedule = vpmoe_ir::optim::Schedule {
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup: a.warmup,
+        total: a.steps,
+        decay,
+        wsd_decay: a.wsd_decay,
+    };
+    let cfg = TrainConfig {
+        micro_batch: a.micro_batch,
+        grad_accum: a.grad_accum,
+        seq_len,
+        seed: a.seed,
+        schedule,
+        aux_lr: a.aux_lr.or(plan.arch.optimizer.aux_lr).unwrap_or(0.004),
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        span_weights: [a.span_weights[0], a.span_weights[1]],
+    };
+    let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
+    let data = match a.data {
+        Some(d) => d,
+        None => vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), seq_len)?,
+    };
+    let opts = RunOptions {
+        steps: a.steps,
+        ckpt_dir,
+        resume: a.resume,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+        save_every: a.save_every,
+        keep: a.keep,
+        progress: true,
+        print_every: (a.steps / 20).max(1),
+    };
+    println!(
+        "train {} ({} params, fingerprint {}) on {} · backend cpu · {} x {} x {} tokens per step",
+        plan.arch.name,
+        plan.report.params_total,
+        &plan.fingerprint[..16],
+        data.display(),
+        cfg.grad_accum,
+        cfg.micro_batch,
+        cfg.seq_len
+    );
+    let mut be = CpuBackend::new(&graph, &plan, TrainState::init(&plan, cfg.seed));
+    let out = train::train(&mut be, &plan, &data, &cfg, &opts)?;
+    if let (Some(first), Some(last)) = (out.records.first(), out.records.last()) {
+        println!("loss {:.4} -> {:.4} over steps {}..{}", first.loss, last.loss, first.step, last.step);
+    }
+    if let Some(p) = &out.checkpoint {
+        println!("checkpoint {}", p.display());
+    }
+    println!("metrics {}", opts.ckpt_dir.join("metrics.jsonl").display());
+    if out.interrupted {
+        println!("interrupted: the checkpoint above resumes the run with --resume");
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
+        Cmd::Train(a) => run_train(a),
         Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
-            let (graph, plan) = match plan {
-                Some(dir) => load_plan(&dir)?,
-                None => {
-                    let path = arch.unwrap_or_else(|| PathBuf::from("configs/small.toml"));
-                    vpmoe_compiler::compile_arch(&vpmoe_compiler::config::load(&path)?)?
-                }
-            };
+            let (graph, plan) = plan_of(plan, arch)?;
             if backend == BackendKind::Cuda {
                 bail!("the cuda backend is not part of this build yet; run with --backend cpu");
             }
@@ -77,7 +242,7 @@ fn run() -> Result<()> {
             let batch = synthetic_batch(a.vocab, seq, micro_batch, seed);
             batch.validate(a.vocab)?;
             let t0 = Instant::now();
-            let mut be = CpuBackend::new(&graph, Params::init(&plan.params, seed));
+            let mut be = CpuBackend::new(&graph, &plan, TrainState::init(&plan, seed));
             let init_s = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let out = be.forward(&batch, &["token_loss"])?;

@@ -1,0 +1,101 @@
+//! `autodiff`: appends the backward graph to the forward graph as explicit nodes.
+//!
+//! Walking the forward nodes in reverse, every node that a gradient reaches and whose inputs need
+//! one gets a `vjp` node (`<node>.bwd`) reading the node's inputs, outputs and the upstream
+//! gradients of its seeded outputs. A value read by several nodes receives one gradient
+//! contribution per reader; they are summed by an `add` node (`<node>.bwd.sum<port>`) in a fixed
+//! order, so the graph (and every backend executing it) is deterministic.
+//!
+//! Seeds are runtime scalars: `loss_grad` (1 for a plain step) for the span-normalised loss, whose
+//! span scales already carry D6's global `w/N` normalisation, and `aux_grad` (`α/M`, MODEL.md
+//! §4.10) for every sequence aux loss. The graph then outputs `grad.<param>` (f32) for every
+//! trainable parameter; a trainable parameter that no gradient reaches is a compile error.
+//! The forward graph's `logits` output is dropped: a training step never needs the full logits
+//! after the loss's backward, and keeping them alive to the end would dominate activation memory.
+
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+use vpmoe_ir::{DType, Graph, InputKind, Op, TensorType, ValueId, Vjp};
+
+pub fn autodiff(g: &mut Graph) -> Result<()> {
+    let n_fwd = g.nodes.len();
+    let loss = g.output_named("loss").expect("forward graph outputs loss");
+    let loss_grad = g.input("loss_grad", InputKind::Scalar, TensorType::scalar(DType::F32));
+    let aux: Vec<ValueId> = g.outputs.iter().filter(|(n, _)| n.starts_with("aux.")).map(|(_, v)| *v).collect();
+    let aux_grad = (!aux.is_empty()).then(|| g.input("aux_grad", InputKind::Scalar, TensorType::scalar(DType::F32)));
+    g.outputs.retain(|(n, _)| n != "logits");
+
+    // Which values depend on a trainable parameter through differentiable ports.
+    let mut needs = vec![false; g.values.len()];
+    for p in &g.params {
+        needs[p.value.0 as usize] = p.trainable();
+    }
+    for node in &g.nodes[..n_fwd] {
+        let reach = node.inputs.iter().zip(node.op.grad_ins()).any(|(v, d)| d && needs[v.0 as usize]);
+        for (v, d) in node.outputs.iter().zip(node.op.grad_outs()) {
+            needs[v.0 as usize] = reach && d;
+        }
+    }
+
+    let mut contrib: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
+    contrib.entry(loss).or_default().push(loss_grad);
+    for a in aux {
+        contrib.entry(a).or_default().push(aux_grad.expect("aux outputs imply aux_grad"));
+    }
+
+    for ni in (0..n_fwd).rev() {
+        let node = g.nodes[ni].clone();
+        let outs = node.op.grad_outs();
+        let seeds: Vec<bool> =
+            node.outputs.iter().zip(&outs).map(|(v, d)| *d && contrib.contains_key(v)).collect();
+        let grad_ins = node.op.grad_ins();
+        let wanted = node.inputs.iter().zip(&grad_ins).any(|(v, d)| *d && needs[v.0 as usize]);
+        if !wanted || !seeds.iter().any(|s| *s) {
+            continue;
+        }
+        let mut ins = node.inputs.clone();
+        ins.extend(&node.outputs);
+        for (port, (v, s)) in node.outputs.iter().zip(&seeds).enumerate() {
+            if *s {
+                ins.push(total(g, &mut contrib, *v, &format!("{}.bwd.sum{port}", node.name)));
+            }
+        }
+        let vjp = Op::Vjp(Box::new(Vjp { of: node.op.clone(), seeds }));
+        let grads = g.node(format!("{}.bwd", node.name), vjp, ins);
+        let targets = node.inputs.iter().zip(&grad_ins).filter(|(_, d)| **d).map(|(v, _)| *v);
+        for (x, dx) in targets.zip(grads) {
+            if needs[x.0 as usize] {
+                contrib.entry(x).or_default().push(dx);
+            }
+        }
+    }
+
+    for pi in 0..g.params.len() {
+        let p = g.params[pi].clone();
+        if !p.trainable() {
+            continue;
+        }
+        if !contrib.contains_key(&p.value) {
+            bail!("trainable parameter {} receives no gradient from the loss", p.name);
+        }
+        let d = total(g, &mut contrib, p.value, &format!("grad.{}.sum", p.name));
+        g.output(&format!("grad.{}", p.name), d);
+    }
+    Ok(())
+}
+
+/// The summed gradient of `v` (its single contribution, or an `add` node over all of them).
+fn total(g: &mut Graph, contrib: &mut HashMap<ValueId, Vec<ValueId>>, v: ValueId, name: &str) -> ValueId {
+    let parts = contrib.remove(&v).expect("value has gradient contributions");
+    if parts.len() == 1 {
+        return parts[0];
+    }
+    let ty = g.value(parts[0]).ty.clone();
+    debug_assert!(parts.iter().all(|p| g.value(*p).ty == ty));
+    g.node(name.to_string(), Op::Add { n: parts.len() as u64, ty }, parts)[0]
+}
+
+/// Index of the first backward node (the forward graph is `nodes[..forward_len]`).
+pub fn forward_len(g: &Graph) -> usize {
+    g.nodes.iter().position(|n| matches!(n.op, Op::Vjp(_) | Op::Add { .. })).unwrap_or(g.nodes.len())
+}

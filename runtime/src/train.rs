@@ -1,0 +1,405 @@
+//! The training loop (stage 1: span-normalised CE). One step = `grad_accum` micro-batches of
+//! `micro_batch` rows: the step's span token counts are known from the data before any forward
+//! pass, so every micro-batch is weighted by `w_span/N_span` (D6) and the step's objective and
+//! gradient do not depend on how it is split. Then the optimizer step (§7.1), metrics, held-out
+//! evaluation and checkpoints.
+
+use crate::backend::{span_scale, Backend, Batch, StepScalars};
+use crate::checkpoint::{self, LrState, Meta, Rng};
+use crate::health::RouterHealth;
+use crate::state::TrainState;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use vpmoe_compiler::Plan;
+use vpmoe_data::reader::Reader;
+use vpmoe_ir::optim::Schedule;
+
+/// The run's semantic settings: recorded in every checkpoint; `--resume` refuses a difference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    /// The Normuon group's schedule; the AdamW group uses the same shape scaled to `aux_lr`.
+    pub schedule: Schedule,
+    pub aux_lr: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    /// Span weights `w_r`, `w_f`.
+    pub span_weights: [f32; 2],
+}
+
+/// Where and how often (not part of the run's semantics).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub steps: u64,
+    pub ckpt_dir: PathBuf,
+    pub resume: bool,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Save every N steps (0: only at the end and on interrupt).
+    pub save_every: u64,
+    pub keep: usize,
+    pub progress: bool,
+    /// Print a summary line every N steps (0: never).
+    pub print_every: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub ce_reasoning: f64,
+    pub ce_final: f64,
+    pub tokens_reasoning: u64,
+    pub tokens_final: u64,
+    pub span_weights: [f32; 2],
+    pub grad_norm: f64,
+    pub clip_coef: f32,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub optimizer_s: f64,
+    pub router: Option<RouterHealth>,
+    pub router_layers: Vec<(String, RouterHealth)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalRecord>,
+    pub master_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalRecord {
+    pub loss: f64,
+    pub ce_reasoning: f64,
+    pub ce_final: f64,
+    pub tokens: u64,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub records: Vec<StepRecord>,
+    pub interrupted: bool,
+    pub checkpoint: Option<PathBuf>,
+    pub state: TrainState,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the SIGINT handler once: the loop saves a checkpoint at the next step boundary.
+fn install_sigint() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: saving a checkpoint at the next step boundary (Ctrl-C again to abort)");
+        });
+    });
+}
+
+/// Identity of the inputs of a run, for provenance and resume checks.
+pub struct Provenance {
+    pub config_hash: String,
+    pub dataset_manifest_sha256: String,
+}
+
+impl Provenance {
+    pub fn new(plan: &Plan, data: &Path) -> Result<Provenance> {
+        let manifest = data.join("manifest.json");
+        let bytes = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        Ok(Provenance {
+            config_hash: checkpoint::sha256_hex(plan.arch.canonical_json().as_bytes()),
+            dataset_manifest_sha256: checkpoint::sha256_hex(&bytes),
+        })
+    }
+}
+
+fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
+    ensure!(cfg.micro_batch >= 1, "--micro-batch must be at least 1");
+    ensure!(cfg.grad_accum >= 1, "--grad-accum must be at least 1");
+    ensure!(
+        cfg.seq_len >= 1 && cfg.seq_len as u64 <= plan.arch.max_seq,
+        "--seq-len {} must be in 1..={} (the architecture's max_sequence_length)",
+        cfg.seq_len,
+        plan.arch.max_seq
+    );
+    cfg.schedule.check().map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
+    ensure!(cfg.aux_lr.is_finite() && cfg.aux_lr >= 0.0, "--aux-lr must be a non-negative number");
+    ensure!(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0, "--weight-decay must be non-negative");
+    ensure!(cfg.clip.is_finite() && cfg.clip >= 0.0, "--clip must be non-negative (0 disables clipping)");
+    for w in cfg.span_weights {
+        ensure!(w.is_finite() && w >= 0.0, "span weights must be non-negative, got {w}");
+    }
+    Ok(())
+}
+
+/// Lists what differs between a checkpoint's run and this one.
+fn differences(meta: &Meta, plan: &Plan, cfg: &TrainConfig, prov: &Provenance) -> Vec<String> {
+    let mut d = Vec::new();
+    let short = |s: &str| s.chars().take(16).collect::<String>();
+    if meta.plan_fingerprint != plan.fingerprint {
+        d.push(format!(
+            "plan fingerprint: checkpoint {} vs this plan {}",
+            short(&meta.plan_fingerprint),
+            short(&plan.fingerprint)
+        ));
+    }
+    if meta.config_hash != prov.config_hash {
+        d.push(format!("architecture config hash: checkpoint {} vs {}", short(&meta.config_hash), short(&prov.config_hash)));
+    }
+    if meta.tokenizer_sha256 != vpmoe_data::tokenizer::vocabulary_sha256() {
+        d.push("tokenizer vocabulary".into());
+    }
+    if meta.dataset_manifest_sha256 != prov.dataset_manifest_sha256 {
+        d.push(format!(
+            "dataset manifest: checkpoint {} vs {}",
+            short(&meta.dataset_manifest_sha256),
+            short(&prov.dataset_manifest_sha256)
+        ));
+    }
+    let now = serde_json::to_value(cfg).expect("serialisable");
+    if let (Some(a), Some(b)) = (meta.train.as_object(), now.as_object()) {
+        for (k, v) in b {
+            if a.get(k) != Some(v) {
+                d.push(format!("{k}: checkpoint {} vs {v}", a.get(k).map(|x| x.to_string()).unwrap_or("absent".into())));
+            }
+        }
+    }
+    d
+}
+
+/// Global per-span means of a set of micro-batches and their token losses.
+fn span_means(sums: &[f64; 3], counts: &[u64; 3], w: [f32; 2]) -> (f64, f64, f64) {
+    let mean = |s: usize| if counts[s] > 0 { sums[s] / counts[s] as f64 } else { 0.0 };
+    let (r, f) = (mean(1), mean(2));
+    (w[0] as f64 * r + w[1] as f64 * f, r, f)
+}
+
+/// Held-out loss over the first `batches` micro-batches of the evaluation split (same every time).
+pub fn evaluate(be: &mut dyn Backend, data: &Path, cfg: &TrainConfig, batches: usize) -> Result<EvalRecord> {
+    let mut r = Reader::open(&[(data, 1.0)], cfg.seq_len, cfg.seed)?;
+    let (mut sums, mut counts) = ([0f64; 3], [0u64; 3]);
+    for _ in 0..batches {
+        let mut b = Batch::from_reader(r.next_batch(cfg.micro_batch));
+        b.span_scale = [0.0, 1.0, 1.0];
+        let n = b.span_counts();
+        let out = be.forward(&b, &["token_loss"])?;
+        for ((l, m), s) in out.values["token_loss"].f().iter().zip(&b.loss_mask).zip(&b.span) {
+            if *m != 0 {
+                sums[*s as usize] += *l as f64;
+            }
+        }
+        (0..3).for_each(|i| counts[i] += n[i]);
+    }
+    let (loss, r_, f) = span_means(&sums, &counts, cfg.span_weights);
+    Ok(EvalRecord { loss, ce_reasoning: r_, ce_final: f, tokens: counts[1] + counts[2] })
+}
+
+/// The held-out split of a dataset root, if it has one.
+pub fn eval_split(data: &Path) -> Option<PathBuf> {
+    let v = data.join("valid");
+    v.is_dir().then_some(v)
+}
+
+/// Trains `be` from its current state (or the latest checkpoint with `resume`).
+pub fn train(
+    be: &mut dyn Backend,
+    plan: &Plan,
+    data: &Path,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    validate(cfg, plan)?;
+    let prov = Provenance::new(plan, data)?;
+    let mut reader = Reader::open(&[(data, 1.0)], cfg.seq_len, cfg.seed)?;
+    let eval_data = eval_split(data);
+    if opts.eval_every > 0 && eval_data.is_none() {
+        bail!("{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)", data.display());
+    }
+    // No op draws random numbers yet (dropout is 0, D1); the state is recorded for when one does.
+    let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
+    if opts.resume {
+        match checkpoint::latest(&opts.ckpt_dir)? {
+            None => bail!("--resume: no checkpoint in {}", opts.ckpt_dir.display()),
+            Some(p) => {
+                let (meta, st) = checkpoint::load(&p, plan)?;
+                let diff = differences(&meta, plan, cfg, &prov);
+                if !diff.is_empty() {
+                    bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));
+                }
+                reader.restore(meta.data_cursor.clone()).with_context(|| format!("restoring the data cursor of {}", p.display()))?;
+                rng = meta.rng.clone();
+                be.set_state(st)?;
+                eprintln!("resumed from {} (step {})", p.display(), meta.step);
+            }
+        }
+    }
+    install_sigint();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    std::fs::create_dir_all(&opts.ckpt_dir).with_context(|| format!("creating {}", opts.ckpt_dir.display()))?;
+    let metrics_path = opts.ckpt_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+
+    let start = be.state().step;
+    let pb = if opts.progress { indicatif::ProgressBar::new(opts.steps) } else { indicatif::ProgressBar::hidden() };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    pb.set_position(start);
+    let alpha = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0);
+    let bias_rate = plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0);
+    let mut records = Vec::new();
+    let mut last_ckpt = None;
+    let mut interrupted = false;
+    let save = |be: &dyn Backend, reader: &Reader, rng: &Rng| -> Result<PathBuf> {
+        let st = be.state();
+        let lr = |s: u64| cfg.schedule.lr_at(s);
+        let meta = Meta {
+            format: checkpoint::FORMAT,
+            step: st.step,
+            git_sha: env!("VPMOE_GIT_SHA").to_string(),
+            config_hash: prov.config_hash.clone(),
+            plan_fingerprint: plan.fingerprint.clone(),
+            tokenizer_sha256: vpmoe_data::tokenizer::vocabulary_sha256(),
+            dataset_manifest_sha256: prov.dataset_manifest_sha256.clone(),
+            train: serde_json::to_value(cfg)?,
+            rng: rng.clone(),
+            data_cursor: reader.cursor(),
+            expert_bias: plan
+                .params
+                .iter()
+                .zip(&st.master)
+                .filter(|(p, _)| p.name.ends_with(".mlp.router.expert_bias"))
+                .map(|(p, w)| (p.name.clone(), w.clone()))
+                .collect(),
+            lr_schedule: LrState {
+                schedule: cfg.schedule.clone(),
+                last_lr: if st.step > 0 { lr(st.step - 1) } else { 0.0 },
+                next_lr: lr(st.step),
+            },
+            scalars: Default::default(),
+            state_sha256: String::new(),
+            master_sha256: String::new(),
+        };
+        checkpoint::save(&opts.ckpt_dir, plan, &st, meta, opts.keep)
+    };
+
+    for step in start..opts.steps {
+        let t0 = Instant::now();
+        let mut batches: Vec<Batch> =
+            (0..cfg.grad_accum).map(|_| Batch::from_reader(reader.next_batch(cfg.micro_batch))).collect();
+        let mut counts = [0u64; 3];
+        for b in &batches {
+            let n = b.span_counts();
+            (0..3).for_each(|i| counts[i] += n[i]);
+        }
+        let scale = span_scale(&counts, cfg.span_weights[0], cfg.span_weights[1]);
+        let (mut loss, mut sums) = (0f64, [0f64; 3]);
+        let mut aux: Vec<(String, f64)> = Vec::new();
+        for b in &mut batches {
+            b.span_scale = scale;
+            b.loss_grad = 1.0;
+            b.aux_grad = (alpha / cfg.grad_accum as f64) as f32;
+            let m = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
+            loss += m.loss;
+            (0..3).for_each(|i| sums[i] += m.span_loss[i]);
+            for (k, (name, a)) in m.aux.into_iter().enumerate() {
+                match aux.get_mut(k) {
+                    Some(x) => x.1 += a as f64 / cfg.grad_accum as f64,
+                    None => aux.push((name, a as f64 / cfg.grad_accum as f64)),
+                }
+            }
+        }
+        if !loss.is_finite() {
+            bail!("step {}: the loss is not finite ({loss})", step + 1);
+        }
+        let lr = cfg.schedule.lr_at(step);
+        let aux_lr = if cfg.schedule.lr > 0.0 { lr * cfg.aux_lr / cfg.schedule.lr } else { 0.0 };
+        let sc = StepScalars { lr, aux_lr, weight_decay: cfg.weight_decay, clip: cfg.clip, bias_rate };
+        let stats = be.step(&sc).with_context(|| format!("step {}", step + 1))?;
+        let st = be.state();
+        let layers = crate::health::per_layer(plan, &st, &stats.loads, &aux);
+        let (_, ce_r, ce_f) = span_means(&sums, &counts, cfg.span_weights);
+        let tokens = (cfg.grad_accum * cfg.micro_batch * cfg.seq_len) as u64;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut rec = StepRecord {
+            step: step + 1,
+            lr,
+            loss,
+            ce_reasoning: ce_r,
+            ce_final: ce_f,
+            tokens_reasoning: counts[1],
+            tokens_final: counts[2],
+            span_weights: cfg.span_weights,
+            grad_norm: stats.grad_norm,
+            clip_coef: stats.clip_coef,
+            tokens,
+            tokens_per_s: tokens as f64 / dt,
+            step_s: dt,
+            optimizer_s: stats.optimizer_seconds,
+            router: crate::health::aggregate(&layers),
+            router_layers: layers,
+            eval: None,
+            master_sha256: None,
+        };
+        if let (Some(ev), true) = (&eval_data, opts.eval_every > 0 && (step + 1) % opts.eval_every == 0) {
+            rec.eval = Some(evaluate(be, ev, cfg, opts.eval_batches)?);
+        }
+        let done = step + 1 == opts.steps;
+        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if done || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
+            let p = save(be, &reader, &rng)?;
+            rec.master_sha256 = Some(st.checksum());
+            last_ckpt = Some(p);
+        }
+        writeln!(metrics, "{}", serde_json::to_string(&rec)?)?;
+        let msg = summary(&rec);
+        pb.set_message(msg.clone());
+        pb.inc(1);
+        if opts.print_every > 0 && ((step + 1) % opts.print_every == 0 || done || rec.eval.is_some()) {
+            let line = format!("step {:>5}  {msg}", step + 1);
+            if pb.is_hidden() {
+                println!("{line}");
+            } else {
+                pb.println(line);
+            }
+        }
+        records.push(rec);
+        if interrupted {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(Outcome { records, interrupted, checkpoint: last_ckpt, state: be.state() })
+}
+
+fn summary(r: &StepRecord) -> String {
+    let mut s = format!(
+        "loss {:.4} (reasoning {:.4} on {}, final {:.4} on {}) |g| {:.3} lr {:.2e} {:.0} tok/s",
+        r.loss, r.ce_reasoning, r.tokens_reasoning, r.ce_final, r.tokens_final, r.grad_norm, r.lr, r.tokens_per_s
+    );
+    if let Some(h) = &r.router {
+        s.push_str(&format!(
+            " | router aux {:.3} max {:.1}% cv {:.2} dead {} H {:.2} bias±{:.3}",
+            h.aux, h.max_load_pct, h.cv, h.dead, h.entropy, h.bias_range
+        ));
+    }
+    if let Some(e) = &r.eval {
+        s.push_str(&format!(" | eval {:.4} (r {:.4}, f {:.4})", e.loss, e.ce_reasoning, e.ce_final));
+    }
+    s
+}
