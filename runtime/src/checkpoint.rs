@@ -151,12 +151,18 @@ fn encode(plan: &Plan, st: &TrainState) -> Result<Vec<u8>> {
     Ok(safetensors::serialize(views, Some(md))?)
 }
 
-/// Loads a checkpoint's metadata and state, validating every tensor against the plan.
-pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
+/// A checkpoint's metadata.
+pub fn read_meta(path: &Path) -> Result<Meta> {
     let mp = path.join("meta.json");
     let text = std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
     let meta: Meta = serde_json::from_str(&text).with_context(|| format!("{}: not a vpmoe checkpoint", mp.display()))?;
     ensure!(meta.format == FORMAT, "{}: checkpoint format {} (this build reads {FORMAT})", mp.display(), meta.format);
+    Ok(meta)
+}
+
+/// Loads a checkpoint's metadata and state, validating every tensor against the plan.
+pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
+    let meta = read_meta(path)?;
     let sp = path.join("state.safetensors");
     let bytes = std::fs::read(&sp).with_context(|| format!("reading {}", sp.display()))?;
     if sha256_hex(&bytes) != meta.state_sha256 {

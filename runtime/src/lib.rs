@@ -68,7 +68,8 @@ pub fn synthetic_batch(vocab: u64, seq: usize, rows: usize, seed: u64) -> Batch 
 }
 
 /// The bundled SYNTH sample (9 rows), rendered with the real o200k Harmony tokenizer into a token
-/// dataset at `out` (train and valid splits) unless one is already there.
+/// dataset at `out` (train and valid splits) unless one is already there. `seq_len` is the
+/// structured-truncation budget (D8): the architecture's maximum, so no document is dropped.
 pub fn bundled_sample_dataset(out: &Path, seq_len: usize) -> Result<std::path::PathBuf> {
     if out.join("manifest.json").is_file() {
         return Ok(out.to_path_buf());

@@ -186,7 +186,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data = match a.data {
         Some(d) => d,
-        None => vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), seq_len)?,
+        None => vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?,
     };
     let opts = RunOptions {
         steps: a.steps,

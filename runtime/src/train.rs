@@ -231,11 +231,11 @@ pub fn train(
         match checkpoint::latest(&opts.ckpt_dir)? {
             None => bail!("--resume: no checkpoint in {}", opts.ckpt_dir.display()),
             Some(p) => {
-                let (meta, st) = checkpoint::load(&p, plan)?;
-                let diff = differences(&meta, plan, cfg, &prov);
+                let diff = differences(&checkpoint::read_meta(&p)?, plan, cfg, &prov);
                 if !diff.is_empty() {
                     bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));
                 }
+                let (meta, st) = checkpoint::load(&p, plan)?;
                 reader.restore(meta.data_cursor.clone()).with_context(|| format!("restoring the data cursor of {}", p.display()))?;
                 rng = meta.rng.clone();
                 be.set_state(st)?;

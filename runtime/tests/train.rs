@@ -1,0 +1,329 @@
+//! Training on the cpu backend: D6 split and padding invariance, a whole-model gradient check,
+//! the main job's falling loss, bitwise resume, resume refusal, NaN stops, checkpoint damage and
+//! SIGINT.
+
+use std::path::{Path, PathBuf};
+use vpmoe_compiler::{compile_arch, config, Plan};
+use vpmoe_ir::Graph;
+use vpmoe_runtime::backend::{span_scale, Backend, Batch};
+use vpmoe_runtime::cpu::CpuBackend;
+use vpmoe_runtime::state::TrainState;
+use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
+use vpmoe_runtime::{bundled_sample_dataset, checkpoint, synthetic_batch};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+fn compiled(rel: &str) -> (Graph, Plan) {
+    compile_arch(&config::load(&root().join(rel)).unwrap()).unwrap()
+}
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vpmoe-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Splits `rows` rows of a batch into micro-batches of `per` rows.
+fn split(b: &Batch, per: usize) -> Vec<Batch> {
+    let n = per * b.seq;
+    (0..b.tokens.len() / n)
+        .map(|i| {
+            let r = i * n..(i + 1) * n;
+            Batch {
+                seq: b.seq,
+                tokens: b.tokens[r.clone()].to_vec(),
+                doc: b.doc[r.clone()].to_vec(),
+                labels: b.labels[r.clone()].to_vec(),
+                loss_mask: b.loss_mask[r.clone()].to_vec(),
+                span: b.span[r].to_vec(),
+                ..b.clone()
+            }
+        })
+        .collect()
+}
+
+/// Loss and gradients of one step made of `parts`, with D6's global span scale.
+fn step_grads(g: &Graph, plan: &Plan, parts: &mut [Batch], alpha: f32) -> (f64, Vec<Vec<f32>>) {
+    let mut counts = [0u64; 3];
+    for p in parts.iter() {
+        let n = p.span_counts();
+        (0..3).for_each(|i| counts[i] += n[i]);
+    }
+    let mut be = CpuBackend::new(g, plan, TrainState::init(plan, 7));
+    let mut loss = 0.0;
+    let m = parts.len();
+    for p in parts.iter_mut() {
+        p.span_scale = span_scale(&counts, 1.0, 0.8);
+        p.loss_grad = 1.0;
+        p.aux_grad = alpha / m as f32;
+        loss += be.accumulate(p).unwrap().loss;
+    }
+    (loss, be.grads().to_vec())
+}
+
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], plan: &Plan, what: &str) {
+    for ((x, y), p) in a.iter().zip(b).zip(&plan.params) {
+        for (i, (u, v)) in x.iter().zip(y).enumerate() {
+            let tol = 1e-5 + 1e-4 * u.abs().max(v.abs());
+            assert!((u - v).abs() <= tol, "{what}: grad of {} [{i}]: {u} vs {v}", p.name);
+        }
+    }
+}
+
+#[test]
+fn span_loss_and_gradients_do_not_depend_on_the_micro_batch_split() {
+    let (g, plan) = compiled("tests/configs/tiny_moe.toml");
+    let alpha = plan.arch.moe.as_ref().unwrap().seq_aux_coeff.unwrap() as f32;
+    let full = synthetic_batch(plan.arch.vocab, 16, 4, 3);
+    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 4), alpha);
+    for per in [2, 1] {
+        let (l, gr) = step_grads(&g, &plan, &mut split(&full, per), alpha);
+        assert!((l - l1).abs() <= 1e-5 * l1.abs(), "loss {l} vs {l1} with {per} rows per micro-batch");
+        assert_close(&gr, &g1, &plan, &format!("{per} rows per micro-batch"));
+    }
+}
+
+#[test]
+fn padding_changes_neither_loss_nor_gradients() {
+    // Dense config: a padded micro-batch has no aux loss of its own to add.
+    let (g, plan) = compiled("tests/configs/tiny_dense.toml");
+    let full = synthetic_batch(plan.arch.vocab, 16, 2, 5);
+    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 2), 0.0);
+    let mut pad = synthetic_batch(plan.arch.vocab, 16, 2, 9);
+    pad.loss_mask.iter_mut().for_each(|m| *m = 0);
+    let mut parts = split(&full, 1);
+    parts.push(pad);
+    let (l2, g2) = step_grads(&g, &plan, &mut parts, 0.0);
+    assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{l1} vs {l2}");
+    assert_close(&g2, &g1, &plan, "padded");
+}
+
+/// Whole-model check: for every trainable tensor p, the directional derivative of the step
+/// objective along p's own gradient direction equals ‖∇_p L‖ (central differences on the exact
+/// f32 model, no bf16 rounding).
+#[test]
+fn whole_model_gradient_check() {
+    for cfgname in ["tests/configs/tiny_dense.toml", "tests/configs/tiny_moe.toml", "tests/configs/tiny_tied.toml"] {
+        let (g, plan) = compiled(cfgname);
+        let mut batch = synthetic_batch(plan.arch.vocab, 16, 2, 11);
+        batch.aux_grad = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0) as f32;
+        let state = TrainState::init(&plan, 3);
+        let mut be = CpuBackend::new(&g, &plan, state.clone());
+        be.exact_weights();
+        be.accumulate(&batch).unwrap();
+        let grads = be.grads().to_vec();
+        let loads: Vec<String> = g.outputs.iter().filter(|(k, _)| k.starts_with("load.")).map(|(k, _)| k.clone()).collect();
+        let keep: Vec<&str> = loads.iter().map(|s| s.as_str()).collect();
+        // The objective and the routing's expert loads (to detect a flipped top-k decision).
+        let objective = |st: &TrainState| -> (f64, Vec<i32>) {
+            let mut b = CpuBackend::new(&g, &plan, st.clone());
+            b.exact_weights();
+            let out = b.forward(&batch, &keep).unwrap();
+            let aux: f64 = out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0] as f64).sum();
+            // The span loss re-summed in f64 from the per-token CE (less rounding than `loss`).
+            let tl = out.values["token_loss"].f();
+            let ce: f64 = tl.iter().zip(&batch.span).map(|(l, s)| *l as f64 * batch.span_scale[*s as usize] as f64).sum();
+            let routes = keep.iter().flat_map(|k| out.values[*k].i().to_vec()).collect();
+            (ce + batch.aux_grad as f64 * aux, routes)
+        };
+        let routes0 = objective(&state).1;
+        let mut checked = 0;
+        for (i, p) in plan.params.iter().enumerate() {
+            let gn = grads[i].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            if !p.trainable() || gn < 1e-3 {
+                continue; // too small to resolve with f32 losses (e.g. the value-residual logit)
+            }
+            let shifted = |step: f64| {
+                let mut st = state.clone();
+                for (w, d) in st.master[i].iter_mut().zip(&grads[i]) {
+                    *w += (step * *d as f64 / gn) as f32;
+                }
+                objective(&st)
+            };
+            // Richardson-extrapolated central differences (cancels the h² term), with h halved
+            // until no routing decision changes between the evaluations.
+            let mut h = 4e-3 / gn.max(1.0);
+            let fd = loop {
+                let pts: Vec<(f64, Vec<i32>)> = [h, -h, h / 2.0, -h / 2.0].iter().map(|&x| shifted(x)).collect();
+                if pts.iter().all(|(_, r)| *r == routes0) {
+                    let d1 = (pts[0].0 - pts[1].0) / (2.0 * h);
+                    let d2 = (pts[2].0 - pts[3].0) / h;
+                    break (4.0 * d2 - d1) / 3.0;
+                }
+                h /= 4.0;
+                assert!(h > 1e-6, "{cfgname}: {}: routing flips under every step size", p.name);
+            };
+            // 3 % plus the f32 forward's rounding floor (≈1e-7 per token loss over 2h).
+            let rel = (fd - gn).abs() / gn;
+            assert!((fd - gn).abs() < 0.01 * gn + 1e-4, "{cfgname}: {}: directional derivative {fd} vs |grad| {gn} (rel {rel:.3})", p.name);
+            checked += 1;
+        }
+        assert!(checked >= plan.params.iter().filter(|p| p.trainable()).count() / 2, "{cfgname}: only {checked} checked");
+    }
+}
+
+fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
+    let schedule =
+        vpmoe_ir::optim::Schedule { lr: 0.02, min_lr: 0.002, warmup: 2, total: steps, decay: vpmoe_ir::optim::DecayStyle::Cosine, wsd_decay: 0 };
+    let cfg = TrainConfig {
+        micro_batch: 1,
+        grad_accum: 2,
+        seq_len: 48,
+        seed: 5,
+        schedule,
+        aux_lr: 0.004,
+        weight_decay: 0.01,
+        clip: 1.0,
+        span_weights: [1.0, 1.0],
+    };
+    let opts = RunOptions {
+        steps,
+        ckpt_dir: PathBuf::new(),
+        resume: false,
+        eval_every: 0,
+        eval_batches: 1,
+        save_every: 0,
+        keep: 2,
+        progress: false,
+        print_every: 0,
+    };
+    (cfg, opts)
+}
+
+fn sample_data() -> PathBuf {
+    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone()
+}
+
+#[test]
+fn main_job_loss_falls_on_the_bundled_sample() {
+    let (g, plan) = compiled("configs/small.toml");
+    let (cfg, mut opts) = sample_cfg(12);
+    opts.ckpt_dir = tmp("falls");
+    opts.eval_every = 6;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let out = train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    let first = &out.records[..3].iter().map(|r| r.loss).sum::<f64>() / 3.0;
+    let last = &out.records[9..].iter().map(|r| r.loss).sum::<f64>() / 3.0;
+    assert!(last < first - 1.0, "loss did not fall: first steps {first:.3}, last steps {last:.3}");
+    assert!(out.records[5].eval.is_some() && out.records[11].eval.is_some());
+    let r = out.records[0].router.as_ref().expect("router health");
+    assert!(r.aux > 0.5 && r.entropy > 0.0 && r.entropy <= 1.0);
+    assert!(out.records[0].tokens_reasoning + out.records[0].tokens_final > 0);
+    let lines = std::fs::read_to_string(opts.ckpt_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12);
+    let _ = std::fs::remove_dir_all(&opts.ckpt_dir);
+}
+
+#[test]
+fn resume_is_bitwise() {
+    let (g, plan) = compiled("configs/small.toml");
+    let (cfg, mut opts) = sample_cfg(6);
+    let data = sample_data();
+    // Straight: 6 steps.
+    opts.ckpt_dir = tmp("straight");
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let straight = train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    // Interrupted: the same run saving every 3 steps, then a fresh process-like restart from
+    // step 3 only (the step-6 checkpoint removed).
+    opts.ckpt_dir = tmp("resumed");
+    opts.save_every = 3;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    std::fs::remove_dir_all(opts.ckpt_dir.join("step_00000006")).unwrap();
+    opts.resume = true;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 999));
+    let resumed = train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    assert_eq!(resumed.records.len(), 3);
+    for (a, b) in straight.records[3..].iter().zip(&resumed.records) {
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "step {}", a.step);
+    }
+    assert_eq!(straight.state, resumed.state);
+    assert_eq!(straight.state.checksum(), resumed.state.checksum());
+
+    // A different run is refused, saying what differs.
+    let mut other = cfg.clone();
+    other.schedule.lr = 0.03;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let e = train::train(&mut be, &plan, &data, &other, &opts).unwrap_err().to_string();
+    assert!(e.contains("different run") && e.contains("schedule"), "{e}");
+    let (g2, plan2) = compiled("tests/configs/tiny_moe.toml");
+    let mut be = CpuBackend::new(&g2, &plan2, TrainState::init(&plan2, 1));
+    let short = TrainConfig { seq_len: 32, ..cfg.clone() };
+    let e = format!("{:#}", train::train(&mut be, &plan2, &data, &short, &opts).unwrap_err());
+    assert!(e.contains("missing tensor") || e.contains("fingerprint"), "{e}");
+
+    // A damaged checkpoint is refused by its checksum.
+    let last = checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap();
+    let f = last.join("state.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    let e = checkpoint::load(&last, &plan).unwrap_err().to_string();
+    assert!(e.contains("checksum"), "{e}");
+    for d in ["straight", "resumed"] {
+        let _ = std::fs::remove_dir_all(tmp(d));
+    }
+}
+
+#[test]
+fn a_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint() {
+    let (g, plan) = compiled("configs/small.toml");
+    let (cfg, mut opts) = sample_cfg(4);
+    opts.ckpt_dir = tmp("nan");
+    opts.steps = 2;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    let good = checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap();
+    let before = std::fs::read(good.join("state.safetensors")).unwrap();
+    // Poison one weight and continue to step 4.
+    let mut st = be.state();
+    let i = plan.params.iter().position(|p| p.name.ends_with("self_attention.linear_proj.weight")).unwrap();
+    st.master[i][3] = f32::NAN;
+    be.set_state(st).unwrap();
+    opts.steps = 4;
+    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    assert!(e.contains("step 3") && e.contains("non-finite"), "{e}");
+    assert!(e.contains("blk1.attn.proj"), "the first offending tensor is named: {e}");
+    assert_eq!(checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap(), good);
+    assert_eq!(std::fs::read(good.join("state.safetensors")).unwrap(), before);
+    let _ = std::fs::remove_dir_all(&opts.ckpt_dir);
+}
+
+#[test]
+fn sigint_saves_at_the_next_step_boundary() {
+    let dir = tmp("sigint");
+    let data = sample_data();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+        .current_dir(root())
+        .args(["train", "--backend", "cpu", "--steps", "1000", "--seq-len", "32", "--micro-batch", "1"])
+        .args(["--grad-accum", "1", "--eval-every", "0", "--ckpt-dir"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 1 {
+        assert!(t0.elapsed().as_secs() < 300, "no step finished");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let ck = checkpoint::latest(&dir).unwrap().expect("a checkpoint was saved");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
+    let (g, plan) = compiled("configs/small.toml");
+    let _ = g;
+    let (meta, st) = checkpoint::load(&ck, &plan).unwrap();
+    assert_eq!(meta.step, steps);
+    assert_eq!(st.step, steps);
+    let _ = std::fs::remove_dir_all(&dir);
+}
