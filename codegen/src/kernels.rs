@@ -6,7 +6,7 @@
 //! kernel set depends on the architecture's shape families, never on the layer count.
 
 use serde::{Deserialize, Serialize};
-use vpmoe_ir::{AttnKind, DType, Node, Op, ValueId};
+use vpmoe_ir::{AttnKind, DType, Node, Op, TensorType, ValueId, Vjp};
 
 /// A kernel family's C parameter list (type, name) and template parameter names.
 pub struct Family {
@@ -148,6 +148,233 @@ pub const FAMILIES: &[Family] = &[
         name: "sum",
         tparams: &[],
         params: &[("const float*", "x"), ("float*", "out"), ("int", "n"), ("float", "scale")],
+    },
+    // ----- backward families -----
+    Family {
+        name: "add",
+        tparams: &["IN_F32", "OUT_F32", "NI"],
+        params: &[
+            ("const void*", "x0"),
+            ("const void*", "x1"),
+            ("const void*", "x2"),
+            ("const void*", "x3"),
+            ("const float*", "acc"),
+            ("void*", "y"),
+            ("int", "n"),
+        ],
+    },
+    Family {
+        name: "gemm_nn",
+        tparams: &["N", "KD", "E", "AMODE", "EPI", "OUT"],
+        params: &[
+            ("const void*", "a"),
+            ("const int*", "offsets"),
+            (BF, "w"),
+            ("const float*", "acc"),
+            (BF, "aux"),
+            ("void*", "y"),
+            ("int", "M"),
+            ("int", "lda"),
+            ("int", "ldy"),
+        ],
+    },
+    Family {
+        name: "gemm_tn",
+        tparams: &["N", "K", "E", "AMODE", "BRELU2"],
+        params: &[
+            ("const void*", "a"),
+            (BF, "b"),
+            ("const int*", "offsets"),
+            ("float*", "y"),
+            ("int", "M"),
+            ("int", "lda"),
+            ("int", "ldb"),
+        ],
+    },
+    Family {
+        name: "colsum",
+        tparams: &["N", "IN_F32", "E"],
+        params: &[("const void*", "x"), ("const int*", "offsets"), ("float*", "out"), ("int", "rows")],
+    },
+    Family {
+        name: "sum_parts",
+        tparams: &[],
+        params: &[("const float*", "parts"), ("float*", "out"), ("int", "n"), ("int", "nparts")],
+    },
+    Family {
+        name: "rmsnorm_bwd",
+        tparams: &["D"],
+        params: &[
+            (BF, "x"),
+            (BF, "w"),
+            (BF, "dy"),
+            (BFM, "dx"),
+            ("float*", "partial"),
+            ("int", "rows"),
+            ("float", "eps"),
+        ],
+    },
+    Family {
+        name: "qkv_pack",
+        tparams: &["HEADS", "GROUPS", "D"],
+        params: &[(BF, "dq"), (BF, "dk"), (BF, "dv"), (BFM, "mixed"), ("int", "T")],
+    },
+    Family {
+        name: "tpa_bwd",
+        tparams: &["HEADS", "GROUPS", "D", "RQ", "R"],
+        params: &[(BF, "f"), (BF, "dq"), (BF, "dk"), (BF, "dv"), (BFM, "df"), ("int", "T")],
+    },
+    Family {
+        name: "grape_bwd",
+        tparams: &["D"],
+        params: &[
+            (BF, "xq"),
+            (BF, "xk"),
+            ("const float*", "log_freq"),
+            (BF, "dyq"),
+            (BF, "dyk"),
+            (BFM, "dxq"),
+            (BFM, "dxk"),
+            ("float*", "partial"),
+            ("int", "heads"),
+            ("int", "groups"),
+            ("int", "T"),
+            ("int", "S"),
+            ("float", "scale"),
+        ],
+    },
+    Family {
+        name: "vres_bwd",
+        tparams: &[],
+        params: &[
+            (BF, "v"),
+            (BF, "v1"),
+            ("const float*", "logit"),
+            (BF, "dy"),
+            (BFM, "dv"),
+            (BFM, "dv1"),
+            ("float*", "partial"),
+            ("int", "n"),
+        ],
+    },
+    Family {
+        name: "attn_stats",
+        tparams: &["D", "HEADS", "GROUPS", "WINDOW", "ALIBI", "SINKS"],
+        params: &[
+            (BF, "q"),
+            (BF, "k"),
+            ("const int*", "doc"),
+            ("const float*", "sinks"),
+            (BF, "out"),
+            (BF, "dout"),
+            ("float*", "stats"),
+            ("float*", "dsink"),
+            ("int", "T"),
+            ("int", "S"),
+        ],
+    },
+    Family {
+        name: "attn_bwd_dq",
+        tparams: &["D", "HEADS", "GROUPS", "WINDOW", "ALIBI"],
+        params: &[
+            (BF, "q"),
+            (BF, "k"),
+            (BF, "v"),
+            ("const int*", "doc"),
+            ("const float*", "stats"),
+            (BF, "dout"),
+            (BFM, "dq"),
+            ("int", "T"),
+            ("int", "S"),
+        ],
+    },
+    Family {
+        name: "attn_bwd_dkdv",
+        tparams: &["D", "HEADS", "GROUPS", "WINDOW", "ALIBI"],
+        params: &[
+            (BF, "q"),
+            (BF, "k"),
+            (BF, "v"),
+            ("const int*", "doc"),
+            ("const float*", "stats"),
+            (BF, "dout"),
+            (BFM, "dk"),
+            (BFM, "dv"),
+            ("int", "T"),
+            ("int", "S"),
+        ],
+    },
+    Family {
+        name: "router_bwd",
+        tparams: &["E", "K"],
+        params: &[
+            ("const float*", "scores"),
+            ("const int*", "idx"),
+            ("const float*", "dgate"),
+            ("const float*", "dscores"),
+            ("float*", "dl"),
+            ("int", "T"),
+            ("float", "scale"),
+        ],
+    },
+    Family {
+        name: "moe_gather",
+        tparams: &["H", "K"],
+        params: &[(BF, "dxp"), ("const int*", "row"), (BFM, "dx"), ("int", "T")],
+    },
+    Family {
+        name: "combine_bwd",
+        tparams: &["H", "K", "SHARED"],
+        params: &[
+            (BF, "yp"),
+            ("const int*", "row"),
+            ("const float*", "gate"),
+            (BF, "dh"),
+            (BFM, "dyp"),
+            ("float*", "dgate"),
+            (BFM, "dresid"),
+            (BFM, "dshared"),
+            ("int", "T"),
+        ],
+    },
+    Family {
+        name: "seq_aux_count",
+        tparams: &["E", "K"],
+        params: &[("const float*", "scores"), ("float*", "counts"), ("int", "S")],
+    },
+    Family {
+        name: "seq_aux_bwd",
+        tparams: &["E", "K"],
+        params: &[
+            ("const float*", "scores"),
+            ("const float*", "counts"),
+            ("const float*", "daux"),
+            ("float*", "dscores"),
+            ("int", "T"),
+            ("int", "S"),
+            ("float", "inv_rows"),
+        ],
+    },
+    Family {
+        name: "ce_bwd",
+        tparams: &["V"],
+        params: &[
+            ("const float*", "logits"),
+            ("const int*", "labels"),
+            ("const unsigned char*", "mask"),
+            ("const unsigned char*", "span"),
+            ("const float*", "scale"),
+            ("const float*", "token_loss"),
+            ("const float*", "dloss"),
+            ("float*", "dlogits"),
+            ("int", "T"),
+        ],
+    },
+    Family { name: "embed_sort", tparams: &[], params: &[("const int*", "tokens"), ("int*", "sorted"), ("int", "T")] },
+    Family {
+        name: "embed_bwd",
+        tparams: &["H"],
+        params: &[("const int*", "sorted"), (BF, "dh"), ("float*", "dtable"), ("int", "T"), ("int", "V")],
     },
 ];
 
@@ -531,5 +758,637 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             ],
             vec![scratch(DType::F32, 1)],
         ),
+        Op::Add { n, ref ty } => lower_add(node, n, ty),
+        Op::Vjp(ref v) => lower_vjp(node, v),
+    }
+}
+
+/// Element count of a tensor type as a launch argument and a 1-D grid of `per` elements a block.
+fn numel_arg(ty: &TensorType, per: u64) -> (Arg, [LaunchDim; 3]) {
+    let (pt, fixed) = ty.numel_split();
+    if pt > 0 {
+        (Arg::Tokens { mul: pt }, [tok(pt, per), one(), one()])
+    } else {
+        (Arg::Int(fixed as i64), [LaunchDim::Const(fixed.div_ceil(per).max(1)), one(), one()])
+    }
+}
+
+/// `add`: up to four inputs in one launch; more are chained through an f32 scratch accumulator
+/// (fixed summation order, one rounding at the end).
+fn lower_add(node: &Node, n: u64, ty: &TensorType) -> (Vec<Launch>, Vec<Scratch>) {
+    let f32in = (ty.dtype == DType::F32) as u64;
+    let (cnt, grid) = numel_arg(ty, 256);
+    let ins: Vec<Arg> = node.inputs.iter().map(|&v| Arg::Value(v)).collect();
+    assert_eq!(ins.len() as u64, n, "add arity");
+    let mk = |chunk: &[Arg], acc: Arg, y: Arg, out_f32: u64| {
+        let mut args: Vec<Arg> = chunk.to_vec();
+        args.resize(4, Arg::Null);
+        args.extend([acc, y, cnt.clone()]);
+        // Always the 4-input instantiation (null pointers read as 0), so the kernel set does not
+        // depend on how many contributions a value has (which grows with the layer count).
+        launch(KernelSpec::new("add", &[f32in, out_f32, 4]), args, grid, 256)
+    };
+    let out = Arg::Value(node.outputs[0]);
+    if ins.len() <= 4 {
+        return (vec![mk(&ins, Arg::Null, out, f32in)], vec![]);
+    }
+    let (pt, fixed) = ty.numel_split();
+    let acc = Arg::Scratch { index: 0, offset: 0 };
+    let chunks: Vec<&[Arg]> = ins.chunks(4).collect();
+    let mut launches = Vec::new();
+    for (c, chunk) in chunks.iter().enumerate() {
+        let first = c == 0;
+        let last = c + 1 == chunks.len();
+        let acc_in = if first { Arg::Null } else { acc.clone() };
+        let (y, of) = if last { (out.clone(), f32in) } else { (acc.clone(), 1) };
+        launches.push(mk(chunk, acc_in, y, of));
+    }
+    (launches, vec![Scratch { dtype: DType::F32, per_token: pt, fixed }])
+}
+
+/// Backward lowering of a `vjp` node (inputs: forward inputs, forward outputs, seeded upstream
+/// gradients; outputs: gradients of the differentiable forward inputs).
+fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
+    let io = VjpIo::new(node, v);
+    let mut b = Bwd::default();
+    let x = |k: usize| io.x(k);
+    let y = |k: usize| io.y(k);
+    let dy = |k: usize| io.dy(k);
+    let dx = |k: usize| io.dx(k);
+    let t1 = Arg::Tokens { mul: 1 };
+    match v.of {
+        Op::Embedding { vocab, hidden } => {
+            let sorted = b.scratch_tok(DType::I32, 2);
+            b.push(
+                KernelSpec::new("embed_sort", &[]),
+                vec![x(0), sorted.clone(), t1],
+                [tok(1, EMBED_SORT_CHUNK), one(), one()],
+                1024,
+            );
+            b.push(
+                KernelSpec::new("embed_bwd", &[hidden]),
+                vec![sorted, dy(0), dx(1), Arg::Tokens { mul: 1 }, Arg::Int(vocab as i64)],
+                [LaunchDim::Const(vocab), one(), one()],
+                128,
+            );
+        }
+        Op::RmsNorm { dim, eps } => b.rmsnorm_bwd(dim, eps, 1, x(0), x(1), dy(0), dx(0), dx(1)),
+        Op::QkNorm { heads, groups, head_dim, eps } => {
+            b.rmsnorm_bwd(head_dim, eps, heads, x(0), x(2), dy(0), dx(0), dx(2));
+            b.rmsnorm_bwd(head_dim, eps, groups, x(1), x(3), dy(1), dx(1), dx(3));
+        }
+        Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
+            let n = (heads + 2 * groups) * head_dim;
+            let dm = b.scratch_tok(DType::Bf16, n);
+            b.qkv_pack(heads, groups, head_dim, [dy(0), dy(1), dy(2)], dm.clone());
+            b.dgrad(hidden, n, 1, dm.clone(), n, x(1), Arg::Null, dx(0), false);
+            b.wgrad(n, hidden, 1, 0, 0, dm.clone(), n, x(0), hidden, dx(1));
+            if bias {
+                b.bias_grad(n, false, 1, dm, dx(2));
+            }
+        }
+        Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
+            let widths = tpa_widths(heads, groups, head_dim, q_rank, kv_rank);
+            let total: u64 = widths.iter().sum();
+            // Recompute the six factor products (as the forward), then their gradients per token.
+            let f = b.scratch_tok(DType::Bf16, total);
+            let df = b.scratch_tok(DType::Bf16, total);
+            let acc = b.scratch_tok(DType::F32, hidden);
+            let mut off = 0;
+            for (i, &wd) in widths.iter().enumerate() {
+                let fo = f.at(off);
+                b.launches.push(gemm(wd, hidden, EPI_NONE, false, 1, x(0), x(1 + i), Arg::Null, Arg::Null, fo, total));
+                off += wd;
+            }
+            b.push(
+                KernelSpec::new("tpa_bwd", &[heads, groups, head_dim, q_rank, kv_rank]),
+                vec![f, dy(0), dy(1), dy(2), df.clone(), t1],
+                rows_grid(1),
+                128,
+            );
+            // dx = Σ_i dF_i·W_i, chained through one f32 accumulator and rounded once.
+            let mut off = 0;
+            for (i, &wd) in widths.iter().enumerate() {
+                let first = i == 0;
+                let last = i + 1 == widths.len();
+                let (out, out_f32) = if last { (dx(0), false) } else { (acc.clone(), true) };
+                let acc_in = if first { Arg::Null } else { acc.clone() };
+                b.dgrad(hidden, wd, 1, df.at(off), total, x(1 + i), acc_in, out, out_f32);
+                b.wgrad(wd, hidden, 1, 0, 0, df.at(off), total, x(0), hidden, dx(1 + i));
+                off += wd;
+            }
+            if bias {
+                let n = (heads + 2 * groups) * head_dim;
+                let dm = b.scratch_tok(DType::Bf16, n);
+                b.qkv_pack(heads, groups, head_dim, [dy(0), dy(1), dy(2)], dm.clone());
+                b.bias_grad(n, false, 1, dm, dx(7));
+            }
+        }
+        Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
+            let half = head_dim / 2;
+            let part = b.scratch_fixed(DType::F32, RED_BLOCKS * half);
+            b.push(
+                KernelSpec::new("grape_bwd", &[head_dim]),
+                vec![
+                    x(0),
+                    x(1),
+                    x(2),
+                    dy(0),
+                    dy(1),
+                    dx(0),
+                    dx(1),
+                    part.clone(),
+                    Arg::Int(heads as i64),
+                    Arg::Int(groups as i64),
+                    t1,
+                    Arg::Seq,
+                    Arg::Float(log_freq_scale),
+                ],
+                [LaunchDim::Const(RED_BLOCKS), one(), one()],
+                128,
+            );
+            b.sum_parts(part, dx(2), half, RED_BLOCKS);
+        }
+        Op::ValueResidual { groups, head_dim } => {
+            let part = b.scratch_fixed(DType::F32, RED_BLOCKS);
+            b.push(
+                KernelSpec::new("vres_bwd", &[]),
+                vec![x(0), x(1), x(2), dy(0), dx(0), dx(1), part.clone(), Arg::Tokens { mul: groups * head_dim }],
+                [LaunchDim::Const(RED_BLOCKS), one(), one()],
+                256,
+            );
+            b.push(
+                KernelSpec::new("sum", &[]),
+                vec![part, dx(2), Arg::Int(RED_BLOCKS as i64), Arg::Float(1.0)],
+                [one(), one(), one()],
+                1024,
+            );
+        }
+        Op::Attention(a) => {
+            let (window, alibi) = match a.kind {
+                AttnKind::Window(w) => (w, false),
+                AttnKind::Global { alibi } => (0, alibi),
+            };
+            let stats = b.scratch_tok(DType::F32, 2 * a.heads);
+            let dsink = if a.sinks { b.scratch_tok(DType::F32, a.heads) } else { Arg::Null };
+            let sinks = if a.sinks { x(4) } else { Arg::Null };
+            let targs = [a.head_dim, a.heads, a.groups, window, alibi as u64];
+            let mut st = targs.to_vec();
+            st.push(a.sinks as u64);
+            b.push(
+                KernelSpec::new("attn_stats", &st),
+                vec![x(0), x(1), x(3), sinks, y(0), dy(0), stats.clone(), dsink.clone(), t1.clone(), Arg::Seq],
+                [tok(1, 64), LaunchDim::Const(a.heads), one()],
+                128,
+            );
+            b.push(
+                KernelSpec::new("attn_bwd_dq", &targs),
+                vec![x(0), x(1), x(2), x(3), stats.clone(), dy(0), dx(0), t1.clone(), Arg::Seq],
+                [tok(1, 64), LaunchDim::Const(a.heads), one()],
+                128,
+            );
+            b.push(
+                KernelSpec::new("attn_bwd_dkdv", &targs),
+                vec![x(0), x(1), x(2), x(3), stats, dy(0), dx(1), dx(2), t1, Arg::Seq],
+                [tok(1, 64), LaunchDim::Const(a.groups), one()],
+                128,
+            );
+            if a.sinks {
+                b.bias_grad(a.heads, true, 1, dsink, dx(4));
+            }
+        }
+        Op::OutProj { in_dim, hidden, bias } => {
+            let resid = node_fwd_inputs(&v.of) - 1;
+            b.dgrad(in_dim, hidden, 1, dy(0), hidden, x(1), Arg::Null, dx(0), false);
+            b.wgrad(hidden, in_dim, 1, 0, 0, dy(0), hidden, x(0), in_dim, dx(1));
+            if bias {
+                b.bias_grad(hidden, false, 1, dy(0), dx(2));
+            }
+            b.copy(hidden, dy(0), dx(resid));
+        }
+        Op::Mlp { hidden, ffn, bias, residual } => {
+            let (i_b1, i_w2, i_b2) = if bias { (2, 3, 4) } else { (0, 2, 0) };
+            let b1 = if bias { x(i_b1) } else { Arg::Null };
+            let z = b.scratch_tok(DType::Bf16, ffn);
+            let dz = b.scratch_tok(DType::Bf16, ffn);
+            // Pre-activation recomputed (bf16), dz = (dy·W₂)·2·max(z, 0) in the GEMM epilogue.
+            b.launches.push(gemm(ffn, hidden, EPI_NONE, false, 1, x(0), x(1), b1, Arg::Null, z.clone(), ffn));
+            b.push(
+                KernelSpec::new("gemm_nn", &[ffn, hidden, 0, 0, EPI_DRELU2, 0]),
+                vec![
+                    dy(0),
+                    Arg::Null,
+                    x(i_w2),
+                    Arg::Null,
+                    z.clone(),
+                    dz.clone(),
+                    t1,
+                    Arg::Int(hidden as i64),
+                    Arg::Int(ffn as i64),
+                ],
+                nn_grid(ffn, 1, 0),
+                128,
+            );
+            b.wgrad(hidden, ffn, 1, 0, 1, dy(0), hidden, z, ffn, dx(i_w2));
+            if bias {
+                b.bias_grad(hidden, false, 1, dy(0), dx(i_b2));
+            }
+            b.wgrad(ffn, hidden, 1, 0, 0, dz.clone(), ffn, x(0), hidden, dx(1));
+            if bias {
+                b.bias_grad(ffn, false, 1, dz.clone(), dx(i_b1));
+            }
+            b.dgrad(hidden, ffn, 1, dz, ffn, x(1), Arg::Null, dx(0), false);
+            if residual {
+                b.copy(hidden, dy(0), dx(node_fwd_inputs(&v.of) - 1));
+            }
+        }
+        Op::Router { hidden, experts, topk, scale, bias, .. } => {
+            let dl = b.scratch_tok(DType::F32, experts);
+            b.push(
+                KernelSpec::new("router_bwd", &[experts, topk]),
+                vec![y(2), y(0), dy(1), dy(2), dl.clone(), t1, Arg::Float(scale)],
+                rows_grid(1),
+                256,
+            );
+            // fp32-quality GEMMs: the f32 logit gradient is split into bf16 hi + lo on load.
+            b.push(
+                KernelSpec::new("gemm_nn", &[hidden, experts, 0, AMODE_SPLIT, EPI_NONE, 0]),
+                vec![
+                    dl.clone(),
+                    Arg::Null,
+                    x(1),
+                    Arg::Null,
+                    Arg::Null,
+                    dx(0),
+                    Arg::Tokens { mul: 1 },
+                    Arg::Int(experts as i64),
+                    Arg::Int(hidden as i64),
+                ],
+                nn_grid(hidden, 1, 0),
+                128,
+            );
+            b.wgrad(experts, hidden, 1, AMODE_SPLIT, 0, dl.clone(), experts, x(0), hidden, dx(1));
+            if bias {
+                b.bias_grad(experts, true, 1, dl, dx(2));
+            }
+        }
+        Op::Dispatch { hidden, topk, .. } => {
+            b.push(KernelSpec::new("moe_gather", &[hidden, topk]), vec![dy(0), y(1), dx(0), t1], rows_grid(1), 128)
+        }
+        Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
+            let (i_b1, i_w2, i_b2) = if bias { (3, 4, 5) } else { (0, 3, 0) };
+            let b1 = if bias { x(i_b1) } else { Arg::Null };
+            let m = Arg::Tokens { mul: topk };
+            let z = b.scratch_tok(DType::Bf16, topk * ffn);
+            let dz = b.scratch_tok(DType::Bf16, topk * ffn);
+            b.push(
+                KernelSpec::new("grouped_gemm", &[ffn, hidden, EPI_NONE, experts]),
+                vec![x(0), x(1), x(2), b1, z.clone(), m.clone()],
+                rows_cols_grid(ffn, topk, experts),
+                128,
+            );
+            b.push(
+                KernelSpec::new("gemm_nn", &[ffn, hidden, experts, 0, EPI_DRELU2, 0]),
+                vec![
+                    dy(0),
+                    x(1),
+                    x(i_w2),
+                    Arg::Null,
+                    z.clone(),
+                    dz.clone(),
+                    m.clone(),
+                    Arg::Int(hidden as i64),
+                    Arg::Int(ffn as i64),
+                ],
+                nn_grid(ffn, topk, experts),
+                128,
+            );
+            b.wgrad_grouped(hidden, ffn, experts, topk, 1, dy(0), z, x(1), dx(i_w2));
+            if bias {
+                b.colsum_grouped(hidden, experts, topk, dy(0), x(1), dx(i_b2));
+            }
+            b.wgrad_grouped(ffn, hidden, experts, topk, 0, dz.clone(), x(0), x(1), dx(2));
+            if bias {
+                b.colsum_grouped(ffn, experts, topk, dz.clone(), x(1), dx(i_b1));
+            }
+            b.push(
+                KernelSpec::new("gemm_nn", &[hidden, ffn, experts, 0, EPI_NONE, 0]),
+                vec![dz, x(1), x(2), Arg::Null, Arg::Null, dx(0), m, Arg::Int(ffn as i64), Arg::Int(hidden as i64)],
+                nn_grid(hidden, topk, experts),
+                128,
+            );
+        }
+        Op::Combine { hidden, topk, shared } => b.push(
+            KernelSpec::new("combine_bwd", &[hidden, topk, shared as u64]),
+            vec![x(0), x(1), x(2), dy(0), dx(0), dx(2), dx(3), if shared { dx(4) } else { Arg::Null }, t1],
+            rows_grid(1),
+            128,
+        ),
+        Op::SeqAuxLoss { experts, topk } => {
+            // counts [B, E] with B = T/S ≤ T rows.
+            let counts = b.scratch_tok(DType::F32, experts);
+            b.push(
+                KernelSpec::new("seq_aux_count", &[experts, topk]),
+                vec![x(0), counts.clone(), Arg::Seq],
+                [LaunchDim::Rows, one(), one()],
+                256,
+            );
+            b.push(
+                KernelSpec::new("seq_aux_bwd", &[experts, topk]),
+                vec![x(0), counts, dy(0), dx(0), t1, Arg::Seq, Arg::InvRows],
+                rows_grid(1),
+                256,
+            );
+        }
+        Op::LmHead { hidden, vocab } => {
+            // The f32 logit gradient is rounded to bf16 on load (AMODE 1): bf16 gradient GEMMs.
+            b.push(
+                KernelSpec::new("gemm_nn", &[hidden, vocab, 0, AMODE_ROUND, EPI_NONE, 0]),
+                vec![
+                    dy(0),
+                    Arg::Null,
+                    x(1),
+                    Arg::Null,
+                    Arg::Null,
+                    dx(0),
+                    t1,
+                    Arg::Int(vocab as i64),
+                    Arg::Int(hidden as i64),
+                ],
+                nn_grid(hidden, 1, 0),
+                128,
+            );
+            b.wgrad(vocab, hidden, 1, AMODE_ROUND, 0, dy(0), vocab, x(0), hidden, dx(1));
+        }
+        Op::SpanCe { vocab } => b.push(
+            KernelSpec::new("ce_bwd", &[vocab]),
+            vec![x(0), x(1), x(2), x(3), x(4), y(1), dy(0), dx(0), t1],
+            rows_grid(1),
+            256,
+        ),
+        Op::Add { .. } | Op::Vjp(_) => panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name()),
+    }
+    (b.launches, b.scratch)
+}
+
+/// Fixed block count of the per-block-partial reductions (rmsnorm_bwd, grape_bwd, vres_bwd).
+pub const RED_BLOCKS: u64 = 256;
+/// Partial rows of a dense column sum (colsum + sum_parts).
+pub const COLSUM_PARTS: u64 = 64;
+/// Tokens per embed_sort chunk.
+pub const EMBED_SORT_CHUNK: u64 = 2048;
+/// `AMODE` of gemm_nn / gemm_tn: f32 A rounded to bf16, or split into bf16 hi + lo.
+pub const AMODE_ROUND: u64 = 1;
+pub const AMODE_SPLIT: u64 = 2;
+/// gemm_nn epilogue: multiply by ReLU²'(aux) = 2·max(aux, 0).
+pub const EPI_DRELU2: u64 = 3;
+
+fn tpa_widths(heads: u64, groups: u64, head_dim: u64, q_rank: u64, kv_rank: u64) -> [u64; 6] {
+    [heads * q_rank, groups * kv_rank, groups * kv_rank, q_rank * head_dim, kv_rank * head_dim, kv_rank * head_dim]
+}
+
+fn node_fwd_inputs(op: &Op) -> usize {
+    op.signature().0.len()
+}
+
+/// Grid of grouped_gemm over `m_mul·T` rows and `n` columns (row tiles on x).
+fn rows_cols_grid(n: u64, m_mul: u64, experts: u64) -> [LaunchDim; 3] {
+    [LaunchDim::Tok { mul: m_mul, div: GEMM_TILE, add: experts }, LaunchDim::Const(n.div_ceil(GEMM_TILE)), one()]
+}
+
+/// Grid of gemm_nn over `m_mul·T` rows and `n` columns: column tiles on x (the fastest axis, so
+/// the blocks reading one slab of A run together), row tiles (+ one per expert) on y.
+fn nn_grid(n: u64, m_mul: u64, experts: u64) -> [LaunchDim; 3] {
+    [LaunchDim::Const(n.div_ceil(GEMM_TILE)), LaunchDim::Tok { mul: m_mul, div: GEMM_TILE, add: experts }, one()]
+}
+
+/// Grid of gemm_tn for a `[n, k]` output: k tiles on x, n tiles on y, row slices (or experts) on z.
+fn tn_grid(n: u64, k: u64, z: u64) -> [LaunchDim; 3] {
+    [LaunchDim::Const(k.div_ceil(GEMM_TILE)), LaunchDim::Const(n.div_ceil(GEMM_TILE)), LaunchDim::Const(z)]
+}
+
+/// Row-range split of a dense gemm_tn: enough slices that the grid has about 256 blocks (at
+/// most 32 slices, 1 when the output alone has 256 tiles).
+pub fn wgrad_split(n: u64, k: u64) -> u64 {
+    let tiles = n.div_ceil(GEMM_TILE) * k.div_ceil(GEMM_TILE);
+    256u64.div_ceil(tiles).clamp(1, 32)
+}
+
+/// The ports of a vjp node.
+struct VjpIo<'a> {
+    node: &'a Node,
+    nin: usize,
+    nout: usize,
+    /// Input position of each output's upstream gradient.
+    dy_at: Vec<Option<usize>>,
+    /// Output position of each forward input's gradient.
+    dx_at: Vec<Option<usize>>,
+}
+
+impl<'a> VjpIo<'a> {
+    fn new(node: &'a Node, v: &Vjp) -> Self {
+        let (fi, fo) = v.of.signature();
+        let (nin, nout) = (fi.len(), fo.len());
+        assert_eq!(v.seeds.len(), nout, "vjp of {}: seeds per output", v.of.name());
+        let mut next = nin + nout;
+        let dy_at = v
+            .seeds
+            .iter()
+            .map(|&s| {
+                s.then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        let mut o = 0;
+        let dx_at =
+            v.of.grad_ins()
+                .iter()
+                .map(|&g| {
+                    g.then(|| {
+                        o += 1;
+                        o - 1
+                    })
+                })
+                .collect();
+        assert_eq!(node.inputs.len(), next, "vjp of {}: input count", v.of.name());
+        assert_eq!(node.outputs.len(), o, "vjp of {}: output count", v.of.name());
+        VjpIo { node, nin, nout, dy_at, dx_at }
+    }
+    fn x(&self, k: usize) -> Arg {
+        assert!(k < self.nin);
+        Arg::Value(self.node.inputs[k])
+    }
+    fn y(&self, k: usize) -> Arg {
+        assert!(k < self.nout);
+        Arg::Value(self.node.inputs[self.nin + k])
+    }
+    /// Upstream gradient of forward output `k`, or Null when it is not seeded (zero).
+    fn dy(&self, k: usize) -> Arg {
+        self.dy_at[k].map(|i| Arg::Value(self.node.inputs[i])).unwrap_or(Arg::Null)
+    }
+    /// Gradient output of forward input `k`.
+    fn dx(&self, k: usize) -> Arg {
+        Arg::Value(self.node.outputs[self.dx_at[k].expect("input has no gradient")])
+    }
+}
+
+impl Arg {
+    /// The same scratch buffer `off` elements further in.
+    fn at(&self, off: u64) -> Arg {
+        match *self {
+            Arg::Scratch { index, offset } => Arg::Scratch { index, offset: offset + off },
+            _ => panic!("offset into a non-scratch argument"),
+        }
+    }
+}
+
+/// Launch and scratch collector of one backward node, with the recurring launch patterns.
+#[derive(Default)]
+struct Bwd {
+    launches: Vec<Launch>,
+    scratch: Vec<Scratch>,
+}
+
+impl Bwd {
+    fn push(&mut self, k: KernelSpec, args: Vec<Arg>, grid: [LaunchDim; 3], block: u32) {
+        self.launches.push(launch(k, args, grid, block));
+    }
+    fn scratch_tok(&mut self, dtype: DType, per_token: u64) -> Arg {
+        self.scratch.push(Scratch { dtype, per_token, fixed: 0 });
+        Arg::Scratch { index: self.scratch.len() as u32 - 1, offset: 0 }
+    }
+    fn scratch_fixed(&mut self, dtype: DType, n: u64) -> Arg {
+        self.scratch.push(Scratch { dtype, per_token: 0, fixed: n });
+        Arg::Scratch { index: self.scratch.len() as u32 - 1, offset: 0 }
+    }
+    fn sum_parts(&mut self, parts: Arg, out: Arg, n: u64, nparts: u64) {
+        self.push(
+            KernelSpec::new("sum_parts", &[]),
+            vec![parts, out, Arg::Int(n as i64), Arg::Int(nparts as i64)],
+            [LaunchDim::Const(n.div_ceil(256)), one(), one()],
+            256,
+        );
+    }
+    /// Elementwise copy of a bf16 `[T, n]` gradient (a pass-through such as d(resid) = dh).
+    fn copy(&mut self, n: u64, src: Arg, dst: Arg) {
+        self.push(
+            KernelSpec::new("add", &[0, 0, 1]),
+            vec![src, Arg::Null, Arg::Null, Arg::Null, Arg::Null, dst, Arg::Tokens { mul: n }],
+            [tok(n, 256), one(), one()],
+            256,
+        );
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(&mut self, d: u64, eps: f32, rows_mul: u64, x: Arg, w: Arg, dy: Arg, dx: Arg, dw: Arg) {
+        let part = self.scratch_fixed(DType::F32, RED_BLOCKS * d);
+        self.push(
+            KernelSpec::new("rmsnorm_bwd", &[d]),
+            vec![x, w, dy, dx, part.clone(), Arg::Tokens { mul: rows_mul }, Arg::Float(eps)],
+            [LaunchDim::Const(RED_BLOCKS), one(), one()],
+            256,
+        );
+        self.sum_parts(part, dw, d, RED_BLOCKS);
+    }
+    fn qkv_pack(&mut self, heads: u64, groups: u64, d: u64, g: [Arg; 3], out: Arg) {
+        let [gq, gk, gv] = g;
+        self.push(
+            KernelSpec::new("qkv_pack", &[heads, groups, d]),
+            vec![gq, gk, gv, out, Arg::Tokens { mul: 1 }],
+            rows_grid(1),
+            128,
+        );
+    }
+    /// Input gradient `y = a·W (+ acc)` of a dense linear (`W` the `[kd, n]` forward weight, `a`
+    /// with row stride `lda`; `acc` an f32 accumulator with the row stride of `y`, or Null).
+    #[allow(clippy::too_many_arguments)]
+    fn dgrad(&mut self, n: u64, kd: u64, m_mul: u64, a: Arg, lda: u64, w: Arg, acc: Arg, y: Arg, out_f32: bool) {
+        self.push(
+            KernelSpec::new("gemm_nn", &[n, kd, 0, 0, EPI_NONE, out_f32 as u64]),
+            vec![
+                a,
+                Arg::Null,
+                w,
+                acc,
+                Arg::Null,
+                y,
+                Arg::Tokens { mul: m_mul },
+                Arg::Int(lda as i64),
+                Arg::Int(n as i64),
+            ],
+            nn_grid(n, m_mul, 0),
+            128,
+        );
+    }
+    /// Weight gradient `dW[n, k] = aᵀ·b` over `m_mul·T` rows (f32), split over row ranges into
+    /// partials + sum_parts when the output alone has too few tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn wgrad(
+        &mut self,
+        n: u64,
+        k: u64,
+        m_mul: u64,
+        amode: u64,
+        brelu2: u64,
+        a: Arg,
+        lda: u64,
+        b: Arg,
+        ldb: u64,
+        dw: Arg,
+    ) {
+        let split = wgrad_split(n, k);
+        let out = if split > 1 { self.scratch_fixed(DType::F32, split * n * k) } else { dw.clone() };
+        self.push(
+            KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2]),
+            vec![a, b, Arg::Null, out.clone(), Arg::Tokens { mul: m_mul }, Arg::Int(lda as i64), Arg::Int(ldb as i64)],
+            tn_grid(n, k, split),
+            128,
+        );
+        if split > 1 {
+            self.sum_parts(out, dw, n * k, split);
+        }
+    }
+    /// Per-expert weight gradients `dW[e] = a_eᵀ·b_e` over each expert's rows (`a` row stride n,
+    /// `b` row stride k).
+    #[allow(clippy::too_many_arguments)]
+    fn wgrad_grouped(
+        &mut self,
+        n: u64,
+        k: u64,
+        experts: u64,
+        topk: u64,
+        brelu2: u64,
+        a: Arg,
+        b: Arg,
+        offsets: Arg,
+        dw: Arg,
+    ) {
+        self.push(
+            KernelSpec::new("gemm_tn", &[n, k, experts, 0, brelu2]),
+            vec![a, b, offsets, dw, Arg::Tokens { mul: topk }, Arg::Int(n as i64), Arg::Int(k as i64)],
+            tn_grid(n, k, experts),
+            128,
+        );
+    }
+    /// Column sums of `x` ([m_mul·T, n]) into `out` [n]: COLSUM_PARTS partial rows + sum_parts.
+    fn bias_grad(&mut self, n: u64, in_f32: bool, m_mul: u64, x: Arg, out: Arg) {
+        let parts = self.scratch_fixed(DType::F32, COLSUM_PARTS * n);
+        self.push(
+            KernelSpec::new("colsum", &[n, in_f32 as u64, 0]),
+            vec![x, Arg::Null, parts.clone(), Arg::Tokens { mul: m_mul }],
+            [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
+            256,
+        );
+        self.sum_parts(parts, out, n, COLSUM_PARTS);
+    }
+    /// Per-expert column sums of the bf16 `[topk·T, n]` rows into `out` [experts, n].
+    fn colsum_grouped(&mut self, n: u64, experts: u64, topk: u64, x: Arg, offsets: Arg, out: Arg) {
+        self.push(
+            KernelSpec::new("colsum", &[n, 0, experts]),
+            vec![x, offsets, out, Arg::Tokens { mul: topk }],
+            [LaunchDim::Const(experts), LaunchDim::Const(n.div_ceil(256)), one()],
+            256,
+        );
     }
 }

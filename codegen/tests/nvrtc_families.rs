@@ -2,7 +2,10 @@
 //! and small ones. Skips loudly without NVRTC unless VPMOE_REQUIRE_NVRTC=1 (set by the test
 //! command), where a missing NVRTC is a failure.
 
-use vpmoe_codegen::{kernels::FAMILIES, nvrtc::Toolchain, shim, KernelSpec};
+mod common;
+
+use std::collections::BTreeSet;
+use vpmoe_codegen::{kernels::FAMILIES, lower_node, nvrtc::Toolchain, shim, KernelSpec};
 
 pub fn toolchain_or_skip() -> Option<Toolchain> {
     match Toolchain::discover() {
@@ -15,7 +18,26 @@ pub fn toolchain_or_skip() -> Option<Toolchain> {
     }
 }
 
+/// Hand-picked instantiations (edge shapes), then every distinct kernel that the lowering of
+/// every forward op, vjp and add of the locked and small configurations produces.
 fn specs() -> Vec<(KernelSpec, u32)> {
+    let mut v = hand_specs();
+    let mut seen: BTreeSet<(String, u32)> = v.iter().map(|(s, b)| (s.name(), *b)).collect();
+    let mut cfgs = vec![common::locked()];
+    cfgs.extend(common::smalls());
+    for cfg in &cfgs {
+        for node in common::all_nodes(cfg) {
+            for l in lower_node(&node).0 {
+                if seen.insert((l.kernel.name(), l.block)) {
+                    v.push((l.kernel, l.block));
+                }
+            }
+        }
+    }
+    v
+}
+
+fn hand_specs() -> Vec<(KernelSpec, u32)> {
     let k = |f: &str, t: &[u64], b: u32| (KernelSpec { family: f.into(), targs: t.to_vec() }, b);
     vec![
         k("embed", &[1024], 128),
@@ -45,6 +67,47 @@ fn specs() -> Vec<(KernelSpec, u32)> {
         k("seq_aux", &[256, 4], 256),
         k("ce_rows", &[201088], 256),
         k("sum", &[], 1024),
+        // ----- backward families (locked config) -----
+        k("add", &[0, 0, 2], 256),
+        k("add", &[1, 1, 4], 256),
+        k("add", &[0, 1, 4], 256),
+        k("gemm_nn", &[1024, 1536, 0, 0, 0, 0], 128),
+        k("gemm_nn", &[128, 1024, 0, 0, 3, 0], 128),
+        k("gemm_nn", &[1024, 256, 0, 2, 0, 0], 128),
+        k("gemm_nn", &[1024, 201088, 0, 1, 0, 0], 128),
+        k("gemm_nn", &[1024, 32, 0, 0, 0, 1], 128),
+        k("gemm_nn", &[128, 1024, 256, 0, 3, 0], 128),
+        k("gemm_nn", &[1024, 128, 256, 0, 0, 0], 128),
+        k("gemm_tn", &[1536, 1024, 0, 0, 0], 128),
+        k("gemm_tn", &[1024, 128, 0, 0, 1], 128),
+        k("gemm_tn", &[256, 1024, 0, 2, 0], 128),
+        k("gemm_tn", &[201088, 1024, 0, 1, 0], 128),
+        k("gemm_tn", &[1024, 128, 256, 0, 1], 128),
+        k("gemm_tn", &[128, 1024, 256, 0, 0], 128),
+        k("colsum", &[1536, 0, 0], 256),
+        k("colsum", &[256, 1, 0], 256),
+        k("colsum", &[1024, 0, 256], 256),
+        k("sum_parts", &[], 256),
+        k("rmsnorm_bwd", &[1024], 256),
+        k("rmsnorm_bwd", &[128], 256),
+        k("qkv_pack", &[8, 2, 128], 128),
+        k("tpa_bwd", &[8, 2, 128, 4, 2], 128),
+        k("grape_bwd", &[128], 128),
+        k("vres_bwd", &[], 256),
+        k("attn_stats", &[128, 8, 2, 128, 0, 1], 128),
+        k("attn_stats", &[128, 8, 2, 0, 1, 1], 128),
+        k("attn_bwd_dq", &[128, 8, 2, 128, 0], 128),
+        k("attn_bwd_dq", &[128, 8, 2, 0, 1], 128),
+        k("attn_bwd_dkdv", &[128, 8, 2, 128, 0], 128),
+        k("attn_bwd_dkdv", &[128, 8, 2, 0, 1], 128),
+        k("router_bwd", &[256, 4], 256),
+        k("moe_gather", &[1024, 4], 128),
+        k("combine_bwd", &[1024, 4, 1], 128),
+        k("seq_aux_count", &[256, 4], 256),
+        k("seq_aux_bwd", &[256, 4], 256),
+        k("ce_bwd", &[201088], 256),
+        k("embed_sort", &[], 1024),
+        k("embed_bwd", &[1024], 128),
     ]
 }
 
@@ -53,6 +116,7 @@ fn every_family_compiles_for_sm90a() {
     let Some(tc) = toolchain_or_skip() else { return };
     let cache = std::env::temp_dir().join(format!("vpmoe-nvrtc-test-{}", std::process::id()));
     let specs = specs();
+    let t0 = std::time::Instant::now();
     for f in FAMILIES {
         assert!(specs.iter().any(|(s, _)| s.family == f.name), "no test instantiation of family {}", f.name);
     }
@@ -75,5 +139,6 @@ fn every_family_compiles_for_sm90a() {
         }
     }
     std::fs::remove_dir_all(&cache).ok();
+    eprintln!("compiled {} kernels in {:.1} s", specs.len(), t0.elapsed().as_secs_f64());
     assert!(failures.is_empty(), "{} kernels failed:\n{}", failures.len(), failures.join("\n\n"));
 }

@@ -46,8 +46,7 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
     for ni in (0..n_fwd).rev() {
         let node = g.nodes[ni].clone();
         let outs = node.op.grad_outs();
-        let seeds: Vec<bool> =
-            node.outputs.iter().zip(&outs).map(|(v, d)| *d && contrib.contains_key(v)).collect();
+        let seeds: Vec<bool> = node.outputs.iter().zip(&outs).map(|(v, d)| *d && contrib.contains_key(v)).collect();
         let grad_ins = node.op.grad_ins();
         let wanted = node.inputs.iter().zip(&grad_ins).any(|(v, d)| *d && needs[v.0 as usize]);
         if !wanted || !seeds.iter().any(|s| *s) {

@@ -41,6 +41,7 @@ pub struct Report {
     pub memory: Memory,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn report(
     g: &Graph,
     arch: &Arch,

@@ -142,10 +142,8 @@ fn encode(plan: &Plan, st: &TrainState) -> Result<Vec<u8>> {
             bufs.push((format!("opt.v/{}", p.name), Dtype::F32, vshape, f32s(&st.v[i])));
         }
     }
-    let views: Vec<(String, TensorView)> = bufs
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> =
+        bufs.iter().map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
     let mut md = std::collections::HashMap::new();
     md.insert("step".to_string(), st.step.to_string());
     Ok(safetensors::serialize(views, Some(md))?)
@@ -155,7 +153,8 @@ fn encode(plan: &Plan, st: &TrainState) -> Result<Vec<u8>> {
 pub fn read_meta(path: &Path) -> Result<Meta> {
     let mp = path.join("meta.json");
     let text = std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
-    let meta: Meta = serde_json::from_str(&text).with_context(|| format!("{}: not a vpmoe checkpoint", mp.display()))?;
+    let meta: Meta =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a vpmoe checkpoint", mp.display()))?;
     ensure!(meta.format == FORMAT, "{}: checkpoint format {} (this build reads {FORMAT})", mp.display(), meta.format);
     Ok(meta)
 }
@@ -168,7 +167,8 @@ pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
     if sha256_hex(&bytes) != meta.state_sha256 {
         bail!("{}: contents do not match the checksum in meta.json (damaged or replaced)", sp.display());
     }
-    let t = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not safetensors", sp.display()))?;
+    let t =
+        safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not safetensors", sp.display()))?;
     let mut st = TrainState { step: meta.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
     for p in &plan.params {
         let (n, nm, nv) = TrainState::sizes(p);
@@ -179,7 +179,8 @@ pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
             let name = format!("{kind}/{}", p.name);
             let v = t.tensor(&name).with_context(|| format!("{}: missing tensor {name}", sp.display()))?;
             ensure!(v.dtype() == Dtype::F32, "{}: {name} is {:?}, expected F32", sp.display(), v.dtype());
-            let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data: Vec<f32> =
+                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             ensure!(data.len() == want, "{}: {name} has {} elements, the plan needs {want}", sp.display(), data.len());
             Ok(data)
         };

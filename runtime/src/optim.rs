@@ -25,7 +25,15 @@ pub fn update_expert_bias(plan: &Plan, st: &mut TrainState, loads: &[(String, Ve
         let mean = n.iter().sum::<u64>() as f64 / n.len() as f64;
         for (e, &c) in st.master[i].iter_mut().zip(n) {
             let d = mean - c as f64;
-            *e = (*e as f64 + rate * if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 }) as f32;
+            *e = (*e as f64
+                + rate
+                    * if d > 0.0 {
+                        1.0
+                    } else if d < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }) as f32;
         }
     }
 }
@@ -39,7 +47,13 @@ pub fn expert_bias_param(plan: &Plan, layer: &str) -> Option<usize> {
 
 /// Clipping, Normuon and AdamW on `st` with the accumulated `grads` (scaled in place by the clip
 /// coefficient). Refuses non-finite gradients before touching anything.
-pub fn apply(plan: &Plan, st: &mut TrainState, grads: &mut [Vec<f32>], s: &StepScalars, gemm: &dyn Gemm) -> Result<StepStats> {
+pub fn apply(
+    plan: &Plan,
+    st: &mut TrainState,
+    grads: &mut [Vec<f32>],
+    s: &StepScalars,
+    gemm: &dyn Gemm,
+) -> Result<StepStats> {
     if let Some(name) = first_non_finite(plan, grads) {
         bail!("gradient of {name} is not finite (NaN or Inf)");
     }

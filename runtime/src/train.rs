@@ -154,7 +154,11 @@ fn differences(meta: &Meta, plan: &Plan, cfg: &TrainConfig, prov: &Provenance) -
         ));
     }
     if meta.config_hash != prov.config_hash {
-        d.push(format!("architecture config hash: checkpoint {} vs {}", short(&meta.config_hash), short(&prov.config_hash)));
+        d.push(format!(
+            "architecture config hash: checkpoint {} vs {}",
+            short(&meta.config_hash),
+            short(&prov.config_hash)
+        ));
     }
     if meta.tokenizer_sha256 != vpmoe_data::tokenizer::vocabulary_sha256() {
         d.push("tokenizer vocabulary".into());
@@ -170,7 +174,10 @@ fn differences(meta: &Meta, plan: &Plan, cfg: &TrainConfig, prov: &Provenance) -
     if let (Some(a), Some(b)) = (meta.train.as_object(), now.as_object()) {
         for (k, v) in b {
             if a.get(k) != Some(v) {
-                d.push(format!("{k}: checkpoint {} vs {v}", a.get(k).map(|x| x.to_string()).unwrap_or("absent".into())));
+                d.push(format!(
+                    "{k}: checkpoint {} vs {v}",
+                    a.get(k).map(|x| x.to_string()).unwrap_or("absent".into())
+                ));
             }
         }
     }
@@ -211,19 +218,16 @@ pub fn eval_split(data: &Path) -> Option<PathBuf> {
 }
 
 /// Trains `be` from its current state (or the latest checkpoint with `resume`).
-pub fn train(
-    be: &mut dyn Backend,
-    plan: &Plan,
-    data: &Path,
-    cfg: &TrainConfig,
-    opts: &RunOptions,
-) -> Result<Outcome> {
+pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome> {
     validate(cfg, plan)?;
     let prov = Provenance::new(plan, data)?;
     let mut reader = Reader::open(&[(data, 1.0)], cfg.seq_len, cfg.seed)?;
     let eval_data = eval_split(data);
     if opts.eval_every > 0 && eval_data.is_none() {
-        bail!("{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)", data.display());
+        bail!(
+            "{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)",
+            data.display()
+        );
     }
     // No op draws random numbers yet (dropout is 0, D1); the state is recorded for when one does.
     let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
@@ -236,7 +240,9 @@ pub fn train(
                     bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));
                 }
                 let (meta, st) = checkpoint::load(&p, plan)?;
-                reader.restore(meta.data_cursor.clone()).with_context(|| format!("restoring the data cursor of {}", p.display()))?;
+                reader
+                    .restore(meta.data_cursor.clone())
+                    .with_context(|| format!("restoring the data cursor of {}", p.display()))?;
                 rng = meta.rng.clone();
                 be.set_state(st)?;
                 eprintln!("resumed from {} (step {})", p.display(), meta.step);

@@ -112,7 +112,8 @@ fn whole_model_gradient_check() {
         be.exact_weights();
         be.accumulate(&batch).unwrap();
         let grads = be.grads().to_vec();
-        let loads: Vec<String> = g.outputs.iter().filter(|(k, _)| k.starts_with("load.")).map(|(k, _)| k.clone()).collect();
+        let loads: Vec<String> =
+            g.outputs.iter().filter(|(k, _)| k.starts_with("load.")).map(|(k, _)| k.clone()).collect();
         let keep: Vec<&str> = loads.iter().map(|s| s.as_str()).collect();
         // The objective and the routing's expert loads (to detect a flipped top-k decision).
         let objective = |st: &TrainState| -> (f64, Vec<i32>) {
@@ -122,7 +123,8 @@ fn whole_model_gradient_check() {
             let aux: f64 = out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0] as f64).sum();
             // The span loss re-summed in f64 from the per-token CE (less rounding than `loss`).
             let tl = out.values["token_loss"].f();
-            let ce: f64 = tl.iter().zip(&batch.span).map(|(l, s)| *l as f64 * batch.span_scale[*s as usize] as f64).sum();
+            let ce: f64 =
+                tl.iter().zip(&batch.span).map(|(l, s)| *l as f64 * batch.span_scale[*s as usize] as f64).sum();
             let routes = keep.iter().flat_map(|k| out.values[*k].i().to_vec()).collect();
             (ce + batch.aux_grad as f64 * aux, routes)
         };
@@ -155,16 +157,29 @@ fn whole_model_gradient_check() {
             };
             // 3 % plus the f32 forward's rounding floor (≈1e-7 per token loss over 2h).
             let rel = (fd - gn).abs() / gn;
-            assert!((fd - gn).abs() < 0.01 * gn + 1e-4, "{cfgname}: {}: directional derivative {fd} vs |grad| {gn} (rel {rel:.3})", p.name);
+            assert!(
+                (fd - gn).abs() < 0.01 * gn + 1e-4,
+                "{cfgname}: {}: directional derivative {fd} vs |grad| {gn} (rel {rel:.3})",
+                p.name
+            );
             checked += 1;
         }
-        assert!(checked >= plan.params.iter().filter(|p| p.trainable()).count() / 2, "{cfgname}: only {checked} checked");
+        assert!(
+            checked >= plan.params.iter().filter(|p| p.trainable()).count() / 2,
+            "{cfgname}: only {checked} checked"
+        );
     }
 }
 
 fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
-    let schedule =
-        vpmoe_ir::optim::Schedule { lr: 0.02, min_lr: 0.002, warmup: 2, total: steps, decay: vpmoe_ir::optim::DecayStyle::Cosine, wsd_decay: 0 };
+    let schedule = vpmoe_ir::optim::Schedule {
+        lr: 0.02,
+        min_lr: 0.002,
+        warmup: 2,
+        total: steps,
+        decay: vpmoe_ir::optim::DecayStyle::Cosine,
+        wsd_decay: 0,
+    };
     let cfg = TrainConfig {
         micro_batch: 1,
         grad_accum: 2,

@@ -84,10 +84,10 @@ void vp_emu_mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[
     emu_warp_barrier();
 }
 
-void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body) {
-    gridDim = {gx, gy, 1}; blockDim = {nt, 1, 1};
+void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::function<void()> body) {
+    gridDim = {gx, gy, gz}; blockDim = {nt, 1, 1};
     std::vector<Fiber> fs(nt);
-    for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
+    for (unsigned bz = 0; bz < gz; ++bz) for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
         g_body = body; g_f = &fs;
         for (unsigned i = 0; i < nt; ++i) {
             Fiber& f = fs[i]; f.stack.resize(1 << 17); f.st = READY; f.tid = i; f.cur.clear(); f.groups.clear();
@@ -118,7 +118,7 @@ void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> bod
                 EMU_FAIL("deadlock block %u,%u", bx, by); exit(1);
             }
             int i = ready[g_rng() % ready.size()];
-            g_cur = i; threadIdx = {(unsigned)i, 0, 0}; blockIdx = {bx, by, 0};
+            g_cur = i; threadIdx = {(unsigned)i, 0, 0}; blockIdx = {bx, by, bz};
             swapcontext(&g_sched, &fs[i].ctx);
         }
         for (unsigned i = 0; i < nt; ++i) if (!fs[i].cur.empty() || !fs[i].groups.empty()) {
@@ -127,3 +127,4 @@ void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> bod
         }
     }
 }
+void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body) { emu_launch3(gx, gy, 1, nt, body); }

@@ -1,4 +1,5 @@
-// Kernel-vs-reference tests of every vpmoe kernel family, run on the CPU by the fiber emulator.
+// Kernel-vs-reference tests of every vpmoe kernel family, run on the CPU by the fiber emulator
+// (forward families here, backward families in test_bwd.h).
 // Each test draws seeded random inputs (and adversarial cases: partial tiles, odd N/KD, column
 // slices, unaligned pointers, empty experts, an expert receiving every token, straddling
 // sequence rows, documents, windows, ties), poisons outputs, runs the real .cuh template and
@@ -351,6 +352,8 @@ void test_vres(int n) {
     c.report(); expect(is_poison(y[n]), "vres wrote past n");
 }
 
+#include "test_bwd.h"
+
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* s) { return only.empty() || only == s; };
@@ -400,6 +403,7 @@ int main(int argc, char** argv) {
         test_seq_aux<256, 4>(2, 40); test_seq_aux<40, 3>(3, 17);
         test_ce<1000>(7); test_ce<1001>(4);
     }
+    run_bwd_tests(want);
     printf("emulator errors: %d, failures: %d\n", g_errors, g_fail);
     return g_errors || g_fail;
 }

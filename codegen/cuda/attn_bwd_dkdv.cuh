@@ -1,0 +1,199 @@
+#pragma once
+// attn_bwd_dkdv.cuh: attention backward, key and value gradients of one KV group (flash style,
+// transposed: keys are the rows, P is recomputed from q, k and attn_stats' lse2):
+//   Pᵀ(u, t) = exp2(s2(t, u) − lse2[t, h]),  dPᵀ(u, t) = v[u]·dout[t, h],  dSᵀ = Pᵀ·(dPᵀ − ρ[t, h])
+//   dv[u, g] = Σ_{h in g} Σ_t Pᵀ(u, t)·dout[t, h]                 (bf16 out)
+//   dk[u, g] = (1/sqrt(D)) Σ_{h in g} Σ_t dSᵀ(u, t)·q[t, h]
+// Key u is seen by query t iff t is in u's sequence row, u ≤ t, doc[t] == doc[u] and (WINDOW)
+// t − u < WINDOW: the masks of attention.cuh, seen from the key side.
+//
+// Launch: grid (ceil(T/64), GROUPS), block 128: a block owns 64 consecutive keys of group g, each
+// warp 16 of them (k rows held as mma A fragments, v rows resident in shared memory). Query tiles
+// of 32 tokens stream through shared memory (q and dout of one head at a time, with their lse2,
+// ρ and doc), from the block's first key to the last query any of its keys can be seen by; for
+// each tile and each of the group's HEADS/GROUPS heads: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (mma), Pᵀ and dSᵀ
+// in f32, then dv += Pᵀ·dO and dk += dSᵀ·Q (bf16 operands, ldmatrix.trans on the query tiles).
+// Warps skip tiles outside their keys' visible query range. 35 KB shared memory at D = 128.
+// Deterministic: fixed (tile, head) order, each output element one thread's sum; no atomics.
+#include "vp_common.cuh"
+#include "attention.cuh"
+
+namespace vp {
+
+template <int D, int HEADS, int GROUPS, int WINDOW, int ALIBI>
+__device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                              const bf16* __restrict__ v, const int* __restrict__ doc,
+                                              const float* __restrict__ stats, const bf16* __restrict__ dout,
+                                              bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int S) {
+    static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
+    static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
+    constexpr int BKV = 64, BQ = 32, NT = 128, GS = HEADS / GROUPS;
+    constexpr int LD = D + 8, DK = D / 16, DN = D / 8, CH = D / 8;
+    __shared__ __align__(128) bf16 sV[BKV * LD];
+    __shared__ __align__(128) bf16 sQO[2 * BQ * LD];  // q tile | dout tile (also stages the K tile)
+    __shared__ float sLse[BQ], sRho[BQ];
+    __shared__ int sDocQ[BQ];
+    bf16* sQ = sQO;
+    bf16* sO = sQO + BQ * LD;
+
+    require_block(NT);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = blockIdx.y;
+    const int u0 = blockIdx.x * BKV;
+    if (u0 >= T) return;  // whole block (never with the contract's grid)
+    // Last query that can see key u.
+    auto q_last = [S, T](int u) {
+        int hi = min(T, (u / S + 1) * S) - 1;
+        if (WINDOW > 0) hi = min(hi, u + WINDOW - 1);
+        return hi;
+    };
+    const bool vq = aligned(q, 16), vk = aligned(k, 16), vv = aligned(v, 16), vo = aligned(dout, 16);
+
+    // ---- K tile through sQO into A fragments, V tile resident ----
+    for (int c = tid; c < BKV * CH; c += NT) {
+        const int r = c / CH, dc = (c % CH) * 8, u = u0 + r;
+        load_chunk8(&sQO[r * LD + dc], k + ((size_t)u * GROUPS + g) * D + dc, u < T ? 8 : 0, vk, k);
+        load_chunk8(&sV[r * LD + dc], v + ((size_t)u * GROUPS + g) * D + dc, u < T ? 8 : 0, vv, v);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    unsigned int kf[DK][4];
+#pragma unroll
+    for (int kk = 0; kk < DK; ++kk) ldsm_x4(kf[kk], &sQO[(warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8]);
+
+    int uk[2], qhi[2], dk_[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int u = u0 + warp * 16 + (lane >> 2) + 8 * i;
+        if (u < T) {
+            uk[i] = u;
+            qhi[i] = q_last(u);
+            dk_[i] = doc[u];
+        } else {  // padding key: no query sees it; never stored
+            uk[i] = -1;
+            qhi[i] = -1;
+            dk_[i] = 0;
+        }
+    }
+    const int w_first = u0 + warp * 16;
+    const int w_qhi = w_first < T ? q_last(min(w_first + 15, T - 1)) : -1;
+    const int q_hi = q_last(min(u0 + BKV - 1, T - 1));
+
+    const float sc2 = LOG2E / sqrtf((float)D);
+    float dka[DN][4], dva[DN][4];
+#pragma unroll
+    for (int n = 0; n < DN; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            dka[n][e] = 0.f;
+            dva[n][e] = 0.f;
+        }
+
+    for (int qt0 = u0; qt0 <= q_hi; qt0 += BQ) {
+        for (int hh = 0; hh < GS; ++hh) {
+            const int h = g * GS + hh;
+            __syncthreads();  // previous tile fully read (and the K staging)
+            for (int c = tid; c < BQ * CH; c += NT) {
+                const int r = c / CH, dc = (c % CH) * 8, t = qt0 + r;
+                const bool ok = t <= q_hi;
+                load_chunk8(&sQ[r * LD + dc], q + ((size_t)t * HEADS + h) * D + dc, ok ? 8 : 0, vq, q);
+                load_chunk8(&sO[r * LD + dc], dout + ((size_t)t * HEADS + h) * D + dc, ok ? 8 : 0, vo, dout);
+            }
+            cp_async_commit();
+            if (tid < BQ) {
+                const int t = qt0 + tid;
+                const bool ok = t <= q_hi;
+                sLse[tid] = ok ? stats[((size_t)t * HEADS + h) * 2] : 0.f;
+                sRho[tid] = ok ? stats[((size_t)t * HEADS + h) * 2 + 1] : 0.f;
+                sDocQ[tid] = ok ? doc[t] : 0;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+            const bool active = w_first < T && qt0 <= w_qhi && qt0 + BQ - 1 >= w_first;  // warp-uniform
+            if (!active) continue;
+            const float slope2 = ALIBI ? alibi_slope(h, HEADS) * LOG2E : 0.f;
+
+            float st[4][4], dpt[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    st[n][e] = 0.f;
+                    dpt[n][e] = 0.f;
+                }
+#pragma unroll
+            for (int kk = 0; kk < DK; ++kk) {
+                unsigned int va[4];
+                ldsm_x4(va, &sV[(warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+                for (int nj = 0; nj < 2; ++nj) {
+                    const int off = (nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                    unsigned int r[4];
+                    ldsm_x4(r, &sQ[off]);
+                    const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                    mma_bf16_16816(st[2 * nj], kf[kk], b0);
+                    mma_bf16_16816(st[2 * nj + 1], kf[kk], b1);
+                    ldsm_x4(r, &sO[off]);
+                    const unsigned int c0[2] = {r[0], r[1]}, c1[2] = {r[2], r[3]};
+                    mma_bf16_16816(dpt[2 * nj], va, c0);
+                    mma_bf16_16816(dpt[2 * nj + 1], va, c1);
+                }
+            }
+            // Pᵀ into st, dSᵀ into dpt
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1, col = n * 8 + (lane & 3) * 2 + (e & 1), t = qt0 + col, u = uk[i];
+                    const bool ok = u >= 0 && u <= t && t <= qhi[i] && sDocQ[col] == dk_[i];
+                    float val = st[n][e] * sc2;
+                    if (ALIBI) val -= slope2 * (float)(t - u);
+                    const float p = ok ? exp2f(val - sLse[col]) : 0.f;
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - sRho[col]);
+                }
+            unsigned int pa[2][4], da[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                pa[j][0] = pack_bf2(st[2 * j][0], st[2 * j][1]);
+                pa[j][1] = pack_bf2(st[2 * j][2], st[2 * j][3]);
+                pa[j][2] = pack_bf2(st[2 * j + 1][0], st[2 * j + 1][1]);
+                pa[j][3] = pack_bf2(st[2 * j + 1][2], st[2 * j + 1][3]);
+                da[j][0] = pack_bf2(dpt[2 * j][0], dpt[2 * j][1]);
+                da[j][1] = pack_bf2(dpt[2 * j][2], dpt[2 * j][3]);
+                da[j][2] = pack_bf2(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
+                da[j][3] = pack_bf2(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int dn = 0; dn < DN / 2; ++dn) {
+                    const int off = (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 16 + (lane >> 4) * 8;
+                    unsigned int r[4];
+                    ldsm_x4_trans(r, &sO[off]);
+                    const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                    mma_bf16_16816(dva[2 * dn], pa[j], b0);
+                    mma_bf16_16816(dva[2 * dn + 1], pa[j], b1);
+                    ldsm_x4_trans(r, &sQ[off]);
+                    const unsigned int c0[2] = {r[0], r[1]}, c1[2] = {r[2], r[3]};
+                    mma_bf16_16816(dka[2 * dn], da[j], c0);
+                    mma_bf16_16816(dka[2 * dn + 1], da[j], c1);
+                }
+        }
+    }
+
+    const float scale = 1.f / sqrtf((float)D);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (uk[i] < 0) continue;
+        const size_t o = ((size_t)uk[i] * GROUPS + g) * D + (lane & 3) * 2;
+#pragma unroll
+        for (int n = 0; n < DN; ++n) {
+            *reinterpret_cast<unsigned int*>(dk + o + n * 8) = pack_bf2(dka[n][2 * i] * scale, dka[n][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned int*>(dv + o + n * 8) = pack_bf2(dva[n][2 * i], dva[n][2 * i + 1]);
+        }
+    }
+}
+
+}  // namespace vp

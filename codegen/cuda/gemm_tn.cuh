@@ -1,0 +1,176 @@
+#pragma once
+// gemm_tn.cuh: weight-gradient GEMM, fp32 output, dense (optionally split over rows) or per expert.
+//
+//   Y[N, K] = Σ_{m in range} A[m, n] · B'[m, k]        (dW = dYᵀ·X of a linear layer)
+//   A: [M, ≥N] row stride lda (the output gradient; AMODE as gemm_nn: 0 bf16, 1 f32 rounded,
+//      2 f32 split hi+lo). B: bf16 [M, ≥K] row stride ldb (the layer input); BRELU2: B' = ReLU²(B)
+//      (B holds a pre-activation z; the product uses bf16(max(z, 0)²), applied to the fragments in
+//      registers), else B' = B.
+//   Grid (ceil(K/64), ceil(N/64), Z), block 128: the k tiles are the fastest axis, so the blocks
+//   that stream the same 64 columns of A over all rows run back to back and share them through
+//   L2 (A is the large operand: the LM head's f32 [T, 201088] logit gradient). Slice
+//   z = blockIdx.z writes Y + z·N·K:
+//     E > 0: z is the expert, rows [offsets[e], offsets[e+1]) (Z = E; an empty expert writes 0);
+//     E = 0: rows [z·ch, min(M, (z+1)·ch)), ch = ceil(M/Z). Z = 1 writes the gradient itself;
+//            Z > 1 writes Z partial sums that `sum_parts` adds in slice order (a deterministic
+//            split-K for small outputs such as the TPA factors or the router).
+//
+// Tiles: 64 (n) x 64 (k) outputs per block, four warps of 32x32; the reduction dimension m is
+// walked in slices of 32 through a 3-stage ring. Both operand tiles are stored as loaded (32 m-rows
+// x 64 columns, rows padded to 144 B) and read with ldmatrix.trans, which yields exactly the
+// m-pairs the mma fragments need (Aᵀ as the row-major A operand, B as the "col" B operand).
+// Deterministic: each output element is one thread's fixed-order sum over its range; no atomics.
+#include "vp_common.cuh"
+#include "gemm_nn.cuh"
+
+namespace vp {
+
+namespace gemm_tn_cfg {
+constexpr int BN = 64, BK2 = 64, BM = 32, STAGES = 3, THREADS = 128;
+constexpr int LDT = 64 + 8;  // 144 B rows
+}  // namespace gemm_tn_cfg
+
+__device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
+    float lo = fmaxf(bf_lo(u), 0.f), hi = fmaxf(bf_hi(u), 0.f);
+    return pack_bf2(lo * lo, hi * hi);
+}
+
+template <int N, int K, int E, int AMODE, int BRELU2>
+__device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* offsets, float* y, int M, int lda,
+                                        int ldb) {
+    using namespace gemm_tn_cfg;
+    static_assert(N > 0 && K > 0, "empty GEMM");
+    static_assert(AMODE >= 0 && AMODE <= 2, "AMODE");
+    __shared__ __align__(128) bf16 sA[STAGES][BM * LDT];
+    __shared__ __align__(128) bf16 sAlo[AMODE == 2 ? STAGES : 1][AMODE == 2 ? BM * LDT : 8];
+    __shared__ __align__(128) bf16 sB[STAGES][BM * LDT];
+    require_block(THREADS);
+
+    const int z = blockIdx.z;
+    int m_beg, m_end;
+    if constexpr (E > 0) {
+        m_beg = offsets[z];
+        m_end = offsets[z + 1];
+    } else {
+        const int ch = cdiv(M, (int)gridDim.z);
+        m_beg = min(M, z * ch);
+        m_end = min(M, m_beg + ch);
+    }
+    float* yz = y + (size_t)z * N * K;
+    const int n0 = blockIdx.y * BN, k0 = blockIdx.x * BK2;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int MT = cdiv(m_end - m_beg, BM);
+
+    const bf16* abf = reinterpret_cast<const bf16*>(a);
+    const float* af = reinterpret_cast<const float*>(a);
+    const bool vec_a = AMODE == 0 ? (lda % 8 == 0) && aligned(a, 16) : (lda % 4 == 0) && aligned(a, 16);
+    const bool vec_b = (ldb % 8 == 0) && aligned(b, 16);
+
+    auto load_tile = [&](int mt, int s) {
+        const int m0 = m_beg + mt * BM;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int c = tid + i * THREADS;
+            const int r = c >> 3, cc = (c & 7) * 8;  // 32 rows x 8 chunks of 8
+            const int gm = m0 + r;
+            const bool rv = gm < m_end;
+            {
+                const int gn = n0 + cc;
+                const int nv = rv ? N - gn : 0;
+                if (AMODE == 0) {
+                    load_chunk8(&sA[s][r * LDT + cc], abf + (size_t)gm * lda + gn, nv, vec_a, abf);
+                } else {
+                    load_f32_chunk8<AMODE>(&sA[s][r * LDT + cc], &sAlo[AMODE == 2 ? s : 0][AMODE == 2 ? r * LDT + cc : 0],
+                                           af + (nv > 0 ? (size_t)gm * lda + gn : 0), nv, vec_a);
+                }
+            }
+            {
+                const int gk = k0 + cc;
+                load_chunk8(&sB[s][r * LDT + cc], b + (size_t)gm * ldb + gk, rv ? K - gk : 0, vec_b, b);
+            }
+        }
+    };
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < MT) load_tile(s, s);
+        cp_async_commit();
+    }
+    for (int mt = 0; mt < MT; ++mt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+            const int nm = mt + STAGES - 1;
+            if (nm < MT) load_tile(nm, nm % STAGES);
+            cp_async_commit();
+        }
+        const bf16* a_s = sA[mt % STAGES];
+        const bf16* b_s = sB[mt % STAGES];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            unsigned int fa[2][4], fl[2][4], fb[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                // matrices: (m 0-7, n 0-7), (m 0-7, n 8-15), (m 8-15, n 0-7), (m 8-15, n 8-15) of the
+                // stored tile; transposed they are A-fragment registers a0..a3 of Aᵀ (rows n, cols m).
+                const int off = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDT + wm * 32 + mi * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_x4_trans(fa[mi], a_s + off);
+                if (AMODE == 2) ldsm_x4_trans(fl[mi], sAlo[AMODE == 2 ? mt % STAGES : 0] + off);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                unsigned int r[4];
+                ldsm_x4_trans(r, b_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDT + wn * 32 + nj * 16 +
+                                     (lane >> 4) * 8);
+                if (BRELU2) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) r[j] = relu2_bf2(r[j]);
+                }
+                fb[2 * nj][0] = r[0];
+                fb[2 * nj][1] = r[1];
+                fb[2 * nj + 1][0] = r[2];
+                fb[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    mma_bf16_16816(acc[mi][ni], fa[mi], fb[ni]);
+                    if (AMODE == 2) mma_bf16_16816(acc[mi][ni], fl[mi], fb[ni]);
+                }
+        }
+    }
+    cp_async_wait<0>();
+
+    const bool pair_ok = (K % 2 == 0) && aligned(y, 8);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = n0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                const int c = k0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+                if (r >= N || c >= K) continue;
+                const bool has1 = c + 1 < K;
+                float* yo = yz + (size_t)r * K + c;
+                const float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+                if (has1 && pair_ok) {
+                    *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
+                } else {
+                    yo[0] = v0;
+                    if (has1) yo[1] = v1;
+                }
+            }
+}
+
+}  // namespace vp

@@ -1,0 +1,531 @@
+// Backward kernel families vs f64 transcriptions of ir/src/backward.rs, plus finite-difference
+// checks of those transcriptions against f64 forwards (so the reference formulas themselves are
+// verified), and bitwise run-to-run determinism of the reductions. Included by test.cpp (uses its
+// helpers: rbf, rf, Cmp, expect, POISON_*).
+#include "add.cuh"
+#include "gemm_nn.cuh"
+#include "gemm_tn.cuh"
+#include "colsum.cuh"
+#include "sum_parts.cuh"
+#include "rmsnorm_bwd.cuh"
+#include "qkv_pack.cuh"
+#include "tpa_bwd.cuh"
+#include "grape_bwd.cuh"
+#include "vres_bwd.cuh"
+#include "attn_stats.cuh"
+#include "attn_bwd_dq.cuh"
+#include "attn_bwd_dkdv.cuh"
+#include "router_bwd.cuh"
+#include "moe_gather.cuh"
+#include "combine_bwd.cuh"
+#include "seq_aux_count.cuh"
+#include "seq_aux_bwd.cuh"
+#include "ce_bwd.cuh"
+#include "embed_sort.cuh"
+#include "embed_bwd.cuh"
+
+void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::function<void()> body);
+
+static std::vector<float> tof(const std::vector<bf>& v) { std::vector<float> o(v.size()); for (size_t i = 0; i < v.size(); ++i) o[i] = fl(v[i]); return o; }
+static float rbf1(float x) { return fl(tobf(x)); }  // round to bf16 and back
+static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) { return a.size() == b.size() && (a.empty() || memcmp(a.data(), b.data(), a.size() * 4) == 0); }
+static bool same_bits(const std::vector<bf>& a, const std::vector<bf>& b) { if (a.size() != b.size()) return false; for (size_t i = 0; i < a.size(); ++i) if (a[i].x != b[i].x) return false; return true; }
+// Central finite difference of f at x[i] (x is modified and restored).
+static double fdiff(std::vector<double>& x, size_t i, const std::function<double()>& f, double h) {
+    double x0 = x[i]; x[i] = x0 + h; double fp = f(); x[i] = x0 - h; double fm = f(); x[i] = x0; return (fp - fm) / (2 * h);
+}
+
+// ------------------------------------------------------------------ add
+template <int INF, int OUTF, int NI>
+void test_add(int n, bool with_acc) {
+    std::vector<float> xf[4]; std::vector<bf> xb[4];
+    for (int j = 0; j < 4; ++j) { xf[j] = rf(n, 1.0); xb[j] = rbf(n, 1.0); }
+    auto acc = rf(n, 1.0);
+    std::vector<float> yf(n + 1, POISON_F); std::vector<bf> yb(n + 1, POISON_BF);
+    const void* p[4]; for (int j = 0; j < 4; ++j) p[j] = j < NI ? (INF ? (const void*)xf[j].data() : (const void*)xb[j].data()) : nullptr;
+    void* y = OUTF ? (void*)yf.data() : (void*)yb.data();
+    emu_launch((n + 255) / 256, 1, 256, [&] { vp::add<INF, OUTF, NI>(p[0], p[1], p[2], p[3], with_acc ? acc.data() : nullptr, y, n); });
+    char nm[100]; snprintf(nm, 100, "add IN_F32%d OUT_F32%d NI%d acc%d", INF, OUTF, NI, with_acc);
+    bool ok = true;
+    for (int i = 0; i < n; ++i) {
+        float s = with_acc ? acc[i] : 0.f;
+        for (int j = 0; j < NI; ++j) s += INF ? xf[j][i] : fl(xb[j][i]);
+        ok &= OUTF ? yf[i] == s : yb[i].x == tobf(s).x;
+    }
+    ok &= OUTF ? std::isnan(yf[n]) : is_poison(yb[n]);
+    expect(ok, nm); if (ok) printf("%-60s ok (bitwise)\n", nm);
+}
+
+// ------------------------------------------------------------------ gemm_nn
+// A: [M, lda] (bf16 or f32), W: [KD, N]; acc: f32 [M, ldy]; aux: bf16 [M, N].
+template <int N, int KD, int E, int AMODE, int EPI, int OUT>
+void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with_acc) {
+    int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
+    auto ab = rbf((size_t)M * lda + aoff, 1.0); auto af = rf((size_t)M * lda + aoff, 1.0);
+    auto w = rbf((size_t)std::max(E, 1) * KD * N, 1.0 / std::sqrt(KD)); auto aux = rbf((size_t)M * N, 1.0);
+    auto acc = rf((size_t)M * ldy, 1.0);
+    std::vector<bf> yb((size_t)M * ldy + 2, POISON_BF); std::vector<float> yf((size_t)M * ldy + 2, POISON_F);
+    const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
+    void* y = OUT ? (void*)yf.data() : (void*)yb.data();
+    const int gx = E ? (M + 63) / 64 + E : (M + 63) / 64;
+    emu_launch((N + 63) / 64, gx, 128, [&] { vp::gemm_nn<N, KD, E, AMODE, EPI, OUT>(a, E ? off.data() : nullptr, w.data(), with_acc ? acc.data() : nullptr, aux.data(), y, M, lda, ldy); });
+    char nm[200]; snprintf(nm, 200, "gemm_nn N%d KD%d E%d AMODE%d EPI%d OUT%d M%d lda%d aoff%d acc%d", N, KD, E, AMODE, EPI, OUT, M, lda, aoff, with_acc);
+    // bf16 outputs: bf16 rounding; f32 outputs: exact bf16 products (AMODE 1 rounds A like the
+    // reference does) or the hi+lo split's ~2^-16 relative error (AMODE 2).
+    Cmp c(nm, OUT ? (AMODE == 2 ? 2e-4 : 1e-4) : 2e-2, OUT ? 1e-4 : 1e-2);
+    bool untouched = true;
+    for (int e = 0; e < (int)counts.size(); ++e)
+        for (int r = off[e]; r < off[e + 1]; ++r) {
+            for (int n = 0; n < N; ++n) {
+                double s = 0;
+                for (int k = 0; k < KD; ++k) {
+                    double av = AMODE == 0 ? fl(ab[aoff + (size_t)r * lda + k]) : AMODE == 1 ? rbf1(af[aoff + (size_t)r * lda + k]) : af[aoff + (size_t)r * lda + k];
+                    s += av * fl(w[((size_t)(E ? e : 0) * KD + k) * N + n]);
+                }
+                if (with_acc) s += acc[(size_t)r * ldy + n];
+                if (EPI == 3) s *= 2.0 * std::max(fl(aux[(size_t)r * N + n]), 0.f);
+                c.add(s, OUT ? yf[(size_t)r * ldy + n] : fl(yb[(size_t)r * ldy + n]), (long)r * N + n);
+            }
+            for (int n = N; n < ldy; ++n) untouched &= OUT ? std::isnan(yf[(size_t)r * ldy + n]) : is_poison(yb[(size_t)r * ldy + n]);
+        }
+    c.report(); expect(untouched, std::string(nm) + ": wrote outside its columns");
+}
+
+// ------------------------------------------------------------------ gemm_tn (+ sum_parts for Z > 1)
+// Y[N, K] = Σ_m A[m, n]·B'[m, k]; A: [M, lda], B: bf16 [M, ldb].
+template <int N, int K, int E, int AMODE, int BRELU2>
+void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split) {
+    int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
+    auto ab = rbf((size_t)M * lda + aoff, 1.0); auto af = rf((size_t)M * lda + aoff, 1.0);
+    auto b = rbf((size_t)M * ldb, 1.0);
+    const int Z = E ? E : split;
+    std::vector<float> y((size_t)Z * N * K + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
+    const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
+    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), E ? off.data() : nullptr, y.data(), M, lda, ldb); });
+    if (!E && split > 1) emu_launch((N * K + 255) / 256, 1, 256, [&] { vp::sum_parts(y.data(), out.data(), N * K, split); });
+    char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d", N, K, E, AMODE, BRELU2, M, lda, aoff, split);
+    Cmp c(nm, AMODE == 2 ? 2e-4 : 3e-2, AMODE == 2 ? 1e-4 : 1e-2);
+    bool empty_zero = true;
+    for (int e = 0; e < (E ? E : 1); ++e) {
+        const int r0 = E ? off[e] : 0, r1 = E ? off[e + 1] : M;
+        for (int n = 0; n < N; ++n)
+            for (int k = 0; k < K; ++k) {
+                double s = 0;
+                for (int m = r0; m < r1; ++m) {
+                    double av = AMODE == 0 ? fl(ab[aoff + (size_t)m * lda + n]) : AMODE == 1 ? rbf1(af[aoff + (size_t)m * lda + n]) : af[aoff + (size_t)m * lda + n];
+                    float bv = fl(b[(size_t)m * ldb + k]);
+                    if (BRELU2) { bv = std::max(bv, 0.f); bv = rbf1(bv * bv); }
+                    s += av * bv;
+                }
+                const float got = E ? y[((size_t)e * N + n) * K + k] : split > 1 ? out[(size_t)n * K + k] : y[(size_t)n * K + k];
+                c.add(s, got, ((long)e * N + n) * K + k);
+                if (r0 == r1) empty_zero &= got == 0.f;
+            }
+    }
+    c.report(); expect(empty_zero, std::string(nm) + ": empty expert gradient not exactly 0");
+}
+
+// ------------------------------------------------------------------ colsum (+ sum_parts)
+template <int N, int INF, int E>
+void test_colsum(std::vector<int> counts, int parts) {
+    int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
+    auto xb = rbf((size_t)M * N, 1.0); auto xf = rf((size_t)M * N, 1.0);
+    const int P = E ? E : parts;
+    std::vector<float> part((size_t)P * N, POISON_F), out(N, POISON_F);
+    const void* x = INF ? (const void*)xf.data() : (const void*)xb.data();
+    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, part.data(), M); });
+    if (!E) emu_launch((N + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), out.data(), N, P); });
+    char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d E%d M%d parts%d", N, INF, E, M, P);
+    Cmp c(nm, 1e-4, 1e-5);
+    for (int e = 0; e < (E ? E : 1); ++e)
+        for (int n = 0; n < N; ++n) {
+            double s = 0; for (int m = E ? off[e] : 0; m < (E ? off[e + 1] : M); ++m) s += INF ? xf[(size_t)m * N + n] : fl(xb[(size_t)m * N + n]);
+            c.add(s, E ? part[(size_t)e * N + n] : out[n], (long)e * N + n);
+        }
+    c.report();
+}
+
+// ------------------------------------------------------------------ rmsnorm_bwd (+ sum_parts)
+static void rms_bwd_ref(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& g, int D, float eps, std::vector<double>& dx, std::vector<double>& dw) {
+    int rows = x.size() / D; dx.assign(x.size(), 0); dw.assign(D, 0);
+    for (int r = 0; r < rows; ++r) {
+        double ms = 0; for (int j = 0; j < D; ++j) ms += (double)x[r * D + j] * x[r * D + j]; ms /= D;
+        double inv = 1.0 / std::sqrt(ms + eps), m = 0;
+        for (int j = 0; j < D; ++j) { double xh = x[r * D + j] * inv; m += g[r * D + j] * (double)w[j] * xh; dw[j] += g[r * D + j] * xh; }
+        m /= D;
+        for (int j = 0; j < D; ++j) dx[r * D + j] = inv * (g[r * D + j] * (double)w[j] - x[r * D + j] * inv * m);
+    }
+}
+template <int D>
+void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
+    auto x = rbf((size_t)rows * D, 2.0), w = rbf(D, 1.0), g = rbf((size_t)rows * D, 1.0);
+    const float eps = 1e-5f;
+    auto run = [&](std::vector<bf>& dx, std::vector<float>& dw) {
+        dx.assign((size_t)rows * D, POISON_BF); std::vector<float> part((size_t)nb * D, POISON_F); dw.assign(D, POISON_F);
+        emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps); });
+        emu_launch((D + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), dw.data(), D, nb); });
+    };
+    std::vector<bf> dx, dx2; std::vector<float> dw, dw2;
+    run(dx, dw); run(dx2, dw2);
+    std::vector<double> rdx, rdw;
+    auto gz = tof(g); if (null_dy) std::fill(gz.begin(), gz.end(), 0.f);
+    rms_bwd_ref(tof(x), tof(w), gz, D, eps, rdx, rdw);
+    char nm[100]; snprintf(nm, 100, "rmsnorm_bwd D%d rows%d nb%d null%d", D, rows, nb, null_dy);
+    Cmp cx(std::string(nm) + " dx", 2e-3, 1e-2), cw(std::string(nm) + " dw", 1e-3, 1e-4);
+    for (size_t i = 0; i < rdx.size(); ++i) cx.add(rdx[i], fl(dx[i]), i);
+    for (int j = 0; j < D; ++j) cw.add(rdw[j], dw[j], j);
+    cx.report(); cw.report();
+    expect(same_bits(dx, dx2) && same_bits(dw, dw2), std::string(nm) + ": not bitwise reproducible");
+}
+// The reference formula itself against a finite difference of the f64 forward.
+static void fd_rmsnorm() {
+    const int D = 12, rows = 3; const float eps = 1e-5f;
+    std::vector<double> x(rows * D), w(D), g(rows * D);
+    for (auto& v : x) v = (float)nrm(); for (auto& v : w) v = (float)nrm(); for (auto& v : g) v = (float)nrm();
+    auto loss = [&]() { double L = 0; for (int r = 0; r < rows; ++r) { double ms = 0; for (int j = 0; j < D; ++j) ms += x[r * D + j] * x[r * D + j]; double inv = 1 / std::sqrt(ms / D + eps); for (int j = 0; j < D; ++j) L += g[r * D + j] * x[r * D + j] * inv * w[j]; } return L; };
+    std::vector<float> xf(x.begin(), x.end()), wf(w.begin(), w.end()), gf(g.begin(), g.end());
+    std::vector<double> dx, dw; rms_bwd_ref(xf, wf, gf, D, eps, dx, dw);
+    Cmp c("fd: rmsnorm reference formula", 1e-6, 1e-5);
+    for (size_t i = 0; i < x.size(); ++i) c.add(fdiff(x, i, loss, 1e-5), dx[i], i);
+    for (int j = 0; j < D; ++j) c.add(fdiff(w, j, loss, 1e-5), dw[j], 100 + j);
+    c.report();
+}
+
+// ------------------------------------------------------------------ qkv_pack + tpa_bwd
+template <int HEADS, int GROUPS, int D, int RQ, int R>
+void test_tpa_bwd(int T, bool null_k) {
+    constexpr int GS = HEADS / GROUPS, NP = (HEADS + 2 * GROUPS) * D;
+    constexpr int OAK = HEADS * RQ, OAV = OAK + GROUPS * R, OBQ = OAV + GROUPS * R, OBK = OBQ + RQ * D, OBV = OBK + R * D, W = OBV + R * D;
+    auto f = rbf((size_t)T * W, 1.0), gq = rbf((size_t)T * HEADS * D, 1.0), gk = rbf((size_t)T * GROUPS * D, 1.0), gv = rbf((size_t)T * GROUPS * D, 1.0);
+    std::vector<bf> df((size_t)T * W, POISON_BF), mixed((size_t)T * NP, POISON_BF);
+    const bf* pk = null_k ? nullptr : gk.data();
+    emu_launch(T, 1, 128, [&] { vp::tpa_bwd<HEADS, GROUPS, D, RQ, R>(f.data(), gq.data(), pk, gv.data(), df.data(), T); });
+    emu_launch(T, 1, 128, [&] { vp::qkv_pack<HEADS, GROUPS, D>(gq.data(), pk, gv.data(), mixed.data(), T); });
+    std::string nm = "tpa_bwd H" + std::to_string(HEADS) + " G" + std::to_string(GROUPS) + " D" + std::to_string(D) + " RQ" + std::to_string(RQ) + " R" + std::to_string(R) + (null_k ? " null-dk" : "");
+    Cmp c(nm, 2e-3, 1e-2);
+    bool pack_ok = true;
+    for (int t = 0; t < T; ++t) {
+        const bf* fr = &f[(size_t)t * W];
+        auto G = [&](int which, int hd, int col) -> double { if (which == 0) return fl(gq[((size_t)t * HEADS + hd) * D + col]); if (which == 1) return null_k ? 0.0 : fl(gk[((size_t)t * GROUPS + hd) * D + col]); return fl(gv[((size_t)t * GROUPS + hd) * D + col]); };
+        auto chk = [&](int which, int oa, int ob, int nheads, int rank) {
+            for (int h = 0; h < nheads; ++h) for (int r = 0; r < rank; ++r) { double s = 0; for (int cc = 0; cc < D; ++cc) s += G(which, h, cc) * fl(fr[ob + r * D + cc]); c.add(s / rank, fl(df[(size_t)t * W + oa + h * rank + r]), oa + h * rank + r); }
+            for (int r = 0; r < rank; ++r) for (int cc = 0; cc < D; ++cc) { double s = 0; for (int h = 0; h < nheads; ++h) s += fl(fr[oa + h * rank + r]) * G(which, h, cc); c.add(s / rank, fl(df[(size_t)t * W + ob + r * D + cc]), ob + r * D + cc); }
+        };
+        chk(0, 0, OBQ, HEADS, RQ); chk(1, OAK, OBK, GROUPS, R); chk(2, OAV, OBV, GROUPS, R);
+        for (int g = 0; g < GROUPS; ++g) { int base = g * (GS + 2) * D;
+            for (int j = 0; j < GS; ++j) for (int cc = 0; cc < D; ++cc) pack_ok &= fl(mixed[(size_t)t * NP + base + j * D + cc]) == G(0, g * GS + j, cc);
+            for (int cc = 0; cc < D; ++cc) { pack_ok &= fl(mixed[(size_t)t * NP + base + GS * D + cc]) == G(1, g, cc); pack_ok &= fl(mixed[(size_t)t * NP + base + (GS + 1) * D + cc]) == G(2, g, cc); } }
+    }
+    c.report(); expect(pack_ok, nm + ": qkv_pack"); if (pack_ok) printf("%-60s ok\n", ("qkv_pack (with " + nm + ")").c_str());
+}
+
+// ------------------------------------------------------------------ grape_bwd (+ sum_parts)
+template <int D>
+void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
+    constexpr int HD = D / 2;
+    auto xq = rbf((size_t)T * heads * D, 1.0), xk = rbf((size_t)T * groups * D, 1.0), gq = rbf((size_t)T * heads * D, 1.0), gk = rbf((size_t)T * groups * D, 1.0);
+    std::vector<float> lf(HD); for (int i = 0; i < HD; ++i) lf[i] = (float)(16.0 * std::log(std::pow(10000.0, -2.0 * i / D)));
+    const float scale = 16.f;
+    auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<float>& dl) {
+        dq.assign(xq.size(), POISON_BF); dk.assign(xk.size(), POISON_BF); dl.assign(HD, POISON_F); std::vector<float> part((size_t)nb * HD, POISON_F);
+        emu_launch(nb, 1, 128, [&] { vp::grape_bwd<D>(xq.data(), xk.data(), lf.data(), gq.data(), gk.data(), dq.data(), dk.data(), part.data(), heads, groups, T, S, scale); });
+        emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dl.data(), HD, nb); });
+    };
+    std::vector<bf> dq, dk, dq2, dk2; std::vector<float> dl, dl2; run(dq, dk, dl); run(dq2, dk2, dl2);
+    // reference (backward.rs transcription)
+    std::vector<double> rdl(HD, 0);
+    char nm[100]; snprintf(nm, 100, "grape_bwd D%d T%d S%d heads%d groups%d", D, T, S, heads, groups);
+    Cmp cx(std::string(nm) + " dq/dk", 2e-3, 1e-2), cl(std::string(nm) + " dlog_freq", 1e-3, 2e-4);
+    for (int pass = 0; pass < 2; ++pass) {
+        auto& x = pass ? xk : xq; auto& g = pass ? gk : gq; auto& dx = pass ? dk : dq; int nh = pass ? groups : heads;
+        for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) for (int i = 0; i < HD; ++i) {
+            float f = std::exp(lf[i] / scale); float th = (float)(t % S) * f; double s = std::sin(th), co = std::cos(th);
+            size_t o = ((size_t)t * nh + h) * D; double a = fl(x[o + i]), b = fl(x[o + i + HD]), g1 = fl(g[o + i]), g2 = fl(g[o + i + HD]);
+            cx.add(g1 * co + g2 * s, fl(dx[o + i]), o + i); cx.add(g2 * co - g1 * s, fl(dx[o + i + HD]), o + i + HD);
+            rdl[i] += (g2 * (a * co - b * s) - g1 * (b * co + a * s)) * (t % S) * f / scale;
+        }
+    }
+    for (int i = 0; i < HD; ++i) cl.add(rdl[i], dl[i], i);
+    cx.report(); cl.report();
+    expect(same_bits(dl, dl2) && same_bits(dq, dq2), std::string(nm) + ": not bitwise reproducible");
+    // finite difference of the f64 forward in the log-frequencies
+    std::vector<double> l(lf.begin(), lf.end());
+    auto loss = [&]() { double L = 0; for (int pass = 0; pass < 2; ++pass) { auto& x = pass ? xk : xq; auto& g = pass ? gk : gq; int nh = pass ? groups : heads;
+        for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) for (int i = 0; i < HD; ++i) { double th = (t % S) * std::exp(l[i] / scale); size_t o = ((size_t)t * nh + h) * D;
+            double a = fl(x[o + i]), b = fl(x[o + i + HD]); L += fl(g[o + i]) * (a * std::cos(th) - b * std::sin(th)) + fl(g[o + i + HD]) * (b * std::cos(th) + a * std::sin(th)); } } return L; };
+    Cmp cf(std::string("fd: ") + nm + " dlog_freq", 1e-3, 1e-3);
+    for (int i = 0; i < HD; ++i) cf.add(fdiff(l, i, loss, 1e-4), rdl[i], i);
+    cf.report();
+}
+
+// ------------------------------------------------------------------ vres_bwd (+ sum)
+void test_vres_bwd(int n, int nb) {
+    auto v = rbf(n, 1.0), v1 = rbf(n, 1.0), g = rbf(n, 1.0); float logit = 0.7f;
+    std::vector<bf> dv(n + 1, POISON_BF), dv1(n + 1, POISON_BF); std::vector<float> part(nb, POISON_F), dl(1, POISON_F);
+    emu_launch(nb, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), n); });
+    emu_launch(1, 1, 1024, [&] { vp::sum(part.data(), dl.data(), nb, 1.0f); });
+    double lam = (float)(1.0 / (1.0 + std::exp(-(double)logit))), s = 0;
+    Cmp c("vres_bwd n" + std::to_string(n), 1e-3, 8e-3), cl("vres_bwd dlogit n" + std::to_string(n), 1e-4, 1e-5);
+    for (int i = 0; i < n; ++i) { c.add(lam * fl(g[i]), fl(dv[i]), i); c.add((1 - lam) * fl(g[i]), fl(dv1[i]), n + i); s += fl(g[i]) * ((double)fl(v[i]) - fl(v1[i])); }
+    cl.add(lam * (1 - lam) * s, dl[0], 0);
+    c.report(); cl.report(); expect(is_poison(dv[n]) && is_poison(dv1[n]), "vres_bwd wrote past n");
+}
+
+// ------------------------------------------------------------------ attention backward
+struct AttnRef { std::vector<double> out, dq, dk, dv, dsink; };
+// f64 forward + backward of reference::attention (MODEL.md §5 formulas), inputs as doubles.
+// With `outb` (the bf16-rounded forward output) it instead mirrors the kernels' rounding points:
+// ρ = dout·bf16(out) (as attn_stats), and the bf16 mma operands bf16(dS), bf16(P); everything else
+// exact. The exact version checks the precision (relative L2), the mirrored one the indexing,
+// masking and reductions element by element with tight tolerances.
+static AttnRef attn_ref(int D, int H, int G, int WINDOW, bool ALIBI, bool SINKS, int T, int S, const std::vector<int>& doc,
+                        const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v, const std::vector<double>& sinks, const std::vector<double>& g,
+                        const std::vector<double>* outb = nullptr) {
+    AttnRef r; r.out.assign((size_t)T * H * D, 0); r.dq.assign(q.size(), 0); r.dk.assign(k.size(), 0); r.dv.assign(v.size(), 0); r.dsink.assign(H, 0);
+    auto slopes = alibi_ref(H); const double scale = 1.0 / std::sqrt((double)D);
+    for (int t = 0; t < T; ++t) {
+        int i = t % S, row0 = t - i;
+        for (int h = 0; h < H; ++h) {
+            int gg = h / (H / G);
+            std::vector<int> keys; for (int j = 0; j <= i; ++j) if (doc[t] == doc[row0 + j] && (WINDOW == 0 || i - j < WINDOW)) keys.push_back(j);
+            std::vector<double> s; double m = SINKS ? sinks[h] : -INFINITY;
+            for (int j : keys) { double dot = 0; for (int d = 0; d < D; ++d) dot += q[((size_t)t * H + h) * D + d] * k[((size_t)(row0 + j) * G + gg) * D + d]; double sv = dot * scale + (ALIBI ? -slopes[h] * (double)(i - j) : 0.0); s.push_back(sv); m = std::max(m, sv); }
+            if (m == -INFINITY) continue;
+            double den = SINKS ? std::exp(sinks[h] - m) : 0; for (double sv : s) den += std::exp(sv - m);
+            std::vector<double> p; for (double sv : s) p.push_back(std::exp(sv - m) / den);
+            const double* gv = &g[((size_t)t * H + h) * D];
+            std::vector<double> dp; double rho = 0;
+            for (size_t n = 0; n < keys.size(); ++n) { const double* vv = &v[((size_t)(row0 + keys[n]) * G + gg) * D]; double dd = 0; for (int d = 0; d < D; ++d) { dd += gv[d] * vv[d]; r.out[((size_t)t * H + h) * D + d] += p[n] * vv[d]; } dp.push_back(dd); rho += p[n] * dd; }
+            if (outb) { rho = 0; for (int d = 0; d < D; ++d) rho += gv[d] * (*outb)[((size_t)t * H + h) * D + d]; }
+            if (SINKS) r.dsink[h] -= std::exp(sinks[h] - m) / den * rho;
+            for (size_t n = 0; n < keys.size(); ++n) {
+                double ds = p[n] * (dp[n] - rho), pv = p[n];
+                if (outb) { ds = rbf1((float)ds); pv = rbf1((float)pv); }
+                ds *= scale;
+                size_t o = ((size_t)(row0 + keys[n]) * G + gg) * D;
+                for (int d = 0; d < D; ++d) { r.dq[((size_t)t * H + h) * D + d] += ds * k[o + d]; r.dk[o + d] += ds * q[((size_t)t * H + h) * D + d]; r.dv[o + d] += pv * gv[d]; }
+            }
+        }
+    }
+    return r;
+}
+static std::vector<double> tod(const std::vector<bf>& v) { std::vector<double> o(v.size()); for (size_t i = 0; i < v.size(); ++i) o[i] = fl(v[i]); return o; }
+template <int D, int H, int G, int WINDOW, int ALIBI, int SINKS>
+void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char* tag) {
+    auto q = rbf((size_t)T * H * D, qscale), k = rbf((size_t)T * G * D, 1.0), v = rbf((size_t)T * G * D, 1.0), g = rbf((size_t)T * H * D, 1.0);
+    auto sinks = rf(H, 1.0);
+    std::vector<double> sd(sinks.begin(), sinks.end());
+    AttnRef ref = attn_ref(D, H, G, WINDOW, ALIBI, SINKS, T, S, doc, tod(q), tod(k), tod(v), sd, tod(g));
+    std::vector<bf> out(ref.out.size()); for (size_t i = 0; i < out.size(); ++i) out[i] = tobf(ref.out[i]);  // what the forward kernel stores
+    auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<bf>& dv, std::vector<float>& dsink) {
+        std::vector<float> stats((size_t)T * H * 2, POISON_F), dsc((size_t)T * H, POISON_F), part((size_t)4 * H, POISON_F);
+        dq.assign(q.size(), POISON_BF); dk.assign(k.size(), POISON_BF); dv.assign(v.size(), POISON_BF); dsink.assign(H, POISON_F);
+        emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_stats<D, H, G, WINDOW, ALIBI, SINKS>(q.data(), k.data(), doc.data(), SINKS ? sinks.data() : nullptr, out.data(), g.data(), stats.data(), SINKS ? dsc.data() : nullptr, T, S); });
+        emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dq<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dq.data(), T, S); });
+        emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S); });
+        if (SINKS) {
+            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, part.data(), T); });
+            emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dsink.data(), H, 4); });
+        }
+    };
+    std::vector<bf> dq, dk, dv, dq2, dk2, dv2; std::vector<float> ds, ds2;
+    run(dq, dk, dv, ds); run(dq2, dk2, dv2, ds2);
+    char nm[200]; snprintf(nm, 200, "attn_bwd D%d H%d G%d W%d A%d S%d T%d S%d %s", D, H, G, WINDOW, ALIBI, SINKS, T, S, tag);
+    // (1) precision against the exact derivative: relative L2 error of each gradient
+    auto rel = [](const std::vector<double>& r, const std::vector<bf>& gg) { double e = 0, n = 0; for (size_t i = 0; i < r.size(); ++i) { double d = fl(gg[i]) - r[i]; e += d * d; n += r[i] * r[i]; } return std::sqrt(e / std::max(n, 1e-30)); };
+    const double eq = rel(ref.dq, dq), ek = rel(ref.dk, dk), ev = rel(ref.dv, dv);
+    const bool prec_ok = eq < 1e-2 && ek < 1e-2 && ev < 1e-2;
+    printf("%-60s %s  rel L2 vs exact: dq %.2e dk %.2e dv %.2e\n", (std::string(nm) + " exact").c_str(), prec_ok ? "ok  " : "FAIL", eq, ek, ev);
+    if (!prec_ok) g_fail++;
+    // (2) element by element against the reference with the kernels' rounding points
+    std::vector<double> outd(out.size()); for (size_t i = 0; i < out.size(); ++i) outd[i] = fl(out[i]);
+    AttnRef mref = attn_ref(D, H, G, WINDOW, ALIBI, SINKS, T, S, doc, tod(q), tod(k), tod(v), sd, tod(g), &outd);
+    Cmp cq(std::string(nm) + " dq", 2e-3, 1e-2), ck(std::string(nm) + " dk", 2e-3, 1e-2), cv(std::string(nm) + " dv", 2e-3, 1e-2), cs(std::string(nm) + " dsinks", 1e-4, 1e-3);
+    for (size_t i = 0; i < dq.size(); ++i) cq.add(mref.dq[i], fl(dq[i]), i);
+    for (size_t i = 0; i < dk.size(); ++i) { ck.add(mref.dk[i], fl(dk[i]), i); cv.add(mref.dv[i], fl(dv[i]), i); }
+    cq.report(); ck.report(); cv.report();
+    if (SINKS) { for (int h = 0; h < H; ++h) cs.add(mref.dsink[h], ds[h], h); cs.report(); }
+    expect(same_bits(dq, dq2) && same_bits(dk, dk2) && same_bits(dv, dv2) && same_bits(ds, ds2), std::string(nm) + ": not bitwise reproducible");
+}
+// The reference backward against finite differences of its own f64 forward (document boundary,
+// sink, ALiBi, GQA): verifies the formulas the kernels are compared with.
+static void fd_attention() {
+    const int D = 4, H = 2, G = 1, T = 10, S = 5;
+    std::vector<int> doc{0, 0, 1, 1, 1, 2, 2, 2, 3, 3};
+    std::vector<double> q(T * H * D), k(T * G * D), v(T * G * D), g(T * H * D), sk{0.3, -0.8};
+    for (auto* vec : {&q, &k, &v, &g}) for (auto& x : *vec) x = nrm();
+    AttnRef r = attn_ref(D, H, G, 0, true, true, T, S, doc, q, k, v, sk, g);
+    auto loss = [&]() { AttnRef f = attn_ref(D, H, G, 0, true, true, T, S, doc, q, k, v, sk, g); double L = 0; for (size_t i = 0; i < f.out.size(); ++i) L += f.out[i] * g[i]; return L; };
+    Cmp c("fd: attention reference (docs, sink, alibi, GQA)", 1e-6, 1e-5);
+    for (size_t i = 0; i < q.size(); ++i) c.add(fdiff(q, i, loss, 1e-5), r.dq[i], i);
+    for (size_t i = 0; i < k.size(); ++i) c.add(fdiff(k, i, loss, 1e-5), r.dk[i], 1000 + i);
+    for (size_t i = 0; i < v.size(); ++i) c.add(fdiff(v, i, loss, 1e-5), r.dv[i], 2000 + i);
+    for (int h = 0; h < H; ++h) c.add(fdiff(sk, h, loss, 1e-5), r.dsink[h], 3000 + h);
+    c.report();
+}
+
+// ------------------------------------------------------------------ router_bwd
+template <int E, int K>
+void test_router_bwd(int T, bool with_dgate, bool with_dscores) {
+    std::vector<float> logits = rf((size_t)T * E, 2.0), scores((size_t)T * E);
+    for (size_t i = 0; i < scores.size(); ++i) scores[i] = (float)(1.0 / (1.0 + std::exp(-(double)logits[i])));
+    std::vector<int> idx((size_t)T * K);
+    for (int t = 0; t < T; ++t) { std::vector<float> row(scores.begin() + (size_t)t * E, scores.begin() + (size_t)(t + 1) * E); auto c = topk_ref(row, K); for (int kk = 0; kk < K; ++kk) idx[t * K + kk] = c[kk]; }
+    auto dgate = rf((size_t)T * K, 1.0), dsc = rf((size_t)T * E, 0.1);
+    std::vector<float> dl((size_t)T * E, POISON_F); const float scale = 2.5f;
+    emu_launch(T, 1, 256, [&] { vp::router_bwd<E, K>(scores.data(), idx.data(), with_dgate ? dgate.data() : nullptr, with_dscores ? dsc.data() : nullptr, dl.data(), T, scale); });
+    char nm[100]; snprintf(nm, 100, "router_bwd E%d K%d T%d dgate%d dscores%d", E, K, T, with_dgate, with_dscores);
+    // finite differences of L(l) = Σ dgate·gate(σ(l)) + Σ dscores·σ(l) with the selection fixed
+    Cmp c(std::string("fd: ") + nm, 1e-5, 1e-3);
+    for (int t = 0; t < T; ++t) {
+        std::vector<double> l(logits.begin() + (size_t)t * E, logits.begin() + (size_t)(t + 1) * E);
+        auto loss = [&]() { std::vector<double> s(E); for (int e = 0; e < E; ++e) s[e] = 1.0 / (1.0 + std::exp(-l[e]));
+            double z = 1e-20; for (int kk = 0; kk < K; ++kk) z += s[idx[t * K + kk]];
+            double L = 0; if (with_dgate) for (int kk = 0; kk < K; ++kk) L += dgate[t * K + kk] * scale * s[idx[t * K + kk]] / z;
+            if (with_dscores) for (int e = 0; e < E; ++e) L += dsc[(size_t)t * E + e] * s[e]; return L; };
+        for (int e = 0; e < E; ++e) c.add(fdiff(l, e, loss, 1e-5), dl[(size_t)t * E + e], (long)t * E + e);
+    }
+    c.report();
+}
+
+// ------------------------------------------------------------------ moe_gather + combine_bwd
+template <int H, int K, int SHARED>
+void test_combine_bwd(int T) {
+    std::vector<int> perm(T * K); for (int i = 0; i < T * K; ++i) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+    auto yp = rbf((size_t)T * K * H, 1.0), dh = rbf((size_t)T * H, 1.0), dxp = rbf((size_t)T * K * H, 1.0); auto gate = rf(T * K, 1.0);
+    std::vector<bf> dyp((size_t)T * K * H, POISON_BF), dres((size_t)T * H, POISON_BF), dsh((size_t)T * H, POISON_BF), dx((size_t)T * H, POISON_BF);
+    std::vector<float> dgate(T * K, POISON_F);
+    emu_launch(T, 1, 128, [&] { vp::combine_bwd<H, K, SHARED>(yp.data(), perm.data(), gate.data(), dh.data(), dyp.data(), dgate.data(), dres.data(), SHARED ? dsh.data() : nullptr, T); });
+    emu_launch(T, 1, 128, [&] { vp::moe_gather<H, K>(dxp.data(), perm.data(), dx.data(), T); });
+    char nm[100]; snprintf(nm, 100, "combine_bwd H%d K%d SHARED%d T%d", H, K, SHARED, T);
+    Cmp c(nm, 1e-3, 8e-3), cg(std::string(nm) + " dgate", 1e-4, 1e-4), cx(std::string("moe_gather H") + std::to_string(H) + " K" + std::to_string(K), 1e-3, 8e-3);
+    bool pass_ok = true;
+    for (int t = 0; t < T; ++t) {
+        for (int kk = 0; kk < K; ++kk) { int r = perm[t * K + kk]; double s = 0;
+            for (int j = 0; j < H; ++j) { s += (double)fl(dh[(size_t)t * H + j]) * fl(yp[(size_t)r * H + j]); c.add(gate[t * K + kk] * fl(dh[(size_t)t * H + j]), fl(dyp[(size_t)r * H + j]), (long)r * H + j); }
+            cg.add(s, dgate[t * K + kk], t * K + kk); }
+        for (int j = 0; j < H; ++j) { pass_ok &= dres[(size_t)t * H + j].x == dh[(size_t)t * H + j].x; if (SHARED) pass_ok &= dsh[(size_t)t * H + j].x == dh[(size_t)t * H + j].x;
+            double s = 0; for (int kk = 0; kk < K; ++kk) s += fl(dxp[(size_t)perm[t * K + kk] * H + j]); cx.add(s, fl(dx[(size_t)t * H + j]), (long)t * H + j); }
+    }
+    c.report(); cg.report(); cx.report(); expect(pass_ok, std::string(nm) + ": dresid/dshared copies");
+}
+
+// ------------------------------------------------------------------ seq aux backward
+template <int E, int K>
+void test_seq_aux_bwd(int B, int S) {
+    const int T = B * S;
+    std::vector<float> scores((size_t)T * E); for (auto& s : scores) s = (float)(1.0 / (1.0 + std::exp(-2.0 * nrm())));
+    float daux = 0.37f, inv_rows = 1.0f / B;
+    std::vector<float> counts((size_t)B * E, POISON_F), ds((size_t)T * E, POISON_F);
+    emu_launch(B, 1, 256, [&] { vp::seq_aux_count<E, K>(scores.data(), counts.data(), S); });
+    emu_launch(T, 1, 256, [&] { vp::seq_aux_bwd<E, K>(scores.data(), counts.data(), &daux, ds.data(), T, S, inv_rows); });
+    // reference counts, then a finite difference of daux·aux(scores) with the counts fixed
+    std::vector<double> c((size_t)B * E, 0);
+    for (int t = 0; t < T; ++t) { const float* row = &scores[(size_t)t * E]; double u = 1e-20; for (int e = 0; e < E; ++e) u += row[e];
+        std::vector<float> nr(E); for (int e = 0; e < E; ++e) nr[e] = (float)(row[e] / u); for (int e : topk_ref(nr, K)) c[(size_t)(t / S) * E + e] += 1; }
+    bool counts_ok = true; for (size_t i = 0; i < c.size(); ++i) counts_ok &= counts[i] == (float)c[i];
+    char nm[100]; snprintf(nm, 100, "seq_aux_count+bwd E%d K%d B%d S%d", E, K, B, S);
+    expect(counts_ok, std::string(nm) + ": counts");
+    Cmp cf(std::string("fd: ") + nm, 1e-9, 1e-4);
+    for (int t = 0; t < T; t += std::max(1, T / 7)) {
+        std::vector<double> x(scores.begin() + (size_t)t * E, scores.begin() + (size_t)(t + 1) * E);
+        auto loss = [&]() { double u = 1e-20; for (double v : x) u += v; double L = 0; for (int e = 0; e < E; ++e) L += c[(size_t)(t / S) * E + e] * x[e] / u; return daux * inv_rows * E / ((double)K * S * S) * L; };
+        for (int e = 0; e < E; ++e) cf.add(fdiff(x, e, loss, 1e-6), ds[(size_t)t * E + e], (long)t * E + e);
+    }
+    cf.report();
+}
+
+// ------------------------------------------------------------------ ce_bwd
+template <int V>
+void test_ce_bwd(int T) {
+    auto logits = rf((size_t)T * V, 3.0);
+    std::vector<int> labels(T); std::vector<unsigned char> mask(T), span(T);
+    for (int t = 0; t < T; ++t) { labels[t] = rng() % V; mask[t] = (t % 3) != 1; span[t] = t % 3; }
+    logits[7] = 60.f;
+    std::vector<float> scale{0.f, 0.3f, 1.7f}, tl(T, POISON_F), wt(T), dl((size_t)T * V, POISON_F); float dloss = 0.8f;
+    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), tl.data(), wt.data(), T); });
+    emu_launch(T, 1, 256, [&] { vp::ce_bwd<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), tl.data(), &dloss, dl.data(), T); });
+    char nm[100]; snprintf(nm, 100, "ce_bwd V%d T%d", V, T);
+    Cmp c(nm, 1e-6, 1e-4), cf(std::string("fd: ") + nm, 1e-6, 1e-4);
+    bool zeros = true;
+    for (int t = 0; t < T; ++t) {
+        double w = mask[t] ? (double)dloss * scale[span[t]] : 0.0;
+        std::vector<double> x(logits.begin() + (size_t)t * V, logits.begin() + (size_t)(t + 1) * V);
+        double m = -INFINITY; for (double v : x) m = std::max(m, v); double z = 0; for (double v : x) z += std::exp(v - m);
+        for (int j = 0; j < V; ++j) { double ref = w * (std::exp(x[j] - m) / z - (j == labels[t])); c.add(ref, dl[(size_t)t * V + j], (long)t * V + j); if (w == 0) zeros &= dl[(size_t)t * V + j] == 0.f; }
+        if (w != 0 && t < 3) {
+            auto loss = [&]() { double mm = -INFINITY; for (double v : x) mm = std::max(mm, v); double zz = 0; for (double v : x) zz += std::exp(v - mm); return w * (mm + std::log(zz) - x[labels[t]]); };
+            for (int j = 0; j < V; j += 7) cf.add(fdiff(x, j, loss, 1e-4), dl[(size_t)t * V + j], (long)t * V + j);
+            cf.add(fdiff(x, labels[t], loss, 1e-4), dl[(size_t)t * V + labels[t]], (long)t * V + labels[t]);
+        }
+    }
+    c.report(); cf.report(); expect(zeros, std::string(nm) + ": masked/zero-weight rows not exactly 0");
+}
+
+// ------------------------------------------------------------------ embedding backward
+template <int H>
+void test_embed_bwd(int T, int V) {
+    std::vector<int> tok(T); for (auto& t : tok) t = rng() % V;
+    for (int t = 0; t < T; t += 5) tok[t] = 3;  // a frequent id spanning every chunk
+    tok[T - 1] = V - 1;
+    auto dh = rbf((size_t)T * H, 1.0);
+    auto run = [&](std::vector<float>& dt) {
+        std::vector<int> sorted(2 * (size_t)T, -9); dt.assign((size_t)V * H, POISON_F);
+        emu_launch((T + 2047) / 2048, 1, 1024, [&] { vp::embed_sort(tok.data(), sorted.data(), T); });
+        emu_launch(V, 1, 128, [&] { vp::embed_bwd<H>(sorted.data(), dh.data(), dt.data(), T, V); });
+    };
+    std::vector<float> d1, d2; run(d1); run(d2);
+    std::vector<float> ref((size_t)V * H, 0.f);  // f32 sums in ascending token order
+    for (int t = 0; t < T; ++t) for (int j = 0; j < H; ++j) ref[(size_t)tok[t] * H + j] += fl(dh[(size_t)t * H + j]);
+    char nm[100]; snprintf(nm, 100, "embed_sort+embed_bwd H%d T%d V%d", H, T, V);
+    bool ok = same_bits(d1, ref), det = same_bits(d1, d2);
+    expect(ok, std::string(nm) + ": differs from the token-order f32 sum"); expect(det, std::string(nm) + ": not bitwise reproducible");
+    if (ok && det) printf("%-60s ok (bitwise = token-order f32 sum, reproducible)\n", nm);
+}
+
+static void run_bwd_tests(const std::function<bool(const char*)>& want) {
+    if (want("bwd-small")) {
+        test_add<0, 0, 1>(300, false); test_add<0, 0, 3>(300, false); test_add<1, 1, 4>(300, true); test_add<0, 1, 4>(300, false); test_add<1, 0, 2>(300, true);
+        fd_rmsnorm();
+        test_rmsnorm_bwd<1024>(5, 3, false); test_rmsnorm_bwd<128>(37, 2, false); test_rmsnorm_bwd<36>(9, 4, false); test_rmsnorm_bwd<16>(6, 1, true);
+        test_tpa_bwd<8, 2, 128, 4, 2>(3, false); test_tpa_bwd<6, 3, 20, 3, 1>(2, true);
+        test_grape_bwd<16>(40, 13, 4, 2, 3); test_grape_bwd<128>(5, 3, 8, 2, 2);
+        test_vres_bwd(1000, 3);
+        test_combine_bwd<64, 2, 1>(20); test_combine_bwd<36, 3, 0>(9); test_combine_bwd<1024, 4, 1>(3);
+    }
+    if (want("bwd-gemm")) {
+        test_gemm_nn<72, 80, 0, 0, 0, 0>({70}, 80, 0, 72, false);
+        test_gemm_nn<40, 36, 0, 0, 3, 0>({65}, 36, 0, 40, false);       // odd KD: scalar path, DRELU2
+        test_gemm_nn<64, 48, 0, 2, 0, 1>({66}, 48, 0, 64, false);       // f32 A, hi+lo split, f32 out
+        test_gemm_nn<64, 48, 0, 2, 0, 0>({66}, 48, 0, 64, false);       // f32 A, hi+lo split, bf16 out
+        test_gemm_nn<64, 48, 0, 1, 0, 1>({30}, 52, 2, 64, false);       // f32 A rounded, unaligned, f32 out
+        test_gemm_nn<48, 4, 0, 0, 0, 1>({70}, 44, 36, 48, true);        // TPA-like slice (lda 44, off 36), acc chain
+        test_gemm_nn<48, 40, 5, 0, 3, 0>({70, 0, 1, 64, 29}, 48, 0, 48, false);  // grouped (row stride lda=48 ≥ KD)
+        test_gemm_nn<1024, 32, 0, 0, 0, 0>({3}, 32, 0, 1024, true);
+        test_gemm_tn<72, 40, 0, 0, 0>({100}, 72, 0, 40, 1);
+        test_gemm_tn<72, 40, 0, 0, 0>({100}, 72, 0, 40, 3);            // split over rows + sum_parts
+        test_gemm_tn<40, 36, 0, 0, 1>({70}, 40, 0, 36, 2);             // ReLU² B operand, odd K
+        test_gemm_tn<64, 48, 0, 2, 0>({90}, 64, 0, 48, 1);             // f32 A split
+        test_gemm_tn<30, 64, 0, 1, 0>({33}, 31, 1, 64, 1);             // f32 A rounded, odd lda/unaligned
+        test_gemm_tn<4, 40, 0, 0, 0>({80}, 44, 36, 40, 4);             // TPA-like 4-wide slice
+        test_gemm_tn<48, 40, 5, 0, 1>({70, 0, 1, 64, 29}, 48, 0, 40, 1);  // grouped, empty expert
+        test_colsum<300, 0, 0>({130}, 4); test_colsum<8, 1, 0>({77}, 5); test_colsum<40, 0, 4>({10, 0, 70, 3}, 0);
+    }
+    if (want("bwd-attn")) {
+        fd_attention();
+        { std::vector<int> doc(10, 0); for (int t = 0; t < 10; ++t) doc[t] = t < 3 ? 0 : (t < 5 ? 1 : (t < 8 ? 2 : 3)); test_attn_bwd<16, 2, 1, 0, 1, 1>(10, 5, doc, 1.0, "tiny docs+sink"); }
+        { std::vector<int> doc(160); for (int t = 0; t < 160; ++t) doc[t] = (t % 80) < 30 ? 0 : ((t % 80) < 33 ? 1 : 2); test_attn_bwd<16, 4, 2, 0, 0, 0>(160, 80, doc, 1.0, "docs"); }
+        { std::vector<int> doc(150, 0); test_attn_bwd<32, 4, 1, 5, 0, 1>(150, 75, doc, 2.0, "win5 sinks"); }
+        { std::vector<int> doc(200); for (int t = 0; t < 200; ++t) doc[t] = t / 37; test_attn_bwd<16, 6, 3, 0, 1, 1>(200, 100, doc, 3.0, "alibi6 docs"); }
+        { std::vector<int> doc(130, 4); doc[100] = 5; test_attn_bwd<128, 8, 2, 100, 0, 1>(130, 130, doc, 1.0, "D128 win100"); }
+        { std::vector<int> doc(70, 0); test_attn_bwd<16, 2, 1, 500, 0, 0>(70, 35, doc, 1.0, "win>S"); }
+    }
+    if (want("bwd-router")) {
+        test_router_bwd<8, 2>(5, true, true); test_router_bwd<8, 2>(3, true, false); test_router_bwd<300, 4>(2, true, true); test_router_bwd<16, 4>(3, false, true);
+        test_seq_aux_bwd<40, 3>(3, 17); test_seq_aux_bwd<256, 4>(2, 9);
+    }
+    if (want("bwd-loss")) {
+        test_ce_bwd<1000>(7); test_ce_bwd<1001>(5);
+        test_embed_bwd<40>(300, 17); test_embed_bwd<1024>(9, 5); test_embed_bwd<16>(4500, 60);
+    }
+}

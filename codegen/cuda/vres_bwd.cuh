@@ -1,0 +1,31 @@
+#pragma once
+// vres_bwd.cuh: value-residual backward (MODEL.md §5, D2: λ = sigmoid(logit) in f32, live):
+//   dv = λ·dy,  dv1 = (1 − λ)·dy                                    (bf16 out)
+//   partial[b] = λ(1 − λ) · Σ_{elements of block b} dy·(v − v1)     (f64 inside, f32 out)
+// `sum` (scale 1) then adds the gridDim.x partials in a fixed tree: ∂L/∂logit.
+//
+// Launch: grid NB (fixed), block 256, grid-stride over the n elements; block_sum in a fixed tree.
+// λ is evaluated like vres.cuh (f64, rounded once to f32). Deterministic; no atomics.
+#include "vp_common.cuh"
+
+namespace vp {
+
+__device__ __forceinline__ void vres_bwd(const bf16* __restrict__ v, const bf16* __restrict__ v1,
+                                         const float* __restrict__ logit, const bf16* __restrict__ dy,
+                                         bf16* __restrict__ dv, bf16* __restrict__ dv1, float* __restrict__ partial,
+                                         int n) {
+    constexpr int NT = 256;
+    require_block(NT);
+    const float lam = (float)(1.0 / (1.0 + exp(-(double)logit[0])));
+    double acc = 0.0;
+    for (int i = blockIdx.x * NT + threadIdx.x; i < n; i += gridDim.x * NT) {
+        const float g = bf2f(dy[i]);
+        dv[i] = f2bf(lam * g);
+        dv1[i] = f2bf((1.f - lam) * g);
+        acc += (double)g * (double)(bf2f(v[i]) - bf2f(v1[i]));
+    }
+    acc = block_sum<NT>(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = (float)((double)lam * (1.0 - (double)lam) * acc);
+}
+
+}  // namespace vp
