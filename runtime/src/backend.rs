@@ -154,6 +154,8 @@ pub struct StepStats {
     pub clip_coef: f32,
     /// Per MoE layer name: the step's expert loads (token-slots per expert).
     pub loads: Vec<(String, Vec<u64>)>,
+    /// Per MoE layer name: the expert biases after the step's update.
+    pub expert_bias: Vec<(String, Vec<f32>)>,
     pub optimizer_seconds: f64,
 }
 

@@ -221,15 +221,10 @@ impl Backend for CpuBackend<'_> {
 
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
-        if let Some(name) = crate::optim::first_non_finite(self.plan, &self.grads) {
-            bail!("gradient of {name} is not finite (NaN or Inf)");
-        }
-        let loads: Vec<(String, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
-        crate::optim::update_expert_bias(self.plan, &mut self.state, &loads, s.bias_rate);
-        let mut stats = crate::optim::apply(self.plan, &mut self.state, &mut self.grads, s, self.gemm.as_ref())?;
+        let loads = std::mem::take(&mut self.loads).into_iter().collect();
+        let mut stats = crate::optim::apply(self.plan, &mut self.state, &mut self.grads, loads, s, self.gemm.as_ref())?;
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.refresh_model();
-        stats.loads = loads;
         stats.optimizer_seconds = t0.elapsed().as_secs_f64();
         Ok(stats)
     }

@@ -1,9 +1,7 @@
 //! Router health (DISTILL.md logging): per MoE layer from the step's expert loads, its sequence
 //! aux loss and its expert biases, and aggregated over layers.
 
-use crate::state::TrainState;
 use serde::Serialize;
-use vpmoe_compiler::Plan;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RouterHealth {
@@ -44,16 +42,15 @@ pub fn layer(loads: &[u64], aux: f64, bias: Option<&[f32]>) -> RouterHealth {
 
 /// Health of every MoE layer (named `blkN`) of the step.
 pub fn per_layer(
-    plan: &Plan,
-    st: &TrainState,
     loads: &[(String, Vec<u64>)],
     aux: &[(String, f64)],
+    biases: &[(String, Vec<f32>)],
 ) -> Vec<(String, RouterHealth)> {
     loads
         .iter()
         .map(|(name, n)| {
             let a = aux.iter().find(|(k, _)| k == name).map(|x| x.1).unwrap_or(0.0);
-            let bias = crate::optim::expert_bias_param(plan, name).map(|i| st.master[i].as_slice());
+            let bias = biases.iter().find(|(k, _)| k == name).map(|x| x.1.as_slice());
             (name.clone(), layer(n, a, bias))
         })
         .collect()

@@ -11,7 +11,7 @@ use vpmoe_ir::optim::{self, AdamHyper, NormuonHyper, PolarExpress};
 use vpmoe_ir::reference::Gemm;
 
 /// The first parameter whose gradient holds a NaN or ±Inf, if any.
-pub fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
+fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
     plan.params.iter().zip(grads).find(|(_, g)| g.iter().any(|x| !x.is_finite())).map(|(p, _)| p.name.clone())
 }
 
@@ -45,18 +45,21 @@ pub fn expert_bias_param(plan: &Plan, layer: &str) -> Option<usize> {
     plan.params.iter().position(|p| p.name == name)
 }
 
-/// Clipping, Normuon and AdamW on `st` with the accumulated `grads` (scaled in place by the clip
+/// The step after the backward passes (§7.1): expert-bias update from the step's `loads`,
+/// clipping, Normuon and AdamW on `st` with the accumulated `grads` (scaled in place by the clip
 /// coefficient). Refuses non-finite gradients before touching anything.
 pub fn apply(
     plan: &Plan,
     st: &mut TrainState,
     grads: &mut [Vec<f32>],
+    loads: Vec<(String, Vec<u64>)>,
     s: &StepScalars,
     gemm: &dyn Gemm,
 ) -> Result<StepStats> {
     if let Some(name) = first_non_finite(plan, grads) {
         bail!("gradient of {name} is not finite (NaN or Inf)");
     }
+    update_expert_bias(plan, st, &loads, s.bias_rate);
     let sq: f64 = grads.iter().map(|g| optim::sq_norm(g)).sum();
     let coef = optim::clip_coefficient(sq, s.clip);
     if coef < 1.0 {
@@ -96,5 +99,9 @@ pub fn apply(
         optim::adamw_step(&ah, w, &grads[i], m, v, k, s.aux_lr, wd);
     }
     st.step = k;
-    Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, ..Default::default() })
+    let expert_bias = loads
+        .iter()
+        .filter_map(|(layer, _)| expert_bias_param(plan, layer).map(|i| (layer.clone(), st.master[i].clone())))
+        .collect();
+    Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
 }

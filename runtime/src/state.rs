@@ -51,6 +51,6 @@ impl TrainState {
         for w in &self.master {
             h.update(bytemuck::cast_slice::<f32, u8>(w));
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        vpmoe_data::tokenizer::hex(&h.finalize())
     }
 }

@@ -271,7 +271,8 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
     let mut records = Vec::new();
     let mut last_ckpt = None;
     let mut interrupted = false;
-    let save = |be: &dyn Backend, reader: &Reader, rng: &Rng| -> Result<PathBuf> {
+    // Returns the checkpoint path and the masters' checksum.
+    let save = |be: &dyn Backend, reader: &Reader, rng: &Rng| -> Result<(PathBuf, String)> {
         let st = be.state();
         let lr = |s: u64| cfg.schedule.lr_at(s);
         let meta = Meta {
@@ -301,7 +302,7 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
             state_sha256: String::new(),
             master_sha256: String::new(),
         };
-        checkpoint::save(&opts.ckpt_dir, plan, &st, meta, opts.keep)
+        Ok((checkpoint::save(&opts.ckpt_dir, plan, &st, meta, opts.keep)?, st.checksum()))
     };
 
     for step in start..opts.steps {
@@ -337,8 +338,7 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
         let aux_lr = if cfg.schedule.lr > 0.0 { lr * cfg.aux_lr / cfg.schedule.lr } else { 0.0 };
         let sc = StepScalars { lr, aux_lr, weight_decay: cfg.weight_decay, clip: cfg.clip, bias_rate };
         let stats = be.step(&sc).with_context(|| format!("step {}", step + 1))?;
-        let st = be.state();
-        let layers = crate::health::per_layer(plan, &st, &stats.loads, &aux);
+        let layers = crate::health::per_layer(&stats.loads, &aux, &stats.expert_bias);
         let (_, ce_r, ce_f) = span_means(&sums, &counts, cfg.span_weights);
         let tokens = (cfg.grad_accum * cfg.micro_batch * cfg.seq_len) as u64;
         let dt = t0.elapsed().as_secs_f64();
@@ -368,8 +368,8 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
         let done = step + 1 == opts.steps;
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if done || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
-            let p = save(be, &reader, &rng)?;
-            rec.master_sha256 = Some(st.checksum());
+            let (p, sum) = save(be, &reader, &rng)?;
+            rec.master_sha256 = Some(sum);
             last_ckpt = Some(p);
         }
         writeln!(metrics, "{}", serde_json::to_string(&rec)?)?;
