@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::docs::DocMeta;
 use crate::harmony::ReasoningEffort;
 use crate::indexed::{self, IndexedWriter};
 use crate::synth::{row_refs, RowOutcome, RowRef, SynthParquet, SynthRenderer, ValidFraction};
@@ -269,6 +270,7 @@ fn config_json(opts: &BuildOptions, tokenizer_sha: &str) -> Value {
         "assistant_channels": ["analysis", "final"],
         "span_ids": {"0": "ignore", "1": "analysis", "2": "final"},
         "reasoning_effort": opts.reasoning_effort.as_str(),
+        "doc_metadata": "{shard}_docs.jsonl: synth_id, language, exercise per document, in dataset order",
         "system_message": "harmony default (identity, knowledge cutoff 2024-06, no date, channels analysis/commentary/final required)",
         "rag_sources": "exercise == rag: user = query + \"\\n\\n\" + constraints",
         "empty_reasoning": "null or empty synthetic_reasoning renders an analysis message with empty content",
@@ -453,6 +455,12 @@ fn remove_stale_shards(out: &Path, plans: &[Plan]) -> Result<()> {
             let Some(fname) = p.file_name().and_then(|s| s.to_str()) else {
                 continue;
             };
+            if let Some(shard) = fname.strip_suffix("_docs.jsonl") {
+                if !keep.contains(shard) {
+                    fs::remove_file(&p)?;
+                }
+                continue;
+            }
             let Some(base) = fname.strip_suffix(".bin").or_else(|| fname.strip_suffix(".idx")) else {
                 continue;
             };
@@ -489,6 +497,14 @@ fn reusable(out: &Path, record_path: &Path, plan: &Plan, config_hash: &str) -> O
             }
         }
     }
+    for (split, s) in &rec.splits {
+        let rel = s.paths.get("docs_jsonl")?;
+        if !rel.starts_with(&format!("{split}/"))
+            || fs::metadata(out.join(rel)).ok()?.len() != *s.bytes.get("docs_jsonl")?
+        {
+            return None;
+        }
+    }
     // Every split file that the record does not list must be absent (empty splits).
     for split in SPLITS {
         if !rec.splits.contains_key(split) {
@@ -505,6 +521,7 @@ struct SplitWriter {
     tokens: IndexedWriter<i32>,
     lossmask: IndexedWriter<u8>,
     span: IndexedWriter<u8>,
+    docs: Vec<DocMeta>,
     stats: ShardSplit,
 }
 
@@ -519,11 +536,13 @@ impl SplitWriter {
             tokens: IndexedWriter::create(&p("tokens"))?,
             lossmask: IndexedWriter::create(&p("lossmask"))?,
             span: IndexedWriter::create(&p("span"))?,
+            docs: Vec::new(),
             stats,
         })
     }
 
-    fn add(&mut self, doc: &crate::synth::Document) -> Result<()> {
+    fn add(&mut self, doc: &crate::synth::Document, meta: DocMeta) -> Result<()> {
+        self.docs.push(meta);
         self.tokens.add(&doc.tokens)?;
         self.lossmask.add(&doc.lossmask)?;
         self.span.add(&doc.span)?;
@@ -542,7 +561,7 @@ impl SplitWriter {
     }
 
     /// Finish (or discard, if empty) and return the stats.
-    fn finish(self, split: &str, shard: &str) -> Result<Option<ShardSplit>> {
+    fn finish(self, out: &Path, split: &str, shard: &str) -> Result<Option<ShardSplit>> {
         if self.stats.rows == 0 {
             self.tokens.abandon();
             self.lossmask.abandon();
@@ -559,6 +578,11 @@ impl SplitWriter {
                 stats.bytes.insert(key, n);
             }
         }
+        let rel = format!("{split}/{shard}_docs.jsonl");
+        let bytes = crate::docs::encode(&self.docs);
+        indexed::write_atomic(&out.join(&rel), &bytes)?;
+        stats.paths.insert("docs_jsonl".into(), rel);
+        stats.bytes.insert("docs_jsonl".into(), bytes.len() as u64);
         Ok(Some(stats))
     }
 }
@@ -566,6 +590,8 @@ impl SplitWriter {
 /// One rendered row, ready to be written in order.
 struct Processed {
     synth_id: Option<String>,
+    /// Metadata of a document (None for skipped rows).
+    meta: Option<DocMeta>,
     /// Goes to `valid/`.
     valid: bool,
     outcome: RowOutcome,
@@ -577,6 +603,11 @@ impl Processed {
         Processed {
             // Only needed for reports (skipped rows).
             synth_id: if doc { None } else { row.synth_id.map(str::to_string) },
+            meta: doc.then(|| DocMeta {
+                synth_id: row.synth_id.unwrap_or_default().to_string(),
+                language: row.language.map(str::to_string),
+                exercise: row.exercise.map(str::to_string),
+            }),
             valid: doc && vf.is_valid(row.synth_id.unwrap_or_default()),
             outcome,
         }
@@ -608,7 +639,7 @@ impl ShardSink {
             };
             match p.outcome {
                 RowOutcome::Doc { doc, truncated } => {
-                    self.writers[usize::from(p.valid)].add(&doc)?;
+                    self.writers[usize::from(p.valid)].add(&doc, p.meta.expect("documents carry metadata"))?;
                     self.truncated += u64::from(truncated);
                     tokens += doc.len() as u64;
                 }
@@ -639,6 +670,10 @@ fn build_shard(
 ) -> Result<ShardRecord> {
     // Remove any earlier output of this shard first: nothing stale may survive a rebuild.
     for split in SPLITS {
+        let p = opts.out.join(split).join(format!("{}_docs.jsonl", plan.name));
+        if p.exists() {
+            fs::remove_file(&p)?;
+        }
         for kind in KINDS {
             for ext in ["bin", "idx"] {
                 let p = opts.out.join(split).join(format!("{}_{kind}.{ext}", plan.name));
@@ -727,7 +762,7 @@ fn build_shard(
     let mut splits = BTreeMap::new();
     let [train, valid] = writers;
     for (split, w) in [("train", train), ("valid", valid)] {
-        if let Some(s) = w.finish(split, &plan.name)? {
+        if let Some(s) = w.finish(&opts.out, split, &plan.name)? {
             splits.insert(split.to_string(), s);
         }
     }

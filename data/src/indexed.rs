@@ -63,6 +63,17 @@ impl Element for i32 {
     }
 }
 
+impl Element for f32 {
+    const CODE: u8 = 7;
+    const SIZE: usize = 4;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
 impl Element for u16 {
     const CODE: u8 = 8;
     const SIZE: usize = 2;

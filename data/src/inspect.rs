@@ -170,7 +170,24 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
             "rows: {} read, {} written, {} truncated, {} rejected, {} dropped (overlong)",
             r["read"], r["written"], r["truncated"], r["rejected"], r["dropped_overlong"]
         );
-        ["train", "valid"].iter().map(|s| (s.to_string(), dir.join(s))).collect()
+        if let Some(t) = v.get("teacher") {
+            let _ = writeln!(
+                out,
+                "teacher {} via {} {} (reasoning {}, top-k {}), scored {} documents of {}",
+                t["model"].as_str().unwrap_or("?"),
+                t["server"]["api"].as_str().unwrap_or("?"),
+                t["server"]["version"].as_str().unwrap_or("?"),
+                t["reasoning_effort"].as_str().unwrap_or("?"),
+                t["request"]["top_k"],
+                t["documents"],
+                t["input"]["dataset"].as_str().unwrap_or("?"),
+            );
+        }
+        ["train", "valid"]
+            .iter()
+            .filter(|s| v["splits"].get(**s).is_some())
+            .map(|s| (s.to_string(), dir.join(s)))
+            .collect()
     } else {
         let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         vec![(name, dir.to_path_buf())]
@@ -205,6 +222,9 @@ pub fn describe(dir: &Path, color: bool) -> Result<String> {
             }
         }
         out.push_str(&format_stats(&name, &st));
+        if shards.first().is_some_and(|s| s.teacher_logp.is_some()) {
+            out.push_str(&crate::teacher::TeacherStats::of_shards(&shards).format());
+        }
         if sample.is_none() {
             sample =
                 prefixes.iter().zip(shards).find(|(_, s)| !s.is_empty()).map(|(p, s)| (p.display().to_string(), s));

@@ -8,18 +8,23 @@
 //! * [`indexed`] — Megatron IndexedDataset writer/reader (MODEL.md §8.1 byte layout).
 //! * [`build_synth`] — the `build-synth` pipeline (shards, split, manifest, atomic writes,
 //!   resumability, determinism for any thread count).
+//! * [`docs`] — per-document metadata (`synth_id`, language, exercise) beside each shard.
 //! * [`reader`] — the training reader: [`reader::Reader::open`] with weighted datasets,
 //!   [`reader::Reader::next_batch`] → [`reader::Batch`] (`tokens`, `labels`, `loss_mask`,
 //!   `span`, `doc`, batch-major `t = b*S + s`), [`reader::Reader::cursor`] /
 //!   [`reader::Reader::restore`] with a serde-serialisable [`reader::Cursor`].
+//! * [`teacher`] — teacher-scored datasets: sidecar layout, subset selection (DISTILL 2A),
+//!   teacher log-probability statistics.
 //! * [`inspect`] — dataset statistics and a decoded sample.
 //! * [`cli`] — `vpmoe-rt data render|build-synth|inspect` ([`cli::DataCmd`], [`cli::run`]).
 pub mod build_synth;
 pub mod cli;
+pub mod docs;
 pub mod harmony;
 pub mod indexed;
 pub mod inspect;
 pub mod reader;
 pub mod synth;
+pub mod teacher;
 pub mod tokenizer;
 pub mod tools;

@@ -32,12 +32,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::indexed::{self, IndexedDataset};
 
-/// The three arrays of one shard, checked against each other.
+/// The arrays of one shard, checked against each other: tokens, loss mask, span and, for a
+/// teacher-scored dataset, the `teacher_logp` sidecar (float32, label-aligned like the mask).
 #[derive(Debug)]
 pub struct Shard {
     pub tokens: IndexedDataset,
     pub lossmask: IndexedDataset,
     pub span: IndexedDataset,
+    pub teacher_logp: Option<IndexedDataset>,
+}
+
+/// Check that a sidecar has the tokens' sequence count, lengths (times `per_token`) and
+/// document indices.
+pub fn check_sidecar(side: &IndexedDataset, tokens: &IndexedDataset, per_token: usize) -> Result<()> {
+    let name = side.prefix().display();
+    ensure!(
+        side.len() == tokens.len(),
+        "{name}: {} sequences but {} has {}",
+        side.len(),
+        tokens.prefix().display(),
+        tokens.len()
+    );
+    if let Some(i) = (0..tokens.len()).find(|&i| side.lengths()[i] as usize != tokens.lengths()[i] as usize * per_token)
+    {
+        bail!(
+            "{name}: sequence {i} has {} elements but {} has {} tokens{}",
+            side.lengths()[i],
+            tokens.prefix().display(),
+            tokens.lengths()[i],
+            if per_token == 1 { String::new() } else { format!(" (× {per_token} expected)") }
+        );
+    }
+    ensure!(
+        side.document_indices() == tokens.document_indices(),
+        "{name}: document indices differ from {}",
+        tokens.prefix().display()
+    );
+    Ok(())
 }
 
 impl Shard {
@@ -61,29 +92,23 @@ impl Shard {
             );
         }
         for side in [&lossmask, &span] {
-            let name = side.prefix().display();
-            ensure!(
-                side.len() == tokens.len(),
-                "{name}: {} sequences but {} has {}",
-                side.len(),
-                tokens.prefix().display(),
-                tokens.len()
-            );
-            if let Some(i) = (0..tokens.len()).find(|&i| side.lengths()[i] != tokens.lengths()[i]) {
-                bail!(
-                    "{name}: sequence {i} has {} elements but {} has {}",
-                    side.lengths()[i],
-                    tokens.prefix().display(),
-                    tokens.lengths()[i]
-                );
-            }
-            ensure!(
-                side.document_indices() == tokens.document_indices(),
-                "{name}: document indices differ from {}",
-                tokens.prefix().display()
-            );
+            check_sidecar(side, &tokens, 1)?;
         }
-        Ok(Shard { tokens, lossmask, span })
+        let tl = PathBuf::from(format!("{base}_teacher_logp"));
+        let teacher_logp = if indexed::idx_path(&tl).exists() {
+            let side = IndexedDataset::open(&tl)?;
+            ensure!(
+                side.dtype_code() == 7,
+                "{}.idx: dtype code {} but float32 (code 7) is required",
+                side.prefix().display(),
+                side.dtype_code()
+            );
+            check_sidecar(&side, &tokens, 1)?;
+            Some(side)
+        } else {
+            None
+        };
+        Ok(Shard { tokens, lossmask, span, teacher_logp })
     }
 
     pub fn len(&self) -> usize {
@@ -157,6 +182,16 @@ impl Dataset {
         for p in &prefixes {
             shards.push(Shard::open(p)?);
         }
+        if let Some(i) = shards.iter().position(|s| s.teacher_logp.is_some() != shards[0].teacher_logp.is_some()) {
+            bail!(
+                "{}: shard {} {} a teacher_logp sidecar but {} {} (a dataset is scored whole or not at all)",
+                path.display(),
+                shards[i].tokens.prefix().display(),
+                if shards[i].teacher_logp.is_some() { "has" } else { "lacks" },
+                shards[0].tokens.prefix().display(),
+                if shards[0].teacher_logp.is_some() { "does not" } else { "does" },
+            );
+        }
         let mut starts = vec![0u64];
         let mut n_tokens = 0;
         for s in &shards {
@@ -164,6 +199,11 @@ impl Dataset {
             n_tokens += s.tokens.total_elements();
         }
         Ok(Dataset { path: path.to_path_buf(), shards, starts, n_tokens })
+    }
+
+    /// Whether the dataset carries teacher log-probabilities.
+    pub fn has_teacher(&self) -> bool {
+        self.shards.first().is_some_and(|s| s.teacher_logp.is_some())
     }
 
     /// Number of documents.
@@ -259,7 +299,7 @@ pub struct Cursor {
 }
 
 /// One micro-batch, batch-major (`t = b * seq_len + s`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
     pub micro_batch: usize,
     pub seq_len: usize,
@@ -273,6 +313,11 @@ pub struct Batch {
     pub span: Vec<u8>,
     /// Document index within the row of each input token (attend only within equal values).
     pub doc: Vec<i32>,
+    /// Teacher `log p(label | context)` of each position (D7 alignment); 0 where the row's
+    /// dataset has no teacher sidecar or the loss mask is 0.
+    pub teacher_logp: Vec<f32>,
+    /// 1 where `teacher_logp` holds a teacher value (row from a scored dataset, loss mask 1).
+    pub teacher: Vec<u8>,
     /// Which dataset each row came from.
     pub source: Vec<u16>,
 }
@@ -333,6 +378,17 @@ impl Stream {
             sh.tokens.read_into(i, off, n, &mut toks);
             sh.lossmask.read_into(i, off, n, &mut b.loss_mask);
             sh.span.read_into(i, off, n, &mut b.span);
+            let at = b.teacher.len();
+            match &sh.teacher_logp {
+                Some(tl) => {
+                    tl.read_into(i, off, n, &mut b.teacher_logp);
+                    b.teacher.extend_from_slice(&b.loss_mask[at..at + n]);
+                }
+                None => {
+                    b.teacher_logp.extend(std::iter::repeat_n(0.0, n));
+                    b.teacher.extend(std::iter::repeat_n(0, n));
+                }
+            }
             b.doc.extend(std::iter::repeat_n(doc_no, n));
             self.pos.offset += n as u64;
         }
@@ -425,6 +481,8 @@ impl Reader {
             loss_mask: Vec::with_capacity(n),
             span: Vec::with_capacity(n),
             doc: Vec::with_capacity(n),
+            teacher_logp: Vec::with_capacity(n),
+            teacher: Vec::with_capacity(n),
             source: Vec::with_capacity(micro_batch),
         };
         for _ in 0..micro_batch {
@@ -481,6 +539,7 @@ impl Reader {
 }
 
 /// Paths of the six files of a shard given its tokens prefix (used by tools and tests).
+/// Sidecars (`_docs.jsonl`, `_teacher_*`) are not included.
 pub fn shard_files(tokens_prefix: &Path) -> Vec<PathBuf> {
     let s = tokens_prefix.to_string_lossy();
     let base = s.strip_suffix("_tokens").unwrap_or(&s).to_string();

@@ -57,6 +57,7 @@ pub fn system_content(effort: ReasoningEffort) -> SystemContent {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RowRef<'a> {
     pub synth_id: Option<&'a str>,
+    pub language: Option<&'a str>,
     pub exercise: Option<&'a str>,
     pub query: Option<&'a str>,
     pub constraints: Option<&'a str>,
@@ -98,6 +99,7 @@ impl SynthRow {
     pub fn as_ref(&self) -> RowRef<'_> {
         RowRef {
             synth_id: self.synth_id.as_deref(),
+            language: self.language.as_deref(),
             exercise: self.exercise.as_deref(),
             query: self.query.as_deref(),
             constraints: self.constraints.as_deref(),
@@ -415,8 +417,9 @@ pub fn rows_from_batch(batch: &RecordBatch) -> Result<Vec<SynthRow>> {
 /// Borrow the rows of a record batch of SYNTH columns.
 pub fn row_refs(batch: &RecordBatch) -> Result<Vec<RowRef<'_>>> {
     let c = |n: &str| StrCol::of(batch, n);
-    let (id, ex, q, cons, r, a) = (
+    let (id, lang, ex, q, cons, r, a) = (
         c("synth_id")?,
+        c("language")?,
         c("exercise")?,
         c("query")?,
         c("constraints")?,
@@ -426,6 +429,7 @@ pub fn row_refs(batch: &RecordBatch) -> Result<Vec<RowRef<'_>>> {
     Ok((0..batch.num_rows())
         .map(|i| RowRef {
             synth_id: id.get_ref(i),
+            language: lang.get_ref(i),
             exercise: ex.get_ref(i),
             query: q.get_ref(i),
             constraints: cons.get_ref(i),
