@@ -53,6 +53,13 @@ pub fn system_content(effort: ReasoningEffort) -> SystemContent {
     SystemContent { reasoning_effort: Some(effort), ..SystemContent::default() }
 }
 
+/// The tokens of the pinned system message (`<|start|>system<|message|>…<|end|>`): every
+/// SYNTH document starts with them, so they identify its reasoning effort.
+pub fn system_prefix(effort: ReasoningEffort) -> Result<Vec<i32>> {
+    let m = harmony::render_message(0, &Message::system(system_content(effort)), false)?;
+    Ok(m.header.iter().chain(&m.content).chain([&m.end]).map(|&t| t as i32).collect())
+}
+
 /// A SYNTH row borrowed from a record batch (no copies on the build path).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RowRef<'a> {

@@ -10,6 +10,7 @@ pub mod params;
 pub mod rng;
 pub mod state;
 pub mod train;
+pub mod teacher;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;

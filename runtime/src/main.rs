@@ -36,6 +36,9 @@ enum Cmd {
     /// Datasets: render Harmony conversations, build token datasets from SYNTH parquet, inspect.
     #[command(subcommand)]
     Data(vpmoe_data::cli::DataCmd),
+    /// Teacher scoring against a served GPT-OSS-120B (vLLM or SGLang) for stage 2.
+    #[command(subcommand)]
+    Teacher(TeacherCmd),
     /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
     /// span-normalised loss (at initialisation it should be close to ln(vocab)).
     Forward {
@@ -58,6 +61,53 @@ enum Cmd {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum TeacherCmd {
+    /// Score a subset of a build-synth dataset's train split: send each document's exact token
+    /// ids, store the teacher's per-token log-probabilities (and top-k) as sidecars aligned
+    /// with the labels. Resumable: re-run the same command after a crash or a kill.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// Teacher server, http://HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// Its API: vLLM /v1/completions (prompt_logprobs) or SGLang /generate.
+    #[arg(long, value_enum)]
+    api: vpmoe_runtime::teacher::wire::Api,
+    /// Model to request (default: the one the server serves).
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset root written by `vpmoe-rt data build-synth`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory of the scored dataset (created; re-running continues it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Which documents: fraction=F,prefer=long-reasoning|random,exercise=a|b,language=x|y,
+    /// balance=exercise|language (deterministic by synth_id).
+    #[arg(long, default_value = "fraction=1")]
+    subset: vpmoe_data::teacher::SubsetRule,
+    /// Also store the teacher's top-k candidates per position (vLLM caps k at --max-logprobs, 20).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Pack whole documents into one request up to this many tokens (server logprob memory
+    /// grows with it: about 9.2 GiB per 8,192 tokens for the 201k vocabulary).
+    #[arg(long, default_value_t = 8192)]
+    max_tokens_per_request: usize,
+    /// Seconds one request may take, response included.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Retries of a request after a transport error, 429 or 5xx (exponential backoff from 1 s).
+    #[arg(long, default_value_t = 6)]
+    retries: u32,
 }
 
 #[derive(clap::Args)]
@@ -225,9 +275,47 @@ fn run_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_score(a: ScoreArgs) -> Result<()> {
+    use vpmoe_runtime::teacher::{client::ClientConfig, score};
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let opts = score::ScoreOptions {
+        client: ClientConfig {
+            url: a.server,
+            api: a.api,
+            model: a.model,
+            timeout: std::time::Duration::from_secs_f64(a.timeout),
+            retries: a.retries,
+            backoff: std::time::Duration::from_secs(1),
+            vocab: vpmoe_data::tokenizer::VOCAB_SIZE as usize,
+        },
+        data: a.data,
+        out: a.out,
+        subset: a.subset,
+        top_k: a.top_k,
+        concurrency: a.concurrency,
+        max_tokens_per_request: a.max_tokens_per_request,
+        progress: true,
+    };
+    let r = score::score(&opts)?;
+    println!(
+        "scored {} documents ({} tokens): {} now, {} from earlier runs; {:.0} tokens/s",
+        r.documents,
+        r.tokens,
+        r.scored_now,
+        r.resumed,
+        r.tokens_now as f64 / r.seconds.max(1e-9)
+    );
+    print!("{}", r.stats.format());
+    println!("manifest {}", r.manifest.display());
+    Ok(())
+}
+
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
+        Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(a),
         Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
             let (graph, plan) = plan_of(plan, arch)?;
