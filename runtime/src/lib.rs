@@ -9,8 +9,8 @@ pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod state;
-pub mod train;
 pub mod teacher;
+pub mod train;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -72,14 +72,15 @@ pub fn synthetic_batch(vocab: u64, seq: usize, rows: usize, seed: u64) -> Batch 
 /// dataset at `out` (train and valid splits) unless one is already there. `seq_len` is the
 /// structured-truncation budget (D8): the architecture's maximum, so no document is dropped.
 pub fn bundled_sample_dataset(out: &Path, seq_len: usize) -> Result<std::path::PathBuf> {
-    if out.join("manifest.json").is_file() {
-        return Ok(out.to_path_buf());
-    }
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures/synth_sample.parquet");
     let mut o = vpmoe_data::build_synth::BuildOptions::new(vec![sample], out.to_path_buf());
     o.seq_len = seq_len;
     o.valid_fraction = SAMPLE_VALID_FRACTION.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    eprintln!("building the bundled SYNTH sample into {}", out.display());
+    if !out.join("manifest.json").is_file() {
+        eprintln!("building the bundled SYNTH sample into {}", out.display());
+    }
+    // Re-run every time: an up-to-date build is reused as it is (build-synth is resumable),
+    // one from an older layout is rebuilt.
     vpmoe_data::build_synth::build_synth(&o)?;
     Ok(out.to_path_buf())
 }

@@ -59,11 +59,8 @@ impl Client {
             bail!("--server {base}: https is not supported; reach the teacher over plain http (e.g. an ssh tunnel)");
         }
         ensure!(base.starts_with("http://"), "--server {base}: expected http://HOST:PORT");
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(cfg.timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(cfg.timeout)).http_status_as_error(false).build().into();
         let mut c = Client { agent, base, cfg, info: ServerInfo { model: String::new(), version: String::new() } };
         c.info = c.identify()?;
         Ok(c)
@@ -149,7 +146,8 @@ impl Client {
 fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Vec<u8>, Failure> {
     let mut resp = resp.map_err(|e| Failure::Retry(e.to_string()))?;
     let status = resp.status().as_u16();
-    let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(|e| Failure::Retry(e.to_string()))?;
+    let body =
+        resp.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(|e| Failure::Retry(e.to_string()))?;
     let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
     match status {
         200..=299 => Ok(body),

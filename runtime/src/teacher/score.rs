@@ -249,9 +249,11 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
         pb.set_draw_target(ProgressDrawTarget::stderr());
     }
     pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {human_pos}/{human_len} tokens ({per_sec}) {msg} ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} tokens ({per_sec}) {msg} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let total_docs: usize = jobs.iter().map(|j| j.selected.len()).sum();
     let (mut scored_now, mut tokens_now) = (0u64, 0u64);
@@ -281,8 +283,11 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
                     let docs: Vec<Vec<i32>> = positions.iter().map(|&p| job.doc_tokens(job.selected[p])).collect();
                     let prompts: Vec<&[i32]> = docs.iter().map(Vec::as_slice).collect();
                     let res = client_ref.score(&prompts, opts.top_k).with_context(|| {
-                        let names: Vec<String> =
-                            positions.iter().enumerate().map(|(k, &p)| format!("prompt {k} = {}", job.describe(p))).collect();
+                        let names: Vec<String> = positions
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &p)| format!("prompt {k} = {}", job.describe(p)))
+                            .collect();
                         format!("scoring {}", names.join(", "))
                     });
                     if tx.send((r, res)).is_err() {
@@ -331,17 +336,28 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let score_seconds = t_score.elapsed().as_secs_f64();
-    write_outputs(opts, &jobs, &states, &input, &settings, &settings_hash, &client, scored_now, tokens_now, score_seconds)
-        .map(|(stats, manifest, tokens)| ScoreReport {
-            documents: total_docs as u64,
-            tokens,
-            resumed,
-            scored_now,
-            tokens_now,
-            seconds,
-            stats,
-            manifest,
-        })
+    write_outputs(
+        opts,
+        &jobs,
+        &states,
+        &input,
+        &settings,
+        &settings_hash,
+        &client,
+        scored_now,
+        tokens_now,
+        score_seconds,
+    )
+    .map(|(stats, manifest, tokens)| ScoreReport {
+        documents: total_docs as u64,
+        tokens,
+        resumed,
+        scored_now,
+        tokens_now,
+        seconds,
+        stats,
+        manifest,
+    })
 }
 
 /// The shards of the input's `train` split with their metadata.
@@ -392,7 +408,10 @@ fn prepare_out(out: &Path, jobs: &[Job]) -> Result<()> {
         && !out.join(".journal").is_dir()
         && fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_some()
     {
-        bail!("{} is not empty and is not a teacher-score output (no .journal/); refusing to write into it", out.display());
+        bail!(
+            "{} is not empty and is not a teacher-score output (no .journal/); refusing to write into it",
+            out.display()
+        );
     }
     for d in ["train", ".journal", ".shards"] {
         fs::create_dir_all(out.join(d)).with_context(|| format!("creating {}", out.join(d).display()))?;
@@ -569,7 +588,8 @@ fn finalize(out: &Path, job: &Job, st: &mut JobState, settings_hash: &str, k: us
     let mut lossmask = IndexedWriter::<u8>::create(&stem("lossmask"))?;
     let mut span = IndexedWriter::<u8>::create(&stem("span"))?;
     let mut logp = IndexedWriter::<f32>::create(&tl)?;
-    let mut top = if k > 0 { Some((IndexedWriter::<i32>::create(&ti)?, IndexedWriter::<f32>::create(&tv)?)) } else { None };
+    let mut top =
+        if k > 0 { Some((IndexedWriter::<i32>::create(&ti)?, IndexedWriter::<f32>::create(&tv)?)) } else { None };
     let mut split = ShardSplit { name: job.name.clone(), ..Default::default() };
     for s in ["0", "1", "2"] {
         split.span_tokens.insert(s.into(), 0);

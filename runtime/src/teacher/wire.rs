@@ -154,7 +154,8 @@ fn parse_vllm(v: &Value, prompts: &[&[i32]], k: usize, vocab: usize) -> Result<V
                 lps[t].as_object().with_context(|| format!("{}: entry is not an object", where_(t)))?;
             let mut cands = Vec::with_capacity(obj.len());
             for (key, e) in obj {
-                let id: i64 = key.parse().map_err(|_| anyhow::anyhow!("{}: key {key:?} is not a token id", where_(t)))?;
+                let id: i64 =
+                    key.parse().map_err(|_| anyhow::anyhow!("{}: key {key:?} is not a token id", where_(t)))?;
                 let id = token_id(&json!(id), vocab, &|| where_(t))?;
                 cands.push((id, logprob(&e["logprob"], &|| format!("{} token {id}", where_(t)))?));
             }
@@ -190,13 +191,16 @@ fn parse_sglang(v: &Value, prompts: &[&[i32]], k: usize, vocab: usize) -> Result
         if let Some(pt) = meta.get("prompt_tokens").and_then(Value::as_u64) {
             ensure!(pt as usize == n, "prompt {p}: server counted {pt} prompt tokens, {n} were sent");
         }
-        let tl = meta["input_token_logprobs"]
-            .as_array()
-            .with_context(|| format!("prompt {p}: no meta_info.input_token_logprobs (return_logprob, logprob_start_len 0)"))?;
+        let tl = meta["input_token_logprobs"].as_array().with_context(|| {
+            format!("prompt {p}: no meta_info.input_token_logprobs (return_logprob, logprob_start_len 0)")
+        })?;
         ensure!(tl.len() == n, "prompt {p}: {} input_token_logprobs entries for {n} prompt tokens", tl.len());
         let mut s = Scores { logp: vec![0.0; n], ..Default::default() };
         for (t, e) in tl.iter().enumerate() {
-            let tri = e.as_array().filter(|a| a.len() >= 2).with_context(|| format!("{}: entry is not a triple", where_(t)))?;
+            let tri = e
+                .as_array()
+                .filter(|a| a.len() >= 2)
+                .with_context(|| format!("{}: entry is not a triple", where_(t)))?;
             let id = token_id(&tri[1], vocab, &|| where_(t))?;
             ensure!(id == ids[t], "prompt {p}: echoed prompt id at position {t} is {id} but {} was sent", ids[t]);
             if t == 0 {
@@ -219,7 +223,10 @@ fn parse_sglang(v: &Value, prompts: &[&[i32]], k: usize, vocab: usize) -> Result
                 ensure!(list.len() == k, "{}: {} top-k candidates, expected {k}", where_(t), list.len());
                 let mut cands = Vec::with_capacity(k);
                 for c in list {
-                    let tri = c.as_array().filter(|a| a.len() >= 2).with_context(|| format!("{}: candidate is not a triple", where_(t)))?;
+                    let tri = c
+                        .as_array()
+                        .filter(|a| a.len() >= 2)
+                        .with_context(|| format!("{}: candidate is not a triple", where_(t)))?;
                     let id = token_id(&tri[1], vocab, &|| where_(t))?;
                     let lp = logprob(&tri[0], &|| format!("{} candidate {id}", where_(t)))?;
                     if id == ids[t] {
@@ -270,7 +277,8 @@ mod tests {
         })
         .contains("prompt token 7 is not among"));
         assert!(bad(&|v| v["choices"][0]["prompt_logprobs"][0] = json!({})).contains("must be null"));
-        assert!(bad(&|v| v["choices"][0]["prompt_logprobs"].as_array_mut().unwrap().truncate(2)).contains("2 prompt_logprobs entries"));
+        assert!(bad(&|v| v["choices"][0]["prompt_logprobs"].as_array_mut().unwrap().truncate(2))
+            .contains("2 prompt_logprobs entries"));
         let nan = good.to_string().replace("-0.5", "NaN");
         assert!(parse_response(Api::Vllm, nan.as_bytes(), &[&ids], 2, 10).unwrap_err().to_string().contains("NaN"));
     }
@@ -289,6 +297,9 @@ mod tests {
         assert!(parse_response(Api::Sglang, v.to_string().as_bytes(), &[&ids], 2, 10).is_err());
         let mut v = good.clone();
         v["meta_info"]["input_top_logprobs"][1][0][0] = json!(-0.3);
-        assert!(parse_response(Api::Sglang, v.to_string().as_bytes(), &[&ids], 2, 10).unwrap_err().to_string().contains("differs"));
+        assert!(parse_response(Api::Sglang, v.to_string().as_bytes(), &[&ids], 2, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("differs"));
     }
 }

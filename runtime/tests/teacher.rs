@@ -1,0 +1,562 @@
+//! Teacher scoring against local fake servers that speak the documented vLLM
+//! `/v1/completions` (prompt_logprobs) and SGLang `/generate` shapes (DATA.md §4), with the
+//! faults real servers have: 5xx, dropped connections, slow answers, 4xx, wrong echoes, NaN.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vpmoe_data::build_synth::{build_synth, BuildOptions};
+use vpmoe_data::indexed::IndexedDataset;
+use vpmoe_data::reader::{Reader, Shard};
+use vpmoe_runtime::teacher::client::ClientConfig;
+use vpmoe_runtime::teacher::score::{score, ScoreOptions};
+use vpmoe_runtime::teacher::wire::Api;
+
+const VOCAB: i64 = 201_088;
+const MODEL: &str = "openai/gpt-oss-120b";
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The fake teacher's distribution at position t ≥ 1 of `ids`: (top-k candidates best first,
+/// the prompt token's log-probability as sent on the wire, −9999 meaning −inf).
+fn teacher(ids: &[i64], t: usize, k: usize) -> (Vec<(i64, f64)>, f64) {
+    let h = mix(ids[t - 1] as u64 * 1_000_003 + t as u64);
+    let top: Vec<(i64, f64)> = (0..k)
+        .map(|j| (((h + j as u64 * 7919) % VOCAB as u64) as i64, -(0.05 + 0.25 * j as f64) - (h % 97) as f64 / 1000.0))
+        .collect();
+    let actual = if let Some(c) = top.iter().find(|c| c.0 == ids[t]) {
+        c.1
+    } else if (ids[t] as usize + t) % 41 == 0 {
+        -9999.0
+    } else {
+        -(1.5 + ((ids[t] * 7 + t as i64) % 500) as f64 / 100.0)
+    };
+    (top, actual)
+}
+
+fn expected_logp(ids: &[i64], t: usize, k: usize) -> f32 {
+    let lp = teacher(ids, t, k).1;
+    if lp == -9999.0 {
+        f32::NEG_INFINITY
+    } else {
+        lp as f32
+    }
+}
+
+/// Faults, each applied to the first scoring requests that arrive.
+#[derive(Default, Clone)]
+struct Faults {
+    /// Answer this status to the first n scoring requests.
+    status_first: Option<(u16, usize)>,
+    /// Close the connection without an answer for the next n requests (after the statuses).
+    drop_next: usize,
+    /// Sleep this long before answering the next n requests (after the drops).
+    slow_next: Option<(Duration, usize)>,
+    /// Sleep before every answer.
+    delay: Duration,
+    /// Corrupt the echo of prompts whose first differing content matches this token length.
+    bad_echo_len: Option<usize>,
+    /// Write NaN into the answer for prompts of this length.
+    nan_len: Option<usize>,
+}
+
+struct Server {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    /// Times each prompt (by length and checksum) was asked for.
+    per_prompt: Arc<Mutex<HashMap<(usize, i64), usize>>>,
+}
+
+fn start(api: Api, faults: Faults) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let per_prompt = Arc::new(Mutex::new(HashMap::new()));
+    let (rq, pp) = (requests.clone(), per_prompt.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { break };
+            let (rq, pp, f) = (rq.clone(), pp.clone(), faults.clone());
+            std::thread::spawn(move || handle(conn, api, &f, &rq, &pp));
+        }
+    });
+    Server { url, requests, per_prompt }
+}
+
+type Counts = Mutex<HashMap<(usize, i64), usize>>;
+
+fn handle(conn: TcpStream, api: Api, f: &Faults, rq: &AtomicUsize, pp: &Counts) {
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    let reply = |status: u16, v: String| {
+        let mut c = conn.try_clone().unwrap();
+        let _ = write!(
+            c,
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{v}",
+            v.len()
+        );
+    };
+    match (method.as_str(), path.as_str(), api) {
+        ("GET", "/v1/models", Api::Vllm) => {
+            reply(200, json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).to_string())
+        }
+        ("GET", "/version", Api::Vllm) => reply(200, json!({"version": "0.11.0-fake"}).to_string()),
+        ("GET", "/get_model_info", Api::Sglang) => {
+            reply(200, json!({"model_path": MODEL, "is_generation": true}).to_string())
+        }
+        ("GET", "/get_server_info", Api::Sglang) => reply(200, json!({"version": "0.5.3-fake"}).to_string()),
+        ("POST", "/v1/completions", Api::Vllm) | ("POST", "/generate", Api::Sglang) => {
+            let n = rq.fetch_add(1, Ordering::SeqCst);
+            let req: Value = serde_json::from_slice(&body).unwrap();
+            let (prompts, k) = match api {
+                Api::Vllm => {
+                    assert_eq!(req["model"], MODEL);
+                    assert_eq!(req["max_tokens"], 1);
+                    assert_eq!(req["return_token_ids"], true);
+                    assert_eq!(req["temperature"], 1.0);
+                    (req["prompt"].clone(), req["prompt_logprobs"].as_u64().unwrap() as usize)
+                }
+                Api::Sglang => {
+                    assert_eq!(req["return_logprob"], true);
+                    assert_eq!(req["logprob_start_len"], 0);
+                    assert_eq!(req["sampling_params"]["max_new_tokens"], 0);
+                    (req["input_ids"].clone(), req["top_logprobs_num"].as_u64().unwrap() as usize)
+                }
+            };
+            let prompts: Vec<Vec<i64>> = if prompts[0].is_array() {
+                serde_json::from_value(prompts).unwrap()
+            } else {
+                vec![serde_json::from_value(prompts).unwrap()]
+            };
+            let mut skip = n;
+            if let Some((status, count)) = f.status_first {
+                if skip < count {
+                    return reply(status, json!({"error": "fault"}).to_string());
+                }
+                skip -= count;
+            }
+            if skip < f.drop_next {
+                return; // connection closed without an answer
+            }
+            skip -= f.drop_next;
+            if let Some((d, count)) = f.slow_next {
+                if skip < count {
+                    std::thread::sleep(d);
+                }
+            }
+            std::thread::sleep(f.delay);
+            for p in &prompts {
+                *pp.lock().unwrap().entry((p.len(), p.iter().sum())).or_default() += 1;
+            }
+            let mut text = answer(api, &prompts, k, f).to_string();
+            if prompts.iter().any(|p| Some(p.len()) == f.nan_len) {
+                text = text.replacen("-1.", "NaN", 1);
+            }
+            reply(200, text)
+        }
+        _ => reply(404, json!({"detail": "Not Found"}).to_string()),
+    }
+}
+
+fn answer(api: Api, prompts: &[Vec<i64>], k: usize, f: &Faults) -> Value {
+    let echo = |p: &Vec<i64>| -> Vec<i64> {
+        let mut e = p.clone();
+        if Some(p.len()) == f.bad_echo_len {
+            e[5] += 1;
+        }
+        e
+    };
+    match api {
+        Api::Vllm => {
+            let choices: Vec<Value> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut lps = vec![Value::Null];
+                    for t in 1..p.len() {
+                        let (top, actual) = teacher(p, t, k);
+                        let mut d = serde_json::Map::new();
+                        for (r, (id, lp)) in top.iter().enumerate() {
+                            d.insert(id.to_string(), json!({"logprob": lp, "rank": r + 1, "decoded_token": "x"}));
+                        }
+                        d.entry(p[t].to_string())
+                            .or_insert(json!({"logprob": actual, "rank": 5000, "decoded_token": "y"}));
+                        lps.push(Value::Object(d));
+                    }
+                    json!({"index": i, "text": "!", "finish_reason": "length", "token_ids": [0],
+                           "prompt_token_ids": echo(p), "prompt_logprobs": lps})
+                })
+                .collect();
+            // Answers may come in any order; the index says which prompt.
+            let mut choices = choices;
+            choices.reverse();
+            json!({"id": "cmpl-1", "object": "text_completion", "model": MODEL, "choices": choices,
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        }
+        Api::Sglang => {
+            let items: Vec<Value> = prompts
+                .iter()
+                .map(|p| {
+                    let e = echo(p);
+                    let mut tl = vec![json!([null, e[0], null])];
+                    let mut top = vec![Value::Null];
+                    for t in 1..p.len() {
+                        let (cands, actual) = teacher(p, t, k);
+                        tl.push(json!([actual, e[t], null]));
+                        top.push(Value::Array(cands.iter().map(|(id, lp)| json!([lp, id, null])).collect()));
+                    }
+                    let mut meta = json!({"prompt_tokens": p.len(), "completion_tokens": 0, "cached_tokens": 0,
+                        "finish_reason": {"type": "length", "length": 0}, "input_token_logprobs": tl,
+                        "output_token_logprobs": [], "output_top_logprobs": []});
+                    if k > 0 {
+                        meta["input_top_logprobs"] = Value::Array(top);
+                    }
+                    json!({"text": "", "meta_info": meta})
+                })
+                .collect();
+            if items.len() == 1 {
+                items[0].clone()
+            } else {
+                Value::Array(items)
+            }
+        }
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vpmoe-teacher-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The sample parquet built twice under different shard names (two shards).
+fn dataset(dir: &Path) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures/synth_sample.parquet");
+    let inputs = dir.join("parquet");
+    std::fs::create_dir_all(&inputs).unwrap();
+    for name in ["a_000.parquet", "b_001.parquet"] {
+        std::fs::copy(&fixture, inputs.join(name)).unwrap();
+    }
+    let out = dir.join("synth");
+    let mut o = BuildOptions::new(vec![inputs], out.clone());
+    o.seq_len = 2048;
+    o.valid_fraction = "0.001".parse().unwrap();
+    build_synth(&o).unwrap();
+    out
+}
+
+fn options(server: &Server, api: Api, data: &Path, out: &Path, top_k: usize) -> ScoreOptions {
+    ScoreOptions {
+        client: ClientConfig {
+            url: server.url.clone(),
+            api,
+            model: None,
+            timeout: Duration::from_secs(2),
+            retries: 4,
+            backoff: Duration::from_millis(10),
+            vocab: VOCAB as usize,
+        },
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        subset: "fraction=1".parse().unwrap(),
+        top_k,
+        concurrency: 2,
+        max_tokens_per_request: 4096,
+        progress: false,
+    }
+}
+
+/// Every scored position of every shard equals the fake teacher's value for the label.
+fn check_alignment(out: &Path, k: usize) -> usize {
+    let mut checked = 0;
+    let mut shards = 0;
+    for e in std::fs::read_dir(out.join("train")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(base) = name.strip_suffix("_tokens.idx") else { continue };
+        shards += 1;
+        let sh = Shard::open(&out.join("train").join(format!("{base}_tokens"))).unwrap();
+        let tl = sh.teacher_logp.as_ref().expect("teacher sidecar");
+        let (ids_ds, lps_ds) = (
+            IndexedDataset::open(&out.join("train").join(format!("{base}_teacher_topk_ids"))).ok(),
+            IndexedDataset::open(&out.join("train").join(format!("{base}_teacher_topk_logp"))).ok(),
+        );
+        assert_eq!(ids_ds.is_some(), k > 0);
+        for i in 0..sh.len() {
+            let ids: Vec<i64> = sh.tokens.get::<i32>(i).iter().map(|&x| i64::from(x)).collect();
+            let mask: Vec<u8> = sh.lossmask.get(i);
+            let lp: Vec<f32> = tl.get(i);
+            assert_eq!(lp.len(), ids.len());
+            let (tid, tlp): (Vec<i32>, Vec<f32>) = match (&ids_ds, &lps_ds) {
+                (Some(a), Some(b)) => (a.get(i), b.get(i)),
+                _ => (vec![], vec![]),
+            };
+            for t in 0..ids.len() {
+                if mask[t] == 0 {
+                    assert_eq!(lp[t], 0.0, "doc {i} position {t}: excluded position holds 0");
+                    continue;
+                }
+                let want = expected_logp(&ids, t + 1, k);
+                assert!(lp[t] == want, "doc {i} position {t}: {} != {want}", lp[t]);
+                if k > 0 {
+                    let (top, _) = teacher(&ids, t + 1, k);
+                    for (j, (id, l)) in top.iter().enumerate() {
+                        assert_eq!(i64::from(tid[t * k + j]), *id);
+                        assert_eq!(tlp[t * k + j], *l as f32);
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(shards >= 1);
+    checked
+}
+
+#[test]
+fn vllm_scores_align_with_labels_through_retries() {
+    let dir = tmp("vllm");
+    let data = dataset(&dir);
+    // Two 503s, one dropped connection and one answer slower than the 2 s timeout: all retried.
+    let faults = Faults {
+        status_first: Some((503, 2)),
+        drop_next: 1,
+        slow_next: Some((Duration::from_secs(3), 1)),
+        ..Default::default()
+    };
+    let server = start(Api::Vllm, faults);
+    let out = dir.join("scored");
+    let rep = score(&options(&server, Api::Vllm, &data, &out, 3)).unwrap();
+    assert_eq!(rep.resumed, 0);
+    assert!(rep.documents >= 10, "{} documents", rep.documents);
+    // 2 × 503, a dropped connection and a timed-out answer, then the real answers.
+    assert!(server.requests.load(Ordering::SeqCst) >= 5);
+    let checked = check_alignment(&out, 3);
+    assert!(checked > 500, "{checked} positions checked");
+    // Some −9999 came back and were stored as −inf.
+    assert!(rep.stats.neg_inf.iter().sum::<u64>() > 0);
+
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let t = &m["teacher"];
+    assert_eq!(t["model"], MODEL);
+    assert_eq!(t["server"]["api"], "vllm");
+    assert_eq!(t["server"]["version"], "0.11.0-fake");
+    assert_eq!(t["reasoning_effort"], "medium");
+    assert_eq!(t["request"]["top_k"], 3);
+    let input_sha = vpmoe_data::tokenizer::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(data.join("manifest.json")).unwrap(),
+    ));
+    assert_eq!(t["input"]["manifest_sha256"], input_sha.as_str());
+    assert_eq!(std::fs::read_to_string(out.join("examples.jsonl")).unwrap().lines().count() as u64, rep.documents);
+    assert!(!out.join(".journal").read_dir().unwrap().any(|_| true), "journals are removed when shards finish");
+
+    // The reader blends it with the vanilla dataset: rows from the scored one carry teacher values.
+    let mut r = Reader::open(&[(data.as_path(), 0.5), (out.as_path(), 0.5)], 256, 7).unwrap();
+    let b = r.next_batch(4);
+    for row in 0..4 {
+        let rng = row * 256..(row + 1) * 256;
+        let flagged = b.teacher[rng.clone()].iter().filter(|&&x| x == 1).count();
+        let masked = b.loss_mask[rng.clone()].iter().filter(|&&x| x == 1).count();
+        if b.source[row] == 1 {
+            assert_eq!(flagged, masked);
+        } else {
+            assert_eq!(flagged, 0);
+            assert!(b.teacher_logp[rng].iter().all(|&x| x == 0.0));
+        }
+    }
+    let text = vpmoe_data::inspect::describe(&out, false).unwrap();
+    assert!(text.contains("teacher openai/gpt-oss-120b via vllm 0.11.0-fake"), "{text}");
+    assert!(text.contains("teacher logp:"), "{text}");
+
+    // A second run with the same settings reuses everything and asks nothing.
+    let before = server.requests.load(Ordering::SeqCst);
+    let again = score(&options(&server, Api::Vllm, &data, &out, 3)).unwrap();
+    assert_eq!((again.resumed, again.scored_now), (rep.documents, 0));
+    assert_eq!(server.requests.load(Ordering::SeqCst), before);
+
+    // SGLang's answers (same fake teacher) give byte-identical sidecars.
+    let sg = start(Api::Sglang, Faults { status_first: Some((502, 1)), ..Default::default() });
+    let out2 = dir.join("scored-sglang");
+    score(&options(&sg, Api::Sglang, &data, &out2, 3)).unwrap();
+    check_alignment(&out2, 3);
+    for e in std::fs::read_dir(out.join("train")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        if name.to_string_lossy().contains("teacher") {
+            assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(out2.join("train").join(&name)).unwrap(), "{p:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_answers_fail_naming_the_document_and_leave_no_sidecar() {
+    let dir = tmp("bad");
+    let data = dataset(&dir);
+    let sh = Shard::open(&vpmoe_data::reader::resolve_prefixes(&data).unwrap()[0]).unwrap();
+    let victim_len = sh.tokens.lengths()[1] as usize;
+    let victim_id =
+        vpmoe_data::docs::read(&vpmoe_data::docs::docs_path(sh.tokens.prefix()), sh.len()).unwrap()[1].synth_id.clone();
+
+    for (name, faults, k, want) in [
+        ("echo", Faults { bad_echo_len: Some(victim_len), ..Default::default() }, 0, "echoed prompt id at position 5"),
+        ("nan", Faults { nan_len: Some(victim_len), ..Default::default() }, 2, "NaN"),
+        ("400", Faults { status_first: Some((400, 1000)), ..Default::default() }, 0, "HTTP 400"),
+    ] {
+        for api in [Api::Vllm, Api::Sglang] {
+            let server = start(api, faults.clone());
+            let out = dir.join(format!("out-{name}-{}", api.as_str()));
+            let mut o = options(&server, api, &data, &out, k);
+            o.max_tokens_per_request = 2049; // one document per request
+            o.concurrency = 1;
+            let err = format!("{:#}", score(&o).unwrap_err());
+            assert!(err.contains(want), "{name}/{api:?}: {err}");
+            if name != "400" {
+                assert!(err.contains(&victim_id), "{name}/{api:?}: the error names the document: {err}");
+            } else {
+                // Retried, it would be asked 5 times; the one worker may have started the next
+                // request (the other shard, same prompts) before it saw the failure.
+                assert!(server.requests.load(Ordering::SeqCst) <= 2, "a 400 is not retried");
+            }
+            assert!(!out.join("manifest.json").exists());
+            for e in std::fs::read_dir(out.join("train")).unwrap() {
+                let p = e.unwrap().path();
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(
+                    !n.contains("_teacher_") || !n.starts_with("a_000"),
+                    "{n} must not exist: the shard is incomplete"
+                );
+            }
+        }
+    }
+    // 503 forever: retries run out with a message that says so.
+    let server = start(Api::Vllm, Faults { status_first: Some((503, 1000)), ..Default::default() });
+    let mut o = options(&server, Api::Vllm, &data, &dir.join("out-503"), 0);
+    o.client.retries = 2;
+    let err = format!("{:#}", score(&o).unwrap_err());
+    assert!(err.contains("failed after 3 attempts") && err.contains("HTTP 503"), "{err}");
+    // A dataset whose system messages carry another reasoning effort than its manifest says is
+    // refused before any request.
+    let low = dir.join("low");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures/synth_sample.parquet");
+    let mut b = BuildOptions::new(vec![fixture], low.clone());
+    b.reasoning_effort = vpmoe_data::harmony::ReasoningEffort::Low;
+    build_synth(&b).unwrap();
+    let mpath = low.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath)
+        .unwrap()
+        .replace("\"reasoning_effort\": \"low\"", "\"reasoning_effort\": \"medium\"");
+    std::fs::write(&mpath, text).unwrap();
+    let server = start(Api::Vllm, Faults::default());
+    let err = format!("{:#}", score(&options(&server, Api::Vllm, &low, &dir.join("out-low"), 0)).unwrap_err());
+    assert!(err.contains("Reasoning: low") && err.contains("reasoning effort medium"), "{err}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
+    let dir = tmp("kill");
+    let data = dataset(&dir);
+    let bin = env!("CARGO_BIN_EXE_vpmoe-rt");
+    let run = |server: &Server, out: &Path| {
+        std::process::Command::new(bin)
+            .args(["teacher", "score", "--server", &server.url, "--api", "vllm", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .args(["--subset", "fraction=0.7,prefer=long-reasoning", "--top-k", "2", "--concurrency", "1"])
+            .args(["--max-tokens-per-request", "160", "--retries", "1"]) // one document per request
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Reference: one uninterrupted run.
+    let fast = start(Api::Vllm, Faults::default());
+    let reference = dir.join("reference");
+    let out = run(&fast, &reference).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let total = fast.requests.load(Ordering::SeqCst);
+    assert!(total >= 8, "{total} documents scored");
+
+    // Slow server; kill -9 once some documents are journaled.
+    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() });
+    let scored = dir.join("scored");
+    let mut child = run(&slow, &scored);
+    let t0 = Instant::now();
+    while slow.requests.load(Ordering::SeqCst) < total / 2 + 1 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the scorer made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!scored.join("manifest.json").exists());
+    // Every sidecar present belongs to a finished shard (its completion record exists).
+    for e in std::fs::read_dir(scored.join("train")).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some((shard, _)) = n.split_once("_teacher_") {
+            assert!(scored.join(".shards").join(format!("{shard}.json")).exists(), "{n} without a completion record");
+        }
+    }
+    let asked_before = slow.per_prompt.lock().unwrap().values().sum::<usize>();
+    assert!(asked_before >= 2);
+
+    // Restart against a fresh server: only the rest is asked for.
+    let fresh = start(Api::Vllm, Faults::default());
+    let out = run(&fresh, &scored).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let asked_after = fresh.requests.load(Ordering::SeqCst);
+    assert!(asked_after < total, "restart asked for {asked_after} of {total} documents: {stdout}");
+    assert!(asked_after + asked_before >= total);
+    assert!(stdout.contains("from earlier runs"), "{stdout}");
+    for e in std::fs::read_dir(reference.join("train")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            std::fs::read(scored.join("train").join(&name)).unwrap(),
+            "{name:?} differs"
+        );
+    }
+    check_alignment_subset(&scored);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn check_alignment_subset(out: &Path) {
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["teacher"]["subset"], "fraction=0.7,prefer=long-reasoning");
+    check_alignment(out, 2);
+}
