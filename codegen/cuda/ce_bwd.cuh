@@ -1,6 +1,6 @@
 #pragma once
 // ce_bwd.cuh: span-normalised CE backward to the f32 logits (MODEL.md §5/§6):
-//   w_t = dloss·scale[span[t]]·mask[t]
+//   w_t = dloss·scale[span[t]]·weight[t]·mask[t]
 //   dlogits[t, j] = w_t·(softmax(logits[t])_j − [j == labels[t]])     (f32, every element written)
 // The row's log-sum-exp is not recomputed: the forward's token loss is ce = lse − logits[label]
 // (f32, ce_rows.cuh), so lse = ce + logits[t, label] in f64 (error ≤ ½ ulp(ce), i.e. ~1e-6
@@ -15,7 +15,8 @@ namespace vp {
 template <int V>
 __device__ __forceinline__ void ce_bwd(const float* __restrict__ logits, const int* __restrict__ labels,
                                        const unsigned char* __restrict__ mask, const unsigned char* __restrict__ span,
-                                       const float* __restrict__ scale, const float* __restrict__ token_loss,
+                                       const float* __restrict__ scale, const float* __restrict__ weight,
+                                       const float* __restrict__ token_loss,
                                        const float* __restrict__ dloss, float* __restrict__ dlogits, int T) {
     constexpr int NT = 256;
     require_block(NT);
@@ -23,7 +24,7 @@ __device__ __forceinline__ void ce_bwd(const float* __restrict__ logits, const i
     if (t >= T) return;  // whole block
     const float* xr = logits + (size_t)t * V;
     float* dr = dlogits + (size_t)t * V;
-    const float wt = (mask[t] && dloss != nullptr) ? dloss[0] * scale[span[t]] : 0.f;  // null: unseeded
+    const float wt = (mask[t] && dloss != nullptr) ? dloss[0] * scale[span[t]] * weight[t] : 0.f;  // null: unseeded
     const bool vec = V % 4 == 0 && aligned(logits, 16) && aligned(dlogits, 16);
     if (wt == 0.f) {  // block-uniform
         if (vec) {

@@ -2,7 +2,7 @@
 // ce_rows.cuh: per-token cross-entropy of f32 logits rows of V.
 //   mask[t] == 0: token_loss[t] = 0, weighted[t] = 0
 //   else: ce = logsumexp(logits[t, :]) − logits[t, labels[t]],  token_loss[t] = ce,
-//         weighted[t] = ce · scale[span[t]]
+//         weighted[t] = ce · scale[span[t]] · weight[t]   (weight: confidence weights, conf_weight.cuh)
 //
 // Launch: grid T, block 256. One streaming pass per row (16-byte loads when V % 4 == 0 and
 // aligned): each thread keeps an online (max, Σ exp(x − max)) pair, pairs are merged by a warp
@@ -24,7 +24,8 @@ __device__ __forceinline__ LseAcc lse_merge(LseAcc a, LseAcc b) {
 template <int V>
 __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const int* __restrict__ labels,
                                         const unsigned char* __restrict__ mask, const unsigned char* __restrict__ span,
-                                        const float* __restrict__ scale, float* __restrict__ token_loss,
+                                        const float* __restrict__ scale, const float* __restrict__ weight,
+                                        float* __restrict__ token_loss,
                                         float* __restrict__ weighted, int T) {
     constexpr int NT = 256, NW = NT / 32;
     require_block(NT);
@@ -75,7 +76,7 @@ __device__ __forceinline__ void ce_rows(const float* __restrict__ logits, const 
         const double lse = (double)a.m + log((double)a.s);
         const float ce = (float)(lse - (double)rowp[labels[t]]);
         token_loss[t] = ce;
-        weighted[t] = ce * scale[span[t]];
+        weighted[t] = ce * scale[span[t]] * weight[t];
     }
 }
 

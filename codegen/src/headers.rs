@@ -18,6 +18,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("combine.cuh", include_str!("../cuda/combine.cuh")),
     ("seq_aux.cuh", include_str!("../cuda/seq_aux.cuh")),
     ("ce_rows.cuh", include_str!("../cuda/ce_rows.cuh")),
+    ("conf_weight.cuh", include_str!("../cuda/conf_weight.cuh")),
     ("sum.cuh", include_str!("../cuda/sum.cuh")),
     ("add.cuh", include_str!("../cuda/add.cuh")),
     ("gemm_nn.cuh", include_str!("../cuda/gemm_nn.cuh")),

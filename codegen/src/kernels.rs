@@ -139,8 +139,20 @@ pub const FAMILIES: &[Family] = &[
             ("const unsigned char*", "mask"),
             ("const unsigned char*", "span"),
             ("const float*", "scale"),
+            ("const float*", "weight"),
             ("float*", "token_loss"),
             ("float*", "weighted"),
+            ("int", "T"),
+        ],
+    },
+    Family {
+        name: "conf_weight",
+        tparams: &[],
+        params: &[
+            ("const float*", "teacher_logp"),
+            ("const unsigned char*", "teacher"),
+            ("const float*", "kd"),
+            ("float*", "weight"),
             ("int", "T"),
         ],
     },
@@ -364,6 +376,7 @@ pub const FAMILIES: &[Family] = &[
             ("const unsigned char*", "mask"),
             ("const unsigned char*", "span"),
             ("const float*", "scale"),
+            ("const float*", "weight"),
             ("const float*", "token_loss"),
             ("const float*", "dloss"),
             ("float*", "dlogits"),
@@ -741,11 +754,20 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         Op::LmHead { hidden, vocab } => {
             (vec![gemm(vocab, hidden, EPI_NONE, true, 1, i(0), i(1), Arg::Null, Arg::Null, o(0), vocab)], vec![])
         }
+        Op::ConfidenceWeight => (
+            vec![launch(
+                KernelSpec::new("conf_weight", &[]),
+                vec![i(0), i(1), i(2), o(0), Arg::Tokens { mul: 1 }],
+                [tok(1, 256), one(), one()],
+                256,
+            )],
+            vec![],
+        ),
         Op::SpanCe { vocab } => (
             vec![
                 launch(
                     KernelSpec::new("ce_rows", &[vocab]),
-                    vec![i(0), i(1), i(2), i(3), i(4), o(1), s(0, 0), Arg::Tokens { mul: 1 }],
+                    vec![i(0), i(1), i(2), i(3), i(4), i(5), o(1), s(0, 0), Arg::Tokens { mul: 1 }],
                     rows_grid(1),
                     256,
                 ),
@@ -1122,11 +1144,13 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
         }
         Op::SpanCe { vocab } => b.push(
             KernelSpec::new("ce_bwd", &[vocab]),
-            vec![x(0), x(1), x(2), x(3), x(4), y(1), dy(0), dx(0), t1],
+            vec![x(0), x(1), x(2), x(3), x(4), x(5), y(1), dy(0), dx(0), t1],
             rows_grid(1),
             256,
         ),
-        Op::Add { .. } | Op::Vjp(_) => panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name()),
+        Op::ConfidenceWeight | Op::Add { .. } | Op::Vjp(_) => {
+            panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
+        }
     }
     (b.launches, b.scratch)
 }

@@ -66,6 +66,7 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("combine", &[1024, 4, 0], 128),
         k("seq_aux", &[256, 4], 256),
         k("ce_rows", &[201088], 256),
+        k("conf_weight", &[], 256),
         k("sum", &[], 1024),
         // ----- backward families (locked config) -----
         k("add", &[0, 0, 2], 256),

@@ -54,6 +54,11 @@ pub fn lower(arch: &Arch) -> Graph {
     let loss_mask = l.g.input("loss_mask", InputKind::Data, TensorType::tok(DType::U8, &[]));
     let span = l.g.input("span", InputKind::Data, TensorType::tok(DType::U8, &[]));
     let span_scale = l.g.input("span_scale", InputKind::Scalar, TensorType::fixed(DType::F32, &[3]));
+    // Stage 2 (DISTILL 2B): teacher log-probabilities and which positions carry one; `kd` holds
+    // the runtime scalars [m, T, w_min, w_max]. Stage 1 sends teacher = 0 (every weight is 1).
+    let teacher_logp = l.g.input("teacher_logp", InputKind::Data, TensorType::tok(DType::F32, &[]));
+    let teacher = l.g.input("teacher", InputKind::Data, TensorType::tok(DType::U8, &[]));
+    let kd = l.g.input("kd", InputKind::Scalar, TensorType::fixed(DType::F32, &[4]));
 
     let embed_role = if a.tied_embeddings { Role::TiedEmbedding } else { Role::InputEmbedding };
     let table = l.param(
@@ -209,7 +214,9 @@ pub fn lower(arch: &Arch) -> Graph {
         )
     };
     let logits = l.node("lm_head".into(), Op::LmHead { hidden: h, vocab: a.vocab }, vec![z, head])[0];
-    let ce = l.node("loss".into(), Op::SpanCe { vocab: a.vocab }, vec![logits, labels, loss_mask, span, span_scale]);
+    let weight = l.node("loss.weight".into(), Op::ConfidenceWeight, vec![teacher_logp, teacher, kd])[0];
+    let ce =
+        l.node("loss".into(), Op::SpanCe { vocab: a.vocab }, vec![logits, labels, loss_mask, span, span_scale, weight]);
     l.g.output("logits", logits);
     l.g.output("loss", ce[0]);
     l.g.output("token_loss", ce[1]);

@@ -315,10 +315,11 @@ pub fn backward(
         Op::SpanCe { vocab } => {
             let v = vocab as usize;
             let (logits, labels, mask, span, scale) = (xs[0].f(), xs[1].i(), xs[2].i(), xs[3].i(), xs[4].f());
+            let weight = xs[5].f();
             let dloss = up(0)[0] as f64;
             let mut dl = vec![0f32; t * v];
             for ti in 0..t {
-                let w = dloss * scale[span[ti] as usize] as f64;
+                let w = dloss * scale[span[ti] as usize] as f64 * weight[ti] as f64;
                 if mask[ti] == 0 || w == 0.0 {
                     continue; // masked tokens (and zero-weight spans) get exactly zero gradient
                 }
@@ -332,6 +333,7 @@ pub fn backward(
             }
             vec![like(xs[0], dl)]
         }
+        Op::ConfidenceWeight => vec![], // no differentiable input
         Op::Add { .. } => panic!("backward of add: it is linear and autodiff differentiates it itself"),
         Op::Vjp(_) => panic!("backward of vjp: second-order differentiation is not supported"),
     }

@@ -75,7 +75,11 @@ pub enum Op {
     SeqAuxLoss { experts: u64, topk: u64 },
     /// `logits = z·Wᵀ` in f32.
     LmHead { hidden: u64, vocab: u64 },
-    /// Span-normalised CE: `loss = Σ_t ce_t·mask_t·scale[span_t]`; also `ce_t·mask_t`.
+    /// Confidence weight of each token (DISTILL.md 2B): `w_t = clip(exp((teacher_logp_t − m)/T),
+    /// w_min, w_max)` where `teacher_t = 1`, else 1; `kd = [m, T, w_min, w_max]` are runtime
+    /// scalars. Data only: nothing is differentiated through it.
+    ConfidenceWeight,
+    /// Span-normalised CE: `loss = Σ_t ce_t·mask_t·scale[span_t]·weight_t`; also `ce_t·mask_t`.
     SpanCe { vocab: u64 },
     /// Sum of `n` gradient contributions of one type (fan-in of a value read by several nodes).
     Add { n: u64, ty: TensorType },
@@ -135,6 +139,7 @@ impl Op {
             Op::Combine { .. } => "combine",
             Op::SeqAuxLoss { .. } => "seq_aux_loss",
             Op::LmHead { .. } => "lm_head",
+            Op::ConfidenceWeight => "confidence_weight",
             Op::SpanCe { .. } => "span_ce",
             Op::Add { .. } => "add",
             Op::Vjp(_) => "vjp",
@@ -148,8 +153,8 @@ impl Op {
         let mut g: Vec<bool> = ins.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
             Op::Router { expert_bias: true, .. } => *g.last_mut().unwrap() = false,
-            Op::SpanCe { .. } => g[4] = false,
-            Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            Op::SpanCe { .. } => (g[4], g[5]) = (false, false),
+            Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
@@ -161,7 +166,7 @@ impl Op {
         let mut g: Vec<bool> = outs.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
             Op::SpanCe { .. } => g[1] = false,
-            Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
@@ -255,6 +260,7 @@ impl Op {
                 vec![("experts", experts.to_string()), ("topk", topk.to_string())]
             }
             Op::LmHead { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
+            Op::ConfidenceWeight => vec![],
             Op::SpanCe { vocab } => vec![("vocab", vocab.to_string())],
             Op::Add { n, ref ty } => vec![("n", n.to_string()), ("ty", ty.to_string())],
             Op::Vjp(ref v) => {
@@ -425,8 +431,17 @@ impl Op {
                     ("loss_mask", TensorType::tok(U8, &[])),
                     ("span", TensorType::tok(U8, &[])),
                     ("span_scale", TensorType::fixed(F32, &[3])),
+                    ("weight", TensorType::tok(F32, &[])),
                 ],
                 vec![("loss", TensorType::scalar(F32)), ("token_loss", TensorType::tok(F32, &[]))],
+            ),
+            Op::ConfidenceWeight => (
+                vec![
+                    ("teacher_logp", TensorType::tok(F32, &[])),
+                    ("teacher", TensorType::tok(U8, &[])),
+                    ("kd", TensorType::fixed(F32, &[4])),
+                ],
+                vec![("weight", TensorType::tok(F32, &[]))],
             ),
             Op::Add { n, ref ty } => (vec![("x", ty.clone()); n as usize], vec![("sum", ty.clone())]),
             Op::Vjp(ref v) => {

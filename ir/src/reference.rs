@@ -83,6 +83,13 @@ pub fn sigmoid(x: f32) -> f32 {
 }
 
 /// ALiBi slopes for `n` heads (the standard construction; `2^-(h+1)` for 8 heads).
+/// DISTILL.md 2B: `clip(exp((teacher_logp − m)/T), w_min, w_max)` with `kd = [m, T, w_min,
+/// w_max]`, in f64; a teacher log-probability of −inf gives `w_min`.
+pub fn confidence_weight(teacher_logp: f32, kd: &[f32]) -> f32 {
+    let (m, temp, lo, hi) = (kd[0] as f64, kd[1] as f64, kd[2] as f64, kd[3] as f64);
+    ((teacher_logp as f64 - m) / temp).exp().max(lo).min(hi) as f32
+}
+
 pub fn alibi_slopes(n: usize) -> Vec<f32> {
     fn pow2(n: usize) -> Vec<f64> {
         let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
@@ -508,9 +515,15 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                 linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), vocab as usize, None),
             )]
         }
+        Op::ConfidenceWeight => {
+            let (lp, teacher, kd) = (ins[0].f(), ins[1].i(), ins[2].f());
+            let w = (0..t).map(|i| if teacher[i] != 0 { confidence_weight(lp[i], kd) } else { 1.0 }).collect();
+            vec![Tensor::f32(vec![t], w)]
+        }
         Op::SpanCe { vocab } => {
             let v = vocab as usize;
             let (logits, labels, mask, span, scale) = (ins[0].f(), ins[1].i(), ins[2].i(), ins[3].i(), ins[4].f());
+            let weight = ins[5].f();
             let mut tok = vec![0f32; t];
             let mut loss = 0f64;
             for ti in 0..t {
@@ -522,7 +535,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                 let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
                 let ce = lse - row[labels[ti] as usize] as f64;
                 tok[ti] = ce as f32;
-                loss += ce * scale[span[ti] as usize] as f64;
+                loss += ce * scale[span[ti] as usize] as f64 * weight[ti] as f64;
             }
             vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok)]
         }

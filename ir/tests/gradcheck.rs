@@ -750,9 +750,17 @@ fn lm_head() {
     run(&op_model("lm_head", Op::LmHead { hidden: h as u64, vocab: v as u64 }, dims(t, t), xs, None, None), 32);
 }
 
+/// Inputs of `span_ce`, with confidence weights drawn from the stage-2 clip range [0.25, 4].
 fn span_ce_inputs(rng: &mut Rng, t: usize, v: usize, mask: Vec<i32>, span: Vec<i32>, scale: [f32; 3]) -> Vec<Tensor> {
     let labels = (0..t).map(|_| rng.below(v) as i32).collect();
-    vec![rng.t(&[t, v], 2.0), it(&[t], labels), it(&[t], mask), it(&[t], span), Tensor::f32(vec![3], scale.to_vec())]
+    vec![
+        rng.t(&[t, v], 2.0),
+        it(&[t], labels),
+        it(&[t], mask),
+        it(&[t], span),
+        Tensor::f32(vec![3], scale.to_vec()),
+        rng.range(&[t], 0.25, 4.0),
+    ]
 }
 
 #[test]
@@ -1059,7 +1067,7 @@ fn adjoint_moe_chain() {
 /// Dense block by hand: embedding → rms_norm → qkv_proj → qk_norm → grape_m → value_residual
 /// (with v₁ = the raw k, so k fans out to qk_norm and the value residual) → attention (window, sinks, documents) → out_proj (residual = the
 /// embedding) → rms_norm → lm_head → span_ce. Inputs: `[tokens, table, w_in, w_qkv, b_qkv, w_q,
-/// w_k, log_freq, vr_logit, sinks, doc, w_o, b_o, w_f, w_lm, labels, mask, span, span_scale]`.
+/// w_k, log_freq, vr_logit, sinks, doc, w_o, b_o, w_f, w_lm, labels, mask, span, span_scale, weight]`.
 fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
     let (s, b, vocab, hid, nh, ng, hd) = (6, 2, 9, 8, 4, 2, 4);
     let t = s * b;
@@ -1086,6 +1094,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
         it(&[t], (0..t).map(|i| (i % 4 != 2) as i32).collect()),
         it(&[t], (0..t).map(|i| 1 + (i % 3 == 0) as i32).collect()),
         Tensor::f32(vec![3], vec![0.0, 0.2, 0.25]),
+        rng.range(&[t], 0.25, 4.0),
     ];
     let names = [
         "tokens",
@@ -1107,9 +1116,12 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
         "mask",
         "span",
         "span_scale",
+        "weight",
     ];
-    let diff: Vec<bool> =
-        names.iter().map(|nm| !matches!(*nm, "tokens" | "doc" | "labels" | "mask" | "span" | "span_scale")).collect();
+    let diff: Vec<bool> = names
+        .iter()
+        .map(|nm| !matches!(*nm, "tokens" | "doc" | "labels" | "mask" | "span" | "span_scale" | "weight"))
+        .collect();
     let ops = vec![
         Op::Embedding { vocab: vocab as u64, hidden: hu },
         Op::RmsNorm { dim: hu, eps: 1e-5 },
@@ -1138,7 +1150,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
             let op = fwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]]);
             let z = fwd(&o[8], &d, &[&op[0], &x[13]]);
             let lg = fwd(&o[9], &d, &[&z[0], &x[14]]);
-            let l = fwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18]]);
+            let l = fwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18], &x[19]]);
             vec![e, a, q, qn, r, vr, at, op, z, lg, l]
         }
     };
@@ -1148,7 +1160,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
         let o = &ops;
         let n = run_fwd(x);
         let [e, a, q, qn, rot, vr, at, op, z, lg, l] = <[Vec<Tensor>; 11]>::try_from(n).unwrap();
-        let g_l = bwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18]], &l, &[Some(&r[0]), None]);
+        let g_l = bwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18], &x[19]], &l, &[Some(&r[0]), None]);
         let g_lg = bwd(&o[9], &d, &[&z[0], &x[14]], &lg, &[Some(&g_l[0])]);
         let g_z = bwd(&o[8], &d, &[&op[0], &x[13]], &z, &[Some(&g_lg[0])]);
         let g_op = bwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]], &op, &[Some(&g_z[0])]);

@@ -170,15 +170,32 @@ fn span_ce_weights_each_span() {
     let mask = Tensor::i32(vec![3], vec![1, 1, 0]);
     let span = Tensor::i32(vec![3], vec![1, 2, 0]);
     let scale = Tensor::f32(vec![3], vec![0.0, 1.0, 0.5]);
+    let weight = Tensor::f32(vec![3], vec![1.0, 2.0, 3.0]);
     let out = forward(
         &Op::SpanCe { vocab: v as u64 },
         &Dims { tokens: 3, seq: 3 },
-        &[&logits, &labels, &mask, &span, &scale],
+        &[&logits, &labels, &mask, &span, &scale, &weight],
         &NaiveGemm,
     );
     let l = 4f32.ln();
-    assert!(close(out[0].f()[0], 1.5 * l, 1e-6));
+    // 1·1·ln4 + 0.5·2·ln4; the token loss itself is unweighted.
+    assert!(close(out[0].f()[0], 2.0 * l, 1e-6));
+    assert!(close(out[1].f()[1], l, 1e-6));
     assert_eq!(out[1].f()[2], 0.0);
+}
+
+#[test]
+fn confidence_weight_centres_scales_and_clips() {
+    let lp = Tensor::f32(vec![5], vec![-1.0, -1.0 - 2f32.ln(), f32::NEG_INFINITY, 0.0, -7.0]);
+    let teacher = Tensor::i32(vec![5], vec![1, 1, 1, 1, 0]);
+    let kd = Tensor::f32(vec![4], vec![-1.0, 0.5, 0.25, 4.0]);
+    let w = &forward(&Op::ConfidenceWeight, &Dims { tokens: 5, seq: 5 }, &[&lp, &teacher, &kd], &NaiveGemm)[0];
+    // m: weight 1; ln 2 below m at T = ½: e^(−2 ln 2) = ¼; −inf: w_min; 0: e² clipped to 4;
+    // no teacher value: 1.
+    assert!(close(w.f()[0], 1.0, 1e-7));
+    assert!(close(w.f()[1], 0.25, 1e-6));
+    assert_eq!(&w.f()[2..], &[0.25, 4.0, 1.0]);
+    assert!(Op::ConfidenceWeight.grad_ins().iter().all(|g| !g));
 }
 
 #[test]

@@ -20,7 +20,15 @@ pub struct Batch {
     /// Seed of the loss gradient (1) and of every sequence aux loss (`α/M`, MODEL.md §4.10).
     pub loss_grad: f32,
     pub aux_grad: f32,
+    /// Stage 2: teacher `log p(label)` per position and where it applies (empty: nowhere).
+    pub teacher_logp: Vec<f32>,
+    pub teacher: Vec<u8>,
+    /// Confidence-weight scalars `[m, T, w_min, w_max]` (DISTILL.md 2B).
+    pub kd: [f32; 4],
 }
+
+/// `kd` when no position carries a teacher value (every weight is 1 then anyway).
+pub const KD_NONE: [f32; 4] = [0.0, 1.0, 1.0, 1.0];
 
 impl Batch {
     /// Validates shapes and ids against the vocabulary.
@@ -41,6 +49,34 @@ impl Batch {
         }
         if let Some((i, x)) = self.tokens.iter().enumerate().find(|(_, &x)| x < 0 || x as u64 >= vocab) {
             bail!("token {x} at position {i} is outside the vocabulary of {vocab}");
+        }
+        if !self.teacher.is_empty() || !self.teacher_logp.is_empty() {
+            if self.teacher.len() != t || self.teacher_logp.len() != t {
+                bail!(
+                    "batch fields teacher/teacher_logp have {}/{} entries for {t} tokens",
+                    self.teacher.len(),
+                    self.teacher_logp.len()
+                );
+            }
+            if let Some(i) =
+                (0..t).find(|&i| self.teacher[i] != 0 && (self.teacher_logp[i].is_nan() || self.teacher_logp[i] > 0.0))
+            {
+                bail!("teacher log-probability {} at position {i} is not ≤ 0", self.teacher_logp[i]);
+            }
+            let [m, temp, lo, hi] = self.kd;
+            if !(m.is_finite()
+                && temp.is_finite()
+                && temp > 0.0
+                && lo.is_finite()
+                && hi.is_finite()
+                && 0.0 <= lo
+                && lo <= hi)
+            {
+                bail!(
+                    "confidence-weight scalars [m, T, w_min, w_max] = {:?} need T > 0 and 0 ≤ w_min ≤ w_max",
+                    self.kd
+                );
+            }
         }
         for i in 0..t {
             if self.loss_mask[i] != 0 && (self.labels[i] < 0 || self.labels[i] as u64 >= vocab) {
@@ -65,6 +101,9 @@ impl Batch {
             span_scale: [0.0; 3],
             loss_grad: 1.0,
             aux_grad: 0.0,
+            teacher_logp: b.teacher_logp,
+            teacher: b.teacher,
+            kd: KD_NONE,
         }
     }
 
@@ -99,6 +138,11 @@ impl Batch {
             "loss_mask" => Tensor::i32(vec![t], u8s(&self.loss_mask)),
             "span" => Tensor::i32(vec![t], u8s(&self.span)),
             "span_scale" => Tensor::f32(vec![3], self.span_scale.to_vec()),
+            "teacher_logp" if self.teacher_logp.is_empty() => Tensor::f32(vec![t], vec![0.0; t]),
+            "teacher_logp" => Tensor::f32(vec![t], self.teacher_logp.clone()),
+            "teacher" if self.teacher.is_empty() => Tensor::i32(vec![t], vec![0; t]),
+            "teacher" => Tensor::i32(vec![t], u8s(&self.teacher)),
+            "kd" => Tensor::f32(vec![4], self.kd.to_vec()),
             "loss_grad" => Tensor::scalar(self.loss_grad),
             "aux_grad" => Tensor::scalar(self.aux_grad),
             other => bail!("the plan asks for an unknown input {other:?}"),

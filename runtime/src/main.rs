@@ -118,9 +118,12 @@ struct TrainArgs {
     /// Or compile this architecture TOML in memory (default: configs/small.toml).
     #[arg(long)]
     arch: Option<PathBuf>,
-    /// Dataset root written by `vpmoe-rt data build-synth` (its train split; valid for --eval-every).
-    #[arg(long)]
-    data: Option<PathBuf>,
+    /// Dataset root (`data build-synth` or `teacher score` output), optionally `DIR:WEIGHT`.
+    /// Repeat to blend: e.g. `--data synth:0.3 --data rescored:0.7` draws 70 % of the rows from
+    /// the teacher-scored set (confidence-weighted CE) and 30 % from the vanilla one (plain CE).
+    /// Held-out loss uses the valid split of the first dataset that has one.
+    #[arg(long, value_name = "DIR[:WEIGHT]")]
+    data: Vec<String>,
     /// Which backend trains. Always explicit: nothing falls back silently.
     #[arg(long, value_enum)]
     backend: BackendKind,
@@ -182,6 +185,23 @@ struct TrainArgs {
     /// Span weights w_r,w_f of the loss.
     #[arg(long, default_value = "1.0,1.0", value_delimiter = ',', num_args = 2)]
     span_weights: Vec<f32>,
+    /// Temperature T of the confidence weights exp((teacher_logp − m)/T) (stage 2).
+    #[arg(long, default_value_t = 1.0)]
+    kd_temperature: f32,
+    /// Clip range w_min,w_max of the confidence weights (stage 2).
+    #[arg(long, default_value = "0.25,4.0", value_delimiter = ',', num_args = 2)]
+    kd_clip: Vec<f32>,
+}
+
+/// `DIR` or `DIR:WEIGHT` (a suffix that is not a number is part of the path).
+fn data_source(s: &str) -> (PathBuf, f64) {
+    match s.rsplit_once(':') {
+        Some((p, w)) if !p.is_empty() => match w.parse::<f64>() {
+            Ok(w) => (PathBuf::from(p), w),
+            Err(_) => (PathBuf::from(s), 1.0),
+        },
+        _ => (PathBuf::from(s), 1.0),
+    }
 }
 
 fn main() {
@@ -232,11 +252,13 @@ fn run_train(a: TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         clip: a.clip,
         span_weights: [a.span_weights[0], a.span_weights[1]],
+        kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
     };
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
-    let data = match a.data {
-        Some(d) => d,
-        None => vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?,
+    let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
+        vec![(vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?, 1.0)]
+    } else {
+        a.data.iter().map(|s| data_source(s)).collect()
     };
     let opts = RunOptions {
         steps: a.steps,
@@ -254,7 +276,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         plan.arch.name,
         plan.report.params_total,
         &plan.fingerprint[..16],
-        data.display(),
+        data.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect::<Vec<_>>().join(" + "),
         cfg.grad_accum,
         cfg.micro_batch,
         cfg.seq_len

@@ -1,4 +1,5 @@
-//! The training loop (stage 1: span-normalised CE). One step = `grad_accum` micro-batches of
+//! The training loop (stage 1 span-normalised CE; stage 2 confidence-weighted CE on rows from
+//! teacher-scored datasets blended with vanilla ones, DISTILL.md 2B). One step = `grad_accum` micro-batches of
 //! `micro_batch` rows: the step's span token counts are known from the data before any forward
 //! pass, so every micro-batch is weighted by `w_span/N_span` (D6) and the step's objective and
 //! gradient do not depend on how it is split. Then the optimizer step (§7.1), metrics, held-out
@@ -32,6 +33,49 @@ pub struct TrainConfig {
     pub clip: f64,
     /// Span weights `w_r`, `w_f`.
     pub span_weights: [f32; 2],
+    /// Stage 2 confidence weights (used on rows that carry teacher log-probabilities).
+    pub kd: KdConfig,
+}
+
+/// `w_t = clip(exp((teacher_logp − m)/T), w_min, w_max)`; m is the running mean of every
+/// teacher log-probability trained on so far (this step's included), kept in checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KdConfig {
+    pub temperature: f32,
+    pub w_min: f32,
+    pub w_max: f32,
+}
+
+impl Default for KdConfig {
+    fn default() -> Self {
+        KdConfig { temperature: 1.0, w_min: 0.25, w_max: 4.0 }
+    }
+}
+
+/// The running mean m of teacher log-probabilities (finite ones; −inf would make it −inf).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KdCenter {
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl KdCenter {
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+    /// Fold in the teacher positions of a micro-batch.
+    pub fn add(&mut self, b: &Batch) {
+        for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
+            if on != 0 && lp.is_finite() {
+                self.sum += lp as f64;
+                self.count += 1;
+            }
+        }
+    }
 }
 
 /// Where and how often (not part of the run's semantics).
@@ -68,9 +112,27 @@ pub struct StepRecord {
     pub optimizer_s: f64,
     pub router: Option<RouterHealth>,
     pub router_layers: Vec<(String, RouterHealth)>,
+    /// Rows drawn from each dataset of the blend (in `--data` order).
+    pub rows_per_dataset: Vec<u64>,
+    /// Stage 2: positions with teacher values this step, and their statistics.
+    pub teacher_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kd: Option<KdRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalRecord>,
     pub master_sha256: Option<String>,
+}
+
+/// Confidence weighting of one step (DISTILL: effective weights, teacher logp).
+#[derive(Clone, Debug, Serialize)]
+pub struct KdRecord {
+    /// The centre m used this step.
+    pub center: f64,
+    pub teacher_logp_mean: f64,
+    pub weight_mean: f64,
+    /// Shares of teacher positions clipped to w_min and to w_max.
+    pub clipped_low: f64,
+    pub clipped_high: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -113,12 +175,24 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    pub fn new(plan: &Plan, data: &Path) -> Result<Provenance> {
-        let manifest = data.join("manifest.json");
-        let bytes = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    /// One dataset: the SHA-256 of its manifest; a blend: of its manifests' hashes and weights.
+    pub fn new(plan: &Plan, data: &[(PathBuf, f64)]) -> Result<Provenance> {
+        let mut hashes = Vec::new();
+        for (d, w) in data {
+            let manifest = d.join("manifest.json");
+            let bytes = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+            hashes.push((checkpoint::sha256_hex(&bytes), *w));
+        }
+        let dataset_manifest_sha256 = match hashes.as_slice() {
+            [(h, _)] => h.clone(),
+            _ => {
+                let text: Vec<String> = hashes.iter().map(|(h, w)| format!("{h}:{w}")).collect();
+                checkpoint::sha256_hex(text.join("\n").as_bytes())
+            }
+        };
         Ok(Provenance {
             config_hash: checkpoint::sha256_hex(plan.arch.canonical_json().as_bytes()),
-            dataset_manifest_sha256: checkpoint::sha256_hex(&bytes),
+            dataset_manifest_sha256,
         })
     }
 }
@@ -139,6 +213,14 @@ fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
     for w in cfg.span_weights {
         ensure!(w.is_finite() && w >= 0.0, "span weights must be non-negative, got {w}");
     }
+    let k = &cfg.kd;
+    ensure!(k.temperature.is_finite() && k.temperature > 0.0, "--kd-temperature must be positive");
+    ensure!(
+        k.w_min.is_finite() && k.w_max.is_finite() && 0.0 <= k.w_min && k.w_min <= k.w_max,
+        "--kd-clip w_min,w_max needs 0 ≤ w_min ≤ w_max, got {},{}",
+        k.w_min,
+        k.w_max
+    );
     Ok(())
 }
 
@@ -217,18 +299,27 @@ pub fn eval_split(data: &Path) -> Option<PathBuf> {
     v.is_dir().then_some(v)
 }
 
-/// Trains `be` from its current state (or the latest checkpoint with `resume`).
-pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, opts: &RunOptions) -> Result<Outcome> {
+/// Trains `be` from its current state (or the latest checkpoint with `resume`) on a blend of
+/// datasets `(root, weight)`; held-out loss comes from the first one with a valid split.
+pub fn train(
+    be: &mut dyn Backend,
+    plan: &Plan,
+    data: &[(PathBuf, f64)],
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> Result<Outcome> {
     validate(cfg, plan)?;
+    ensure!(!data.is_empty(), "no training data given");
     let prov = Provenance::new(plan, data)?;
-    let mut reader = Reader::open(&[(data, 1.0)], cfg.seq_len, cfg.seed)?;
-    let eval_data = eval_split(data);
+    let mut reader = Reader::open(data, cfg.seq_len, cfg.seed)?;
+    let eval_data = data.iter().find_map(|(d, _)| eval_split(d));
     if opts.eval_every > 0 && eval_data.is_none() {
         bail!(
             "{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)",
-            data.display()
+            data[0].0.display()
         );
     }
+    let mut center = KdCenter::default();
     // No op draws random numbers yet (dropout is 0, D1); the state is recorded for when one does.
     let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
     if opts.resume {
@@ -244,6 +335,10 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
                     .restore(meta.data_cursor.clone())
                     .with_context(|| format!("restoring the data cursor of {}", p.display()))?;
                 rng = meta.rng.clone();
+                center = KdCenter {
+                    sum: meta.scalars.get("kd_logp_sum").copied().unwrap_or(0.0),
+                    count: meta.scalars.get("kd_logp_count").copied().unwrap_or(0.0) as u64,
+                };
                 be.set_state(st)?;
                 eprintln!("resumed from {} (step {})", p.display(), meta.step);
             }
@@ -272,7 +367,7 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
     let mut last_ckpt = None;
     let mut interrupted = false;
     // Returns the checkpoint path and the masters' checksum.
-    let save = |be: &dyn Backend, reader: &Reader, rng: &Rng| -> Result<(PathBuf, String)> {
+    let save = |be: &dyn Backend, reader: &Reader, rng: &Rng, center: &KdCenter| -> Result<(PathBuf, String)> {
         let st = be.state();
         let lr = |s: u64| cfg.schedule.lr_at(s);
         let meta = Meta {
@@ -298,7 +393,9 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
                 last_lr: if st.step > 0 { lr(st.step - 1) } else { 0.0 },
                 next_lr: lr(st.step),
             },
-            scalars: Default::default(),
+            scalars: [("kd_logp_sum".to_string(), center.sum), ("kd_logp_count".to_string(), center.count as f64)]
+                .into_iter()
+                .collect(),
             state_sha256: String::new(),
             master_sha256: String::new(),
         };
@@ -307,20 +404,31 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
 
     for step in start..opts.steps {
         let t0 = Instant::now();
-        let mut batches: Vec<Batch> =
-            (0..cfg.grad_accum).map(|_| Batch::from_reader(reader.next_batch(cfg.micro_batch))).collect();
+        let raw: Vec<_> = (0..cfg.grad_accum).map(|_| reader.next_batch(cfg.micro_batch)).collect();
+        let mut rows_per_dataset = vec![0u64; data.len()];
+        for b in &raw {
+            b.source.iter().for_each(|&s| rows_per_dataset[s as usize] += 1);
+        }
+        let mut batches: Vec<Batch> = raw.into_iter().map(Batch::from_reader).collect();
         let mut counts = [0u64; 3];
         for b in &batches {
             let n = b.span_counts();
             (0..3).for_each(|i| counts[i] += n[i]);
         }
         let scale = span_scale(&counts, cfg.span_weights[0], cfg.span_weights[1]);
+        // Confidence weights: fold this step's teacher values into m, then weight with it.
+        for b in &batches {
+            center.add(b);
+        }
+        let kd = [center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max];
+        let kd_rec = kd_record(&batches, kd);
         let (mut loss, mut sums) = (0f64, [0f64; 3]);
         let mut aux: Vec<(String, f64)> = Vec::new();
         for b in &mut batches {
             b.span_scale = scale;
             b.loss_grad = 1.0;
             b.aux_grad = (alpha / cfg.grad_accum as f64) as f32;
+            b.kd = kd;
             let m = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
             loss += m.loss;
             (0..3).for_each(|i| sums[i] += m.span_loss[i]);
@@ -359,6 +467,9 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
             optimizer_s: stats.optimizer_seconds,
             router: crate::health::aggregate(&layers),
             router_layers: layers,
+            rows_per_dataset,
+            teacher_tokens: kd_rec.as_ref().map_or(0, |r| r.1),
+            kd: kd_rec.map(|r| r.0),
             eval: None,
             master_sha256: None,
         };
@@ -368,7 +479,7 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
         let done = step + 1 == opts.steps;
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if done || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
-            let (p, sum) = save(be, &reader, &rng)?;
+            let (p, sum) = save(be, &reader, &rng, &center)?;
             rec.master_sha256 = Some(sum);
             last_ckpt = Some(p);
         }
@@ -393,6 +504,37 @@ pub fn train(be: &mut dyn Backend, plan: &Plan, data: &Path, cfg: &TrainConfig, 
     Ok(Outcome { records, interrupted, checkpoint: last_ckpt, state: be.state() })
 }
 
+/// Statistics of the step's confidence weights (the same formula as the IR reference).
+fn kd_record(batches: &[Batch], kd: [f32; 4]) -> Option<(KdRecord, u64)> {
+    let (mut n, mut lp_sum, mut lp_n, mut w_sum, mut lo, mut hi) = (0u64, 0f64, 0u64, 0f64, 0u64, 0u64);
+    for b in batches {
+        for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
+            if on == 0 {
+                continue;
+            }
+            n += 1;
+            if lp.is_finite() {
+                lp_sum += lp as f64;
+                lp_n += 1;
+            }
+            let w = vpmoe_ir::reference::confidence_weight(lp, &kd);
+            w_sum += w as f64;
+            lo += u64::from(w <= kd[2]);
+            hi += u64::from(w >= kd[3]);
+        }
+    }
+    (n > 0).then(|| {
+        let r = KdRecord {
+            center: kd[0] as f64,
+            teacher_logp_mean: if lp_n > 0 { lp_sum / lp_n as f64 } else { 0.0 },
+            weight_mean: w_sum / n as f64,
+            clipped_low: lo as f64 / n as f64,
+            clipped_high: hi as f64 / n as f64,
+        };
+        (r, n)
+    })
+}
+
 fn summary(r: &StepRecord) -> String {
     let mut s = format!(
         "loss {:.4} (reasoning {:.4} on {}, final {:.4} on {}) |g| {:.3} lr {:.2e} {:.0} tok/s",
@@ -402,6 +544,16 @@ fn summary(r: &StepRecord) -> String {
         s.push_str(&format!(
             " | router aux {:.3} max {:.1}% cv {:.2} dead {} H {:.2} bias±{:.3}",
             h.aux, h.max_load_pct, h.cv, h.dead, h.entropy, h.bias_range
+        ));
+    }
+    if let Some(k) = &r.kd {
+        s.push_str(&format!(
+            " | kd {} tok, m {:.3}, w̄ {:.3} (clip {:.0}%/{:.0}%)",
+            r.teacher_tokens,
+            k.center,
+            k.weight_mean,
+            100.0 * k.clipped_low,
+            100.0 * k.clipped_high
         ));
     }
     if let Some(e) = &r.eval {

@@ -560,3 +560,125 @@ fn check_alignment_subset(out: &Path) {
     assert_eq!(m["teacher"]["subset"], "fraction=0.7,prefer=long-reasoning");
     check_alignment(out, 2);
 }
+
+/// DISTILL 2B end to end: score a subset, then train on the cpu backend with 70 % of the rows
+/// from the scored set (confidence-weighted CE) and 30 % from the vanilla set (plain CE).
+#[test]
+fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
+    use vpmoe_runtime::backend::{Backend, Batch};
+    use vpmoe_runtime::cpu::CpuBackend;
+    use vpmoe_runtime::state::TrainState;
+    use vpmoe_runtime::train::{self, KdConfig, RunOptions, TrainConfig};
+
+    let dir = tmp("stage2");
+    let data = dataset(&dir);
+    let server = start(Api::Vllm, Faults::default());
+    let scored = dir.join("scored");
+    let mut o = options(&server, Api::Vllm, &data, &scored, 0);
+    o.subset = "fraction=0.6,prefer=long-reasoning".parse().unwrap();
+    score(&o).unwrap();
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let (g, plan) =
+        vpmoe_compiler::compile_arch(&vpmoe_compiler::config::load(&root.join("configs/small.toml")).unwrap()).unwrap();
+    let schedule = vpmoe_ir::optim::Schedule {
+        lr: 0.02,
+        min_lr: 0.002,
+        warmup: 1,
+        total: 4,
+        decay: vpmoe_ir::optim::DecayStyle::Cosine,
+        wsd_decay: 0,
+    };
+    let kd = KdConfig { temperature: 1.0, w_min: 0.25, w_max: 4.0 };
+    let cfg = TrainConfig {
+        micro_batch: 2,
+        grad_accum: 5,
+        seq_len: 48,
+        seed: 11,
+        schedule,
+        aux_lr: 0.004,
+        weight_decay: 0.01,
+        clip: 1.0,
+        span_weights: [1.0, 1.0],
+        kd: kd.clone(),
+    };
+    let blend = vec![(data.clone(), 0.3), (scored.clone(), 0.7)];
+    let mut opts = RunOptions {
+        steps: 4,
+        ckpt_dir: dir.join("run"),
+        resume: false,
+        eval_every: 0,
+        eval_batches: 1,
+        save_every: 0,
+        keep: 3,
+        progress: false,
+        print_every: 0,
+    };
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    let rows: Vec<u64> = out.records.iter().flat_map(|r| r.rows_per_dataset.clone()).collect();
+    let (vanilla, rescored): (u64, u64) = (rows.iter().step_by(2).sum(), rows.iter().skip(1).step_by(2).sum());
+    assert_eq!((vanilla, rescored), (12, 28), "the blend follows the 30/70 weights exactly");
+    for r in &out.records {
+        assert!(r.teacher_tokens > 0, "step {}: no teacher tokens", r.step);
+        let k = r.kd.as_ref().unwrap();
+        assert!(k.center < 0.0 && k.weight_mean > 0.25 && k.weight_mean < 4.0, "{k:?}");
+    }
+
+    // Step 1's loss is the confidence-weighted objective: recompute it from the same batches with
+    // a fresh backend (same initialisation), the IR reference weights and D6 scaling.
+    let mut reader = vpmoe_data::reader::Reader::open(&blend, cfg.seq_len, cfg.seed).unwrap();
+    let mut batches: Vec<Batch> =
+        (0..cfg.grad_accum).map(|_| Batch::from_reader(reader.next_batch(cfg.micro_batch))).collect();
+    let mut counts = [0u64; 3];
+    let (mut sum, mut n) = (0f64, 0u64);
+    for b in &batches {
+        let c = b.span_counts();
+        (0..3).for_each(|i| counts[i] += c[i]);
+        for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
+            if on == 1 && lp.is_finite() {
+                sum += lp as f64;
+                n += 1;
+            }
+        }
+    }
+    let kd_in = [(sum / n as f64) as f32, kd.temperature, kd.w_min, kd.w_max];
+    assert_eq!(out.records[0].kd.as_ref().unwrap().center, kd_in[0] as f64);
+    let scale = vpmoe_runtime::backend::span_scale(&counts, 1.0, 1.0);
+    let fresh = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let mut fresh = fresh;
+    let (mut weighted, mut plain) = (0f64, 0f64);
+    for b in &mut batches {
+        b.span_scale = scale;
+        b.kd = kd_in;
+        let tl = fresh.forward(b, &["token_loss"]).unwrap().values["token_loss"].f().to_vec();
+        for t in 0..tl.len() {
+            if b.loss_mask[t] == 0 {
+                continue;
+            }
+            let w =
+                if b.teacher[t] == 1 { vpmoe_ir::reference::confidence_weight(b.teacher_logp[t], &kd_in) } else { 1.0 };
+            weighted += tl[t] as f64 * scale[b.span[t] as usize] as f64 * w as f64;
+            plain += tl[t] as f64 * scale[b.span[t] as usize] as f64;
+        }
+    }
+    let got = out.records[0].loss;
+    assert!((got - weighted).abs() <= 1e-4 * weighted.abs(), "loss {got} vs weighted CE {weighted}");
+    assert!((plain - weighted).abs() > 1e-2 * weighted.abs(), "the weights must matter: {plain} vs {weighted}");
+
+    // Resume is bitwise, the running mean included.
+    opts.ckpt_dir = dir.join("resumed");
+    opts.save_every = 2;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    std::fs::remove_dir_all(opts.ckpt_dir.join("step_00000004")).unwrap();
+    opts.resume = true;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 1));
+    let resumed = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    for (a, b) in out.records[2..].iter().zip(&resumed.records) {
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
+        assert_eq!(a.kd.as_ref().unwrap().center.to_bits(), b.kd.as_ref().unwrap().center.to_bits());
+    }
+    assert_eq!(out.state.checksum(), resumed.state.checksum());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -190,6 +190,7 @@ fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
         weight_decay: 0.01,
         clip: 1.0,
         span_weights: [1.0, 1.0],
+        kd: Default::default(),
     };
     let opts = RunOptions {
         steps,
@@ -205,9 +206,9 @@ fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
     (cfg, opts)
 }
 
-fn sample_data() -> PathBuf {
+fn sample_data() -> Vec<(PathBuf, f64)> {
     static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone()
+    vec![(DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone(), 1.0)]
 }
 
 #[test]
@@ -317,7 +318,7 @@ fn sigint_saves_at_the_next_step_boundary() {
         .args(["--grad-accum", "1", "--eval-every", "0", "--ckpt-dir"])
         .arg(&dir)
         .arg("--data")
-        .arg(&data)
+        .arg(&data[0].0)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

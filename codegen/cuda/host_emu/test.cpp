@@ -28,6 +28,7 @@
 #include "seq_aux.cuh"
 #include "sum.cuh"
 #include "ce_rows.cuh"
+#include "conf_weight.cuh"
 
 typedef __nv_bfloat16 bf;
 void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body);
@@ -274,17 +275,35 @@ void test_ce(int T) {
     std::vector<int> labels(T); std::vector<unsigned char> mask(T), span(T);
     for (int t = 0; t < T; ++t) { labels[t] = rng() % V; mask[t] = (t % 3) != 1; span[t] = t % 2; }
     logits[5] = 80.f;  // a large logit
-    std::vector<float> scale{0.3f, 1.7f}, tl(T, POISON_F), wt(T, POISON_F), out(1, POISON_F);
-    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), tl.data(), wt.data(), T); });
+    std::vector<float> scale{0.3f, 1.7f}, tl(T, POISON_F), wt(T, POISON_F), out(1, POISON_F), cw = rf(T, 1.0);
+    for (auto& w : cw) w = 0.25f + std::fabs(w);  // confidence weights
+    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), cw.data(), tl.data(), wt.data(), T); });
     emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f); });
     char nm[100]; snprintf(nm, 100, "ce_rows+sum V%d T%d", V, T);
     Cmp c(nm, 1e-5, 1e-5); double loss = 0;
     for (int t = 0; t < T; ++t) {
         double ce = 0;
-        if (mask[t]) { const float* r = &logits[(size_t)t * V]; double m = -INFINITY; for (int i = 0; i < V; ++i) m = std::max(m, (double)r[i]); double s = 0; for (int i = 0; i < V; ++i) s += std::exp(r[i] - m); ce = m + std::log(s) - r[labels[t]]; loss += ce * scale[span[t]]; }
-        c.add(ce, tl[t], t); c.add(mask[t] ? (float)ce * scale[span[t]] : 0.0, wt[t], T + t);
+        if (mask[t]) { const float* r = &logits[(size_t)t * V]; double m = -INFINITY; for (int i = 0; i < V; ++i) m = std::max(m, (double)r[i]); double s = 0; for (int i = 0; i < V; ++i) s += std::exp(r[i] - m); ce = m + std::log(s) - r[labels[t]]; loss += ce * scale[span[t]] * cw[t]; }
+        c.add(ce, tl[t], t); c.add(mask[t] ? (float)ce * scale[span[t]] * cw[t] : 0.0, wt[t], T + t);
     }
     c.add(loss, out[0], 2 * T); c.report();
+}
+
+// ------------------------------------------------------------------ conf_weight
+void test_conf_weight(int T) {
+    auto lp = rf(T, 4.0);
+    std::vector<unsigned char> teacher(T);
+    for (int t = 0; t < T; ++t) { lp[t] = -std::fabs(lp[t]); teacher[t] = (t % 4) != 3; }
+    lp[1] = -INFINITY; lp[2] = 0.f;  // clamped teacher answer; a certain teacher
+    std::vector<float> kd{-1.2f, 0.7f, 0.25f, 4.0f}, w(T, POISON_F);
+    emu_launch((T + 255) / 256, 1, 256, [&] { vp::conf_weight(lp.data(), teacher.data(), kd.data(), w.data(), T); });
+    Cmp c("conf_weight", 1e-6, 1e-6);
+    for (int t = 0; t < T; ++t) {
+        double ref = teacher[t] ? std::min(std::max(std::exp(((double)lp[t] - kd[0]) / kd[1]), (double)kd[2]), (double)kd[3]) : 1.0;
+        c.add(ref, w[t], t);
+    }
+    expect(w[1] == 0.25f && w[2] == 4.0f && w[3] == 1.0f, "conf_weight: -inf gives w_min, 0 clips to w_max, no teacher gives 1");
+    c.report();
 }
 
 // ------------------------------------------------------------------ small elementwise families
@@ -401,7 +420,7 @@ int main(int argc, char** argv) {
     }
     if (want("loss")) {
         test_seq_aux<256, 4>(2, 40); test_seq_aux<40, 3>(3, 17);
-        test_ce<1000>(7); test_ce<1001>(4);
+        test_ce<1000>(7); test_ce<1001>(4); test_conf_weight(600);
     }
     run_bwd_tests(want);
     printf("emulator errors: %d, failures: %d\n", g_errors, g_fail);

@@ -442,14 +442,15 @@ void test_ce_bwd(int T) {
     std::vector<int> labels(T); std::vector<unsigned char> mask(T), span(T);
     for (int t = 0; t < T; ++t) { labels[t] = rng() % V; mask[t] = (t % 3) != 1; span[t] = t % 3; }
     logits[7] = 60.f;
-    std::vector<float> scale{0.f, 0.3f, 1.7f}, tl(T, POISON_F), wt(T), dl((size_t)T * V, POISON_F); float dloss = 0.8f;
-    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), tl.data(), wt.data(), T); });
-    emu_launch(T, 1, 256, [&] { vp::ce_bwd<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), tl.data(), &dloss, dl.data(), T); });
+    std::vector<float> scale{0.f, 0.3f, 1.7f}, tl(T, POISON_F), wt(T), dl((size_t)T * V, POISON_F), cw = rf(T, 1.0); float dloss = 0.8f;
+    for (auto& w : cw) w = 0.25f + std::fabs(w);  // confidence weights
+    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), cw.data(), tl.data(), wt.data(), T); });
+    emu_launch(T, 1, 256, [&] { vp::ce_bwd<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), cw.data(), tl.data(), &dloss, dl.data(), T); });
     char nm[100]; snprintf(nm, 100, "ce_bwd V%d T%d", V, T);
     Cmp c(nm, 1e-6, 1e-4), cf(std::string("fd: ") + nm, 1e-6, 1e-4);
     bool zeros = true;
     for (int t = 0; t < T; ++t) {
-        double w = mask[t] ? (double)dloss * scale[span[t]] : 0.0;
+        double w = mask[t] ? (double)dloss * scale[span[t]] * cw[t] : 0.0;
         std::vector<double> x(logits.begin() + (size_t)t * V, logits.begin() + (size_t)(t + 1) * V);
         double m = -INFINITY; for (double v : x) m = std::max(m, v); double z = 0; for (double v : x) z += std::exp(v - m);
         for (int j = 0; j < V; ++j) { double ref = w * (std::exp(x[j] - m) / z - (j == labels[t])); c.add(ref, dl[(size_t)t * V + j], (long)t * V + j); if (w == 0) zeros &= dl[(size_t)t * V + j] == 0.f; }
