@@ -150,7 +150,7 @@ fn every_node_lowers_to_valid_launches() {
     cfgs.extend(smalls());
     for cfg in &cfgs {
         let nodes = all_nodes(cfg);
-        // Every forward op kind has a vjp among the nodes.
+        // Every forward op kind with a differentiable output has a vjp among the nodes.
         let covered: BTreeSet<&str> = nodes
             .iter()
             .filter_map(|n| match &n.op {
@@ -158,7 +158,7 @@ fn every_node_lowers_to_valid_launches() {
                 _ => None,
             })
             .collect();
-        for op in common::forward_ops(cfg) {
+        for op in common::forward_ops(cfg).iter().filter(|op| op.grad_outs().contains(&true)) {
             assert!(covered.contains(op.name()), "no vjp of {}", op.name());
         }
         for node in &nodes {

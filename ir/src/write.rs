@@ -80,15 +80,15 @@ impl Graph {
             let outs: Vec<&str> = node.outputs.iter().map(r).collect();
             let args: Vec<&str> = node.inputs.iter().map(r).collect();
             let attrs: Vec<String> = node.op.attrs().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(" ")) };
             let tys: Vec<String> = node.outputs.iter().map(|v| self.value(*v).ty.to_string()).collect();
             writeln!(
                 s,
-                "  {}: {} = {}({}) {{{}}} -> {}",
+                "  {}: {} = {}({}){attrs} -> {}",
                 node.name,
                 outs.join(", "),
                 node.op.name(),
                 args.join(", "),
-                attrs.join(" "),
                 tys.join(", ")
             )
             .unwrap();

@@ -164,9 +164,12 @@ pub fn node_of(name: String, op: Op) -> Node {
 }
 
 /// The vjp nodes of a forward op: all differentiable outputs seeded, plus (for ops with several
-/// differentiable outputs) each one alone.
+/// differentiable outputs) each one alone. None for ops nothing is differentiated through.
 pub fn vjps_of(op: &Op) -> Vec<Node> {
     let g = op.grad_outs();
+    if !g.iter().any(|&x| x) {
+        return vec![];
+    }
     let mut seeds = vec![g.clone()];
     if g.iter().filter(|&&x| x).count() > 1 {
         for (i, &d) in g.iter().enumerate() {
