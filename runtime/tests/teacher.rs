@@ -37,7 +37,7 @@ fn teacher(ids: &[i64], t: usize, k: usize) -> (Vec<(i64, f64)>, f64) {
         .collect();
     let actual = if let Some(c) = top.iter().find(|c| c.0 == ids[t]) {
         c.1
-    } else if (ids[t] as usize + t) % 41 == 0 {
+    } else if (ids[t] as usize + t).is_multiple_of(41) {
         -9999.0
     } else {
         -(1.5 + ((ids[t] * 7 + t as i64) % 500) as f64 / 100.0)
@@ -230,9 +230,9 @@ fn answer(api: Api, prompts: &[Vec<i64>], k: usize, f: &Faults) -> Value {
                     let e = echo(p);
                     let mut tl = vec![json!([null, e[0], null])];
                     let mut top = vec![Value::Null];
-                    for t in 1..p.len() {
+                    for (t, echoed) in e.iter().enumerate().skip(1) {
                         let (cands, actual) = teacher(p, t, k);
-                        tl.push(json!([actual, e[t], null]));
+                        tl.push(json!([actual, echoed, null]));
                         top.push(Value::Array(cands.iter().map(|(id, lp)| json!([lp, id, null])).collect()));
                     }
                     let mut meta = json!({"prompt_tokens": p.len(), "completion_tokens": 0, "cached_tokens": 0,

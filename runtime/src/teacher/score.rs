@@ -552,19 +552,21 @@ fn append_record(job: &Job, st: &mut JobState, pos: usize, s: &Scores, k: usize)
     for w in [RECORD_MAGIC, pos as u32, n as u32, k as u32] {
         buf.extend_from_slice(&w.to_le_bytes());
     }
-    for t in 0..n {
-        let v = if mask[t] != 0 { s.logp[t + 1] } else { 0.0 };
+    // Position t scores token t+1; the stored mask is 0 at the last position (D7 padding).
+    let scored: Vec<bool> = (0..n).map(|t| mask[t] != 0 && t + 1 < n).collect();
+    for (t, &on) in scored.iter().enumerate() {
+        let v = if on { s.logp[t + 1] } else { 0.0 };
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    for t in 0..n {
+    for (t, &on) in scored.iter().enumerate() {
         for j in 0..k {
-            let id = if mask[t] != 0 { s.topk_ids[(t + 1) * k + j] } else { -1 };
+            let id = if on { s.topk_ids[(t + 1) * k + j] } else { -1 };
             buf.extend_from_slice(&id.to_le_bytes());
         }
     }
-    for t in 0..n {
+    for (t, &on) in scored.iter().enumerate() {
         for j in 0..k {
-            let v = if mask[t] != 0 { s.topk_logp[(t + 1) * k + j] } else { 0.0 };
+            let v = if on { s.topk_logp[(t + 1) * k + j] } else { 0.0 };
             buf.extend_from_slice(&v.to_le_bytes());
         }
     }
