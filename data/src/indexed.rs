@@ -197,9 +197,10 @@ impl<T: Element> IndexedWriter<T> {
         let f = self.bin.into_inner().map_err(|e| anyhow::anyhow!("flushing {}: {}", bin.display(), e.error()))?;
         f.sync_all()?;
         drop(f);
+        // `.bin` first: an `.idx` in place always describes a complete `.bin`.
+        std::fs::rename(tmp_path(&bin), &bin).with_context(|| format!("renaming into {}", bin.display()))?;
         let index = encode_index(T::CODE, &self.lengths);
         write_atomic(&idx, &index)?;
-        std::fs::rename(tmp_path(&bin), &bin).with_context(|| format!("renaming into {}", bin.display()))?;
         Ok((self.elements * T::SIZE as u64, index.len() as u64))
     }
 

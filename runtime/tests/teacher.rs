@@ -523,11 +523,15 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!scored.join("manifest.json").exists());
-    // Every sidecar present belongs to a finished shard (its completion record exists).
+    // No sidecar is half-written: every index in place opens with its complete, matching data
+    // (the kill may land between a finished shard's renames and its completion record).
     for e in std::fs::read_dir(scored.join("train")).unwrap() {
         let n = e.unwrap().file_name().to_string_lossy().into_owned();
-        if let Some((shard, _)) = n.split_once("_teacher_") {
-            assert!(scored.join(".shards").join(format!("{shard}.json")).exists(), "{n} without a completion record");
+        if let Some(prefix) = n.strip_suffix("_teacher_logp.idx") {
+            let side = IndexedDataset::open(&scored.join("train").join(format!("{prefix}_teacher_logp"))).unwrap();
+            if let Ok(tokens) = IndexedDataset::open(&scored.join("train").join(format!("{prefix}_tokens"))) {
+                vpmoe_data::reader::check_sidecar(&side, &tokens, 1).unwrap();
+            }
         }
     }
     let asked_before = slow.per_prompt.lock().unwrap().values().sum::<usize>();
