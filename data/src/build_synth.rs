@@ -100,6 +100,37 @@ pub struct ShardSplit {
     pub bytes: BTreeMap<String, u64>,
 }
 
+impl ShardSplit {
+    /// Empty statistics of shard `name` (span keys 0, 1, 2 present).
+    pub fn new(name: &str) -> Self {
+        let mut st = ShardSplit { name: name.to_string(), ..Default::default() };
+        for k in ["0", "1", "2"] {
+            st.span_tokens.insert(k.to_string(), 0);
+        }
+        st
+    }
+
+    /// Count one document from its label-aligned loss mask and span ids.
+    pub fn add_doc(&mut self, lossmask: &[u8], span: &[u8]) {
+        self.rows += 1;
+        self.tokens += lossmask.len() as u64;
+        self.loss_tokens += lossmask.iter().map(|&m| u64::from(m)).sum::<u64>();
+        let mut c = [0u64; 3];
+        for &s in span {
+            c[usize::from(s.min(2))] += 1;
+        }
+        for (i, n) in c.iter().enumerate() {
+            *self.span_tokens.get_mut(&i.to_string()).expect("keys 0..3") += n;
+        }
+    }
+
+    /// Record a finished file (`key` like `tokens_bin`) at `rel` (relative to the root).
+    pub fn record_file(&mut self, key: &str, rel: String, bytes: u64) {
+        self.paths.insert(key.to_string(), rel);
+        self.bytes.insert(key.to_string(), bytes);
+    }
+}
+
 /// A row that did not become a document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
@@ -528,10 +559,7 @@ struct SplitWriter {
 impl SplitWriter {
     fn create(out: &Path, split: &str, shard: &str) -> Result<Self> {
         let p = |k: &str| out.join(split).join(format!("{shard}_{k}"));
-        let mut stats = ShardSplit { name: shard.to_string(), ..Default::default() };
-        for s in ["0", "1", "2"] {
-            stats.span_tokens.insert(s.to_string(), 0);
-        }
+        let stats = ShardSplit::new(shard);
         Ok(SplitWriter {
             tokens: IndexedWriter::create(&p("tokens"))?,
             lossmask: IndexedWriter::create(&p("lossmask"))?,
@@ -546,17 +574,7 @@ impl SplitWriter {
         self.tokens.add(&doc.tokens)?;
         self.lossmask.add(&doc.lossmask)?;
         self.span.add(&doc.span)?;
-        let st = &mut self.stats;
-        st.rows += 1;
-        st.tokens += doc.tokens.len() as u64;
-        st.loss_tokens += doc.lossmask.iter().map(|&m| u64::from(m)).sum::<u64>();
-        let mut c = [0u64; 3];
-        for &s in &doc.span {
-            c[usize::from(s.min(2))] += 1;
-        }
-        for (i, n) in c.iter().enumerate() {
-            *st.span_tokens.get_mut(&i.to_string()).expect("keys 0..3") += n;
-        }
+        self.stats.add_doc(&doc.lossmask, &doc.span);
         Ok(())
     }
 
@@ -573,16 +591,13 @@ impl SplitWriter {
             [("tokens", self.tokens.finish()?), ("lossmask", self.lossmask.finish()?), ("span", self.span.finish()?)];
         for (kind, (bin, idx)) in sizes {
             for (ext, n) in [("bin", bin), ("idx", idx)] {
-                let key = format!("{kind}_{ext}");
-                stats.paths.insert(key.clone(), format!("{split}/{shard}_{kind}.{ext}"));
-                stats.bytes.insert(key, n);
+                stats.record_file(&format!("{kind}_{ext}"), format!("{split}/{shard}_{kind}.{ext}"), n);
             }
         }
         let rel = format!("{split}/{shard}_docs.jsonl");
         let bytes = crate::docs::encode(&self.docs);
         indexed::write_atomic(&out.join(&rel), &bytes)?;
-        stats.paths.insert("docs_jsonl".into(), rel);
-        stats.bytes.insert("docs_jsonl".into(), bytes.len() as u64);
+        stats.record_file("docs_jsonl", rel, bytes.len() as u64);
         Ok(Some(stats))
     }
 }

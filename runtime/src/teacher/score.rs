@@ -592,10 +592,7 @@ fn finalize(out: &Path, job: &Job, st: &mut JobState, settings_hash: &str, k: us
     let mut logp = IndexedWriter::<f32>::create(&tl)?;
     let mut top =
         if k > 0 { Some((IndexedWriter::<i32>::create(&ti)?, IndexedWriter::<f32>::create(&tv)?)) } else { None };
-    let mut split = ShardSplit { name: job.name.clone(), ..Default::default() };
-    for s in ["0", "1", "2"] {
-        split.span_tokens.insert(s.into(), 0);
-    }
+    let mut split = ShardSplit::new(&job.name);
     let mut meta = Vec::with_capacity(job.selected.len());
     let f = st.journal.as_mut().expect("open journal");
     let mut rec = Vec::new();
@@ -607,12 +604,7 @@ fn finalize(out: &Path, job: &Job, st: &mut JobState, settings_hash: &str, k: us
         tokens.add(&toks)?;
         lossmask.add(&m)?;
         span.add(&sp)?;
-        split.rows += 1;
-        split.tokens += n as u64;
-        split.loss_tokens += m.iter().map(|&x| u64::from(x)).sum::<u64>();
-        for &x in &sp {
-            *split.span_tokens.get_mut(&x.min(2).to_string()).expect("keys 0..3") += 1;
-        }
+        split.add_doc(&m, &sp);
         meta.push(job.meta[i].clone());
         rec.resize(record_len(n, k), 0);
         f.seek(SeekFrom::Start(st.done[pos].expect("complete shard")))?;
@@ -641,16 +633,13 @@ fn finalize(out: &Path, job: &Job, st: &mut JobState, settings_hash: &str, k: us
     }
     for (kind, (bin, idx)) in sizes {
         for (ext, b) in [("bin", bin), ("idx", idx)] {
-            let key = format!("{kind}_{ext}");
-            split.paths.insert(key.clone(), format!("train/{}_{kind}.{ext}", job.name));
-            split.bytes.insert(key, b);
+            split.record_file(&format!("{kind}_{ext}"), format!("train/{}_{kind}.{ext}", job.name), b);
         }
     }
     let docs_bytes = docs::encode(&meta);
     let rel = format!("train/{}_docs.jsonl", job.name);
     indexed::write_atomic(&out.join(&rel), &docs_bytes)?;
-    split.paths.insert("docs_jsonl".into(), rel);
-    split.bytes.insert("docs_jsonl".into(), docs_bytes.len() as u64);
+    split.record_file("docs_jsonl", rel, docs_bytes.len() as u64);
     let record = ShardRecord { name: job.name.clone(), settings_hash: settings_hash.to_string(), split };
     let text = serde_json::to_string_pretty(&record)? + "\n";
     indexed::write_atomic(&out.join(".shards").join(format!("{}.json", job.name)), text.as_bytes())?;
