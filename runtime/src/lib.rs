@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod health;
 pub mod optim;
 pub mod params;

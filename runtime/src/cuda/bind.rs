@@ -1,0 +1,164 @@
+//! Binding a plan's launches to device addresses: every [`Arg`] becomes a typed kernel parameter
+//! for one micro-batch of `T` tokens. Pure arithmetic over the plan's memory plan, so it is
+//! checked on machines without a GPU (`tests/cuda_bind.rs` binds every launch of the real
+//! configs against a fake address space and checks types and bounds).
+
+use anyhow::{anyhow, bail, Result};
+use vpmoe_codegen::{kernels::family, Arg, Launch, Scratch};
+use vpmoe_compiler::plan::{Arena, BufferKey};
+use vpmoe_compiler::Plan;
+use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
+
+/// A contiguous device region and the element type stored there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Region {
+    pub addr: u64,
+    pub bytes: u64,
+    pub dtype: DType,
+}
+
+/// One kernel parameter, as the driver passes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Param {
+    /// A device pointer and the region it points into (`None` for a null pointer).
+    Ptr(u64, Option<Region>),
+    I32(i32),
+    F32(f32),
+}
+
+impl Param {
+    /// The parameter's bytes in a 64-bit slot (the driver reads as many as the kernel declares).
+    pub fn slot(self) -> u64 {
+        match self {
+            Param::Ptr(p, _) => p,
+            Param::I32(x) => x as u32 as u64,
+            Param::F32(x) => x.to_bits() as u64,
+        }
+    }
+}
+
+/// Where the buffers of one run live: the two activation arenas, the model copy of every
+/// parameter, and the micro-batch shape.
+pub struct Layout<'a> {
+    pub plan: &'a Plan,
+    pub graph: &'a Graph,
+    pub tokens: u64,
+    pub seq: u64,
+    pub tok_base: u64,
+    pub fixed_base: u64,
+    /// Device address of each parameter's model copy, in plan order.
+    pub params: &'a [u64],
+}
+
+/// A launch ready for the driver.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub kernel: String,
+    pub grid: [u32; 3],
+    pub block: u32,
+    pub params: Vec<Param>,
+}
+
+impl Layout<'_> {
+    /// The region of an IR value: a parameter's model copy, or its arena buffer.
+    pub fn value(&self, v: ValueId) -> Result<Region> {
+        let val = self.graph.value(v);
+        if let ValueDef::Param(p) = val.def {
+            let e = &self.plan.params[p.0 as usize];
+            return Ok(Region { addr: self.params[p.0 as usize], bytes: e.numel * e.ty.dtype.bytes(), dtype: e.ty.dtype });
+        }
+        let b = self.plan.buffer_of(&BufferKey::Value(v.0)).ok_or_else(|| anyhow!("value %{} has no buffer", v.0))?;
+        let need = val.ty.numel(self.tokens) * val.ty.dtype.bytes();
+        let r = self.arena(b.arena, b.offset, b.size, val.ty.dtype);
+        if need > r.bytes {
+            bail!("value %{} needs {need} bytes, its buffer has {}", v.0, r.bytes);
+        }
+        Ok(r)
+    }
+
+    fn arena(&self, arena: Arena, offset: u64, size: u64, dtype: DType) -> Region {
+        match arena {
+            Arena::Tok => Region { addr: self.tok_base + offset * self.tokens, bytes: size * self.tokens, dtype },
+            Arena::Fixed => Region { addr: self.fixed_base + offset, bytes: size, dtype },
+        }
+    }
+
+    /// Binds launch `launch` of node `node` (whose scratch buffers are `scratch`).
+    pub fn bind(&self, node: usize, launch: &Launch, scratch: &[Scratch]) -> Result<Bound> {
+        let fam = family(&launch.kernel.family);
+        let name = launch.kernel.name();
+        if fam.params.len() != launch.args.len() {
+            bail!("{name}: {} arguments for {} parameters", launch.args.len(), fam.params.len());
+        }
+        let (t, s) = (self.tokens, self.seq);
+        let int = |x: i64, what: &str| -> Result<Param> {
+            i32::try_from(x).map(Param::I32).map_err(|_| anyhow!("{name}: {what} = {x} does not fit an int"))
+        };
+        let mut params = Vec::with_capacity(fam.params.len());
+        for (arg, (cty, pname)) in launch.args.iter().zip(fam.params) {
+            let p = match arg {
+                Arg::Value(v) => {
+                    let r = self.value(*v)?;
+                    Param::Ptr(r.addr, Some(r))
+                }
+                Arg::Scratch { index, offset } => {
+                    let sc = scratch.get(*index as usize).ok_or_else(|| anyhow!("{name}: no scratch {index}"))?;
+                    let key = BufferKey::Scratch { node: node as u32, index: *index };
+                    let b = self.plan.buffer_of(&key).ok_or_else(|| anyhow!("{name}: scratch {index} has no buffer"))?;
+                    let r = self.arena(b.arena, b.offset, b.size, sc.dtype);
+                    let skip = offset * sc.dtype.bytes();
+                    if skip > r.bytes {
+                        bail!("{name}: {pname} starts {skip} bytes into a {}-byte scratch", r.bytes);
+                    }
+                    let r = Region { addr: r.addr + skip, bytes: r.bytes - skip, dtype: sc.dtype };
+                    Param::Ptr(r.addr, Some(r))
+                }
+                Arg::Null => Param::Ptr(0, None),
+                Arg::Tokens { mul } => int((mul * t) as i64, pname)?,
+                Arg::Seq => int(s as i64, pname)?,
+                Arg::Rows => int((t / s) as i64, pname)?,
+                Arg::Int(x) => int(*x, pname)?,
+                Arg::InvRows => Param::F32(s as f32 / t as f32),
+                Arg::Float(x) => Param::F32(*x),
+            };
+            check_type(&name, pname, cty, &p)?;
+            params.push(p);
+        }
+        let mut grid = [0u32; 3];
+        for (g, d) in grid.iter_mut().zip(launch.grid) {
+            let n = d.eval(t, s);
+            *g = u32::try_from(n).map_err(|_| anyhow!("{name}: grid dimension {n}"))?;
+        }
+        if grid[0] == 0 || grid[0] > i32::MAX as u32 || grid[1] > 65_535 || grid[2] > 65_535 || launch.block > 1024 {
+            bail!("{name}: grid {grid:?} × block {} is outside the device limits", launch.block);
+        }
+        Ok(Bound { kernel: name, grid, block: launch.block, params })
+    }
+}
+
+/// The C parameter type must match what is bound: pointers to the right element type, `int`
+/// and `float` scalars.
+fn check_type(kernel: &str, pname: &str, cty: &str, p: &Param) -> Result<()> {
+    let ok = match (cty, p) {
+        ("int", Param::I32(_)) | ("float", Param::F32(_)) => true,
+        (c, Param::Ptr(_, r)) if c.ends_with('*') => match r {
+            None => true,
+            Some(r) => {
+                let elem = c.trim_start_matches("const ").trim_end_matches('*').trim();
+                match elem {
+                    "void" => true,
+                    "__nv_bfloat16" => r.dtype == DType::Bf16,
+                    "float" => r.dtype == DType::F32,
+                    "int" => r.dtype == DType::I32,
+                    "unsigned char" => r.dtype == DType::U8,
+                    _ => false,
+                }
+            }
+        },
+        _ => false,
+    };
+    if !ok {
+        bail!("{kernel}: parameter {pname} is `{cty}`, bound to {p:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Loading the plan's kernels: each kernel's cubin from the plan directory when it was built from
+//! the same source for this GPU, otherwise compiled at load by NVRTC (through the persistent
+//! cache), so an edited codegen or a plan compiled without NVRTC still runs the current code.
+
+use super::device::Gpu;
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{sys, CudaFunction, CudaModule};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use vpmoe_codegen::nvrtc::Toolchain;
+use vpmoe_codegen::{shim, KernelSpec};
+use vpmoe_compiler::Plan;
+
+pub struct Kernels {
+    funcs: HashMap<String, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+    /// How many came from the plan directory and how many NVRTC compiled (or took from its cache).
+    pub from_plan: usize,
+    pub compiled: usize,
+}
+
+/// The arch the plan directory's cubins were built for (`kernels/resources.json`).
+fn plan_arch(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("kernels/resources.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("arch")?.as_str().map(str::to_string)
+}
+
+impl Kernels {
+    pub fn load(gpu: &Gpu, plan: &Plan, plan_dir: Option<&Path>) -> Result<Kernels> {
+        let arch = gpu.arch();
+        let dir_ok = plan_dir.filter(|d| plan_arch(d).as_deref() == Some(arch.as_str()));
+        let mut toolchain: Option<Result<Toolchain>> = None;
+        let cache = vpmoe_compiler::default_cache_dir();
+        let mut k = Kernels { funcs: HashMap::new(), _modules: Vec::new(), from_plan: 0, compiled: 0 };
+        for e in &plan.kernels {
+            let spec = KernelSpec { family: e.family.clone(), targs: e.targs.clone() };
+            let src = shim(&spec, e.block);
+            let stored = dir_ok.and_then(|d| {
+                let kd = d.join("kernels");
+                let same = std::fs::read_to_string(kd.join(format!("{}.cu", e.name))).ok()? == src;
+                same.then(|| std::fs::read(kd.join(format!("{}.cubin", e.name))).ok()).flatten()
+            });
+            let cubin = match stored {
+                Some(c) => {
+                    k.from_plan += 1;
+                    c
+                }
+                None => {
+                    let tc = toolchain.get_or_insert_with(Toolchain::discover).as_ref().map_err(|err| {
+                        anyhow!(
+                            "kernel {} has no current {arch} cubin in the plan directory and NVRTC is unavailable: {err}",
+                            e.name
+                        )
+                    })?;
+                    k.compiled += 1;
+                    tc.compile(&e.name, &src, &arch, &cache)?.cubin
+                }
+            };
+            if cubin.is_empty() {
+                bail!("kernel {}: empty cubin", e.name);
+            }
+            let module = gpu
+                .ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(|err| anyhow!("loading kernel {} on {}: {err}", e.name, gpu.name))?;
+            let f = module.load_function(&e.name).map_err(|err| anyhow!("kernel {}: {err}", e.name))?;
+            k.funcs.insert(e.name.clone(), f);
+            k._modules.push(module);
+        }
+        Ok(k)
+    }
+
+    pub fn get(&self, name: &str) -> Result<sys::CUfunction> {
+        self.funcs.get(name).map(|f| f.cu_function()).with_context(|| format!("kernel {name} is not loaded"))
+    }
+}
