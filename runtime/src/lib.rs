@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod health;
 pub mod optim;
+pub mod parity;
 pub mod params;
 pub mod rng;
 pub mod state;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
-use vpmoe_runtime::{cpu::CpuBackend, load_plan, state::TrainState, synthetic_batch, Backend};
+use vpmoe_runtime::{cpu::CpuBackend, cuda::CudaBackend, load_plan, state::TrainState, synthetic_batch, Backend};
 
 #[derive(Parser)]
 #[command(name = "vpmoe-rt", version, about = "Run compiled vpmoe plans: forward, data, training")]
@@ -191,6 +191,40 @@ struct TrainArgs {
     /// Clip range w_min,w_max of the confidence weights (stage 2).
     #[arg(long, default_value = "0.25,4.0", value_delimiter = ',', num_args = 2)]
     kd_clip: Vec<f32>,
+    /// Profile steps A..=B (1-based, cuda backend): a cudaProfiler capture range for
+    /// `nsys profile --capture-range=cudaProfilerApi` / `ncu --profile-from-start off`, NVTX
+    /// ranges per step and IR node, and a per-kernel timing table (CKPT_DIR/kernel-times.txt).
+    #[arg(long, value_name = "A:B", value_parser = parse_steps)]
+    profile_steps: Option<(u64, u64)>,
+}
+
+fn parse_steps(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').unwrap_or((s, s));
+    let num = |x: &str| x.trim().parse::<u64>().map_err(|_| format!("{s:?} is not A:B (step numbers from 1)"));
+    let (a, b) = (num(a)?, num(b)?);
+    if a == 0 || b < a {
+        return Err(format!("{s:?}: need 1 <= A <= B"));
+    }
+    Ok((a, b))
+}
+
+/// The backend the user chose; the cuda one fails with an explanation where there is no GPU.
+fn backend<'g>(
+    kind: BackendKind,
+    graph: &'g vpmoe_ir::Graph,
+    plan: &'g vpmoe_compiler::Plan,
+    state: TrainState,
+    plan_dir: Option<&std::path::Path>,
+    max_tokens: usize,
+) -> Result<Box<dyn Backend + 'g>> {
+    Ok(match kind {
+        BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
+        BackendKind::Cuda => {
+            let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens)?;
+            eprintln!("cuda backend on {}", be.device_name());
+            Box::new(be)
+        }
+    })
 }
 
 /// `DIR` or `DIR:WEIGHT` (a suffix that is not a number is part of the path).
@@ -223,9 +257,10 @@ fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(vpmoe_ir::Gr
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
+    let plan_dir = a.plan.clone();
     let (graph, plan) = plan_of(a.plan, a.arch)?;
-    if a.backend == BackendKind::Cuda {
-        bail!("the cuda backend is not part of this build yet; run with --backend cpu");
+    if a.profile_steps.is_some() && a.backend != BackendKind::Cuda {
+        bail!("--profile-steps profiles GPU kernels; it needs --backend cuda");
     }
     let seq_len = a.seq_len.unwrap_or(plan.arch.max_seq.min(128) as usize);
     let decay = match a.decay {
@@ -254,6 +289,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         span_weights: [a.span_weights[0], a.span_weights[1]],
         kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
     };
+    // Open the device before any data work: a missing GPU is reported at once.
+    let state = TrainState::init(&plan, cfg.seed);
+    let mut be = backend(a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
         vec![(vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?, 1.0)]
@@ -270,19 +308,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
         keep: a.keep,
         progress: true,
         print_every: (a.steps / 20).max(1),
+        profile_steps: a.profile_steps,
     };
     println!(
-        "train {} ({} params, fingerprint {}) on {} · backend cpu · {} x {} x {} tokens per step",
+        "train {} ({} params, fingerprint {}) on {} · backend {} · {} x {} x {} tokens per step",
         plan.arch.name,
         plan.report.params_total,
         &plan.fingerprint[..16],
         data.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect::<Vec<_>>().join(" + "),
+        a.backend.to_possible_value().expect("named").get_name(),
         cfg.grad_accum,
         cfg.micro_batch,
         cfg.seq_len
     );
-    let mut be = CpuBackend::new(&graph, &plan, TrainState::init(&plan, cfg.seed));
-    let out = train::train(&mut be, &plan, &data, &cfg, &opts)?;
+    let out = train::train(be.as_mut(), &plan, &data, &cfg, &opts)?;
     if let (Some(first), Some(last)) = (out.records.first(), out.records.last()) {
         println!("loss {:.4} -> {:.4} over steps {}..{}", first.loss, last.loss, first.step, last.step);
     }
@@ -340,10 +379,8 @@ fn run() -> Result<()> {
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(a),
         Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
+            let plan_dir = plan.clone();
             let (graph, plan) = plan_of(plan, arch)?;
-            if backend == BackendKind::Cuda {
-                bail!("the cuda backend is not part of this build yet; run with --backend cpu");
-            }
             let a = &plan.arch;
             let seq = seq_len.unwrap_or(a.max_seq as usize);
             if seq == 0 || seq as u64 > a.max_seq {
@@ -352,7 +389,8 @@ fn run() -> Result<()> {
             let batch = synthetic_batch(a.vocab, seq, micro_batch, seed);
             batch.validate(a.vocab)?;
             let t0 = Instant::now();
-            let mut be = CpuBackend::new(&graph, &plan, TrainState::init(&plan, seed));
+            let kind = backend;
+            let mut be = self::backend(kind, &graph, &plan, TrainState::init(&plan, seed), plan_dir.as_deref(), seq * micro_batch)?;
             let init_s = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let out = be.forward(&batch, &["token_loss"])?;

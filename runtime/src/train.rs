@@ -92,6 +92,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Print a summary line every N steps (0: never).
     pub print_every: u64,
+    /// Steps `A..=B` (1-based) to profile: capture range, NVTX step ranges and a per-kernel
+    /// timing table written to `CKPT_DIR/kernel-times.txt`.
+    pub profile_steps: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -403,6 +406,10 @@ pub fn train(
     };
 
     for step in start..opts.steps {
+        let _range = crate::cuda::nvtx::range(&format!("step {}", step + 1));
+        if opts.profile_steps.is_some_and(|(a, _)| a == step + 1) {
+            be.profile(true)?;
+        }
         let t0 = Instant::now();
         let raw: Vec<_> = (0..cfg.grad_accum).map(|_| reader.next_batch(cfg.micro_batch)).collect();
         let mut rows_per_dataset = vec![0u64; data.len()];
@@ -473,6 +480,12 @@ pub fn train(
             eval: None,
             master_sha256: None,
         };
+        if let Some(table) = opts.profile_steps.filter(|p| p.1 == step + 1).map(|_| be.profile(false)).transpose()? {
+            let path = opts.ckpt_dir.join("kernel-times.txt");
+            let table = table.unwrap_or_default();
+            std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+            pb.println(format!("kernel times of steps {:?} ({}):\n{table}", opts.profile_steps.unwrap(), path.display()));
+        }
         if let (Some(ev), true) = (&eval_data, opts.eval_every > 0 && (step + 1) % opts.eval_every == 0) {
             rec.eval = Some(evaluate(be, ev, cfg, opts.eval_batches)?);
         }

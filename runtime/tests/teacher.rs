@@ -617,6 +617,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         keep: 3,
         progress: false,
         print_every: 0,
+        profile_steps: None,
     };
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
     let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();

@@ -202,6 +202,7 @@ fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
         keep: 2,
         progress: false,
         print_every: 0,
+        profile_steps: None,
     };
     (cfg, opts)
 }

@@ -231,6 +231,9 @@ impl<'g> CudaBackend<'g> {
             }
         }
         self.sync()?;
+        if let Some(t) = self.timer.as_mut() {
+            t.collect()?;
+        }
         let mut out = BTreeMap::new();
         for (name, v) in &self.graph.outputs {
             let ready = match self.graph.value(*v).def {
@@ -348,5 +351,16 @@ impl Backend for CudaBackend<'_> {
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.loads.clear();
         self.upload_model()
+    }
+
+    fn profile(&mut self, on: bool) -> Result<Option<String>> {
+        self.sync()?;
+        if on {
+            unsafe { cudarc::driver::sys::cuProfilerStart() }.result().map_err(|e| anyhow!("cuProfilerStart: {e}"))?;
+            self.time_kernels(true);
+            return Ok(None);
+        }
+        unsafe { cudarc::driver::sys::cuProfilerStop() }.result().map_err(|e| anyhow!("cuProfilerStop: {e}"))?;
+        Ok(self.time_kernels(false).map(|t| t.table()))
     }
 }

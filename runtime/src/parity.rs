@@ -1,0 +1,111 @@
+//! Backend parity (DESIGN.md numerics ladder, rung 2): a kernel's output against the reference
+//! semantics of its op on the same inputs, with one tolerance table per dtype.
+//!
+//! | dtype | passes when, per element                     | why |
+//! |-------|----------------------------------------------|-----|
+//! | bf16  | `|x−r| ≤ 2⁻⁶·|r| + 2⁻⁸·rms(r)`               | both sides round to bf16 (2⁻⁸ relative each); a different f32 accumulation order can move a value across a rounding boundary, so two ulps, plus an absolute floor for cancellation near 0 |
+//! | f32   | `|x−r| ≤ 10⁻³·|r| + 10⁻⁴·rms(r)`             | GPU reductions (tensor-core tiles, warp shuffles, split-K) sum in another order than the f64 reference; products of bf16 inputs are exact in f32, so what remains is summation error, far below 10⁻³ for the lengths here |
+//! | i32, u8 | exact                                      | indices, counts, offsets and masks have no rounding; a router tie broken differently is a real difference and is reported |
+//!
+//! `rms(r)` is the root mean square of the whole reference output, so the absolute floor scales
+//! with the tensor and never hides a wrong value of typical size.
+
+use vpmoe_ir::reference::{Data, Tensor};
+use vpmoe_ir::DType;
+
+/// `(relative, absolute as a fraction of rms)` per dtype; `None` means exact.
+pub fn tolerance(dtype: DType) -> Option<(f64, f64)> {
+    match dtype {
+        DType::Bf16 => Some((1.0 / 64.0, 1.0 / 256.0)),
+        DType::F32 => Some((1e-3, 1e-4)),
+        DType::I32 | DType::U8 => None,
+    }
+}
+
+/// The worst element of a comparison.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diff {
+    pub index: usize,
+    pub got: f64,
+    pub want: f64,
+    /// Elements outside the tolerance.
+    pub bad: usize,
+    pub max_abs: f64,
+    pub max_rel: f64,
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} elements outside tolerance; worst at [{}]: {} vs reference {} (max abs {:.3e}, max rel {:.3e})",
+            self.bad, self.index, self.got, self.want, self.max_abs, self.max_rel
+        )
+    }
+}
+
+/// Compares `got` with `want` under `dtype`'s tolerance; `Err` describes the mismatch. NaN or
+/// ±Inf where the reference is finite always fails (poisoned outputs surface this way).
+pub fn compare(dtype: DType, got: &Tensor, want: &Tensor) -> Result<(), Diff> {
+    let (g, w): (Vec<f64>, Vec<f64>) = match (&got.data, &want.data) {
+        (Data::F32(a), Data::F32(b)) => (a.iter().map(|&x| x as f64).collect(), b.iter().map(|&x| x as f64).collect()),
+        (Data::I32(a), Data::I32(b)) => (a.iter().map(|&x| x as f64).collect(), b.iter().map(|&x| x as f64).collect()),
+        _ => {
+            return Err(Diff { index: 0, got: f64::NAN, want: f64::NAN, bad: 1, max_abs: f64::NAN, max_rel: f64::NAN })
+        }
+    };
+    if g.len() != w.len() {
+        return Err(Diff { index: g.len().min(w.len()), got: g.len() as f64, want: w.len() as f64, bad: 1, max_abs: 0.0, max_rel: 0.0 });
+    }
+    let tol = tolerance(dtype);
+    let rms = (w.iter().filter(|x| x.is_finite()).map(|x| x * x).sum::<f64>() / w.len().max(1) as f64).sqrt();
+    let mut d = Diff { index: 0, got: 0.0, want: 0.0, bad: 0, max_abs: 0.0, max_rel: 0.0 };
+    let mut worst = -1.0f64;
+    for (i, (&x, &r)) in g.iter().zip(&w).enumerate() {
+        let err = if x == r || (x.is_nan() && r.is_nan()) { 0.0 } else { (x - r).abs() };
+        let limit = match tol {
+            None => 0.0,
+            Some((rel, abs)) => rel * r.abs() + abs * rms,
+        };
+        let bad = !(err <= limit) || (x.is_finite() != r.is_finite());
+        let score = if err.is_nan() { f64::INFINITY } else { err / limit.max(f64::MIN_POSITIVE) };
+        if err.is_finite() {
+            d.max_abs = d.max_abs.max(err);
+            if r != 0.0 {
+                d.max_rel = d.max_rel.max(err / r.abs());
+            }
+        }
+        if bad {
+            d.bad += 1;
+            if score > worst {
+                worst = score;
+                (d.index, d.got, d.want) = (i, x, r);
+            }
+        }
+    }
+    if d.bad > 0 {
+        Err(d)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerances_bite() {
+        let r = Tensor::f32(vec![4], vec![1.0, -2.0, 0.5, 1e-3]);
+        assert!(compare(DType::Bf16, &Tensor::f32(vec![4], vec![1.0078125, -2.0, 0.5, 1e-3]), &r).is_ok());
+        let e = compare(DType::Bf16, &Tensor::f32(vec![4], vec![1.1, -2.0, 0.5, 1e-3]), &r).unwrap_err();
+        assert_eq!((e.index, e.bad), (0, 1));
+        assert!(compare(DType::F32, &Tensor::f32(vec![4], vec![1.0, -2.0, 0.5, f32::NAN]), &r).is_err());
+        assert!(compare(DType::F32, &Tensor::f32(vec![4], vec![1.0005, -2.0, 0.5, 1e-3]), &r).is_ok());
+        assert!(compare(DType::F32, &Tensor::f32(vec![4], vec![1.01, -2.0, 0.5, 1e-3]), &r).is_err());
+        let i = Tensor::i32(vec![2], vec![3, 4]);
+        assert!(compare(DType::I32, &Tensor::i32(vec![2], vec![3, 5]), &i).is_err());
+        assert!(compare(DType::I32, &i.clone(), &i).is_ok());
+        assert!(compare(DType::F32, &i, &r).is_err());
+    }
+}
