@@ -217,6 +217,10 @@ pub trait Backend {
     /// The backend-independent training state (for checkpoints).
     fn state(&self) -> crate::state::TrainState;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
+    /// Device memory `(in use, total)` in bytes, for backends with a device.
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Brackets profiled steps: `true` starts a capture range for nsys/ncu and per-kernel timing,
     /// `false` stops them and returns the per-kernel timing table.
     fn profile(&mut self, on: bool) -> Result<Option<String>> {

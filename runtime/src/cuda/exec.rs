@@ -223,7 +223,7 @@ impl<'g> CudaBackend<'g> {
             let _range = super::nvtx::range(&node.name);
             for l in &plan.steps[ni].launches {
                 let b = lay.bind(ni, l, &self.scratch[ni]).with_context(|| format!("binding {}", node.name))?;
-                self.launch(&b, &mut slots).with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
+                self.launch(&b, &node.name, &mut slots).with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
             }
             if let Some(f) = each.as_deref_mut() {
                 self.sync().with_context(|| format!("in node {}", node.name))?;
@@ -247,7 +247,7 @@ impl<'g> CudaBackend<'g> {
         Ok(out)
     }
 
-    fn launch(&mut self, b: &Bound, slots: &mut Vec<u64>) -> Result<()> {
+    fn launch(&mut self, b: &Bound, node: &str, slots: &mut Vec<u64>) -> Result<()> {
         let f = self.kernels.get(&b.kernel)?;
         slots.clear();
         slots.extend(b.params.iter().map(|p: &Param| p.slot()));
@@ -266,7 +266,7 @@ impl<'g> CudaBackend<'g> {
         }
         .map_err(|e| anyhow!("{e}"))?;
         if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
-            t.stop(&b.kernel, t0, stream)?;
+            t.stop(&b.kernel, node, t0, stream)?;
         }
         Ok(())
     }
@@ -351,6 +351,11 @@ impl Backend for CudaBackend<'_> {
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.loads.clear();
         self.upload_model()
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
+        Some(((total - free) as u64, total as u64))
     }
 
     fn profile(&mut self, on: bool) -> Result<Option<String>> {

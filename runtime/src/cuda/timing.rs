@@ -8,9 +8,24 @@ use std::fmt::Write;
 
 #[derive(Default)]
 pub struct Timer {
-    pending: Vec<(String, sys::CUevent, sys::CUevent)>,
+    pending: Vec<(String, &'static str, sys::CUevent, sys::CUevent)>,
     /// Kernel name → (launches, total milliseconds).
     totals: BTreeMap<String, (u64, f64)>,
+    /// Step-time category ([`category`]) → milliseconds.
+    categories: BTreeMap<&'static str, f64>,
+}
+
+/// The share of a step a node's kernels belong to, from the node's name.
+pub fn category(node: &str) -> &'static str {
+    if node.contains(".attn.") {
+        "attention"
+    } else if node.contains(".moe.") {
+        "moe"
+    } else if node.starts_with("lm_head") || node.starts_with("loss") {
+        "lm_head+loss"
+    } else {
+        "other"
+    }
 }
 
 impl Timer {
@@ -20,15 +35,15 @@ impl Timer {
         Ok(e)
     }
 
-    pub fn stop(&mut self, kernel: &str, start: sys::CUevent, stream: sys::CUstream) -> Result<()> {
+    pub fn stop(&mut self, kernel: &str, node: &str, start: sys::CUevent, stream: sys::CUstream) -> Result<()> {
         let e = self.start(stream)?;
-        self.pending.push((kernel.to_string(), start, e));
+        self.pending.push((kernel.to_string(), category(node), start, e));
         Ok(())
     }
 
     /// Folds the finished launches into the totals (call after a synchronisation).
     pub fn collect(&mut self) -> Result<()> {
-        for (k, a, b) in self.pending.drain(..) {
+        for (k, cat, a, b) in self.pending.drain(..) {
             let ms = unsafe { event::elapsed(a, b) }.map_err(|e| anyhow!("{e}"))?;
             unsafe {
                 let _ = event::destroy(a);
@@ -37,12 +52,17 @@ impl Timer {
             let t = self.totals.entry(k).or_default();
             t.0 += 1;
             t.1 += ms as f64;
+            *self.categories.entry(cat).or_default() += ms as f64;
         }
         Ok(())
     }
 
     pub fn totals(&self) -> &BTreeMap<String, (u64, f64)> {
         &self.totals
+    }
+
+    pub fn categories(&self) -> &BTreeMap<&'static str, f64> {
+        &self.categories
     }
 
     /// The table: kernel, launches, total and mean time, share, sorted by total time.
@@ -57,6 +77,10 @@ impl Timer {
             writeln!(s, "{k:<56} {n:>8} {ms:>12.3} {:>10.1} {share:>6.1}%", 1e3 * ms / *n as f64).unwrap();
         }
         writeln!(s, "{:<56} {:>8} {all:>12.3}", "all kernels", "").unwrap();
+        for (c, ms) in &self.categories {
+            let share = if all > 0.0 { 100.0 * ms / all } else { 0.0 };
+            writeln!(s, "  {c:<54} {:>8} {ms:>12.3} {:>10} {share:>6.1}%", "", "").unwrap();
+        }
         s
     }
 }
