@@ -217,6 +217,10 @@ pub trait Backend {
     /// The backend-independent training state (for checkpoints).
     fn state(&self) -> crate::state::TrainState;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
+    /// The device this backend runs on, in words.
+    fn device_name(&self) -> String {
+        self.name().to_string()
+    }
     /// Device memory `(in use, total)` in bytes, for backends with a device.
     fn device_memory(&self) -> Option<(u64, u64)> {
         None

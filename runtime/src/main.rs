@@ -39,6 +39,10 @@ enum Cmd {
     /// Teacher scoring against a served GPT-OSS-120B (vLLM or SGLang) for stage 2.
     #[command(subcommand)]
     Teacher(TeacherCmd),
+    /// Time whole training steps on synthetic micro-batches: tokens/s, MFU against the device's
+    /// dense bf16 peak, device memory, and (cuda) the share of kernel time in attention, MoE,
+    /// LM head + loss and the rest, plus the optimizer's share of the step.
+    Bench(BenchArgs),
     /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
     /// span-normalised loss (at initialisation it should be close to ln(vocab)).
     Forward {
@@ -61,6 +65,31 @@ enum Cmd {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Plan directory written by `vpmoec compile` (its cubins are used when current).
+    #[arg(long, conflicts_with = "arch")]
+    plan: Option<PathBuf>,
+    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    #[arg(long)]
+    arch: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    backend: BackendKind,
+    /// Tokens per row (default: the architecture's max_sequence_length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
+    /// Untimed steps first (kernel loading, caches, clocks).
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Timed training steps (forward, backward and optimizer of one micro-batch each).
+    #[arg(long, default_value_t = 5)]
+    steps: u64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -221,7 +250,7 @@ fn backend<'g>(
         BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
         BackendKind::Cuda => {
             let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens)?;
-            eprintln!("cuda backend on {}", be.device_name());
+            eprintln!("cuda backend on {}", Backend::device_name(&be));
             Box::new(be)
         }
     })
@@ -336,6 +365,93 @@ fn run_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Dense bf16 tensor-core peak (FLOP/s) of the GPUs vpmoe targets: the MFU baseline.
+fn peak_flops(device: &str) -> Option<f64> {
+    (device.contains("H100") || device.contains("H200")).then_some(989.4e12)
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let plan_dir = a.plan.clone();
+    let (graph, plan) = plan_of(a.plan, a.arch)?;
+    let seq = a.seq_len.unwrap_or(plan.arch.max_seq as usize);
+    if seq == 0 || seq as u64 > plan.arch.max_seq {
+        bail!("--seq-len {seq} must be in 1..={}", plan.arch.max_seq);
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let tokens = seq * a.micro_batch;
+    let mut be =
+        backend(a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
+    let device = match &a.backend {
+        BackendKind::Cpu => "cpu".to_string(),
+        BackendKind::Cuda => be.device_name(),
+    };
+    let scalars = vpmoe_runtime::backend::StepScalars {
+        lr: 1e-3,
+        aux_lr: 1e-3,
+        weight_decay: 0.01,
+        clip: 1.0,
+        bias_rate: plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0),
+    };
+    let one_step = |be: &mut dyn Backend, i: u64| -> Result<(f64, f64)> {
+        let mut b = synthetic_batch(plan.arch.vocab, seq, a.micro_batch, a.seed + i);
+        b.aux_grad = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0) as f32;
+        let t0 = Instant::now();
+        be.accumulate(&b)?;
+        let st = be.step(&scalars)?;
+        Ok((t0.elapsed().as_secs_f64(), st.optimizer_seconds))
+    };
+    let pb = indicatif::ProgressBar::new(a.warmup + a.steps + (a.backend == BackendKind::Cuda) as u64);
+    for i in 0..a.warmup {
+        one_step(be.as_mut(), i)?;
+        pb.inc(1);
+    }
+    let (mut wall, mut opt) = (Vec::new(), 0.0);
+    for i in 0..a.steps {
+        let (w, o) = one_step(be.as_mut(), a.warmup + i)?;
+        wall.push(w);
+        opt += o;
+        pb.inc(1);
+    }
+    // One more step with per-kernel events, kept out of the timed ones (events cost time).
+    let table = if a.backend == BackendKind::Cuda {
+        be.profile(true)?;
+        one_step(be.as_mut(), a.warmup + a.steps)?;
+        pb.inc(1);
+        be.profile(false)?
+    } else {
+        None
+    };
+    pb.finish_and_clear();
+    wall.sort_by(f64::total_cmp);
+    let median = wall[wall.len() / 2];
+    let tps = tokens as f64 / median;
+    let flops = plan.report.training_flops_per_token;
+    println!("bench {} on {device} ({} x {seq} tokens per step, {} timed steps)", plan.arch.name, a.micro_batch, a.steps);
+    println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
+    println!("tokens/s      {tps:.0}");
+    match peak_flops(&device) {
+        Some(p) => println!(
+            "MFU           {:.2} % ({:.3e} FLOP per token x tokens/s over the {:.1} TFLOP/s dense bf16 peak)",
+            100.0 * tps * flops / p,
+            flops,
+            p / 1e12
+        ),
+        None => println!("MFU           n/a (no known peak for {device}); {:.3e} FLOP/s achieved", tps * flops),
+    }
+    println!("optimizer     {:.1} % of step time", 100.0 * opt / wall.iter().sum::<f64>());
+    if let Some((used, total)) = be.device_memory() {
+        println!("device memory {:.2} of {:.2} GiB in use", used as f64 / GIB, total as f64 / GIB);
+    }
+    if let Some(t) = table {
+        println!("\nkernel time of one profiled step:\n{t}");
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 fn run_score(a: ScoreArgs) -> Result<()> {
     use vpmoe_runtime::teacher::{client::ClientConfig, score};
     if !(a.timeout > 0.0 && a.timeout.is_finite()) {
@@ -378,6 +494,7 @@ fn run() -> Result<()> {
         Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(a),
+        Cmd::Bench(a) => run_bench(a),
         Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
             let plan_dir = plan.clone();
             let (graph, plan) = plan_of(plan, arch)?;

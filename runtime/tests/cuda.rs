@@ -157,7 +157,7 @@ fn data() -> Vec<(PathBuf, f64)> {
 }
 
 /// Relative loss tolerance of whole steps: bf16 rounding differences compound through the
-/// updates, so the bound is looser than a single kernel's (see docs/numerics.md).
+/// updates, so the bound is looser than a single kernel's (`vpmoe_runtime::parity`).
 const STEP_RTOL: f64 = 2e-2;
 
 fn assert_tracks(a: &[f64], b: &[f64], what: &str) {

@@ -102,10 +102,6 @@ impl<'g> CudaBackend<'g> {
         Ok(be)
     }
 
-    pub fn device_name(&self) -> &str {
-        &self.gpu.name
-    }
-
     /// Starts (or stops and returns) per-kernel timing with CUDA events.
     pub fn time_kernels(&mut self, on: bool) -> Option<super::timing::Timer> {
         let old = self.timer.take();
@@ -351,6 +347,10 @@ impl Backend for CudaBackend<'_> {
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.loads.clear();
         self.upload_model()
+    }
+
+    fn device_name(&self) -> String {
+        self.gpu.name.clone()
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {
