@@ -152,6 +152,8 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
     }
     let mut steps = Vec::new();
     let mut kernels: BTreeMap<String, KernelEntry> = BTreeMap::new();
+    // Peak node-private scratch of one micro-batch of max_seq tokens (the report's workspace).
+    let mut workspace = 0u64;
     for (ni, node) in g.nodes.iter().enumerate() {
         let ni = ni as u32;
         for v in &node.outputs {
@@ -160,6 +162,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
             reqs.push(Req { key: BufferKey::Value(v.0), arena, size, live: (ni, end) });
         }
         let (launches, scratch) = lower_node(node);
+        let mut node_ws = 0;
         for (si, s) in scratch.iter().enumerate() {
             let ty = if s.per_token > 0 {
                 TensorType::tok(s.dtype, &[s.per_token])
@@ -167,8 +170,10 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
                 TensorType::fixed(s.dtype, &[s.fixed])
             };
             let (arena, size) = sized(&ty);
+            node_ws += if arena == Arena::Tok { size * arch.max_seq } else { size };
             reqs.push(Req { key: BufferKey::Scratch { node: ni, index: si as u32 }, arena, size, live: (ni, ni) });
         }
+        workspace = workspace.max(node_ws);
         for l in &launches {
             kernels.entry(l.kernel.name()).or_insert_with(|| KernelEntry {
                 name: l.kernel.name(),
@@ -214,6 +219,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         &params,
         sizes.0,
         sizes.1,
+        workspace,
         kernels.len(),
         steps.iter().map(|s| s.launches.len()).sum(),
         &optimizer,

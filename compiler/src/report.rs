@@ -16,8 +16,11 @@ pub struct Memory {
     /// Normuon momentum + row second moment; AdamW first and second moments.
     pub optimizer_state: u64,
     /// Peak of the activation arenas for a training step (forward and backward) of one
-    /// micro-batch of `seq_len` tokens, excluding the parameter gradients.
+    /// micro-batch of `seq_len` tokens, excluding the parameter gradients and the workspace.
     pub activations: u64,
+    /// The largest node-private scratch of one node (kernel temporaries: split-K partials,
+    /// softmax statistics, dispatch offsets), at `seq_len` tokens.
+    pub workspace: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,7 @@ pub fn report(
     params: &[ParamEntry],
     tok_bytes: u64,
     fixed_bytes: u64,
+    workspace: u64,
     kernels: usize,
     launches: usize,
     opt: &crate::optimizer::OptimizerPlan,
@@ -69,8 +73,14 @@ pub fn report(
     let fwd: u128 = g.nodes[..crate::autodiff::forward_len(g)].iter().map(|n| n.op.flops_per_sequence(s)).sum();
     let fwd_tok = fwd as f64 / s as f64;
 
-    let mut mem =
-        Memory { weights: 0, masters: 0, gradients: 0, optimizer_state: 0, activations: tok_bytes * s + fixed_bytes };
+    let mut mem = Memory {
+        weights: 0,
+        masters: 0,
+        gradients: 0,
+        optimizer_state: 0,
+        activations: tok_bytes * s + fixed_bytes,
+        workspace,
+    };
     for p in params {
         mem.weights += p.numel * p.ty.dtype.bytes();
         if p.opt == OptGroup::Frozen {
@@ -86,8 +96,8 @@ pub fn report(
             _ => 2 * p.numel * 4,
         };
     }
-    // The fixed arena also holds the step's parameter gradients, counted under `gradients`.
-    mem.activations = mem.activations.saturating_sub(mem.gradients);
+    // The arenas also hold the step's parameter gradients and the workspace, counted apart.
+    mem.activations = mem.activations.saturating_sub(mem.gradients + mem.workspace);
     Report {
         arch: arch.name.clone(),
         seq_len: s,
@@ -148,13 +158,15 @@ impl Report {
         .unwrap();
         writeln!(
             s,
-            "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}",
+            "  memory: weights {}, fp32 masters {}, fp32 gradients {}, optimizer state {}, activations (1×{}) {}, \
+             workspace {}",
             gib(m.weights),
             gib(m.masters),
             gib(m.gradients),
             gib(m.optimizer_state),
             self.seq_len,
-            gib(m.activations)
+            gib(m.activations),
+            gib(m.workspace)
         )
         .unwrap();
         s

@@ -381,8 +381,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let tokens = seq * a.micro_batch;
-    let mut be =
-        backend(a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
+    let mut be = backend(a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
     let device = match &a.backend {
         BackendKind::Cpu => "cpu".to_string(),
         BackendKind::Cuda => be.device_name(),
@@ -428,7 +427,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let median = wall[wall.len() / 2];
     let tps = tokens as f64 / median;
     let flops = plan.report.training_flops_per_token;
-    println!("bench {} on {device} ({} x {seq} tokens per step, {} timed steps)", plan.arch.name, a.micro_batch, a.steps);
+    println!(
+        "bench {} on {device} ({} x {seq} tokens per step, {} timed steps)",
+        plan.arch.name, a.micro_batch, a.steps
+    );
     println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
     println!("tokens/s      {tps:.0}");
     match peak_flops(&device) {
@@ -507,7 +509,14 @@ fn run() -> Result<()> {
             batch.validate(a.vocab)?;
             let t0 = Instant::now();
             let kind = backend;
-            let mut be = self::backend(kind, &graph, &plan, TrainState::init(&plan, seed), plan_dir.as_deref(), seq * micro_batch)?;
+            let mut be = self::backend(
+                kind,
+                &graph,
+                &plan,
+                TrainState::init(&plan, seed),
+                plan_dir.as_deref(),
+                seq * micro_batch,
+            )?;
             let init_s = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let out = be.forward(&batch, &["token_loss"])?;

@@ -55,7 +55,14 @@ pub fn compare(dtype: DType, got: &Tensor, want: &Tensor) -> Result<(), Diff> {
         }
     };
     if g.len() != w.len() {
-        return Err(Diff { index: g.len().min(w.len()), got: g.len() as f64, want: w.len() as f64, bad: 1, max_abs: 0.0, max_rel: 0.0 });
+        return Err(Diff {
+            index: g.len().min(w.len()),
+            got: g.len() as f64,
+            want: w.len() as f64,
+            bad: 1,
+            max_abs: 0.0,
+            max_rel: 0.0,
+        });
     }
     let tol = tolerance(dtype);
     let rms = (w.iter().filter(|x| x.is_finite()).map(|x| x * x).sum::<f64>() / w.len().max(1) as f64).sqrt();

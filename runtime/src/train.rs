@@ -484,7 +484,11 @@ pub fn train(
             let path = opts.ckpt_dir.join("kernel-times.txt");
             let table = table.unwrap_or_default();
             std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
-            pb.println(format!("kernel times of steps {:?} ({}):\n{table}", opts.profile_steps.unwrap(), path.display()));
+            pb.println(format!(
+                "kernel times of steps {:?} ({}):\n{table}",
+                opts.profile_steps.unwrap(),
+                path.display()
+            ));
         }
         if let (Some(ev), true) = (&eval_data, opts.eval_every > 0 && (step + 1) % opts.eval_every == 0) {
             rec.eval = Some(evaluate(be, ev, cfg, opts.eval_batches)?);

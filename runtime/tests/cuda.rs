@@ -163,7 +163,11 @@ const STEP_RTOL: f64 = 2e-2;
 fn assert_tracks(a: &[f64], b: &[f64], what: &str) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= STEP_RTOL * y.abs(), "{what}: step {} loss {x} vs cpu {y}\ncuda {a:?}\ncpu  {b:?}", i + 1);
+        assert!(
+            (x - y).abs() <= STEP_RTOL * y.abs(),
+            "{what}: step {} loss {x} vs cpu {y}\ncuda {a:?}\ncpu  {b:?}",
+            i + 1
+        );
     }
 }
 
@@ -181,7 +185,8 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     let (_, mut o_gpu) = cfg(24, tmp("track-cuda"));
     o_gpu.profile_steps = Some((3, 4));
     let gpu = {
-        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len).unwrap();
+        let mut be =
+            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len).unwrap();
         train::train(&mut be, &plan, &data(), &c, &o_gpu).unwrap()
     };
     let l = |o: &train::Outcome| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
@@ -215,7 +220,8 @@ fn checkpoints_resume_across_backends() {
             }
         };
         let mut a = mk(first_cuda);
-        let mut losses: Vec<f64> = train::train(a.as_mut(), &plan, &data(), &c, &o).unwrap().records.iter().map(|r| r.loss).collect();
+        let mut losses: Vec<f64> =
+            train::train(a.as_mut(), &plan, &data(), &c, &o).unwrap().records.iter().map(|r| r.loss).collect();
         o.steps = 6;
         o.resume = true;
         let mut b = mk(!first_cuda);

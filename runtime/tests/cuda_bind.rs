@@ -27,7 +27,8 @@ fn check(rel: &str, rows: u64) {
     }
     let tok_end = TOK_BASE + plan.tok_arena_bytes_per_token * t;
     let fixed_end = FIXED_BASE + plan.fixed_arena_bytes;
-    let lay = Layout { plan: &plan, graph: &g, tokens: t, seq, tok_base: TOK_BASE, fixed_base: FIXED_BASE, params: &params };
+    let lay =
+        Layout { plan: &plan, graph: &g, tokens: t, seq, tok_base: TOK_BASE, fixed_base: FIXED_BASE, params: &params };
     let mut launches = 0;
     for (ni, node) in g.nodes.iter().enumerate() {
         let scratch = lower_node(node).1;
@@ -39,7 +40,12 @@ fn check(rel: &str, rows: u64) {
                     let inside = (TOK_BASE <= lo && hi <= tok_end)
                         || (FIXED_BASE <= lo && hi <= fixed_end)
                         || extents.iter().any(|&(a, z)| a <= lo && hi <= z);
-                    assert!(inside && *addr == lo, "{rel}: {} ({}): region {r:?} outside every allocation", node.name, b.kernel);
+                    assert!(
+                        inside && *addr == lo,
+                        "{rel}: {} ({}): region {r:?} outside every allocation",
+                        node.name,
+                        b.kernel
+                    );
                 }
             }
             launches += 1;
@@ -64,7 +70,15 @@ fn mismatches_are_refused() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let (g, plan) = compile_arch(&config::load(&root.join("configs/small.toml")).unwrap()).unwrap();
     let params: Vec<u64> = (0..plan.params.len() as u64).map(|i| PARAM_BASE + (i << 32)).collect();
-    let lay = Layout { plan: &plan, graph: &g, tokens: 256, seq: 128, tok_base: TOK_BASE, fixed_base: FIXED_BASE, params: &params };
+    let lay = Layout {
+        plan: &plan,
+        graph: &g,
+        tokens: 256,
+        seq: 128,
+        tok_base: TOK_BASE,
+        fixed_base: FIXED_BASE,
+        params: &params,
+    };
     // The embedding gather: (tokens i32*, table bf16*, out bf16*, T).
     let ni = plan.steps.iter().position(|s| s.launches.iter().any(|l| l.kernel.family == "embed")).unwrap();
     let scratch = lower_node(&g.nodes[ni]).1;

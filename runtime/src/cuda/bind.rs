@@ -65,7 +65,11 @@ impl Layout<'_> {
         let val = self.graph.value(v);
         if let ValueDef::Param(p) = val.def {
             let e = &self.plan.params[p.0 as usize];
-            return Ok(Region { addr: self.params[p.0 as usize], bytes: e.numel * e.ty.dtype.bytes(), dtype: e.ty.dtype });
+            return Ok(Region {
+                addr: self.params[p.0 as usize],
+                bytes: e.numel * e.ty.dtype.bytes(),
+                dtype: e.ty.dtype,
+            });
         }
         let b = self.plan.buffer_of(&BufferKey::Value(v.0)).ok_or_else(|| anyhow!("value %{} has no buffer", v.0))?;
         let need = val.ty.numel(self.tokens) * val.ty.dtype.bytes();
@@ -104,7 +108,8 @@ impl Layout<'_> {
                 Arg::Scratch { index, offset } => {
                     let sc = scratch.get(*index as usize).ok_or_else(|| anyhow!("{name}: no scratch {index}"))?;
                     let key = BufferKey::Scratch { node: node as u32, index: *index };
-                    let b = self.plan.buffer_of(&key).ok_or_else(|| anyhow!("{name}: scratch {index} has no buffer"))?;
+                    let b =
+                        self.plan.buffer_of(&key).ok_or_else(|| anyhow!("{name}: scratch {index} has no buffer"))?;
                     let r = self.arena(b.arena, b.offset, b.size, sc.dtype);
                     let skip = offset * sc.dtype.bytes();
                     if skip > r.bytes {

@@ -45,11 +45,7 @@ pub fn open() -> Result<Gpu> {
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
     let cc = ctx.compute_capability().map_err(|e| anyhow!("{e}"))?;
     if cc != (9, 0) {
-        bail!(
-            "{name} has compute capability {}.{}; vpmoe's kernels are built for sm_90a (H100/H200) only",
-            cc.0,
-            cc.1
-        );
+        bail!("{name} has compute capability {}.{}; vpmoe's kernels are built for sm_90a (H100/H200) only", cc.0, cc.1);
     }
     let total_mem = ctx.total_mem().map_err(|e| anyhow!("{e}"))?;
     // The legacy default stream: synchronous copies are ordered with every launch.

@@ -219,7 +219,8 @@ impl<'g> CudaBackend<'g> {
             let _range = super::nvtx::range(&node.name);
             for l in &plan.steps[ni].launches {
                 let b = lay.bind(ni, l, &self.scratch[ni]).with_context(|| format!("binding {}", node.name))?;
-                self.launch(&b, &node.name, &mut slots).with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
+                self.launch(&b, &node.name, &mut slots)
+                    .with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
             }
             if let Some(f) = each.as_deref_mut() {
                 self.sync().with_context(|| format!("in node {}", node.name))?;
@@ -250,17 +251,8 @@ impl<'g> CudaBackend<'g> {
         let mut args: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut _).collect();
         let stream = self.gpu.stream.cu_stream();
         let t0 = self.timer.as_mut().map(|t| t.start(stream)).transpose()?;
-        unsafe {
-            result::launch_kernel(
-                f,
-                (b.grid[0], b.grid[1], b.grid[2]),
-                (b.block, 1, 1),
-                0,
-                stream,
-                &mut args,
-            )
-        }
-        .map_err(|e| anyhow!("{e}"))?;
+        unsafe { result::launch_kernel(f, (b.grid[0], b.grid[1], b.grid[2]), (b.block, 1, 1), 0, stream, &mut args) }
+            .map_err(|e| anyhow!("{e}"))?;
         if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
             t.stop(&b.kernel, node, t0, stream)?;
         }

@@ -159,10 +159,8 @@ static CORE2_TABLE: [TableEntry; NVTX_CBID_CORE2_SIZE + 1] = table(&CORE2_SLOTS)
 static SYNC_SLOTS: [Slot; NVTX_CBID_SYNC_SIZE] = slots();
 static SYNC_TABLE: [TableEntry; NVTX_CBID_SYNC_SIZE + 1] = table(&SYNC_SLOTS);
 
-static ETBL_CALLBACKS: ExportTableCallbacks = ExportTableCallbacks {
-    struct_size: std::mem::size_of::<ExportTableCallbacks>(),
-    get_module_function_table,
-};
+static ETBL_CALLBACKS: ExportTableCallbacks =
+    ExportTableCallbacks { struct_size: std::mem::size_of::<ExportTableCallbacks>(), get_module_function_table };
 
 static ETBL_VERSION_INFO: ExportTableVersionInfo = ExportTableVersionInfo {
     struct_size: std::mem::size_of::<ExportTableVersionInfo>(),
