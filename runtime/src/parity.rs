@@ -74,7 +74,8 @@ pub fn compare(dtype: DType, got: &Tensor, want: &Tensor) -> Result<(), Diff> {
             None => 0.0,
             Some((rel, abs)) => rel * r.abs() + abs * rms,
         };
-        let bad = !(err <= limit) || (x.is_finite() != r.is_finite());
+        let within = err <= limit; // false for NaN
+        let bad = !within || (x.is_finite() != r.is_finite());
         let score = if err.is_nan() { f64::INFINITY } else { err / limit.max(f64::MIN_POSITIVE) };
         if err.is_finite() {
             d.max_abs = d.max_abs.max(err);

@@ -20,6 +20,9 @@ use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{Data, Tensor};
 use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
 
+/// Called after each node with the device synchronised (parity checks read the node's values).
+pub type NodeHook<'h, 'g> = &'h mut dyn FnMut(usize, &CudaBackend<'g>, &Layout) -> Result<()>;
+
 pub struct CudaBackend<'g> {
     graph: &'g Graph,
     plan: &'g Plan,
@@ -197,7 +200,7 @@ impl<'g> CudaBackend<'g> {
         &mut self,
         batch: &Batch,
         n: usize,
-        mut each: Option<&mut dyn FnMut(usize, &Self, &Layout) -> Result<()>>,
+        mut each: Option<NodeHook<'_, 'g>>,
     ) -> Result<BTreeMap<String, Tensor>> {
         batch.validate(self.plan.arch.vocab)?;
         let t = batch.tokens.len() as u64;

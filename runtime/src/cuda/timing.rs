@@ -29,13 +29,13 @@ pub fn category(node: &str) -> &'static str {
 }
 
 impl Timer {
-    pub fn start(&mut self, stream: sys::CUstream) -> Result<sys::CUevent> {
+    pub(super) fn start(&mut self, stream: sys::CUstream) -> Result<sys::CUevent> {
         let e = event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| anyhow!("{e}"))?;
         unsafe { event::record(e, stream) }.map_err(|e| anyhow!("{e}"))?;
         Ok(e)
     }
 
-    pub fn stop(&mut self, kernel: &str, node: &str, start: sys::CUevent, stream: sys::CUstream) -> Result<()> {
+    pub(super) fn stop(&mut self, kernel: &str, node: &str, start: sys::CUevent, stream: sys::CUstream) -> Result<()> {
         let e = self.start(stream)?;
         self.pending.push((kernel.to_string(), category(node), start, e));
         Ok(())
