@@ -232,3 +232,53 @@ pub trait Backend {
         bail!("the {} backend has no kernels to profile; profiling needs --backend cuda", self.name())
     }
 }
+
+/// Folds one micro-batch's graph outputs into host-side fp32 gradient sums and per-layer router
+/// loads (both backends keep them on the host) and returns what the step reports.
+pub(crate) fn fold_micro(
+    plan: &vpmoe_compiler::Plan,
+    mut out: BTreeMap<String, Tensor>,
+    batch: &Batch,
+    grads: &mut [Vec<f32>],
+    loads: &mut BTreeMap<String, Vec<u64>>,
+) -> MicroOut {
+    for (i, p) in plan.params.iter().enumerate() {
+        if !p.trainable() {
+            continue;
+        }
+        let g = out.remove(&format!("grad.{}", p.name)).expect("every trainable parameter has a gradient");
+        grads[i].iter_mut().zip(g.f()).for_each(|(a, b)| *a += b);
+    }
+    let mut m = MicroOut { loss: out["loss"].f()[0] as f64, ..Default::default() };
+    for ((l, mask), s) in out["token_loss"].f().iter().zip(&batch.loss_mask).zip(&batch.span) {
+        if *mask != 0 {
+            m.span_loss[*s as usize] += *l as f64;
+        }
+    }
+    for (name, t) in &out {
+        if let Some(layer) = name.strip_prefix("load.") {
+            // Per-expert counts from the dispatch's row offsets.
+            let n = t.i().windows(2).map(|w| (w[1] - w[0]) as u64);
+            let acc = loads.entry(layer.to_string()).or_insert_with(|| vec![0; t.i().len().saturating_sub(1)]);
+            acc.iter_mut().zip(n).for_each(|(a, b)| *a += b);
+        } else if let Some(layer) = name.strip_prefix("aux.") {
+            m.aux.push((layer.to_string(), t.f()[0]));
+        }
+    }
+    m
+}
+
+/// Refuses a training state whose tensor sizes do not fit the plan (before anything is replaced).
+pub(crate) fn check_state(plan: &vpmoe_compiler::Plan, st: &crate::state::TrainState) -> Result<()> {
+    for ((p, w), (m, v)) in plan.params.iter().zip(&st.master).zip(st.m.iter().zip(&st.v)) {
+        let want = crate::state::TrainState::sizes(p);
+        if (w.len(), m.len(), v.len()) != want {
+            bail!(
+                "state of {} has sizes {:?} (weights, first, second moment), the plan needs {want:?}",
+                p.name,
+                (w.len(), m.len(), v.len())
+            );
+        }
+    }
+    Ok(())
+}

@@ -45,51 +45,54 @@ enum Cmd {
     Bench(BenchArgs),
     /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
     /// span-normalised loss (at initialisation it should be close to ln(vocab)).
-    Forward {
-        /// Plan directory written by `vpmoec compile`.
-        #[arg(long, conflicts_with = "arch")]
-        plan: Option<PathBuf>,
-        /// Or compile this architecture TOML in memory (default: configs/small.toml).
-        #[arg(long)]
-        arch: Option<PathBuf>,
-        /// Which backend executes the plan. Always explicit: nothing falls back silently.
-        #[arg(long, value_enum)]
-        backend: BackendKind,
-        /// Tokens per row (default: the architecture's max_sequence_length).
-        #[arg(long)]
-        seq_len: Option<usize>,
-        /// Rows in the micro-batch.
-        #[arg(long, default_value_t = 1)]
-        micro_batch: usize,
-        /// Seed for parameter initialisation and the synthetic tokens.
-        #[arg(long, default_value_t = 1234)]
-        seed: u64,
-    },
+    Forward(SyntheticRun),
 }
 
+/// A plan run on seeded synthetic micro-batches (`forward`, `bench`).
 #[derive(clap::Args)]
-struct BenchArgs {
+struct SyntheticRun {
     /// Plan directory written by `vpmoec compile` (its cubins are used when current).
     #[arg(long, conflicts_with = "arch")]
     plan: Option<PathBuf>,
     /// Or compile this architecture TOML in memory (default: configs/small.toml).
     #[arg(long)]
     arch: Option<PathBuf>,
+    /// Which backend executes the plan. Always explicit: nothing falls back silently.
     #[arg(long, value_enum)]
     backend: BackendKind,
     /// Tokens per row (default: the architecture's max_sequence_length).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Rows in the micro-batch.
     #[arg(long, default_value_t = 1)]
     micro_batch: usize,
+    /// Seed for parameter initialisation and the synthetic tokens.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+impl SyntheticRun {
+    /// The plan directory (if any), graph, plan and the checked row length.
+    fn plan(&self) -> Result<(Option<PathBuf>, vpmoe_ir::Graph, vpmoe_compiler::Plan, usize)> {
+        let (graph, plan) = plan_of(self.plan.clone(), self.arch.clone())?;
+        let seq = self.seq_len.unwrap_or(plan.arch.max_seq as usize);
+        if seq == 0 || seq as u64 > plan.arch.max_seq {
+            bail!("--seq-len {seq} must be in 1..={}", plan.arch.max_seq);
+        }
+        Ok((self.plan.clone(), graph, plan, seq))
+    }
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    run: SyntheticRun,
     /// Untimed steps first (kernel loading, caches, clocks).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
     /// Timed training steps (forward, backward and optimizer of one micro-batch each).
     #[arg(long, default_value_t = 5)]
     steps: u64,
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -370,14 +373,10 @@ fn peak_flops(device: &str) -> Option<f64> {
     (device.contains("H100") || device.contains("H200")).then_some(989.4e12)
 }
 
-fn run_bench(a: BenchArgs) -> Result<()> {
-    let plan_dir = a.plan.clone();
-    let (graph, plan) = plan_of(a.plan, a.arch)?;
-    let seq = a.seq_len.unwrap_or(plan.arch.max_seq as usize);
-    if seq == 0 || seq as u64 > plan.arch.max_seq {
-        bail!("--seq-len {seq} must be in 1..={}", plan.arch.max_seq);
-    }
-    if a.steps == 0 {
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let BenchArgs { run: a, warmup, steps } = args;
+    let (plan_dir, graph, plan, seq) = a.plan()?;
+    if steps == 0 {
         bail!("--steps must be at least 1");
     }
     let tokens = seq * a.micro_batch;
@@ -401,14 +400,14 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         let st = be.step(&scalars)?;
         Ok((t0.elapsed().as_secs_f64(), st.optimizer_seconds))
     };
-    let pb = indicatif::ProgressBar::new(a.warmup + a.steps + (a.backend == BackendKind::Cuda) as u64);
-    for i in 0..a.warmup {
+    let pb = indicatif::ProgressBar::new(warmup + steps + (a.backend == BackendKind::Cuda) as u64);
+    for i in 0..warmup {
         one_step(be.as_mut(), i)?;
         pb.inc(1);
     }
     let (mut wall, mut opt) = (Vec::new(), 0.0);
-    for i in 0..a.steps {
-        let (w, o) = one_step(be.as_mut(), a.warmup + i)?;
+    for i in 0..steps {
+        let (w, o) = one_step(be.as_mut(), warmup + i)?;
         wall.push(w);
         opt += o;
         pb.inc(1);
@@ -416,7 +415,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     // One more step with per-kernel events, kept out of the timed ones (events cost time).
     let table = if a.backend == BackendKind::Cuda {
         be.profile(true)?;
-        one_step(be.as_mut(), a.warmup + a.steps)?;
+        one_step(be.as_mut(), warmup + steps)?;
         pb.inc(1);
         be.profile(false)?
     } else {
@@ -427,10 +426,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let median = wall[wall.len() / 2];
     let tps = tokens as f64 / median;
     let flops = plan.report.training_flops_per_token;
-    println!(
-        "bench {} on {device} ({} x {seq} tokens per step, {} timed steps)",
-        plan.arch.name, a.micro_batch, a.steps
-    );
+    println!("bench {} on {device} ({} x {seq} tokens per step, {} timed steps)", plan.arch.name, a.micro_batch, steps);
     println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
     println!("tokens/s      {tps:.0}");
     match peak_flops(&device) {
@@ -497,14 +493,10 @@ fn run() -> Result<()> {
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(a),
         Cmd::Bench(a) => run_bench(a),
-        Cmd::Forward { plan, arch, backend, seq_len, micro_batch, seed } => {
-            let plan_dir = plan.clone();
-            let (graph, plan) = plan_of(plan, arch)?;
+        Cmd::Forward(run) => {
+            let (backend, micro_batch, seed) = (run.backend, run.micro_batch, run.seed);
+            let (plan_dir, graph, plan, seq) = run.plan()?;
             let a = &plan.arch;
-            let seq = seq_len.unwrap_or(a.max_seq as usize);
-            if seq == 0 || seq as u64 > a.max_seq {
-                bail!("--seq-len {seq} must be in 1..={}", a.max_seq);
-            }
             let batch = synthetic_batch(a.vocab, seq, micro_batch, seed);
             batch.validate(a.vocab)?;
             let t0 = Instant::now();

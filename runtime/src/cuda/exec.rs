@@ -263,11 +263,6 @@ impl<'g> CudaBackend<'g> {
     }
 }
 
-/// Per-expert counts from a dispatch's row offsets.
-fn loads_of(offsets: &[i32]) -> Vec<u64> {
-    offsets.windows(2).map(|w| (w[1] - w[0]) as u64).collect()
-}
-
 impl Backend for CudaBackend<'_> {
     fn name(&self) -> &'static str {
         "cuda"
@@ -283,29 +278,8 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
-        let mut out = self.run_nodes(batch, self.graph.nodes.len(), None)?;
-        for (i, p) in self.plan.params.iter().enumerate() {
-            if !p.trainable() {
-                continue;
-            }
-            let g = out.remove(&format!("grad.{}", p.name)).expect("every trainable parameter has a gradient");
-            self.grads[i].iter_mut().zip(g.f()).for_each(|(a, b)| *a += b);
-        }
-        let mut m = MicroOut { loss: out["loss"].f()[0] as f64, ..Default::default() };
-        for ((l, mask), s) in out["token_loss"].f().iter().zip(&batch.loss_mask).zip(&batch.span) {
-            if *mask != 0 {
-                m.span_loss[*s as usize] += *l as f64;
-            }
-        }
-        for (name, t) in &out {
-            if let Some(layer) = name.strip_prefix("load.") {
-                let n = loads_of(t.i());
-                let acc = self.loads.entry(layer.to_string()).or_insert_with(|| vec![0; n.len()]);
-                acc.iter_mut().zip(n).for_each(|(a, b)| *a += b);
-            } else if let Some(layer) = name.strip_prefix("aux.") {
-                m.aux.push((layer.to_string(), t.f()[0]));
-            }
-        }
+        let out = self.run_nodes(batch, self.graph.nodes.len(), None)?;
+        let m = crate::backend::fold_micro(self.plan, out, batch, &mut self.grads, &mut self.loads);
         if !m.loss.is_finite() {
             bail!("the loss is not finite ({})", m.loss);
         }
@@ -328,16 +302,7 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn set_state(&mut self, st: TrainState) -> Result<()> {
-        for ((p, w), (m, v)) in self.plan.params.iter().zip(&st.master).zip(st.m.iter().zip(&st.v)) {
-            let want = TrainState::sizes(p);
-            if (w.len(), m.len(), v.len()) != want {
-                bail!(
-                    "state of {} has sizes {:?} (weights, first, second moment), the plan needs {want:?}",
-                    p.name,
-                    (w.len(), m.len(), v.len())
-                );
-            }
-        }
+        crate::backend::check_state(self.plan, &st)?;
         self.state = st;
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.loads.clear();
