@@ -42,3 +42,15 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("embed_sort.cuh", include_str!("../cuda/embed_sort.cuh")),
     ("embed_bwd.cuh", include_str!("../cuda/embed_bwd.cuh")),
 ];
+
+/// SHA-256 over every embedded template (names and bodies): what a kernel's code depends on
+/// beyond its shim. Part of the NVRTC cache key and recorded beside a plan's cubins.
+pub fn digest() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (n, body) in HEADERS {
+        h.update(n);
+        h.update(body);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -133,10 +133,7 @@ impl Toolchain {
     pub fn cache_key(&self, src: &str, arch: &str) -> String {
         let mut h = Sha256::new();
         h.update(src);
-        for (n, body) in HEADERS {
-            h.update(n);
-            h.update(body);
-        }
+        h.update(crate::headers::digest());
         for o in self.options(arch) {
             // The include path's location does not change the code; its NVRTC version does.
             if !o.starts_with("--include-path") {

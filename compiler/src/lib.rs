@@ -139,7 +139,12 @@ fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -
             std::fs::write(d.join(n), body)?;
         }
     }
-    let meta = serde_json::json!({ "arch": opts.arch, "nvrtc": tc.version, "kernels": table });
+    let meta = serde_json::json!({
+        "arch": opts.arch,
+        "nvrtc": tc.version,
+        "headers_sha256": vpmoe_codegen::headers::digest(),
+        "kernels": table
+    });
     std::fs::write(kdir.join("resources.json"), serde_json::to_string_pretty(&meta)?)?;
     Ok(summary)
 }

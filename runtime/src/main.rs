@@ -253,7 +253,11 @@ fn backend<'g>(
         BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
         BackendKind::Cuda => {
             let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens)?;
-            eprintln!("cuda backend on {}", Backend::device_name(&be));
+            let (stored, compiled) = be.kernel_sources();
+            eprintln!(
+                "cuda backend on {}: {stored} kernels from the plan's cubins, {compiled} compiled by NVRTC",
+                Backend::device_name(&be)
+            );
             Box::new(be)
         }
     })

@@ -34,7 +34,6 @@ pub struct CudaBackend<'g> {
     tok_arena: DevBuf,
     fixed_arena: DevBuf,
     model: Vec<DevBuf>,
-    model_ptrs: Vec<u64>,
     state: TrainState,
     grads: Vec<Vec<f32>>,
     loads: BTreeMap<String, Vec<u64>>,
@@ -81,7 +80,6 @@ impl<'g> CudaBackend<'g> {
         for p in &plan.params {
             model.push(DevBuf::new(&gpu, (p.numel * p.ty.dtype.bytes()) as usize, &p.name)?);
         }
-        let model_ptrs = model.iter().map(|b| b.ptr).collect();
         let grads = plan.params.iter().map(|p| vec![0.0; p.numel as usize * p.trainable() as usize]).collect();
         let mut be = CudaBackend {
             graph,
@@ -93,7 +91,6 @@ impl<'g> CudaBackend<'g> {
             tok_arena,
             fixed_arena,
             model,
-            model_ptrs,
             state,
             grads,
             loads: BTreeMap::new(),
@@ -103,6 +100,11 @@ impl<'g> CudaBackend<'g> {
         };
         be.upload_model()?;
         Ok(be)
+    }
+
+    /// Kernels loaded from the plan directory's cubins, and compiled (or cached) by NVRTC.
+    pub fn kernel_sources(&self) -> (usize, usize) {
+        (self.kernels.from_plan, self.kernels.compiled)
     }
 
     /// Starts (or stops and returns) per-kernel timing with CUDA events.
@@ -211,7 +213,7 @@ impl<'g> CudaBackend<'g> {
             self.tok_arena.fill(0xFF)?;
             self.fixed_arena.fill(0xFF)?;
         }
-        let ptrs = self.model_ptrs.clone();
+        let ptrs: Vec<u64> = self.model.iter().map(|b| b.ptr).collect();
         let lay = self.layout(batch, &ptrs);
         let plan = self.plan;
         for inp in &self.graph.inputs {

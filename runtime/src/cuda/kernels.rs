@@ -1,6 +1,7 @@
 //! Loading the plan's kernels: each kernel's cubin from the plan directory when it was built from
-//! the same source for this GPU, otherwise compiled at load by NVRTC (through the persistent
-//! cache), so an edited codegen or a plan compiled without NVRTC still runs the current code.
+//! the same shim and the same templates for this GPU, otherwise compiled at load by NVRTC
+//! (through the persistent cache), so an edited codegen or template, or a plan compiled without
+//! NVRTC, still runs the current code.
 
 use super::device::Gpu;
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,17 +21,19 @@ pub struct Kernels {
     pub compiled: usize,
 }
 
-/// The arch the plan directory's cubins were built for (`kernels/resources.json`).
-fn plan_arch(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("kernels/resources.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("arch")?.as_str().map(str::to_string)
+/// Whether the plan directory's cubins (`kernels/resources.json`) were built for `arch` from the
+/// templates this build embeds.
+fn plan_cubins_current(dir: &Path, arch: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("kernels/resources.json")) else { return false };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    v.get("arch").and_then(|a| a.as_str()) == Some(arch)
+        && v.get("headers_sha256").and_then(|h| h.as_str()) == Some(vpmoe_codegen::headers::digest().as_str())
 }
 
 impl Kernels {
     pub fn load(gpu: &Gpu, plan: &Plan, plan_dir: Option<&Path>) -> Result<Kernels> {
         let arch = gpu.arch();
-        let dir_ok = plan_dir.filter(|d| plan_arch(d).as_deref() == Some(arch.as_str()));
+        let dir_ok = plan_dir.filter(|d| plan_cubins_current(d, &arch));
         let mut toolchain: Option<Result<Toolchain>> = None;
         let cache = vpmoe_compiler::default_cache_dir();
         let mut k = Kernels { funcs: HashMap::new(), _modules: Vec::new(), from_plan: 0, compiled: 0 };
