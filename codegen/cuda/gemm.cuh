@@ -3,6 +3,7 @@
 //
 //   Y[M, N] = epi(X[M, KD] · W[N, KD]ᵀ (+ bias[N]))       Y row stride `ldy`, f32 or bf16 (OUT)
 //   EPI_NONE: z     EPI_RELU2: max(z, 0)²     EPI_RESID: z + resid[M, N] (resid row stride N)
+//   EPI_POLY: ec·z + eb·resid[M, N] + ea·[row == col]   (Polar Express's a·I + b·A + c·A·A, polar.cuh)
 //
 // Launch: grid (ceil(M/64), ceil(N/64)), block 128. Each block computes one 64x64 tile of Y; its
 // four warps form a 2x2 grid of 32x32 warp tiles, each 2x4 mma.sync m16n8k16 (bf16 in, f32
@@ -21,6 +22,7 @@ namespace vp {
 constexpr int EPI_NONE = 0;
 constexpr int EPI_RELU2 = 1;
 constexpr int EPI_RESID = 2;
+constexpr int EPI_POLY = 4;  // 3 is gemm_nn's EPI_DRELU2
 
 namespace gemm_cfg {
 constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
@@ -33,7 +35,8 @@ constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-fr
 template <int N, int KD, int EPI, int OUT>
 __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, const bf16* __restrict__ resid,
-                                          void* __restrict__ y, int row0, int row_end, int col0, int ldy) {
+                                          void* __restrict__ y, int row0, int row_end, int col0, int ldy,
+                                          float ea = 0.f, float eb = 0.f, float ec = 0.f) {
     using namespace gemm_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
     constexpr int KT = (KD + BK - 1) / BK;
@@ -138,6 +141,11 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16
                     const bf16* rr = resid + (size_t)r * N + c;
                     v0 += bf2f(rr[0]);
                     if (has1) v1 += bf2f(rr[1]);
+                }
+                if (EPI == EPI_POLY) {
+                    const bf16* rr = resid + (size_t)r * N + c;
+                    v0 = ec * v0 + eb * bf2f(rr[0]) + (r == c ? ea : 0.f);
+                    if (has1) v1 = ec * v1 + eb * bf2f(rr[1]) + (r == c + 1 ? ea : 0.f);
                 }
                 const size_t o = (size_t)r * (size_t)ldy + (size_t)c;
                 if (OUT) {

@@ -372,6 +372,7 @@ void test_vres(int n) {
 }
 
 #include "test_bwd.h"
+#include "test_optim.h"
 
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
@@ -423,6 +424,7 @@ int main(int argc, char** argv) {
         test_ce<1000>(7); test_ce<1001>(4); test_conf_weight(600);
     }
     run_bwd_tests(want);
+    run_optim_tests(want);
     printf("emulator errors: %d, failures: %d\n", g_errors, g_fail);
     return g_errors || g_fail;
 }

@@ -43,6 +43,13 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     r.x = (unsigned short)(u >> 16);
     return r;
 }
+// IEEE round-to-nearest arithmetic (x86-64 without -mfma never contracts these into FMAs).
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+inline float __double2float_rn(double a) { return (float)a; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 using std::max; using std::min;
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
