@@ -41,6 +41,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("ce_bwd.cuh", include_str!("../cuda/ce_bwd.cuh")),
     ("embed_sort.cuh", include_str!("../cuda/embed_sort.cuh")),
     ("embed_bwd.cuh", include_str!("../cuda/embed_bwd.cuh")),
+    ("optim.cuh", include_str!("../cuda/optim.cuh")),
 ];
 
 /// SHA-256 over every embedded template (names and bodies): what a kernel's code depends on

@@ -389,7 +389,88 @@ pub const FAMILIES: &[Family] = &[
         tparams: &["H"],
         params: &[("const int*", "sorted"), (BF, "dh"), ("float*", "dtable"), ("int", "T"), ("int", "V")],
     },
+    // The optimizer step (optim.cuh; launched by the runtime from the plan's optimizer program).
+    Family {
+        name: "opt_accum",
+        tparams: &[],
+        params: &[("const float*", "g"), ("float*", "acc"), ("long long", "n"), ("int", "first")],
+    },
+    Family {
+        name: "opt_sumsq",
+        tparams: &[],
+        params: &[("const float*", "g"), ("long long", "n"), ("double*", "partial")],
+    },
+    Family {
+        name: "opt_adamw",
+        tparams: &["OUT"],
+        params: &[
+            ("const float*", "g"),
+            ("float*", "m"),
+            ("float*", "s"),
+            ("float*", "w"),
+            ("void*", "model"),
+            ("long long", "n"),
+            ("float", "coef"),
+            ("double", "b1"),
+            ("double", "b2"),
+            ("double", "eps"),
+            ("double", "bc1"),
+            ("double", "bc2"),
+            ("double", "lr"),
+            ("double", "wd"),
+        ],
+    },
+    Family {
+        name: "pe_start",
+        tparams: &["R", "C"],
+        params: &[
+            ("const float*", "g"),
+            ("float*", "mom"),
+            ("float*", "u"),
+            (BFM, "x"),
+            ("float", "coef"),
+            ("double", "mu"),
+            ("int", "nesterov"),
+            ("double", "safety"),
+            ("double", "eps"),
+        ],
+    },
+    Family { name: "pe_gram", tparams: &["M", "NW"], params: &[(BF, "x"), (BFM, "a")] },
+    Family {
+        name: "pe_poly",
+        tparams: &["M"],
+        params: &[(BF, "a"), ("float*", "b"), ("float", "ca"), ("float", "cb"), ("float", "cc")],
+    },
+    Family {
+        name: "pe_apply",
+        tparams: &["M", "NW", "OUT"],
+        params: &[("const float*", "b"), (BF, "x"), ("void*", "y")],
+    },
+    Family {
+        name: "pe_finish",
+        tparams: &["R", "C"],
+        params: &[
+            ("const float*", "o"),
+            ("float*", "v"),
+            ("float*", "w"),
+            (BFM, "model"),
+            ("double", "beta2"),
+            ("double", "eps"),
+            ("double", "lr"),
+            ("double", "wd"),
+        ],
+    },
 ];
+
+/// The template file defining a family: its own `<family>.cuh`, or `optim.cuh` for the
+/// optimizer's families.
+pub fn header(family: &str) -> String {
+    if family.starts_with("opt_") || family.starts_with("pe_") {
+        "optim.cuh".into()
+    } else {
+        format!("{family}.cuh")
+    }
+}
 
 pub fn family(name: &str) -> &'static Family {
     FAMILIES.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("unknown kernel family {name}"))
@@ -408,7 +489,7 @@ pub struct KernelSpec {
 }
 
 impl KernelSpec {
-    fn new(family: &str, targs: &[u64]) -> Self {
+    pub(crate) fn new(family: &str, targs: &[u64]) -> Self {
         assert_eq!(self::family(family).tparams.len(), targs.len(), "template arity of {family}");
         KernelSpec { family: family.to_string(), targs: targs.to_vec() }
     }

@@ -76,6 +76,16 @@ pub fn build(g: &Graph, arch: &Arch) -> OptimizerPlan {
 }
 
 impl OptimizerPlan {
+    /// The kernels the device optimizer launches for this program (`vpmoe_codegen::optim`).
+    pub fn kernels(&self, params: &[crate::plan::ParamEntry]) -> Vec<(vpmoe_codegen::KernelSpec, u32)> {
+        let shapes: Vec<(u64, u64)> = self.families.iter().map(|f| (f.rows, f.cols)).collect();
+        let mut f32_models: Vec<bool> =
+            self.adamw.iter().map(|&i| params[i as usize].ty.dtype == vpmoe_ir::DType::F32).collect();
+        f32_models.sort();
+        f32_models.dedup();
+        vpmoe_codegen::optim::kernels(&shapes, &f32_models)
+    }
+
     /// The text form appended to `ir.txt`.
     pub fn to_text(&self, g: &Graph) -> String {
         let mut s = String::new();

@@ -211,8 +211,11 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
             role: p.role,
         })
         .collect();
-    let kernels: Vec<KernelEntry> = kernels.into_values().collect();
     let optimizer = crate::optimizer::build(g, arch);
+    for (k, block) in optimizer.kernels(&params) {
+        kernels.insert(k.name(), KernelEntry { name: k.name(), family: k.family.clone(), targs: k.targs, block });
+    }
+    let kernels: Vec<KernelEntry> = kernels.into_values().collect();
     let report = crate::report::report(
         g,
         arch,

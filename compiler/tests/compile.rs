@@ -180,8 +180,8 @@ fn kernel_set_does_not_grow_with_layers() {
     let names = |a: &Arch| compile_arch(a).unwrap().1.kernels.iter().map(|k| k.name.clone()).collect::<Vec<_>>();
     let k80 = names(&load("configs/vpmoe.toml"));
     assert_eq!(k80, names(&eight));
-    // Forward and backward families, each specialised per shape family only.
-    assert!(k80.len() < 120, "{} kernels", k80.len());
+    // Forward, backward and optimizer families, each specialised per shape family only.
+    assert!(k80.len() < 180, "{} kernels", k80.len());
 }
 
 #[test]
