@@ -214,8 +214,10 @@ pub trait Backend {
     /// new model copies; gradients and loads are reset. Fails, naming the first offending
     /// tensor, when a gradient is not finite — before anything is updated.
     fn step(&mut self, s: &StepScalars) -> Result<StepStats>;
-    /// The backend-independent training state (for checkpoints).
-    fn state(&self) -> crate::state::TrainState;
+    /// The backend-independent training state (for checkpoints; the cuda backend downloads it).
+    fn state(&self) -> Result<crate::state::TrainState>;
+    /// Optimizer steps applied so far (without fetching the state).
+    fn step_count(&self) -> u64;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
     /// The device this backend runs on, in words.
     fn device_name(&self) -> String {
@@ -233,21 +235,24 @@ pub trait Backend {
     }
 }
 
-/// Folds one micro-batch's graph outputs into host-side fp32 gradient sums and per-layer router
-/// loads (both backends keep them on the host) and returns what the step reports.
+/// Folds one micro-batch's graph outputs into the per-layer router loads (both backends keep them
+/// on the host) and, when given, into host-side fp32 gradient sums (the cpu backend; the cuda
+/// backend sums on the device), and returns what the step reports.
 pub(crate) fn fold_micro(
     plan: &vpmoe_compiler::Plan,
     mut out: BTreeMap<String, Tensor>,
     batch: &Batch,
-    grads: &mut [Vec<f32>],
+    grads: Option<&mut [Vec<f32>]>,
     loads: &mut BTreeMap<String, Vec<u64>>,
 ) -> MicroOut {
-    for (i, p) in plan.params.iter().enumerate() {
-        if !p.trainable() {
-            continue;
+    if let Some(grads) = grads {
+        for (i, p) in plan.params.iter().enumerate() {
+            if !p.trainable() {
+                continue;
+            }
+            let g = out.remove(&format!("grad.{}", p.name)).expect("every trainable parameter has a gradient");
+            grads[i].iter_mut().zip(g.f()).for_each(|(a, b)| *a += b);
         }
-        let g = out.remove(&format!("grad.{}", p.name)).expect("every trainable parameter has a gradient");
-        grads[i].iter_mut().zip(g.f()).for_each(|(a, b)| *a += b);
     }
     let mut m = MicroOut { loss: out["loss"].f()[0] as f64, ..Default::default() };
     for ((l, mask), s) in out["token_loss"].f().iter().zip(&batch.loss_mask).zip(&batch.span) {

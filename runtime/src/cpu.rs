@@ -189,7 +189,7 @@ impl Backend for CpuBackend<'_> {
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
         let out = self.run(batch, self.graph.nodes.len())?;
-        Ok(crate::backend::fold_micro(self.plan, out, batch, &mut self.grads, &mut self.loads))
+        Ok(crate::backend::fold_micro(self.plan, out, batch, Some(&mut self.grads), &mut self.loads))
     }
 
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
@@ -202,8 +202,12 @@ impl Backend for CpuBackend<'_> {
         Ok(stats)
     }
 
-    fn state(&self) -> TrainState {
-        self.state.clone()
+    fn state(&self) -> Result<TrainState> {
+        Ok(self.state.clone())
+    }
+
+    fn step_count(&self) -> u64 {
+        self.state.step
     }
 
     fn set_state(&mut self, st: TrainState) -> Result<()> {

@@ -357,7 +357,7 @@ pub fn train(
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let start = be.state().step;
+    let start = be.step_count();
     let pb = if opts.progress { indicatif::ProgressBar::new(opts.steps) } else { indicatif::ProgressBar::hidden() };
     pb.set_style(
         indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -371,7 +371,7 @@ pub fn train(
     let mut interrupted = false;
     // Returns the checkpoint path and the masters' checksum.
     let save = |be: &dyn Backend, reader: &Reader, rng: &Rng, center: &KdCenter| -> Result<(PathBuf, String)> {
-        let st = be.state();
+        let st = be.state()?;
         let lr = |s: u64| cfg.schedule.lr_at(s);
         let meta = Meta {
             format: checkpoint::FORMAT,
@@ -518,7 +518,7 @@ pub fn train(
         }
     }
     pb.finish_and_clear();
-    Ok(Outcome { records, interrupted, checkpoint: last_ckpt, state: be.state() })
+    Ok(Outcome { records, interrupted, checkpoint: last_ckpt, state: be.state()? })
 }
 
 /// Statistics of the step's confidence weights (the same formula as the IR reference).

@@ -95,3 +95,41 @@ fn mismatches_are_refused() {
     huge.grid[1] = vpmoe_codegen::LaunchDim::Const(1 << 20);
     assert!(lay.bind(ni, &huge, &scratch).unwrap_err().to_string().contains("device limits"));
 }
+
+/// The device optimizer's groups (no GPU needed): every trainable parameter in exactly one group,
+/// members back to back (so a Normuon family is one `[matrices, rows, cols]` batch), second
+/// moments sized `[matrices, rows]`, and the locked config's device footprint.
+#[test]
+fn optimizer_groups_cover_every_trainable_parameter_once() {
+    use vpmoe_runtime::cuda::optim::{layout, planned_bytes, Kind};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for cfg in ["configs/small.toml", "configs/vpmoe.toml"] {
+        let (_, plan) = compile_arch(&config::load(&root.join(cfg)).unwrap()).unwrap();
+        let groups = layout(&plan);
+        let mut seen = vec![0; plan.params.len()];
+        for g in &groups {
+            let (mut off, mut v_off) = (0, 0);
+            for m in &g.members {
+                seen[m.param] += 1;
+                assert_eq!((m.off, m.v_off, m.len), (off, v_off, plan.params[m.param].numel), "{cfg}");
+                off += m.len;
+                v_off += m.v_len;
+            }
+            assert_eq!((g.len, g.v_len), (off, v_off));
+            if let Kind::Normuon { rows, cols, matrices } = g.kind {
+                assert_eq!(g.len, rows * cols * matrices, "{cfg}: family [{rows}, {cols}]");
+                assert_eq!(g.v_len, rows * matrices);
+            }
+        }
+        for (p, n) in plan.params.iter().zip(&seen) {
+            assert_eq!(*n, p.trainable() as u32, "{cfg}: {}", p.name);
+        }
+        if cfg.ends_with("vpmoe.toml") {
+            // 6.02 B parameters × (bf16 copy + fp32 master, gradient sum and first moment) + 1 GiB
+            // Polar Express scratch + the second moments (AdamW's for the embedding and head):
+            // about 81 GiB, which with the arenas fits an H200, not an 80 GB H100 (docs/perf.md).
+            let gib = planned_bytes(&plan) as f64 / (1u64 << 30) as f64;
+            assert!((79.0..84.0).contains(&gib), "{gib} GiB");
+        }
+    }
+}

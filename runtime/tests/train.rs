@@ -296,7 +296,7 @@ fn a_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint() {
     let good = checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap();
     let before = std::fs::read(good.join("state.safetensors")).unwrap();
     // Poison one weight and continue to step 4.
-    let mut st = be.state();
+    let mut st = be.state().unwrap();
     let i = plan.params.iter().position(|p| p.name.ends_with("self_attention.linear_proj.weight")).unwrap();
     st.master[i][3] = f32::NAN;
     be.set_state(st).unwrap();

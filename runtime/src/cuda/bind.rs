@@ -20,10 +20,13 @@ pub struct Region {
 /// One kernel parameter, as the driver passes it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Param {
-    /// A device pointer and the region it points into (`None` for a null pointer).
+    /// A device pointer and the region it points into (`None` for a null pointer, or one with no
+    /// IR dtype such as the optimizer's `double*` partials).
     Ptr(u64, Option<Region>),
     I32(i32),
+    I64(i64),
     F32(f32),
+    F64(f64),
 }
 
 impl Param {
@@ -32,7 +35,9 @@ impl Param {
         match self {
             Param::Ptr(p, _) => p,
             Param::I32(x) => x as u32 as u64,
+            Param::I64(x) => x as u64,
             Param::F32(x) => x.to_bits() as u64,
+            Param::F64(x) => x.to_bits(),
         }
     }
 }
@@ -141,11 +146,11 @@ impl Layout<'_> {
     }
 }
 
-/// The C parameter type must match what is bound: pointers to the right element type, `int`
-/// and `float` scalars.
-fn check_type(kernel: &str, pname: &str, cty: &str, p: &Param) -> Result<()> {
+/// The C parameter type must match what is bound: pointers to the right element type, `int`,
+/// `long long`, `float` and `double` scalars.
+pub(super) fn check_type(kernel: &str, pname: &str, cty: &str, p: &Param) -> Result<()> {
     let ok = match (cty, p) {
-        ("int", Param::I32(_)) | ("float", Param::F32(_)) => true,
+        ("int", Param::I32(_)) | ("float", Param::F32(_)) | ("long long", Param::I64(_)) | ("double", Param::F64(_)) => true,
         (c, Param::Ptr(_, r)) if c.ends_with('*') => match r {
             None => true,
             Some(r) => {

@@ -1,12 +1,13 @@
 //! The cuda backend: one device arena per activation arena of the plan (sized for the largest
-//! micro-batch), one model copy per parameter, the plan's kernels loaded from its cubins, and
-//! launches in plan order. Gradients are summed on the host in fp32 and the optimizer step is
-//! the host one ([`crate::optim`]), so a step's update is bitwise the cpu backend's given the
-//! same gradients; moving both onto the device is the next step for speed.
+//! micro-batch), the plan's kernels loaded from its cubins, and launches in plan order. Masters,
+//! gradient sums, optimizer state and model copies live on the device ([`super::optim`]): a
+//! micro-batch's gradients are added into the step's sums where the backward wrote them, and the
+//! step runs there; only losses, router loads and the norm partials come back to the host.
 
 use super::bind::{Bound, Layout, Param};
 use super::device::{download, DevBuf, Gpu, GIB};
 use super::kernels::Kernels;
+use super::optim::DeviceOptimizer;
 use crate::backend::{Backend, Batch, ForwardOut, MicroOut, StepScalars, StepStats};
 use crate::state::TrainState;
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,7 +16,7 @@ use half::bf16;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
-use vpmoe_codegen::{lower_node, Scratch};
+use vpmoe_codegen::{lower_node, KernelSpec, Scratch};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{Data, Tensor};
 use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
@@ -23,25 +24,63 @@ use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
 /// Called after each node with the device synchronised (parity checks read the node's values).
 pub type NodeHook<'h, 'g> = &'h mut dyn FnMut(usize, &CudaBackend<'g>, &Layout) -> Result<()>;
 
+/// Launches loaded kernels on the backend's stream, with optional per-kernel timing.
+pub struct Launcher {
+    kernels: Kernels,
+    /// Per-kernel CUDA-event timing of every launch, when on.
+    timer: Option<super::timing::Timer>,
+    stream: cudarc::driver::sys::CUstream,
+}
+
+impl Launcher {
+    /// Launches `spec` after checking `params` against its family's C signature.
+    pub fn launch(&mut self, spec: &KernelSpec, node: &str, grid: [u32; 3], block: u32, params: &[Param]) -> Result<()> {
+        let name = spec.name();
+        let fam = vpmoe_codegen::kernels::family(&spec.family);
+        if fam.params.len() != params.len() {
+            bail!("{name}: {} parameters bound, the kernel takes {}", params.len(), fam.params.len());
+        }
+        for ((cty, pname), p) in fam.params.iter().zip(params) {
+            super::bind::check_type(&name, pname, cty, p)?;
+        }
+        self.raw(&name, node, grid, block, params).with_context(|| format!("{node}: launching {name}"))
+    }
+
+    fn raw(&mut self, kernel: &str, node: &str, grid: [u32; 3], block: u32, params: &[Param]) -> Result<()> {
+        let f = self.kernels.get(kernel)?;
+        let mut slots: Vec<u64> = params.iter().map(|p| p.slot()).collect();
+        let mut args: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut _).collect();
+        let t0 = self.timer.as_mut().map(|t| t.start(self.stream)).transpose()?;
+        unsafe { result::launch_kernel(f, (grid[0], grid[1], grid[2]), (block, 1, 1), 0, self.stream, &mut args) }
+            .map_err(|e| anyhow!("{e}"))?;
+        if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
+            t.stop(kernel, node, t0, self.stream)?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| anyhow!("{e}")).context("a kernel failed")
+    }
+}
+
 pub struct CudaBackend<'g> {
     graph: &'g Graph,
     plan: &'g Plan,
     fwd_len: usize,
-    kernels: Kernels,
+    launcher: Launcher,
     /// Scratch buffers of every node (their element types; sizes are in the plan).
     scratch: Vec<Vec<Scratch>>,
     max_tokens: u64,
     tok_arena: DevBuf,
     fixed_arena: DevBuf,
-    model: Vec<DevBuf>,
-    state: TrainState,
-    grads: Vec<Vec<f32>>,
+    opt: DeviceOptimizer,
+    /// Device address of every parameter's model copy (inside the optimizer's groups).
+    model_ptrs: Vec<u64>,
     loads: BTreeMap<String, Vec<u64>>,
     /// Fill both arenas with 0xFF (NaN in every float type) before each run, so a kernel that
     /// leaves part of its output unwritten shows up as NaN instead of a stale right answer.
     pub poison: bool,
-    /// Per-kernel CUDA-event timing of every launch, when on.
-    timer: Option<super::timing::Timer>,
     gpu: Gpu,
 }
 
@@ -55,77 +94,71 @@ impl<'g> CudaBackend<'g> {
         plan_dir: Option<&Path>,
         max_tokens: usize,
     ) -> Result<Self> {
+        crate::backend::check_state(plan, &state)?;
         let gpu = super::device::open()?;
         let kernels = Kernels::load(&gpu, plan, plan_dir)?;
         let max_tokens = max_tokens as u64;
         let tok_bytes = plan.tok_arena_bytes_per_token * max_tokens;
-        let need = tok_bytes + plan.fixed_arena_bytes + plan.report.memory.weights;
+        let opt_bytes = super::optim::planned_bytes(plan);
+        let need = tok_bytes + plan.fixed_arena_bytes + opt_bytes;
         let free = gpu.ctx.mem_get_info().map(|x| x.0).unwrap_or(usize::MAX) as u64;
         if need > free {
             bail!(
-                "{} needs {:.2} GiB on the GPU for micro-batches of {max_tokens} tokens (activations {:.2}, fixed {:.2}, \
-                 weights {:.2}); {} has {:.2} GiB free",
+                "{} needs {:.2} GiB on the GPU for micro-batches of {max_tokens} tokens (activations {:.2}, fixed arena \
+                 {:.2}, model copies + masters + gradient sums + optimizer state + optimizer scratch {:.2}); {} has \
+                 {:.2} GiB free",
                 plan.arch.name,
                 need as f64 / GIB,
                 tok_bytes as f64 / GIB,
                 plan.fixed_arena_bytes as f64 / GIB,
-                plan.report.memory.weights as f64 / GIB,
+                opt_bytes as f64 / GIB,
                 gpu.name,
                 free as f64 / GIB
             );
         }
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
-        let mut model = Vec::with_capacity(plan.params.len());
-        for p in &plan.params {
-            model.push(DevBuf::new(&gpu, (p.numel * p.ty.dtype.bytes()) as usize, &p.name)?);
-        }
-        let grads = plan.params.iter().map(|p| vec![0.0; p.numel as usize * p.trainable() as usize]).collect();
-        let mut be = CudaBackend {
+        let opt = DeviceOptimizer::new(&gpu, plan, state)?;
+        let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream() };
+        Ok(CudaBackend {
             graph,
             plan,
             fwd_len: vpmoe_compiler::autodiff::forward_len(graph),
-            kernels,
+            launcher,
             scratch: graph.nodes.iter().map(|n| lower_node(n).1).collect(),
             max_tokens,
             tok_arena,
             fixed_arena,
-            model,
-            state,
-            grads,
+            model_ptrs: opt.model_ptrs(plan.params.len()),
+            opt,
             loads: BTreeMap::new(),
             poison: false,
-            timer: None,
             gpu,
-        };
-        be.upload_model()?;
-        Ok(be)
+        })
     }
 
     /// Kernels loaded from the plan directory's cubins, and compiled (or cached) by NVRTC.
     pub fn kernel_sources(&self) -> (usize, usize) {
-        (self.kernels.from_plan, self.kernels.compiled)
+        (self.launcher.kernels.from_plan, self.launcher.kernels.compiled)
+    }
+
+    /// Sets what the next step consumes directly: the gradient sums (plan order, empty for frozen
+    /// parameters) and the router loads. For the optimizer's parity test against the host step.
+    pub fn set_step_inputs(&mut self, grads: &[Vec<f32>], loads: BTreeMap<String, Vec<u64>>) -> Result<()> {
+        if grads.len() != self.plan.params.len() {
+            bail!("{} gradients for {} parameters", grads.len(), self.plan.params.len());
+        }
+        self.loads = loads;
+        self.opt.set_grad_sums(grads)
     }
 
     /// Starts (or stops and returns) per-kernel timing with CUDA events.
     pub fn time_kernels(&mut self, on: bool) -> Option<super::timing::Timer> {
-        let old = self.timer.take();
+        let old = self.launcher.timer.take();
         if on {
-            self.timer = Some(super::timing::Timer::default());
+            self.launcher.timer = Some(super::timing::Timer::default());
         }
         old
-    }
-
-    /// Model copies from the masters: bf16 parameters rounded to nearest even (D9).
-    fn upload_model(&mut self) -> Result<()> {
-        for ((p, w), buf) in self.plan.params.iter().zip(&self.state.master).zip(&self.model) {
-            match p.ty.dtype {
-                DType::Bf16 => buf.upload_at(0, &w.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?,
-                DType::F32 => buf.upload_at(0, w)?,
-                d => bail!("parameter {} has dtype {}", p.name, d.name()),
-            }
-        }
-        Ok(())
     }
 
     fn layout<'a>(&self, batch: &Batch, params: &'a [u64]) -> Layout<'a>
@@ -144,7 +177,7 @@ impl<'g> CudaBackend<'g> {
     }
 
     fn sync(&self) -> Result<()> {
-        self.gpu.stream.synchronize().map_err(|e| anyhow!("{e}")).context("a kernel failed")
+        self.launcher.sync()
     }
 
     /// Reads value `v` of the current run into a reference tensor (bf16 widened to f32, u8 to i32).
@@ -213,18 +246,18 @@ impl<'g> CudaBackend<'g> {
             self.tok_arena.fill(0xFF)?;
             self.fixed_arena.fill(0xFF)?;
         }
-        let ptrs: Vec<u64> = self.model.iter().map(|b| b.ptr).collect();
+        let ptrs = self.model_ptrs.clone();
         let lay = self.layout(batch, &ptrs);
         let plan = self.plan;
         for inp in &self.graph.inputs {
             self.write_value(&lay, inp.value, &batch.input(&inp.name)?)?;
         }
-        let mut slots: Vec<u64> = Vec::new();
         for (ni, node) in self.graph.nodes[..n].iter().enumerate() {
             let _range = super::nvtx::range(&node.name);
             for l in &plan.steps[ni].launches {
-                let b = lay.bind(ni, l, &self.scratch[ni]).with_context(|| format!("binding {}", node.name))?;
-                self.launch(&b, &node.name, &mut slots)
+                let b: Bound = lay.bind(ni, l, &self.scratch[ni]).with_context(|| format!("binding {}", node.name))?;
+                self.launcher
+                    .raw(&b.kernel, &node.name, b.grid, b.block, &b.params)
                     .with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
             }
             if let Some(f) = each.as_deref_mut() {
@@ -232,36 +265,33 @@ impl<'g> CudaBackend<'g> {
                 f(ni, self, &lay)?;
             }
         }
+        if n == self.graph.nodes.len() {
+            // The gradients are final: add them into the step's sums where they lie.
+            self.opt.accumulate(&mut self.launcher, |i| {
+                let name = format!("grad.{}", plan.params[i].name);
+                let v = self.graph.outputs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+                Ok(lay.value(v.ok_or_else(|| anyhow!("the graph has no output {name}"))?)?.addr)
+            })?;
+        }
         self.sync()?;
-        if let Some(t) = self.timer.as_mut() {
+        if let Some(t) = self.launcher.timer.as_mut() {
             t.collect()?;
         }
+        if n == self.graph.nodes.len() {
+            self.opt.accumulated();
+        }
+        // Everything but the gradients (which stay on the device) comes back.
         let mut out = BTreeMap::new();
         for (name, v) in &self.graph.outputs {
             let ready = match self.graph.value(*v).def {
                 ValueDef::Node(id, _) => (id.0 as usize) < n,
                 _ => true,
             };
-            if ready {
+            if ready && !name.starts_with("grad.") {
                 out.insert(name.clone(), self.read_value(&lay, *v)?);
             }
         }
         Ok(out)
-    }
-
-    fn launch(&mut self, b: &Bound, node: &str, slots: &mut Vec<u64>) -> Result<()> {
-        let f = self.kernels.get(&b.kernel)?;
-        slots.clear();
-        slots.extend(b.params.iter().map(|p: &Param| p.slot()));
-        let mut args: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut _).collect();
-        let stream = self.gpu.stream.cu_stream();
-        let t0 = self.timer.as_mut().map(|t| t.start(stream)).transpose()?;
-        unsafe { result::launch_kernel(f, (b.grid[0], b.grid[1], b.grid[2]), (b.block, 1, 1), 0, stream, &mut args) }
-            .map_err(|e| anyhow!("{e}"))?;
-        if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
-            t.stop(&b.kernel, node, t0, stream)?;
-        }
-        Ok(())
     }
 }
 
@@ -281,7 +311,7 @@ impl Backend for CudaBackend<'_> {
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
         let out = self.run_nodes(batch, self.graph.nodes.len(), None)?;
-        let m = crate::backend::fold_micro(self.plan, out, batch, &mut self.grads, &mut self.loads);
+        let m = crate::backend::fold_micro(self.plan, out, batch, None, &mut self.loads);
         if !m.loss.is_finite() {
             bail!("the loss is not finite ({})", m.loss);
         }
@@ -291,24 +321,23 @@ impl Backend for CudaBackend<'_> {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
         let loads = std::mem::take(&mut self.loads).into_iter().collect();
-        let gemm = crate::cpu::FastGemm;
-        let mut stats = crate::optim::apply(self.plan, &mut self.state, &mut self.grads, loads, s, &gemm)?;
-        self.grads.iter_mut().for_each(|g| g.fill(0.0));
-        self.upload_model()?;
+        let mut stats = self.opt.step(&mut self.launcher, self.plan, loads, s)?;
         stats.optimizer_seconds = t0.elapsed().as_secs_f64();
         Ok(stats)
     }
 
-    fn state(&self) -> TrainState {
-        self.state.clone()
+    fn state(&self) -> Result<TrainState> {
+        self.opt.state().context("downloading the training state from the GPU")
+    }
+
+    fn step_count(&self) -> u64 {
+        self.opt.step_count()
     }
 
     fn set_state(&mut self, st: TrainState) -> Result<()> {
         crate::backend::check_state(self.plan, &st)?;
-        self.state = st;
-        self.grads.iter_mut().for_each(|g| g.fill(0.0));
         self.loads.clear();
-        self.upload_model()
+        self.opt.set_state(st)
     }
 
     fn device_name(&self) -> String {

@@ -7,6 +7,7 @@ pub mod device;
 mod exec;
 mod kernels;
 pub mod nvtx;
+pub mod optim;
 pub mod timing;
 
 pub use device::gpu_available;

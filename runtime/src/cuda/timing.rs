@@ -23,6 +23,8 @@ pub fn category(node: &str) -> &'static str {
         "moe"
     } else if node.starts_with("lm_head") || node.starts_with("loss") {
         "lm_head+loss"
+    } else if node == "optimizer" {
+        "optimizer"
     } else {
         "other"
     }
