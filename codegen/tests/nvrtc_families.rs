@@ -113,7 +113,17 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
     .into_iter()
     // The locked config's optimizer: its nine Normuon shape families, both AdamW model dtypes.
     .chain(vpmoe_codegen::optim::kernels(
-        &[(4, 1024), (32, 1024), (128, 1024), (256, 1024), (512, 1024), (1024, 128), (1024, 512), (1024, 1024), (1536, 1024)],
+        &[
+            (4, 1024),
+            (32, 1024),
+            (128, 1024),
+            (256, 1024),
+            (512, 1024),
+            (1024, 128),
+            (1024, 512),
+            (1024, 1024),
+            (1536, 1024),
+        ],
         &[false, true],
     ))
     .collect()

@@ -143,13 +143,18 @@ fn the_device_optimizer_matches_the_host_step() {
         *v = normals(v.len(), 1e-5, 200 + i as u64).iter().map(|x| x.abs()).collect();
     }
     st.step = 6;
-    let grads: Vec<Vec<f32>> =
-        plan.params.iter().enumerate().map(|(i, p)| if p.trainable() { normals(p.numel as usize, 0.05, i as u64) } else { vec![] }).collect();
+    let grads: Vec<Vec<f32>> = plan
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| if p.trainable() { normals(p.numel as usize, 0.05, i as u64) } else { vec![] })
+        .collect();
     let loads: std::collections::BTreeMap<String, Vec<u64>> = plan
         .params
         .iter()
         .filter_map(|p| {
-            let l: u64 = p.name.strip_prefix("decoder.layers.")?.strip_suffix(".mlp.router.expert_bias")?.parse().ok()?;
+            let l: u64 =
+                p.name.strip_prefix("decoder.layers.")?.strip_suffix(".mlp.router.expert_bias")?.parse().ok()?;
             Some((format!("blk{}", l + 1), (0..p.numel).map(|e| (e * 7 + l) % 11).collect()))
         })
         .collect();
@@ -158,12 +163,19 @@ fn the_device_optimizer_matches_the_host_step() {
         let s = StepScalars { lr: 0.02, aux_lr: 0.004, weight_decay: 0.01, clip, bias_rate: 1e-3 };
         let mut host = st.clone();
         let mut hg = grads.clone();
-        let want = vpmoe_runtime::optim::apply(&plan, &mut host, &mut hg, loads.clone().into_iter().collect(), &s, &FastGemm).unwrap();
+        let want =
+            vpmoe_runtime::optim::apply(&plan, &mut host, &mut hg, loads.clone().into_iter().collect(), &s, &FastGemm)
+                .unwrap();
         let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256).unwrap();
         be.set_step_inputs(&grads, loads.clone()).unwrap();
         let got = be.step(&s).unwrap();
         let dev = be.state().unwrap();
-        assert!((got.grad_norm - want.grad_norm).abs() <= 1e-12 * want.grad_norm, "{} vs {}", got.grad_norm, want.grad_norm);
+        assert!(
+            (got.grad_norm - want.grad_norm).abs() <= 1e-12 * want.grad_norm,
+            "{} vs {}",
+            got.grad_norm,
+            want.grad_norm
+        );
         assert_eq!(got.clip_coef, want.clip_coef, "clip {clip}");
         assert_eq!(got.expert_bias, want.expert_bias);
         assert_eq!(dev.step, host.step);
@@ -171,11 +183,16 @@ fn the_device_optimizer_matches_the_host_step() {
         for (i, p) in plan.params.iter().enumerate() {
             let what = format!("{} (clip {clip})", p.name);
             if p.opt != vpmoe_ir::OptGroup::Normuon {
-                assert!(dev.master[i] == host.master[i] && dev.m[i] == host.m[i] && dev.v[i] == host.v[i], "{what}: not bitwise");
+                assert!(
+                    dev.master[i] == host.master[i] && dev.m[i] == host.m[i] && dev.v[i] == host.v[i],
+                    "{what}: not bitwise"
+                );
                 continue;
             }
             assert!(dev.m[i] == host.m[i], "{what}: momentum not bitwise");
-            let delta = |w: &[f32]| -> Vec<f64> { st.master[i].iter().zip(w).map(|(&a, &b)| (a as f64 * keep - b as f64) / s.lr).collect() };
+            let delta = |w: &[f32]| -> Vec<f64> {
+                st.master[i].iter().zip(w).map(|(&a, &b)| (a as f64 * keep - b as f64) / s.lr).collect()
+            };
             let (d, h) = (delta(&dev.master[i]), delta(&host.master[i]));
             let rms = (h.iter().map(|x| x * x).sum::<f64>() / h.len() as f64).sqrt();
             let err = (d.iter().zip(&h).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / h.len() as f64).sqrt() / rms;

@@ -150,7 +150,10 @@ impl Layout<'_> {
 /// `long long`, `float` and `double` scalars.
 pub(super) fn check_type(kernel: &str, pname: &str, cty: &str, p: &Param) -> Result<()> {
     let ok = match (cty, p) {
-        ("int", Param::I32(_)) | ("float", Param::F32(_)) | ("long long", Param::I64(_)) | ("double", Param::F64(_)) => true,
+        ("int", Param::I32(_))
+        | ("float", Param::F32(_))
+        | ("long long", Param::I64(_))
+        | ("double", Param::F64(_)) => true,
         (c, Param::Ptr(_, r)) if c.ends_with('*') => match r {
             None => true,
             Some(r) => {

@@ -34,7 +34,14 @@ pub struct Launcher {
 
 impl Launcher {
     /// Launches `spec` after checking `params` against its family's C signature.
-    pub fn launch(&mut self, spec: &KernelSpec, node: &str, grid: [u32; 3], block: u32, params: &[Param]) -> Result<()> {
+    pub fn launch(
+        &mut self,
+        spec: &KernelSpec,
+        node: &str,
+        grid: [u32; 3],
+        block: u32,
+        params: &[Param],
+    ) -> Result<()> {
         let name = spec.name();
         let fam = vpmoe_codegen::kernels::family(&spec.family);
         if fam.params.len() != params.len() {

@@ -111,8 +111,10 @@ fn scratch_bytes(groups: &[GroupLayout]) -> u64 {
 pub fn planned_bytes(plan: &Plan) -> u64 {
     let groups = layout(plan);
     let state: u64 = groups.iter().map(|g| g.len * (12 + g.model_dtype().bytes()) + g.v_len * 4).sum();
-    let frozen: u64 = plan.params.iter().filter(|p| p.opt == OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
-    let partials: u64 = plan.params.iter().filter(|p| p.trainable()).map(|p| ok::stride_blocks(p.numel) as u64 * 8).sum();
+    let frozen: u64 =
+        plan.params.iter().filter(|p| p.opt == OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
+    let partials: u64 =
+        plan.params.iter().filter(|p| p.trainable()).map(|p| ok::stride_blocks(p.numel) as u64 * 8).sum();
     state + frozen + partials + scratch_bytes(&groups)
 }
 
@@ -456,10 +458,20 @@ impl DeviceOptimizer {
                     NODE,
                     g32,
                     ok::GEMM_THREADS,
-                    &[sp(a, DType::Bf16), sp(b, DType::F32), Param::F32(ca as f32), Param::F32(cb as f32), Param::F32(cc as f32)],
+                    &[
+                        sp(a, DType::Bf16),
+                        sp(b, DType::F32),
+                        Param::F32(ca as f32),
+                        Param::F32(cb as f32),
+                        Param::F32(cc as f32),
+                    ],
                 )?;
                 let last = it + 1 == iters;
-                let (k, y) = if last { (&p.apply_last, sp(u, DType::F32)) } else { (&p.apply, sp(xs[(it + 1) % 2], DType::Bf16)) };
+                let (k, y) = if last {
+                    (&p.apply_last, sp(u, DType::F32))
+                } else {
+                    (&p.apply, sp(xs[(it + 1) % 2], DType::Bf16))
+                };
                 l.launch(k, NODE, a32, ok::GEMM_THREADS, &[sp(b, DType::F32), sp(x, DType::Bf16), y])?;
             }
             l.launch(
