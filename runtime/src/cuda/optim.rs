@@ -155,6 +155,13 @@ impl Group {
 impl DeviceOptimizer {
     /// Allocates every group and uploads `st` (the masters, model copies and optimizer state).
     pub fn new(gpu: &Gpu, plan: &Plan, st: TrainState) -> Result<DeviceOptimizer> {
+        if let Some(p) = plan.params.iter().find(|p| p.opt == OptGroup::Normuon && p.ty.dtype != DType::Bf16) {
+            bail!(
+                "Normuon parameter {} is {}; the device optimizer writes bf16 model copies for Normuon",
+                p.name,
+                p.ty.dtype.name()
+            );
+        }
         let mut groups = Vec::new();
         for lay in layout(plan) {
             let what = |b: &str| format!("{b} of {:?}", lay.kind);
