@@ -226,8 +226,10 @@ impl DeviceOptimizer {
         out
     }
 
+    /// Uploads the host state, then drops the uploaded tensors from it (the device copy is the
+    /// truth; the locked config's would otherwise keep 69 GiB of host memory).
     fn upload(&mut self) -> Result<()> {
-        let st = &self.host;
+        let st = &mut self.host;
         for g in &self.groups {
             for m in &g.lay.members {
                 let i = m.param;
@@ -241,12 +243,26 @@ impl DeviceOptimizer {
                         g.model.upload_at(m.off as usize * 2, &b)?
                     }
                 }
+                st.master[i] = Vec::new();
+                st.m[i] = Vec::new();
+                st.v[i] = Vec::new();
             }
         }
-        for (i, buf) in &self.frozen {
-            buf.upload_at(0, &self.host.master[*i])?;
-        }
+        self.upload_frozen()?;
         self.first = true;
+        Ok(())
+    }
+
+    /// The frozen parameters' device copies from their host masters, in their dtype.
+    fn upload_frozen(&self) -> Result<()> {
+        for (i, buf) in &self.frozen {
+            let w = &self.host.master[*i];
+            if buf.bytes == w.len() * 4 {
+                buf.upload_at(0, w)?;
+            } else {
+                buf.upload_at(0, &w.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())?;
+            }
+        }
         Ok(())
     }
 
@@ -256,6 +272,9 @@ impl DeviceOptimizer {
         for g in &self.groups {
             for m in &g.lay.members {
                 let i = m.param;
+                st.master[i] = vec![0.0; m.len as usize];
+                st.m[i] = vec![0.0; m.len as usize];
+                st.v[i] = vec![0.0; m.v_len as usize];
                 download(g.master.ptr + m.off * 4, &mut st.master[i])?;
                 download(g.m.ptr + m.off * 4, &mut st.m[i])?;
                 download(g.v.ptr + m.v_off * 4, &mut st.v[i])?;
@@ -355,9 +374,7 @@ impl DeviceOptimizer {
         let coef = clip_coefficient(sq, s.clip);
 
         crate::optim::update_expert_bias(plan, &mut self.host, &loads, s.bias_rate);
-        for (i, buf) in &self.frozen {
-            buf.upload_at(0, &self.host.master[*i])?;
-        }
+        self.upload_frozen()?;
 
         let o = &plan.optimizer;
         let k = self.host.step + 1;
