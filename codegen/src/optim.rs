@@ -98,9 +98,6 @@ impl Polar {
     }
 }
 
-/// Largest row count `pe_finish` supports (one f64 row scale per row in shared memory).
-pub const MAX_ROWS: u64 = 5120;
-
 /// Every kernel (with its block size) an optimizer with these Normuon family shapes and these
 /// AdamW model-copy dtypes (`true` = f32) launches.
 pub fn kernels(families: &[(u64, u64)], adamw_f32_models: &[bool]) -> Vec<(KernelSpec, u32)> {

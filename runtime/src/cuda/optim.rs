@@ -134,8 +134,8 @@ pub struct DeviceOptimizer {
     frozen: Vec<(usize, DevBuf)>,
     /// Per trainable parameter (plan order): its index, group, member index and first partial.
     trainable: Vec<(usize, usize, usize, usize)>,
+    /// One f64 per block of every `opt_sumsq` launch.
     partials: DevBuf,
-    n_partials: usize,
     scratch: DevBuf,
     /// The next accumulation starts the step's sums (overwrites instead of adding).
     first: bool,
@@ -203,7 +203,6 @@ impl DeviceOptimizer {
             frozen,
             trainable,
             partials: DevBuf::new(gpu, n_partials * 8, "gradient-norm partials")?,
-            n_partials,
             scratch: DevBuf::new(gpu, scratch_bytes as usize, "Polar Express scratch")?,
             first: true,
         };
@@ -360,7 +359,7 @@ impl DeviceOptimizer {
             )?;
         }
         l.sync()?;
-        let mut partials = vec![0f64; self.n_partials];
+        let mut partials = vec![0f64; self.partials.bytes / 8];
         download(self.partials.ptr, &mut partials)?;
         let mut sq = 0f64;
         for &(i, g, k, p0) in &self.trainable {
