@@ -84,6 +84,8 @@ pub struct CudaBackend<'g> {
     opt: DeviceOptimizer,
     /// Device address of every parameter's model copy (inside the optimizer's groups).
     model_ptrs: Vec<u64>,
+    /// The graph output holding each parameter's gradient (`None` for frozen parameters).
+    grad_values: Vec<Option<ValueId>>,
     loads: BTreeMap<String, Vec<u64>>,
     /// Fill both arenas with 0xFF (NaN in every float type) before each run, so a kernel that
     /// leaves part of its output unwritten shows up as NaN instead of a stale right answer.
@@ -126,6 +128,15 @@ impl<'g> CudaBackend<'g> {
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
         let opt = DeviceOptimizer::new(&gpu, plan, state)?;
+        let outputs: BTreeMap<&str, ValueId> = graph.outputs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let mut grad_values = Vec::with_capacity(plan.params.len());
+        for p in &plan.params {
+            let v = outputs.get(format!("grad.{}", p.name).as_str()).copied();
+            if p.trainable() && v.is_none() {
+                bail!("the graph has no gradient output for {}", p.name);
+            }
+            grad_values.push(v);
+        }
         let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream() };
         Ok(CudaBackend {
             graph,
@@ -137,6 +148,7 @@ impl<'g> CudaBackend<'g> {
             tok_arena,
             fixed_arena,
             model_ptrs: opt.model_ptrs(plan.params.len()),
+            grad_values,
             opt,
             loads: BTreeMap::new(),
             poison: false,
@@ -272,20 +284,9 @@ impl<'g> CudaBackend<'g> {
                 f(ni, self, &lay)?;
             }
         }
-        if n == self.graph.nodes.len() {
-            // The gradients are final: add them into the step's sums where they lie.
-            self.opt.accumulate(&mut self.launcher, |i| {
-                let name = format!("grad.{}", plan.params[i].name);
-                let v = self.graph.outputs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-                Ok(lay.value(v.ok_or_else(|| anyhow!("the graph has no output {name}"))?)?.addr)
-            })?;
-        }
         self.sync()?;
         if let Some(t) = self.launcher.timer.as_mut() {
             t.collect()?;
-        }
-        if n == self.graph.nodes.len() {
-            self.opt.accumulated();
         }
         // Everything but the gradients (which stay on the device) comes back.
         let mut out = BTreeMap::new();
@@ -318,6 +319,13 @@ impl Backend for CudaBackend<'_> {
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
         let out = self.run_nodes(batch, self.graph.nodes.len(), None)?;
+        // The gradients are final: add them into the step's sums where the backward wrote them.
+        let ptrs = self.model_ptrs.clone();
+        let lay = self.layout(batch, &ptrs);
+        let grad_values = &self.grad_values;
+        self.opt.accumulate(&mut self.launcher, |i| Ok(lay.value(grad_values[i].expect("trainable"))?.addr))?;
+        self.launcher.sync().context("adding the gradients into the step's sums")?;
+        self.opt.accumulated();
         let m = crate::backend::fold_micro(self.plan, out, batch, None, &mut self.loads);
         if !m.loss.is_finite() {
             bail!("the loss is not finite ({})", m.loss);
@@ -364,6 +372,9 @@ impl Backend for CudaBackend<'_> {
             return Ok(None);
         }
         unsafe { cudarc::driver::sys::cuProfilerStop() }.result().map_err(|e| anyhow!("cuProfilerStop: {e}"))?;
-        Ok(self.time_kernels(false).map(|t| t.table()))
+        // The step's launches (gradient sums, optimizer) come after the last run's collection.
+        let mut timer = self.time_kernels(false);
+        timer.as_mut().map(|t| t.collect()).transpose()?;
+        Ok(timer.map(|t| t.table()))
     }
 }
