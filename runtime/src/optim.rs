@@ -38,6 +38,14 @@ pub fn update_expert_bias(plan: &Plan, st: &mut TrainState, loads: &[(String, Ve
     }
 }
 
+/// The expert biases of the MoE layers in `loads`, as the step reports them (after its update).
+pub fn expert_biases(plan: &Plan, st: &TrainState, loads: &[(String, Vec<u64>)]) -> Vec<(String, Vec<f32>)> {
+    loads
+        .iter()
+        .filter_map(|(layer, _)| expert_bias_param(plan, layer).map(|i| (layer.clone(), st.master[i].clone())))
+        .collect()
+}
+
 /// Parameter index of the expert bias of MoE layer `blkN` (1-indexed, as node names are).
 pub fn expert_bias_param(plan: &Plan, layer: &str) -> Option<usize> {
     let n: u64 = layer.strip_prefix("blk")?.parse().ok()?;
@@ -99,9 +107,6 @@ pub fn apply(
         optim::adamw_step(&ah, w, &grads[i], m, v, k, s.aux_lr, wd);
     }
     st.step = k;
-    let expert_bias = loads
-        .iter()
-        .filter_map(|(layer, _)| expert_bias_param(plan, layer).map(|i| (layer.clone(), st.master[i].clone())))
-        .collect();
+    let expert_bias = expert_biases(plan, st, &loads);
     Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
 }

@@ -413,12 +413,7 @@ impl DeviceOptimizer {
         l.sync()?;
         self.host.step = k;
         self.first = true;
-        let expert_bias = loads
-            .iter()
-            .filter_map(|(layer, _)| {
-                crate::optim::expert_bias_param(plan, layer).map(|i| (layer.clone(), self.host.master[i].clone()))
-            })
-            .collect();
+        let expert_bias = crate::optim::expert_biases(plan, &self.host, &loads);
         Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
     }
 
