@@ -43,6 +43,18 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
         contrib.entry(a).or_default().push(aux_grad.expect("aux outputs imply aux_grad"));
     }
 
+    // A parameter's gradient is final once its first reader's vjp has run: its sum is emitted
+    // there, so the contributions (and the gradient itself, see `plan`) do not live to the end.
+    let mut first_reader: HashMap<ValueId, usize> = HashMap::new();
+    for (ni, node) in g.nodes[..n_fwd].iter().enumerate().rev() {
+        for v in &node.inputs {
+            first_reader.insert(*v, ni);
+        }
+    }
+    let params: HashMap<ValueId, String> =
+        g.params.iter().filter(|p| p.trainable()).map(|p| (p.value, p.name.clone())).collect();
+    let mut done: HashMap<ValueId, ValueId> = HashMap::new();
+
     for ni in (0..n_fwd).rev() {
         let node = g.nodes[ni].clone();
         let outs = node.op.grad_outs();
@@ -67,6 +79,14 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
                 contrib.entry(x).or_default().push(dx);
             }
         }
+        for x in &node.inputs {
+            if let Some(name) = params.get(x) {
+                if first_reader[x] == ni && contrib.contains_key(x) {
+                    let d = total(g, &mut contrib, *x, &format!("grad.{name}.sum"));
+                    done.insert(*x, d);
+                }
+            }
+        }
     }
 
     for pi in 0..g.params.len() {
@@ -74,10 +94,11 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
         if !p.trainable() {
             continue;
         }
-        if !contrib.contains_key(&p.value) {
-            bail!("trainable parameter {} receives no gradient from the loss", p.name);
-        }
-        let d = total(g, &mut contrib, p.value, &format!("grad.{}.sum", p.name));
+        let d = match done.get(&p.value) {
+            Some(d) => *d,
+            None if contrib.contains_key(&p.value) => total(g, &mut contrib, p.value, &format!("grad.{}.sum", p.name)),
+            None => bail!("trainable parameter {} receives no gradient from the loss", p.name),
+        };
         g.output(&format!("grad.{}", p.name), d);
     }
     Ok(())

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use vpmoe_codegen::{lower_node, Launch};
 use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
-pub const PLAN_FORMAT: u32 = 1;
+pub const PLAN_FORMAT: u32 = 2;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
 
 /// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).
@@ -65,6 +65,11 @@ pub struct Buffer {
 pub struct Step {
     pub node: String,
     pub launches: Vec<Launch>,
+    /// Parameters (plan indices) whose gradient this node finalises: a backend adds each into
+    /// the step's gradient sums right after the node, so the gradient's buffer lives only until
+    /// then (or until its last reader) instead of to the end of the micro-batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grads: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -134,9 +139,40 @@ fn assign(reqs: &[&Req]) -> (Vec<u64>, u64) {
     (offsets, peak)
 }
 
+/// Per node: the parameters (graph order) whose `grad.<name>` output it produces, and each such
+/// output's value.
+fn finalised_grads(g: &Graph) -> Vec<Vec<(u32, vpmoe_ir::ValueId)>> {
+    let outputs: BTreeMap<&str, vpmoe_ir::ValueId> = g.outputs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let mut out = vec![Vec::new(); g.nodes.len()];
+    for (pi, p) in g.params.iter().enumerate() {
+        if let Some(&v) = outputs.get(format!("grad.{}", p.name).as_str()) {
+            if let vpmoe_ir::ValueDef::Node(id, _) = g.value(v).def {
+                out[id.0 as usize].push((pi as u32, v));
+            }
+        }
+    }
+    out
+}
+
 pub fn build(g: &Graph, arch: &Arch) -> Plan {
     let n_nodes = g.nodes.len() as u32;
-    let last = g.last_uses();
+    let grads = finalised_grads(g);
+    // A gradient output is consumed by the accumulation right after its node: it lives until
+    // then or until its last reader, not to the end of the graph.
+    let mut last: Vec<Option<usize>> = g.last_uses();
+    let mut readers: Vec<Option<usize>> = vec![None; g.values.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for v in &n.inputs {
+            readers[v.0 as usize] = Some(i);
+        }
+    }
+    for (ni, ps) in grads.iter().enumerate() {
+        for &(_, v) in ps {
+            if g.outputs.iter().filter(|(_, o)| *o == v).count() == 1 {
+                last[v.0 as usize] = Some(readers[v.0 as usize].map_or(ni, |r| r.max(ni)));
+            }
+        }
+    }
     let mut reqs = Vec::new();
     let sized = |ty: &TensorType| -> (Arena, u64) {
         let (per_tok, fixed) = ty.numel_split();
@@ -182,7 +218,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
                 block: l.block,
             });
         }
-        steps.push(Step { node: node.name.clone(), launches });
+        steps.push(Step { node: node.name.clone(), launches, grads: grads[ni as usize].iter().map(|g| g.0).collect() });
     }
     let mut buffers = Vec::new();
     let mut sizes = (0, 0);

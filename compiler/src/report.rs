@@ -12,11 +12,13 @@ pub struct Memory {
     /// Model-dtype copies of every parameter and buffer (bf16, f32 where the IR says so).
     pub weights: u64,
     pub masters: u64,
+    /// The step's fp32 gradient sums (a micro-batch's gradients are added in as produced).
     pub gradients: u64,
     /// Normuon momentum + row second moment; AdamW first and second moments.
     pub optimizer_state: u64,
     /// Peak of the activation arenas for a training step (forward and backward) of one
-    /// micro-batch of `seq_len` tokens, excluding the parameter gradients and the workspace.
+    /// micro-batch of `seq_len` tokens (including each parameter gradient until it is added into
+    /// its sum), excluding the workspace.
     pub activations: u64,
     /// The largest node-private scratch of one node (kernel temporaries: split-K partials,
     /// softmax statistics, dispatch offsets), at `seq_len` tokens.
@@ -96,8 +98,9 @@ pub fn report(
             _ => 2 * p.numel * 4,
         };
     }
-    // The arenas also hold the step's parameter gradients and the workspace, counted apart.
-    mem.activations = mem.activations.saturating_sub(mem.gradients + mem.workspace);
+    // The arenas also hold the workspace, counted apart. `gradients` are the step's sums, held
+    // beside the masters; a node's gradient output occupies the arena only until it is added in.
+    mem.activations = mem.activations.saturating_sub(mem.workspace);
     Report {
         arch: arch.name.clone(),
         seq_len: s,

@@ -51,6 +51,44 @@ fn every_trainable_parameter_gets_a_gradient_output() {
     }
 }
 
+/// Each trainable parameter's gradient is added into its sum by the node that finalises it
+/// (`Step::grads`), so the memory plan frees its buffer after that node or its last reader:
+/// a micro-batch never holds a second fp32 copy of the model (22.4 GiB for the locked config).
+#[test]
+fn gradients_are_accumulated_where_they_are_final() {
+    for name in SMALL.iter().map(|n| format!("tests/configs/{n}.toml")).chain(["configs/vpmoe.toml".to_string()]) {
+        let (g, plan) = compile_arch(&load(&name)).unwrap();
+        let mut at = vec![None; plan.params.len()];
+        for (ni, st) in plan.steps.iter().enumerate() {
+            for &pi in &st.grads {
+                assert!(
+                    at[pi as usize].replace(ni).is_none(),
+                    "{name}: {} accumulated twice",
+                    plan.params[pi as usize].name
+                );
+            }
+        }
+        let readers = |v: vpmoe_ir::ValueId| g.nodes.iter().rposition(|n| n.inputs.contains(&v));
+        for (pi, p) in plan.params.iter().enumerate() {
+            let Some(ni) = at[pi] else {
+                assert!(!p.trainable(), "{name}: {} is never accumulated", p.name);
+                continue;
+            };
+            let v = g.output_named(&format!("grad.{}", p.name)).unwrap();
+            assert!(
+                matches!(g.value(v).def, vpmoe_ir::ValueDef::Node(id, _) if id.0 as usize == ni),
+                "{name}: {}",
+                p.name
+            );
+            let b = plan.buffer_of(&vpmoe_compiler::plan::BufferKey::Value(v.0)).unwrap();
+            assert_eq!(b.live, (ni as u32, readers(v).map_or(ni, |r| r.max(ni)) as u32), "{name}: {}", p.name);
+        }
+        if name.ends_with("vpmoe.toml") {
+            assert!(plan.fixed_arena_bytes < 1 << 30, "{name}: fixed arena {} B", plan.fixed_arena_bytes);
+        }
+    }
+}
+
 #[test]
 fn plan_snapshot_of_tiny_moe() {
     // The memory-planning and codegen lowering, shown as the plan's text: each node's launches

@@ -48,6 +48,18 @@ enum Cmd {
     Forward(SyntheticRun),
 }
 
+/// The backend and where its state lives.
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// Which backend executes the plan. Always explicit: nothing falls back silently.
+    #[arg(long = "backend", value_enum)]
+    kind: BackendKind,
+    /// cuda: keep the Normuon momenta in pinned host memory, read and written over PCIe once per
+    /// step (same results bit for bit). The locked config then fits an 80 GB H100.
+    #[arg(long)]
+    host_momentum: bool,
+}
+
 /// A plan run on seeded synthetic micro-batches (`forward`, `bench`).
 #[derive(clap::Args)]
 struct SyntheticRun {
@@ -57,9 +69,8 @@ struct SyntheticRun {
     /// Or compile this architecture TOML in memory (default: configs/small.toml).
     #[arg(long)]
     arch: Option<PathBuf>,
-    /// Which backend executes the plan. Always explicit: nothing falls back silently.
-    #[arg(long, value_enum)]
-    backend: BackendKind,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Tokens per row (default: the architecture's max_sequence_length).
     #[arg(long)]
     seq_len: Option<usize>,
@@ -156,9 +167,8 @@ struct TrainArgs {
     /// Held-out loss uses the valid split of the first dataset that has one.
     #[arg(long, value_name = "DIR[:WEIGHT]")]
     data: Vec<String>,
-    /// Which backend trains. Always explicit: nothing falls back silently.
-    #[arg(long, value_enum)]
-    backend: BackendKind,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Optimizer steps of the whole run (a resumed run continues up to this step).
     #[arg(long, default_value_t = 40)]
     steps: u64,
@@ -242,17 +252,18 @@ fn parse_steps(s: &str) -> Result<(u64, u64), String> {
 
 /// The backend the user chose; the cuda one fails with an explanation where there is no GPU.
 fn backend<'g>(
-    kind: BackendKind,
+    args: &BackendArgs,
     graph: &'g vpmoe_ir::Graph,
     plan: &'g vpmoe_compiler::Plan,
     state: TrainState,
     plan_dir: Option<&std::path::Path>,
     max_tokens: usize,
 ) -> Result<Box<dyn Backend + 'g>> {
-    Ok(match kind {
+    Ok(match args.kind {
+        BackendKind::Cpu if args.host_momentum => bail!("--host-momentum places cuda state; it needs --backend cuda"),
         BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
         BackendKind::Cuda => {
-            let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens)?;
+            let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
             let (stored, compiled) = be.kernel_sources();
             eprintln!(
                 "cuda backend on {}: {stored} kernels from the plan's cubins, {compiled} compiled by NVRTC",
@@ -295,7 +306,7 @@ fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(vpmoe_ir::Gr
 fn run_train(a: TrainArgs) -> Result<()> {
     let plan_dir = a.plan.clone();
     let (graph, plan) = plan_of(a.plan, a.arch)?;
-    if a.profile_steps.is_some() && a.backend != BackendKind::Cuda {
+    if a.profile_steps.is_some() && a.backend.kind != BackendKind::Cuda {
         bail!("--profile-steps profiles GPU kernels; it needs --backend cuda");
     }
     let seq_len = a.seq_len.unwrap_or(plan.arch.max_seq.min(128) as usize);
@@ -327,7 +338,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     };
     // Open the device before any data work: a missing GPU is reported at once.
     let state = TrainState::init(&plan, cfg.seed);
-    let mut be = backend(a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
+    let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
         vec![(vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?, 1.0)]
@@ -352,7 +363,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         plan.report.params_total,
         &plan.fingerprint[..16],
         data.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect::<Vec<_>>().join(" + "),
-        a.backend.to_possible_value().expect("named").get_name(),
+        a.backend.kind.to_possible_value().expect("named").get_name(),
         cfg.grad_accum,
         cfg.micro_batch,
         cfg.seq_len
@@ -384,8 +395,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let tokens = seq * a.micro_batch;
-    let mut be = backend(a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
-    let device = match &a.backend {
+    let mut be = backend(&a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
+    let device = match a.backend.kind {
         BackendKind::Cpu => "cpu".to_string(),
         BackendKind::Cuda => be.device_name(),
     };
@@ -404,7 +415,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         let st = be.step(&scalars)?;
         Ok((t0.elapsed().as_secs_f64(), st.optimizer_seconds))
     };
-    let pb = indicatif::ProgressBar::new(warmup + steps + (a.backend == BackendKind::Cuda) as u64);
+    let pb = indicatif::ProgressBar::new(warmup + steps + (a.backend.kind == BackendKind::Cuda) as u64);
     for i in 0..warmup {
         one_step(be.as_mut(), i)?;
         pb.inc(1);
@@ -417,7 +428,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         pb.inc(1);
     }
     // One more step with per-kernel events, kept out of the timed ones (events cost time).
-    let table = if a.backend == BackendKind::Cuda {
+    let table = if a.backend.kind == BackendKind::Cuda {
         be.profile(true)?;
         one_step(be.as_mut(), warmup + steps)?;
         pb.inc(1);
@@ -498,15 +509,14 @@ fn run() -> Result<()> {
         Cmd::Train(a) => run_train(a),
         Cmd::Bench(a) => run_bench(a),
         Cmd::Forward(run) => {
-            let (backend, micro_batch, seed) = (run.backend, run.micro_batch, run.seed);
+            let (micro_batch, seed) = (run.micro_batch, run.seed);
             let (plan_dir, graph, plan, seq) = run.plan()?;
             let a = &plan.arch;
             let batch = synthetic_batch(a.vocab, seq, micro_batch, seed);
             batch.validate(a.vocab)?;
             let t0 = Instant::now();
-            let kind = backend;
             let mut be = self::backend(
-                kind,
+                &run.backend,
                 &graph,
                 &plan,
                 TrainState::init(&plan, seed),

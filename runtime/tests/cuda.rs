@@ -93,7 +93,7 @@ fn every_node_matches_the_reference() {
         if skew {
             skew_router(&plan, &mut st);
         }
-        let mut be = CudaBackend::new(&g, &plan, st, None, batch.tokens.len()).unwrap();
+        let mut be = CudaBackend::new(&g, &plan, st, None, batch.tokens.len(), false).unwrap();
         be.poison = true;
         let dims = Dims { tokens: batch.tokens.len(), seq: batch.seq };
         let mut each = |ni: usize, be: &CudaBackend, lay: &vpmoe_runtime::cuda::bind::Layout| -> anyhow::Result<()> {
@@ -166,7 +166,7 @@ fn the_device_optimizer_matches_the_host_step() {
         let want =
             vpmoe_runtime::optim::apply(&plan, &mut host, &mut hg, loads.clone().into_iter().collect(), &s, &FastGemm)
                 .unwrap();
-        let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256).unwrap();
+        let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, false).unwrap();
         be.set_step_inputs(&grads, loads.clone()).unwrap();
         let got = be.step(&s).unwrap();
         let dev = be.state().unwrap();
@@ -207,7 +207,7 @@ fn the_device_optimizer_matches_the_host_step() {
     let mut bad = grads.clone();
     let victim = plan.params.iter().rposition(|p| p.opt == vpmoe_ir::OptGroup::Normuon).unwrap();
     bad[victim][3] = f32::NAN;
-    let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256).unwrap();
+    let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, false).unwrap();
     be.set_step_inputs(&bad, loads).unwrap();
     let s = StepScalars { lr: 0.02, aux_lr: 0.004, weight_decay: 0.01, clip: 1.0, bias_rate: 1e-3 };
     let err = be.step(&s).unwrap_err().to_string();
@@ -286,7 +286,8 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     o_gpu.profile_steps = Some((3, 4));
     let gpu = {
         let mut be =
-            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len).unwrap();
+            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len, false)
+                .unwrap();
         train::train(&mut be, &plan, &data(), &c, &o_gpu).unwrap()
     };
     let l = |o: &train::Outcome| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
@@ -314,7 +315,7 @@ fn checkpoints_resume_across_backends() {
         let mk = |cuda: bool| -> Box<dyn vpmoe_runtime::Backend + '_> {
             let st = TrainState::init(&plan, c.seed);
             if cuda {
-                Box::new(CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len).unwrap())
+                Box::new(CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len, false).unwrap())
             } else {
                 Box::new(CpuBackend::new(&g, &plan, st))
             }
@@ -331,4 +332,27 @@ fn checkpoints_resume_across_backends() {
         assert_tracks(&losses, &reference, if first_cuda { "cuda then cpu" } else { "cpu then cuda" });
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// The 80 GB H100 option: Normuon momenta in pinned host memory change where bytes live, not
+/// what is computed, so four steps leave the same state bit for bit.
+#[test]
+fn host_momentum_gives_the_same_state_bit_for_bit() {
+    if !gpu("host_momentum_gives_the_same_state_bit_for_bit") {
+        return;
+    }
+    let (g, plan) = small();
+    let mut states = Vec::new();
+    for host in [false, true] {
+        let (c, o) = cfg(4, tmp(if host { "hm-host" } else { "hm-device" }));
+        let tokens = c.micro_batch * c.seq_len;
+        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, host).unwrap();
+        train::train(&mut be, &plan, &data(), &c, &o).unwrap();
+        states.push(vpmoe_runtime::Backend::state(&be).unwrap());
+    }
+    let bits = |t: &[Vec<f32>]| t.iter().map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>();
+    assert_eq!(states[0].step, 4);
+    assert!(bits(&states[0].master) == bits(&states[1].master), "masters differ");
+    assert!(bits(&states[0].m) == bits(&states[1].m), "momenta differ");
+    assert!(bits(&states[0].v) == bits(&states[1].v), "second moments differ");
 }

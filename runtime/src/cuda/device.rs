@@ -57,6 +57,10 @@ pub fn open() -> Result<Gpu> {
 pub struct DevBuf {
     pub ptr: u64,
     pub bytes: usize,
+    /// Pinned host memory mapped into the device's address space (`new_mapped`): kernels read
+    /// and write it over PCIe, and with unified addressing every copy and memset takes `ptr`.
+    /// Holds the host address, which frees it.
+    mapped: Option<usize>,
     ctx: Arc<CudaContext>,
 }
 
@@ -74,7 +78,21 @@ impl DevBuf {
                 total as f64 / GIB
             )
         })?;
-        Ok(DevBuf { ptr, bytes, ctx: gpu.ctx.clone() })
+        Ok(DevBuf { ptr, bytes, mapped: None, ctx: gpu.ctx.clone() })
+    }
+
+    /// Pinned host memory that kernels address directly (for state streamed once per step).
+    pub fn new_mapped(gpu: &Gpu, bytes: usize, what: &str) -> Result<DevBuf> {
+        gpu.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
+        let host = unsafe { result::malloc_host(bytes.max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(|e| anyhow!("pinning {what} ({:.2} GiB) in host memory: {e}", bytes as f64 / GIB))?;
+        let mut ptr = 0;
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut ptr, host, 0) }.result();
+        if let Err(e) = r {
+            let _ = unsafe { result::free_host(host) };
+            bail!("mapping {what} into {}'s address space: {e}", gpu.name);
+        }
+        Ok(DevBuf { ptr, bytes, mapped: Some(host as usize), ctx: gpu.ctx.clone() })
     }
 
     /// Copies `src` to `self.ptr + offset`.
@@ -94,7 +112,10 @@ impl DevBuf {
 impl Drop for DevBuf {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        let _ = unsafe { result::free_sync(self.ptr) };
+        let _ = match self.mapped {
+            Some(host) => unsafe { result::free_host(host as *mut std::ffi::c_void) },
+            None => unsafe { result::free_sync(self.ptr) },
+        };
     }
 }
 

@@ -96,26 +96,38 @@ pub struct CudaBackend<'g> {
 impl<'g> CudaBackend<'g> {
     /// Opens the GPU, loads the plan's kernels (from `plan_dir`'s cubins when they are current,
     /// else compiled by NVRTC) and allocates everything for micro-batches of up to `max_tokens`.
+    /// `host_momentum` keeps the Normuon momenta in pinned host memory (the 80 GB H100 option:
+    /// see [`DeviceOptimizer::new`]).
     pub fn new(
         graph: &'g Graph,
         plan: &'g Plan,
         state: TrainState,
         plan_dir: Option<&Path>,
         max_tokens: usize,
+        host_momentum: bool,
     ) -> Result<Self> {
         crate::backend::check_state(plan, &state)?;
         let gpu = super::device::open()?;
         let kernels = Kernels::load(&gpu, plan, plan_dir)?;
         let max_tokens = max_tokens as u64;
         let tok_bytes = plan.tok_arena_bytes_per_token * max_tokens;
-        let opt_bytes = super::optim::planned_bytes(plan);
+        let opt_bytes = super::optim::planned_bytes(plan, host_momentum);
         let need = tok_bytes + plan.fixed_arena_bytes + opt_bytes;
         let free = gpu.ctx.mem_get_info().map(|x| x.0).unwrap_or(usize::MAX) as u64;
         if need > free {
+            let momentum = super::optim::momentum_bytes(plan);
+            let hint = if !host_momentum && need - momentum <= free {
+                format!(
+                    "; --host-momentum keeps the Normuon momenta ({:.2} GiB) in host memory and fits",
+                    momentum as f64 / GIB
+                )
+            } else {
+                String::new()
+            };
             bail!(
                 "{} needs {:.2} GiB on the GPU for micro-batches of {max_tokens} tokens (activations {:.2}, fixed arena \
                  {:.2}, model copies + masters + gradient sums + optimizer state + optimizer scratch {:.2}); {} has \
-                 {:.2} GiB free",
+                 {:.2} GiB free{hint}",
                 plan.arch.name,
                 need as f64 / GIB,
                 tok_bytes as f64 / GIB,
@@ -127,7 +139,7 @@ impl<'g> CudaBackend<'g> {
         }
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
-        let opt = DeviceOptimizer::new(&gpu, plan, state)?;
+        let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
         let outputs: BTreeMap<&str, ValueId> = graph.outputs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let mut grad_values = Vec::with_capacity(plan.params.len());
         for p in &plan.params {
@@ -279,6 +291,12 @@ impl<'g> CudaBackend<'g> {
                     .raw(&b.kernel, &node.name, b.grid, b.block, &b.params)
                     .with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
             }
+            // Gradients this node finalises go into the step's sums now: the memory plan reuses
+            // their buffers after this node (or their last reader).
+            for &pi in &plan.steps[ni].grads {
+                let v = self.grad_values[pi as usize].expect("finalised gradients are graph outputs");
+                self.opt.accumulate(&mut self.launcher, pi as usize, lay.value(v)?.addr)?;
+            }
             if let Some(f) = each.as_deref_mut() {
                 self.sync().with_context(|| format!("in node {}", node.name))?;
                 f(ni, self, &lay)?;
@@ -318,13 +336,8 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
+        // Every node runs, adding each gradient into the step's sums as soon as it is final.
         let out = self.run_nodes(batch, self.graph.nodes.len(), None)?;
-        // The gradients are final: add them into the step's sums where the backward wrote them.
-        let ptrs = self.model_ptrs.clone();
-        let lay = self.layout(batch, &ptrs);
-        let grad_values = &self.grad_values;
-        self.opt.accumulate(&mut self.launcher, |i| Ok(lay.value(grad_values[i].expect("trainable"))?.addr))?;
-        self.launcher.sync().context("adding the gradients into the step's sums")?;
         self.opt.accumulated();
         let m = crate::backend::fold_micro(self.plan, out, batch, None, &mut self.loads);
         if !m.loss.is_finite() {
