@@ -121,16 +121,22 @@ impl Drop for DevBuf {
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
+// `cuMemcpy` infers the direction from the addresses (unified addressing), so the same calls
+// serve device memory and mapped host memory (`DevBuf::new_mapped`).
 pub fn upload<T: Copy>(dst: u64, src: &[T]) -> Result<()> {
     if src.is_empty() {
         return Ok(());
     }
-    unsafe { result::memcpy_htod_sync(dst, src) }.context("cuMemcpyHtoD")
+    unsafe { sys::cuMemcpy(dst, src.as_ptr() as u64, std::mem::size_of_val(src)) }
+        .result()
+        .context("cuMemcpy to the GPU")
 }
 
 pub fn download<T: Copy>(src: u64, dst: &mut [T]) -> Result<()> {
     if dst.is_empty() {
         return Ok(());
     }
-    unsafe { result::memcpy_dtoh_sync(dst, src) }.context("cuMemcpyDtoH")
+    unsafe { sys::cuMemcpy(dst.as_mut_ptr() as u64, src, std::mem::size_of_val(dst)) }
+        .result()
+        .context("cuMemcpy from the GPU")
 }
