@@ -101,9 +101,13 @@ struct BenchArgs {
     /// Untimed steps first (kernel loading, caches, clocks).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Timed training steps (forward, backward and optimizer of one micro-batch each).
+    /// Timed training steps.
     #[arg(long, default_value_t = 5)]
     steps: u64,
+    /// Micro-batches per step (forward and backward each, then one optimizer step): the
+    /// optimizer's share of step time falls as 1/M, so set it to the run's.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: u64,
 }
 
 #[derive(Subcommand)]
@@ -389,10 +393,10 @@ fn peak_flops(device: &str) -> Option<f64> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
-    let BenchArgs { run: a, warmup, steps } = args;
+    let BenchArgs { run: a, warmup, steps, grad_accum } = args;
     let (plan_dir, graph, plan, seq) = a.plan()?;
-    if steps == 0 {
-        bail!("--steps must be at least 1");
+    if steps == 0 || grad_accum == 0 {
+        bail!("--steps and --grad-accum must be at least 1");
     }
     let tokens = seq * a.micro_batch;
     let mut be = backend(&a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens)?;
@@ -407,11 +411,21 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         clip: 1.0,
         bias_rate: plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0),
     };
+    let aux_grad = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0) as f32 / grad_accum as f32;
     let one_step = |be: &mut dyn Backend, i: u64| -> Result<(f64, f64)> {
-        let mut b = synthetic_batch(plan.arch.vocab, seq, a.micro_batch, a.seed + i);
-        b.aux_grad = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0) as f32;
+        let batches: Vec<_> = (0..grad_accum)
+            .map(|j| {
+                let mut b = synthetic_batch(plan.arch.vocab, seq, a.micro_batch, a.seed + i * grad_accum + j);
+                // Each micro-batch's span scales are its own: the step averages them.
+                b.loss_grad = 1.0 / grad_accum as f32;
+                b.aux_grad = aux_grad;
+                b
+            })
+            .collect();
         let t0 = Instant::now();
-        be.accumulate(&b)?;
+        for b in &batches {
+            be.accumulate(b)?;
+        }
         let st = be.step(&scalars)?;
         Ok((t0.elapsed().as_secs_f64(), st.optimizer_seconds))
     };
@@ -439,9 +453,12 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     pb.finish_and_clear();
     wall.sort_by(f64::total_cmp);
     let median = wall[wall.len() / 2];
-    let tps = tokens as f64 / median;
+    let tps = (tokens as u64 * grad_accum) as f64 / median;
     let flops = plan.report.training_flops_per_token;
-    println!("bench {} on {device} ({} x {seq} tokens per step, {} timed steps)", plan.arch.name, a.micro_batch, steps);
+    println!(
+        "bench {} on {device} ({grad_accum} x {} x {seq} tokens per step, {steps} timed steps)",
+        plan.arch.name, a.micro_batch
+    );
     println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
     println!("tokens/s      {tps:.0}");
     match peak_flops(&device) {

@@ -344,3 +344,38 @@ fn sigint_saves_at_the_next_step_boundary() {
     assert_eq!(st.step, steps);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vpmoe-rt bench` on the cpu backend: M micro-batches per step count in tokens/s and the
+/// header; the cuda-only placement flag is refused on cpu rather than ignored.
+#[test]
+fn bench_reports_steps_of_several_micro_batches() {
+    let bench = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+            .current_dir(root())
+            .args([
+                "bench",
+                "--backend",
+                "cpu",
+                "--seq-len",
+                "32",
+                "--warmup",
+                "0",
+                "--steps",
+                "1",
+                "--grad-accum",
+                "2",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&[]);
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{se}");
+    assert!(so.contains("(2 x 1 x 32 tokens per step, 1 timed steps)"), "{so}");
+    assert!(so.contains("tokens/s") && so.contains("optimizer"), "{so}");
+    let out = bench(&["--host-momentum"]);
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{se}");
+    assert!(se.contains("--host-momentum") && se.contains("--backend cuda"), "{se}");
+}
