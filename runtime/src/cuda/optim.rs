@@ -6,9 +6,9 @@
 //! master also writes its bf16/f32 copy. Frozen parameters (the expert biases) stay on the host,
 //! where their sign update is computed exactly as on the cpu backend.
 //!
-//! A step: per-parameter sums of squares (f64 partials, summed on the host in a fixed order:
-//! the global norm, the clip coefficient, and the first non-finite gradient by name before
-//! anything changes); the expert-bias update; each Normuon family in chunks of at most
+//! A step: sums of squares per group (f64 partials, summed on the host in a fixed order: the
+//! global norm and the clip coefficient; a non-finite norm is traced to the first offending
+//! parameter by name before anything changes); the expert-bias update; each Normuon family in chunks of at most
 //! [`CHUNK_BYTES`] of scratch (momentum, five batched Polar Express iterations, row
 //! normalisation, update); AdamW per class. Everything but Polar Express is bitwise the host's.
 
@@ -121,9 +121,16 @@ pub fn planned_bytes(plan: &Plan, host_momentum: bool) -> u64 {
     let state = state - if host_momentum { momentum_bytes(plan) } else { 0 };
     let frozen: u64 =
         plan.params.iter().filter(|p| p.opt == OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
-    let partials: u64 =
-        plan.params.iter().filter(|p| p.trainable()).map(|p| ok::stride_blocks(p.numel) as u64 * 8).sum();
-    state + frozen + partials + scratch_bytes(&groups)
+    state + frozen + partial_count(plan) as u64 * 8 + scratch_bytes(&groups)
+}
+
+/// Norm partials: enough for one `opt_sumsq` launch per trainable parameter (the per-parameter
+/// pass that names a non-finite gradient needs more than the per-group one).
+fn partial_count(plan: &Plan) -> usize {
+    let per_param: usize =
+        plan.params.iter().filter(|p| p.trainable()).map(|p| ok::stride_blocks(p.numel) as usize).sum();
+    let per_group: usize = layout(plan).iter().map(|g| ok::stride_blocks(g.len) as usize).sum();
+    per_param.max(per_group)
 }
 
 struct Group {
@@ -140,8 +147,8 @@ pub struct DeviceOptimizer {
     /// Host masters of the frozen parameters, their device copies, and the step count.
     host: TrainState,
     frozen: Vec<(usize, DevBuf)>,
-    /// Per trainable parameter (plan order): its index, group, member index and first partial.
-    trainable: Vec<(usize, usize, usize, usize)>,
+    /// Per trainable parameter (plan order): its index, group and member index.
+    trainable: Vec<(usize, usize, usize)>,
     /// One f64 per block of every `opt_sumsq` launch.
     partials: DevBuf,
     scratch: DevBuf,
@@ -196,7 +203,6 @@ impl DeviceOptimizer {
             }
         }
         let mut trainable = Vec::new();
-        let mut n_partials = 0;
         for (i, p) in plan.params.iter().enumerate() {
             if !p.trainable() {
                 continue;
@@ -206,8 +212,7 @@ impl DeviceOptimizer {
                 .enumerate()
                 .find_map(|(g, gr)| gr.lay.members.iter().position(|m| m.param == i).map(|k| (g, k)))
                 .ok_or_else(|| anyhow::anyhow!("trainable parameter {} is in no optimizer group", p.name))?;
-            trainable.push((i, g, k, n_partials));
-            n_partials += ok::stride_blocks(p.numel) as usize;
+            trainable.push((i, g, k));
         }
         let lays: Vec<GroupLayout> = groups.iter().map(|g| g.lay.clone()).collect();
         let scratch_bytes = scratch_bytes(&lays);
@@ -216,7 +221,7 @@ impl DeviceOptimizer {
             host: st,
             frozen,
             trainable,
-            partials: DevBuf::new(gpu, n_partials * 8, "gradient-norm partials")?,
+            partials: DevBuf::new(gpu, partial_count(plan) * 8, "gradient-norm partials")?,
             scratch: DevBuf::new(gpu, scratch_bytes as usize, "Polar Express scratch")?,
             first: true,
         };
@@ -309,7 +314,7 @@ impl DeviceOptimizer {
     /// step's sum. Called right after the node that finalises it, while its buffer is live.
     pub fn accumulate(&self, l: &mut Launcher, i: usize, grad: u64) -> Result<()> {
         let t = self.trainable.binary_search_by_key(&i, |t| t.0);
-        let &(_, g, k, _) =
+        let &(_, g, k) =
             t.map(|t| &self.trainable[t]).map_err(|_| anyhow::anyhow!("parameter {i} has no gradient sum"))?;
         let gr = &self.groups[g];
         let m = &gr.lay.members[k];
@@ -330,7 +335,7 @@ impl DeviceOptimizer {
 
     /// Replaces the step's gradient sums (`grads` in plan order, empty for frozen parameters).
     pub fn set_grad_sums(&mut self, grads: &[Vec<f32>]) -> Result<()> {
-        for &(i, g, k, _) in &self.trainable {
+        for &(i, g, k) in &self.trainable {
             let gr = &self.groups[g];
             let m = &gr.lay.members[k];
             if grads[i].len() as u64 != m.len {
@@ -358,30 +363,22 @@ impl DeviceOptimizer {
         if self.first {
             bail!("optimizer step without accumulated gradients");
         }
-        // Global norm: one f64 partial per block, summed here in parameter and block order.
-        for &(_, g, k, p0) in &self.trainable {
-            let gr = &self.groups[g];
-            let m = &gr.lay.members[k];
-            let part = Param::Ptr(self.partials.ptr + p0 as u64 * 8, None);
-            l.launch(
-                &ok::sumsq(),
-                NODE,
-                [ok::stride_blocks(m.len), 1, 1],
-                ok::THREADS,
-                &[gr.at(&gr.grad, m.off, DType::F32), Param::I64(m.len as i64), part],
-            )?;
-        }
-        l.sync()?;
-        let mut partials = vec![0f64; self.partials.bytes / 8];
-        download(self.partials.ptr, &mut partials)?;
-        let mut sq = 0f64;
-        for &(i, g, k, p0) in &self.trainable {
-            let n = ok::stride_blocks(self.groups[g].lay.members[k].len) as usize;
-            let ps: f64 = partials[p0..p0 + n].iter().sum();
-            if !ps.is_finite() {
-                bail!("gradient of {} is not finite (NaN or Inf)", plan.params[i].name);
-            }
-            sq += ps;
+        // Global norm: one launch per group (its sums are contiguous).
+        let whole: Vec<(Param, u64)> = self.groups.iter().map(|g| (g.at(&g.grad, 0, DType::F32), g.lay.len)).collect();
+        let sq: f64 = self.sumsq(l, &whole)?.iter().sum();
+        if !sq.is_finite() {
+            // Per parameter, only to name the first non-finite gradient.
+            let each: Vec<(Param, u64)> = self
+                .trainable
+                .iter()
+                .map(|&(_, g, k)| {
+                    let (gr, m) = (&self.groups[g], &self.groups[g].lay.members[k]);
+                    (gr.at(&gr.grad, m.off, DType::F32), m.len)
+                })
+                .collect();
+            let per = self.sumsq(l, &each)?;
+            let bad = self.trainable.iter().zip(&per).find(|(_, s)| !s.is_finite()).map_or(0, |(t, _)| t.0);
+            bail!("gradient of {} is not finite (NaN or Inf)", plan.params[bad].name);
         }
         let coef = clip_coefficient(sq, s.clip);
 
@@ -428,6 +425,30 @@ impl DeviceOptimizer {
         self.first = true;
         let expert_bias = crate::optim::expert_biases(plan, &self.host, &loads);
         Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
+    }
+
+    /// `Σx²` of each `(f32 buffer, length)`: one `opt_sumsq` launch each, whose f64 block partials
+    /// are summed here in block order (deterministic).
+    fn sumsq(&self, l: &mut Launcher, ranges: &[(Param, u64)]) -> Result<Vec<f64>> {
+        let mut starts = Vec::with_capacity(ranges.len() + 1);
+        let mut p0 = 0u64;
+        for (buf, n) in ranges {
+            starts.push(p0 as usize);
+            let part = Param::Ptr(self.partials.ptr + p0 * 8, None);
+            l.launch(
+                &ok::sumsq(),
+                NODE,
+                [ok::stride_blocks(*n), 1, 1],
+                ok::THREADS,
+                &[*buf, Param::I64(*n as i64), part],
+            )?;
+            p0 += ok::stride_blocks(*n) as u64;
+        }
+        starts.push(p0 as usize);
+        l.sync()?;
+        let mut partials = vec![0f64; p0 as usize];
+        download(self.partials.ptr, &mut partials)?;
+        Ok(starts.windows(2).map(|w| partials[w[0]..w[1]].iter().sum()).collect())
     }
 
     /// One Normuon family, chunk by chunk (§7.2; batching per D10).
