@@ -8,9 +8,10 @@
 //!
 //! A step: sums of squares per group (f64 partials, summed on the host in a fixed order: the
 //! global norm and the clip coefficient; a non-finite norm is traced to the first offending
-//! parameter by name before anything changes); the expert-bias update; each Normuon family in chunks of at most
-//! [`CHUNK_BYTES`] of scratch (momentum, five batched Polar Express iterations, row
-//! normalisation, update); AdamW per class. Everything but Polar Express is bitwise the host's.
+//! parameter by name before anything changes); the expert-bias update; each Normuon family in
+//! chunks of at most [`CHUNK_BYTES`] of scratch (momentum, five batched Polar Express
+//! iterations, row normalisation, update); AdamW per class. Everything but Polar Express is
+//! bitwise the host's.
 
 use super::bind::{Param, Region};
 use super::device::{download, DevBuf, Gpu};
