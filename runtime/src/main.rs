@@ -52,7 +52,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct BackendArgs {
     /// Which backend executes the plan. Always explicit: nothing falls back silently.
-    #[arg(long = "backend", value_enum)]
+    #[arg(long = "backend", value_enum, value_name = "BACKEND")]
     kind: BackendKind,
     /// cuda: keep the Normuon momenta in pinned host memory, read and written over PCIe once per
     /// step (same results bit for bit). The locked config then fits an 80 GB H100.
