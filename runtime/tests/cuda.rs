@@ -4,9 +4,12 @@
 //! backends. GPU-only tests print a SKIPPED line to the terminal where there is no GPU (and fail
 //! instead when `VPMOE_REQUIRE_GPU=1`, so a GPU machine cannot skip them by accident).
 
+mod common;
+
+use common::{compiled, root, run_config, sample_data, tmp};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use vpmoe_compiler::{compile_arch, config, Plan};
+use std::path::PathBuf;
+use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{self, Dims, Tensor};
 use vpmoe_ir::Graph;
 use vpmoe_runtime::backend::Batch;
@@ -14,7 +17,7 @@ use vpmoe_runtime::cpu::{CpuBackend, FastGemm};
 use vpmoe_runtime::cuda::{gpu_available, CudaBackend};
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
-use vpmoe_runtime::{bundled_sample_dataset, parity, synthetic_batch};
+use vpmoe_runtime::{parity, synthetic_batch};
 
 /// True with a GPU; otherwise says so on the terminal (not captured by the harness).
 fn gpu(test: &str) -> bool {
@@ -26,16 +29,8 @@ fn gpu(test: &str) -> bool {
     false
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 fn small() -> (Graph, Plan) {
-    compile_arch(&config::load(&root().join("configs/small.toml")).unwrap()).unwrap()
-}
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vpmoe-cuda-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    compiled("configs/small.toml")
 }
 
 #[test]
@@ -215,45 +210,9 @@ fn the_device_optimizer_matches_the_host_step() {
     assert_eq!(be.state().unwrap(), st, "a refused step changes nothing");
 }
 
+/// 2 × 128 tokens per micro-batch.
 fn cfg(steps: u64, dir: PathBuf) -> (TrainConfig, RunOptions) {
-    let schedule = vpmoe_ir::optim::Schedule {
-        lr: 0.02,
-        min_lr: 0.002,
-        warmup: 2,
-        total: steps,
-        decay: vpmoe_ir::optim::DecayStyle::Cosine,
-        wsd_decay: 0,
-    };
-    let cfg = TrainConfig {
-        micro_batch: 2,
-        grad_accum: 2,
-        seq_len: 128,
-        seed: 5,
-        schedule,
-        aux_lr: 0.004,
-        weight_decay: 0.01,
-        clip: 1.0,
-        span_weights: [1.0, 1.0],
-        kd: Default::default(),
-    };
-    let opts = RunOptions {
-        steps,
-        ckpt_dir: dir,
-        resume: false,
-        eval_every: 0,
-        eval_batches: 1,
-        save_every: 0,
-        keep: 2,
-        progress: false,
-        print_every: 0,
-        profile_steps: None,
-    };
-    (cfg, opts)
-}
-
-fn data() -> Vec<(PathBuf, f64)> {
-    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    vec![(DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone(), 1.0)]
+    run_config(steps, 2, 128, dir)
 }
 
 /// Relative loss tolerance of whole steps: bf16 rounding differences compound through the
@@ -280,7 +239,7 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     let (c, o_cpu) = cfg(24, tmp("track-cpu"));
     let cpu = {
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, c.seed));
-        train::train(&mut be, &plan, &data(), &c, &o_cpu).unwrap()
+        train::train(&mut be, &plan, &sample_data(), &c, &o_cpu).unwrap()
     };
     let (_, mut o_gpu) = cfg(24, tmp("track-cuda"));
     o_gpu.profile_steps = Some((3, 4));
@@ -288,7 +247,7 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
         let mut be =
             CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len, false)
                 .unwrap();
-        train::train(&mut be, &plan, &data(), &c, &o_gpu).unwrap()
+        train::train(&mut be, &plan, &sample_data(), &c, &o_gpu).unwrap()
     };
     let l = |o: &train::Outcome| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
     assert_tracks(&l(&gpu), &l(&cpu), "cuda vs cpu");
@@ -307,7 +266,7 @@ fn checkpoints_resume_across_backends() {
     let (c, straight) = cfg(6, tmp("x-straight"));
     let reference: Vec<f64> = {
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, c.seed));
-        train::train(&mut be, &plan, &data(), &c, &straight).unwrap().records.iter().map(|r| r.loss).collect()
+        train::train(&mut be, &plan, &sample_data(), &c, &straight).unwrap().records.iter().map(|r| r.loss).collect()
     };
     for first_cuda in [false, true] {
         let dir = tmp(if first_cuda { "x-cuda-cpu" } else { "x-cpu-cuda" });
@@ -322,11 +281,11 @@ fn checkpoints_resume_across_backends() {
         };
         let mut a = mk(first_cuda);
         let mut losses: Vec<f64> =
-            train::train(a.as_mut(), &plan, &data(), &c, &o).unwrap().records.iter().map(|r| r.loss).collect();
+            train::train(a.as_mut(), &plan, &sample_data(), &c, &o).unwrap().records.iter().map(|r| r.loss).collect();
         o.steps = 6;
         o.resume = true;
         let mut b = mk(!first_cuda);
-        let rest = train::train(b.as_mut(), &plan, &data(), &c, &o).unwrap();
+        let rest = train::train(b.as_mut(), &plan, &sample_data(), &c, &o).unwrap();
         assert_eq!(rest.records[0].step, 4, "resumed at step 4");
         losses.extend(rest.records.iter().map(|r| r.loss));
         assert_tracks(&losses, &reference, if first_cuda { "cuda then cpu" } else { "cpu then cuda" });
@@ -347,7 +306,7 @@ fn host_momentum_gives_the_same_state_bit_for_bit() {
         let (c, o) = cfg(4, tmp(if host { "hm-host" } else { "hm-device" }));
         let tokens = c.micro_batch * c.seq_len;
         let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, host).unwrap();
-        train::train(&mut be, &plan, &data(), &c, &o).unwrap();
+        train::train(&mut be, &plan, &sample_data(), &c, &o).unwrap();
         states.push(vpmoe_runtime::Backend::state(&be).unwrap());
     }
     let bits = |t: &[Vec<f32>]| t.iter().map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>();

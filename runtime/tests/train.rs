@@ -2,26 +2,17 @@
 //! the main job's falling loss, bitwise resume, resume refusal, NaN stops, checkpoint damage and
 //! SIGINT.
 
-use std::path::{Path, PathBuf};
-use vpmoe_compiler::{compile_arch, config, Plan};
+mod common;
+
+use common::{compiled, root, run_config, sample_data, tmp};
+use std::path::PathBuf;
+use vpmoe_compiler::Plan;
 use vpmoe_ir::Graph;
 use vpmoe_runtime::backend::{span_scale, Backend, Batch};
 use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
-use vpmoe_runtime::{bundled_sample_dataset, checkpoint, synthetic_batch};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-fn compiled(rel: &str) -> (Graph, Plan) {
-    compile_arch(&config::load(&root().join(rel)).unwrap()).unwrap()
-}
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vpmoe-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use vpmoe_runtime::{checkpoint, synthetic_batch};
 
 /// Splits `rows` rows of a batch into micro-batches of `per` rows.
 fn split(b: &Batch, per: usize) -> Vec<Batch> {
@@ -171,45 +162,9 @@ fn whole_model_gradient_check() {
     }
 }
 
+/// The main job's run on the bundled sample: 1 × 48 tokens per micro-batch.
 fn sample_cfg(steps: u64) -> (TrainConfig, RunOptions) {
-    let schedule = vpmoe_ir::optim::Schedule {
-        lr: 0.02,
-        min_lr: 0.002,
-        warmup: 2,
-        total: steps,
-        decay: vpmoe_ir::optim::DecayStyle::Cosine,
-        wsd_decay: 0,
-    };
-    let cfg = TrainConfig {
-        micro_batch: 1,
-        grad_accum: 2,
-        seq_len: 48,
-        seed: 5,
-        schedule,
-        aux_lr: 0.004,
-        weight_decay: 0.01,
-        clip: 1.0,
-        span_weights: [1.0, 1.0],
-        kd: Default::default(),
-    };
-    let opts = RunOptions {
-        steps,
-        ckpt_dir: PathBuf::new(),
-        resume: false,
-        eval_every: 0,
-        eval_batches: 1,
-        save_every: 0,
-        keep: 2,
-        progress: false,
-        print_every: 0,
-        profile_steps: None,
-    };
-    (cfg, opts)
-}
-
-fn sample_data() -> Vec<(PathBuf, f64)> {
-    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    vec![(DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone(), 1.0)]
+    run_config(steps, 1, 48, PathBuf::new())
 }
 
 #[test]

@@ -1,0 +1,68 @@
+//! Shared by the training tests of both backends (`train.rs`, `cuda.rs`): paths, compiled
+//! configs, the bundled sample dataset and one run configuration.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use vpmoe_compiler::{compile_arch, config, Plan};
+use vpmoe_ir::Graph;
+use vpmoe_runtime::bundled_sample_dataset;
+use vpmoe_runtime::train::{RunOptions, TrainConfig};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn compiled(rel: &str) -> (Graph, Plan) {
+    compile_arch(&config::load(&root().join(rel)).unwrap()).unwrap()
+}
+
+/// A fresh temporary directory named after the test binary, `name` and this process.
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vpmoe-{}-{name}-{}", env!("CARGO_CRATE_NAME"), std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The bundled SYNTH sample as a token dataset, built once per test binary.
+pub fn sample_data() -> Vec<(PathBuf, f64)> {
+    static DATA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    vec![(DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone(), 1.0)]
+}
+
+/// `steps` steps of 2 micro-batches of `micro_batch × seq_len` tokens, cosine schedule, seed 5,
+/// no evaluation or periodic checkpoints, into `ckpt_dir`.
+pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: PathBuf) -> (TrainConfig, RunOptions) {
+    let schedule = vpmoe_ir::optim::Schedule {
+        lr: 0.02,
+        min_lr: 0.002,
+        warmup: 2,
+        total: steps,
+        decay: vpmoe_ir::optim::DecayStyle::Cosine,
+        wsd_decay: 0,
+    };
+    let cfg = TrainConfig {
+        micro_batch,
+        grad_accum: 2,
+        seq_len,
+        seed: 5,
+        schedule,
+        aux_lr: 0.004,
+        weight_decay: 0.01,
+        clip: 1.0,
+        span_weights: [1.0, 1.0],
+        kd: Default::default(),
+    };
+    let opts = RunOptions {
+        steps,
+        ckpt_dir,
+        resume: false,
+        eval_every: 0,
+        eval_batches: 1,
+        save_every: 0,
+        keep: 2,
+        progress: false,
+        print_every: 0,
+        profile_steps: None,
+    };
+    (cfg, opts)
+}
