@@ -29,14 +29,14 @@ constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
 constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-free ldmatrix)
 }  // namespace gemm_cfg
 
-// One 64x64 tile of Y: rows [row0, min(row0 + 64, row_end)) of x (row stride KD) times columns
-// [col0, min(col0 + 64, N)) of W (rows of w, row stride KD). `resid` (EPI_RESID) has row stride N.
+// The f32 accumulators of one 64x64 tile: rows [row0, min(row0 + 64, row_end)) of x (row stride
+// KD) times columns [col0, min(col0 + 64, N)) of W (rows of w, row stride KD); rows and columns
+// past the edge hold 0. `acc[mi][ni][e]` is element (row, col) of the tile with
+//   row = (warp >> 1)*32 + mi*16 + (lane >> 2) + (e >> 1)*8,  col = (warp & 1)*32 + ni*8 + (lane & 3)*2 + (e & 1).
 // Must be called by all 128 threads of the block.
-template <int N, int KD, int EPI, int OUT>
-__device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                          const bf16* __restrict__ bias, const bf16* __restrict__ resid,
-                                          void* __restrict__ y, int row0, int row_end, int col0, int ldy,
-                                          float ea = 0.f, float eb = 0.f, float ec = 0.f) {
+template <int N, int KD>
+__device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const bf16* __restrict__ w, int row0,
+                                              int row_end, int col0, float (&acc)[2][4][4]) {
     using namespace gemm_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
     constexpr int KT = (KD + BK - 1) / BK;
@@ -63,7 +63,6 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16
         }
     };
 
-    float acc[2][4][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -112,6 +111,17 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16
         }
     }
     cp_async_wait<0>();
+}
+
+// One 64x64 tile of Y (see gemm_mainloop). `resid` (EPI_RESID) has row stride N.
+template <int N, int KD, int EPI, int OUT>
+__device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ bias, const bf16* __restrict__ resid,
+                                          void* __restrict__ y, int row0, int row_end, int col0, int ldy,
+                                          float ea = 0.f, float eb = 0.f, float ec = 0.f) {
+    float acc[2][4][4];
+    gemm_mainloop<N, KD>(x, w, row0, row_end, col0, acc);
+    const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
 
     // Epilogue straight from the accumulator fragments: each thread owns column pairs
     // (c, c+1) of rows g and g+8 of each 16x8 piece.

@@ -60,6 +60,18 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Online-softmax partial (max, Σ exp(x − max)). Empty partials start from the lowest finite float,
+// not -inf, so exp(m_old − m_new) is never exp(NaN). `lse_merge` is symmetric (max and + commute),
+// so butterfly partners agree bit for bit.
+constexpr float LOWEST_F = -3.402823466e38f;
+struct LseAcc {
+    float m, s;
+};
+__device__ __forceinline__ LseAcc lse_merge(LseAcc a, LseAcc b) {
+    const float m = fmaxf(a.m, b.m);
+    return LseAcc{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
 // Kernels whose reductions, scans or tiles are sized for the contract's block size call this
 // first: a launch with another block size traps (a launch failure) instead of computing garbage.
 __device__ __forceinline__ void require_block(unsigned int nt) {

@@ -131,16 +131,29 @@ pub const FAMILIES: &[Family] = &[
         params: &[("const float*", "scores"), ("float*", "partial"), ("int", "S")],
     },
     Family {
-        name: "ce_rows",
+        name: "head_lse",
+        tparams: &["V", "H"],
+        params: &[
+            (BF, "z"),
+            (BF, "w"),
+            ("const int*", "labels"),
+            ("float*", "part"),
+            ("float*", "label_logit"),
+            ("int", "T"),
+        ],
+    },
+    Family {
+        name: "ce_lse",
         tparams: &["V"],
         params: &[
-            ("const float*", "logits"),
-            ("const int*", "labels"),
+            ("const float*", "part"),
+            ("const float*", "label_logit"),
             ("const unsigned char*", "mask"),
             ("const unsigned char*", "span"),
             ("const float*", "scale"),
             ("const float*", "weight"),
             ("float*", "token_loss"),
+            ("float*", "lse"),
             ("float*", "weighted"),
             ("int", "T"),
         ],
@@ -368,18 +381,19 @@ pub const FAMILIES: &[Family] = &[
         ],
     },
     Family {
-        name: "ce_bwd",
-        tparams: &["V"],
+        name: "head_dl",
+        tparams: &["V", "H"],
         params: &[
-            ("const float*", "logits"),
+            (BF, "z"),
+            (BF, "w"),
             ("const int*", "labels"),
             ("const unsigned char*", "mask"),
             ("const unsigned char*", "span"),
             ("const float*", "scale"),
             ("const float*", "weight"),
-            ("const float*", "token_loss"),
+            ("const float*", "lse"),
             ("const float*", "dloss"),
-            ("float*", "dlogits"),
+            (BFM, "dl"),
             ("int", "T"),
         ],
     },
@@ -832,9 +846,6 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             ],
             vec![scratch(DType::F32, 1)],
         ),
-        Op::LmHead { hidden, vocab } => {
-            (vec![gemm(vocab, hidden, EPI_NONE, true, 1, i(0), i(1), Arg::Null, Arg::Null, o(0), vocab)], vec![])
-        }
         Op::ConfidenceWeight => (
             vec![launch(
                 KernelSpec::new("conf_weight", &[]),
@@ -844,22 +855,34 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             )],
             vec![],
         ),
-        Op::SpanCe { vocab } => (
+        Op::HeadCe { hidden, vocab } => (
+            // Logits never leave the GEMM tile: per-tile logsumexp partials, then one merge per
+            // token (head_lse.cuh, ce_lse.cuh), then the loss sum.
             vec![
                 launch(
-                    KernelSpec::new("ce_rows", &[vocab]),
-                    vec![i(0), i(1), i(2), i(3), i(4), i(5), o(1), s(0, 0), Arg::Tokens { mul: 1 }],
+                    KernelSpec::new("head_lse", &[vocab, hidden]),
+                    vec![i(0), i(1), i(2), s(0, 0), s(1, 0), Arg::Tokens { mul: 1 }],
+                    [tok(1, GEMM_TILE), LaunchDim::Const(vocab.div_ceil(GEMM_TILE)), one()],
+                    128,
+                ),
+                launch(
+                    KernelSpec::new("ce_lse", &[vocab]),
+                    vec![s(0, 0), s(1, 0), i(3), i(4), i(5), i(6), o(1), o(2), s(2, 0), Arg::Tokens { mul: 1 }],
                     rows_grid(1),
                     256,
                 ),
                 launch(
                     KernelSpec::new("sum", &[]),
-                    vec![s(0, 0), o(0), Arg::Tokens { mul: 1 }, Arg::Float(1.0)],
+                    vec![s(2, 0), o(0), Arg::Tokens { mul: 1 }, Arg::Float(1.0)],
                     [one(), one(), one()],
                     1024,
                 ),
             ],
-            vec![scratch(DType::F32, 1)],
+            vec![
+                scratch(DType::F32, 2 * vocab.div_ceil(GEMM_TILE)),
+                scratch(DType::F32, 1),
+                scratch(DType::F32, 1),
+            ],
         ),
         Op::Add { n, ref ty } => lower_add(node, n, ty),
         Op::Vjp(ref v) => lower_vjp(node, v),
@@ -1203,32 +1226,19 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 256,
             );
         }
-        Op::LmHead { hidden, vocab } => {
-            // The f32 logit gradient is rounded to bf16 on load (AMODE 1): bf16 gradient GEMMs.
+        Op::HeadCe { hidden, vocab } => {
+            // The logits are recomputed tile by tile into the bf16 logit gradient (head_dl.cuh),
+            // which the two gradient GEMMs read as their bf16 A operand.
+            let dl = b.scratch_tok(DType::Bf16, vocab);
             b.push(
-                KernelSpec::new("gemm_nn", &[hidden, vocab, 0, AMODE_ROUND, EPI_NONE, 0]),
-                vec![
-                    dy(0),
-                    Arg::Null,
-                    x(1),
-                    Arg::Null,
-                    Arg::Null,
-                    dx(0),
-                    t1,
-                    Arg::Int(vocab as i64),
-                    Arg::Int(hidden as i64),
-                ],
-                nn_grid(hidden, 1, 0),
+                KernelSpec::new("head_dl", &[vocab, hidden]),
+                vec![x(0), x(1), x(2), x(3), x(4), x(5), x(6), y(2), dy(0), dl.clone(), t1],
+                [tok(1, GEMM_TILE), LaunchDim::Const(vocab.div_ceil(GEMM_TILE)), one()],
                 128,
             );
-            b.wgrad(vocab, hidden, 1, AMODE_ROUND, 0, dy(0), vocab, x(0), hidden, dx(1));
+            b.dgrad(hidden, vocab, 1, dl.clone(), vocab, x(1), Arg::Null, dx(0), false);
+            b.wgrad(vocab, hidden, 1, 0, 0, dl, vocab, x(0), hidden, dx(1));
         }
-        Op::SpanCe { vocab } => b.push(
-            KernelSpec::new("ce_bwd", &[vocab]),
-            vec![x(0), x(1), x(2), x(3), x(4), x(5), y(1), dy(0), dx(0), t1],
-            rows_grid(1),
-            256,
-        ),
         Op::ConfidenceWeight | Op::Add { .. } | Op::Vjp(_) => {
             panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
         }

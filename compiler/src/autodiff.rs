@@ -10,8 +10,6 @@
 //! span scales already carry D6's global `w/N` normalisation, and `aux_grad` (`α/M`, MODEL.md
 //! §4.10) for every sequence aux loss. The graph then outputs `grad.<param>` (f32) for every
 //! trainable parameter; a trainable parameter that no gradient reaches is a compile error.
-//! The forward graph's `logits` output is dropped: a training step never needs the full logits
-//! after the loss's backward, and keeping them alive to the end would dominate activation memory.
 
 use anyhow::{bail, Result};
 use std::collections::HashMap;
@@ -23,7 +21,6 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
     let loss_grad = g.input("loss_grad", InputKind::Scalar, TensorType::scalar(DType::F32));
     let aux: Vec<ValueId> = g.outputs.iter().filter(|(n, _)| n.starts_with("aux.")).map(|(_, v)| *v).collect();
     let aux_grad = (!aux.is_empty()).then(|| g.input("aux_grad", InputKind::Scalar, TensorType::scalar(DType::F32)));
-    g.outputs.retain(|(n, _)| n != "logits");
 
     // Which values depend on a trainable parameter through differentiable ports.
     let mut needs = vec![false; g.values.len()];

@@ -37,8 +37,8 @@ impl Lower<'_> {
     }
 }
 
-/// Builds the forward graph: embedding → layers → final norm → LM head → span-normalised CE.
-/// Outputs: `logits`, `loss`, `token_loss`, `load.blkN` (expert row offsets) per MoE layer and
+/// Builds the forward graph: embedding → layers → final norm → LM head fused with the
+/// span-normalised CE. Outputs: `loss`, `token_loss`, `load.blkN` (expert row offsets) per MoE layer and
 /// `aux.blkN` per MoE layer with a sequence aux loss.
 pub fn lower(arch: &Arch) -> Graph {
     let mut l = Lower { arch, g: Graph::new(&arch.name) };
@@ -213,11 +213,9 @@ pub fn lower(arch: &Arch) -> Graph {
             Role::OutputHead,
         )
     };
-    let logits = l.node("lm_head".into(), Op::LmHead { hidden: h, vocab: a.vocab }, vec![z, head])[0];
     let weight = l.node("loss.weight".into(), Op::ConfidenceWeight, vec![teacher_logp, teacher, kd])[0];
-    let ce =
-        l.node("loss".into(), Op::SpanCe { vocab: a.vocab }, vec![logits, labels, loss_mask, span, span_scale, weight]);
-    l.g.output("logits", logits);
+    let ins = vec![z, head, labels, loss_mask, span, span_scale, weight];
+    let ce = l.node("lm_head".into(), Op::HeadCe { hidden: h, vocab: a.vocab }, ins);
     l.g.output("loss", ce[0]);
     l.g.output("token_loss", ce[1]);
     for (name, v) in aux {

@@ -13,7 +13,9 @@
 use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
-use crate::reference::{alibi_slopes, attends, grape_freqs, sigmoid, topk, Dims, Gemm, Tensor};
+use crate::reference::{
+    alibi_slopes, attends, grape_freqs, head_chunk, head_logits, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
+};
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
 /// upstream gradients (in [`Op::signature`] order of the `vjp` op).
@@ -305,33 +307,35 @@ pub fn backward(
             }
             vec![like(xs[0], ds)]
         }
-        Op::LmHead { hidden, vocab } => {
+        Op::HeadCe { hidden, vocab } => {
+            // Recomputes each chunk's logits: the forward keeps only their log-sum-exp.
             let (h, v) = (hidden as usize, vocab as usize);
-            let dl = up(0);
-            let mut dz = vec![0f32; t * h];
-            dx_acc(gemm, &dl, xs[1].f(), t, v, h, &mut dz, false);
-            vec![like(xs[0], dz), like(xs[1], dweight(gemm, &dl, xs[0].f(), t, v, h))]
-        }
-        Op::SpanCe { vocab } => {
-            let v = vocab as usize;
-            let (logits, labels, mask, span, scale) = (xs[0].f(), xs[1].i(), xs[2].i(), xs[3].i(), xs[4].f());
-            let weight = xs[5].f();
+            let (z, head, labels, mask, span, scale) = (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i(), xs[4].i(), xs[5].f());
+            let weight = xs[6].f();
             let dloss = up(0)[0] as f64;
-            let mut dl = vec![0f32; t * v];
-            for ti in 0..t {
-                let w = dloss * scale[span[ti] as usize] as f64 * weight[ti] as f64;
-                if mask[ti] == 0 || w == 0.0 {
-                    continue; // masked tokens (and zero-weight spans) get exactly zero gradient
+            let head_t = transpose(head, v, h);
+            let (mut dz, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
+            for t0 in (0..t).step_by(head_chunk(v)) {
+                let t1 = t.min(t0 + head_chunk(v));
+                let mut dl = head_logits(gemm, z, head, t0, t1, h, v);
+                for (i, row) in dl.chunks_mut(v).enumerate() {
+                    let ti = t0 + i;
+                    let w = dloss * scale[span[ti] as usize] as f64 * weight[ti] as f64;
+                    if mask[ti] == 0 || w == 0.0 {
+                        row.fill(0.0); // masked tokens (and zero-weight spans) get exactly zero gradient
+                        continue;
+                    }
+                    let (lse, label) = (row_lse(row), labels[ti] as usize);
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = (w * ((*x as f64 - lse).exp() - (j == label) as u8 as f64)) as f32;
+                    }
                 }
-                let row = &logits[ti * v..(ti + 1) * v];
-                let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
-                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-                for (j, (o, &x)) in dl[ti * v..(ti + 1) * v].iter_mut().zip(row).enumerate() {
-                    let p = (x as f64 - m).exp() / z;
-                    *o = (w * (p - (j == labels[ti] as usize) as u8 as f64)) as f32;
-                }
+                let c = t1 - t0;
+                gemm.xwt(c, v, h, &dl, &head_t, &mut dz[t0 * h..t1 * h], false);
+                let zc = transpose(&z[t0 * h..t1 * h], c, h);
+                gemm.xwt(v, c, h, &transpose(&dl, c, v), &zc, &mut dw, t0 > 0);
             }
-            vec![like(xs[0], dl)]
+            vec![like(xs[0], dz), like(xs[1], dw)]
         }
         Op::ConfidenceWeight => vec![], // no differentiable input
         Op::Add { .. } => panic!("backward of add: it is linear and autodiff differentiates it itself"),

@@ -73,14 +73,15 @@ pub enum Op {
     Combine { hidden: u64, topk: u64, shared: bool },
     /// Sequence-level load-balancing loss (MODEL.md §4.10) without its coefficient.
     SeqAuxLoss { experts: u64, topk: u64 },
-    /// `logits = z·Wᵀ` in f32.
-    LmHead { hidden: u64, vocab: u64 },
+    /// LM head fused with the span-normalised CE (D6): with `logits_t = z_t·Wᵀ` (f32, never
+    /// stored), `ce_t = lse_t − logits_t[label_t]`, `loss = Σ_t ce_t·mask_t·scale[span_t]·weight_t`,
+    /// `token_loss_t = ce_t·mask_t` and `lse_t` (0 where masked), which the backward reads to
+    /// recompute the softmax instead of keeping `[T, vocab]` logits alive.
+    HeadCe { hidden: u64, vocab: u64 },
     /// Confidence weight of each token (DISTILL.md 2B): `w_t = clip(exp((teacher_logp_t − m)/T),
     /// w_min, w_max)` where `teacher_t = 1`, else 1; `kd = [m, T, w_min, w_max]` are runtime
     /// scalars. Data only: nothing is differentiated through it.
     ConfidenceWeight,
-    /// Span-normalised CE: `loss = Σ_t ce_t·mask_t·scale[span_t]·weight_t`; also `ce_t·mask_t`.
-    SpanCe { vocab: u64 },
     /// Sum of `n` gradient contributions of one type (fan-in of a value read by several nodes).
     Add { n: u64, ty: TensorType },
     /// Vector–Jacobian product of a forward op, emitted by autodiff (semantics:
@@ -138,9 +139,8 @@ impl Op {
             Op::ExpertFfn { .. } => "expert_ffn",
             Op::Combine { .. } => "combine",
             Op::SeqAuxLoss { .. } => "seq_aux_loss",
-            Op::LmHead { .. } => "lm_head",
+            Op::HeadCe { .. } => "head_ce",
             Op::ConfidenceWeight => "confidence_weight",
-            Op::SpanCe { .. } => "span_ce",
             Op::Add { .. } => "add",
             Op::Vjp(_) => "vjp",
         }
@@ -153,7 +153,7 @@ impl Op {
         let mut g: Vec<bool> = ins.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
             Op::Router { expert_bias: true, .. } => *g.last_mut().unwrap() = false,
-            Op::SpanCe { .. } => (g[4], g[5]) = (false, false),
+            Op::HeadCe { .. } => (g[5], g[6]) = (false, false),
             Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
@@ -165,7 +165,7 @@ impl Op {
         let (_, outs) = self.signature();
         let mut g: Vec<bool> = outs.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
-            Op::SpanCe { .. } => g[1] = false,
+            Op::HeadCe { .. } => (g[1], g[2]) = (false, false),
             Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
@@ -259,9 +259,8 @@ impl Op {
             Op::SeqAuxLoss { experts, topk } => {
                 vec![("experts", experts.to_string()), ("topk", topk.to_string())]
             }
-            Op::LmHead { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
+            Op::HeadCe { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
             Op::ConfidenceWeight => vec![],
-            Op::SpanCe { vocab } => vec![("vocab", vocab.to_string())],
             Op::Add { n, ref ty } => vec![("n", n.to_string()), ("ty", ty.to_string())],
             Op::Vjp(ref v) => {
                 let mut a = vec![("of", v.of.name().to_string())];
@@ -420,20 +419,21 @@ impl Op {
             Op::SeqAuxLoss { experts, .. } => {
                 (vec![("scores", TensorType::tok(F32, &[experts]))], vec![("aux", TensorType::scalar(F32))])
             }
-            Op::LmHead { hidden, vocab } => (
-                vec![("z", act(&[hidden])), ("weight", w(&[vocab, hidden]))],
-                vec![("logits", TensorType::tok(F32, &[vocab]))],
-            ),
-            Op::SpanCe { vocab } => (
+            Op::HeadCe { hidden, vocab } => (
                 vec![
-                    ("logits", TensorType::tok(F32, &[vocab])),
+                    ("z", act(&[hidden])),
+                    ("head", w(&[vocab, hidden])),
                     ("labels", TensorType::tok(I32, &[])),
                     ("loss_mask", TensorType::tok(U8, &[])),
                     ("span", TensorType::tok(U8, &[])),
                     ("span_scale", TensorType::fixed(F32, &[3])),
                     ("weight", TensorType::tok(F32, &[])),
                 ],
-                vec![("loss", TensorType::scalar(F32)), ("token_loss", TensorType::tok(F32, &[]))],
+                vec![
+                    ("loss", TensorType::scalar(F32)),
+                    ("token_loss", TensorType::tok(F32, &[])),
+                    ("lse", TensorType::tok(F32, &[])),
+                ],
             ),
             Op::ConfidenceWeight => (
                 vec![
@@ -483,8 +483,9 @@ impl Op {
             Op::Mlp { hidden, ffn, .. } => 2 * gemm(hidden, ffn),
             Op::Router { hidden, experts, .. } => gemm(hidden, experts),
             Op::ExpertFfn { hidden, ffn, topk, .. } => topk as u128 * 2 * gemm(hidden, ffn),
-            Op::LmHead { hidden, vocab } => gemm(hidden, vocab),
-            // A backward pass is two GEMMs per forward GEMM (input and weight gradients).
+            Op::HeadCe { hidden, vocab } => gemm(hidden, vocab),
+            // A backward pass is two GEMMs per forward GEMM (input and weight gradients). Model
+            // FLOPs: head_ce's backward also recomputes its logits, which MFU does not count.
             Op::Vjp(ref v) => 2 * v.of.flops_per_sequence(seq),
             _ => 0,
         }

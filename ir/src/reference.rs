@@ -164,6 +164,22 @@ fn rms_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Tokens per chunk of the LM head's logits (about 16M f32 values at a time, never `[T, vocab]`).
+pub(crate) fn head_chunk(vocab: usize) -> usize {
+    (1usize << 24).div_ceil(vocab).clamp(1, 1024)
+}
+
+/// Logits `z[t0..t1]·headᵀ` (`[t1 − t0, v]`, f32).
+pub(crate) fn head_logits(g: &dyn Gemm, z: &[f32], head: &[f32], t0: usize, t1: usize, h: usize, v: usize) -> Vec<f32> {
+    linear(g, &z[t0 * h..t1 * h], t1 - t0, h, head, v, None)
+}
+
+/// `log Σ exp(row)` in f64.
+pub(crate) fn row_lse(row: &[f32]) -> f64 {
+    let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
+    m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
 /// `y[m×n] = x·Wᵀ (+ b)`.
 fn linear(g: &dyn Gemm, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
@@ -509,35 +525,31 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             }
             vec![Tensor::scalar((total / b as f64) as f32)]
         }
-        Op::LmHead { hidden, vocab } => {
-            vec![Tensor::f32(
-                vec![t, vocab as usize],
-                linear(gemm, ins[0].f(), t, hidden as usize, ins[1].f(), vocab as usize, None),
-            )]
-        }
         Op::ConfidenceWeight => {
             let (lp, teacher, kd) = (ins[0].f(), ins[1].i(), ins[2].f());
             let w = (0..t).map(|i| if teacher[i] != 0 { confidence_weight(lp[i], kd) } else { 1.0 }).collect();
             vec![Tensor::f32(vec![t], w)]
         }
-        Op::SpanCe { vocab } => {
-            let v = vocab as usize;
-            let (logits, labels, mask, span, scale) = (ins[0].f(), ins[1].i(), ins[2].i(), ins[3].i(), ins[4].f());
-            let weight = ins[5].f();
-            let mut tok = vec![0f32; t];
+        Op::HeadCe { hidden, vocab } => {
+            let (h, v) = (hidden as usize, vocab as usize);
+            let (z, head, labels, mask, span, scale) = (ins[0].f(), ins[1].f(), ins[2].i(), ins[3].i(), ins[4].i(), ins[5].f());
+            let weight = ins[6].f();
+            let (mut tok, mut lse) = (vec![0f32; t], vec![0f32; t]);
             let mut loss = 0f64;
-            for ti in 0..t {
-                if mask[ti] == 0 {
-                    continue;
+            for t0 in (0..t).step_by(head_chunk(v)) {
+                let logits = head_logits(gemm, z, head, t0, t.min(t0 + head_chunk(v)), h, v);
+                for (i, row) in logits.chunks(v).enumerate() {
+                    let ti = t0 + i;
+                    if mask[ti] == 0 {
+                        continue;
+                    }
+                    let l = row_lse(row);
+                    let ce = l - row[labels[ti] as usize] as f64;
+                    (tok[ti], lse[ti]) = (ce as f32, l as f32);
+                    loss += ce * scale[span[ti] as usize] as f64 * weight[ti] as f64;
                 }
-                let row = &logits[ti * v..(ti + 1) * v];
-                let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                let ce = lse - row[labels[ti] as usize] as f64;
-                tok[ti] = ce as f32;
-                loss += ce * scale[span[ti] as usize] as f64 * weight[ti] as f64;
             }
-            vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok)]
+            vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok), Tensor::f32(vec![t], lse)]
         }
         Op::Add { .. } => {
             let mut acc: Vec<f64> = ins[0].f().iter().map(|&x| x as f64).collect();

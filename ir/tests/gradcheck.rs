@@ -742,19 +742,21 @@ fn seq_aux_loss() {
     run(&op_model("seq_aux_loss", op, dims(s * b, s), xs, None, Some(dec)), 30);
 }
 
-#[test]
-fn lm_head() {
-    let mut rng = Rng(31);
-    let (h, v, t) = (5, 11, 4);
-    let xs = vec![rng.t(&[t, h], 1.0), rng.t(&[v, h], 0.5)];
-    run(&op_model("lm_head", Op::LmHead { hidden: h as u64, vocab: v as u64 }, dims(t, t), xs, None, None), 32);
-}
-
-/// Inputs of `span_ce`, with confidence weights drawn from the stage-2 clip range [0.25, 4].
-fn span_ce_inputs(rng: &mut Rng, t: usize, v: usize, mask: Vec<i32>, span: Vec<i32>, scale: [f32; 3]) -> Vec<Tensor> {
+/// Inputs of `head_ce`, with confidence weights drawn from the stage-2 clip range [0.25, 4].
+#[allow(clippy::too_many_arguments)]
+fn head_ce_inputs(
+    rng: &mut Rng,
+    t: usize,
+    h: usize,
+    v: usize,
+    mask: Vec<i32>,
+    span: Vec<i32>,
+    scale: [f32; 3],
+) -> Vec<Tensor> {
     let labels = (0..t).map(|_| rng.below(v) as i32).collect();
     vec![
-        rng.t(&[t, v], 2.0),
+        rng.t(&[t, h], 1.0),
+        rng.t(&[v, h], 0.8),
         it(&[t], labels),
         it(&[t], mask),
         it(&[t], span),
@@ -763,30 +765,35 @@ fn span_ce_inputs(rng: &mut Rng, t: usize, v: usize, mask: Vec<i32>, span: Vec<i
     ]
 }
 
+fn head_ce(h: usize, v: usize) -> Op {
+    Op::HeadCe { hidden: h as u64, vocab: v as u64 }
+}
+
 #[test]
-fn span_ce() {
+fn head_ce_gradients() {
     let mut rng = Rng(33);
-    let (t, v) = (8, 7);
+    let (t, h, v) = (8, 5, 7);
     // Masked positions 2 and 5; span 2 is empty (no token has it); span 0 carries a weight too.
     let mask = vec![1, 1, 0, 1, 1, 0, 1, 1];
     let span = vec![1, 1, 1, 0, 1, 1, 0, 1];
-    let xs = span_ce_inputs(&mut rng, t, v, mask, span, [0.3, 1.0 / 5.0, 0.5]);
-    run(&op_model("span_ce", Op::SpanCe { vocab: v as u64 }, dims(t, 4), xs, None, None), 34);
+    let xs = head_ce_inputs(&mut rng, t, h, v, mask, span, [0.3, 1.0 / 5.0, 0.5]);
+    run(&op_model("head_ce", head_ce(h, v), dims(t, 4), xs, None, None), 34);
 }
 
 // ---------------------------------------------------------------- zero-gradient cases
 
 #[test]
-fn span_ce_all_masked_gives_exactly_zero() {
+fn head_ce_all_masked_gives_exactly_zero() {
     let mut rng = Rng(35);
-    let (t, v) = (6, 5);
-    let xs = span_ce_inputs(&mut rng, t, v, vec![0; t], vec![1; t], [1.0, 1.0, 1.0]);
-    let op = Op::SpanCe { vocab: v as u64 };
+    let (t, h, v) = (6, 3, 5);
+    let xs = head_ce_inputs(&mut rng, t, h, v, vec![0; t], vec![1; t], [1.0, 1.0, 1.0]);
+    let op = head_ce(h, v);
     let refs: Vec<&Tensor> = xs.iter().collect();
     let ys = fwd(&op, &dims(t, t), &refs);
     assert_eq!(ys[0].f()[0], 0.0);
-    let g = bwd(&op, &dims(t, t), &refs, &ys, &[Some(&Tensor::scalar(1.7)), None]);
-    assert!(g[0].f().iter().all(|&x| x == 0.0), "all-masked span_ce must give exactly zero dlogits");
+    assert!(ys[1].f().iter().chain(ys[2].f()).all(|&x| x == 0.0), "masked token loss and lse are 0");
+    let g = bwd(&op, &dims(t, t), &refs, &ys, &[Some(&Tensor::scalar(1.7)), None, None]);
+    assert!(g.iter().all(|g| g.f().iter().all(|&x| x == 0.0)), "all-masked head_ce must give exactly zero gradients");
 }
 
 /// With a window W ≥ 1 every query attends at least itself (j = i is causal, in its own
@@ -857,7 +864,7 @@ fn add_has_no_backward() {
 #[test]
 #[should_panic(expected = "backward of vjp")]
 fn vjp_has_no_backward() {
-    let op = Op::Vjp(Box::new(Vjp { of: Op::LmHead { hidden: 1, vocab: 1 }, seeds: vec![true] }));
+    let op = Op::Vjp(Box::new(Vjp { of: head_ce(1, 1), seeds: vec![true, false, false] }));
     backward(&op, &dims(1, 1), &[], &[], &[], &NaiveGemm);
 }
 
@@ -927,13 +934,25 @@ fn adjoint_grape_m() {
 }
 
 #[test]
-fn adjoint_span_ce() {
+fn adjoint_head_ce() {
     let mut rng = Rng(48);
-    let (t, v) = (32, 50);
+    let (t, h, v) = (32, 6, 50);
     let mask = (0..t).map(|i| (i % 5 != 3) as i32).collect();
     let span = (0..t).map(|i| (i % 3) as i32).collect();
-    let xs = span_ce_inputs(&mut rng, t, v, mask, span, [0.0, 0.1, 0.07]);
-    adjoint(&op_model("span_ce v=50", Op::SpanCe { vocab: v as u64 }, dims(t, 16), xs, None, None), 49);
+    let xs = head_ce_inputs(&mut rng, t, h, v, mask, span, [0.0, 0.1, 0.07]);
+    adjoint(&op_model("head_ce v=50", head_ce(h, v), dims(t, 16), xs, None, None), 49);
+}
+
+/// A vocabulary large enough that the reference walks the tokens in several logit chunks
+/// (32, 32 and 6 rows): the chunk seams must not show in the loss or its gradients.
+#[test]
+fn adjoint_head_ce_across_logit_chunks() {
+    let mut rng = Rng(57);
+    let (t, h, v) = (70, 2, 1 << 19);
+    let mask = (0..t).map(|i| (i % 7 != 2) as i32).collect();
+    let span = (0..t).map(|i| (i % 3) as i32).collect();
+    let xs = head_ce_inputs(&mut rng, t, h, v, mask, span, [0.02, 0.01, 0.015]);
+    adjoint(&op_model("head_ce 3 chunks", head_ce(h, v), dims(t, t), xs, None, None), 58);
 }
 
 /// Shapes above the 32-wide transpose tiles of the backward's GEMM operands (the other cases
@@ -942,9 +961,8 @@ fn adjoint_span_ce() {
 fn adjoint_linear_ops_across_transpose_tiles() {
     let mut rng = Rng(54);
     let (t, h, v) = (37, 40, 70);
-    let xs = vec![rng.t(&[t, h], 1.0), rng.t(&[v, h], 0.5)];
-    let op = Op::LmHead { hidden: h as u64, vocab: v as u64 };
-    adjoint(&op_model("lm_head 37x40x70", op, dims(t, t), xs, None, None), 55);
+    let xs = head_ce_inputs(&mut rng, t, h, v, vec![1; t], vec![1; t], [0.0, 0.03, 0.0]);
+    adjoint(&op_model("head_ce 37x40x70", head_ce(h, v), dims(t, t), xs, None, None), 55);
     let (k, n) = (65, 33);
     let xs = vec![rng.t(&[t, k], 1.0), rng.t(&[n, k], 0.5), rng.t(&[n], 0.5), rng.t(&[t, n], 1.0)];
     let op = Op::OutProj { in_dim: k as u64, hidden: n as u64, bias: true };
@@ -1066,7 +1084,7 @@ fn adjoint_moe_chain() {
 
 /// Dense block by hand: embedding → rms_norm → qkv_proj → qk_norm → grape_m → value_residual
 /// (with v₁ = the raw k, so k fans out to qk_norm and the value residual) → attention (window, sinks, documents) → out_proj (residual = the
-/// embedding) → rms_norm → lm_head → span_ce. Inputs: `[tokens, table, w_in, w_qkv, b_qkv, w_q,
+/// embedding) → rms_norm → head_ce. Inputs: `[tokens, table, w_in, w_qkv, b_qkv, w_q,
 /// w_k, log_freq, vr_logit, sinks, doc, w_o, b_o, w_f, w_lm, labels, mask, span, span_scale, weight]`.
 fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
     let (s, b, vocab, hid, nh, ng, hd) = (6, 2, 9, 8, 4, 2, 4);
@@ -1132,8 +1150,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
         Op::Attention(Attn { heads: nhu, groups: ngu, head_dim: hdu, kind, sinks: true }),
         Op::OutProj { in_dim: nhu * hdu, hidden: hu, bias: true },
         Op::RmsNorm { dim: hu, eps: 1e-5 },
-        Op::LmHead { hidden: hu, vocab: vocab as u64 },
-        Op::SpanCe { vocab: vocab as u64 },
+        Op::HeadCe { hidden: hu, vocab: vocab as u64 },
     ];
     let d = dims(t, s);
     let run_fwd = {
@@ -1149,20 +1166,19 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
             let at = fwd(&o[6], &d, &[&r[0], &r[1], &vr[0], &x[10], &x[9]]);
             let op = fwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]]);
             let z = fwd(&o[8], &d, &[&op[0], &x[13]]);
-            let lg = fwd(&o[9], &d, &[&z[0], &x[14]]);
-            let l = fwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18], &x[19]]);
-            vec![e, a, q, qn, r, vr, at, op, z, lg, l]
+            let l = fwd(&o[9], &d, &[&z[0], &x[14], &x[15], &x[16], &x[17], &x[18], &x[19]]);
+            vec![e, a, q, qn, r, vr, at, op, z, l]
         }
     };
     let f1 = run_fwd.clone();
-    let fw: FwdFn = Box::new(move |x: &[Tensor]| (vec![f1(x)[10][0].clone()], vec![]));
+    let fw: FwdFn = Box::new(move |x: &[Tensor]| (vec![f1(x)[9][0].clone()], vec![]));
     let bw: BwdFn = Box::new(move |x: &[Tensor], r: &[Tensor]| {
         let o = &ops;
         let n = run_fwd(x);
-        let [e, a, q, qn, rot, vr, at, op, z, lg, l] = <[Vec<Tensor>; 11]>::try_from(n).unwrap();
-        let g_l = bwd(&o[10], &d, &[&lg[0], &x[15], &x[16], &x[17], &x[18], &x[19]], &l, &[Some(&r[0]), None]);
-        let g_lg = bwd(&o[9], &d, &[&z[0], &x[14]], &lg, &[Some(&g_l[0])]);
-        let g_z = bwd(&o[8], &d, &[&op[0], &x[13]], &z, &[Some(&g_lg[0])]);
+        let [e, a, q, qn, rot, vr, at, op, z, l] = <[Vec<Tensor>; 10]>::try_from(n).unwrap();
+        let ins = [&z[0], &x[14], &x[15], &x[16], &x[17], &x[18], &x[19]];
+        let g_l = bwd(&o[9], &d, &ins, &l, &[Some(&r[0]), None, None]);
+        let g_z = bwd(&o[8], &d, &[&op[0], &x[13]], &z, &[Some(&g_l[0])]);
         let g_op = bwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]], &op, &[Some(&g_z[0])]);
         let g_at = bwd(&o[6], &d, &[&rot[0], &rot[1], &vr[0], &x[10], &x[9]], &at, &[Some(&g_op[0])]);
         let g_vr = bwd(&o[5], &d, &[&q[2], &q[1], &x[8]], &vr, &[Some(&g_at[2])]);
@@ -1186,7 +1202,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
             g_op[1].clone(),
             g_op[2].clone(),
             g_z[1].clone(),
-            g_lg[1].clone(),
+            g_l[1].clone(),
         ]
     });
     let m =

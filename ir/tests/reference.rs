@@ -163,18 +163,20 @@ fn dispatch_is_expert_major_and_combine_inverts_it() {
 }
 
 #[test]
-fn span_ce_weights_each_span() {
-    let v = 4;
-    let logits = Tensor::f32(vec![3, v], vec![0.0; 12]);
+fn head_ce_weights_each_span() {
+    let (h, v) = (2, 4);
+    // z = 0: every logit is 0, so lse = ln 4 and ce = ln 4 on every unmasked token.
+    let z = Tensor::f32(vec![3, h], vec![0.0; 6]);
+    let head = Tensor::f32(vec![v, h], (0..8).map(|i| i as f32).collect());
     let labels = Tensor::i32(vec![3], vec![1, 2, -1]);
     let mask = Tensor::i32(vec![3], vec![1, 1, 0]);
     let span = Tensor::i32(vec![3], vec![1, 2, 0]);
     let scale = Tensor::f32(vec![3], vec![0.0, 1.0, 0.5]);
     let weight = Tensor::f32(vec![3], vec![1.0, 2.0, 3.0]);
     let out = forward(
-        &Op::SpanCe { vocab: v as u64 },
+        &Op::HeadCe { hidden: h as u64, vocab: v as u64 },
         &Dims { tokens: 3, seq: 3 },
-        &[&logits, &labels, &mask, &span, &scale, &weight],
+        &[&z, &head, &labels, &mask, &span, &scale, &weight],
         &NaiveGemm,
     );
     let l = 4f32.ln();
@@ -182,6 +184,7 @@ fn span_ce_weights_each_span() {
     assert!(close(out[0].f()[0], 2.0 * l, 1e-6));
     assert!(close(out[1].f()[1], l, 1e-6));
     assert_eq!(out[1].f()[2], 0.0);
+    assert_eq!(out[2].f(), &[l, l, 0.0], "lse per token, 0 where masked");
 }
 
 #[test]

@@ -27,7 +27,8 @@
 #include "combine.cuh"
 #include "seq_aux.cuh"
 #include "sum.cuh"
-#include "ce_rows.cuh"
+#include "head_lse.cuh"
+#include "ce_lse.cuh"
 #include "conf_weight.cuh"
 
 typedef __nv_bfloat16 bf;
@@ -268,25 +269,47 @@ void test_seq_aux(int B, int S) {
     Cmp c(nm, 0, 1e-5); c.add(total / B, out[0], 0); c.report();
 }
 
-// ------------------------------------------------------------------ ce_rows + sum
-template <int V>
-void test_ce(int T) {
-    auto logits = rf((size_t)T * V, 3.0);
-    std::vector<int> labels(T); std::vector<unsigned char> mask(T), span(T);
-    for (int t = 0; t < T; ++t) { labels[t] = rng() % V; mask[t] = (t % 3) != 1; span[t] = t % 2; }
-    logits[5] = 80.f;  // a large logit
-    std::vector<float> scale{0.3f, 1.7f}, tl(T, POISON_F), wt(T, POISON_F), out(1, POISON_F), cw = rf(T, 1.0);
-    for (auto& w : cw) w = 0.25f + std::fabs(w);  // confidence weights
-    emu_launch(T, 1, 256, [&] { vp::ce_rows<V>(logits.data(), labels.data(), mask.data(), span.data(), scale.data(), cw.data(), tl.data(), wt.data(), T); });
-    emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f); });
-    char nm[100]; snprintf(nm, 100, "ce_rows+sum V%d T%d", V, T);
-    Cmp c(nm, 1e-5, 1e-5); double loss = 0;
-    for (int t = 0; t < T; ++t) {
-        double ce = 0;
-        if (mask[t]) { const float* r = &logits[(size_t)t * V]; double m = -INFINITY; for (int i = 0; i < V; ++i) m = std::max(m, (double)r[i]); double s = 0; for (int i = 0; i < V; ++i) s += std::exp(r[i] - m); ce = m + std::log(s) - r[labels[t]]; loss += ce * scale[span[t]] * cw[t]; }
-        c.add(ce, tl[t], t); c.add(mask[t] ? (float)ce * scale[span[t]] * cw[t] : 0.0, wt[t], T + t);
+// ------------------------------------------------------------------ head_lse + ce_lse + sum
+// Inputs of head_ce shared with the backward test: bf16 z [T, H] and head [V, H] spread so the
+// logits span ~±10, a label in the last column, masked rows and an all-zero-scale span.
+struct HeadCase {
+    int T, H, V;
+    std::vector<bf> z, w;
+    std::vector<int> labels;
+    std::vector<unsigned char> mask, span;
+    std::vector<float> scale, cw;
+    HeadCase(int T_, int H_, int V_) : T(T_), H(H_), V(V_), z(rbf((size_t)T_ * H_, 1.0)), w(rbf((size_t)V_ * H_, 3.0 / std::sqrt(H_))), labels(T_), mask(T_), span(T_), scale{0.3f, 1.7f, 0.f}, cw(rf(T_, 1.0)) {
+        for (int t = 0; t < T; ++t) { labels[t] = rng() % V; mask[t] = (t % 3) != 1; span[t] = t % 3; }
+        labels[0] = V - 1; if (T > 4) labels[4] = -1;  // last column; a label the head never holds (masked below)
+        if (T > 4) mask[4] = 0;
+        for (auto& x : cw) x = 0.25f + std::fabs(x);
     }
-    c.add(loss, out[0], 2 * T); c.report();
+    std::vector<double> logits(int t) const {  // f64 from the bf16 inputs
+        std::vector<double> l(V);
+        for (int c = 0; c < V; ++c) { double s = 0; for (int k = 0; k < H; ++k) s += (double)fl(z[(size_t)t * H + k]) * fl(w[(size_t)c * H + k]); l[c] = s; }
+        return l;
+    }
+    static double lse(const std::vector<double>& l) { double m = -INFINITY; for (double v : l) m = std::max(m, v); double s = 0; for (double v : l) s += std::exp(v - m); return m + std::log(s); }
+};
+
+template <int V, int H>
+void test_head_ce(int T) {
+    HeadCase hc(T, H, V);
+    constexpr int NTILE = (V + 63) / 64;
+    std::vector<float> part((size_t)T * NTILE * 2, POISON_F), lab(T, POISON_F), tl(T, POISON_F), lse(T, POISON_F), wt(T, POISON_F), out(1, POISON_F);
+    emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_lse<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), part.data(), lab.data(), T); });
+    emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), tl.data(), lse.data(), wt.data(), T); });
+    emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f); });
+    char nm[100]; snprintf(nm, 100, "head_lse+ce_lse+sum V%d H%d T%d", V, H, T);
+    Cmp c(nm, 1e-4, 1e-5); double loss = 0; bool zeros = true;
+    for (int t = 0; t < T; ++t) {
+        if (!hc.mask[t]) { zeros &= tl[t] == 0.f && lse[t] == 0.f && wt[t] == 0.f; continue; }
+        auto l = hc.logits(t); double L = HeadCase::lse(l), ce = L - l[hc.labels[t]];
+        loss += ce * hc.scale[hc.span[t]] * hc.cw[t];
+        c.add(ce, tl[t], t); c.add(L, lse[t], T + t); c.add(ce * hc.scale[hc.span[t]] * hc.cw[t], wt[t], 2 * T + t);
+    }
+    c.add(loss, out[0], 3 * T); c.report();
+    expect(zeros, std::string(nm) + ": masked rows not exactly 0");
 }
 
 // ------------------------------------------------------------------ conf_weight
@@ -421,7 +444,7 @@ int main(int argc, char** argv) {
     }
     if (want("loss")) {
         test_seq_aux<256, 4>(2, 40); test_seq_aux<40, 3>(3, 17);
-        test_ce<1000>(7); test_ce<1001>(4); test_conf_weight(600);
+        test_head_ce<1000, 64>(7); test_head_ce<1001, 36>(70); test_head_ce<64, 48>(65); test_conf_weight(600);
     }
     run_bwd_tests(want);
     run_optim_tests(want);

@@ -208,10 +208,24 @@ static void test_normuon(int batch) {
     printf("%-60s %s  rel_rms_err=%.3g max=%.3g·rms (reference's bf16 path: %.3g, %.3g)\n", nm, upd_ok ? "ok  " : "FAIL",
            dev_err, dev_max / rms, torch_err, torch_max / rms);
     if (!upd_ok) g_fail++;
+    // v = mean of the row's squared update: the same bar as the update itself (the bf16 path's
+    // errors, 10 % slack), since a fixed relative tolerance trips on rows whose update is small.
+    double v_sq = 0, dv = 0, tv = 0, dv_max = 0, tv_max = 0;
+    for (int i = 0; i < batch * R; ++i) {
+        v_sq += (double)v3[i] * v3[i];
+        dv += ((double)v2[i] - v3[i]) * ((double)v2[i] - v3[i]);
+        tv += ((double)v4[i] - v3[i]) * ((double)v4[i] - v3[i]);
+        dv_max = std::max(dv_max, std::fabs((double)v2[i] - v3[i]));
+        tv_max = std::max(tv_max, std::fabs((double)v4[i] - v3[i]));
+    }
+    const double v_rms = std::sqrt(v_sq / (batch * R));
+    dv = std::sqrt(dv / (batch * R)) / v_rms;
+    tv = std::sqrt(tv / (batch * R)) / v_rms;
+    const bool v_ok = dv <= 1.1 * tv && dv_max <= 1.1 * tv_max && std::isfinite(dv);
     snprintf(nm, 120, "normuon R%d C%d x%d: second moment v", R, C, batch);
-    Cmp cv(nm, 1e-9, 0.1);
-    for (int i = 0; i < batch * R; ++i) cv.add(v3[i], v2[i], i);
-    cv.report();
+    printf("%-60s %s  rel_rms_err=%.3g max=%.3g·rms (reference's bf16 path: %.3g, %.3g)\n", nm, v_ok ? "ok  " : "FAIL", dv,
+           dv_max / v_rms, tv, tv_max / v_rms);
+    if (!v_ok) g_fail++;
     bool copy = true;
     for (long long i = 0; i < batch * sz; ++i) copy &= model[i].x == tobf(w2[i]).x;
     expect(copy, "normuon: the model copy is not bf16(master)");

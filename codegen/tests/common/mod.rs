@@ -150,9 +150,8 @@ pub fn forward_ops(c: &Cfg) -> Vec<Op> {
         Op::Combine { hidden: c.hidden, topk: c.topk, shared: true },
         Op::Combine { hidden: c.hidden, topk: c.topk, shared: false },
         Op::SeqAuxLoss { experts: c.experts, topk: c.topk },
-        Op::LmHead { hidden: c.hidden, vocab: c.vocab },
+        Op::HeadCe { hidden: c.hidden, vocab: c.vocab },
         Op::ConfidenceWeight,
-        Op::SpanCe { vocab: c.vocab },
     ]
 }
 
