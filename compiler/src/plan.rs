@@ -3,6 +3,7 @@
 //! live in two arenas: one sized in bytes per token (offsets valid for any `T`) and one fixed.
 
 use crate::config::Arch;
+use crate::optimizer::OptimizerPlan;
 use crate::report::Report;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use vpmoe_codegen::{lower_node, Launch};
 use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
-pub const PLAN_FORMAT: u32 = 2;
+pub const PLAN_FORMAT: u32 = 3;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
 
 /// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).
@@ -94,18 +95,26 @@ pub struct Plan {
     pub buffers: Vec<Buffer>,
     pub tok_arena_bytes_per_token: u64,
     pub fixed_arena_bytes: u64,
-    pub optimizer: crate::optimizer::OptimizerPlan,
+    pub optimizer: OptimizerPlan,
     pub report: Report,
 }
 
-/// `sha256(normalised config without its name ‖ compiler version ‖ codegen version)`.
-pub fn fingerprint(arch: &Arch) -> String {
+/// `sha256(plan format ‖ config without its name ‖ IR text without its name line ‖ steps,
+/// buffers and optimizer plan ‖ kernel templates)`: plans with one fingerprint run the same
+/// graph with the same launches and kernel code, which is what a bitwise resume needs; renaming a
+/// config does not change it.
+fn fingerprint(arch: &Arch, g: &Graph, steps: &[Step], buffers: &[Buffer], opt: &OptimizerPlan) -> String {
     let mut a = arch.clone();
     a.name = String::new();
+    let text = g.to_text();
     let mut h = Sha256::new();
+    h.update(PLAN_FORMAT.to_le_bytes());
     h.update(a.canonical_json());
-    h.update(COMPILER_VERSION);
-    h.update(vpmoe_codegen::CODEGEN_VERSION);
+    h.update(text.split_once('\n').map_or("", |(_, body)| body));
+    for part in [serde_json::to_vec(steps), serde_json::to_vec(buffers), serde_json::to_vec(opt)] {
+        h.update(part.expect("plan parts serialise"));
+    }
+    h.update(vpmoe_codegen::headers::digest());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -266,7 +275,7 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
     Plan {
         format: PLAN_FORMAT,
         compiler: COMPILER_VERSION.into(),
-        fingerprint: fingerprint(arch),
+        fingerprint: fingerprint(arch, g, &steps, &buffers, &optimizer),
         arch: arch.clone(),
         params,
         kernels,

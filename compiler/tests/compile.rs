@@ -247,14 +247,22 @@ fn memory_plan_never_overlaps_live_buffers() {
 }
 
 #[test]
-fn fingerprint_tracks_the_config_only() {
+fn fingerprint_tracks_the_plan_not_the_config_name() {
+    let fp = |a: &vpmoe_compiler::Arch| vpmoe_compiler::compile_arch(a).unwrap().1.fingerprint;
     let a = load("tests/configs/tiny_moe.toml");
     let mut renamed = a.clone();
     renamed.name = "other".into();
-    assert_eq!(vpmoe_compiler::plan::fingerprint(&a), vpmoe_compiler::plan::fingerprint(&renamed));
+    assert_eq!(fp(&a), fp(&renamed));
     let mut wider = a.clone();
     wider.ffn += 1;
-    assert_ne!(vpmoe_compiler::plan::fingerprint(&a), vpmoe_compiler::plan::fingerprint(&wider));
+    assert_ne!(fp(&a), fp(&wider));
+    // Same config, different graph (as a compiler change would make it): another plan.
+    let mut g = vpmoe_compiler::lower::lower(&a);
+    vpmoe_compiler::autodiff::autodiff(&mut g).unwrap();
+    let base = vpmoe_compiler::plan::build(&g, &a).fingerprint;
+    assert_eq!(base, fp(&a));
+    g.nodes[0].name.push_str(".renamed");
+    assert_ne!(vpmoe_compiler::plan::build(&g, &a).fingerprint, base);
 }
 
 #[test]

@@ -16,7 +16,7 @@ pub mod train;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
-use vpmoe_compiler::{compile_arch, plan::fingerprint, Plan};
+use vpmoe_compiler::{compile_arch, Plan};
 use vpmoe_ir::Graph;
 
 pub use backend::{Backend, Batch, ForwardOut};
@@ -35,17 +35,16 @@ pub fn load_plan(dir: &Path) -> Result<(Graph, Plan)> {
             vpmoe_compiler::plan::PLAN_FORMAT
         );
     }
-    let want = fingerprint(&plan.arch);
-    if plan.fingerprint != want {
+    let (graph, rebuilt) = compile_arch(&plan.arch)?;
+    if plan.fingerprint != rebuilt.fingerprint {
         bail!(
-            "{}: fingerprint {} does not match {} for its architecture under {}; recompile it with this vpmoec",
+            "{}: fingerprint {} does not match {} (its architecture under {}); recompile it with this vpmoec",
             path.display(),
             &plan.fingerprint[..16.min(plan.fingerprint.len())],
-            &want[..16],
+            &rebuilt.fingerprint[..16],
             vpmoe_compiler::plan::COMPILER_VERSION
         );
     }
-    let (graph, rebuilt) = compile_arch(&plan.arch)?;
     if rebuilt.params != plan.params {
         bail!("{}: parameter table differs from its architecture's", path.display());
     }

@@ -98,7 +98,7 @@ fn every_node_matches_the_reference() {
             let want = reference::forward(&node.op, &dims, &refs, &FastGemm);
             for (k, (v, w)) in node.outputs.iter().zip(&want).enumerate() {
                 let got = be.read_value(lay, *v)?;
-                if let Err(d) = parity::compare(g.value(*v).ty.dtype, &got, w) {
+                if let Err(d) = parity::compare(parity::tolerance_of(&node.op, g.value(*v).ty.dtype), &got, w) {
                     failures.push(format!("[{what}] {} output {k} ({}): {d}", node.name, g.value(*v).ty));
                 }
                 checked += 1;
