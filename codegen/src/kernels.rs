@@ -878,11 +878,7 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                     1024,
                 ),
             ],
-            vec![
-                scratch(DType::F32, 2 * vocab.div_ceil(GEMM_TILE)),
-                scratch(DType::F32, 1),
-                scratch(DType::F32, 1),
-            ],
+            vec![scratch(DType::F32, 2 * vocab.div_ceil(GEMM_TILE)), scratch(DType::F32, 1), scratch(DType::F32, 1)],
         ),
         Op::Add { n, ref ty } => lower_add(node, n, ty),
         Op::Vjp(ref v) => lower_vjp(node, v),

@@ -310,7 +310,8 @@ pub fn backward(
         Op::HeadCe { hidden, vocab } => {
             // Recomputes each chunk's logits: the forward keeps only their log-sum-exp.
             let (h, v) = (hidden as usize, vocab as usize);
-            let (z, head, labels, mask, span, scale) = (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i(), xs[4].i(), xs[5].f());
+            let (z, head, labels, mask, span, scale) =
+                (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i(), xs[4].i(), xs[5].f());
             let weight = xs[6].f();
             let dloss = up(0)[0] as f64;
             let head_t = transpose(head, v, h);

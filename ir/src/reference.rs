@@ -532,7 +532,8 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
         }
         Op::HeadCe { hidden, vocab } => {
             let (h, v) = (hidden as usize, vocab as usize);
-            let (z, head, labels, mask, span, scale) = (ins[0].f(), ins[1].f(), ins[2].i(), ins[3].i(), ins[4].i(), ins[5].f());
+            let (z, head, labels, mask, span, scale) =
+                (ins[0].f(), ins[1].f(), ins[2].i(), ins[3].i(), ins[4].i(), ins[5].f());
             let weight = ins[6].f();
             let (mut tok, mut lse) = (vec![0f32; t], vec![0f32; t]);
             let mut loss = 0f64;
