@@ -8,18 +8,24 @@ use super::bind::{Bound, Layout, Param};
 use super::device::{download, DevBuf, Gpu, GIB};
 use super::kernels::Kernels;
 use super::optim::DeviceOptimizer;
+use super::replay::{self, GraphExec};
 use crate::backend::{Backend, Batch, ForwardOut, MicroOut, StepScalars, StepStats};
 use crate::state::TrainState;
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::result;
+use cudarc::driver::{result, CudaStream};
 use half::bf16;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use vpmoe_codegen::{lower_node, KernelSpec, Scratch};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{Data, Tensor};
 use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
+
+/// Captured micro-batch shapes kept at once (training uses two: a step's first micro-batch and the
+/// rest; evaluation a third).
+const MAX_CAPTURED: usize = 8;
 
 /// Called after each node with the device synchronised (parity checks read the node's values).
 pub type NodeHook<'h, 'g> = &'h mut dyn FnMut(usize, &CudaBackend<'g>, &Layout) -> Result<()>;
@@ -90,6 +96,13 @@ pub struct CudaBackend<'g> {
     /// Fill both arenas with 0xFF (NaN in every float type) before each run, so a kernel that
     /// leaves part of its output unwritten shows up as NaN instead of a stale right answer.
     pub poison: bool,
+    /// Replay micro-batches as CUDA graphs (`super::replay`); off, every launch is issued from
+    /// the host. Graphs are never used with a node hook or per-kernel timing.
+    pub graphs: bool,
+    /// Captured micro-batches by (tokens, sequence length, nodes run, first micro-batch of the
+    /// step). Declared before `gpu` so they are destroyed while the context lives.
+    captured: BTreeMap<(u64, u64, usize, bool), GraphExec>,
+    capture_stream: Arc<CudaStream>,
     gpu: Gpu,
 }
 
@@ -150,6 +163,7 @@ impl<'g> CudaBackend<'g> {
             grad_values.push(v);
         }
         let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream() };
+        let capture_stream = gpu.ctx.new_stream().map_err(|e| anyhow!("creating the capture stream: {e}"))?;
         Ok(CudaBackend {
             graph,
             plan,
@@ -164,6 +178,9 @@ impl<'g> CudaBackend<'g> {
             opt,
             loads: BTreeMap::new(),
             poison: false,
+            graphs: true,
+            captured: BTreeMap::new(),
+            capture_stream,
             gpu,
         })
     }
@@ -260,29 +277,9 @@ impl<'g> CudaBackend<'g> {
         }
     }
 
-    /// Runs nodes `[..n]` on `batch`. `each(node, layout)` is called after every node, with the
-    /// device synchronised, when given (parity checks read the node's values there).
-    pub fn run_nodes(
-        &mut self,
-        batch: &Batch,
-        n: usize,
-        mut each: Option<NodeHook<'_, 'g>>,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        batch.validate(self.plan.arch.vocab)?;
-        let t = batch.tokens.len() as u64;
-        if t > self.max_tokens {
-            bail!("micro-batch of {t} tokens; this cuda backend was sized for {}", self.max_tokens);
-        }
-        if self.poison {
-            self.tok_arena.fill(0xFF)?;
-            self.fixed_arena.fill(0xFF)?;
-        }
-        let ptrs = self.model_ptrs.clone();
-        let lay = self.layout(batch, &ptrs);
+    /// Issues the launches of nodes `[..n]` (and the gradient accumulations they finalise).
+    fn launch_nodes(&mut self, lay: &Layout, n: usize, mut each: Option<NodeHook<'_, 'g>>) -> Result<()> {
         let plan = self.plan;
-        for inp in &self.graph.inputs {
-            self.write_value(&lay, inp.value, &batch.input(&inp.name)?)?;
-        }
         for (ni, node) in self.graph.nodes[..n].iter().enumerate() {
             let _range = super::nvtx::range(&node.name);
             for l in &plan.steps[ni].launches {
@@ -299,8 +296,53 @@ impl<'g> CudaBackend<'g> {
             }
             if let Some(f) = each.as_deref_mut() {
                 self.sync().with_context(|| format!("in node {}", node.name))?;
-                f(ni, self, &lay)?;
+                f(ni, self, lay)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Runs nodes `[..n]` on `batch`. `each(node, layout)` is called after every node, with the
+    /// device synchronised, when given (parity checks read the node's values there).
+    pub fn run_nodes(
+        &mut self,
+        batch: &Batch,
+        n: usize,
+        each: Option<NodeHook<'_, 'g>>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        batch.validate(self.plan.arch.vocab)?;
+        let t = batch.tokens.len() as u64;
+        if t > self.max_tokens {
+            bail!("micro-batch of {t} tokens; this cuda backend was sized for {}", self.max_tokens);
+        }
+        if self.poison {
+            self.tok_arena.fill(0xFF)?;
+            self.fixed_arena.fill(0xFF)?;
+        }
+        let ptrs = self.model_ptrs.clone();
+        let lay = self.layout(batch, &ptrs);
+        for inp in &self.graph.inputs {
+            self.write_value(&lay, inp.value, &batch.input(&inp.name)?)?;
+        }
+        if each.is_none() && self.launcher.timer.is_none() && self.graphs {
+            let key = (t, batch.seq as u64, n, self.opt.first());
+            if !self.captured.contains_key(&key) {
+                if self.captured.len() >= MAX_CAPTURED {
+                    self.captured.clear();
+                }
+                let (ctx, side) = (self.gpu.ctx.clone(), self.capture_stream.cu_stream());
+                let exec = replay::capture(&ctx, side, || {
+                    let main = std::mem::replace(&mut self.launcher.stream, side);
+                    let issued = self.launch_nodes(&lay, n, None);
+                    self.launcher.stream = main;
+                    issued
+                })?;
+                self.captured.insert(key, exec);
+            }
+            let _range = super::nvtx::range("micro-batch (graph)");
+            self.captured[&key].launch(self.launcher.stream)?;
+        } else {
+            self.launch_nodes(&lay, n, each)?;
         }
         self.sync()?;
         if let Some(t) = self.launcher.timer.as_mut() {
@@ -365,6 +407,7 @@ impl Backend for CudaBackend<'_> {
     fn set_state(&mut self, st: TrainState) -> Result<()> {
         crate::backend::check_state(self.plan, &st)?;
         self.loads.clear();
+        self.captured.clear();
         self.opt.set_state(st)
     }
 

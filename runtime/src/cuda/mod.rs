@@ -8,6 +8,7 @@ mod exec;
 mod kernels;
 pub mod nvtx;
 pub mod optim;
+mod replay;
 pub mod timing;
 
 pub use device::gpu_available;

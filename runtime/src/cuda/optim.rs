@@ -348,6 +348,11 @@ impl DeviceOptimizer {
         Ok(())
     }
 
+    /// Whether the next accumulation starts the step's sums (overwrites instead of adding).
+    pub fn first(&self) -> bool {
+        self.first
+    }
+
     /// Marks the gradient sums as started (after a successful accumulation).
     pub fn accumulated(&mut self) {
         self.first = false;
