@@ -7,8 +7,8 @@
 //! emulation): in particular the value-residual λ is the f32 sigmoid with a live gradient (D2),
 //! and masked attention scores contribute exactly zero (D5). Discrete decisions (router
 //! selection, aux-loss top-k counts, dispatch rows) are constants of the backward. Large matrix
-//! products go through [`Gemm`] with explicit transposed copies, so the cpu trainer's fast GEMM
-//! carries the LM head, MLP and expert products.
+//! products go through [`Gemm`] (`x·Wᵀ`, `dy·W`, `dyᵀ·x`), so the cpu trainer's strided GEMM
+//! carries the LM head, MLP and expert products without transposed copies.
 
 use std::borrow::Cow;
 
@@ -314,7 +314,6 @@ pub fn backward(
                 (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i(), xs[4].i(), xs[5].f());
             let weight = xs[6].f();
             let dloss = up(0)[0] as f64;
-            let head_t = transpose(head, v, h);
             let (mut dz, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
             for t0 in (0..t).step_by(head_chunk(v)) {
                 let t1 = t.min(t0 + head_chunk(v));
@@ -332,9 +331,8 @@ pub fn backward(
                     }
                 }
                 let c = t1 - t0;
-                gemm.xwt(c, v, h, &dl, &head_t, &mut dz[t0 * h..t1 * h], false);
-                let zc = transpose(&z[t0 * h..t1 * h], c, h);
-                gemm.xwt(v, c, h, &transpose(&dl, c, v), &zc, &mut dw, t0 > 0);
+                gemm.ab(c, v, h, &dl, head, &mut dz[t0 * h..t1 * h], false);
+                gemm.atb(v, c, h, &dl, &z[t0 * h..t1 * h], &mut dw, t0 > 0);
             }
             vec![like(xs[0], dz), like(xs[1], dw)]
         }
@@ -363,37 +361,20 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-/// Row-major `[rows×cols]` → `[cols×rows]`, in 32×32 tiles so the LM head's
-/// `[vocab×hidden]` weight and `[T×vocab]` logit gradient transpose at memory speed.
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const B: usize = 32;
-    let mut out = vec![0f32; a.len()];
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = a[r * cols + c];
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Input gradient of `y = x·Wᵀ`: `dx (+)= dy·W` with `dy` `[m×n]`, `W` `[n×k]`.
 #[allow(clippy::too_many_arguments)]
 fn dx_acc(g: &dyn Gemm, dy: &[f32], w: &[f32], m: usize, n: usize, k: usize, dx: &mut [f32], acc: bool) {
     if m == 0 {
         return;
     }
-    g.xwt(m, n, k, dy, &transpose(w, n, k), dx, acc);
+    g.ab(m, n, k, dy, w, dx, acc);
 }
 
 /// Weight gradient of `y = x·Wᵀ`: `dW = dyᵀ·x` (`[n×k]`, summed over the `m` rows).
 fn dweight(g: &dyn Gemm, dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut dw = vec![0f32; n * k];
     if m > 0 {
-        g.xwt(n, m, k, &transpose(dy, m, n), &transpose(x, m, k), &mut dw, false);
+        g.atb(n, m, k, dy, x, &mut dw, false);
     }
     dw
 }

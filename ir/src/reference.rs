@@ -55,9 +55,40 @@ pub struct Dims {
 }
 
 /// `c[m×n] = a[m×k] · b[n×k]ᵀ` (+ `c` when `acc`), row-major: the `x·Wᵀ` of a linear layer.
+/// The backward's two other products have defaults through transposed copies; a strided GEMM
+/// overrides them to skip the copies.
 pub trait Gemm: Sync {
     #[allow(clippy::too_many_arguments)]
     fn xwt(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool);
+
+    /// `c[m×n] (+)= a[m×k] · b[k×n]`: an input gradient `dy·W`.
+    #[allow(clippy::too_many_arguments)]
+    fn ab(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        self.xwt(m, k, n, a, &transpose(b, k, n), c, acc);
+    }
+
+    /// `c[m×n] (+)= a[k×m]ᵀ · b[k×n]`: a weight gradient `dyᵀ·x`.
+    #[allow(clippy::too_many_arguments)]
+    fn atb(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        self.xwt(m, k, n, &transpose(a, k, m), &transpose(b, k, n), c, acc);
+    }
+}
+
+/// Row-major `[rows×cols]` → `[cols×rows]`, in 32×32 tiles so large operands transpose at
+/// memory speed.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut out = vec![0f32; a.len()];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The trivially correct GEMM: f64 accumulation, no blocking.

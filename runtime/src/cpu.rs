@@ -13,40 +13,60 @@ use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{self, Dims, Gemm, Tensor};
 use vpmoe_ir::{DType, Graph, ValueDef};
 
-/// `c = a·bᵀ (+ c)` through matrixmultiply's sgemm.
+/// Every product of [`Gemm`] through matrixmultiply's strided sgemm: transposes are strides.
 pub struct FastGemm;
+
+/// `c[m×n] (+)= A·B` with `A[i][p] = a[i·rsa + p·csa]` and `B[p][j] = b[p·rsb + j·csb]`.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    (a, rsa, csa): (&[f32], usize, usize),
+    (b, rsb, csb): (&[f32], usize, usize),
+    c: &mut [f32],
+    acc: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm operand sizes");
+    let beta = if acc { 1.0 } else { 0.0 };
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
 
 impl Gemm for FastGemm {
     fn xwt(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !acc {
-                c[..m * n].fill(0.0);
-            }
-            return;
-        }
-        let beta = if acc { 1.0 } else { 0.0 };
-        // a: m×k row-major (rs=k, cs=1); bᵀ: k×n with b n×k row-major (rs=1, cs=k).
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                a.as_ptr(),
-                k as isize,
-                1,
-                b.as_ptr(),
-                1,
-                k as isize,
-                beta,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
+        sgemm(m, k, n, (a, k, 1), (b, 1, k), c, acc); // bᵀ: b is n×k row-major
+    }
+    fn ab(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        sgemm(m, k, n, (a, k, 1), (b, n, 1), c, acc);
+    }
+    fn atb(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        sgemm(m, k, n, (a, 1, m), (b, n, 1), c, acc); // aᵀ: a is k×m row-major
     }
 }
 
@@ -215,5 +235,36 @@ impl Backend for CpuBackend<'_> {
         self.state = st;
         self.refresh_model();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpmoe_ir::reference::NaiveGemm;
+
+    /// The strided products against the reference's transposing defaults, overwriting and
+    /// accumulating, on shapes that are neither square nor tile multiples.
+    #[test]
+    fn strided_products_match_the_reference() {
+        let (m, k, n) = (7, 13, 5);
+        let fill = |len: usize, s: f32| (0..len).map(|i| ((i * 37 + 11) % 23) as f32 * s - 1.0).collect::<Vec<f32>>();
+        type Product = fn(&dyn Gemm, usize, usize, usize, &[f32], &[f32], &mut [f32], bool);
+        let products: [(&str, Product, usize, usize); 3] = [
+            ("xwt", |g, m, k, n, a, b, c, acc| g.xwt(m, k, n, a, b, c, acc), m * k, n * k),
+            ("ab", |g, m, k, n, a, b, c, acc| g.ab(m, k, n, a, b, c, acc), m * k, k * n),
+            ("atb", |g, m, k, n, a, b, c, acc| g.atb(m, k, n, a, b, c, acc), k * m, k * n),
+        ];
+        for (name, f, la, lb) in products {
+            let (a, b) = (fill(la, 0.1), fill(lb, 0.07));
+            for acc in [false, true] {
+                let (mut want, mut got) = (fill(m * n, 0.01), fill(m * n, 0.01));
+                f(&NaiveGemm, m, k, n, &a, &b, &mut want, acc);
+                f(&FastGemm, m, k, n, &a, &b, &mut got, acc);
+                for (x, y) in got.iter().zip(&want) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{name} acc={acc}: {got:?} vs {want:?}");
+                }
+            }
+        }
     }
 }
