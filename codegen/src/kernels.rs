@@ -593,6 +593,12 @@ fn rows_grid(mul: u64) -> [LaunchDim; 3] {
 /// Tile sizes of the GEMM templates (rows × cols per block).
 pub const GEMM_TILE: u64 = 64;
 
+/// Grid of gemm.cuh's tile (and of the kernels built on its mainloop): `m_mul·T` rows by `n`
+/// columns in 64×64 tiles.
+fn tile_grid(n: u64, m_mul: u64) -> [LaunchDim; 3] {
+    [tok(m_mul, GEMM_TILE), LaunchDim::Const(n.div_ceil(GEMM_TILE)), one()]
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     n: u64,
@@ -610,7 +616,7 @@ fn gemm(
     launch(
         KernelSpec::new("gemm", &[n, kd, epi, out_f32 as u64]),
         vec![x, w, bias, resid, y, Arg::Tokens { mul: m_mul }, Arg::Int(ldy as i64)],
-        [tok(m_mul, GEMM_TILE), LaunchDim::Const(n.div_ceil(GEMM_TILE)), one()],
+        tile_grid(n, m_mul),
         128,
     )
 }
@@ -862,7 +868,7 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                 launch(
                     KernelSpec::new("head_lse", &[vocab, hidden]),
                     vec![i(0), i(1), i(2), s(0, 0), s(1, 0), Arg::Tokens { mul: 1 }],
-                    [tok(1, GEMM_TILE), LaunchDim::Const(vocab.div_ceil(GEMM_TILE)), one()],
+                    tile_grid(vocab, 1),
                     128,
                 ),
                 launch(
@@ -1229,7 +1235,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             b.push(
                 KernelSpec::new("head_dl", &[vocab, hidden]),
                 vec![x(0), x(1), x(2), x(3), x(4), x(5), x(6), y(2), dy(0), dl.clone(), t1],
-                [tok(1, GEMM_TILE), LaunchDim::Const(vocab.div_ceil(GEMM_TILE)), one()],
+                tile_grid(vocab, 1),
                 128,
             );
             b.dgrad(hidden, vocab, 1, dl.clone(), vocab, x(1), Arg::Null, dx(0), false);
@@ -1248,8 +1254,9 @@ pub const RED_BLOCKS: u64 = 256;
 pub const COLSUM_PARTS: u64 = 64;
 /// Tokens per embed_sort chunk.
 pub const EMBED_SORT_CHUNK: u64 = 2048;
-/// `AMODE` of gemm_nn / gemm_tn: f32 A rounded to bf16, or split into bf16 hi + lo.
-pub const AMODE_ROUND: u64 = 1;
+/// `AMODE` of gemm_nn / gemm_tn for an f32 A split into bf16 hi + lo (the router's gradient GEMMs).
+/// The templates' AMODE 1 (f32 A rounded once) has had no user since head_ce writes its logit
+/// gradient in bf16.
 pub const AMODE_SPLIT: u64 = 2;
 /// gemm_nn epilogue: multiply by ReLU²'(aux) = 2·max(aux, 0).
 pub const EPI_DRELU2: u64 = 3;

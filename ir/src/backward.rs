@@ -13,9 +13,7 @@
 use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
-use crate::reference::{
-    alibi_slopes, attends, grape_freqs, head_chunk, head_logits, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
-};
+use crate::reference::{alibi_slopes, attends, grape_freqs, head_logits, row_lse, sigmoid, topk, Dims, Gemm, Tensor};
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
 /// upstream gradients (in [`Op::signature`] order of the `vjp` op).
@@ -315,9 +313,7 @@ pub fn backward(
             let weight = xs[6].f();
             let dloss = up(0)[0] as f64;
             let (mut dz, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
-            for t0 in (0..t).step_by(head_chunk(v)) {
-                let t1 = t.min(t0 + head_chunk(v));
-                let mut dl = head_logits(gemm, z, head, t0, t1, h, v);
+            for (t0, t1, mut dl) in head_logits(gemm, z, head, (t, h, v)) {
                 for (i, row) in dl.chunks_mut(v).enumerate() {
                     let ti = t0 + i;
                     let w = dloss * scale[span[ti] as usize] as f64 * weight[ti] as f64;

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::reference::Gemm;
+use crate::reference::{transpose_into, Gemm};
 
 // ---------------------------------------------------------------------------------------------
 // Polar Express (§7.2)
@@ -85,14 +85,6 @@ impl PolarExpress {
     }
 }
 
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    for i in 0..rows {
-        for j in 0..cols {
-            dst[j * rows + i] = src[i * cols + j];
-        }
-    }
-}
-
 /// Orthogonalises `batch` row-major `rows×cols` matrices stored back to back in `x`, in place.
 ///
 /// Semantics are per matrix (§7.2): a tall matrix (`rows > cols`) is transposed so the iterated
@@ -125,7 +117,7 @@ pub fn polar_express_batched(
     let mut xs = vec![0f32; batch * size];
     if tall {
         for i in 0..batch {
-            transpose(&x[i * size..(i + 1) * size], rows, cols, &mut xs[i * size..(i + 1) * size]);
+            transpose_into(&x[i * size..(i + 1) * size], rows, cols, &mut xs[i * size..(i + 1) * size]);
         }
     } else {
         xs.copy_from_slice(x);
@@ -160,7 +152,7 @@ pub fn polar_express_batched(
         }
         // B·X = B·(Xᵀ)ᵀ (batched GEMM; a GPU GEMM reads X transposed instead of copying it).
         for i in 0..batch {
-            transpose(&xs[i * size..(i + 1) * size], m, n, &mut xt[i * size..(i + 1) * size]);
+            transpose_into(&xs[i * size..(i + 1) * size], m, n, &mut xt[i * size..(i + 1) * size]);
             gemm.xwt(
                 m,
                 m,
@@ -179,7 +171,7 @@ pub fn polar_express_batched(
 
     if tall {
         for i in 0..batch {
-            transpose(&xs[i * size..(i + 1) * size], m, n, &mut x[i * size..(i + 1) * size]);
+            transpose_into(&xs[i * size..(i + 1) * size], m, n, &mut x[i * size..(i + 1) * size]);
         }
     } else {
         x.copy_from_slice(&xs);

@@ -77,8 +77,14 @@ pub trait Gemm: Sync {
 /// Row-major `[rows×cols]` → `[cols×rows]`, in 32×32 tiles so large operands transpose at
 /// memory speed.
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const B: usize = 32;
     let mut out = vec![0f32; a.len()];
+    transpose_into(a, rows, cols, &mut out);
+    out
+}
+
+/// [`transpose`] into `out` (`rows·cols` elements).
+pub(crate) fn transpose_into(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
             for r in r0..(r0 + B).min(rows) {
@@ -88,7 +94,6 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 /// The trivially correct GEMM: f64 accumulation, no blocking.
@@ -195,14 +200,19 @@ fn rms_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Tokens per chunk of the LM head's logits (about 16M f32 values at a time, never `[T, vocab]`).
-pub(crate) fn head_chunk(vocab: usize) -> usize {
-    (1usize << 24).div_ceil(vocab).clamp(1, 1024)
-}
-
-/// Logits `z[t0..t1]·headᵀ` (`[t1 − t0, v]`, f32).
-pub(crate) fn head_logits(g: &dyn Gemm, z: &[f32], head: &[f32], t0: usize, t1: usize, h: usize, v: usize) -> Vec<f32> {
-    linear(g, &z[t0 * h..t1 * h], t1 - t0, h, head, v, None)
+/// The LM head's logits `z·headᵀ` (`z` `[t, h]`, `head` `[v, h]`) in chunks of tokens of about
+/// 16M f32 values (never `[t, v]` at once): `(t0, t1, logits[t0..t1])`.
+pub(crate) fn head_logits<'a>(
+    g: &'a dyn Gemm,
+    z: &'a [f32],
+    head: &'a [f32],
+    (t, h, v): (usize, usize, usize),
+) -> impl Iterator<Item = (usize, usize, Vec<f32>)> + 'a {
+    let rows = (1usize << 24).div_ceil(v).clamp(1, 1024);
+    (0..t).step_by(rows).map(move |t0| {
+        let t1 = t.min(t0 + rows);
+        (t0, t1, linear(g, &z[t0 * h..t1 * h], t1 - t0, h, head, v, None))
+    })
 }
 
 /// `log Σ exp(row)` in f64.
@@ -568,8 +578,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             let weight = ins[6].f();
             let (mut tok, mut lse) = (vec![0f32; t], vec![0f32; t]);
             let mut loss = 0f64;
-            for t0 in (0..t).step_by(head_chunk(v)) {
-                let logits = head_logits(gemm, z, head, t0, t.min(t0 + head_chunk(v)), h, v);
+            for (t0, _, logits) in head_logits(gemm, z, head, (t, h, v)) {
                 for (i, row) in logits.chunks(v).enumerate() {
                     let ti = t0 + i;
                     if mask[ti] == 0 {
