@@ -8,6 +8,8 @@
 //          (P, ceil(N/256))). P = 1 is the column sum itself; P > 1 gives P partial rows that
 //          `sum_parts` adds in order (so a long column is summed by P blocks in parallel).
 //
+// `accum`: add into `out` (put_grad).
+//
 // Block 256: thread c owns one column and sums its rows in ascending order in f32 (D9); loads are
 // coalesced across the block. Deterministic: a fixed sequential order per output; no atomics.
 #include "vp_common.cuh"
@@ -16,7 +18,7 @@ namespace vp {
 
 template <int N, int IN_F32, int E>
 __device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __restrict__ offsets,
-                                       float* __restrict__ out, int rows) {
+                                       float* __restrict__ out, int rows, int accum) {
     const int p = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= N) return;
@@ -37,7 +39,7 @@ __device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __
         const bf16* xb = reinterpret_cast<const bf16*>(x) + c;
         for (int r = r0; r < r1; ++r) s += bf2f(xb[(size_t)r * N]);
     }
-    out[(size_t)p * N + c] = s;
+    put_grad(out + (size_t)p * N + c, s, accum);
 }
 
 }  // namespace vp

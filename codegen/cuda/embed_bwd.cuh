@@ -7,14 +7,16 @@
 // so the loads are broadcasts) and then adds the matching dh rows in their (ascending) token
 // order; thread i owns columns i, i + 128, … with f32 accumulators (H/128 per thread). A row no
 // token uses costs one search per chunk and a store of zeros. Sort-free for the vocabulary, no
-// atomics, and the sum order is exactly the token order: bitwise deterministic.
+// atomics, and the sum order is exactly the token order: bitwise deterministic. `accum`: the row
+// is added into dtable (put_grad).
 #include "vp_common.cuh"
 
 namespace vp {
 
 template <int H>
 __device__ __forceinline__ void embed_bwd(const int* __restrict__ sorted, const bf16* __restrict__ dh,
-                                          float* __restrict__ dtable, int T, int V) {
+                                          float* __restrict__ dtable, int T, int V,
+                                          int accum) {
     constexpr int NT = 128, CH = 2048, HJ = (H + NT - 1) / NT;
     require_block(NT);
     const int v = blockIdx.x, tid = threadIdx.x;
@@ -46,7 +48,7 @@ __device__ __forceinline__ void embed_bwd(const int* __restrict__ sorted, const 
 #pragma unroll
     for (int j = 0; j < HJ; ++j) {
         const int col = tid + NT * j;
-        if (col < H) out[col] = acc[j];
+        if (col < H) put_grad(out + col, acc[j], accum);
     }
 }
 

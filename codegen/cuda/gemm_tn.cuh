@@ -14,6 +14,7 @@
 //     E = 0: rows [z·ch, min(M, (z+1)·ch)), ch = ceil(M/Z). Z = 1 writes the gradient itself;
 //            Z > 1 writes Z partial sums that `sum_parts` adds in slice order (a deterministic
 //            split-K for small outputs such as the TPA factors or the router).
+//   accum: Y is added into (put_grad) instead of stored, where Y is a gradient sum.
 //
 // Tiles: 64 (n) x 64 (k) outputs per block, four warps of 32x32; the reduction dimension m is
 // walked in slices of 32 through a 3-stage ring. Both operand tiles are stored as loaded (32 m-rows
@@ -37,7 +38,7 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
 
 template <int N, int K, int E, int AMODE, int BRELU2>
 __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* offsets, float* y, int M, int lda,
-                                        int ldb) {
+                                        int ldb, int accum) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
     static_assert(AMODE >= 0 && AMODE <= 2, "AMODE");
@@ -163,12 +164,18 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 if (r >= N || c >= K) continue;
                 const bool has1 = c + 1 < K;
                 float* yo = yz + (size_t)r * K + c;
-                const float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
+                float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
                 if (has1 && pair_ok) {
-                    *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
+                    float2* y2 = reinterpret_cast<float2*>(yo);
+                    if (accum) {
+                        const float2 old = *y2;
+                        v0 = old.x + v0;
+                        v1 = old.y + v1;
+                    }
+                    *y2 = make_float2(v0, v1);
                 } else {
-                    yo[0] = v0;
-                    if (has1) yo[1] = v1;
+                    put_grad(yo, v0, accum);
+                    if (has1) put_grad(yo + 1, v1, accum);
                 }
             }
 }

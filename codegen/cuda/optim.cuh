@@ -4,7 +4,6 @@
 // per-group buffers (a Normuon shape family, or an AdamW dtype/decay class) laid out member after
 // member, so each family is one contiguous `[matrices, R, C]` batch and nothing is gathered.
 //
-//   opt_accum   acc = (first ? 0 : acc) + g                      micro-batch gradient sum (fp32)
 //   opt_sumsq   partial[block] = Σ g² (f64)                      global grad norm, in fixed order
 //   opt_adamw   AdamW on a group, writing the bf16/f32 model copy
 //   pe_start    Normuon momentum (clip folded in) and Polar Express's normalisation: X = bf16(U/‖U‖…)
@@ -40,12 +39,9 @@ __device__ __forceinline__ long long grid_thread() { return (long long)blockIdx.
 __device__ __forceinline__ long long grid_threads() { return (long long)gridDim.x * blockDim.x; }
 
 // ------------------------------------------------------------------------------------------------
-// Gradient accumulation and the global norm
+// The global gradient norm (the gradient sums are written by the kernels that finalise them:
+// put_grad in vp_common.cuh)
 // ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void opt_accum(const float* __restrict__ g, float* __restrict__ acc, long long n, int first) {
-    for (long long i = grid_thread(); i < n; i += grid_threads()) acc[i] = first ? g[i] : acc[i] + g[i];
-}
-
 // One f64 partial per block (grid-stride, so the partial count is the grid size the runtime chose
 // and the host sums them in block order: deterministic). NaN/Inf propagate into the partial.
 __device__ __forceinline__ void opt_sumsq(const float* __restrict__ g, long long n, double* __restrict__ partial) {

@@ -1,5 +1,5 @@
 #pragma once
-// sum.cuh: out[0] = scale · Σ_{i<n} x[i] (f32 in and out).
+// sum.cuh: out[0] = scale · Σ_{i<n} x[i] (f32 in and out); `accum`: added into out[0] (put_grad).
 //
 // Launch: 1 block of 1024. Each thread sums a fixed strided subset in f64, then a fixed-order
 // block tree (warp butterflies, warp partials in order): the same bits every run, no atomics.
@@ -7,13 +7,13 @@
 
 namespace vp {
 
-__device__ __forceinline__ void sum(const float* __restrict__ x, float* __restrict__ out, int n, float scale) {
+__device__ __forceinline__ void sum(const float* __restrict__ x, float* __restrict__ out, int n, float scale, int accum) {
     constexpr int NT = 1024;
     require_block(NT);
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += NT) acc += (double)x[i];
     acc = block_sum<NT>(acc);
-    if (threadIdx.x == 0) out[0] = (float)((double)scale * acc);
+    if (threadIdx.x == 0) put_grad(out, (float)((double)scale * acc), accum);
 }
 
 }  // namespace vp

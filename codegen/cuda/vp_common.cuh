@@ -60,6 +60,11 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Writes a parameter gradient: stores it, or (`accum`: an earlier micro-batch of the step is
+// already there) adds it into the step's f32 sum. The kernels that finalise gradients write
+// through this, so the sum costs no pass of its own; one f32 add, as a separate accumulation.
+__device__ __forceinline__ void put_grad(float* p, float v, int accum) { *p = accum ? *p + v : v; }
+
 // Online-softmax partial (max, Σ exp(x − max)). Empty partials start from the lowest finite float,
 // not -inf, so exp(m_old − m_new) is never exp(NaN). `lse_merge` is symmetric (max and + commute),
 // so butterfly partners agree bit for bit.

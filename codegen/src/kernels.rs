@@ -172,7 +172,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "sum",
         tparams: &[],
-        params: &[("const float*", "x"), ("float*", "out"), ("int", "n"), ("float", "scale")],
+        params: &[("const float*", "x"), ("float*", "out"), ("int", "n"), ("float", "scale"), ("int", "accum")],
     },
     // ----- backward families -----
     Family {
@@ -186,6 +186,7 @@ pub const FAMILIES: &[Family] = &[
             ("const float*", "acc"),
             ("void*", "y"),
             ("int", "n"),
+            ("int", "accum"),
         ],
     },
     Family {
@@ -214,17 +215,18 @@ pub const FAMILIES: &[Family] = &[
             ("int", "M"),
             ("int", "lda"),
             ("int", "ldb"),
+            ("int", "accum"),
         ],
     },
     Family {
         name: "colsum",
         tparams: &["N", "IN_F32", "E"],
-        params: &[("const void*", "x"), ("const int*", "offsets"), ("float*", "out"), ("int", "rows")],
+        params: &[("const void*", "x"), ("const int*", "offsets"), ("float*", "out"), ("int", "rows"), ("int", "accum")],
     },
     Family {
         name: "sum_parts",
         tparams: &[],
-        params: &[("const float*", "parts"), ("float*", "out"), ("int", "n"), ("int", "nparts")],
+        params: &[("const float*", "parts"), ("float*", "out"), ("int", "n"), ("int", "nparts"), ("int", "accum")],
     },
     Family {
         name: "rmsnorm_bwd",
@@ -401,14 +403,9 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "embed_bwd",
         tparams: &["H"],
-        params: &[("const int*", "sorted"), (BF, "dh"), ("float*", "dtable"), ("int", "T"), ("int", "V")],
+        params: &[("const int*", "sorted"), (BF, "dh"), ("float*", "dtable"), ("int", "T"), ("int", "V"), ("int", "accum")],
     },
     // The optimizer step (optim.cuh; launched by the runtime from the plan's optimizer program).
-    Family {
-        name: "opt_accum",
-        tparams: &[],
-        params: &[("const float*", "g"), ("float*", "acc"), ("long long", "n"), ("int", "first")],
-    },
     Family {
         name: "opt_sumsq",
         tparams: &[],
@@ -559,6 +556,18 @@ pub enum Arg {
     InvRows,
     Int(i64),
     Float(f32),
+    /// The `accum` flag of a kernel writing value `v`: 1 where `v` is a parameter gradient that the
+    /// runtime places in the step's gradient sum and an earlier micro-batch of the step is already
+    /// there (the kernel adds), else 0 (it stores).
+    Accum(ValueId),
+}
+
+/// The `accum` argument of a launch writing `out`: only a node output can be a gradient sum.
+fn accum(out: &Arg) -> Arg {
+    match out {
+        Arg::Value(v) => Arg::Accum(*v),
+        _ => Arg::Int(0),
+    }
 }
 
 /// Node-private temporary storage: `dtype[per_token·T + fixed]`, live only during the node.
@@ -845,7 +854,7 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                 ),
                 launch(
                     KernelSpec::new("sum", &[]),
-                    vec![s(0, 0), o(0), Arg::Rows, Arg::InvRows],
+                    vec![s(0, 0), o(0), Arg::Rows, Arg::InvRows, Arg::Int(0)],
                     [one(), one(), one()],
                     1024,
                 ),
@@ -879,7 +888,7 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                 ),
                 launch(
                     KernelSpec::new("sum", &[]),
-                    vec![s(2, 0), o(0), Arg::Tokens { mul: 1 }, Arg::Float(1.0)],
+                    vec![s(2, 0), o(0), Arg::Tokens { mul: 1 }, Arg::Float(1.0), Arg::Int(0)],
                     [one(), one(), one()],
                     1024,
                 ),
@@ -911,7 +920,9 @@ fn lower_add(node: &Node, n: u64, ty: &TensorType) -> (Vec<Launch>, Vec<Scratch>
     let mk = |chunk: &[Arg], acc: Arg, y: Arg, out_f32: u64| {
         let mut args: Vec<Arg> = chunk.to_vec();
         args.resize(4, Arg::Null);
-        args.extend([acc, y, cnt.clone()]);
+        // Only an f32 value can be a gradient sum.
+        let acc_flag = if out_f32 == 1 { accum(&y) } else { Arg::Int(0) };
+        args.extend([acc, y, cnt.clone(), acc_flag]);
         // Always the 4-input instantiation (null pointers read as 0), so the kernel set does not
         // depend on how many contributions a value has (which grows with the layer count).
         launch(KernelSpec::new("add", &[f32in, out_f32, 4]), args, grid, 256)
@@ -955,7 +966,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             );
             b.push(
                 KernelSpec::new("embed_bwd", &[hidden]),
-                vec![sorted, dy(0), dx(1), Arg::Tokens { mul: 1 }, Arg::Int(vocab as i64)],
+                vec![sorted, dy(0), dx(1), Arg::Tokens { mul: 1 }, Arg::Int(vocab as i64), accum(&dx(1))],
                 [LaunchDim::Const(vocab), one(), one()],
                 128,
             );
@@ -1047,7 +1058,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             );
             b.push(
                 KernelSpec::new("sum", &[]),
-                vec![part, dx(2), Arg::Int(RED_BLOCKS as i64), Arg::Float(1.0)],
+                vec![part, dx(2), Arg::Int(RED_BLOCKS as i64), Arg::Float(1.0), accum(&dx(2))],
                 [one(), one(), one()],
                 1024,
             );
@@ -1384,7 +1395,7 @@ impl Bwd {
     fn sum_parts(&mut self, parts: Arg, out: Arg, n: u64, nparts: u64) {
         self.push(
             KernelSpec::new("sum_parts", &[]),
-            vec![parts, out, Arg::Int(n as i64), Arg::Int(nparts as i64)],
+            vec![parts, out.clone(), Arg::Int(n as i64), Arg::Int(nparts as i64), accum(&out)],
             [LaunchDim::Const(n.div_ceil(256)), one(), one()],
             256,
         );
@@ -1393,7 +1404,7 @@ impl Bwd {
     fn copy(&mut self, n: u64, src: Arg, dst: Arg) {
         self.push(
             KernelSpec::new("add", &[0, 0, 1]),
-            vec![src, Arg::Null, Arg::Null, Arg::Null, Arg::Null, dst, Arg::Tokens { mul: n }],
+            vec![src, Arg::Null, Arg::Null, Arg::Null, Arg::Null, dst, Arg::Tokens { mul: n }, Arg::Int(0)],
             [tok(n, 256), one(), one()],
             256,
         );
@@ -1459,7 +1470,16 @@ impl Bwd {
         let out = if split > 1 { self.scratch_fixed(DType::F32, split * n * k) } else { dw.clone() };
         self.push(
             KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2]),
-            vec![a, b, Arg::Null, out.clone(), Arg::Tokens { mul: m_mul }, Arg::Int(lda as i64), Arg::Int(ldb as i64)],
+            vec![
+                a,
+                b,
+                Arg::Null,
+                out.clone(),
+                Arg::Tokens { mul: m_mul },
+                Arg::Int(lda as i64),
+                Arg::Int(ldb as i64),
+                accum(&out),
+            ],
             tn_grid(n, k, split),
             128,
         );
@@ -1484,7 +1504,7 @@ impl Bwd {
     ) {
         self.push(
             KernelSpec::new("gemm_tn", &[n, k, experts, 0, brelu2]),
-            vec![a, b, offsets, dw, Arg::Tokens { mul: topk }, Arg::Int(n as i64), Arg::Int(k as i64)],
+            vec![a, b, offsets, dw.clone(), Arg::Tokens { mul: topk }, Arg::Int(n as i64), Arg::Int(k as i64), accum(&dw)],
             tn_grid(n, k, experts),
             128,
         );
@@ -1494,7 +1514,7 @@ impl Bwd {
         let parts = self.scratch_fixed(DType::F32, COLSUM_PARTS * n);
         self.push(
             KernelSpec::new("colsum", &[n, in_f32 as u64, 0]),
-            vec![x, Arg::Null, parts.clone(), Arg::Tokens { mul: m_mul }],
+            vec![x, Arg::Null, parts.clone(), Arg::Tokens { mul: m_mul }, Arg::Int(0)],
             [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
             256,
         );
@@ -1504,7 +1524,7 @@ impl Bwd {
     fn colsum_grouped(&mut self, n: u64, experts: u64, topk: u64, x: Arg, offsets: Arg, out: Arg) {
         self.push(
             KernelSpec::new("colsum", &[n, 0, experts]),
-            vec![x, offsets, out, Arg::Tokens { mul: topk }],
+            vec![x, offsets, out.clone(), Arg::Tokens { mul: topk }, accum(&out)],
             [LaunchDim::Const(experts), LaunchDim::Const(n.div_ceil(256)), one()],
             256,
         );

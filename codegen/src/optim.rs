@@ -18,9 +18,6 @@ pub const MAX_STRIDE_BLOCKS: u64 = 2048;
 /// Largest batch one Polar Express launch covers (the grid's z dimension).
 pub const MAX_CHUNK: u64 = 65_535;
 
-pub fn accum() -> KernelSpec {
-    KernelSpec::new("opt_accum", &[])
-}
 pub fn sumsq() -> KernelSpec {
     KernelSpec::new("opt_sumsq", &[])
 }
@@ -101,7 +98,7 @@ impl Polar {
 /// Every kernel (with its block size) an optimizer with these Normuon family shapes and these
 /// AdamW model-copy dtypes (`true` = f32) launches.
 pub fn kernels(families: &[(u64, u64)], adamw_f32_models: &[bool]) -> Vec<(KernelSpec, u32)> {
-    let mut out = vec![(accum(), THREADS), (sumsq(), THREADS)];
+    let mut out = vec![(sumsq(), THREADS)];
     for &f32_model in adamw_f32_models {
         out.push((adamw(f32_model), THREADS));
     }

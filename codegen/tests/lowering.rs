@@ -128,6 +128,18 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                         errs.push(format!("{actx}: float for {ctype}"));
                     }
                 }
+                // The flag of the launch writing `v`, an f32 output of the node.
+                Arg::Accum(v) => {
+                    if *pname != "accum" {
+                        errs.push(format!("{actx}: accum flag for another parameter"));
+                    }
+                    if !node.outputs.contains(v) || ty_of(v.0) != (DType::F32, true) {
+                        errs.push(format!("{actx}: not an f32 output of the node"));
+                    }
+                    if !l.args.contains(&Arg::Value(*v)) {
+                        errs.push(format!("{actx}: the launch does not write it"));
+                    }
+                }
             }
         }
     }

@@ -8,10 +8,10 @@ use crate::report::Report;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use vpmoe_codegen::{lower_node, Launch};
+use vpmoe_codegen::{lower_node, Arg, Launch};
 use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
-pub const PLAN_FORMAT: u32 = 3;
+pub const PLAN_FORMAT: u32 = 4;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
 
 /// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).
@@ -66,9 +66,10 @@ pub struct Buffer {
 pub struct Step {
     pub node: String,
     pub launches: Vec<Launch>,
-    /// Parameters (plan indices) whose gradient this node finalises: a backend adds each into
-    /// the step's gradient sums right after the node, so the gradient's buffer lives only until
-    /// then (or until its last reader) instead of to the end of the micro-batch.
+    /// Parameters (plan indices) whose gradient this node finalises. Those gradient values have
+    /// no buffer: a backend binds them to the step's gradient sums, and the launch writing each
+    /// adds into the sum ([`Arg::Accum`]) from the step's second micro-batch on, so no transient
+    /// copy of the model's gradient exists and the sum costs no pass of its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grads: Vec<u32>,
 }
@@ -163,25 +164,26 @@ fn finalised_grads(g: &Graph) -> Vec<Vec<(u32, vpmoe_ir::ValueId)>> {
     out
 }
 
+/// A finalised gradient is written only by launches that carry its `accum` flag, is f32, is one
+/// graph output and is read by no node: then it can live in the step's gradient sum. A lowering
+/// that breaks this is a compiler bug, caught when the plan is built.
+fn check_summed_in_place(g: &Graph, node: usize, v: vpmoe_ir::ValueId, launches: &[Launch]) {
+    let name = &g.nodes[node].name;
+    assert_eq!(g.value(v).ty.dtype, vpmoe_ir::DType::F32, "{name}: gradient %{} is not f32", v.0);
+    assert_eq!(g.outputs.iter().filter(|(_, o)| *o == v).count(), 1, "{name}: gradient %{} is output twice", v.0);
+    assert!(!g.nodes.iter().any(|n| n.inputs.contains(&v)), "{name}: gradient %{} is read by a node", v.0);
+    let mut written = false;
+    for l in launches.iter().filter(|l| l.args.contains(&Arg::Value(v))) {
+        assert!(l.args.contains(&Arg::Accum(v)), "{name}: {} writes gradient %{} without its accum flag", l.kernel.name(), v.0);
+        written = true;
+    }
+    assert!(written, "{name}: no launch writes gradient %{}", v.0);
+}
+
 pub fn build(g: &Graph, arch: &Arch) -> Plan {
     let n_nodes = g.nodes.len() as u32;
     let grads = finalised_grads(g);
-    // A gradient output is consumed by the accumulation right after its node: it lives until
-    // then or until its last reader, not to the end of the graph.
-    let mut last: Vec<Option<usize>> = g.last_uses();
-    let mut readers: Vec<Option<usize>> = vec![None; g.values.len()];
-    for (i, n) in g.nodes.iter().enumerate() {
-        for v in &n.inputs {
-            readers[v.0 as usize] = Some(i);
-        }
-    }
-    for (ni, ps) in grads.iter().enumerate() {
-        for &(_, v) in ps {
-            if g.outputs.iter().filter(|(_, o)| *o == v).count() == 1 {
-                last[v.0 as usize] = Some(readers[v.0 as usize].map_or(ni, |r| r.max(ni)));
-            }
-        }
-    }
+    let last: Vec<Option<usize>> = g.last_uses();
     let mut reqs = Vec::new();
     let sized = |ty: &TensorType| -> (Arena, u64) {
         let (per_tok, fixed) = ty.numel_split();
@@ -201,12 +203,18 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
     let mut workspace = 0u64;
     for (ni, node) in g.nodes.iter().enumerate() {
         let ni = ni as u32;
+        let (launches, scratch) = lower_node(node);
+        for &(_, v) in &grads[ni as usize] {
+            check_summed_in_place(g, ni as usize, v, &launches);
+        }
         for v in &node.outputs {
+            if grads[ni as usize].iter().any(|&(_, gv)| gv == *v) {
+                continue; // lives in the step's gradient sum
+            }
             let (arena, size) = sized(&g.value(*v).ty);
             let end = last[v.0 as usize].map(|x| x as u32).unwrap_or(ni);
             reqs.push(Req { key: BufferKey::Value(v.0), arena, size, live: (ni, end) });
         }
-        let (launches, scratch) = lower_node(node);
         let mut node_ws = 0;
         for (si, s) in scratch.iter().enumerate() {
             let ty = if s.per_token > 0 {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::config::{self, Arch};
 use vpmoe_compiler::{compile_arch, plan::Arena};
+use vpmoe_codegen::Arg;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -51,27 +52,23 @@ fn every_trainable_parameter_gets_a_gradient_output() {
     }
 }
 
-/// Each trainable parameter's gradient is added into its sum by the node that finalises it
-/// (`Step::grads`), so the memory plan frees its buffer after that node or its last reader:
-/// a micro-batch never holds a second fp32 copy of the model (22.4 GiB for the locked config).
+/// Each trainable parameter's gradient is finalised by one node (`Step::grads`) and has no
+/// buffer: its launches write into the step's gradient sum (adding from the second micro-batch
+/// on), so a micro-batch never holds a second fp32 copy of the model (22.4 GiB for the locked
+/// config) nor pays a separate accumulation pass over it.
 #[test]
-fn gradients_are_accumulated_where_they_are_final() {
+fn gradients_are_written_into_their_sums() {
     for name in SMALL.iter().map(|n| format!("tests/configs/{n}.toml")).chain(["configs/vpmoe.toml".to_string()]) {
         let (g, plan) = compile_arch(&load(&name)).unwrap();
         let mut at = vec![None; plan.params.len()];
         for (ni, st) in plan.steps.iter().enumerate() {
             for &pi in &st.grads {
-                assert!(
-                    at[pi as usize].replace(ni).is_none(),
-                    "{name}: {} accumulated twice",
-                    plan.params[pi as usize].name
-                );
+                assert!(at[pi as usize].replace(ni).is_none(), "{name}: {} finalised twice", plan.params[pi as usize].name);
             }
         }
-        let readers = |v: vpmoe_ir::ValueId| g.nodes.iter().rposition(|n| n.inputs.contains(&v));
         for (pi, p) in plan.params.iter().enumerate() {
             let Some(ni) = at[pi] else {
-                assert!(!p.trainable(), "{name}: {} is never accumulated", p.name);
+                assert!(!p.trainable(), "{name}: {} is never finalised", p.name);
                 continue;
             };
             let v = g.output_named(&format!("grad.{}", p.name)).unwrap();
@@ -80,11 +77,12 @@ fn gradients_are_accumulated_where_they_are_final() {
                 "{name}: {}",
                 p.name
             );
-            let b = plan.buffer_of(&vpmoe_compiler::plan::BufferKey::Value(v.0)).unwrap();
-            assert_eq!(b.live, (ni as u32, readers(v).map_or(ni, |r| r.max(ni)) as u32), "{name}: {}", p.name);
+            assert!(plan.buffer_of(&vpmoe_compiler::plan::BufferKey::Value(v.0)).is_none(), "{name}: {} has a buffer", p.name);
+            let writers: Vec<_> = plan.steps[ni].launches.iter().filter(|l| l.args.contains(&Arg::Value(v))).collect();
+            assert!(!writers.is_empty() && writers.iter().all(|l| l.args.contains(&Arg::Accum(v))), "{name}: {}", p.name);
         }
         if name.ends_with("vpmoe.toml") {
-            assert!(plan.fixed_arena_bytes < 1 << 30, "{name}: fixed arena {} B", plan.fixed_arena_bytes);
+            assert!(plan.fixed_arena_bytes < 64 << 20, "{name}: fixed arena {} B", plan.fixed_arena_bytes);
         }
     }
 }

@@ -1,15 +1,20 @@
 //! Binds every launch of every shipped config against a fake device address space, without a
 //! GPU: each argument must have the C type its kernel declares (pointer element types included),
-//! lie inside its arena or parameter, and every grid must be within the device's limits.
+//! lie inside its arena or parameter, and every grid must be within the device's limits. Every
+//! finalised gradient is written into its gradient sum by launches that add (`accum` = 1) once the
+//! step has an earlier micro-batch.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use vpmoe_codegen::lower_node;
+use vpmoe_codegen::{kernels::family, lower_node};
 use vpmoe_compiler::{compile_arch, config};
-use vpmoe_runtime::cuda::bind::{Layout, Param};
+use vpmoe_ir::DType;
+use vpmoe_runtime::cuda::bind::{Layout, Param, Region};
 
 const TOK_BASE: u64 = 1 << 40;
 const FIXED_BASE: u64 = 1 << 44;
 const PARAM_BASE: u64 = 1 << 46;
+const SUM_BASE: u64 = 1 << 47;
 
 fn check(rel: &str, rows: u64) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -27,8 +32,28 @@ fn check(rel: &str, rows: u64) {
     }
     let tok_end = TOK_BASE + plan.tok_arena_bytes_per_token * t;
     let fixed_end = FIXED_BASE + plan.fixed_arena_bytes;
-    let lay =
-        Layout { plan: &plan, graph: &g, tokens: t, seq, tok_base: TOK_BASE, fixed_base: FIXED_BASE, params: &params };
+    let mut sums = BTreeMap::new();
+    let mut at = SUM_BASE;
+    for &pi in plan.steps.iter().flat_map(|s| &s.grads) {
+        let p = &plan.params[pi as usize];
+        let v = g.output_named(&format!("grad.{}", p.name)).unwrap();
+        sums.insert(v.0, Region { addr: at, bytes: p.numel * 4, dtype: DType::F32 });
+        extents.push((at, at + p.numel * 4));
+        at = (at + p.numel * 4).next_multiple_of(256);
+    }
+    assert_eq!(sums.len(), plan.params.iter().filter(|p| p.trainable()).count(), "{rel}: one sum per trainable");
+    let lay = Layout {
+        plan: &plan,
+        graph: &g,
+        tokens: t,
+        seq,
+        tok_base: TOK_BASE,
+        fixed_base: FIXED_BASE,
+        params: &params,
+        sums: &sums,
+        accumulating: true,
+    };
+    let mut written = BTreeSet::new();
     let mut launches = 0;
     for (ni, node) in g.nodes.iter().enumerate() {
         let scratch = lower_node(node).1;
@@ -48,10 +73,21 @@ fn check(rel: &str, rows: u64) {
                     );
                 }
             }
+            // A launch touching a gradient sum adds into it.
+            let accum = family(&l.kernel.family).params.iter().position(|p| p.1 == "accum");
+            for p in &b.params {
+                if let Param::Ptr(addr, Some(_)) = p {
+                    if let Some(v) = sums.iter().find(|(_, r)| r.addr == *addr).map(|(v, _)| *v) {
+                        assert_eq!(accum.map(|i| b.params[i]), Some(Param::I32(1)), "{rel}: {} ({})", node.name, b.kernel);
+                        written.insert(v);
+                    }
+                }
+            }
             launches += 1;
         }
     }
     assert_eq!(launches, plan.report.launches, "{rel}: every launch bound");
+    assert_eq!(written.len(), sums.len(), "{rel}: every gradient sum written");
 }
 
 #[test]
@@ -78,6 +114,8 @@ fn mismatches_are_refused() {
         tok_base: TOK_BASE,
         fixed_base: FIXED_BASE,
         params: &params,
+        sums: &BTreeMap::new(),
+        accumulating: false,
     };
     // The embedding gather: (tokens i32*, table bf16*, out bf16*, T).
     let ni = plan.steps.iter().position(|s| s.launches.iter().any(|l| l.kernel.family == "embed")).unwrap();

@@ -251,7 +251,7 @@ void test_seq_aux(int B, int S) {
     std::vector<float> partial(B, POISON_F), out(1, POISON_F);
     emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), partial.data(), S); });
     float inv = 1.0f / B;
-    emu_launch(1, 1, 1024, [&] { vp::sum(partial.data(), out.data(), B, inv); });
+    emu_launch(1, 1, 1024, [&] { vp::sum(partial.data(), out.data(), B, inv, 0); });
     double total = 0;
     for (int b = 0; b < B; ++b) {
         std::vector<double> c(E, 0), p(E, 0);
@@ -299,7 +299,7 @@ void test_head_ce(int T) {
     std::vector<float> part((size_t)T * NTILE * 2, POISON_F), lab(T, POISON_F), tl(T, POISON_F), lse(T, POISON_F), wt(T, POISON_F), out(1, POISON_F);
     emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_lse<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), part.data(), lab.data(), T); });
     emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), tl.data(), lse.data(), wt.data(), T); });
-    emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f); });
+    emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f, 0); });
     char nm[100]; snprintf(nm, 100, "head_lse+ce_lse+sum V%d H%d T%d", V, H, T);
     Cmp c(nm, 1e-4, 1e-5); double loss = 0; bool zeros = true;
     for (int t = 0; t < T; ++t) {

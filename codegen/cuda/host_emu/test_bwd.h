@@ -44,7 +44,7 @@ void test_add(int n, bool with_acc) {
     std::vector<float> yf(n + 1, POISON_F); std::vector<bf> yb(n + 1, POISON_BF);
     const void* p[4]; for (int j = 0; j < 4; ++j) p[j] = j < NI ? (INF ? (const void*)xf[j].data() : (const void*)xb[j].data()) : nullptr;
     void* y = OUTF ? (void*)yf.data() : (void*)yb.data();
-    emu_launch((n + 255) / 256, 1, 256, [&] { vp::add<INF, OUTF, NI>(p[0], p[1], p[2], p[3], with_acc ? acc.data() : nullptr, y, n); });
+    emu_launch((n + 255) / 256, 1, 256, [&] { vp::add<INF, OUTF, NI>(p[0], p[1], p[2], p[3], with_acc ? acc.data() : nullptr, y, n, 0); });
     char nm[100]; snprintf(nm, 100, "add IN_F32%d OUT_F32%d NI%d acc%d", INF, OUTF, NI, with_acc);
     bool ok = true;
     for (int i = 0; i < n; ++i) {
@@ -101,8 +101,8 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     const int Z = E ? E : split;
     std::vector<float> y((size_t)Z * N * K + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
     const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
-    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), E ? off.data() : nullptr, y.data(), M, lda, ldb); });
-    if (!E && split > 1) emu_launch((N * K + 255) / 256, 1, 256, [&] { vp::sum_parts(y.data(), out.data(), N * K, split); });
+    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), E ? off.data() : nullptr, y.data(), M, lda, ldb, 0); });
+    if (!E && split > 1) emu_launch((N * K + 255) / 256, 1, 256, [&] { vp::sum_parts(y.data(), out.data(), N * K, split, 0); });
     char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d", N, K, E, AMODE, BRELU2, M, lda, aoff, split);
     Cmp c(nm, AMODE == 2 ? 2e-4 : 3e-2, AMODE == 2 ? 1e-4 : 1e-2);
     bool empty_zero = true;
@@ -133,8 +133,8 @@ void test_colsum(std::vector<int> counts, int parts) {
     const int P = E ? E : parts;
     std::vector<float> part((size_t)P * N, POISON_F), out(N, POISON_F);
     const void* x = INF ? (const void*)xf.data() : (const void*)xb.data();
-    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, part.data(), M); });
-    if (!E) emu_launch((N + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), out.data(), N, P); });
+    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, part.data(), M, 0); });
+    if (!E) emu_launch((N + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), out.data(), N, P, 0); });
     char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d E%d M%d parts%d", N, INF, E, M, P);
     Cmp c(nm, 1e-4, 1e-5);
     for (int e = 0; e < (E ? E : 1); ++e)
@@ -163,7 +163,7 @@ void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
     auto run = [&](std::vector<bf>& dx, std::vector<float>& dw) {
         dx.assign((size_t)rows * D, POISON_BF); std::vector<float> part((size_t)nb * D, POISON_F); dw.assign(D, POISON_F);
         emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps); });
-        emu_launch((D + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), dw.data(), D, nb); });
+        emu_launch((D + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), dw.data(), D, nb, 0); });
     };
     std::vector<bf> dx, dx2; std::vector<float> dw, dw2;
     run(dx, dw); run(dx2, dw2);
@@ -229,7 +229,7 @@ void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
     auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<float>& dl) {
         dq.assign(xq.size(), POISON_BF); dk.assign(xk.size(), POISON_BF); dl.assign(HD, POISON_F); std::vector<float> part((size_t)nb * HD, POISON_F);
         emu_launch(nb, 1, 128, [&] { vp::grape_bwd<D>(xq.data(), xk.data(), lf.data(), gq.data(), gk.data(), dq.data(), dk.data(), part.data(), heads, groups, T, S, scale); });
-        emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dl.data(), HD, nb); });
+        emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dl.data(), HD, nb, 0); });
     };
     std::vector<bf> dq, dk, dq2, dk2; std::vector<float> dl, dl2; run(dq, dk, dl); run(dq2, dk2, dl2);
     // reference (backward.rs transcription)
@@ -263,7 +263,7 @@ void test_vres_bwd(int n, int nb) {
     auto v = rbf(n, 1.0), v1 = rbf(n, 1.0), g = rbf(n, 1.0); float logit = 0.7f;
     std::vector<bf> dv(n + 1, POISON_BF), dv1(n + 1, POISON_BF); std::vector<float> part(nb, POISON_F), dl(1, POISON_F);
     emu_launch(nb, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), n); });
-    emu_launch(1, 1, 1024, [&] { vp::sum(part.data(), dl.data(), nb, 1.0f); });
+    emu_launch(1, 1, 1024, [&] { vp::sum(part.data(), dl.data(), nb, 1.0f, 0); });
     double lam = (float)(1.0 / (1.0 + std::exp(-(double)logit))), s = 0;
     Cmp c("vres_bwd n" + std::to_string(n), 1e-3, 8e-3), cl("vres_bwd dlogit n" + std::to_string(n), 1e-4, 1e-5);
     for (int i = 0; i < n; ++i) { c.add(lam * fl(g[i]), fl(dv[i]), i); c.add((1 - lam) * fl(g[i]), fl(dv1[i]), n + i); s += fl(g[i]) * ((double)fl(v[i]) - fl(v1[i])); }
@@ -324,8 +324,8 @@ void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char
         emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dq<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dq.data(), T, S); });
         emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S); });
         if (SINKS) {
-            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, part.data(), T); });
-            emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dsink.data(), H, 4); });
+            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, part.data(), T, 0); });
+            emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dsink.data(), H, 4, 0); });
         }
     };
     std::vector<bf> dq, dk, dv, dq2, dk2, dv2; std::vector<float> ds, ds2;
@@ -450,7 +450,7 @@ void test_head_dl(int T) {
     std::vector<float> dw((size_t)V * H, POISON_F);
     emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_dl<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), lse.data(), &dloss, dl.data(), T); });
     emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, V, 0, 0, 0, 0>(dl.data(), nullptr, hc.w.data(), nullptr, nullptr, dz.data(), T, V, H); });
-    emu_launch3((H + 63) / 64, (V + 63) / 64, 1, 128, [&] { vp::gemm_tn<V, H, 0, 0, 0>(dl.data(), hc.z.data(), nullptr, dw.data(), T, V, H); });
+    emu_launch3((H + 63) / 64, (V + 63) / 64, 1, 128, [&] { vp::gemm_tn<V, H, 0, 0, 0>(dl.data(), hc.z.data(), nullptr, dw.data(), T, V, H, 0); });
     char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d T%d", V, H, T);
     Cmp cl(std::string(nm) + " dl", 1e-7, 8e-3), cz(std::string(nm) + " dz", 1e-6, 8e-3), cw(std::string(nm) + " dW", 1e-6, 1e-4);
     bool zeros = true;
@@ -481,7 +481,7 @@ void test_embed_bwd(int T, int V) {
     auto run = [&](std::vector<float>& dt) {
         std::vector<int> sorted(2 * (size_t)T, -9); dt.assign((size_t)V * H, POISON_F);
         emu_launch((T + 2047) / 2048, 1, 1024, [&] { vp::embed_sort(tok.data(), sorted.data(), T); });
-        emu_launch(V, 1, 128, [&] { vp::embed_bwd<H>(sorted.data(), dh.data(), dt.data(), T, V); });
+        emu_launch(V, 1, 128, [&] { vp::embed_bwd<H>(sorted.data(), dh.data(), dt.data(), T, V, 0); });
     };
     std::vector<float> d1, d2; run(d1); run(d2);
     std::vector<float> ref((size_t)V * H, 0.f);  // f32 sums in ascending token order
@@ -490,6 +490,62 @@ void test_embed_bwd(int T, int V) {
     bool ok = same_bits(d1, ref), det = same_bits(d1, d2);
     expect(ok, std::string(nm) + ": differs from the token-order f32 sum"); expect(det, std::string(nm) + ": not bitwise reproducible");
     if (ok && det) printf("%-60s ok (bitwise = token-order f32 sum, reproducible)\n", nm);
+}
+
+// ------------------------------------------------------------------ gradient sums (accum)
+// The contract of every kernel that finalises a parameter gradient: with accum = 1 it leaves
+// base + (what it stores with accum = 0) in each of its n outputs — the step's sum, one f32 add,
+// bitwise as a separate accumulation pass — and nothing else changes. `run(y, accum)` launches it.
+static void check_accum(const char* nm, size_t n, const std::function<void(float*, int)>& run) {
+    std::vector<float> once(n + 1, POISON_F); run(once.data(), 0);
+    auto base = rf(n + 1, 1.0); auto y = base; run(y.data(), 1);
+    std::vector<float> want(n + 1);
+    for (size_t i = 0; i < n; ++i) want[i] = base[i] + once[i];
+    want[n] = base[n];
+    bool written = true; for (size_t i = 0; i < n; ++i) written &= !std::isnan(once[i]);
+    const bool ok = written && same_bits(y, want);
+    char msg[160]; snprintf(msg, 160, "accum: %s", nm);
+    expect(ok, std::string(msg) + (written ? ": sum is not base + gradient bitwise" : ": left an output unwritten"));
+    if (ok) printf("%-60s ok (bitwise = base + stored)\n", msg);
+}
+
+static void test_accum() {
+    const int M = 70, N = 40, K = 36;
+    std::vector<int> off{0, 30, 30, 69, 70};  // four experts, one empty
+    auto a = rbf((size_t)M * N, 1.0); auto b = rbf((size_t)M * K, 1.0);
+    check_accum("gemm_tn N40 K36 (pairs)", (size_t)N * K, [&](float* y, int acc) {
+        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, y, M, N, K, acc); });
+    });
+    check_accum("gemm_tn N40 K35 (scalar tail)", (size_t)N * 35, [&](float* y, int acc) {
+        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, y, M, N, K, acc); });
+    });
+    check_accum("gemm_tn E4 (empty expert)", (size_t)4 * N * K, [&](float* y, int acc) {
+        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), off.data(), y, M, N, K, acc); });
+    });
+    auto parts = rf(3 * 300, 1.0);
+    check_accum("sum_parts", 300, [&](float* y, int acc) {
+        emu_launch(2, 1, 256, [&] { vp::sum_parts(parts.data(), y, 300, 3, acc); });
+    });
+    check_accum("colsum E4 (empty expert)", (size_t)4 * K, [&](float* y, int acc) {
+        emu_launch(4, 1, 256, [&] { vp::colsum<K, 0, 4>(b.data(), off.data(), y, M, acc); });
+    });
+    check_accum("colsum E0 P1", K, [&](float* y, int acc) {
+        emu_launch(1, 1, 256, [&] { vp::colsum<K, 0, 0>(b.data(), nullptr, y, M, acc); });
+    });
+    check_accum("sum", 1, [&](float* y, int acc) {
+        emu_launch(1, 1, 1024, [&] { vp::sum(parts.data(), y, 900, 0.5f, acc); });
+    });
+    auto x0 = rf(300, 1.0), x1 = rf(300, 1.0);
+    check_accum("add IN_F32 OUT_F32", 300, [&](float* y, int acc) {
+        emu_launch(2, 1, 256, [&] { vp::add<1, 1, 4>(x0.data(), x1.data(), nullptr, nullptr, nullptr, y, 300, acc); });
+    });
+    std::vector<int> tok(90); for (auto& t : tok) t = rng() % 11;
+    auto dh = rbf(90 * 16, 1.0);
+    std::vector<int> sorted(180);
+    emu_launch(1, 1, 1024, [&] { vp::embed_sort(tok.data(), sorted.data(), 90); });
+    check_accum("embed_bwd", 11 * 16, [&](float* y, int acc) {
+        emu_launch(11, 1, 128, [&] { vp::embed_bwd<16>(sorted.data(), dh.data(), y, 90, 11, acc); });
+    });
 }
 
 static void run_bwd_tests(const std::function<bool(const char*)>& want) {
@@ -501,6 +557,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_grape_bwd<16>(40, 13, 4, 2, 3); test_grape_bwd<128>(5, 3, 8, 2, 2);
         test_vres_bwd(1000, 3);
         test_combine_bwd<64, 2, 1>(20); test_combine_bwd<36, 3, 0>(9); test_combine_bwd<1024, 4, 1>(3);
+        test_accum();
     }
     if (want("bwd-gemm")) {
         test_gemm_nn<72, 80, 0, 0, 0, 0>({70}, 80, 0, 72, false);

@@ -4,6 +4,7 @@
 //! configs against a fake address space and checks types and bounds).
 
 use anyhow::{anyhow, bail, Result};
+use std::collections::BTreeMap;
 use vpmoe_codegen::{kernels::family, Arg, Launch, Scratch};
 use vpmoe_compiler::plan::{Arena, BufferKey};
 use vpmoe_compiler::Plan;
@@ -43,7 +44,7 @@ impl Param {
 }
 
 /// Where the buffers of one run live: the two activation arenas, the model copy of every
-/// parameter, and the micro-batch shape.
+/// parameter, the step's gradient sums, and the micro-batch shape.
 pub struct Layout<'a> {
     pub plan: &'a Plan,
     pub graph: &'a Graph,
@@ -53,6 +54,10 @@ pub struct Layout<'a> {
     pub fixed_base: u64,
     /// Device address of each parameter's model copy, in plan order.
     pub params: &'a [u64],
+    /// The gradient values the plan sums in place (`Step::grads`), by value id: their step's sum.
+    pub sums: &'a BTreeMap<u32, Region>,
+    /// An earlier micro-batch of the step is already in the sums: `Arg::Accum` binds 1.
+    pub accumulating: bool,
 }
 
 /// A launch ready for the driver.
@@ -65,8 +70,11 @@ pub struct Bound {
 }
 
 impl Layout<'_> {
-    /// The region of an IR value: a parameter's model copy, or its arena buffer.
+    /// The region of an IR value: a parameter's model copy, a gradient's sum, or its arena buffer.
     pub fn value(&self, v: ValueId) -> Result<Region> {
+        if let Some(r) = self.sums.get(&v.0) {
+            return Ok(*r);
+        }
         let val = self.graph.value(v);
         if let ValueDef::Param(p) = val.def {
             let e = &self.plan.params[p.0 as usize];
@@ -130,6 +138,7 @@ impl Layout<'_> {
                 Arg::Int(x) => int(*x, pname)?,
                 Arg::InvRows => Param::F32(s as f32 / t as f32),
                 Arg::Float(x) => Param::F32(*x),
+                Arg::Accum(v) => Param::I32((self.accumulating && self.sums.contains_key(&v.0)) as i32),
             };
             check_type(&name, pname, cty, &p)?;
             params.push(p);

@@ -1,10 +1,11 @@
 //! The cuda backend: one device arena per activation arena of the plan (sized for the largest
 //! micro-batch), the plan's kernels loaded from its cubins, and launches in plan order. Masters,
-//! gradient sums, optimizer state and model copies live on the device ([`super::optim`]): a
-//! micro-batch's gradients are added into the step's sums where the backward wrote them, and the
-//! step runs there; only losses, router loads and the norm partials come back to the host.
+//! gradient sums, optimizer state and model copies live on the device ([`super::optim`]): the
+//! kernels that finalise a gradient write it straight into the step's sum (storing on the step's
+//! first micro-batch, adding after), and the step runs there; only losses, router loads and the
+//! norm partials come back to the host.
 
-use super::bind::{Bound, Layout, Param};
+use super::bind::{Bound, Layout, Param, Region};
 use super::device::{download, DevBuf, Gpu, GIB};
 use super::kernels::Kernels;
 use super::optim::DeviceOptimizer;
@@ -16,6 +17,7 @@ use cudarc::driver::{result, CudaStream};
 use half::bf16;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 use vpmoe_codegen::{lower_node, KernelSpec, Scratch};
@@ -90,8 +92,8 @@ pub struct CudaBackend<'g> {
     opt: DeviceOptimizer,
     /// Device address of every parameter's model copy (inside the optimizer's groups).
     model_ptrs: Vec<u64>,
-    /// The graph output holding each parameter's gradient (`None` for frozen parameters).
-    grad_values: Vec<Option<ValueId>>,
+    /// The step's gradient sum of each gradient value the plan sums in place, by value id.
+    sums: Rc<BTreeMap<u32, Region>>,
     loads: BTreeMap<String, Vec<u64>>,
     /// Fill both arenas with 0xFF (NaN in every float type) before each run, so a kernel that
     /// leaves part of its output unwritten shows up as NaN instead of a stale right answer.
@@ -153,15 +155,7 @@ impl<'g> CudaBackend<'g> {
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
         let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
-        let outputs: BTreeMap<&str, ValueId> = graph.outputs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let mut grad_values = Vec::with_capacity(plan.params.len());
-        for p in &plan.params {
-            let v = outputs.get(format!("grad.{}", p.name).as_str()).copied();
-            if p.trainable() && v.is_none() {
-                bail!("the graph has no gradient output for {}", p.name);
-            }
-            grad_values.push(v);
-        }
+        let sums = Rc::new(gradient_sums(graph, plan, &opt)?);
         let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream() };
         let capture_stream = gpu.ctx.new_stream().map_err(|e| anyhow!("creating the capture stream: {e}"))?;
         Ok(CudaBackend {
@@ -174,7 +168,7 @@ impl<'g> CudaBackend<'g> {
             tok_arena,
             fixed_arena,
             model_ptrs: opt.model_ptrs(plan.params.len()),
-            grad_values,
+            sums,
             opt,
             loads: BTreeMap::new(),
             poison: false,
@@ -209,7 +203,7 @@ impl<'g> CudaBackend<'g> {
         old
     }
 
-    fn layout<'a>(&self, batch: &Batch, params: &'a [u64]) -> Layout<'a>
+    fn layout<'a>(&self, batch: &Batch, params: &'a [u64], sums: &'a BTreeMap<u32, Region>) -> Layout<'a>
     where
         'g: 'a,
     {
@@ -221,6 +215,8 @@ impl<'g> CudaBackend<'g> {
             tok_base: self.tok_arena.ptr,
             fixed_base: self.fixed_arena.ptr,
             params,
+            sums,
+            accumulating: !self.opt.first(),
         }
     }
 
@@ -277,7 +273,7 @@ impl<'g> CudaBackend<'g> {
         }
     }
 
-    /// Issues the launches of nodes `[..n]` (and the gradient accumulations they finalise).
+    /// Issues the launches of nodes `[..n]`.
     fn launch_nodes(&mut self, lay: &Layout, n: usize, mut each: Option<NodeHook<'_, 'g>>) -> Result<()> {
         let plan = self.plan;
         for (ni, node) in self.graph.nodes[..n].iter().enumerate() {
@@ -287,12 +283,6 @@ impl<'g> CudaBackend<'g> {
                 self.launcher
                     .raw(&b.kernel, &node.name, b.grid, b.block, &b.params)
                     .with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
-            }
-            // Gradients this node finalises go into the step's sums now: the memory plan reuses
-            // their buffers after this node (or their last reader).
-            for &pi in &plan.steps[ni].grads {
-                let v = self.grad_values[pi as usize].expect("finalised gradients are graph outputs");
-                self.opt.accumulate(&mut self.launcher, pi as usize, lay.value(v)?.addr)?;
             }
             if let Some(f) = each.as_deref_mut() {
                 self.sync().with_context(|| format!("in node {}", node.name))?;
@@ -318,9 +308,13 @@ impl<'g> CudaBackend<'g> {
         if self.poison {
             self.tok_arena.fill(0xFF)?;
             self.fixed_arena.fill(0xFF)?;
+            if self.opt.first() {
+                self.opt.poison_sums()?;
+            }
         }
-        let ptrs = self.model_ptrs.clone();
-        let lay = self.layout(batch, &ptrs);
+        // The layout borrows these while the launches borrow the backend mutably.
+        let (ptrs, sums) = (self.model_ptrs.clone(), Rc::clone(&self.sums));
+        let lay = self.layout(batch, &ptrs, &sums);
         for inp in &self.graph.inputs {
             self.write_value(&lay, inp.value, &batch.input(&inp.name)?)?;
         }
@@ -361,6 +355,27 @@ impl<'g> CudaBackend<'g> {
         }
         Ok(out)
     }
+}
+
+/// Where each gradient value the plan sums in place lives: its parameter's sum in the device
+/// optimizer. Every trainable parameter must have one (its kernels write nowhere else).
+fn gradient_sums(graph: &Graph, plan: &Plan, opt: &DeviceOptimizer) -> Result<BTreeMap<u32, Region>> {
+    let regions = opt.grad_sums(plan.params.len());
+    let mut sums = BTreeMap::new();
+    for &pi in plan.steps.iter().flat_map(|st| &st.grads) {
+        let p = &plan.params[pi as usize];
+        let v = graph
+            .output_named(&format!("grad.{}", p.name))
+            .ok_or_else(|| anyhow!("the graph has no gradient output for {}", p.name))?;
+        let r = regions[pi as usize].ok_or_else(|| anyhow!("{} has a gradient but no gradient sum", p.name))?;
+        sums.insert(v.0, r);
+    }
+    if let Some(p) = plan.params.iter().find(|p| {
+        p.trainable() && !graph.output_named(&format!("grad.{}", p.name)).is_some_and(|v| sums.contains_key(&v.0))
+    }) {
+        bail!("the plan finalises no gradient for {}", p.name);
+    }
+    Ok(sums)
 }
 
 impl Backend for CudaBackend<'_> {

@@ -153,7 +153,7 @@ pub struct DeviceOptimizer {
     /// One f64 per block of every `opt_sumsq` launch.
     partials: DevBuf,
     scratch: DevBuf,
-    /// The next accumulation starts the step's sums (overwrites instead of adding).
+    /// The next micro-batch starts the step's sums (its kernels store instead of adding).
     first: bool,
 }
 
@@ -311,27 +311,21 @@ impl DeviceOptimizer {
         self.upload()
     }
 
-    /// Adds parameter `i`'s gradient of this micro-batch (at device address `grad`) into the
-    /// step's sum. Called right after the node that finalises it, while its buffer is live.
-    pub fn accumulate(&self, l: &mut Launcher, i: usize, grad: u64) -> Result<()> {
-        let t = self.trainable.binary_search_by_key(&i, |t| t.0);
-        let &(_, g, k) =
-            t.map(|t| &self.trainable[t]).map_err(|_| anyhow::anyhow!("parameter {i} has no gradient sum"))?;
-        let gr = &self.groups[g];
-        let m = &gr.lay.members[k];
-        let n = m.len;
-        l.launch(
-            &ok::accum(),
-            "grad_accum",
-            [ok::stride_blocks(n), 1, 1],
-            ok::THREADS,
-            &[
-                ptr(grad, DType::F32, n * 4),
-                gr.at(&gr.grad, m.off, DType::F32),
-                Param::I64(n as i64),
-                Param::I32(self.first as i32),
-            ],
-        )
+    /// The step's gradient sum of every trainable parameter (plan order; `None` for frozen ones).
+    /// The kernels that finalise a gradient write it there directly (`Arg::Accum`).
+    pub fn grad_sums(&self, n_params: usize) -> Vec<Option<Region>> {
+        let mut out = vec![None; n_params];
+        for &(i, g, k) in &self.trainable {
+            let (gr, m) = (&self.groups[g], &self.groups[g].lay.members[k]);
+            out[i] = Some(Region { addr: gr.grad.ptr + m.off * 4, bytes: m.len * 4, dtype: DType::F32 });
+        }
+        out
+    }
+
+    /// Fills the gradient sums with 0xFF (NaN) before a step's first micro-batch, so a gradient
+    /// element no kernel writes shows up (parity runs).
+    pub fn poison_sums(&self) -> Result<()> {
+        self.groups.iter().try_for_each(|g| g.grad.fill(0xFF))
     }
 
     /// Replaces the step's gradient sums (`grads` in plan order, empty for frozen parameters).
@@ -348,7 +342,7 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    /// Whether the next accumulation starts the step's sums (overwrites instead of adding).
+    /// Whether the next micro-batch starts the step's sums (its kernels store instead of adding).
     pub fn first(&self) -> bool {
         self.first
     }

@@ -1,8 +1,8 @@
 //! CUDA graphs for micro-batches. A training micro-batch of the locked config is about 10k
-//! launches (8,098 plan launches and 1,897 gradient accumulations), each bound and issued from the
-//! host; at a few microseconds apiece that rivals the GPU time of the micro-batch itself. The
-//! launches depend only on the token count and sequence length, on how many nodes run and on whether this is the
-//! step's first micro-batch (`opt_accum`'s overwrite flag): every address is fixed once the
+//! launches (8,098), each bound and issued from the host; at a few microseconds apiece that
+//! rivals the GPU time of the micro-batch itself. The launches depend only on the token count and
+//! sequence length, on how many nodes run and on whether this is the step's first micro-batch
+//! (the gradient kernels' `accum` flag): every address is fixed once the
 //! backend is allocated and every input arrives by copy into its buffer. So the launch sequence is
 //! captured once per such key and replayed with one `cuGraphLaunch`: same kernels, same order,
 //! same arguments, hence bitwise the same results (`tests/cuda.rs` checks this).
