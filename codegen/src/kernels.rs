@@ -221,7 +221,13 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "colsum",
         tparams: &["N", "IN_F32", "E"],
-        params: &[("const void*", "x"), ("const int*", "offsets"), ("float*", "out"), ("int", "rows"), ("int", "accum")],
+        params: &[
+            ("const void*", "x"),
+            ("const int*", "offsets"),
+            ("float*", "out"),
+            ("int", "rows"),
+            ("int", "accum"),
+        ],
     },
     Family {
         name: "sum_parts",
@@ -403,7 +409,14 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "embed_bwd",
         tparams: &["H"],
-        params: &[("const int*", "sorted"), (BF, "dh"), ("float*", "dtable"), ("int", "T"), ("int", "V"), ("int", "accum")],
+        params: &[
+            ("const int*", "sorted"),
+            (BF, "dh"),
+            ("float*", "dtable"),
+            ("int", "T"),
+            ("int", "V"),
+            ("int", "accum"),
+        ],
     },
     // The optimizer step (optim.cuh; launched by the runtime from the plan's optimizer program).
     Family {
@@ -1504,7 +1517,16 @@ impl Bwd {
     ) {
         self.push(
             KernelSpec::new("gemm_tn", &[n, k, experts, 0, brelu2]),
-            vec![a, b, offsets, dw.clone(), Arg::Tokens { mul: topk }, Arg::Int(n as i64), Arg::Int(k as i64), accum(&dw)],
+            vec![
+                a,
+                b,
+                offsets,
+                dw.clone(),
+                Arg::Tokens { mul: topk },
+                Arg::Int(n as i64),
+                Arg::Int(k as i64),
+                accum(&dw),
+            ],
             tn_grid(n, k, experts),
             128,
         );

@@ -174,7 +174,12 @@ fn check_summed_in_place(g: &Graph, node: usize, v: vpmoe_ir::ValueId, launches:
     assert!(!g.nodes.iter().any(|n| n.inputs.contains(&v)), "{name}: gradient %{} is read by a node", v.0);
     let mut written = false;
     for l in launches.iter().filter(|l| l.args.contains(&Arg::Value(v))) {
-        assert!(l.args.contains(&Arg::Accum(v)), "{name}: {} writes gradient %{} without its accum flag", l.kernel.name(), v.0);
+        assert!(
+            l.args.contains(&Arg::Accum(v)),
+            "{name}: {} writes gradient %{} without its accum flag",
+            l.kernel.name(),
+            v.0
+        );
         written = true;
     }
     assert!(written, "{name}: no launch writes gradient %{}", v.0);

@@ -3,9 +3,9 @@
 //! invariants and the layer-count independence of the kernel set.
 
 use std::path::{Path, PathBuf};
+use vpmoe_codegen::Arg;
 use vpmoe_compiler::config::{self, Arch};
 use vpmoe_compiler::{compile_arch, plan::Arena};
-use vpmoe_codegen::Arg;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -63,7 +63,11 @@ fn gradients_are_written_into_their_sums() {
         let mut at = vec![None; plan.params.len()];
         for (ni, st) in plan.steps.iter().enumerate() {
             for &pi in &st.grads {
-                assert!(at[pi as usize].replace(ni).is_none(), "{name}: {} finalised twice", plan.params[pi as usize].name);
+                assert!(
+                    at[pi as usize].replace(ni).is_none(),
+                    "{name}: {} finalised twice",
+                    plan.params[pi as usize].name
+                );
             }
         }
         for (pi, p) in plan.params.iter().enumerate() {
@@ -77,9 +81,17 @@ fn gradients_are_written_into_their_sums() {
                 "{name}: {}",
                 p.name
             );
-            assert!(plan.buffer_of(&vpmoe_compiler::plan::BufferKey::Value(v.0)).is_none(), "{name}: {} has a buffer", p.name);
+            assert!(
+                plan.buffer_of(&vpmoe_compiler::plan::BufferKey::Value(v.0)).is_none(),
+                "{name}: {} has a buffer",
+                p.name
+            );
             let writers: Vec<_> = plan.steps[ni].launches.iter().filter(|l| l.args.contains(&Arg::Value(v))).collect();
-            assert!(!writers.is_empty() && writers.iter().all(|l| l.args.contains(&Arg::Accum(v))), "{name}: {}", p.name);
+            assert!(
+                !writers.is_empty() && writers.iter().all(|l| l.args.contains(&Arg::Accum(v))),
+                "{name}: {}",
+                p.name
+            );
         }
         if name.ends_with("vpmoe.toml") {
             assert!(plan.fixed_arena_bytes < 64 << 20, "{name}: fixed arena {} B", plan.fixed_arena_bytes);

@@ -78,7 +78,13 @@ fn check(rel: &str, rows: u64) {
             for p in &b.params {
                 if let Param::Ptr(addr, Some(_)) = p {
                     if let Some(v) = sums.iter().find(|(_, r)| r.addr == *addr).map(|(v, _)| *v) {
-                        assert_eq!(accum.map(|i| b.params[i]), Some(Param::I32(1)), "{rel}: {} ({})", node.name, b.kernel);
+                        assert_eq!(
+                            accum.map(|i| b.params[i]),
+                            Some(Param::I32(1)),
+                            "{rel}: {} ({})",
+                            node.name,
+                            b.kernel
+                        );
                         written.insert(v);
                     }
                 }
@@ -179,6 +185,7 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
             assert!(device > 80.0 && device < 130.0, "{device} GiB: an H200, not an H100");
             assert!(h100 < 74.0, "--host-momentum needs {h100} GiB: does not fit an 80 GB H100");
             assert!(gib(momentum_bytes(&plan)) > 18.0);
+            eprintln!("locked config at 2048 tokens: {device:.2} GiB, {h100:.2} GiB with --host-momentum");
         }
     }
 }
