@@ -8,8 +8,13 @@ use vpmoe_ir::Graph;
 use vpmoe_runtime::bundled_sample_dataset;
 use vpmoe_runtime::train::{RunOptions, TrainConfig};
 
+/// The repository root: where the test binary was built, unless `VPMOE_REPO_ROOT` says otherwise
+/// (a binary carried to a GPU machine by `scripts/gpu-bundle` runs in another checkout).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    match std::env::var_os("VPMOE_REPO_ROOT") {
+        Some(r) => PathBuf::from(r),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf(),
+    }
 }
 
 pub fn compiled(rel: &str) -> (Graph, Plan) {
