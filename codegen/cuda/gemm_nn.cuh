@@ -5,9 +5,9 @@
 //                                                           [out = KD, in = N] as stored
 //   EPI_NONE: z      EPI_DRELU2: z · 2·max(aux[r, c], 0)   (ReLU² backward; aux = pre-activation,
 //                                                           bf16 [M, N], row stride N)
-//   AMODE 0: A bf16.  AMODE 1: A f32, rounded to bf16 on load.  AMODE 2: A f32 split on load into
-//   hi = bf16(a) and lo = bf16(a − hi), both multiplied (two mma per step): ~16 mantissa bits, the
-//   "fp32 GEMM" of the router backward at tensor-core speed.
+//   AMODE 0: A bf16.  AMODE 1: A f32 split on load into hi = bf16(a) and lo = bf16(a − hi), both
+//   multiplied (two mma per step): ~16 mantissa bits, the "fp32 GEMM" of the router backward at
+//   tensor-core speed.
 //   acc (nullable): f32 [M, N] with row stride ldy, added to the product before the epilogue
 //   (chains several products into one rounding, e.g. TPA's six input gradients).
 //   OUT: 0 bf16, 1 f32.  A has row stride lda (column slices of a wider scratch are fine).
@@ -37,9 +37,8 @@ constexpr int LDA = BK + 8;  // 80 B rows
 constexpr int LDB = BN + 8;  // 144 B rows
 }  // namespace gemm_nn_cfg
 
-// Loads 8 consecutive f32 of A (the first n_valid, clamped), converts to bf16 hi (and lo).
-template <int AMODE>
-__device__ __forceinline__ void load_f32_chunk8(bf16* hi, bf16* lo, const float* src, int n_valid, bool vec) {
+// Loads 8 consecutive f32 of A (the first n_valid, clamped) and splits them into bf16 hi and lo.
+__device__ __forceinline__ void load_f32_split8(bf16* hi, bf16* lo, const float* src, int n_valid, bool vec) {
     float f[8];
     if (vec && n_valid >= 8) {
         const float4 u0 = reinterpret_cast<const float4*>(src)[0];
@@ -51,12 +50,10 @@ __device__ __forceinline__ void load_f32_chunk8(bf16* hi, bf16* lo, const float*
         for (int j = 0; j < 8; ++j) f[j] = j < n_valid ? src[j] : 0.f;
     }
     *reinterpret_cast<uint4*>(hi) = pack8(f);
-    if (AMODE == 2) {
-        float r[8];
+    float r[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) r[j] = f[j] - bf2f(f2bf(f[j]));
-        *reinterpret_cast<uint4*>(lo) = pack8(r);
-    }
+    for (int j = 0; j < 8; ++j) r[j] = f[j] - bf2f(f2bf(f[j]));
+    *reinterpret_cast<uint4*>(lo) = pack8(r);
 }
 
 template <int N, int KD, int AMODE, int EPI, int OUT>
@@ -65,11 +62,11 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
                                              int row_end, int col0, int lda, int ldy) {
     using namespace gemm_nn_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
-    static_assert(AMODE >= 0 && AMODE <= 2, "AMODE");
+    static_assert(AMODE == 0 || AMODE == 1, "AMODE");
     static_assert(EPI == EPI_NONE || EPI == EPI_DRELU2, "gemm_nn epilogue");
     constexpr int KT = (KD + BK - 1) / BK;
     __shared__ __align__(128) bf16 sA[STAGES][BM * LDA];
-    __shared__ __align__(128) bf16 sAlo[AMODE == 2 ? STAGES : 1][AMODE == 2 ? BM * LDA : 8];
+    __shared__ __align__(128) bf16 sAlo[AMODE == 1 ? STAGES : 1][AMODE == 1 ? BM * LDA : 8];
     __shared__ __align__(128) bf16 sB[STAGES][BK * LDB];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -91,7 +88,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
                 if (AMODE == 0) {
                     load_chunk8(&sA[s][r * LDA + kc], abf + (size_t)gr * lda + gk, nv, vec_a, abf);
                 } else {
-                    load_f32_chunk8<AMODE>(&sA[s][r * LDA + kc], &sAlo[AMODE == 2 ? s : 0][AMODE == 2 ? r * LDA + kc : 0],
+                    load_f32_split8(&sA[s][r * LDA + kc], &sAlo[AMODE == 1 ? s : 0][AMODE == 1 ? r * LDA + kc : 0],
                                            af + (size_t)(nv > 0 ? gr : 0) * lda + (nv > 0 ? gk : 0), nv, vec_a);
                 }
             }
@@ -133,7 +130,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
             for (int mi = 0; mi < 2; ++mi) {
                 const int off = (wm * 32 + mi * 16 + (lane & 15)) * LDA + kk * 16 + (lane >> 4) * 8;
                 ldsm_x4(af_[mi], a_s + off);
-                if (AMODE == 2) ldsm_x4(alo[mi], sAlo[AMODE == 2 ? kt % STAGES : 0] + off);
+                if (AMODE == 1) ldsm_x4(alo[mi], sAlo[AMODE == 1 ? kt % STAGES : 0] + off);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
@@ -151,7 +148,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) {
                     mma_bf16_16816(acc[mi][ni], af_[mi], b[ni]);
-                    if (AMODE == 2) mma_bf16_16816(acc[mi][ni], alo[mi], b[ni]);
+                    if (AMODE == 1) mma_bf16_16816(acc[mi][ni], alo[mi], b[ni]);
                 }
         }
     }

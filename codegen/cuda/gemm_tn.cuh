@@ -2,8 +2,8 @@
 // gemm_tn.cuh: weight-gradient GEMM, fp32 output, dense (optionally split over rows) or per expert.
 //
 //   Y[N, K] = Σ_{m in range} A[m, n] · B'[m, k]        (dW = dYᵀ·X of a linear layer)
-//   A: [M, ≥N] row stride lda (the output gradient; AMODE as gemm_nn: 0 bf16, 1 f32 rounded,
-//      2 f32 split hi+lo). B: bf16 [M, ≥K] row stride ldb (the layer input); BRELU2: B' = ReLU²(B)
+//   A: [M, ≥N] row stride lda (the output gradient; AMODE as gemm_nn: 0 bf16, 1 f32 split into
+//      hi+lo). B: bf16 [M, ≥K] row stride ldb (the layer input); BRELU2: B' = ReLU²(B)
 //      (B holds a pre-activation z; the product uses bf16(max(z, 0)²), applied to the fragments in
 //      registers), else B' = B.
 //   Grid (ceil(K/64), ceil(N/64), Z), block 128: the k tiles are the fastest axis, so the blocks
@@ -41,9 +41,9 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                                         int ldb, int accum) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
-    static_assert(AMODE >= 0 && AMODE <= 2, "AMODE");
+    static_assert(AMODE == 0 || AMODE == 1, "AMODE");
     __shared__ __align__(128) bf16 sA[STAGES][BM * LDT];
-    __shared__ __align__(128) bf16 sAlo[AMODE == 2 ? STAGES : 1][AMODE == 2 ? BM * LDT : 8];
+    __shared__ __align__(128) bf16 sAlo[AMODE == 1 ? STAGES : 1][AMODE == 1 ? BM * LDT : 8];
     __shared__ __align__(128) bf16 sB[STAGES][BM * LDT];
     require_block(THREADS);
 
@@ -82,7 +82,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 if (AMODE == 0) {
                     load_chunk8(&sA[s][r * LDT + cc], abf + (size_t)gm * lda + gn, nv, vec_a, abf);
                 } else {
-                    load_f32_chunk8<AMODE>(&sA[s][r * LDT + cc], &sAlo[AMODE == 2 ? s : 0][AMODE == 2 ? r * LDT + cc : 0],
+                    load_f32_split8(&sA[s][r * LDT + cc], &sAlo[AMODE == 1 ? s : 0][AMODE == 1 ? r * LDT + cc : 0],
                                            af + (nv > 0 ? (size_t)gm * lda + gn : 0), nv, vec_a);
                 }
             }
@@ -125,7 +125,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 // stored tile; transposed they are A-fragment registers a0..a3 of Aᵀ (rows n, cols m).
                 const int off = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDT + wm * 32 + mi * 16 + ((lane >> 3) & 1) * 8;
                 ldsm_x4_trans(fa[mi], a_s + off);
-                if (AMODE == 2) ldsm_x4_trans(fl[mi], sAlo[AMODE == 2 ? mt % STAGES : 0] + off);
+                if (AMODE == 1) ldsm_x4_trans(fl[mi], sAlo[AMODE == 1 ? mt % STAGES : 0] + off);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
@@ -146,7 +146,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) {
                     mma_bf16_16816(acc[mi][ni], fa[mi], fb[ni]);
-                    if (AMODE == 2) mma_bf16_16816(acc[mi][ni], fl[mi], fb[ni]);
+                    if (AMODE == 1) mma_bf16_16816(acc[mi][ni], fl[mi], fb[ni]);
                 }
         }
     }

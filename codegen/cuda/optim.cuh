@@ -216,7 +216,7 @@ __device__ __forceinline__ void pe_apply(const float* __restrict__ b, const bf16
     require_block(gemm_nn_cfg::THREADS);
     const long long z = blockIdx.z;
     void* yi = OUT ? (void*)(reinterpret_cast<float*>(y) + z * M * NW) : (void*)(reinterpret_cast<bf16*>(y) + z * M * NW);
-    gemm_nn_tile<NW, M, 2, EPI_NONE, OUT>(b + z * M * M, x + z * M * NW, nullptr, nullptr, yi,
+    gemm_nn_tile<NW, M, 1, EPI_NONE, OUT>(b + z * M * M, x + z * M * NW, nullptr, nullptr, yi,
                                           blockIdx.y * gemm_nn_cfg::BM, M, blockIdx.x * gemm_nn_cfg::BN, M, NW);
 }
 

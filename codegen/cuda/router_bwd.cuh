@@ -6,7 +6,7 @@
 //   dσ[e]  += dscores[t, e]              (the sequence aux-loss path; null = none)
 //   dl[t, e] = dσ[e]·σ[e]·(1 − σ[e])     (f32 [T, E]; selection itself is not differentiated)
 // dgate null (gates not seeded) counts as zero. The logit gradient then feeds fp32-quality GEMMs
-// (gemm_nn / gemm_tn with AMODE 2) and a colsum for the bias.
+// (gemm_nn / gemm_tn with AMODE 1) and a colsum for the bias.
 //
 // Launch: grid T, block 256; thread e handles experts e, e + 256, …. Every thread recomputes the
 // K-term sums Z and G in the same order (f64): deterministic.

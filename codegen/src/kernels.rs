@@ -1279,9 +1279,7 @@ pub const COLSUM_PARTS: u64 = 64;
 /// Tokens per embed_sort chunk.
 pub const EMBED_SORT_CHUNK: u64 = 2048;
 /// `AMODE` of gemm_nn / gemm_tn for an f32 A split into bf16 hi + lo (the router's gradient GEMMs).
-/// The templates' AMODE 1 (f32 A rounded once) has had no user since head_ce writes its logit
-/// gradient in bf16.
-pub const AMODE_SPLIT: u64 = 2;
+pub const AMODE_SPLIT: u64 = 1;
 /// gemm_nn epilogue: multiply by ReLU²'(aux) = 2·max(aux, 0).
 pub const EPI_DRELU2: u64 = 3;
 
