@@ -63,30 +63,10 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
         }
     };
 
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-    // Prologue: slices 0 .. STAGES-2 in flight (one commit group each, possibly empty).
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < KT) load_tile(s, s);
-        cp_async_commit();
-    }
-
-    for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();  // slice kt has landed (this thread's copies)
-        __syncthreads();              // ... everyone's; and slot (kt-1)%STAGES is free again
-        {
-            const int nk = kt + STAGES - 1;
-            if (nk < KT) load_tile(nk, nk % STAGES);
-            cp_async_commit();
-        }
-        const bf16* a_s = sA[kt % STAGES];
-        const bf16* b_s = sB[kt % STAGES];
+    zero_acc(acc);
+    cp_async_ring<STAGES>(KT, load_tile, [&](int slot) {
+        const bf16* a_s = sA[slot];
+        const bf16* b_s = sB[slot];
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned int a[2][4], b[4][2];
@@ -109,8 +89,7 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
         }
-    }
-    cp_async_wait<0>();
+    });
 }
 
 // One 64x64 tile of Y (see gemm_mainloop). `resid` (EPI_RESID) has row stride N.

@@ -101,28 +101,10 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
     };
 
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < KT) load_tile(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-            const int nk = kt + STAGES - 1;
-            if (nk < KT) load_tile(nk, nk % STAGES);
-            cp_async_commit();
-        }
-        const bf16* a_s = sA[kt % STAGES];
-        const bf16* b_s = sB[kt % STAGES];
+    zero_acc(acc);
+    cp_async_ring<STAGES>(KT, load_tile, [&](int slot) {
+        const bf16* a_s = sA[slot];
+        const bf16* b_s = sB[slot];
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             unsigned int af_[2][4], alo[2][4], b[4][2];
@@ -130,7 +112,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
             for (int mi = 0; mi < 2; ++mi) {
                 const int off = (wm * 32 + mi * 16 + (lane & 15)) * LDA + kk * 16 + (lane >> 4) * 8;
                 ldsm_x4(af_[mi], a_s + off);
-                if (AMODE == 1) ldsm_x4(alo[mi], sAlo[AMODE == 1 ? kt % STAGES : 0] + off);
+                if (AMODE == 1) ldsm_x4(alo[mi], sAlo[AMODE == 1 ? slot : 0] + off);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
@@ -151,8 +133,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
                     if (AMODE == 1) mma_bf16_16816(acc[mi][ni], alo[mi], b[ni]);
                 }
         }
-    }
-    cp_async_wait<0>();
+    });
 
     const bool pair_ok = (ldy % 2 == 0) && aligned(y, OUT ? 8 : 4);
 #pragma unroll

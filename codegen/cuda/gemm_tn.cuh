@@ -94,28 +94,10 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
     };
 
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < MT) load_tile(s, s);
-        cp_async_commit();
-    }
-    for (int mt = 0; mt < MT; ++mt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-            const int nm = mt + STAGES - 1;
-            if (nm < MT) load_tile(nm, nm % STAGES);
-            cp_async_commit();
-        }
-        const bf16* a_s = sA[mt % STAGES];
-        const bf16* b_s = sB[mt % STAGES];
+    zero_acc(acc);
+    cp_async_ring<STAGES>(MT, load_tile, [&](int slot) {
+        const bf16* a_s = sA[slot];
+        const bf16* b_s = sB[slot];
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
             unsigned int fa[2][4], fl[2][4], fb[4][2];
@@ -125,7 +107,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 // stored tile; transposed they are A-fragment registers a0..a3 of Aᵀ (rows n, cols m).
                 const int off = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDT + wm * 32 + mi * 16 + ((lane >> 3) & 1) * 8;
                 ldsm_x4_trans(fa[mi], a_s + off);
-                if (AMODE == 1) ldsm_x4_trans(fl[mi], sAlo[AMODE == 1 ? mt % STAGES : 0] + off);
+                if (AMODE == 1) ldsm_x4_trans(fl[mi], sAlo[AMODE == 1 ? slot : 0] + off);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
@@ -149,8 +131,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                     if (AMODE == 1) mma_bf16_16816(acc[mi][ni], fl[mi], fb[ni]);
                 }
         }
-    }
-    cp_async_wait<0>();
+    });
 
     const bool pair_ok = (K % 2 == 0) && aligned(y, 8);
 #pragma unroll

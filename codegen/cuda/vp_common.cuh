@@ -232,6 +232,38 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// The cp.async ring of the 64x64 GEMM tiles: slices 0 .. STAGES-2 in flight (one commit group
+// each, possibly empty), then for each slice t: wait until it has landed (this thread's copies,
+// then everyone's, which also frees slot (t-1) % STAGES), issue slice t + STAGES - 1, and run
+// `compute(slot)` on slot t % STAGES. `load(t, slot)` issues slice t into a slot.
+template <int STAGES, class Load, class Compute>
+__device__ __forceinline__ void cp_async_ring(int slices, Load&& load, Compute&& compute) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < slices) load(s, s);
+        cp_async_commit();
+    }
+    for (int t = 0; t < slices; ++t) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = t + STAGES - 1;
+        if (next < slices) load(next, next % STAGES);
+        cp_async_commit();
+        compute(t % STAGES);
+    }
+    cp_async_wait<0>();
+}
+
+// The 2 x 4 m16n8k16 accumulator fragments of a warp's 32x32 tile, zeroed.
+__device__ __forceinline__ void zero_acc(float (&acc)[2][4][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+}
+
 // Four 8x8 b16 matrices from shared memory; lane l supplies the row address of row (l % 8) of
 // matrix (l / 8); register i holds matrix i (lane l: row l/4, columns 2(l%4), 2(l%4)+1; with
 // .trans the transposed element pair: rows 2(l%4), 2(l%4)+1 of column l/4).
