@@ -362,6 +362,7 @@ impl<'g> CudaBackend<'g> {
 fn gradient_sums(graph: &Graph, plan: &Plan, opt: &DeviceOptimizer) -> Result<BTreeMap<u32, Region>> {
     let regions = opt.grad_sums(plan.params.len());
     let mut sums = BTreeMap::new();
+    let mut finalised = vec![false; plan.params.len()];
     for &pi in plan.steps.iter().flat_map(|st| &st.grads) {
         let p = &plan.params[pi as usize];
         let v = graph
@@ -369,10 +370,9 @@ fn gradient_sums(graph: &Graph, plan: &Plan, opt: &DeviceOptimizer) -> Result<BT
             .ok_or_else(|| anyhow!("the graph has no gradient output for {}", p.name))?;
         let r = regions[pi as usize].ok_or_else(|| anyhow!("{} has a gradient but no gradient sum", p.name))?;
         sums.insert(v.0, r);
+        finalised[pi as usize] = true;
     }
-    if let Some(p) = plan.params.iter().find(|p| {
-        p.trainable() && !graph.output_named(&format!("grad.{}", p.name)).is_some_and(|v| sums.contains_key(&v.0))
-    }) {
+    if let Some((p, _)) = plan.params.iter().zip(&finalised).find(|(p, f)| p.trainable() && !**f) {
         bail!("the plan finalises no gradient for {}", p.name);
     }
     Ok(sums)
