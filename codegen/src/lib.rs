@@ -12,6 +12,29 @@ pub use kernels::{lower_node, Arg, KernelSpec, Launch, LaunchDim, Scratch};
 /// Version of the generated code; part of every plan fingerprint and cache key.
 pub const CODEGEN_VERSION: &str = concat!("vpmoe-codegen ", env!("CARGO_PKG_VERSION"));
 
+/// What a kernel's translation unit gains to run on the host emulator's stand-in driver
+/// (`codegen/cuda/host_emu/driver.cpp`): an entry point that unpacks `cuLaunchKernel`'s argument
+/// pointers, runs the kernel's blocks as fibers and returns how many emulator errors (missing
+/// barriers, misaligned copies, ...) it saw, and the argument sizes (to copy them into a captured
+/// graph). Never given to NVRTC.
+pub fn emu_launcher(spec: &KernelSpec) -> String {
+    let f = kernels::family(&spec.family);
+    let sizes: Vec<String> = f.params.iter().map(|(t, _)| format!("sizeof({t})")).collect();
+    let unpack: Vec<String> = f.params.iter().enumerate().map(|(i, (t, _))| format!("*({t}*)a[{i}]")).collect();
+    format!(
+        "\n#include <functional>\nvoid emu_launch3(unsigned, unsigned, unsigned, unsigned, std::function<void()>);\n\
+         extern \"C\" const int vp_emu_nargs = {n};\n\
+         extern \"C\" const unsigned long vp_emu_argsize[] = {{{sizes}}};\n\
+         extern int g_errors;\n\
+         extern \"C\" int vp_emu_launch(unsigned gx, unsigned gy, unsigned gz, unsigned nt, void** a) {{\n  \
+         int before = g_errors;\n  emu_launch3(gx, gy, gz, nt, [&] {{ {name}({unpack}); }});\n  return g_errors - before;\n}}\n",
+        n = f.params.len(),
+        sizes = sizes.join(", "),
+        name = spec.name(),
+        unpack = unpack.join(", "),
+    )
+}
+
 /// The generated translation unit of one kernel: includes its family's template and defines the
 /// `extern "C"` entry point with the template arguments baked in.
 pub fn shim(spec: &KernelSpec, block: u32) -> String {

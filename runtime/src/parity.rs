@@ -42,14 +42,22 @@ pub struct Diff {
     pub bad: usize,
     pub max_abs: f64,
     pub max_rel: f64,
+    /// Root mean square of the reference output (the absolute floor's unit).
+    pub rms: f64,
 }
 
 impl std::fmt::Display for Diff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} elements outside tolerance; worst at [{}]: {} vs reference {} (max abs {:.3e}, max rel {:.3e})",
-            self.bad, self.index, self.got, self.want, self.max_abs, self.max_rel
+            "{} elements outside tolerance; worst at [{}]: {} vs reference {} (max abs {:.3e} = {:.2e}·rms, max rel {:.3e})",
+            self.bad,
+            self.index,
+            self.got,
+            self.want,
+            self.max_abs,
+            self.max_abs / self.rms,
+            self.max_rel
         )
     }
 }
@@ -62,7 +70,15 @@ pub fn compare(tol: Option<(f64, f64)>, got: &Tensor, want: &Tensor) -> Result<(
         (Data::F32(a), Data::F32(b)) => (a.iter().map(|&x| x as f64).collect(), b.iter().map(|&x| x as f64).collect()),
         (Data::I32(a), Data::I32(b)) => (a.iter().map(|&x| x as f64).collect(), b.iter().map(|&x| x as f64).collect()),
         _ => {
-            return Err(Diff { index: 0, got: f64::NAN, want: f64::NAN, bad: 1, max_abs: f64::NAN, max_rel: f64::NAN })
+            return Err(Diff {
+                index: 0,
+                got: f64::NAN,
+                want: f64::NAN,
+                bad: 1,
+                max_abs: f64::NAN,
+                max_rel: f64::NAN,
+                rms: f64::NAN,
+            })
         }
     };
     if g.len() != w.len() {
@@ -73,10 +89,11 @@ pub fn compare(tol: Option<(f64, f64)>, got: &Tensor, want: &Tensor) -> Result<(
             bad: 1,
             max_abs: 0.0,
             max_rel: 0.0,
+            rms: 0.0,
         });
     }
     let rms = (w.iter().filter(|x| x.is_finite()).map(|x| x * x).sum::<f64>() / w.len().max(1) as f64).sqrt();
-    let mut d = Diff { index: 0, got: 0.0, want: 0.0, bad: 0, max_abs: 0.0, max_rel: 0.0 };
+    let mut d = Diff { index: 0, got: 0.0, want: 0.0, bad: 0, max_abs: 0.0, max_rel: 0.0, rms };
     let mut worst = -1.0f64;
     for (i, (&x, &r)) in g.iter().zip(&w).enumerate() {
         let err = if x == r || (x.is_nan() && r.is_nan()) { 0.0 } else { (x - r).abs() };

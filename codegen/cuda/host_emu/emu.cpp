@@ -13,18 +13,53 @@
 #include <functional>
 #include <random>
 #include <deque>
+#include <memory>
 
 dim3e threadIdx, blockIdx, blockDim, gridDim;
 enum St { READY, WB, WW, DONE };
 struct Copy { void* d; const void* s; int n; };
-struct Fiber { ucontext_t ctx; std::vector<char> stack; St st; int tid; std::vector<Copy> cur; std::deque<std::vector<Copy>> groups; };
-static std::vector<Fiber>* g_f; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
+struct Fiber {
+    ucontext_t ctx; std::unique_ptr<char[]> stack; St st; int tid; bool started; void* jb[5];
+    std::vector<Copy> cur; std::deque<std::vector<Copy>> groups;
+};
+static const size_t STACK = 1 << 17;
+// The fibers persist across launches (stacks are allocated once, never cleared).
+static std::vector<Fiber> g_pool;
+static std::vector<Fiber>* g_f = &g_pool; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
+static std::vector<int> g_ready;  // fibers in state READY, in no particular order
 static std::mt19937_64 g_rng(12345);
 static unsigned long long g_slots[32][32];
 int g_errors = 0;
 #define EMU_FAIL(...) do { fprintf(stderr, "EMU ERROR: " __VA_ARGS__); fprintf(stderr, "\n"); g_errors++; } while (0)
 
-static void yield_as(St s) { (*g_f)[g_cur].st = s; swapcontext(&(*g_f)[g_cur].ctx, &g_sched); }
+// Switching: swapcontext saves and restores the signal mask with a system call on every switch,
+// which dominated whole-plan runs; after a fiber's first entry (setcontext) switches are
+// __builtin_setjmp/__builtin_longjmp (registers and stack pointer only). Under AddressSanitizer,
+// which must see stack switches, every switch stays a swapcontext.
+#ifdef __SANITIZE_ADDRESS__
+#define EMU_SWAPCONTEXT 1
+#endif
+static void* g_sched_jb[5];
+[[gnu::noinline]] static void jump_to(void** jb) { __builtin_longjmp(jb, 1); }
+static void yield_as(St s) {
+    Fiber& f = (*g_f)[g_cur];
+    f.st = s;
+#ifdef EMU_SWAPCONTEXT
+    swapcontext(&f.ctx, &g_sched);
+#else
+    if (__builtin_setjmp(f.jb) == 0) jump_to(g_sched_jb);
+#endif
+}
+static void run_fiber(Fiber& f) {
+#ifdef EMU_SWAPCONTEXT
+    swapcontext(&g_sched, &f.ctx);
+#else
+    if (__builtin_setjmp(g_sched_jb) == 0) {
+        if (!f.started) { f.started = true; setcontext(&f.ctx); }
+        jump_to(f.jb);
+    }
+#endif
+}
 void __syncthreads() { yield_as(WB); }
 void emu_warp_barrier() { yield_as(WW); }
 unsigned long long* emu_warp_slots() { return g_slots[g_cur / 32]; }
@@ -86,24 +121,26 @@ void vp_emu_mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[
 
 void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::function<void()> body) {
     gridDim = {gx, gy, gz}; blockDim = {nt, 1, 1};
-    std::vector<Fiber> fs(nt);
+    if (g_pool.size() < nt) g_pool.resize(nt);
+    std::vector<Fiber>& fs = g_pool;
     for (unsigned bz = 0; bz < gz; ++bz) for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
-        g_body = body; g_f = &fs;
+        g_body = body;
+        g_ready.clear();
         for (unsigned i = 0; i < nt; ++i) {
-            Fiber& f = fs[i]; f.stack.resize(1 << 17); f.st = READY; f.tid = i; f.cur.clear(); f.groups.clear();
-            getcontext(&f.ctx); f.ctx.uc_stack.ss_sp = f.stack.data(); f.ctx.uc_stack.ss_size = f.stack.size(); f.ctx.uc_link = nullptr;
+            Fiber& f = fs[i];
+            if (!f.stack) f.stack.reset(new char[STACK]);
+            f.st = READY; f.tid = i; f.started = false; f.cur.clear(); f.groups.clear();
+            getcontext(&f.ctx); f.ctx.uc_stack.ss_sp = f.stack.get(); f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_main, 0);
+            g_ready.push_back(i);
         }
-        std::vector<int> ready;
         for (;;) {
-            ready.clear();
-            for (unsigned i = 0; i < nt; ++i) if (fs[i].st == READY) ready.push_back(i);
-            if (ready.empty()) {
+            if (g_ready.empty()) {
                 bool released = false;
                 for (unsigned w = 0; w * 32 < nt; ++w) {
                     int ww = 0, dn = 0;
                     for (int l = 0; l < 32; ++l) { St s = fs[w * 32 + l].st; ww += s == WW; dn += s == DONE; }
-                    if (ww == 32) { for (int l = 0; l < 32; ++l) fs[w * 32 + l].st = READY; released = true; }
+                    if (ww == 32) { for (int l = 0; l < 32; ++l) { fs[w * 32 + l].st = READY; g_ready.push_back(w * 32 + l); } released = true; }
                     else if (ww > 0) { EMU_FAIL("warp %u: %d lanes at a warp collective, %d exited (block %u,%u)", w, ww, dn, bx, by); }
                 }
                 if (released) continue;
@@ -112,19 +149,23 @@ void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::functi
                 if ((unsigned)dn == nt) break;
                 if (wb + dn == (int)nt) {
                     if (dn) EMU_FAIL("__syncthreads with %d exited threads (block %u,%u)", dn, bx, by);
-                    for (unsigned i = 0; i < nt; ++i) if (fs[i].st == WB) fs[i].st = READY;
+                    for (unsigned i = 0; i < nt; ++i) if (fs[i].st == WB) { fs[i].st = READY; g_ready.push_back(i); }
                     continue;
                 }
                 EMU_FAIL("deadlock block %u,%u", bx, by); exit(1);
             }
-            int i = ready[g_rng() % ready.size()];
+            size_t k = g_rng() % g_ready.size();
+            int i = g_ready[k];
             g_cur = i; threadIdx = {(unsigned)i, 0, 0}; blockIdx = {bx, by, bz};
-            swapcontext(&g_sched, &fs[i].ctx);
+            run_fiber(fs[i]);
+            // The fiber left READY (a barrier or its end): drop it from the ready list.
+            g_ready[k] = g_ready.back(); g_ready.pop_back();
         }
         for (unsigned i = 0; i < nt; ++i) if (!fs[i].cur.empty() || !fs[i].groups.empty()) {
             bool any = !fs[i].cur.empty(); for (auto& gq : fs[i].groups) any |= !gq.empty();
             if (any) EMU_FAIL("thread %u exited with cp.async copies outstanding", i);
         }
     }
+    g_body = nullptr;  // the body's code may be unloaded (a dlclosed module) before the next launch
 }
 void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body) { emu_launch3(gx, gy, 1, nt, body); }

@@ -13,6 +13,9 @@ pub struct Gpu {
     /// Compute capability `(major, minor)`.
     pub cc: (i32, i32),
     pub total_mem: usize,
+    /// The host emulator's stand-in driver (`codegen/cuda/host_emu/driver.cpp`), not a GPU:
+    /// kernels are loaded as emulator source instead of cubins.
+    pub emulated: bool,
 }
 
 impl Gpu {
@@ -50,8 +53,12 @@ pub fn open() -> Result<Gpu> {
     let total_mem = ctx.total_mem().map_err(|e| anyhow!("{e}"))?;
     // The legacy default stream: synchronous copies are ordered with every launch.
     let stream = ctx.default_stream();
-    Ok(Gpu { ctx, stream, name, cc, total_mem })
+    let emulated = name == EMULATOR;
+    Ok(Gpu { ctx, stream, name, cc, total_mem, emulated })
 }
+
+/// The device name the host emulator's driver reports.
+pub const EMULATOR: &str = "vpmoe host emulator";
 
 /// A device allocation freed on drop. Transfers are synchronous with respect to the host.
 pub struct DevBuf {

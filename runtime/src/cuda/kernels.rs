@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use vpmoe_codegen::nvrtc::Toolchain;
-use vpmoe_codegen::{shim, KernelSpec};
+use vpmoe_codegen::{emu_launcher, shim, KernelSpec};
 use vpmoe_compiler::Plan;
 
 pub struct Kernels {
@@ -37,6 +37,10 @@ impl Kernels {
         let mut toolchain: Option<Result<Toolchain>> = None;
         let cache = vpmoe_compiler::default_cache_dir();
         let mut k = Kernels { funcs: HashMap::new(), _modules: Vec::new(), from_plan: 0, compiled: 0 };
+        if gpu.emulated {
+            k.load_emulated(gpu, plan)?;
+            return Ok(k);
+        }
         for e in &plan.kernels {
             let spec = KernelSpec { family: e.family.clone(), targs: e.targs.clone() };
             let src = shim(&spec, e.block);
@@ -64,18 +68,62 @@ impl Kernels {
             if cubin.is_empty() {
                 bail!("kernel {}: empty cubin", e.name);
             }
-            let module = gpu
-                .ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                .map_err(|err| anyhow!("loading kernel {} on {}: {err}", e.name, gpu.name))?;
-            let f = module.load_function(&e.name).map_err(|err| anyhow!("kernel {}: {err}", e.name))?;
-            k.funcs.insert(e.name.clone(), f);
-            k._modules.push(module);
+            k.insert(gpu, &e.name, cubin)?;
         }
         Ok(k)
+    }
+
+    /// On the host emulator's driver a module is the kernel's source with its emulator entry point
+    /// (the driver compiles it with g++); loads run on every core, since compiling dominates.
+    fn load_emulated(&mut self, gpu: &Gpu, plan: &Plan) -> Result<()> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = plan.kernels.len().div_ceil(threads).max(1);
+        let loaded: Vec<Result<Vec<(String, Arc<CudaModule>, CudaFunction)>>> = std::thread::scope(|sc| {
+            let jobs: Vec<_> = plan
+                .kernels
+                .chunks(chunk)
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .map(|e| {
+                                let spec = KernelSpec { family: e.family.clone(), targs: e.targs.clone() };
+                                let image = format!("VPMOE-EMU\n{}{}\0", shim(&spec, e.block), emu_launcher(&spec));
+                                let (m, f) = module(gpu, &e.name, image.into_bytes())?;
+                                Ok((e.name.clone(), m, f))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            jobs.into_iter().map(|j| j.join().expect("a kernel-loading thread panicked")).collect()
+        });
+        for part in loaded {
+            for (name, m, f) in part? {
+                self.funcs.insert(name, f);
+                self._modules.push(m);
+                self.compiled += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<()> {
+        let (m, f) = module(gpu, name, image)?;
+        self.funcs.insert(name.to_string(), f);
+        self._modules.push(m);
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Result<sys::CUfunction> {
         self.funcs.get(name).map(|f| f.cu_function()).with_context(|| format!("kernel {name} is not loaded"))
     }
+}
+
+fn module(gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<(Arc<CudaModule>, CudaFunction)> {
+    let m = gpu
+        .ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+        .map_err(|err| anyhow!("loading kernel {name} on {}: {err}", gpu.name))?;
+    let f = m.load_function(name).map_err(|err| anyhow!("kernel {name}: {err}"))?;
+    Ok((m, f))
 }

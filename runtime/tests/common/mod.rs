@@ -34,6 +34,42 @@ pub fn sample_data() -> Vec<(PathBuf, f64)> {
     vec![(DATA.get_or_init(|| bundled_sample_dataset(&tmp("data"), 256).unwrap()).clone(), 1.0)]
 }
 
+/// The bundled sample for a model with `vocab` entries: the sample itself for the o200k
+/// vocabulary, else a copy whose token ids are taken modulo `vocab` (toy configs on the host
+/// emulator, where an o200k LM head would take minutes per launch).
+pub fn sample_data_for(vocab: u64) -> Vec<(PathBuf, f64)> {
+    let sample = sample_data();
+    if vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
+        return sample;
+    }
+    static COPIES: std::sync::Mutex<Vec<(u64, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap();
+    if let Some((_, p)) = copies.iter().find(|(v, _)| *v == vocab) {
+        return vec![(p.clone(), 1.0)];
+    }
+    let out = tmp(&format!("data-mod-{vocab}"));
+    copy_mod(&sample[0].0, &out, vocab);
+    copies.push((vocab, out.clone()));
+    vec![(out, 1.0)]
+}
+
+fn copy_mod(from: &Path, to: &Path, vocab: u64) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_mod(&p, &dst, vocab);
+        } else if p.to_string_lossy().ends_with("_tokens.bin") {
+            let b = std::fs::read(&p).unwrap();
+            let ids = b.chunks_exact(4).map(|c| (i32::from_le_bytes(c.try_into().unwrap()) as u64 % vocab) as i32);
+            std::fs::write(&dst, ids.flat_map(i32::to_le_bytes).collect::<Vec<u8>>()).unwrap();
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
+
 /// `steps` steps of 2 micro-batches of `micro_batch × seq_len` tokens, cosine schedule, seed 5,
 /// no evaluation or periodic checkpoints, into `ckpt_dir`.
 pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: PathBuf) -> (TrainConfig, RunOptions) {
