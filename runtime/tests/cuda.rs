@@ -203,7 +203,10 @@ fn the_device_optimizer_matches_the_host_step() {
             let err = (d.iter().zip(&h).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / h.len() as f64).sqrt() / rms;
             let max = d.iter().zip(&h).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / rms;
             if err > 0.08 || max > 0.5 {
-                failures.push(format!("{what} ({} elements): update rms error {err:.3}, max {max:.3} (relative to its rms)", p.numel));
+                failures.push(format!(
+                    "{what} ({} elements): update rms error {err:.3}, max {max:.3} (relative to its rms)",
+                    p.numel
+                ));
             }
             for (a, b) in dev.v[i].iter().zip(&host.v[i]) {
                 if (a - b).abs() > 0.25 * b.abs() + 1e-9 {
@@ -282,7 +285,12 @@ fn checkpoints_resume_across_backends() {
     let (c, straight) = cfg(&plan, 6, tmp("x-straight"));
     let reference: Vec<f64> = {
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, c.seed));
-        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &straight).unwrap().records.iter().map(|r| r.loss).collect()
+        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &straight)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.loss)
+            .collect()
     };
     for first_cuda in [false, true] {
         let dir = tmp(if first_cuda { "x-cuda-cpu" } else { "x-cpu-cuda" });
@@ -296,8 +304,12 @@ fn checkpoints_resume_across_backends() {
             }
         };
         let mut a = mk(first_cuda);
-        let mut losses: Vec<f64> =
-            train::train(a.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap().records.iter().map(|r| r.loss).collect();
+        let mut losses: Vec<f64> = train::train(a.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.loss)
+            .collect();
         o.steps = 6;
         o.resume = true;
         let mut b = mk(!first_cuda);
@@ -393,7 +405,7 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
     ];
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(tests)
-        .args(["--exact", "--test-threads", "1", "--nocapture"])
+        .args(["--exact", "--test-threads", "2", "--nocapture"])
         .env("LD_LIBRARY_PATH", &lib)
         .env("VPMOE_EMU_SRC", &src)
         .env("VPMOE_EMU_CACHE", base.join("emu-kernel-cache"))

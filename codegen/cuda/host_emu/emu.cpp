@@ -23,11 +23,14 @@ struct Fiber {
     std::vector<Copy> cur; std::deque<std::vector<Copy>> groups;
 };
 static const size_t STACK = 1 << 17;
-// The fibers persist across launches (stacks are allocated once, never cleared).
-static std::vector<Fiber> g_pool;
-static std::vector<Fiber>* g_f = &g_pool; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
+// The fibers persist across launches (stacks are allocated once, never cleared). A deque: growing
+// it never moves a fiber, whose ucontext_t points into itself.
+static std::deque<Fiber> g_pool;
+static std::deque<Fiber>* g_f = &g_pool; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
 static std::vector<int> g_ready;  // fibers in state READY, in no particular order
-static std::mt19937_64 g_rng(12345);
+// xorshift64*: the schedule only needs to be varied and reproducible, and mt19937 showed in profiles.
+struct Rng { unsigned long long x; unsigned long long operator()() { x ^= x >> 12; x ^= x << 25; x ^= x >> 27; return x * 2685821657736338717ull; } };
+static Rng g_rng{12345};
 static unsigned long long g_slots[32][32];
 int g_errors = 0;
 #define EMU_FAIL(...) do { fprintf(stderr, "EMU ERROR: " __VA_ARGS__); fprintf(stderr, "\n"); g_errors++; } while (0)
@@ -98,39 +101,33 @@ void vp_emu_ldmatrix_x4(unsigned (&r)[4], const void* smem, bool trans) {
 }
 static unsigned g_a[32][32][4], g_b[32][32][2];
 static float bfl(unsigned u, int hi) { return __uint_as_float(hi ? (u & 0xffff0000u) : (u << 16)); }
+// Element (r, k) of the warp's 16x16 A and (k, n) of its 16x8 B, read from the lane and register
+// that hold it in the PTX m16n8k16 fragment layout.
+static float frag_a(int w, int r, int k) { return bfl(g_a[w][4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2); }
+static float frag_b(int w, int k, int n) { return bfl(g_b[w][4 * n + (k % 8) / 2][k >= 8], k % 2); }
 void vp_emu_mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     int w = g_cur / 32, l = g_cur % 32;
     for (int i = 0; i < 4; ++i) g_a[w][l][i] = a[i];
     g_b[w][l][0] = b[0]; g_b[w][l][1] = b[1];
     emu_warp_barrier();
-    float A[16][16], B[16][8];
-    for (int L = 0; L < 32; ++L) {
-        int g = L / 4, q = L % 4;
-        A[g][2 * q] = bfl(g_a[w][L][0], 0); A[g][2 * q + 1] = bfl(g_a[w][L][0], 1);
-        A[g + 8][2 * q] = bfl(g_a[w][L][1], 0); A[g + 8][2 * q + 1] = bfl(g_a[w][L][1], 1);
-        A[g][2 * q + 8] = bfl(g_a[w][L][2], 0); A[g][2 * q + 9] = bfl(g_a[w][L][2], 1);
-        A[g + 8][2 * q + 8] = bfl(g_a[w][L][3], 0); A[g + 8][2 * q + 9] = bfl(g_a[w][L][3], 1);
-        B[2 * q][g] = bfl(g_b[w][L][0], 0); B[2 * q + 1][g] = bfl(g_b[w][L][0], 1);
-        B[2 * q + 8][g] = bfl(g_b[w][L][1], 0); B[2 * q + 9][g] = bfl(g_b[w][L][1], 1);
-    }
     int g = l / 4, q = l % 4;
     int rr[4] = {g, g, g + 8, g + 8}, cc[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
-    for (int i = 0; i < 4; ++i) { double s = d[i]; for (int k = 0; k < 16; ++k) s += (double)A[rr[i]][k] * B[k][cc[i]]; d[i] = (float)s; }
+    for (int i = 0; i < 4; ++i) { double s = d[i]; for (int k = 0; k < 16; ++k) s += (double)frag_a(w, rr[i], k) * frag_b(w, k, cc[i]); d[i] = (float)s; }
     emu_warp_barrier();
 }
 
 void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::function<void()> body) {
     gridDim = {gx, gy, gz}; blockDim = {nt, 1, 1};
     if (g_pool.size() < nt) g_pool.resize(nt);
-    std::vector<Fiber>& fs = g_pool;
+    std::deque<Fiber>& fs = g_pool;
     for (unsigned bz = 0; bz < gz; ++bz) for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
         g_body = body;
         g_ready.clear();
         for (unsigned i = 0; i < nt; ++i) {
             Fiber& f = fs[i];
-            if (!f.stack) f.stack.reset(new char[STACK]);
+            if (!f.stack) { f.stack.reset(new char[STACK]); getcontext(&f.ctx); }  // getcontext is a system call: once
             f.st = READY; f.tid = i; f.started = false; f.cur.clear(); f.groups.clear();
-            getcontext(&f.ctx); f.ctx.uc_stack.ss_sp = f.stack.get(); f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
+            f.ctx.uc_stack.ss_sp = f.stack.get(); f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_main, 0);
             g_ready.push_back(i);
         }

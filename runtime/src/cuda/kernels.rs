@@ -78,7 +78,7 @@ impl Kernels {
     fn load_emulated(&mut self, gpu: &Gpu, plan: &Plan) -> Result<()> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = plan.kernels.len().div_ceil(threads).max(1);
-        let loaded: Vec<Result<Vec<(String, Arc<CudaModule>, CudaFunction)>>> = std::thread::scope(|sc| {
+        let loaded: Vec<Result<Vec<Loaded>>> = std::thread::scope(|sc| {
             let jobs: Vec<_> = plan
                 .kernels
                 .chunks(chunk)
@@ -118,6 +118,9 @@ impl Kernels {
         self.funcs.get(name).map(|f| f.cu_function()).with_context(|| format!("kernel {name} is not loaded"))
     }
 }
+
+/// A loaded kernel: its name, module and entry point.
+type Loaded = (String, Arc<CudaModule>, CudaFunction);
 
 fn module(gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<(Arc<CudaModule>, CudaFunction)> {
     let m = gpu
