@@ -11,7 +11,6 @@
 #include <ucontext.h>
 #include <vector>
 #include <functional>
-#include <random>
 #include <deque>
 #include <memory>
 
@@ -19,14 +18,14 @@ dim3e threadIdx, blockIdx, blockDim, gridDim;
 enum St { READY, WB, WW, DONE };
 struct Copy { void* d; const void* s; int n; };
 struct Fiber {
-    ucontext_t ctx; std::unique_ptr<char[]> stack; St st; int tid; bool started; void* jb[5];
+    ucontext_t ctx; std::unique_ptr<char[]> stack; St st; bool started; void* jb[5];
     std::vector<Copy> cur; std::deque<std::vector<Copy>> groups;
 };
 static const size_t STACK = 1 << 17;
 // The fibers persist across launches (stacks are allocated once, never cleared). A deque: growing
 // it never moves a fiber, whose ucontext_t points into itself.
 static std::deque<Fiber> g_pool;
-static std::deque<Fiber>* g_f = &g_pool; static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
+static int g_cur; static ucontext_t g_sched; static std::function<void()> g_body;
 static std::vector<int> g_ready;  // fibers in state READY, in no particular order
 // xorshift64*: the schedule only needs to be varied and reproducible, and mt19937 showed in profiles.
 struct Rng { unsigned long long x; unsigned long long operator()() { x ^= x >> 12; x ^= x << 25; x ^= x >> 27; return x * 2685821657736338717ull; } };
@@ -45,7 +44,7 @@ int g_errors = 0;
 static void* g_sched_jb[5];
 [[gnu::noinline]] static void jump_to(void** jb) { __builtin_longjmp(jb, 1); }
 static void yield_as(St s) {
-    Fiber& f = (*g_f)[g_cur];
+    Fiber& f = g_pool[g_cur];
     f.st = s;
 #ifdef EMU_SWAPCONTEXT
     swapcontext(&f.ctx, &g_sched);
@@ -72,12 +71,12 @@ static void fiber_main() { g_body(); yield_as(DONE); }
 static void do_copies(std::vector<Copy>& v) { for (auto& c : v) { if (c.n) memcpy(c.d, c.s, 16); else memset(c.d, 0, 16); } v.clear(); }
 void vp_emu_cp_async16(void* smem, const void* gmem, int n) {
     if ((unsigned long long)smem % 16 || (n && (unsigned long long)gmem % 16)) EMU_FAIL("cp.async misaligned");
-    Fiber& f = (*g_f)[g_cur];
+    Fiber& f = g_pool[g_cur];
     if (g_rng() & 1) { Copy c{smem, gmem, n}; std::vector<Copy> v{c}; do_copies(v); }
     else f.cur.push_back(Copy{smem, gmem, n});
 }
-void vp_emu_cp_async_commit() { Fiber& f = (*g_f)[g_cur]; f.groups.push_back(std::move(f.cur)); f.cur.clear(); }
-void vp_emu_cp_async_wait(int n) { Fiber& f = (*g_f)[g_cur]; while ((int)f.groups.size() > n) { do_copies(f.groups.front()); f.groups.pop_front(); } }
+void vp_emu_cp_async_commit() { Fiber& f = g_pool[g_cur]; f.groups.push_back(std::move(f.cur)); f.cur.clear(); }
+void vp_emu_cp_async_wait(int n) { Fiber& f = g_pool[g_cur]; while ((int)f.groups.size() > n) { do_copies(f.groups.front()); f.groups.pop_front(); } }
 
 static const void* g_addr[32][32]; static bool g_trans_flag[32];
 void vp_emu_ldmatrix_x4(unsigned (&r)[4], const void* smem, bool trans) {
@@ -126,7 +125,7 @@ void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::functi
         for (unsigned i = 0; i < nt; ++i) {
             Fiber& f = fs[i];
             if (!f.stack) { f.stack.reset(new char[STACK]); getcontext(&f.ctx); }  // getcontext is a system call: once
-            f.st = READY; f.tid = i; f.started = false; f.cur.clear(); f.groups.clear();
+            f.st = READY; f.started = false; f.cur.clear(); f.groups.clear();
             f.ctx.uc_stack.ss_sp = f.stack.get(); f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_main, 0);
             g_ready.push_back(i);

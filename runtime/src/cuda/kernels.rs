@@ -68,7 +68,7 @@ impl Kernels {
             if cubin.is_empty() {
                 bail!("kernel {}: empty cubin", e.name);
             }
-            k.insert(gpu, &e.name, cubin)?;
+            k.add(load(gpu, &e.name, cubin)?);
         }
         Ok(k)
     }
@@ -88,8 +88,7 @@ impl Kernels {
                             .map(|e| {
                                 let spec = KernelSpec { family: e.family.clone(), targs: e.targs.clone() };
                                 let image = format!("VPMOE-EMU\n{}{}\0", shim(&spec, e.block), emu_launcher(&spec));
-                                let (m, f) = module(gpu, &e.name, image.into_bytes())?;
-                                Ok((e.name.clone(), m, f))
+                                load(gpu, &e.name, image.into_bytes())
                             })
                             .collect()
                     })
@@ -98,20 +97,17 @@ impl Kernels {
             jobs.into_iter().map(|j| j.join().expect("a kernel-loading thread panicked")).collect()
         });
         for part in loaded {
-            for (name, m, f) in part? {
-                self.funcs.insert(name, f);
-                self._modules.push(m);
+            for l in part? {
+                self.add(l);
                 self.compiled += 1;
             }
         }
         Ok(())
     }
 
-    fn insert(&mut self, gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<()> {
-        let (m, f) = module(gpu, name, image)?;
-        self.funcs.insert(name.to_string(), f);
-        self._modules.push(m);
-        Ok(())
+    fn add(&mut self, (name, module, f): Loaded) {
+        self.funcs.insert(name, f);
+        self._modules.push(module);
     }
 
     pub fn get(&self, name: &str) -> Result<sys::CUfunction> {
@@ -122,11 +118,12 @@ impl Kernels {
 /// A loaded kernel: its name, module and entry point.
 type Loaded = (String, Arc<CudaModule>, CudaFunction);
 
-fn module(gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<(Arc<CudaModule>, CudaFunction)> {
+/// Loads one module image (a cubin, or emulator source) and its kernel `name`.
+fn load(gpu: &Gpu, name: &str, image: Vec<u8>) -> Result<Loaded> {
     let m = gpu
         .ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(image))
         .map_err(|err| anyhow!("loading kernel {name} on {}: {err}", gpu.name))?;
     let f = m.load_function(name).map_err(|err| anyhow!("kernel {name}: {err}"))?;
-    Ok((m, f))
+    Ok((name.to_string(), m, f))
 }
