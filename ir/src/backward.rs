@@ -13,7 +13,9 @@
 use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
-use crate::reference::{alibi_slopes, attends, grape_freqs, head_logits, row_lse, sigmoid, topk, Dims, Gemm, Tensor};
+use crate::reference::{
+    alibi_slopes, attends, grape_freqs, head_logits, kept, round_bf16, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
+};
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
 /// upstream gradients (in [`Op::signature`] order of the `vjp` op).
@@ -133,7 +135,11 @@ pub fn backward(
             let dlam: f64 = g.iter().zip(v).zip(v1).map(|((&g, &a), &b)| g as f64 * (a as f64 - b as f64)).sum();
             vec![like(xs[0], dv), like(xs[1], dv1), like(xs[2], vec![(lam * (1.0 - lam) * dlam) as f32])]
         }
-        Op::Attention(ref a) => attention_bwd(a, dims, xs, &up(0)),
+        Op::Attention(ref a) => {
+            // The kernels take ρ = dO·O from the stored (bf16) output.
+            let out = gemm.bf16_intermediates().then(|| ys[0].f());
+            attention_bwd(a, dims, xs, &up(0), out)
+        }
         Op::OutProj { in_dim, hidden, bias } => {
             let (k, n) = (in_dim as usize, hidden as usize);
             let dh = up(0);
@@ -326,6 +332,7 @@ pub fn backward(
                         *x = (w * ((*x as f64 - lse).exp() - (j == label) as u8 as f64)) as f32;
                     }
                 }
+                kept(gemm, &mut dl);
                 let c = t1 - t0;
                 gemm.ab(c, v, h, &dl, head, &mut dz[t0 * h..t1 * h], false);
                 gemm.atb(v, c, h, &dl, &z[t0 * h..t1 * h], &mut dw, t0 > 0);
@@ -441,8 +448,12 @@ fn tpa_bwd(gemm: &dyn Gemm, t: usize, xs: &[&Tensor], g: [&[f32]; 3], a: [u64; 6
         gemm.xwt(t, h, n, x, xs[i].f(), &mut y, false);
         y
     };
-    let (aq, ak, av) = (lin(1, nh * rq), lin(2, ng * r), lin(3, ng * r));
-    let (bq, bk, bv) = (lin(4, rq * d), lin(5, r * d), lin(6, r * d));
+    let [aq, ak, av, bq, bk, bv] =
+        [(1, nh * rq), (2, ng * r), (3, ng * r), (4, rq * d), (5, r * d), (6, r * d)].map(|(i, n)| {
+            let mut y = lin(i, n);
+            kept(gemm, &mut y);
+            y
+        });
     let mut daq = vec![0f32; aq.len()];
     let (mut dak, mut dav) = (vec![0f32; ak.len()], vec![0f32; av.len()]);
     let mut dbq = vec![0f32; bq.len()];
@@ -472,6 +483,9 @@ fn tpa_bwd(gemm: &dyn Gemm, t: usize, xs: &[&Tensor], g: [&[f32]; 3], a: [u64; 6
         factor(gq, &aq[qa.clone()], &bq[qb.clone()], &mut daq[qa], &mut dbq[qb], nh, rq, d);
         factor(gk, &ak[ka.clone()], &bk[kb.clone()], &mut dak[ka.clone()], &mut dbk[kb.clone()], ng, r, d);
         factor(gv, &av[ka.clone()], &bv[kb.clone()], &mut dav[ka], &mut dbv[kb], ng, r, d);
+    }
+    for df in [&mut daq, &mut dak, &mut dav, &mut dbq, &mut dbk, &mut dbv] {
+        kept(gemm, df);
     }
     let dys =
         [(1, daq, nh * rq), (2, dak, ng * r), (3, dav, ng * r), (4, dbq, rq * d), (5, dbk, r * d), (6, dbv, r * d)];
@@ -519,12 +533,15 @@ fn mlp_bwd(
             row.iter_mut().zip(b1).for_each(|(v, b)| *v += b);
         }
     }
-    let act: Vec<f32> = z.iter().map(|&v| v.max(0.0) * v.max(0.0)).collect();
+    kept(gemm, &mut z);
+    let mut act: Vec<f32> = z.iter().map(|&v| v.max(0.0) * v.max(0.0)).collect();
+    kept(gemm, &mut act);
     let mut dz = vec![0f32; m * f];
     dx_acc(gemm, dy, w2, m, h, f, &mut dz, false);
     for (d, &zv) in dz.iter_mut().zip(&z) {
         *d *= 2.0 * zv.max(0.0);
     }
+    kept(gemm, &mut dz);
     let mut dx = vec![0f32; m * h];
     dx_acc(gemm, &dz, w1, m, f, h, &mut dx, false);
     MlpGrads {
@@ -539,8 +556,11 @@ fn mlp_bwd(
 /// Attention backward (MODEL.md §5). Per query row: `dP_j = g·v_j`, `ρ = Σ_j P_j dP_j`,
 /// `ds_j = P_j(dP_j − ρ)`, `dq = (1/√d)Σ_j ds_j k_j`, `dk_j += (1/√d) ds_j q`, `dv_j += P_j g`,
 /// `∂sink = −P_sink·ρ`. Masked keys have `P = 0` and so no gradient; a row whose keys are all
-/// masked has `P ≡ 0`, `ρ = 0` and contributes exactly zero (no NaN).
-fn attention_bwd(a: &Attn, dims: &Dims, xs: &[&Tensor], g: &[f32]) -> Vec<Tensor> {
+/// masked has `P ≡ 0`, `ρ = 0` and contributes exactly zero (no NaN). With `kernel_out` (the
+/// [`crate::reference::TensorCore`] model) ρ is the equal `g·O` of the stored output, and P and
+/// `P(dP − ρ)` are rounded to bf16, as the kernels do.
+fn attention_bwd(a: &Attn, dims: &Dims, xs: &[&Tensor], g: &[f32], kernel_out: Option<&[f32]>) -> Vec<Tensor> {
+    let bf16 = kernel_out.is_some();
     let (nh, ng, d) = (a.heads as usize, a.groups as usize, a.head_dim as usize);
     let gsz = nh / ng;
     let (q, k, v, doc) = (xs[0].f(), xs[1].f(), xs[2].f(), xs[3].i());
@@ -585,18 +605,24 @@ fn attention_bwd(a: &Attn, dims: &Dims, xs: &[&Tensor], g: &[f32]) -> Vec<Tensor
             let denom = e.iter().sum::<f64>() + es;
             let p: Vec<f64> = e.iter().map(|&x| x / denom).collect();
             let dp: Vec<f64> = keys.iter().map(|&j| dot(gv, &v[((row0 + j) * ng + gr) * d..][..d])).collect();
-            let rho: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            let rho: f64 = match kernel_out {
+                Some(o) => dot(gv, &o[(t * nh + h) * d..][..d]),
+                None => p.iter().zip(&dp).map(|(a, b)| a * b).sum(),
+            };
             if sink.is_some() {
                 dsink[h] -= es / denom * rho;
             }
             let dqr = &mut dq[(t * nh + h) * d..][..d];
+            // The kernels keep P and P·(dP − ρ) in bf16 (tensor-core operands), before the scale.
+            let kept1 = |x: f64| if bf16 { round_bf16(x as f32) as f64 } else { x };
             for (n, &j) in keys.iter().enumerate() {
-                let ds = p[n] * (dp[n] - rho) * scale as f64;
+                let ds = kept1(p[n] * (dp[n] - rho)) * scale as f64;
+                let pn = kept1(p[n]);
                 let o = ((row0 + j) * ng + gr) * d;
                 for c in 0..d {
                     dqr[c] += ds * k[o + c] as f64;
                     dk[o + c] += ds * qv[c] as f64;
-                    dv[o + c] += p[n] * gv[c] as f64;
+                    dv[o + c] += pn * gv[c] as f64;
                 }
             }
         }

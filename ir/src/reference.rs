@@ -72,6 +72,53 @@ pub trait Gemm: Sync {
     fn atb(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
         self.xwt(m, k, n, &transpose(a, k, m), &transpose(b, k, n), c, acc);
     }
+
+    /// Whether the intermediates that the kernels keep in bf16 as tensor-core operands (marked
+    /// with [`kept`]) are rounded here too. False: the exact semantics; [`TensorCore`]: the
+    /// kernels' rounding, which the parity tests compare against.
+    fn bf16_intermediates(&self) -> bool {
+        false
+    }
+}
+
+/// A [`Gemm`] plus the kernels' rounding: every intermediate marked with [`kept`] is rounded to
+/// bf16 where a kernel stores or packs it for a tensor-core product (an MLP's hidden activation
+/// and recomputed pre-activation, TPA factors, attention P and dS, logit gradients). Holding a
+/// kernel to this model rather than to the exact semantics lets parity use the strict
+/// per-dtype tolerances: otherwise one product's 2⁻⁹ relative rounding, summed over many
+/// tokens, is indistinguishable from a small bug.
+pub struct TensorCore<'a>(pub &'a dyn Gemm);
+
+impl Gemm for TensorCore<'_> {
+    fn xwt(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        self.0.xwt(m, k, n, a, b, c, acc)
+    }
+    fn ab(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        self.0.ab(m, k, n, a, b, c, acc)
+    }
+    fn atb(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+        self.0.atb(m, k, n, a, b, c, acc)
+    }
+    fn bf16_intermediates(&self) -> bool {
+        true
+    }
+}
+
+/// Marks an intermediate that kernels keep in bf16: rounded under [`TensorCore`], untouched
+/// otherwise.
+pub fn kept(g: &dyn Gemm, x: &mut [f32]) {
+    if g.bf16_intermediates() {
+        x.iter_mut().for_each(|v| *v = round_bf16(*v));
+    }
+}
+
+/// Round to nearest bf16, ties to even (the kernels' `f2bf`); non-finite values pass through.
+pub fn round_bf16(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
 }
 
 /// Row-major `[rows×cols]` → `[cols×rows]`, in 32×32 tiles so large operands transpose at
@@ -358,8 +405,12 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             );
             let x = ins[0].f();
             let f = |i: usize, n: usize| linear(gemm, x, t, h, ins[i].f(), n, None);
-            let (aq, ak, av) = (f(1, nh * rq), f(2, ng * r), f(3, ng * r));
-            let (bq, bk, bv) = (f(4, rq * d), f(5, r * d), f(6, r * d));
+            let [aq, ak, av, bq, bk, bv] =
+                [(1, nh * rq), (2, ng * r), (3, ng * r), (4, rq * d), (5, r * d), (6, r * d)].map(|(i, n)| {
+                    let mut y = f(i, n);
+                    kept(gemm, &mut y);
+                    y
+                });
             let gsz = nh / ng;
             let n = (nh + 2 * ng) * d;
             let mut mixed = vec![0f32; t * n];
@@ -447,6 +498,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             let b2 = if bias { Some(it.next().unwrap().f()) } else { None };
             let mut z = linear(gemm, ins[0].f(), t, h, w1, f, b1);
             relu2(&mut z);
+            kept(gemm, &mut z);
             let mut y = linear(gemm, &z, t, f, w2, h, b2);
             if residual {
                 for (o, r) in y.iter_mut().zip(it.next().unwrap().f()) {
@@ -518,6 +570,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                     b1.map(|b| &b[ex * f..][..f]),
                 );
                 relu2(&mut z);
+                kept(gemm, &mut z);
                 let y = linear(gemm, &z, n, f, &w2[ex * h * f..][..h * f], h, b2.map(|b| &b[ex * h..][..h]));
                 yp[r0 * h..r1 * h].copy_from_slice(&y);
             }

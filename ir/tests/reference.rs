@@ -224,3 +224,32 @@ fn value_residual_at_init_is_almost_identity_in_f32() {
     let lam = out[0].f()[0];
     assert!(lam < 1.0 && close(lam, 0.9999, 1e-6), "D2: λ stays below 1 in f32, got {lam}");
 }
+
+#[test]
+fn bf16_rounding_is_to_nearest_even() {
+    let ulp = 2f32.powi(-7); // bf16 spacing in [1, 2)
+    assert_eq!(round_bf16(1.0 + ulp / 2.0), 1.0, "a tie goes to the even neighbour");
+    assert_eq!(round_bf16(1.0 + 1.5 * ulp), 1.0 + 2.0 * ulp, "a tie goes to the even neighbour");
+    assert_eq!(round_bf16(1.0 + 0.6 * ulp), 1.0 + ulp);
+    assert_eq!(round_bf16(f32::MIN), f32::NEG_INFINITY, "beyond bf16's largest finite value");
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+}
+
+/// `TensorCore` rounds the hidden activation (as the kernels pack it for the second GEMM); the
+/// plain GEMMs keep the exact semantics.
+#[test]
+fn tensor_core_model_rounds_only_the_kept_intermediates() {
+    let a = 1.0 + 2f32.powi(-7); // bf16; a² = 1 + 2⁻⁶ + 2⁻¹⁴ is not
+    let op = Op::Mlp { hidden: 1, ffn: 1, bias: false, residual: false };
+    let (x, w1, w2) =
+        (Tensor::f32(vec![1, 1], vec![1.0]), Tensor::f32(vec![1, 1], vec![a]), Tensor::f32(vec![1, 1], vec![1.0]));
+    let dims = Dims { tokens: 1, seq: 1 };
+    let exact = forward(&op, &dims, &[&x, &w1, &w2], &NaiveGemm);
+    let model = forward(&op, &dims, &[&x, &w1, &w2], &TensorCore(&NaiveGemm));
+    assert_eq!(exact[0].f()[0], a * a);
+    assert_eq!(model[0].f()[0], 1.0 + 2f32.powi(-6));
+    let mut v = vec![a * a];
+    kept(&NaiveGemm, &mut v);
+    assert_eq!(v, [a * a]);
+}

@@ -6,31 +6,20 @@
 //! | bf16  | `|x−r| ≤ 2⁻⁶·|r| + 2⁻⁸·rms(r)`               | both sides round to bf16 (2⁻⁸ relative each); a different f32 accumulation order can move a value across a rounding boundary, so two ulps, plus an absolute floor for cancellation near 0 |
 //! | f32   | `|x−r| ≤ 10⁻³·|r| + 10⁻⁴·rms(r)`             | GPU reductions (tensor-core tiles, warp shuffles, split-K) sum in another order than the f64 reference; products of bf16 inputs are exact in f32, so what remains is summation error, far below 10⁻³ for the lengths here |
 //! | i32, u8 | exact                                      | indices, counts, offsets and masks have no rounding; a router tie broken differently is a real difference and is reported |
-//! | any float output of a rounding op | `|x−r| ≤ 2⁻⁶·|r| + 2⁻³·rms(r)` | the kernels of `tpa_qkv`, `mlp`, `expert_ffn`, the attentions (forward and vjp) and `head_ce` (vjp) round an f32 intermediate to bf16 before a GEMM (the TPA factors, the hidden activation and the recomputed pre-activation, P and dS, the logit gradient) where the reference keeps it exact. Each product then carries 2⁻⁹ relative error, so an output's error scales with its summed terms, not with its value; ρ = Σ dO·O and tokens concentrated on few experts make the tails long. On the host emulator's whole-plan run (`tiny_moe`) the worst element is 8.2 % of rms: a routed expert's weight gradient when every token goes to two experts, where the six empty experts dilute the rms. Typical worst elements are 1–5 %. A wrong value of typical size is still far outside this limit |
+//!
+//! The reference a kernel is held to is [`vpmoe_ir::reference::TensorCore`]: the op's semantics
+//! with the intermediates that kernels keep in bf16 as tensor-core operands (an MLP's hidden
+//! activation and recomputed pre-activation, TPA factors, attention P and dS with ρ from the
+//! stored output, the logit gradient) rounded at the same points. Against the exact semantics
+//! those roundings reach 8 % of an output's rms on the host emulator (expert weight gradients
+//! summed over every token of a skewed batch), which no fixed tolerance separates from a small
+//! bug; against the model every output of every node meets the rows above.
 //!
 //! `rms(r)` is the root mean square of the whole reference output, so the absolute floor scales
 //! with the tensor and never hides a wrong value of typical size.
 
 use vpmoe_ir::reference::{Data, Tensor};
-use vpmoe_ir::{DType, Op};
-
-/// The tolerance an output of `op` of type `dtype` is held to (the table above).
-pub fn tolerance_of(op: &Op, dtype: DType) -> Option<(f64, f64)> {
-    let rounds_fwd =
-        |op: &Op| matches!(op, Op::TpaQkv { .. } | Op::Mlp { .. } | Op::ExpertFfn { .. } | Op::Attention(_));
-    // head_ce's forward keeps its logits in f32; its vjp rounds the logit gradient.
-    let rounds = match op {
-        Op::Vjp(v) => rounds_fwd(&v.of) || matches!(v.of, Op::HeadCe { .. }),
-        op => rounds_fwd(op),
-    };
-    match dtype {
-        DType::Bf16 | DType::F32 if rounds => Some(ROUNDING),
-        _ => tolerance(dtype),
-    }
-}
-
-/// The "rounding op" row of the table.
-pub const ROUNDING: (f64, f64) = (1.0 / 64.0, 1.0 / 8.0);
+use vpmoe_ir::DType;
 
 /// `(relative, absolute as a fraction of rms)` per dtype; `None` means exact.
 pub fn tolerance(dtype: DType) -> Option<(f64, f64)> {
@@ -71,7 +60,7 @@ impl std::fmt::Display for Diff {
     }
 }
 
-/// Compares `got` with `want` under `tol` ([`tolerance`], [`tolerance_of`]); `Err` describes the
+/// Compares `got` with `want` under `tol` ([`tolerance`]); `Err` describes the
 /// mismatch. NaN or ±Inf where the reference is finite always fails (poisoned outputs surface
 /// this way).
 pub fn compare(tol: Option<(f64, f64)>, got: &Tensor, want: &Tensor) -> Result<(), Diff> {
@@ -151,22 +140,5 @@ mod tests {
         assert!(compare(tolerance(DType::I32), &Tensor::i32(vec![2], vec![3, 5]), &i).is_err());
         assert!(compare(tolerance(DType::I32), &i.clone(), &i).is_ok());
         assert!(compare(tolerance(DType::F32), &i, &r).is_err());
-    }
-
-    #[test]
-    fn rounding_ops_get_their_row_forward_and_backward() {
-        use vpmoe_ir::Vjp;
-        let vjp = |of: Op| Op::Vjp(Box::new(Vjp { of, seeds: vec![true, false, false] }));
-        let head = Op::HeadCe { hidden: 4, vocab: 8 };
-        let mlp = Op::Mlp { hidden: 4, ffn: 8, bias: true, residual: false };
-        assert_eq!(tolerance_of(&vjp(head.clone()), DType::F32), Some(ROUNDING));
-        assert_eq!(tolerance_of(&head, DType::F32), tolerance(DType::F32));
-        assert_eq!(tolerance_of(&mlp, DType::Bf16), Some(ROUNDING));
-        assert_eq!(tolerance_of(&vjp(Op::RmsNorm { dim: 4, eps: 1e-5 }), DType::F32), tolerance(DType::F32));
-        assert_eq!(tolerance_of(&Op::RmsNorm { dim: 4, eps: 1e-5 }, DType::Bf16), tolerance(DType::Bf16));
-        assert_eq!(tolerance_of(&vjp(head), DType::I32), None);
-        // The row still rejects a wrong value of typical size.
-        let r = Tensor::f32(vec![4], vec![1.0, -1.0, 1.0, -1.0]);
-        assert!(compare(Some(ROUNDING), &Tensor::f32(vec![4], vec![1.0, -1.0, 1.0, -0.7]), &r).is_err());
     }
 }

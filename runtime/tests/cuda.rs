@@ -102,10 +102,10 @@ fn every_node_matches_the_reference() {
             let node = &g.nodes[ni];
             let ins: Vec<Tensor> = node.inputs.iter().map(|v| be.read_value(lay, *v)).collect::<anyhow::Result<_>>()?;
             let refs: Vec<&Tensor> = ins.iter().collect();
-            let want = reference::forward(&node.op, &dims, &refs, &FastGemm);
+            let want = reference::forward(&node.op, &dims, &refs, &reference::TensorCore(&FastGemm));
             for (k, (v, w)) in node.outputs.iter().zip(&want).enumerate() {
                 let got = be.read_value(lay, *v)?;
-                if let Err(d) = parity::compare(parity::tolerance_of(&node.op, g.value(*v).ty.dtype), &got, w) {
+                if let Err(d) = parity::compare(parity::tolerance(g.value(*v).ty.dtype), &got, w) {
                     failures.push(format!("[{what}] {} output {k} ({}): {d}", node.name, g.value(*v).ty));
                 }
                 checked += 1;
