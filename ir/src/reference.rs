@@ -201,6 +201,13 @@ pub fn attends(kind: AttnKind, i: usize, j: usize, doc_i: i32, doc_j: i32) -> bo
 /// `−∞` and get probability 0; with a sink a row whose keys are all masked gives all zeros
 /// (never NaN). Without a sink such a row also gives zeros.
 pub fn softmax_with_sink(scores: &[f32], sink: Option<f32>) -> Vec<f32> {
+    softmax_kept(scores, sink, false)
+}
+
+/// [`softmax_with_sink`]; with `bf16` each numerator `exp(s − max)` is rounded to bf16 and the
+/// denominator is not, as the attention kernel packs P̃ for its P·V product (exact when the row's
+/// keys fit one 64-key tile; otherwise the kernel rounds relative to the running max).
+fn softmax_kept(scores: &[f32], sink: Option<f32>, bf16: bool) -> Vec<f32> {
     let mut m = sink.map(|s| s as f64).unwrap_or(f64::NEG_INFINITY);
     for &s in scores {
         m = m.max(s as f64);
@@ -210,7 +217,8 @@ pub fn softmax_with_sink(scores: &[f32], sink: Option<f32>) -> Vec<f32> {
     }
     let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - m).exp()).collect();
     let denom: f64 = e.iter().sum::<f64>() + sink.map(|s| (s as f64 - m).exp()).unwrap_or(0.0);
-    e.into_iter().map(|x| (x / denom) as f32).collect()
+    let num = |x: f64| if bf16 { round_bf16(x as f32) as f64 } else { x };
+    e.into_iter().map(|x| (num(x) / denom) as f32).collect()
 }
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index.
@@ -326,7 +334,17 @@ pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
     }
 }
 
-fn attention(a: &Attn, dims: &Dims, q: &[f32], k: &[f32], v: &[f32], doc: &[i32], sinks: Option<&[f32]>) -> Vec<f32> {
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    a: &Attn,
+    dims: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    doc: &[i32],
+    sinks: Option<&[f32]>,
+    bf16: bool,
+) -> Vec<f32> {
     let (nh, ng, d) = (a.heads as usize, a.groups as usize, a.head_dim as usize);
     let gsz = nh / ng;
     let scale = 1.0 / (d as f32).sqrt();
@@ -352,7 +370,7 @@ fn attention(a: &Attn, dims: &Dims, q: &[f32], k: &[f32], v: &[f32], doc: &[i32]
                     dot * scale + bias
                 })
                 .collect();
-            let p = softmax_with_sink(&scores, sinks.map(|s| s[h]));
+            let p = softmax_kept(&scores, sinks.map(|s| s[h]), bf16);
             let o = &mut out[(t * nh + h) * d..][..d];
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {
@@ -478,7 +496,8 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
         }
         Op::Attention(ref a) => {
             let sinks = a.sinks.then(|| ins[4].f());
-            let out = attention(a, dims, ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), sinks);
+            let out =
+                attention(a, dims, ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), sinks, gemm.bf16_intermediates());
             vec![Tensor::f32(vec![t, (a.heads * a.head_dim) as usize], out)]
         }
         Op::OutProj { in_dim, hidden, bias } => {

@@ -375,8 +375,9 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
 /// (`codegen/cuda/host_emu/driver.cpp`): the real backend (plan binding, arenas, gradient sums,
 /// the device optimizer, graph capture and replay, host momentum) runs the real kernel
 /// templates, compiled by g++ and executed block by block as fibers, on the toy config
-/// `tests/configs/tiny_moe.toml`. What it cannot show is anything about the hardware: speed,
-/// memory, tensor-core and PTX semantics beyond the emulator's model of them.
+/// `tests/configs/emu_moe.toml` (tiny_moe at 128-token rows, so every kernel crosses its tiles).
+/// What it cannot show is anything about the hardware: speed, memory, tensor-core and PTX
+/// semantics beyond the emulator's model of them.
 #[test]
 fn the_gpu_tests_pass_on_the_host_emulator() {
     if std::env::var_os("VPMOE_EMU_SRC").is_some() {
@@ -410,7 +411,7 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         .env("VPMOE_EMU_SRC", &src)
         .env("VPMOE_EMU_CACHE", base.join("emu-kernel-cache"))
         .env("VPMOE_REQUIRE_GPU", "1")
-        .env("VPMOE_CUDA_TEST_ARCH", "tests/configs/tiny_moe.toml")
+        .env("VPMOE_CUDA_TEST_ARCH", "tests/configs/emu_moe.toml")
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&lib);
