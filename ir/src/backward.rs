@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
 use crate::reference::{
-    alibi_slopes, attends, grape_freqs, head_logits, kept, round_bf16, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
+    alibi_slopes, attends, grape_freqs, head_logits, kept, kept_f64, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
 };
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
@@ -614,10 +614,9 @@ fn attention_bwd(a: &Attn, dims: &Dims, xs: &[&Tensor], g: &[f32], kernel_out: O
             }
             let dqr = &mut dq[(t * nh + h) * d..][..d];
             // The kernels keep P and P·(dP − ρ) in bf16 (tensor-core operands), before the scale.
-            let kept1 = |x: f64| if bf16 { round_bf16(x as f32) as f64 } else { x };
             for (n, &j) in keys.iter().enumerate() {
-                let ds = kept1(p[n] * (dp[n] - rho)) * scale as f64;
-                let pn = kept1(p[n]);
+                let ds = kept_f64(bf16, p[n] * (dp[n] - rho)) * scale as f64;
+                let pn = kept_f64(bf16, p[n]);
                 let o = ((row0 + j) * ng + gr) * d;
                 for c in 0..d {
                     dqr[c] += ds * k[o + c] as f64;

@@ -112,6 +112,16 @@ pub fn kept(g: &dyn Gemm, x: &mut [f32]) {
     }
 }
 
+/// One value of a [`kept`] intermediate computed in f64: rounded to bf16 when `bf16` (the
+/// [`TensorCore`] model).
+pub(crate) fn kept_f64(bf16: bool, x: f64) -> f64 {
+    if bf16 {
+        round_bf16(x as f32) as f64
+    } else {
+        x
+    }
+}
+
 /// Round to nearest bf16, ties to even (the kernels' `f2bf`); non-finite values pass through.
 pub fn round_bf16(x: f32) -> f32 {
     if !x.is_finite() {
@@ -217,8 +227,7 @@ fn softmax_kept(scores: &[f32], sink: Option<f32>, bf16: bool) -> Vec<f32> {
     }
     let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - m).exp()).collect();
     let denom: f64 = e.iter().sum::<f64>() + sink.map(|s| (s as f64 - m).exp()).unwrap_or(0.0);
-    let num = |x: f64| if bf16 { round_bf16(x as f32) as f64 } else { x };
-    e.into_iter().map(|x| (num(x) / denom) as f32).collect()
+    e.into_iter().map(|x| (kept_f64(bf16, x) / denom) as f32).collect()
 }
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index.
