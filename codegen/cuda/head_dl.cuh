@@ -2,31 +2,35 @@
 // head_dl.cuh: the logit gradient of head_ce, recomputed tile by tile from the forward's lse.
 //   logits = z·Wᵀ as in head_lse.cuh (same gemm_mainloop, so the same f32 bits), then
 //   w_t = dloss·scale[span[t]]·weight[t]·mask[t]
-//   dl[t, c] = bf16(w_t·(exp(logits[t, c] − lse[t]) − [c == labels[t]]))      (bf16 [T, V])
+//   dl[t, c − col0] = bf16(w_t·(exp(logits[t, c] − lse[t]) − [c == labels[t]]))
+//   for the vocabulary chunk col0 ≤ c < min(col0 + C, V): bf16 [T, C], so the backward holds one
+//   chunk of the [T, V] gradient at a time (col0 a multiple of 64).
 //   Rows with w_t = 0 (masked, zero-weight span, unseeded: dloss null) are written as exact zeros.
 //   The bf16 rounding is the one the gradient GEMMs apply anyway (tensor cores take bf16 A), so
-//   dz = dl·W (gemm_nn) and dW = dlᵀ·z (gemm_tn) read it with AMODE 0.
+//   the chunk's dz += dl·W[chunk] (gemm_nn) and dW[chunk] = dlᵀ·z (gemm_tn) read it with AMODE 0.
 //
-// Launch: grid (ceil(T/64), ceil(V/64)), block 128 (gemm.cuh's tile). Elementwise after the
+// Launch: grid (ceil(T/64), ceil(width/64)), block 128 (gemm.cuh's tile). Elementwise after the
 // GEMM: deterministic.
 #include "gemm.cuh"
 
 namespace vp {
 
-template <int V, int H>
+template <int V, int H, int C>
 __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* __restrict__ w,
                                         const int* __restrict__ labels, const unsigned char* __restrict__ mask,
                                         const unsigned char* __restrict__ span, const float* __restrict__ scale,
                                         const float* __restrict__ weight, const float* __restrict__ lse,
-                                        const float* __restrict__ dloss, bf16* __restrict__ dl, int T) {
+                                        const float* __restrict__ dloss, bf16* __restrict__ dl, int T,
+                                        int col0) {
     require_block(gemm_cfg::THREADS);
-    const int row0 = blockIdx.x * 64, col0 = blockIdx.y * 64;
-    if (row0 >= T) return;  // whole block
+    static_assert(C % 64 == 0, "chunks are whole tiles");
+    const int row0 = blockIdx.x * 64, tile0 = col0 + blockIdx.y * 64, end = min(col0 + C, V);
+    if (row0 >= T || tile0 >= end) return;  // whole block
     float acc[2][4][4];
-    gemm_mainloop<V, H>(z, w, row0, T, col0, acc);
+    gemm_mainloop<V, H>(z, w, row0, T, tile0, acc);
     const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
     const float g = dloss != nullptr ? dloss[0] : 0.f;
-    const bool pair_ok = V % 2 == 0 && aligned(dl, 4);
+    const bool pair_ok = aligned(dl, 4);  // C and c − col0 are even
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -38,18 +42,18 @@ __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* 
             const float l = lse[r];
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
-                const int c = col0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-                if (c >= V) continue;
+                const int c = tile0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+                if (c >= end) continue;
                 float v[2];
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
                     v[j] = wt == 0.f ? 0.f : wt * (expf(acc[mi][ni][2 * half + j] - l) - (c + j == lab ? 1.f : 0.f));
-                bf16* o = dl + (size_t)r * V + c;
-                if (c + 1 < V && pair_ok) {
+                bf16* o = dl + (size_t)r * C + (c - col0);
+                if (c + 1 < end && pair_ok) {
                     *reinterpret_cast<unsigned int*>(o) = pack_bf2(v[0], v[1]);
                 } else {
                     o[0] = f2bf(v[0]);
-                    if (c + 1 < V) o[1] = f2bf(v[1]);
+                    if (c + 1 < end) o[1] = f2bf(v[1]);
                 }
             }
         }

@@ -390,7 +390,7 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "head_dl",
-        tparams: &["V", "H"],
+        tparams: &["V", "H", "C"],
         params: &[
             (BF, "z"),
             (BF, "w"),
@@ -403,6 +403,7 @@ pub const FAMILIES: &[Family] = &[
             ("const float*", "dloss"),
             (BFM, "dl"),
             ("int", "T"),
+            ("int", "col0"),
         ],
     },
     Family { name: "embed_sort", tparams: &[], params: &[("const int*", "tokens"), ("int*", "sorted"), ("int", "T")] },
@@ -552,6 +553,12 @@ impl LaunchDim {
 pub enum Arg {
     /// Device pointer to an IR value (input, parameter or node output).
     Value(ValueId),
+    /// Device pointer `offset` elements into a value (a slice of rows of a parameter or its
+    /// gradient, e.g. one vocabulary chunk of the LM head).
+    ValueAt {
+        v: ValueId,
+        offset: u64,
+    },
     /// Device pointer into the node's scratch buffer `index`, `offset` elements in.
     Scratch {
         index: u32,
@@ -575,12 +582,19 @@ pub enum Arg {
     Accum(ValueId),
 }
 
+impl Arg {
+    /// The value this argument points into, if any.
+    pub fn value(&self) -> Option<ValueId> {
+        match self {
+            Arg::Value(v) | Arg::ValueAt { v, .. } => Some(*v),
+            _ => None,
+        }
+    }
+}
+
 /// The `accum` argument of a launch writing `out`: only a node output can be a gradient sum.
 fn accum(out: &Arg) -> Arg {
-    match out {
-        Arg::Value(v) => Arg::Accum(*v),
-        _ => Arg::Int(0),
-    }
+    out.value().map_or(Arg::Int(0), Arg::Accum)
 }
 
 /// Node-private temporary storage: `dtype[per_token·T + fixed]`, live only during the node.
@@ -1254,22 +1268,56 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
         }
         Op::HeadCe { hidden, vocab } => {
             // The logits are recomputed tile by tile into the bf16 logit gradient (head_dl.cuh),
-            // which the two gradient GEMMs read as their bf16 A operand.
-            let dl = b.scratch_tok(DType::Bf16, vocab);
-            b.push(
-                KernelSpec::new("head_dl", &[vocab, hidden]),
-                vec![x(0), x(1), x(2), x(3), x(4), x(5), x(6), y(2), dy(0), dl.clone(), t1],
-                tile_grid(vocab, 1),
-                128,
-            );
-            b.dgrad(hidden, vocab, 1, dl.clone(), vocab, x(1), Arg::Null, dx(0), false);
-            b.wgrad(vocab, hidden, 1, 0, 0, dl, vocab, x(0), hidden, dx(1));
+            // which the two gradient GEMMs read as their bf16 A operand: one vocabulary chunk at
+            // a time, so only [T, chunk] of it is ever resident. dz sums the chunks in f32; each
+            // chunk's rows of dW are final.
+            let chunk = head_chunk(vocab);
+            let dl = b.scratch_tok(DType::Bf16, chunk);
+            let dz = if chunk < vocab { b.scratch_tok(DType::F32, hidden) } else { Arg::Null };
+            let mut c0 = 0;
+            while c0 < vocab {
+                let width = chunk.min(vocab - c0);
+                let last = c0 + width == vocab;
+                b.push(
+                    KernelSpec::new("head_dl", &[vocab, hidden, chunk]),
+                    vec![
+                        x(0),
+                        x(1),
+                        x(2),
+                        x(3),
+                        x(4),
+                        x(5),
+                        x(6),
+                        y(2),
+                        dy(0),
+                        dl.clone(),
+                        t1.clone(),
+                        Arg::Int(c0 as i64),
+                    ],
+                    tile_grid(width, 1),
+                    128,
+                );
+                let acc = if c0 > 0 { dz.clone() } else { Arg::Null };
+                let (out, out_f32) = if last { (dx(0), false) } else { (dz.clone(), true) };
+                b.dgrad(hidden, width, 1, dl.clone(), chunk, x(1).at(c0 * hidden), acc, out, out_f32);
+                b.wgrad(width, hidden, 1, 0, 0, dl.clone(), chunk, x(0), hidden, dx(1).at(c0 * hidden));
+                c0 += width;
+            }
         }
         Op::ConfidenceWeight | Op::Add { .. } | Op::Vjp(_) => {
             panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
         }
     }
     (b.launches, b.scratch)
+}
+
+/// Vocabulary chunks of the LM head's backward: its bf16 logit gradient is `[T, V/8]` at a time.
+pub const HEAD_CHUNKS: u64 = 8;
+
+/// Columns per LM-head backward chunk: a whole number of 64-wide tiles, `HEAD_CHUNKS` chunks
+/// (fewer when the vocabulary has fewer tiles).
+pub fn head_chunk(vocab: u64) -> u64 {
+    vocab.div_ceil(GEMM_TILE).div_ceil(HEAD_CHUNKS) * GEMM_TILE
 }
 
 /// Fixed block count of the per-block-partial reductions (rmsnorm_bwd, grape_bwd, vres_bwd).
@@ -1375,11 +1423,13 @@ impl<'a> VjpIo<'a> {
 }
 
 impl Arg {
-    /// The same scratch buffer `off` elements further in.
+    /// The same buffer `off` elements further in.
     fn at(&self, off: u64) -> Arg {
         match *self {
             Arg::Scratch { index, offset } => Arg::Scratch { index, offset: offset + off },
-            _ => panic!("offset into a non-scratch argument"),
+            Arg::Value(v) => Arg::ValueAt { v, offset: off },
+            Arg::ValueAt { v, offset } => Arg::ValueAt { v, offset: offset + off },
+            _ => panic!("offset into a non-buffer argument"),
         }
     }
 }
@@ -1389,6 +1439,9 @@ impl Arg {
 struct Bwd {
     launches: Vec<Launch>,
     scratch: Vec<Scratch>,
+    /// The f32 row-range partials of a split `wgrad`, shared by every split wgrad of the node:
+    /// each one's `sum_parts` consumes them before the next launch writes them.
+    parts: Option<Arg>,
 }
 
 impl Bwd {
@@ -1402,6 +1455,21 @@ impl Bwd {
     fn scratch_fixed(&mut self, dtype: DType, n: u64) -> Arg {
         self.scratch.push(Scratch { dtype, per_token: 0, fixed: n });
         Arg::Scratch { index: self.scratch.len() as u32 - 1, offset: 0 }
+    }
+    /// The node's shared wgrad partials, grown to at least `n` f32 values.
+    fn partials(&mut self, n: u64) -> Arg {
+        match self.parts.clone() {
+            Some(Arg::Scratch { index, .. }) => {
+                let s = &mut self.scratch[index as usize];
+                s.fixed = s.fixed.max(n);
+                Arg::Scratch { index, offset: 0 }
+            }
+            _ => {
+                let a = self.scratch_fixed(DType::F32, n);
+                self.parts = Some(a.clone());
+                a
+            }
+        }
     }
     fn sum_parts(&mut self, parts: Arg, out: Arg, n: u64, nparts: u64) {
         self.push(
@@ -1478,7 +1546,7 @@ impl Bwd {
         dw: Arg,
     ) {
         let split = wgrad_split(n, k);
-        let out = if split > 1 { self.scratch_fixed(DType::F32, split * n * k) } else { dw.clone() };
+        let out = if split > 1 { self.partials(split * n * k) } else { dw.clone() };
         self.push(
             KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2]),
             vec![

@@ -43,6 +43,10 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
             panic!("value {v} is not a port")
         }
     };
+    let port_ty = |v: u32| {
+        let i = node.inputs.iter().position(|x| x.0 == v);
+        i.map_or_else(|| outs[node.outputs.iter().position(|x| x.0 == v).unwrap()].1.clone(), |i| ins[i].1.clone())
+    };
     let mut written = BTreeSet::new();
     let ctx = format!("[{}] {}", cfg.name, node.name);
     if launches.is_empty() {
@@ -75,7 +79,7 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
             let p = pointee(ctype);
             let actx = format!("{lctx} param {pname}: {ctype} <- {a:?}");
             match a {
-                Arg::Value(v) => {
+                Arg::Value(v) | Arg::ValueAt { v, .. } => {
                     let Some((want, konst)) = p else {
                         errs.push(format!("{actx}: value passed to a scalar"));
                         continue;
@@ -85,6 +89,13 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                         continue;
                     }
                     let (dt, is_out) = ty_of(v.0);
+                    if let Arg::ValueAt { offset, .. } = a {
+                        // Offsets index fixed-size values (parameter rows), never token rows.
+                        let (per_tok, fixed) = port_ty(v.0).numel_split();
+                        if per_tok != 0 || *offset >= fixed {
+                            errs.push(format!("{actx}: offset past a fixed-size value ({per_tok}/token + {fixed})"));
+                        }
+                    }
                     if want.is_some_and(|w| w != dt) {
                         errs.push(format!("{actx}: dtype {dt:?}"));
                     }
@@ -136,7 +147,7 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                     if !node.outputs.contains(v) || ty_of(v.0) != (DType::F32, true) {
                         errs.push(format!("{actx}: not an f32 output of the node"));
                     }
-                    if !l.args.contains(&Arg::Value(*v)) {
+                    if !l.args.iter().any(|a| a.value() == Some(*v)) {
                         errs.push(format!("{actx}: the launch does not write it"));
                     }
                 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use vpmoe_codegen::{lower_node, Arg, Launch};
 use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
-pub const PLAN_FORMAT: u32 = 4;
+pub const PLAN_FORMAT: u32 = 5;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
 
 /// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).
@@ -173,7 +173,7 @@ fn check_summed_in_place(g: &Graph, node: usize, v: vpmoe_ir::ValueId, launches:
     assert_eq!(g.outputs.iter().filter(|(_, o)| *o == v).count(), 1, "{name}: gradient %{} is output twice", v.0);
     assert!(!g.nodes.iter().any(|n| n.inputs.contains(&v)), "{name}: gradient %{} is read by a node", v.0);
     let mut written = false;
-    for l in launches.iter().filter(|l| l.args.contains(&Arg::Value(v))) {
+    for l in launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))) {
         assert!(
             l.args.contains(&Arg::Accum(v)),
             "{name}: {} writes gradient %{} without its accum flag",

@@ -437,21 +437,34 @@ void test_seq_aux_bwd(int B, int S) {
 
 // ------------------------------------------------------------------ head_ce backward
 // head_dl (recomputed logits → bf16 logit gradient), then the two gradient GEMMs the plan chains
-// after it (gemm_nn AMODE 0: dz = dl·W; gemm_tn AMODE 0: dW = dlᵀ·z), against f64.
-template <int V, int H>
+// after it (gemm_nn AMODE 0: dz = dl·W; gemm_tn AMODE 0: dW = dlᵀ·z), one vocabulary chunk of C
+// columns at a time as the plan runs them (dz summed over chunks in f32), against f64.
+template <int V, int H, int C>
 void test_head_dl(int T) {
     HeadCase hc(T, H, V);
-    constexpr int NTILE = (V + 63) / 64;
+    constexpr int NTILE = (V + 63) / 64, NCH = (V + C - 1) / C, LASTW = V - (NCH - 1) * C;
     std::vector<float> part((size_t)T * NTILE * 2), lab(T), tl(T), lse(T), wt(T);
     emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_lse<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), part.data(), lab.data(), T); });
     emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), tl.data(), lse.data(), wt.data(), T); });
     const float dloss = 0.8f;
-    std::vector<bf> dl((size_t)T * V, POISON_BF), dz((size_t)T * H, POISON_BF);
-    std::vector<float> dw((size_t)V * H, POISON_F);
-    emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_dl<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), lse.data(), &dloss, dl.data(), T); });
-    emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, V, 0, 0, 0, 0>(dl.data(), nullptr, hc.w.data(), nullptr, nullptr, dz.data(), T, V, H); });
-    emu_launch3((H + 63) / 64, (V + 63) / 64, 1, 128, [&] { vp::gemm_tn<V, H, 0, 0, 0>(dl.data(), hc.z.data(), nullptr, dw.data(), T, V, H, 0); });
-    char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d T%d", V, H, T);
+    std::vector<bf> dl((size_t)T * V, POISON_BF), chunk((size_t)T * C), dz((size_t)T * H, POISON_BF);
+    std::vector<float> dw((size_t)V * H, POISON_F), dzf((size_t)T * H, POISON_F);
+    for (int j = 0; j < NCH; ++j) {
+        const int c0 = j * C, width = j == NCH - 1 ? LASTW : C;
+        std::fill(chunk.begin(), chunk.end(), POISON_BF);
+        emu_launch((T + 63) / 64, (width + 63) / 64, 128, [&] { vp::head_dl<V, H, C>(hc.z.data(), hc.w.data(), hc.labels.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), lse.data(), &dloss, chunk.data(), T, c0); });
+        for (int t = 0; t < T; ++t) for (int c = 0; c < width; ++c) dl[(size_t)t * V + c0 + c] = chunk[(size_t)t * C + c];
+        const float* acc = j > 0 ? dzf.data() : nullptr;
+        const bf* w = hc.w.data() + (size_t)c0 * H;
+        if (j == NCH - 1) {
+            emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, LASTW, 0, 0, 0, 0>(chunk.data(), nullptr, w, acc, nullptr, dz.data(), T, C, H); });
+            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+        } else {
+            emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, C, 0, 0, 0, 1>(chunk.data(), nullptr, w, acc, nullptr, dzf.data(), T, C, H); });
+            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+        }
+    }
+    char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d C%d T%d", V, H, C, T);
     Cmp cl(std::string(nm) + " dl", 1e-7, 8e-3), cz(std::string(nm) + " dz", 1e-6, 8e-3), cw(std::string(nm) + " dW", 1e-6, 1e-4);
     bool zeros = true;
     for (int t = 0; t < T; ++t) {
@@ -591,7 +604,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_seq_aux_bwd<40, 3>(3, 17); test_seq_aux_bwd<256, 4>(2, 9);
     }
     if (want("bwd-loss")) {
-        test_head_dl<1000, 64>(7); test_head_dl<1001, 36>(70); test_head_dl<130, 72>(65);
+        test_head_dl<1000, 64, 192>(7); test_head_dl<1001, 36, 1024>(70); test_head_dl<130, 72, 64>(65);
         test_embed_bwd<40>(300, 17); test_embed_bwd<1024>(9, 5); test_embed_bwd<16>(4500, 60);
     }
 }

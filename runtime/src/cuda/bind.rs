@@ -118,6 +118,15 @@ impl Layout<'_> {
                     let r = self.value(*v)?;
                     Param::Ptr(r.addr, Some(r))
                 }
+                Arg::ValueAt { v, offset } => {
+                    let r = self.value(*v)?;
+                    let skip = offset * r.dtype.bytes();
+                    if skip >= r.bytes {
+                        bail!("{name}: {pname} starts {skip} bytes into the {}-byte value %{}", r.bytes, v.0);
+                    }
+                    let r = Region { addr: r.addr + skip, bytes: r.bytes - skip, dtype: r.dtype };
+                    Param::Ptr(r.addr, Some(r))
+                }
                 Arg::Scratch { index, offset } => {
                     let sc = scratch.get(*index as usize).ok_or_else(|| anyhow!("{name}: no scratch {index}"))?;
                     let key = BufferKey::Scratch { node: node as u32, index: *index };
