@@ -107,7 +107,8 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("combine_bwd", &[1024, 4, 1], 128),
         k("seq_aux_count", &[256, 4], 256),
         k("seq_aux_bwd", &[256, 4], 256),
-        k("head_dl", &[201088, 1024], 128),
+        k("head_dl", &[201088, 1024, 25152], 128),
+        k("head_dl", &[1001, 36, 1024], 128),
         k("embed_sort", &[], 1024),
         k("embed_bwd", &[1024], 128),
     ]

@@ -470,7 +470,19 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         ),
         None => println!("MFU           n/a (no known peak for {device}); {:.3e} FLOP/s achieved", tps * flops),
     }
-    println!("optimizer     {:.1} % of step time", 100.0 * opt / wall.iter().sum::<f64>());
+    // The optimizer's cost is per step, the rest per micro-batch: from both, the step size at
+    // which the optimizer falls under 10 % (the bar depends on the global batch).
+    let opt_step = opt / steps as f64;
+    let per_micro = (median - opt_step) / grad_accum as f64;
+    print!(
+        "optimizer     {:.3} s per step, {:.1} % of step time",
+        opt_step,
+        100.0 * opt / wall.iter().sum::<f64>()
+    );
+    match micro_batches_for_share(opt_step, per_micro, 0.10) {
+        Some(k) => println!("; under 10 % from {k} micro-batches ({} tokens) per step", k * tokens as u64),
+        None => println!(),
+    }
     if let Some((used, total)) = be.device_memory() {
         println!("device memory {:.2} of {:.2} GiB in use", used as f64 / GIB, total as f64 / GIB);
     }
@@ -481,6 +493,15 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The fewest micro-batches per step for which a fixed per-step optimizer time `opt` is at most
+/// `share` of the step, each micro-batch taking `per_micro` seconds.
+fn micro_batches_for_share(opt: f64, per_micro: f64, share: f64) -> Option<u64> {
+    if !(per_micro > 0.0 && opt >= 0.0 && share > 0.0 && share < 1.0) {
+        return None;
+    }
+    Some(((opt * (1.0 - share) / (share * per_micro) - 1e-9).ceil() as u64).max(1))
+}
 
 fn run_score(a: ScoreArgs) -> Result<()> {
     use vpmoe_runtime::teacher::{client::ClientConfig, score};
@@ -587,5 +608,20 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::micro_batches_for_share;
+
+    #[test]
+    fn optimizer_share_crossover() {
+        // 0.1 s of optimizer against 0.1 s micro-batches: 9 of them make it exactly 10 %.
+        assert_eq!(micro_batches_for_share(0.1, 0.1, 0.1), Some(9));
+        assert_eq!(micro_batches_for_share(0.1, 0.09, 0.1), Some(10));
+        assert_eq!(micro_batches_for_share(0.0, 0.1, 0.1), Some(1));
+        assert_eq!(micro_batches_for_share(0.1, 0.0, 0.1), None);
+        assert_eq!(micro_batches_for_share(0.1, -1.0, 0.1), None);
     }
 }
