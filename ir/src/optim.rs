@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::reference::{transpose_into, Gemm};
+use crate::reference::{kept, round_bf16, transpose_into, Gemm};
 
 // ---------------------------------------------------------------------------------------------
 // Polar Express (§7.2)
@@ -131,15 +131,25 @@ pub fn polar_express_batched(
         }
     }
 
+    // Under the tensor-core model (`TensorCore`), the iteration is the kernels' (optim.cuh): X and
+    // A are kept in bf16, B = a·I + b·A + c·A·A in f32 enters B·X as bf16 hi + lo, and X ← B·X.
+    let tc = gemm.bf16_intermediates();
+    kept(gemm, &mut xs);
     let mut a_mat = vec![0f32; batch * mm];
     let mut aa = vec![0f32; batch * mm];
     let mut xt = vec![0f32; batch * size];
     let mut bx = vec![0f32; batch * size];
-    for &[a, b, c] in &pe.coeffs {
+    let iters = pe.coeffs.len();
+    for (it, &[a, b, c]) in pe.coeffs.iter().enumerate() {
         // A = X·Xᵀ (batched GEMM).
         for i in 0..batch {
             let xi = &xs[i * size..(i + 1) * size];
             gemm.xwt(m, n, m, xi, xi, &mut a_mat[i * mm..(i + 1) * mm], false);
+        }
+        kept(gemm, &mut a_mat);
+        if tc {
+            polar_iteration_tc(&mut xs, &a_mat, [a, b, c], batch, m, n, it + 1 == iters, gemm);
+            continue;
         }
         // A·A = A·Aᵀ since A is symmetric (batched GEMM).
         for i in 0..batch {
@@ -175,6 +185,41 @@ pub fn polar_express_batched(
         }
     } else {
         x.copy_from_slice(&xs);
+    }
+}
+
+/// One Polar Express iteration as the kernels compute it (pe_poly, pe_apply), given the bf16
+/// `A = X·Xᵀ`: `B = f32(c·A·A + b·A + a·I)`, split into `hi = bf16(B)` and `lo = bf16(B − hi)`,
+/// then `X ← (hi + lo)·X` in f32, kept in bf16 except after the last iteration.
+#[allow(clippy::too_many_arguments)]
+fn polar_iteration_tc(
+    xs: &mut [f32],
+    a_mat: &[f32],
+    [a, b, c]: [f64; 3],
+    batch: usize,
+    m: usize,
+    n: usize,
+    last: bool,
+    gemm: &dyn Gemm,
+) {
+    let (size, mm) = (m * n, m * m);
+    let (a, b, c) = (a as f32, b as f32, c as f32);
+    let mut bm = vec![0f32; mm];
+    let mut y = vec![0f32; size];
+    for i in 0..batch {
+        let ai = &a_mat[i * mm..(i + 1) * mm];
+        gemm.xwt(m, m, m, ai, ai, &mut bm, false);
+        for (k, bv) in bm.iter_mut().enumerate() {
+            let v = c * *bv + b * ai[k] + if k / m == k % m { a } else { 0.0 };
+            let hi = round_bf16(v);
+            *bv = hi + round_bf16(v - hi);
+        }
+        let xi = &mut xs[i * size..(i + 1) * size];
+        gemm.ab(m, m, n, &bm, xi, &mut y, false);
+        xi.copy_from_slice(&y);
+        if !last {
+            kept(gemm, xi);
+        }
     }
 }
 
