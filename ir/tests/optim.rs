@@ -221,6 +221,30 @@ fn polar_express_batched_equals_unbatched_bitwise() {
     }
 }
 
+/// Under the tensor-core model (bf16 X and A, B split hi + lo) Polar Express differs from the
+/// fp32 path by bf16 rounding only: a few percent rms, never zero, batched = unbatched bitwise.
+#[test]
+fn polar_express_tensor_core_model_is_the_bf16_path() {
+    use vpmoe_ir::reference::TensorCore;
+    let pe = PolarExpress::default();
+    let mut rng = Rng(5);
+    for (r, c) in [(16, 48), (48, 16), (24, 24)] {
+        let x = rng.vec(2 * r * c);
+        let (mut exact, mut tc) = (x.clone(), x.clone());
+        polar_express_batched(&pe, &mut exact, 2, r, c, &NaiveGemm);
+        polar_express_batched(&pe, &mut tc, 2, r, c, &TensorCore(&NaiveGemm));
+        let rms = (exact.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / exact.len() as f64).sqrt();
+        let err =
+            (exact.iter().zip(&tc).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / exact.len() as f64)
+                .sqrt()
+                / rms;
+        assert!(err > 1e-4 && err < 0.05, "{r}×{c}: tensor-core model vs fp32 path: {err:.2e} of rms");
+        let mut one = x[r * c..].to_vec();
+        polar_express_batched(&pe, &mut one, 1, r, c, &TensorCore(&NaiveGemm));
+        assert!(one.iter().zip(&tc[r * c..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{r}×{c}");
+    }
+}
+
 /// Zero stays zero (eps in the denominator), and PE is (nearly) scale-invariant.
 #[test]
 fn polar_express_zero_and_scale() {
