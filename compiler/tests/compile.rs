@@ -86,7 +86,8 @@ fn gradients_are_written_into_their_sums() {
                 "{name}: {} has a buffer",
                 p.name
             );
-            let writers: Vec<_> = plan.steps[ni].launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))).collect();
+            let writers: Vec<_> =
+                plan.steps[ni].launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))).collect();
             assert!(
                 !writers.is_empty() && writers.iter().all(|l| l.args.contains(&Arg::Accum(v))),
                 "{name}: {}",

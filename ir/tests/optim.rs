@@ -234,10 +234,10 @@ fn polar_express_tensor_core_model_is_the_bf16_path() {
         polar_express_batched(&pe, &mut exact, 2, r, c, &NaiveGemm);
         polar_express_batched(&pe, &mut tc, 2, r, c, &TensorCore(&NaiveGemm));
         let rms = (exact.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / exact.len() as f64).sqrt();
-        let err =
-            (exact.iter().zip(&tc).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / exact.len() as f64)
-                .sqrt()
-                / rms;
+        let err = (exact.iter().zip(&tc).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()
+            / exact.len() as f64)
+            .sqrt()
+            / rms;
         assert!(err > 1e-4 && err < 0.05, "{r}×{c}: tensor-core model vs fp32 path: {err:.2e} of rms");
         let mut one = x[r * c..].to_vec();
         polar_express_batched(&pe, &mut one, 1, r, c, &TensorCore(&NaiveGemm));

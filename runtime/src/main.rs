@@ -474,11 +474,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     // which the optimizer falls under 10 % (the bar depends on the global batch).
     let opt_step = opt / steps as f64;
     let per_micro = (median - opt_step) / grad_accum as f64;
-    print!(
-        "optimizer     {:.3} s per step, {:.1} % of step time",
-        opt_step,
-        100.0 * opt / wall.iter().sum::<f64>()
-    );
+    print!("optimizer     {:.3} s per step, {:.1} % of step time", opt_step, 100.0 * opt / wall.iter().sum::<f64>());
     match micro_batches_for_share(opt_step, per_micro, 0.10) {
         Some(k) => println!("; under 10 % from {k} micro-batches ({} tokens) per step", k * tokens as u64),
         None => println!(),

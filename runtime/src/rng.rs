@@ -3,6 +3,8 @@
 
 pub struct Rng(u64);
 
+const GAMMA: u64 = 0x9e3779b97f4a7c15;
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed)
@@ -15,8 +17,12 @@ impl Rng {
         }
         Rng(h)
     }
+    /// The same stream `draws` values further on (SplitMix64 is a counter: no values are made).
+    pub fn skipped(&self, draws: u64) -> Self {
+        Rng(self.0.wrapping_add(draws.wrapping_mul(GAMMA)))
+    }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);

@@ -24,7 +24,14 @@ impl TrainState {
     /// every backend starts from the same model) and zero optimizer state.
     pub fn init(plan: &Plan, seed: u64) -> TrainState {
         let p = Params::init(&plan.params, seed);
-        let master: Vec<Vec<f32>> = p.tensors.into_iter().map(|t| t.f().to_vec()).collect();
+        let master: Vec<Vec<f32>> = p
+            .tensors
+            .into_iter()
+            .map(|t| match t.data {
+                vpmoe_ir::reference::Data::F32(v) => v, // moved, not copied: 24 GB for the locked config
+                vpmoe_ir::reference::Data::I32(_) => unreachable!("parameters are f32 tensors"),
+            })
+            .collect();
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for e in &plan.params {
             let (_, mm, vv) = Self::sizes(e);

@@ -165,16 +165,15 @@ fn the_device_optimizer_matches_the_host_step() {
         let s = StepScalars { lr: 0.02, aux_lr: 0.004, weight_decay: 0.01, clip, bias_rate: 1e-3 };
         let mut host = st.clone();
         let mut hg = grads.clone();
-        let want =
-            vpmoe_runtime::optim::apply(
-                &plan,
-                &mut host,
-                &mut hg,
-                loads.clone().into_iter().collect(),
-                &s,
-                &reference::TensorCore(&FastGemm),
-            )
-            .unwrap();
+        let want = vpmoe_runtime::optim::apply(
+            &plan,
+            &mut host,
+            &mut hg,
+            loads.clone().into_iter().collect(),
+            &s,
+            &reference::TensorCore(&FastGemm),
+        )
+        .unwrap();
         let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, false).unwrap();
         be.set_step_inputs(&grads, loads.clone()).unwrap();
         let got = be.step(&s).unwrap();
