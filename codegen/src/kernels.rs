@@ -590,6 +590,15 @@ impl Arg {
             _ => None,
         }
     }
+    /// The same buffer `off` elements further in.
+    fn at(&self, off: u64) -> Arg {
+        match *self {
+            Arg::Scratch { index, offset } => Arg::Scratch { index, offset: offset + off },
+            Arg::Value(v) => Arg::ValueAt { v, offset: off },
+            Arg::ValueAt { v, offset } => Arg::ValueAt { v, offset: offset + off },
+            _ => panic!("offset into a non-buffer argument"),
+        }
+    }
 }
 
 /// The `accum` argument of a launch writing `out`: only a node output can be a gradient sum.
@@ -1419,18 +1428,6 @@ impl<'a> VjpIo<'a> {
     /// Gradient output of forward input `k`.
     fn dx(&self, k: usize) -> Arg {
         Arg::Value(self.node.outputs[self.dx_at[k].expect("input has no gradient")])
-    }
-}
-
-impl Arg {
-    /// The same buffer `off` elements further in.
-    fn at(&self, off: u64) -> Arg {
-        match *self {
-            Arg::Scratch { index, offset } => Arg::Scratch { index, offset: offset + off },
-            Arg::Value(v) => Arg::ValueAt { v, offset: off },
-            Arg::ValueAt { v, offset } => Arg::ValueAt { v, offset: offset + off },
-            _ => panic!("offset into a non-buffer argument"),
-        }
     }
 }
 
