@@ -14,7 +14,8 @@ use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
 use crate::reference::{
-    alibi_slopes, attends, grape_freqs, head_logits, kept, kept_f64, row_lse, sigmoid, topk, Dims, Gemm, Tensor,
+    alibi_slopes, attends, grape_freqs, head_logits, kept, kept_f64, row_lse, sigmoid, topk, tpa_factors, tpa_widths,
+    Dims, Gemm, Tensor,
 };
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
@@ -443,17 +444,8 @@ fn pack_qkv(q: &[f32], k: &[f32], v: &[f32], t: usize, heads: usize, groups: usi
 fn tpa_bwd(gemm: &dyn Gemm, t: usize, xs: &[&Tensor], g: [&[f32]; 3], a: [u64; 6], bias: bool) -> Vec<Tensor> {
     let [h, nh, ng, d, rq, r] = a.map(|v| v as usize);
     let x = xs[0].f();
-    let lin = |i: usize, n: usize| {
-        let mut y = vec![0f32; t * n];
-        gemm.xwt(t, h, n, x, xs[i].f(), &mut y, false);
-        y
-    };
-    let [aq, ak, av, bq, bk, bv] =
-        [(1, nh * rq), (2, ng * r), (3, ng * r), (4, rq * d), (5, r * d), (6, r * d)].map(|(i, n)| {
-            let mut y = lin(i, n);
-            kept(gemm, &mut y);
-            y
-        });
+    let widths = tpa_widths(nh, ng, d, rq, r);
+    let [aq, ak, av, bq, bk, bv] = tpa_factors(gemm, x, t, h, xs, widths);
     let mut daq = vec![0f32; aq.len()];
     let (mut dak, mut dav) = (vec![0f32; ak.len()], vec![0f32; av.len()]);
     let mut dbq = vec![0f32; bq.len()];
@@ -487,13 +479,12 @@ fn tpa_bwd(gemm: &dyn Gemm, t: usize, xs: &[&Tensor], g: [&[f32]; 3], a: [u64; 6
     for df in [&mut daq, &mut dak, &mut dav, &mut dbq, &mut dbk, &mut dbv] {
         kept(gemm, df);
     }
-    let dys =
-        [(1, daq, nh * rq), (2, dak, ng * r), (3, dav, ng * r), (4, dbq, rq * d), (5, dbk, r * d), (6, dbv, r * d)];
     let mut dx = vec![0f32; t * h];
     let mut out = vec![];
-    for (n, (i, dy, width)) in dys.iter().enumerate() {
-        dx_acc(gemm, dy, xs[*i].f(), t, *width, h, &mut dx, n > 0);
-        out.push(Tensor::f32(xs[*i].shape.clone(), dweight(gemm, dy, x, t, *width, h)));
+    for (n, (dy, width)) in [daq, dak, dav, dbq, dbk, dbv].iter().zip(widths).enumerate() {
+        let w = xs[n + 1];
+        dx_acc(gemm, dy, w.f(), t, width, h, &mut dx, n > 0);
+        out.push(Tensor::f32(w.shape.clone(), dweight(gemm, dy, x, t, width, h)));
     }
     out.insert(0, Tensor::f32(xs[0].shape.clone(), dx));
     if bias {

@@ -299,6 +299,28 @@ fn linear(g: &dyn Gemm, x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: O
     y
 }
 
+/// Widths of the six TPA factors A_q, A_k, A_v, B_q, B_k, B_v (per token).
+pub(crate) fn tpa_widths(nh: usize, ng: usize, d: usize, rq: usize, r: usize) -> [usize; 6] {
+    [nh * rq, ng * r, ng * r, rq * d, r * d, r * d]
+}
+
+/// The six bias-free TPA factors `x·Wᵢᵀ` (weights `ins[1..=6]`), kept in bf16 as the kernels
+/// keep them ([`kept`]).
+pub(crate) fn tpa_factors(
+    gemm: &dyn Gemm,
+    x: &[f32],
+    t: usize,
+    h: usize,
+    ins: &[&Tensor],
+    widths: [usize; 6],
+) -> [Vec<f32>; 6] {
+    std::array::from_fn(|k| {
+        let mut y = linear(gemm, x, t, h, ins[k + 1].f(), widths[k], None);
+        kept(gemm, &mut y);
+        y
+    })
+}
+
 fn relu2(v: &mut [f32]) {
     for x in v {
         let r = x.max(0.0);
@@ -431,13 +453,7 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                 kv_rank as usize,
             );
             let x = ins[0].f();
-            let f = |i: usize, n: usize| linear(gemm, x, t, h, ins[i].f(), n, None);
-            let [aq, ak, av, bq, bk, bv] =
-                [(1, nh * rq), (2, ng * r), (3, ng * r), (4, rq * d), (5, r * d), (6, r * d)].map(|(i, n)| {
-                    let mut y = f(i, n);
-                    kept(gemm, &mut y);
-                    y
-                });
+            let [aq, ak, av, bq, bk, bv] = tpa_factors(gemm, x, t, h, ins, tpa_widths(nh, ng, d, rq, r));
             let gsz = nh / ng;
             let n = (nh + 2 * ng) * d;
             let mut mixed = vec![0f32; t * n];
