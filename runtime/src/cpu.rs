@@ -6,11 +6,10 @@
 use crate::backend::{Backend, Batch, ForwardOut, MicroOut, StepScalars, StepStats};
 use crate::state::TrainState;
 use anyhow::{bail, Result};
-use half::bf16;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vpmoe_compiler::Plan;
-use vpmoe_ir::reference::{self, Dims, Gemm, Tensor};
+use vpmoe_ir::reference::{self, round_bf16, Dims, Gemm, Tensor};
 use vpmoe_ir::{DType, Graph, ValueDef};
 
 /// Every product of [`Gemm`] through matrixmultiply's strided sgemm: transposes are strides.
@@ -115,7 +114,7 @@ impl<'g> CpuBackend<'g> {
             .zip(&self.state.master)
             .map(|(p, w)| {
                 let v = if p.ty.dtype == DType::Bf16 && self.round_bf16 {
-                    w.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+                    w.iter().map(|&x| round_bf16(x)).collect()
                 } else {
                     w.clone()
                 };

@@ -3,18 +3,13 @@
 //! representable values.
 
 use crate::rng::Rng;
-use half::bf16;
 use rayon::prelude::*;
 use vpmoe_compiler::plan::ParamEntry;
-use vpmoe_ir::reference::Tensor;
+use vpmoe_ir::reference::{round_bf16, Tensor};
 use vpmoe_ir::{DType, Init};
 
 pub struct Params {
     pub tensors: Vec<Tensor>,
-}
-
-fn round_bf16(x: f32) -> f32 {
-    bf16::from_f32(x).to_f32()
 }
 
 impl Params {
