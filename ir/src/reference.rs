@@ -211,23 +211,39 @@ pub fn attends(kind: AttnKind, i: usize, j: usize, doc_i: i32, doc_j: i32) -> bo
 /// `−∞` and get probability 0; with a sink a row whose keys are all masked gives all zeros
 /// (never NaN). Without a sink such a row also gives zeros.
 pub fn softmax_with_sink(scores: &[f32], sink: Option<f32>) -> Vec<f32> {
-    softmax_kept(scores, sink, false)
+    softmax_kept(scores, sink, None)
 }
 
-/// [`softmax_with_sink`]; with `bf16` each numerator `exp(s − max)` is rounded to bf16 and the
-/// denominator is not, as the attention kernel packs P̃ for its P·V product (exact when the row's
-/// keys fit one 64-key tile; otherwise the kernel rounds relative to the running max).
-fn softmax_kept(scores: &[f32], sink: Option<f32>, bf16: bool) -> Vec<f32> {
-    let mut m = sink.map(|s| s as f64).unwrap_or(f64::NEG_INFINITY);
-    for &s in scores {
-        m = m.max(s as f64);
-    }
+/// [`softmax_with_sink`] as the attention kernel computes it when `tiles` is given: keys are
+/// visited in key tiles (`tiles[j]` is key `j`'s, non-decreasing), each numerator is rounded to
+/// bf16 relative to the running max after its tile (`P̃` packed for the P·V product) and later
+/// rescaled exactly by `exp(m_run − m)`; the denominator is not rounded.
+fn softmax_kept(scores: &[f32], sink: Option<f32>, tiles: Option<&[usize]>) -> Vec<f32> {
+    let sink = sink.map(|s| s as f64);
+    let m = scores.iter().fold(sink.unwrap_or(f64::NEG_INFINITY), |m, &s| m.max(s as f64));
     if m == f64::NEG_INFINITY {
         return vec![0.0; scores.len()];
     }
-    let e: Vec<f64> = scores.iter().map(|&s| (s as f64 - m).exp()).collect();
-    let denom: f64 = e.iter().sum::<f64>() + sink.map(|s| (s as f64 - m).exp()).unwrap_or(0.0);
-    e.into_iter().map(|x| (kept_f64(bf16, x) / denom) as f32).collect()
+    let denom: f64 =
+        scores.iter().map(|&s| (s as f64 - m).exp()).sum::<f64>() + sink.map(|s| (s - m).exp()).unwrap_or(0.0);
+    let Some(tiles) = tiles else {
+        return scores.iter().map(|&s| ((s as f64 - m).exp() / denom) as f32).collect();
+    };
+    let mut p = vec![0f32; scores.len()];
+    let mut run = sink.unwrap_or(f64::NEG_INFINITY);
+    let mut j0 = 0;
+    while j0 < scores.len() {
+        let j1 = j0 + tiles[j0..].iter().take_while(|&&t| t == tiles[j0]).count();
+        run = scores[j0..j1].iter().fold(run, |r, &s| r.max(s as f64));
+        if run > f64::NEG_INFINITY {
+            let rescale = (run - m).exp() / denom;
+            for j in j0..j1 {
+                p[j] = (kept_f64(true, (scores[j] as f64 - run).exp()) * rescale) as f32;
+            }
+        }
+        j0 = j1;
+    }
+    p
 }
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index.
@@ -365,6 +381,9 @@ pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
     }
 }
 
+/// Query and key tile of the attention kernel (`BQ`, `BKV` in attention.cuh).
+const ATTN_TILE: usize = 64;
+
 #[allow(clippy::too_many_arguments)]
 fn attention(
     a: &Attn,
@@ -387,6 +406,13 @@ fn attention(
     for t in 0..dims.tokens {
         let i = t % dims.seq;
         let row0 = t - i;
+        // The kernel's key tiles: 64 keys from the first key its 64-query block may see.
+        let t0 = t / ATTN_TILE * ATTN_TILE;
+        let kv_lo = match a.kind {
+            AttnKind::Window(w) => (t0 / dims.seq * dims.seq).max((t0 + 1).saturating_sub(w as usize)),
+            AttnKind::Global { .. } => t0 / dims.seq * dims.seq,
+        };
+        let tiles: Vec<usize> = (row0..=t).map(|u| u.saturating_sub(kv_lo) / ATTN_TILE).collect();
         for h in 0..nh {
             let g = h / gsz;
             let qv = &q[(t * nh + h) * d..][..d];
@@ -401,7 +427,7 @@ fn attention(
                     dot * scale + bias
                 })
                 .collect();
-            let p = softmax_kept(&scores, sinks.map(|s| s[h]), bf16);
+            let p = softmax_kept(&scores, sinks.map(|s| s[h]), bf16.then_some(&tiles[..]));
             let o = &mut out[(t * nh + h) * d..][..d];
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {

@@ -253,3 +253,27 @@ fn tensor_core_model_rounds_only_the_kept_intermediates() {
     kept(&NaiveGemm, &mut v);
     assert_eq!(v, [a * a]);
 }
+
+/// Under `TensorCore` attention rounds each P̃ numerator as the kernel does: relative to the
+/// running max after its 64-key tile, rescaled exactly when a later tile raises the max. Query 64
+/// sees keys 0..63 (tile 0, score c) and key 64 (tile 1, score c + δ): tile 0's numerators are
+/// exp(0) = 1, exact in bf16, where rounding against the final max would keep bf16(e^−δ).
+#[test]
+fn tensor_core_attention_rounds_against_the_running_max() {
+    let (s, c, delta) = (65usize, 0.5f32, 0.3f32);
+    let a = Attn { heads: 1, groups: 1, head_dim: 1, kind: AttnKind::Global { alibi: false }, sinks: false };
+    let mut q = vec![0.0; s];
+    q[64] = 1.0;
+    let mut k = vec![c; s];
+    k[64] = c + delta;
+    let mut v = vec![1.0; s];
+    v[64] = 0.0;
+    let (q, k, v) = (Tensor::f32(vec![s, 1, 1], q), Tensor::f32(vec![s, 1, 1], k), Tensor::f32(vec![s, 1, 1], v));
+    let doc = Tensor::i32(vec![s], vec![0; s]);
+    let out = forward(&Op::Attention(a), &Dims { tokens: s, seq: s }, &[&q, &k, &v, &doc], &TensorCore(&NaiveGemm));
+    let e = (-(delta as f64)).exp();
+    let running = 64.0 * e / (64.0 * e + 1.0);
+    assert!(close(out[0].f()[64], running as f32, 1e-6), "{} vs {running}", out[0].f()[64]);
+    let final_max = 64.0 * round_bf16(e as f32) as f64 / (64.0 * e + 1.0);
+    assert!(!close(out[0].f()[64], final_max as f32, 1e-4), "the final-max model is distinguishable here");
+}
