@@ -33,10 +33,12 @@ constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-fr
 // KD) times columns [col0, min(col0 + 64, N)) of W (rows of w, row stride KD); rows and columns
 // past the edge hold 0. `acc[mi][ni][e]` is element (row, col) of the tile with
 //   row = (warp >> 1)*32 + mi*16 + (lane >> 2) + (e >> 1)*8,  col = (warp & 1)*32 + ni*8 + (lane & 3)*2 + (e & 1).
-// Must be called by all 128 threads of the block.
+// With `gather`, tile row r reads row gather[r] of x (grouped_gemm reading tokens through the
+// dispatch permutation instead of a permuted copy). Must be called by all 128 threads.
 template <int N, int KD>
 __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const bf16* __restrict__ w, int row0,
-                                              int row_end, int col0, float (&acc)[2][4][4]) {
+                                              int row_end, int col0, float (&acc)[2][4][4],
+                                              const int* __restrict__ gather = nullptr) {
     using namespace gemm_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
     constexpr int KT = (KD + BK - 1) / BK;
@@ -48,6 +50,14 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
     const bool vec_x = (KD % 8 == 0) && aligned(x, 16);
     const bool vec_w = (KD % 8 == 0) && aligned(w, 16);
 
+    // The two A rows this thread loads are the same in every K tile: resolve them once.
+    const bf16* xrow[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int gr = row0 + ((tid + i * THREADS) >> 2);
+        xrow[i] = gr < row_end ? x + (size_t)(gather != nullptr ? gather[gr] : gr) * KD : nullptr;
+    }
+
     // Tile kt (K columns kt*32 .. +32) into ring slot s: 64 rows x 4 chunks of 8 for A and for B,
     // 2 chunks of each per thread.
     auto load_tile = [&](int kt, int s) {
@@ -57,8 +67,9 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
             const int c = tid + i * THREADS;
             const int r = c >> 2, kc = (c & 3) * 8;
             const int gk = k0 + kc;
-            const int gr = row0 + r, gn = col0 + r;
-            load_chunk8(&sA[s][r * LDS + kc], x + (size_t)gr * KD + gk, gr < row_end ? KD - gk : 0, vec_x, x);
+            const int gn = col0 + r;
+            load_chunk8(&sA[s][r * LDS + kc], xrow[i] != nullptr ? xrow[i] + gk : x, xrow[i] != nullptr ? KD - gk : 0,
+                        vec_x, x);
             load_chunk8(&sB[s][r * LDS + kc], w + (size_t)gn * KD + gk, gn < N ? KD - gk : 0, vec_w, w);
         }
     };
@@ -92,14 +103,16 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
     });
 }
 
-// One 64x64 tile of Y (see gemm_mainloop). `resid` (EPI_RESID) has row stride N.
+// One 64x64 tile of Y (see gemm_mainloop; `gather` maps its rows of x). `resid` (EPI_RESID) has
+// row stride N.
 template <int N, int KD, int EPI, int OUT>
 __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, const bf16* __restrict__ resid,
                                           void* __restrict__ y, int row0, int row_end, int col0, int ldy,
-                                          float ea = 0.f, float eb = 0.f, float ec = 0.f) {
+                                          float ea = 0.f, float eb = 0.f, float ec = 0.f,
+                                          const int* __restrict__ gather = nullptr) {
     float acc[2][4][4];
-    gemm_mainloop<N, KD>(x, w, row0, row_end, col0, acc);
+    gemm_mainloop<N, KD>(x, w, row0, row_end, col0, acc, gather);
     const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
 
     // Epilogue straight from the accumulator fragments: each thread owns column pairs

@@ -5,7 +5,8 @@
 //   A: [M, ≥N] row stride lda (the output gradient; AMODE as gemm_nn: 0 bf16, 1 f32 split into
 //      hi+lo). B: bf16 [M, ≥K] row stride ldb (the layer input); BRELU2: B' = ReLU²(B)
 //      (B holds a pre-activation z; the product uses bf16(max(z, 0)²), applied to the fragments in
-//      registers), else B' = B.
+//      registers), else B' = B. With `bsrc` (E > 0 only), row m of B is row bsrc[m] of b: the
+//      first expert layer's input read through the dispatch permutation.
 //   Grid (ceil(K/64), ceil(N/64), Z), block 128: the k tiles are the fastest axis, so the blocks
 //   that stream the same 64 columns of A over all rows run back to back and share them through
 //   L2 (A is the large operand: the LM head's f32 [T, 201088] logit gradient). Slice
@@ -37,8 +38,8 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
 }
 
 template <int N, int K, int E, int AMODE, int BRELU2>
-__device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* offsets, float* y, int M, int lda,
-                                        int ldb, int accum) {
+__device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
+                                        int M, int lda, int ldb, int accum) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
     static_assert(AMODE == 0 || AMODE == 1, "AMODE");
@@ -88,7 +89,8 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
             }
             {
                 const int gk = k0 + cc;
-                load_chunk8(&sB[s][r * LDT + cc], b + (size_t)gm * ldb + gk, rv ? K - gk : 0, vec_b, b);
+                const int bm = rv && bsrc != nullptr ? bsrc[gm] : gm;
+                load_chunk8(&sB[s][r * LDT + cc], b + (size_t)bm * ldb + gk, rv ? K - gk : 0, vec_b, b);
             }
         }
     };

@@ -1,8 +1,10 @@
 #pragma once
 // grouped_gemm.cuh: the routed experts' linear layers on ragged, expert-major row ranges.
 //
-//   for each expert e, rows r in [offsets[e], offsets[e+1]):  y[r] = epi(x[r] · W[e]ᵀ + bias[e])
-//   x [rows, KD], w [E, N, KD], bias [E, N] (nullable), y [rows, N]; epi NONE or RELU2.
+//   for each expert e, rows r in [offsets[e], offsets[e+1]):  y[r] = epi(x[src(r)] · W[e]ᵀ + bias[e])
+//   x [·, KD], w [E, N, KD], bias [E, N] (nullable), y [rows, N]; epi NONE or RELU2.
+//   src(r) = src[r] when `src` is given (the first layer reads token rows through the dispatch
+//   permutation, so no permuted copy of the tokens exists), else r.
 //
 // Launch: grid (ceil(rows/64) + E, ceil(N/64)), block 128 (rows = T·K). `offsets` lives on the
 // device and the host never reads it, so the grid is the worst case: Σ_e ceil(n_e/64) ≤
@@ -17,8 +19,8 @@
 namespace vp {
 
 template <int N, int KD, int EPI, int E>
-__device__ __forceinline__ void grouped_gemm(const bf16* x, const int* offsets, const bf16* w, const bf16* bias, bf16* y,
-                                             int rows) {
+__device__ __forceinline__ void grouped_gemm(const bf16* x, const int* src, const int* offsets, const bf16* w,
+                                             const bf16* bias, bf16* y, int rows) {
     static_assert(EPI == EPI_NONE || EPI == EPI_RELU2, "grouped_gemm has no residual epilogue");
     constexpr int NT = gemm_cfg::THREADS, BM = gemm_cfg::BM;
     __shared__ int s_pick[2];  // (expert, tile within the expert) of this block, or expert -1
@@ -50,7 +52,7 @@ __device__ __forceinline__ void grouped_gemm(const bf16* x, const int* offsets, 
     const int row0 = offsets[e] + BM * s_pick[1];
     const bf16* be = bias != nullptr ? bias + (size_t)e * N : nullptr;
     gemm_tile<N, KD, EPI, 0>(x, w + (size_t)e * N * KD, be, nullptr, y, row0, offsets[e + 1], blockIdx.y * gemm_cfg::BN,
-                             N);
+                             N, 0.f, 0.f, 0.f, src);
 }
 
 }  // namespace vp

@@ -97,20 +97,21 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "moe_scan", tparams: &["E"], params: &[("int*", "offsets")] },
     Family {
         name: "moe_scatter",
-        tparams: &["H", "E", "K"],
-        params: &[
-            (BF, "x"),
-            ("const int*", "idx"),
-            ("const int*", "offsets"),
-            (BFM, "xp"),
-            ("int*", "row"),
-            ("int", "T"),
-        ],
+        tparams: &["E", "K"],
+        params: &[("const int*", "idx"), ("const int*", "offsets"), ("int*", "src"), ("int*", "row"), ("int", "T")],
     },
     Family {
         name: "grouped_gemm",
         tparams: &["N", "KD", "EPI", "E"],
-        params: &[(BF, "x"), ("const int*", "offsets"), (BF, "w"), (BF, "bias"), (BFM, "y"), ("int", "rows")],
+        params: &[
+            (BF, "x"),
+            ("const int*", "src"),
+            ("const int*", "offsets"),
+            (BF, "w"),
+            (BF, "bias"),
+            (BFM, "y"),
+            ("int", "rows"),
+        ],
     },
     Family {
         name: "combine",
@@ -210,6 +211,7 @@ pub const FAMILIES: &[Family] = &[
         params: &[
             ("const void*", "a"),
             (BF, "b"),
+            ("const int*", "bsrc"),
             ("const int*", "offsets"),
             ("float*", "y"),
             ("int", "M"),
@@ -826,18 +828,18 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                 vec![scratch(DType::F32, experts)],
             )
         }
-        Op::Dispatch { hidden, experts, topk } => (
+        Op::Dispatch { experts, topk } => (
             vec![
                 launch(
                     KernelSpec::new("moe_count", &[experts, topk]),
-                    vec![i(1), o(2), Arg::Tokens { mul: 1 }],
+                    vec![i(0), o(2), Arg::Tokens { mul: 1 }],
                     [LaunchDim::Const(experts), one(), one()],
                     256,
                 ),
                 launch(KernelSpec::new("moe_scan", &[experts]), vec![o(2)], [one(), one(), one()], 1024),
                 launch(
-                    KernelSpec::new("moe_scatter", &[hidden, experts, topk]),
-                    vec![i(0), i(1), o(2), o(0), o(1), Arg::Tokens { mul: 1 }],
+                    KernelSpec::new("moe_scatter", &[experts, topk]),
+                    vec![i(0), o(2), o(0), o(1), Arg::Tokens { mul: 1 }],
                     [LaunchDim::Const(experts), one(), one()],
                     256,
                 ),
@@ -845,7 +847,7 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             vec![],
         ),
         Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
-            let (b1, w2, b2) = if bias { (i(3), i(4), i(5)) } else { (Arg::Null, i(3), Arg::Null) };
+            let (b1, w2, b2) = if bias { (i(5), i(6), i(7)) } else { (Arg::Null, i(5), Arg::Null) };
             let grid = |n: u64| {
                 [
                     LaunchDim::Tok { mul: topk, div: GEMM_TILE, add: experts },
@@ -857,13 +859,13 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
                 vec![
                     launch(
                         KernelSpec::new("grouped_gemm", &[ffn, hidden, EPI_RELU2, experts]),
-                        vec![i(0), i(1), i(2), b1, s(0, 0), Arg::Tokens { mul: topk }],
+                        vec![i(0), i(1), i(3), i(4), b1, s(0, 0), Arg::Tokens { mul: topk }],
                         grid(ffn),
                         128,
                     ),
                     launch(
                         KernelSpec::new("grouped_gemm", &[hidden, ffn, EPI_NONE, experts]),
-                        vec![s(0, 0), i(1), w2, b2, o(0), Arg::Tokens { mul: topk }],
+                        vec![s(0, 0), Arg::Null, i(3), w2, b2, o(0), Arg::Tokens { mul: topk }],
                         grid(hidden),
                         128,
                     ),
@@ -1207,18 +1209,19 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 b.bias_grad(experts, true, 1, dl, dx(2));
             }
         }
-        Op::Dispatch { hidden, topk, .. } => {
-            b.push(KernelSpec::new("moe_gather", &[hidden, topk]), vec![dy(0), y(1), dx(0), t1], rows_grid(1), 128)
-        }
         Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
-            let (i_b1, i_w2, i_b2) = if bias { (3, 4, 5) } else { (0, 3, 0) };
+            // Inputs: x (token rows), src, row, offsets, fc1, [b1], fc2, [b2]. The first layer
+            // reads x through src; its input gradient is computed per permuted row (dxp) and
+            // summed back over each token's K rows by moe_gather.
+            let (i_b1, i_w2, i_b2) = if bias { (5, 6, 7) } else { (0, 5, 0) };
             let b1 = if bias { x(i_b1) } else { Arg::Null };
             let m = Arg::Tokens { mul: topk };
             let z = b.scratch_tok(DType::Bf16, topk * ffn);
             let dz = b.scratch_tok(DType::Bf16, topk * ffn);
+            let dxp = b.scratch_tok(DType::Bf16, topk * hidden);
             b.push(
                 KernelSpec::new("grouped_gemm", &[ffn, hidden, EPI_NONE, experts]),
-                vec![x(0), x(1), x(2), b1, z.clone(), m.clone()],
+                vec![x(0), x(1), x(3), x(4), b1, z.clone(), m.clone()],
                 rows_cols_grid(ffn, topk, experts),
                 128,
             );
@@ -1226,7 +1229,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 KernelSpec::new("gemm_nn", &[ffn, hidden, experts, 0, EPI_DRELU2, 0]),
                 vec![
                     dy(0),
-                    x(1),
+                    x(3),
                     x(i_w2),
                     Arg::Null,
                     z.clone(),
@@ -1238,20 +1241,31 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 nn_grid(ffn, topk, experts),
                 128,
             );
-            b.wgrad_grouped(hidden, ffn, experts, topk, 1, dy(0), z, x(1), dx(i_w2));
+            b.wgrad_grouped(hidden, ffn, experts, topk, 1, dy(0), z, Arg::Null, x(3), dx(i_w2));
             if bias {
-                b.colsum_grouped(hidden, experts, topk, dy(0), x(1), dx(i_b2));
+                b.colsum_grouped(hidden, experts, topk, dy(0), x(3), dx(i_b2));
             }
-            b.wgrad_grouped(ffn, hidden, experts, topk, 0, dz.clone(), x(0), x(1), dx(2));
+            b.wgrad_grouped(ffn, hidden, experts, topk, 0, dz.clone(), x(0), x(1), x(3), dx(4));
             if bias {
-                b.colsum_grouped(ffn, experts, topk, dz.clone(), x(1), dx(i_b1));
+                b.colsum_grouped(ffn, experts, topk, dz.clone(), x(3), dx(i_b1));
             }
             b.push(
                 KernelSpec::new("gemm_nn", &[hidden, ffn, experts, 0, EPI_NONE, 0]),
-                vec![dz, x(1), x(2), Arg::Null, Arg::Null, dx(0), m, Arg::Int(ffn as i64), Arg::Int(hidden as i64)],
+                vec![
+                    dz,
+                    x(3),
+                    x(4),
+                    Arg::Null,
+                    Arg::Null,
+                    dxp.clone(),
+                    m,
+                    Arg::Int(ffn as i64),
+                    Arg::Int(hidden as i64),
+                ],
                 nn_grid(hidden, topk, experts),
                 128,
             );
+            b.push(KernelSpec::new("moe_gather", &[hidden, topk]), vec![dxp, x(2), dx(0), t1], rows_grid(1), 128);
         }
         Op::Combine { hidden, topk, shared } => b.push(
             KernelSpec::new("combine_bwd", &[hidden, topk, shared as u64]),
@@ -1313,7 +1327,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 c0 += width;
             }
         }
-        Op::ConfidenceWeight | Op::Add { .. } | Op::Vjp(_) => {
+        Op::ConfidenceWeight | Op::Dispatch { .. } | Op::Add { .. } | Op::Vjp(_) => {
             panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
         }
     }
@@ -1550,6 +1564,7 @@ impl Bwd {
                 a,
                 b,
                 Arg::Null,
+                Arg::Null,
                 out.clone(),
                 Arg::Tokens { mul: m_mul },
                 Arg::Int(lda as i64),
@@ -1575,6 +1590,7 @@ impl Bwd {
         brelu2: u64,
         a: Arg,
         b: Arg,
+        bsrc: Arg,
         offsets: Arg,
         dw: Arg,
     ) {
@@ -1583,6 +1599,7 @@ impl Bwd {
             vec![
                 a,
                 b,
+                bsrc,
                 offsets,
                 dw.clone(),
                 Arg::Tokens { mul: topk },

@@ -59,7 +59,7 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("router", &[8, 2, 0, 0, 0], 256),
         k("moe_count", &[256, 4], 256),
         k("moe_scan", &[256], 1024),
-        k("moe_scatter", &[1024, 256, 4], 256),
+        k("moe_scatter", &[256, 4], 256),
         k("grouped_gemm", &[128, 1024, 1, 256], 128),
         k("grouped_gemm", &[1024, 128, 0, 256], 128),
         k("combine", &[1024, 4, 1], 128),

@@ -284,14 +284,14 @@ fn moe_block(
     let aux = moe
         .seq_aux_coeff
         .map(|_| l.node(format!("{n}.moe.aux"), Op::SeqAuxLoss { experts: e, topk: k }, vec![scores])[0]);
-    let dsp = l.node(format!("{n}.moe.dispatch"), Op::Dispatch { hidden: h, experts: e, topk: k }, vec![m, idx]);
-    let (xp, row, offsets) = (dsp[0], dsp[1], dsp[2]);
+    let dsp = l.node(format!("{n}.moe.dispatch"), Op::Dispatch { experts: e, topk: k }, vec![idx]);
+    let (src, row, offsets) = (dsp[0], dsp[1], dsp[2]);
     // Per-expert row ranges: the step's expert loads (bias update §4.11, router health).
     l.g.output(&format!("load.{n}"), offsets);
 
     let role = Role::Experts { experts: e, topk: k };
     let ep = format!("{p}.mlp.experts");
-    let mut ins = vec![xp, offsets];
+    let mut ins = vec![m, src, row, offsets];
     let w = |l: &mut Lower, name: String, dims: &[u64], init: Init, opt: OptGroup, wd: bool| {
         l.param(name, DType::Bf16, dims, init, opt, wd, role)
     };

@@ -14,8 +14,8 @@ use std::borrow::Cow;
 
 use crate::op::{Attn, AttnKind, Op, Vjp};
 use crate::reference::{
-    alibi_slopes, attends, grape_freqs, head_logits, kept, kept_f64, row_lse, sigmoid, topk, tpa_factors, tpa_widths,
-    Dims, Gemm, Tensor,
+    alibi_slopes, attends, gather_rows, grape_freqs, head_logits, kept, kept_f64, row_lse, sigmoid, topk, tpa_factors,
+    tpa_widths, Dims, Gemm, Tensor,
 };
 
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
@@ -205,25 +205,13 @@ pub fn backward(
             }
             g
         }
-        Op::Dispatch { hidden, topk: k, .. } => {
-            let (h, k) = (hidden as usize, k as usize);
-            let (dxp, row) = (up(0), ys[1].i());
-            let mut dx = vec![0f32; t * h];
-            for ti in 0..t {
-                for (c, o) in dx[ti * h..(ti + 1) * h].iter_mut().enumerate() {
-                    let s: f64 = (0..k).map(|kk| dxp[row[ti * k + kk] as usize * h + c] as f64).sum();
-                    *o = s as f32;
-                }
-            }
-            vec![like(xs[0], dx)]
-        }
-        Op::ExpertFfn { hidden, ffn, experts, bias, .. } => {
-            let (h, f, e) = (hidden as usize, ffn as usize, experts as usize);
-            let (xp, off) = (xs[0].f(), xs[1].i());
-            let (w1, b1) = (xs[2].f(), bias.then(|| xs[3].f()));
-            let w2 = xs[3 + bias as usize].f();
+        Op::ExpertFfn { hidden, ffn, experts, topk: k, bias } => {
+            let (h, f, e, k) = (hidden as usize, ffn as usize, experts as usize, k as usize);
+            let (x, src, row, off) = (xs[0].f(), xs[1].i(), xs[2].i(), xs[3].i());
+            let (w1, b1) = (xs[4].f(), bias.then(|| xs[5].f()));
+            let w2 = xs[5 + bias as usize].f();
             let dy = up(0);
-            let mut dxp = vec![0f32; xp.len()];
+            let mut dxp = vec![0f32; src.len() * h];
             let (mut dw1, mut db1) = (vec![0f32; e * f * h], vec![0f32; e * f]);
             let (mut dw2, mut db2) = (vec![0f32; e * h * f], vec![0f32; e * h]);
             for ex in 0..e {
@@ -233,7 +221,7 @@ pub fn backward(
                 }
                 let p = mlp_bwd(
                     gemm,
-                    &xp[r0 * h..r1 * h],
+                    &gather_rows(x, &src[r0..r1], h),
                     &dy[r0 * h..r1 * h],
                     &w1[ex * f * h..][..f * h],
                     b1.map(|b| &b[ex * f..][..f]),
@@ -248,13 +236,22 @@ pub fn backward(
                 dw2[ex * h * f..][..h * f].copy_from_slice(&p.dw2);
                 db2[ex * h..][..h].copy_from_slice(&p.db2);
             }
-            let mut g = vec![like(xs[0], dxp), like(xs[2], dw1)];
-            if bias {
-                g.push(like(xs[3], db1));
+            // Each token's gradient sums its K permuted rows (the kernels keep them in bf16).
+            kept(gemm, &mut dxp);
+            let mut dx = vec![0f32; t * h];
+            for ti in 0..t {
+                for (c, o) in dx[ti * h..(ti + 1) * h].iter_mut().enumerate() {
+                    let s: f64 = (0..k).map(|kk| dxp[row[ti * k + kk] as usize * h + c] as f64).sum();
+                    *o = s as f32;
+                }
             }
-            g.push(like(xs[3 + bias as usize], dw2));
+            let mut g = vec![like(xs[0], dx), like(xs[4], dw1)];
             if bias {
-                g.push(like(xs[5], db2));
+                g.push(like(xs[5], db1));
+            }
+            g.push(like(xs[5 + bias as usize], dw2));
+            if bias {
+                g.push(like(xs[7], db2));
             }
             g
         }
@@ -340,7 +337,7 @@ pub fn backward(
             }
             vec![like(xs[0], dz), like(xs[1], dw)]
         }
-        Op::ConfidenceWeight => vec![], // no differentiable input
+        Op::ConfidenceWeight | Op::Dispatch { .. } => vec![], // no differentiable input
         Op::Add { .. } => panic!("backward of add: it is linear and autodiff differentiates it itself"),
         Op::Vjp(_) => panic!("backward of vjp: second-order differentiation is not supported"),
     }

@@ -64,10 +64,13 @@ pub enum Op {
         expert_bias: bool,
         bias: bool,
     },
-    /// Permute tokens expert-major (ascending token order within an expert); `row[t·K+k]` is the
-    /// permuted row of token t's k-th choice, `offsets` the per-expert row ranges.
-    Dispatch { hidden: u64, experts: u64, topk: u64 },
-    /// Grouped expert GEMMs on ragged per-expert row ranges: `ReLU²(x·W₁ₑᵀ + b₁ₑ)·W₂ₑᵀ + b₂ₑ`.
+    /// The expert-major permutation of the routing slots (ascending token order within an
+    /// expert): `src[r]` is the token of permuted row r, `row[t·K+k]` the permuted row of token
+    /// t's k-th choice, `offsets` the per-expert row ranges. Tokens are not copied.
+    Dispatch { experts: u64, topk: u64 },
+    /// Grouped expert GEMMs on ragged per-expert row ranges, reading token rows through the
+    /// permutation: `yp[r] = ReLU²(x[src[r]]·W₁ₑᵀ + b₁ₑ)·W₂ₑᵀ + b₂ₑ`; its x-gradient sums each
+    /// token's K rows (`row`).
     ExpertFfn { hidden: u64, ffn: u64, experts: u64, topk: u64, bias: bool },
     /// `h' = resid + Σ_k gate[t,k]·yp[row[t·K+k]] [+ shared]`.
     Combine { hidden: u64, topk: u64, shared: bool },
@@ -243,9 +246,7 @@ impl Op {
                 v.push(("bias", b(bias)));
                 v
             }
-            Op::Dispatch { hidden, experts, topk } => {
-                vec![("hidden", hidden.to_string()), ("experts", experts.to_string()), ("topk", topk.to_string())]
-            }
+            Op::Dispatch { experts, topk } => vec![("experts", experts.to_string()), ("topk", topk.to_string())],
             Op::ExpertFfn { hidden, ffn, experts, topk, bias } => vec![
                 ("hidden", hidden.to_string()),
                 ("ffn", ffn.to_string()),
@@ -381,17 +382,19 @@ impl Op {
                     ],
                 )
             }
-            Op::Dispatch { hidden, experts, topk } => (
-                vec![("x", act(&[hidden])), ("idx", TensorType::tok(I32, &[topk]))],
+            Op::Dispatch { experts, topk } => (
+                vec![("idx", TensorType::tok(I32, &[topk]))],
                 vec![
-                    ("xp", TensorType::tok_k(Bf16, topk, &[hidden])),
+                    ("src", TensorType::tok_k(I32, topk, &[])),
                     ("row", TensorType::tok_k(I32, topk, &[])),
                     ("offsets", TensorType::fixed(I32, &[experts + 1])),
                 ],
             ),
             Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
                 let mut ins = vec![
-                    ("xp", TensorType::tok_k(Bf16, topk, &[hidden])),
+                    ("x", act(&[hidden])),
+                    ("src", TensorType::tok_k(I32, topk, &[])),
+                    ("row", TensorType::tok_k(I32, topk, &[])),
                     ("offsets", TensorType::fixed(I32, &[experts + 1])),
                     ("fc1", w(&[experts, ffn, hidden])),
                 ];

@@ -381,6 +381,11 @@ pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
     }
 }
 
+/// Rows `src[i]` of the row-major `[·, h]` matrix `x`, in order (an expert's tokens).
+pub(crate) fn gather_rows(x: &[f32], src: &[i32], h: usize) -> Vec<f32> {
+    src.iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect()
+}
+
 /// Query and key tile of the attention kernel (`BQ`, `BKV` in attention.cuh).
 const ATTN_TILE: usize = 64;
 
@@ -598,53 +603,43 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             }
             vec![Tensor::i32(vec![t, k], idx), Tensor::f32(vec![t, k], gate), Tensor::f32(vec![t, e], scores)]
         }
-        Op::Dispatch { hidden, experts, topk: k } => {
-            let (h, e, k) = (hidden as usize, experts as usize, k as usize);
-            let idx = ins[1].i();
+        Op::Dispatch { experts, topk: k } => {
+            let (e, k) = (experts as usize, k as usize);
+            let idx = ins[0].i();
             let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); e];
             for (s, &ex) in idx.iter().enumerate() {
                 buckets[ex as usize].push(s);
             }
-            let (x, mut xp, mut row, mut offsets) =
-                (ins[0].f(), Vec::with_capacity(t * k * h), vec![0i32; t * k], vec![0i32]);
-            let mut n = 0;
+            let (mut src, mut row, mut offsets) = (Vec::with_capacity(t * k), vec![0i32; t * k], vec![0i32]);
             for b in &buckets {
                 for &s in b {
-                    xp.extend_from_slice(&x[(s / k) * h..][..h]);
-                    row[s] = n;
-                    n += 1;
+                    row[s] = src.len() as i32;
+                    src.push((s / k) as i32);
                 }
-                offsets.push(n);
+                offsets.push(src.len() as i32);
             }
-            vec![Tensor::f32(vec![t * k, h], xp), Tensor::i32(vec![t * k], row), Tensor::i32(vec![e + 1], offsets)]
+            vec![Tensor::i32(vec![t * k], src), Tensor::i32(vec![t * k], row), Tensor::i32(vec![e + 1], offsets)]
         }
         Op::ExpertFfn { hidden, ffn, experts, bias, .. } => {
             let (h, f, e) = (hidden as usize, ffn as usize, experts as usize);
-            let (xp, off) = (ins[0].f(), ins[1].i());
-            let (w1, b1) = (ins[2].f(), bias.then(|| ins[3].f()));
-            let (w2, b2) = (ins[3 + bias as usize].f(), bias.then(|| ins[5].f()));
-            let mut yp = vec![0f32; xp.len()];
+            let (x, src, off) = (ins[0].f(), ins[1].i(), ins[3].i());
+            let (w1, b1) = (ins[4].f(), bias.then(|| ins[5].f()));
+            let (w2, b2) = (ins[5 + bias as usize].f(), bias.then(|| ins[7].f()));
+            let mut yp = vec![0f32; src.len() * h];
             for ex in 0..e {
                 let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
                 if r0 == r1 {
                     continue;
                 }
                 let n = r1 - r0;
-                let mut z = linear(
-                    gemm,
-                    &xp[r0 * h..r1 * h],
-                    n,
-                    h,
-                    &w1[ex * f * h..][..f * h],
-                    f,
-                    b1.map(|b| &b[ex * f..][..f]),
-                );
+                let xe = gather_rows(x, &src[r0..r1], h);
+                let mut z = linear(gemm, &xe, n, h, &w1[ex * f * h..][..f * h], f, b1.map(|b| &b[ex * f..][..f]));
                 relu2(&mut z);
                 kept(gemm, &mut z);
                 let y = linear(gemm, &z, n, f, &w2[ex * h * f..][..h * f], h, b2.map(|b| &b[ex * h..][..h]));
                 yp[r0 * h..r1 * h].copy_from_slice(&y);
             }
-            vec![Tensor::f32(ins[0].shape.clone(), yp)]
+            vec![Tensor::f32(vec![src.len(), h], yp)]
         }
         Op::Combine { hidden, topk: k, shared } => {
             let (h, k) = (hidden as usize, k as usize);

@@ -364,19 +364,13 @@ fn relu_pattern(x: &[f32], w1: &[f32], b1: Option<&[f32]>, m: usize, h: usize, f
 
 /// Per-expert ReLU patterns of an `expert_ffn` (inputs in signature order).
 fn expert_pattern(xs: &[Tensor], h: usize, f: usize, e: usize, bias: bool) -> Vec<i64> {
-    let (xp, off, w1) = (xs[0].f(), xs[1].i(), xs[2].f());
-    let b1 = bias.then(|| xs[3].f());
+    let (x, src, off, w1) = (xs[0].f(), xs[1].i(), xs[3].i(), xs[4].f());
+    let b1 = bias.then(|| xs[5].f());
     let mut out = vec![];
     for ex in 0..e {
         let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-        out.extend(relu_pattern(
-            &xp[r0 * h..r1 * h],
-            &w1[ex * f * h..][..f * h],
-            b1.map(|b| &b[ex * f..][..f]),
-            r1 - r0,
-            h,
-            f,
-        ));
+        let xe: Vec<f32> = src[r0..r1].iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect();
+        out.extend(relu_pattern(&xe, &w1[ex * f * h..][..f * h], b1.map(|b| &b[ex * f..][..f]), r1 - r0, h, f));
     }
     out
 }
@@ -647,24 +641,13 @@ fn moe_idx(t: usize) -> Vec<i32> {
     (0..t).flat_map(|ti| if ti % 3 == 2 { [2 - (ti % 2) as i32, 0] } else { [0, 1 + (ti % 2) as i32] }).collect()
 }
 
-#[test]
-fn dispatch() {
-    let mut rng = Rng(23);
-    let (t, h, e, k) = (6, 3, 4, 2);
-    let xs = vec![rng.t(&[t, h], 1.0), it(&[t, k], moe_idx(t))];
-    let op = Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 };
-    run(&op_model("dispatch", op, dims(t, t), xs, None, None), 24);
-}
-
+/// Expert inputs `[x, src, row, offsets, fc1, (b1), fc2, (b2)]`; x's gradient sums each token's
+/// K rows, so a token routed to two experts checks the gather-sum.
 fn expert_inputs(rng: &mut Rng, t: usize, h: usize, f: usize, e: usize, k: usize, bias: bool) -> Vec<Tensor> {
-    let d = fwd(
-        &Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 },
-        &dims(t, t),
-        &[&rng.t(&[t, h], 1.0), &it(&[t, k], moe_idx(t))],
-    );
+    let d = fwd(&Op::Dispatch { experts: e as u64, topk: k as u64 }, &dims(t, t), &[&it(&[t, k], moe_idx(t))]);
     let off = d[2].i();
     assert!(off[4] == off[3] && off[1] - off[0] == t as i32, "expert 3 empty, expert 0 gets every token");
-    let mut xs = vec![d[0].clone(), d[2].clone(), rng.t(&[e, f, h], 0.6)];
+    let mut xs = vec![rng.t(&[t, h], 1.0), d[0].clone(), d[1].clone(), d[2].clone(), rng.t(&[e, f, h], 0.6)];
     if bias {
         xs.push(rng.t(&[e, f], 0.3));
     }
@@ -693,12 +676,7 @@ fn combine() {
     let (t, h, k) = (5, 3, 2);
     // From a dispatch (a permutation) and a hand-made row map where rows 1 and 7 are never
     // referenced and rows 0 and 4 are referenced twice (their gradients accumulate).
-    let perm = fwd(
-        &Op::Dispatch { hidden: 1, experts: 4, topk: k as u64 },
-        &dims(t, t),
-        &[&Tensor::f32(vec![t, 1], vec![0.0; t]), &it(&[t, k], moe_idx(t))],
-    )[1]
-    .clone();
+    let perm = fwd(&Op::Dispatch { experts: 4, topk: k as u64 }, &dims(t, t), &[&it(&[t, k], moe_idx(t))])[1].clone();
     let odd = it(&[t * k], vec![0, 2, 3, 4, 4, 5, 6, 0, 8, 9]);
     for (rows, shared) in [(&perm, false), (&perm, true), (&odd, true)] {
         let mut rng = Rng(27);
@@ -995,7 +973,7 @@ fn moe_chain(rng: &mut Rng, t: usize, seq: usize, h: usize, f: usize, e: usize, 
     diff[3] = false;
     let (hu, fu, eu, ku) = (h as u64, f as u64, e as u64, k as u64);
     let router = router_op(h, e, k, Some(GroupLimit { groups: 4, group_topk: 2 }), true, true);
-    let disp = Op::Dispatch { hidden: hu, experts: eu, topk: ku };
+    let disp = Op::Dispatch { experts: eu, topk: ku };
     let ffn = Op::ExpertFfn { hidden: hu, ffn: fu, experts: eu, topk: ku, bias: true };
     let shared = Op::Mlp { hidden: hu, ffn: fu, bias: true, residual: false };
     let comb = Op::Combine { hidden: hu, topk: ku, shared: true };
@@ -1008,8 +986,8 @@ fn moe_chain(rng: &mut Rng, t: usize, seq: usize, h: usize, f: usize, e: usize, 
         move |x: &[Tensor]| -> Vec<Vec<Tensor>> {
             let (router, disp, ffn, shared, comb, aux) = &ops;
             let r = fwd(router, &d, &[&x[0], &x[1], &x[2], &x[3]]);
-            let dp = fwd(disp, &d, &[&x[0], &r[0]]);
-            let y = fwd(ffn, &d, &[&dp[0], &dp[2], &x[4], &x[5], &x[6], &x[7]]);
+            let dp = fwd(disp, &d, &[&r[0]]);
+            let y = fwd(ffn, &d, &[&x[0], &dp[0], &dp[1], &dp[2], &x[4], &x[5], &x[6], &x[7]]);
             let s = fwd(shared, &d, &[&x[0], &x[8], &x[9], &x[10], &x[11]]);
             let c = fwd(comb, &d, &[&y[0], &dp[1], &r[1], &x[12], &s[0]]);
             let a = fwd(aux, &d, &[&r[2]]);
@@ -1021,22 +999,21 @@ fn moe_chain(rng: &mut Rng, t: usize, seq: usize, h: usize, f: usize, e: usize, 
         let n = f1(x);
         let mut dec: Vec<i64> = n[0][0].i().iter().map(|&v| v as i64).collect();
         dec.extend(aux_topk(n[0][2].f(), e, k));
-        let ex = [n[1][0].clone(), n[1][2].clone(), x[4].clone(), x[5].clone()];
+        let ex = [x[0].clone(), n[1][0].clone(), n[1][1].clone(), n[1][2].clone(), x[4].clone(), x[5].clone()];
         dec.extend(expert_pattern(&ex, h, f, e, true));
         dec.extend(relu_pattern(x[0].f(), x[8].f(), Some(x[9].f()), t, h, f));
         (vec![n[4][0].clone(), n[5][0].clone()], dec)
     });
     let bw: BwdFn = Box::new(move |x: &[Tensor], r: &[Tensor]| {
-        let (router, disp, ffn, shared, comb, aux) = &ops;
+        let (router, _, ffn, shared, comb, aux) = &ops;
         let n = run_fwd(x);
         let gc = bwd(comb, &d, &[&n[2][0], &n[1][1], &n[0][1], &x[12], &n[3][0]], &n[4], &[Some(&r[0])]);
         let [dyp, dgate, dresid, dshared] = <[Tensor; 4]>::try_from(gc).unwrap();
         let gs = bwd(shared, &d, &[&x[0], &x[8], &x[9], &x[10], &x[11]], &n[3], &[Some(&dshared)]);
-        let gy = bwd(ffn, &d, &[&n[1][0], &n[1][2], &x[4], &x[5], &x[6], &x[7]], &n[2], &[Some(&dyp)]);
-        let gd = bwd(disp, &d, &[&x[0], &n[0][0]], &n[1], &[Some(&gy[0]), None, None]);
+        let gy = bwd(ffn, &d, &[&x[0], &n[1][0], &n[1][1], &n[1][2], &x[4], &x[5], &x[6], &x[7]], &n[2], &[Some(&dyp)]);
         let ga = bwd(aux, &d, &[&n[0][2]], &n[5], &[Some(&r[1])]);
         let gr = bwd(router, &d, &[&x[0], &x[1], &x[2], &x[3]], &n[0], &[None, Some(&dgate), Some(&ga[0])]);
-        let dx = sum(&[&gr[0], &gd[0], &gs[0]]);
+        let dx = sum(&[&gr[0], &gy[0], &gs[0]]);
         vec![
             dx,
             gr[1].clone(),

@@ -139,26 +139,25 @@ fn gates_sum_to_the_scaling_factor_and_use_unbiased_scores() {
 #[test]
 fn dispatch_is_expert_major_and_combine_inverts_it() {
     let (t, h, e, k) = (3usize, 2usize, 3usize, 2usize);
-    let x = Tensor::f32(vec![t, h], vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+    let x = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0];
     let idx = Tensor::i32(vec![t, k], vec![2, 0, 0, 1, 2, 0]);
-    let d = forward(
-        &Op::Dispatch { hidden: h as u64, experts: e as u64, topk: k as u64 },
-        &Dims { tokens: t, seq: t },
-        &[&x, &idx],
-        &NaiveGemm,
-    );
+    let d =
+        forward(&Op::Dispatch { experts: e as u64, topk: k as u64 }, &Dims { tokens: t, seq: t }, &[&idx], &NaiveGemm);
     assert_eq!(d[2].i(), &[0, 3, 4, 6]); // expert 0 has 3 rows, 1 has 1, 2 has 2
                                          // row of (t,k): expert 0 rows 0..3 hold slots 1,2,5; expert 1 row 3 slot 3; expert 2 rows 4,5 slots 0,4.
     assert_eq!(d[1].i(), &[4, 0, 1, 3, 5, 2]);
+    assert_eq!(d[0].i(), &[0, 1, 2, 1, 0, 2]); // the token each row reads
+                                               // Identity experts: row r holds x[src[r]].
+    let yp: Vec<f32> = d[0].i().iter().flat_map(|&s| &x[s as usize * h..][..h]).copied().collect();
     let gate = Tensor::f32(vec![t, k], vec![1.0; t * k]);
     let resid = Tensor::f32(vec![t, h], vec![0.0; t * h]);
     let c = forward(
         &Op::Combine { hidden: h as u64, topk: k as u64, shared: false },
         &Dims { tokens: t, seq: t },
-        &[&d[0], &d[1], &gate, &resid],
+        &[&Tensor::f32(vec![t * k, h], yp), &d[1], &gate, &resid],
         &NaiveGemm,
     );
-    // Identity experts: each token gets k copies of itself.
+    // Each token gets k copies of itself.
     assert_eq!(c[0].f(), &[2.0, 2.0, 4.0, 4.0, 6.0, 6.0]);
 }
 

@@ -94,16 +94,20 @@ void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with
 // ------------------------------------------------------------------ gemm_tn (+ sum_parts for Z > 1)
 // Y[N, K] = Σ_m A[m, n]·B'[m, k]; A: [M, lda], B: bf16 [M, ldb].
 template <int N, int K, int E, int AMODE, int BRELU2>
-void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split) {
+void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split, int gather_from = 0) {
+    // gather_from > 0 (grouped only): B holds that many token rows, row m reads b[bsrc[m]].
     int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
     auto ab = rbf((size_t)M * lda + aoff, 1.0); auto af = rf((size_t)M * lda + aoff, 1.0);
-    auto b = rbf((size_t)M * ldb, 1.0);
+    const int brows = gather_from > 0 ? gather_from : M;
+    std::vector<int> bsrc(M);
+    for (int m = 0; m < M; ++m) bsrc[m] = gather_from > 0 ? (int)(rng() % (unsigned)gather_from) : m;
+    auto b = rbf((size_t)brows * ldb, 1.0);
     const int Z = E ? E : split;
     std::vector<float> y((size_t)Z * N * K + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
     const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
-    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), E ? off.data() : nullptr, y.data(), M, lda, ldb, 0); });
+    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0); });
     if (!E && split > 1) emu_launch((N * K + 255) / 256, 1, 256, [&] { vp::sum_parts(y.data(), out.data(), N * K, split, 0); });
-    char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d", N, K, E, AMODE, BRELU2, M, lda, aoff, split);
+    char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d%s", N, K, E, AMODE, BRELU2, M, lda, aoff, split, gather_from > 0 ? " gather" : "");
     Cmp c(nm, AMODE == 1 ? 2e-4 : 3e-2, AMODE == 1 ? 1e-4 : 1e-2);
     bool empty_zero = true;
     for (int e = 0; e < (E ? E : 1); ++e) {
@@ -113,7 +117,7 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
                 double s = 0;
                 for (int m = r0; m < r1; ++m) {
                     double av = AMODE == 0 ? fl(ab[aoff + (size_t)m * lda + n]) : af[aoff + (size_t)m * lda + n];
-                    float bv = fl(b[(size_t)m * ldb + k]);
+                    float bv = fl(b[(size_t)bsrc[m] * ldb + k]);
                     if (BRELU2) { bv = std::max(bv, 0.f); bv = rbf1(bv * bv); }
                     s += av * bv;
                 }
@@ -458,10 +462,10 @@ void test_head_dl(int T) {
         const bf* w = hc.w.data() + (size_t)c0 * H;
         if (j == NCH - 1) {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, LASTW, 0, 0, 0, 0>(chunk.data(), nullptr, w, acc, nullptr, dz.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
         } else {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, C, 0, 0, 0, 1>(chunk.data(), nullptr, w, acc, nullptr, dzf.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
         }
     }
     char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d C%d T%d", V, H, C, T);
@@ -527,13 +531,13 @@ static void test_accum() {
     std::vector<int> off{0, 30, 30, 69, 70};  // four experts, one empty
     auto a = rbf((size_t)M * N, 1.0); auto b = rbf((size_t)M * K, 1.0);
     check_accum("gemm_tn N40 K36 (pairs)", (size_t)N * K, [&](float* y, int acc) {
-        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, y, M, N, K, acc); });
+        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc); });
     });
     check_accum("gemm_tn N40 K35 (scalar tail)", (size_t)N * 35, [&](float* y, int acc) {
-        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, y, M, N, K, acc); });
+        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc); });
     });
     check_accum("gemm_tn E4 (empty expert)", (size_t)4 * N * K, [&](float* y, int acc) {
-        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), off.data(), y, M, N, K, acc); });
+        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), nullptr, off.data(), y, M, N, K, acc); });
     });
     auto parts = rf(3 * 300, 1.0);
     check_accum("sum_parts", 300, [&](float* y, int acc) {
@@ -588,6 +592,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_gemm_tn<30, 64, 0, 1, 0>({33}, 31, 1, 64, 1);             // f32 A split, odd lda/unaligned
         test_gemm_tn<4, 40, 0, 0, 0>({80}, 44, 36, 40, 4);             // TPA-like 4-wide slice
         test_gemm_tn<48, 40, 5, 0, 1>({70, 0, 1, 64, 29}, 48, 0, 40, 1);  // grouped, empty expert
+        test_gemm_tn<48, 40, 5, 0, 0>({70, 0, 1, 64, 29}, 48, 0, 40, 1, 50);  // grouped, B through bsrc
         test_colsum<300, 0, 0>({130}, 4); test_colsum<8, 1, 0>({77}, 5); test_colsum<40, 0, 4>({10, 0, 70, 3}, 0);
     }
     if (want("bwd-attn")) {

@@ -145,7 +145,7 @@ pub fn forward_ops(c: &Cfg) -> Vec<Op> {
             expert_bias: false,
             bias: !c.bias,
         },
-        Op::Dispatch { hidden: c.hidden, experts: c.experts, topk: c.topk },
+        Op::Dispatch { experts: c.experts, topk: c.topk },
         Op::ExpertFfn { hidden: c.hidden, ffn: c.ffn, experts: c.experts, topk: c.topk, bias: c.bias },
         Op::Combine { hidden: c.hidden, topk: c.topk, shared: true },
         Op::Combine { hidden: c.hidden, topk: c.topk, shared: false },
