@@ -455,10 +455,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let median = wall[wall.len() / 2];
     let tps = (tokens as u64 * grad_accum) as f64 / median;
     let flops = plan.report.training_flops_per_token;
-    println!(
-        "bench {} on {device} ({grad_accum} x {} x {seq} tokens per step, {steps} timed steps)",
-        plan.arch.name, a.micro_batch
-    );
+    println!("{}", bench_header(&plan.arch.name, &device, grad_accum, a.micro_batch, seq, steps));
     println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
     println!("tokens/s      {tps:.0}");
     match peak_flops(&device) {
@@ -483,12 +480,20 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         println!("device memory {:.2} of {:.2} GiB in use", used as f64 / GIB, total as f64 / GIB);
     }
     if let Some(t) = table {
-        println!("\nkernel time of one profiled step:\n{t}");
+        println!("\n{KERNEL_TABLE}\n{t}");
     }
     Ok(())
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The first line of a bench report (scripts/cublas-baseline reads the micro-batch size from it).
+fn bench_header(arch: &str, device: &str, grad_accum: u64, micro_batch: usize, seq: usize, steps: u64) -> String {
+    format!("bench {arch} on {device} ({grad_accum} x {micro_batch} x {seq} tokens per step, {steps} timed steps)")
+}
+
+/// The line before the per-kernel table of a bench report.
+const KERNEL_TABLE: &str = "kernel time of one profiled step:";
 
 /// The fewest micro-batches per step for which a fixed per-step optimizer time `opt` is at most
 /// `share` of the step, each micro-batch taking `per_micro` seconds.
@@ -609,7 +614,44 @@ fn run() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::micro_batches_for_share;
+    use super::{bench_header, micro_batches_for_share, KERNEL_TABLE};
+    use vpmoe_runtime::cuda::timing::Timer;
+
+    /// scripts/cublas-baseline reads what `bench` prints: the header's micro-batch size and the
+    /// per-kernel table's dense GEMM rows (grouped expert GEMMs and other kernels are skipped).
+    #[test]
+    fn cublas_baseline_reads_the_bench_report() {
+        let mut t = Timer::default();
+        for (k, ms) in [
+            ("vp_gemm_N1536_KD1024_EPI0_OUT0", 0.05),
+            ("vp_gemm_nn_N1024_KD256_E0_AMODE1_EPI0_OUT0", 0.02),
+            ("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20", 1.4),
+            ("vp_gemm_tn_N128_K1024_E256_AMODE0_BRELU20", 0.02),
+            ("vp_attention_D128_HEADS8_GROUPS2_WINDOW0_ALIBI1_SINKS1", 0.06),
+        ] {
+            t.add(k, "other", ms);
+        }
+        let log =
+            format!("{}\nstep 1.0 s\n\n{KERNEL_TABLE}\n{}", bench_header("vpmoe", "H100", 8, 2, 2048, 5), t.table());
+        let dir = std::env::temp_dir().join(format!("vpmoe-cublas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bench.log"), log).unwrap();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cublas-baseline");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg("--shapes")
+            .arg(dir.join("bench.log"))
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("M = 4096"), "{text}");
+        assert!(text.contains("nt 4096,1536,1024"), "{text}");
+        assert!(text.contains("nn 4096,1024,256 x2"), "{text}");
+        assert!(text.contains("tn 4096,25152,1024"), "{text}");
+        assert!(!text.contains("E256") && !text.contains("attention"), "{text}");
+    }
 
     #[test]
     fn optimizer_share_crossover() {

@@ -45,18 +45,23 @@ impl Timer {
 
     /// Folds the finished launches into the totals (call after a synchronisation).
     pub fn collect(&mut self) -> Result<()> {
-        for (k, cat, a, b) in self.pending.drain(..) {
+        for (k, cat, a, b) in std::mem::take(&mut self.pending) {
             let ms = unsafe { event::elapsed(a, b) }.map_err(|e| anyhow!("{e}"))?;
             unsafe {
                 let _ = event::destroy(a);
                 let _ = event::destroy(b);
             }
-            let t = self.totals.entry(k).or_default();
-            t.0 += 1;
-            t.1 += ms as f64;
-            *self.categories.entry(cat).or_default() += ms as f64;
+            self.add(&k, cat, ms as f64);
         }
         Ok(())
+    }
+
+    /// Adds one timed launch of `kernel` to the totals.
+    pub fn add(&mut self, kernel: &str, category: &'static str, ms: f64) {
+        let t = self.totals.entry(kernel.to_string()).or_default();
+        t.0 += 1;
+        t.1 += ms;
+        *self.categories.entry(category).or_default() += ms;
     }
 
     pub fn totals(&self) -> &BTreeMap<String, (u64, f64)> {
