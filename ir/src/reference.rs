@@ -382,7 +382,7 @@ pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
 }
 
 /// Rows `src[i]` of the row-major `[·, h]` matrix `x`, in order (an expert's tokens).
-pub(crate) fn gather_rows(x: &[f32], src: &[i32], h: usize) -> Vec<f32> {
+pub fn gather_rows(x: &[f32], src: &[i32], h: usize) -> Vec<f32> {
     src.iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect()
 }
 
@@ -411,13 +411,16 @@ fn attention(
     for t in 0..dims.tokens {
         let i = t % dims.seq;
         let row0 = t - i;
-        // The kernel's key tiles: 64 keys from the first key its 64-query block may see.
-        let t0 = t / ATTN_TILE * ATTN_TILE;
-        let kv_lo = match a.kind {
-            AttnKind::Window(w) => (t0 / dims.seq * dims.seq).max((t0 + 1).saturating_sub(w as usize)),
-            AttnKind::Global { .. } => t0 / dims.seq * dims.seq,
-        };
-        let tiles: Vec<usize> = (row0..=t).map(|u| u.saturating_sub(kv_lo) / ATTN_TILE).collect();
+        // Under the kernel model, the kernel's key tiles: 64 keys from the first key its
+        // 64-query block may see.
+        let tiles: Option<Vec<usize>> = bf16.then(|| {
+            let t0 = t / ATTN_TILE * ATTN_TILE;
+            let mut kv_lo = t0 / dims.seq * dims.seq;
+            if let AttnKind::Window(w) = a.kind {
+                kv_lo = kv_lo.max((t0 + 1).saturating_sub(w as usize));
+            }
+            (row0..=t).map(|u| u.saturating_sub(kv_lo) / ATTN_TILE).collect()
+        });
         for h in 0..nh {
             let g = h / gsz;
             let qv = &q[(t * nh + h) * d..][..d];
@@ -432,7 +435,7 @@ fn attention(
                     dot * scale + bias
                 })
                 .collect();
-            let p = softmax_kept(&scores, sinks.map(|s| s[h]), bf16.then_some(&tiles[..]));
+            let p = softmax_kept(&scores, sinks.map(|s| s[h]), tiles.as_deref());
             let o = &mut out[(t * nh + h) * d..][..d];
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {

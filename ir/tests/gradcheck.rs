@@ -25,7 +25,7 @@
 //! the per-tensor errors.
 
 use vpmoe_ir::backward::backward;
-use vpmoe_ir::reference::{forward, topk, Dims, NaiveGemm, Tensor};
+use vpmoe_ir::reference::{forward, gather_rows, topk, Dims, NaiveGemm, Tensor};
 use vpmoe_ir::{Attn, AttnKind, GroupLimit, Op, Vjp};
 
 /// Relative FD step (times the tensor's rms).
@@ -369,7 +369,7 @@ fn expert_pattern(xs: &[Tensor], h: usize, f: usize, e: usize, bias: bool) -> Ve
     let mut out = vec![];
     for ex in 0..e {
         let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-        let xe: Vec<f32> = src[r0..r1].iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect();
+        let xe = gather_rows(x, &src[r0..r1], h);
         out.extend(relu_pattern(&xe, &w1[ex * f * h..][..f * h], b1.map(|b| &b[ex * f..][..f]), r1 - r0, h, f));
     }
     out

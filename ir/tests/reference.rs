@@ -146,9 +146,10 @@ fn dispatch_is_expert_major_and_combine_inverts_it() {
     assert_eq!(d[2].i(), &[0, 3, 4, 6]); // expert 0 has 3 rows, 1 has 1, 2 has 2
                                          // row of (t,k): expert 0 rows 0..3 hold slots 1,2,5; expert 1 row 3 slot 3; expert 2 rows 4,5 slots 0,4.
     assert_eq!(d[1].i(), &[4, 0, 1, 3, 5, 2]);
-    assert_eq!(d[0].i(), &[0, 1, 2, 1, 0, 2]); // the token each row reads
-                                               // Identity experts: row r holds x[src[r]].
-    let yp: Vec<f32> = d[0].i().iter().flat_map(|&s| &x[s as usize * h..][..h]).copied().collect();
+    // The token each row reads.
+    assert_eq!(d[0].i(), &[0, 1, 2, 1, 0, 2]);
+    // Identity experts: row r holds x[src[r]].
+    let yp = gather_rows(&x, d[0].i(), h);
     let gate = Tensor::f32(vec![t, k], vec![1.0; t * k]);
     let resid = Tensor::f32(vec![t, h], vec![0.0; t * h]);
     let c = forward(
