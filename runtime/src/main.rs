@@ -58,6 +58,11 @@ struct BackendArgs {
     /// step (same results bit for bit). The locked config then fits an 80 GB H100.
     #[arg(long)]
     host_momentum: bool,
+    /// cuda: issue the dense GEMMs that are plain products (the LM head's backward, bias-free
+    /// projections) as cuBLAS calls instead of generated kernels. Needs libcublas on the loader
+    /// path; results differ from the generated kernels by summation order only.
+    #[arg(long)]
+    cublas: bool,
 }
 
 /// A plan run on seeded synthetic micro-batches (`forward`, `bench`).
@@ -265,13 +270,18 @@ fn backend<'g>(
 ) -> Result<Box<dyn Backend + 'g>> {
     Ok(match args.kind {
         BackendKind::Cpu if args.host_momentum => bail!("--host-momentum places cuda state; it needs --backend cuda"),
+        BackendKind::Cpu if args.cublas => bail!("--cublas chooses cuda GEMMs; it needs --backend cuda"),
         BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
         BackendKind::Cuda => {
-            let be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
+            let mut be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
+            if args.cublas {
+                be.use_cublas()?;
+            }
             let (stored, compiled) = be.kernel_sources();
             eprintln!(
-                "cuda backend on {}: {stored} kernels from the plan's cubins, {compiled} compiled by NVRTC",
-                Backend::device_name(&be)
+                "cuda backend on {}: {stored} kernels from the plan's cubins, {compiled} compiled by NVRTC{}",
+                Backend::device_name(&be),
+                if args.cublas { "; plain dense GEMMs on cuBLAS" } else { "" }
             );
             Box::new(be)
         }
@@ -455,7 +465,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let median = wall[wall.len() / 2];
     let tps = (tokens as u64 * grad_accum) as f64 / median;
     let flops = plan.report.training_flops_per_token;
-    println!("{}", bench_header(&plan.arch.name, &device, grad_accum, a.micro_batch, seq, steps));
+    let gemms = if a.backend.cublas { ", cuBLAS GEMMs" } else { "" };
+    println!("{}{gemms}", bench_header(&plan.arch.name, &device, grad_accum, a.micro_batch, seq, steps));
     println!("step          {:.3} s median (min {:.3}, max {:.3})", median, wall[0], wall[wall.len() - 1]);
     println!("tokens/s      {tps:.0}");
     match peak_flops(&device) {

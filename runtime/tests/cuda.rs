@@ -88,14 +88,60 @@ fn every_node_matches_the_reference() {
         return;
     }
     let (g, plan) = small();
-    let mut failures = Vec::new();
-    let mut checked = 0usize;
-    for (what, batch, skew) in batches(plan.arch.vocab, seq(&plan)) {
-        let mut st = TrainState::init(&plan, 7);
-        if skew {
-            skew_router(&plan, &mut st);
+    let (failures, checked, _) = node_parity(&g, &plan, batches(plan.arch.vocab, seq(&plan)), false);
+    assert!(failures.is_empty(), "{} of {checked} node outputs differ:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// `--cublas`: the dense GEMMs that are plain products issued as cuBLAS calls (runtime/src/cuda/
+/// blas.rs) give every node's outputs within the same tolerances, and cuBLAS really ran them.
+#[test]
+fn cublas_gemms_match_the_reference() {
+    if !gpu("cublas_gemms_match_the_reference") {
+        return;
+    }
+    let (g, plan) = small();
+    let random = batches(plan.arch.vocab, seq(&plan)).into_iter().take(1).collect();
+    let (failures, checked, calls) = node_parity(&g, &plan, random, true);
+    assert!(calls > 0, "no launch went to cuBLAS");
+    eprintln!("cublas: {calls} launches issued as cuBLAS calls");
+    assert!(failures.is_empty(), "{} of {checked} node outputs differ:\n{}", failures.len(), failures.join("\n"));
+
+    // A later micro-batch adds into the gradient sums (β = 1): two micro-batches accumulated with
+    // cuBLAS give the generated kernels' sums up to summation order.
+    use vpmoe_runtime::backend::Backend;
+    let micro: Vec<Batch> = (0..2).map(|i| synthetic_batch(plan.arch.vocab, seq(&plan), 2, 21 + i)).collect();
+    let sums = |cublas: bool| {
+        let tokens = micro[0].tokens.len();
+        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, 7), None, tokens, false).unwrap();
+        if cublas {
+            be.use_cublas().unwrap();
         }
-        let mut be = CudaBackend::new(&g, &plan, st, None, batch.tokens.len(), false).unwrap();
+        micro.iter().for_each(|b| drop(be.accumulate(b).unwrap()));
+        be.gradient_sums().unwrap()
+    };
+    let (want, got) = (sums(false), sums(true));
+    let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    for ((p, w), x) in plan.params.iter().zip(&want).zip(&got) {
+        let diff: Vec<f32> = w.iter().zip(x).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(w).max(1e-30);
+        assert!(rel <= 2e-2, "{}: gradient sum with cuBLAS off by {rel:.3e} of its norm", p.name);
+    }
+}
+
+/// Runs every node of each batch on poisoned arenas and compares its outputs with the reference
+/// semantics of its op on the inputs the kernels saw: (failures, outputs checked, cuBLAS calls).
+fn node_parity(g: &Graph, plan: &Plan, batches: Vec<(&str, Batch, bool)>, cublas: bool) -> (Vec<String>, usize, u64) {
+    let mut failures = Vec::new();
+    let (mut checked, mut calls) = (0usize, 0u64);
+    for (what, batch, skew) in batches {
+        let mut st = TrainState::init(plan, 7);
+        if skew {
+            skew_router(plan, &mut st);
+        }
+        let mut be = CudaBackend::new(g, plan, st, None, batch.tokens.len(), false).unwrap();
+        if cublas {
+            be.use_cublas().unwrap();
+        }
         be.poison = true;
         let dims = Dims { tokens: batch.tokens.len(), seq: batch.seq };
         let mut each = |ni: usize, be: &CudaBackend, lay: &vpmoe_runtime::cuda::bind::Layout| -> anyhow::Result<()> {
@@ -113,8 +159,9 @@ fn every_node_matches_the_reference() {
             Ok(())
         };
         be.run_nodes(&batch, g.nodes.len(), Some(&mut each)).unwrap();
+        calls += be.cublas_calls();
     }
-    assert!(failures.is_empty(), "{} of {checked} node outputs differ:\n{}", failures.len(), failures.join("\n"));
+    (failures, checked, calls)
 }
 
 /// Seeded N(0, sd) values (a small LCG + Box–Muller: the test needs no RNG crate).
@@ -354,25 +401,37 @@ fn assert_same_state(a: &TrainState, b: &TrainState, steps: u64) {
 
 /// Micro-batches replayed as CUDA graphs (the default) against launches issued one by one from
 /// the host: three steps of two micro-batches each (a step's first micro-batch and a later one
-/// are captured apart) leave the same state and losses bit for bit.
+/// are captured apart) leave the same state and losses bit for bit, with the generated GEMMs
+/// and with `--cublas` (its calls captured into the graphs too), whose losses track the
+/// generated ones.
 #[test]
 fn graph_replay_gives_the_same_state_bit_for_bit() {
     if !gpu("graph_replay_gives_the_same_state_bit_for_bit") {
         return;
     }
     let (g, plan) = small();
-    let (mut states, mut losses) = (Vec::new(), Vec::new());
-    for graphs in [true, false] {
-        let (c, o) = cfg(&plan, 3, tmp(if graphs { "replay-graph" } else { "replay-host" }));
-        let tokens = c.micro_batch * c.seq_len;
-        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, false).unwrap();
-        be.graphs = graphs;
-        let out = train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
-        losses.push(out.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>());
-        states.push(vpmoe_runtime::Backend::state(&be).unwrap());
+    let mut loss_of = Vec::new();
+    for cublas in [false, true] {
+        let (mut states, mut losses) = (Vec::new(), Vec::new());
+        for graphs in [true, false] {
+            let (c, o) = cfg(&plan, 3, tmp(&format!("replay-{graphs}-{cublas}")));
+            let tokens = c.micro_batch * c.seq_len;
+            let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, false).unwrap();
+            be.graphs = graphs;
+            if cublas {
+                be.use_cublas().unwrap();
+            }
+            let out = train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
+            assert_eq!(be.cublas_calls() > 0, cublas, "cuBLAS calls issued");
+            losses.push(out.records.iter().map(|r| r.loss).collect::<Vec<_>>());
+            states.push(vpmoe_runtime::Backend::state(&be).unwrap());
+        }
+        let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&losses[0]), bits(&losses[1]), "losses differ (cublas {cublas})");
+        assert_same_state(&states[0], &states[1], 3);
+        loss_of.push(losses.swap_remove(0));
     }
-    assert_eq!(losses[0], losses[1], "losses differ");
-    assert_same_state(&states[0], &states[1], 3);
+    assert_tracks(&loss_of[1], &loss_of[0], "cublas against the generated GEMMs");
 }
 
 /// The GPU tests above, in a child process whose CUDA driver is the host emulator's stand-in
@@ -400,8 +459,11 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         .status()
         .expect("g++ is needed to build the host emulator's driver");
     assert!(built.success(), "building the host emulator's driver failed");
+    // Its cuBLAS stand-in lives in the same library: one file under both names, mapped once.
+    std::os::unix::fs::symlink("libcuda.so", lib.join("libcublas.so")).unwrap();
     let tests = [
         "every_node_matches_the_reference",
+        "cublas_gemms_match_the_reference",
         "the_device_optimizer_matches_the_host_step",
         "training_tracks_the_cpu_backend_for_24_steps",
         "checkpoints_resume_across_backends",
@@ -418,7 +480,20 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         .env("VPMOE_CUDA_TEST_ARCH", "tests/configs/emu_moe.toml")
         .output()
         .unwrap();
+    // Without cuBLAS on the loader path, --cublas is refused with an explanation (no panic).
+    std::fs::remove_file(lib.join("libcublas.so")).unwrap();
+    let no_blas = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+        .args(["forward", "--backend", "cuda", "--cublas", "--arch"])
+        .arg(root().join("tests/configs/emu_moe.toml"))
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("VPMOE_EMU_SRC", &src)
+        .env("VPMOE_EMU_CACHE", base.join("emu-kernel-cache"))
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&lib);
+    let err = String::from_utf8_lossy(&no_blas.stderr);
+    assert_eq!(no_blas.status.code(), Some(1), "{err}");
+    assert!(err.contains("--cublas needs the cuBLAS library") && !err.contains("panicked"), "{err}");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the GPU tests failed on the host emulator:\n{text}");
     for t in tests {

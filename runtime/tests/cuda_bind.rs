@@ -10,13 +10,16 @@ use vpmoe_codegen::{kernels::family, lower_node};
 use vpmoe_compiler::{compile_arch, config};
 use vpmoe_ir::DType;
 use vpmoe_runtime::cuda::bind::{Layout, Param, Region};
+use vpmoe_runtime::cuda::blas::{lower, Gemm};
 
 const TOK_BASE: u64 = 1 << 40;
 const FIXED_BASE: u64 = 1 << 44;
 const PARAM_BASE: u64 = 1 << 46;
 const SUM_BASE: u64 = 1 << 47;
 
-fn check(rel: &str, rows: u64) {
+/// Binds every launch of config `rel` at `rows` rows; returns the launches `--cublas` issues as
+/// cuBLAS calls (kernel names, in plan order).
+fn check(rel: &str, rows: u64) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let (g, plan) = compile_arch(&config::load(&root.join(rel)).unwrap()).unwrap();
     let seq = plan.arch.max_seq.min(256);
@@ -55,6 +58,7 @@ fn check(rel: &str, rows: u64) {
     };
     let mut written = BTreeSet::new();
     let mut launches = 0;
+    let mut blas = Vec::new();
     for (ni, node) in g.nodes.iter().enumerate() {
         let scratch = lower_node(node).1;
         for l in &plan.steps[ni].launches {
@@ -89,11 +93,44 @@ fn check(rel: &str, rows: u64) {
                     }
                 }
             }
+            if let Some(gm) = lower(&l.kernel, &b) {
+                check_blas_operands(&format!("{rel}: {} ({})", node.name, b.kernel), &gm, &b.params);
+                blas.push(b.kernel.clone());
+            }
             launches += 1;
         }
     }
     assert_eq!(launches, plan.report.launches, "{rel}: every launch bound");
     assert_eq!(written.len(), sums.len(), "{rel}: every gradient sum written");
+    blas
+}
+
+/// A cuBLAS call reads and writes inside the regions its launch bound: each operand's column-major
+/// extent (`cols − 1` leading dimensions plus `rows` elements) fits the region at its pointer,
+/// and every leading dimension is at least its matrix's row count (cuBLAS refuses less).
+fn check_blas_operands(what: &str, g: &Gemm, params: &[Param]) {
+    let region = |addr: u64| {
+        params
+            .iter()
+            .find_map(|p| match p {
+                Param::Ptr(a, Some(r)) if *a == addr => Some(*r),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{what}: operand {addr:#x} is not a bound region"))
+    };
+    let (ar, ac) = if g.ta { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if g.tb { (g.n, g.k) } else { (g.k, g.n) };
+    for (name, addr, rows, cols, ld, dtype) in [
+        ("A", g.a, ar, ac, g.lda, DType::Bf16),
+        ("B", g.b, br, bc, g.ldb, DType::Bf16),
+        ("C", g.c, g.m, g.n, g.ldc, if g.c_f32 { DType::F32 } else { DType::Bf16 }),
+    ] {
+        let r = region(addr);
+        assert_eq!(r.dtype, dtype, "{what}: {name}'s element type");
+        assert!(rows > 0 && cols > 0 && ld >= rows, "{what}: {name} is {rows} x {cols} with ld {ld}");
+        let need = ((cols as u64 - 1) * ld as u64 + rows as u64) * dtype.bytes();
+        assert!(need <= r.bytes, "{what}: {name} spans {need} bytes of a {}-byte region", r.bytes);
+    }
 }
 
 #[test]
@@ -101,9 +138,20 @@ fn every_launch_binds_small() {
     check("configs/small.toml", 2);
 }
 
+/// Also what `--cublas` takes over on the locked config: the LM head's backward (both gradient
+/// GEMMs of all eight vocabulary chunks but the last chunk's input gradient, which rounds the
+/// f32 accumulator to bf16 in its epilogue) and the bias-free projections.
 #[test]
 fn every_launch_binds_locked() {
-    check("configs/vpmoe.toml", 1);
+    let blas = check("configs/vpmoe.toml", 1);
+    let mut by_kernel = BTreeMap::<&str, usize>::new();
+    blas.iter().for_each(|k| *by_kernel.entry(k).or_default() += 1);
+    eprintln!("--cublas issues {} launches as cuBLAS calls: {by_kernel:#?}", blas.len());
+    let n = |k: &str| by_kernel.get(k).copied().unwrap_or(0);
+    // The head's weight gradient: seven full chunks and the last, narrower one.
+    assert_eq!(n("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20") + n("vp_gemm_tn_N25024_K1024_E0_AMODE0_BRELU20"), 8);
+    assert_eq!(n("vp_gemm_nn_N1024_KD25152_E0_AMODE0_EPI0_OUT1"), 7);
+    assert!(n("vp_gemm_N512_KD1024_EPI0_OUT0") >= 80, "every layer's TPA query-factor GEMM");
 }
 
 /// The checks bite: an argument of the wrong element type or an out-of-range grid is refused.
@@ -188,4 +236,172 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
             eprintln!("locked config at 2048 tokens: {device:.2} GiB, {h100:.2} GiB with --host-momentum");
         }
     }
+}
+
+/// `--cublas`'s mapping, without a GPU: each plain-product launch shape (odd sizes, output and
+/// operand row strides wider than the matrix, f32 and bf16 outputs, storing and accumulating)
+/// is bound to host buffers, lowered to its `cublasGemmEx` arguments, and those are evaluated
+/// with cuBLAS's column-major semantics; the result must equal the family's row-major contract
+/// (gemm.cuh, gemm_nn.cuh, gemm_tn.cuh). Small integers keep every value exact in bf16.
+#[test]
+fn cublas_calls_compute_what_the_kernels_compute() {
+    use half::bf16;
+    use vpmoe_codegen::KernelSpec;
+    use vpmoe_runtime::cuda::bind::Bound;
+
+    fn ints(n: usize, seed: usize) -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32(((i * 7 + seed * 13) % 11) as f32 - 5.0)).collect()
+    }
+    fn region<T>(v: &[T], dtype: DType) -> Param {
+        let r = Region { addr: v.as_ptr() as u64, bytes: std::mem::size_of_val(v) as u64, dtype };
+        Param::Ptr(r.addr, Some(r))
+    }
+    /// An output: its address comes from a mutable borrow (the call writes through it).
+    fn dst<T>(v: &mut [T], dtype: DType) -> Param {
+        let r = Region { addr: v.as_mut_ptr() as u64, bytes: std::mem::size_of_val(v) as u64, dtype };
+        Param::Ptr(r.addr, Some(r))
+    }
+    /// cublasGemmEx's reference semantics on host memory.
+    fn run(g: &Gemm) {
+        let at = |p: u64, i: usize| unsafe { (*(p as *const bf16).add(i)).to_f32() as f64 };
+        for j in 0..g.n as usize {
+            for i in 0..g.m as usize {
+                let mut s = 0f64;
+                for l in 0..g.k as usize {
+                    let a = if g.ta { at(g.a, i * g.lda as usize + l) } else { at(g.a, l * g.lda as usize + i) };
+                    let b = if g.tb { at(g.b, l * g.ldb as usize + j) } else { at(g.b, j * g.ldb as usize + l) };
+                    s += a * b;
+                }
+                let o = j * g.ldc as usize + i;
+                unsafe {
+                    if g.c_f32 {
+                        let c = (g.c as *mut f32).add(o);
+                        *c = (s + g.beta as f64 * *c as f64) as f32;
+                    } else {
+                        let c = (g.c as *mut bf16).add(o);
+                        *c = bf16::from_f64(s + g.beta as f64 * (*c).to_f64());
+                    }
+                }
+            }
+        }
+    }
+    let bound = |family: &str, targs: &[u64], params: Vec<Param>, z: u32| {
+        let spec = KernelSpec { family: family.into(), targs: targs.to_vec() };
+        let b = Bound { kernel: spec.name(), grid: [1, 1, z], block: 128, params };
+        let g = lower(&spec, &b).unwrap_or_else(|| panic!("{} is a plain product", b.kernel));
+        run(&g);
+    };
+    let f = |x: bf16| x.to_f32();
+
+    // gemm: Y[M, N] = X[M, KD]·W[N, KD]ᵀ into a wider output (ldy > N), bf16 and f32.
+    let (m, n, kd, ldy) = (3usize, 5usize, 7usize, 9usize);
+    let (x, w) = (ints(m * kd, 1), ints(n * kd, 2));
+    for out in [0u64, 1] {
+        let mut yb = vec![bf16::from_f32(99.0); m * ldy];
+        let mut yf = vec![99f32; m * ldy];
+        let y = if out == 1 { dst(&mut yf, DType::F32) } else { dst(&mut yb, DType::Bf16) };
+        let ps = vec![
+            region(&x, DType::Bf16),
+            region(&w, DType::Bf16),
+            Param::Ptr(0, None),
+            Param::Ptr(0, None),
+            y,
+            Param::I32(m as i32),
+            Param::I32(ldy as i32),
+        ];
+        bound("gemm", &[n as u64, kd as u64, 0, out], ps, 1);
+        for r in 0..m {
+            for c in 0..ldy {
+                let want = if c < n { (0..kd).map(|k| f(x[r * kd + k]) * f(w[c * kd + k])).sum() } else { 99.0 };
+                let got = if out == 1 { yf[r * ldy + c] } else { f(yb[r * ldy + c]) };
+                assert_eq!(got, want, "gemm OUT{out} ({r}, {c})");
+            }
+        }
+    }
+
+    // gemm_nn: Y[M, N] = A[M, KD] (row stride lda)·W[KD, N], stored in bf16, then added in place
+    // into an f32 accumulator (acc = y).
+    let (m, n, kd, lda, ldy) = (4usize, 6usize, 5usize, 8usize, 7usize);
+    let (a, w) = (ints(m * lda, 3), ints(kd * n, 4));
+    let prod = |r: usize, c: usize| (0..kd).map(|k| f(a[r * lda + k]) * f(w[k * n + c])).sum::<f32>();
+    let mut yb = vec![bf16::from_f32(99.0); m * ldy];
+    let nn = |acc: Param, y: Param, out: u64| {
+        let ps = vec![
+            region(&a, DType::Bf16),
+            Param::Ptr(0, None),
+            region(&w, DType::Bf16),
+            acc,
+            Param::Ptr(0, None),
+            y,
+            Param::I32(m as i32),
+            Param::I32(lda as i32),
+            Param::I32(ldy as i32),
+        ];
+        bound("gemm_nn", &[n as u64, kd as u64, 0, 0, 0, out], ps, 1);
+    };
+    nn(Param::Ptr(0, None), dst(&mut yb, DType::Bf16), 0);
+    let mut yf: Vec<f32> = (0..m * ldy).map(|i| i as f32).collect();
+    let acc = dst(&mut yf, DType::F32);
+    nn(acc, acc, 1);
+    for r in 0..m {
+        for c in 0..ldy {
+            let (want_b, want_f) =
+                if c < n { (prod(r, c), prod(r, c) + (r * ldy + c) as f32) } else { (99.0, (r * ldy + c) as f32) };
+            assert_eq!(f(yb[r * ldy + c]), want_b, "gemm_nn store ({r}, {c})");
+            assert_eq!(yf[r * ldy + c], want_f, "gemm_nn accumulate ({r}, {c})");
+        }
+    }
+
+    // gemm_tn: Y[N, K] (+)= A[M, N]ᵀ·B[M, K] with row strides lda, ldb, stored (accum 0) and
+    // added into a gradient sum (accum 1).
+    let (m, n, k, lda, ldb) = (5usize, 4usize, 6usize, 7usize, 9usize);
+    let (a, b) = (ints(m * lda, 5), ints(m * ldb, 6));
+    let prod = |i: usize, j: usize| (0..m).map(|r| f(a[r * lda + i]) * f(b[r * ldb + j])).sum::<f32>();
+    for accum in [0, 1] {
+        let mut y: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let ps = vec![
+            region(&a, DType::Bf16),
+            region(&b, DType::Bf16),
+            Param::Ptr(0, None),
+            Param::Ptr(0, None),
+            dst(&mut y, DType::F32),
+            Param::I32(m as i32),
+            Param::I32(lda as i32),
+            Param::I32(ldb as i32),
+            Param::I32(accum),
+        ];
+        bound("gemm_tn", &[n as u64, k as u64, 0, 0, 0], ps, 1);
+        for i in 0..n {
+            for j in 0..k {
+                assert_eq!(
+                    y[i * k + j],
+                    prod(i, j) + accum as f32 * (i * k + j) as f32,
+                    "gemm_tn accum {accum} ({i}, {j})"
+                );
+            }
+        }
+    }
+
+    // Not plain products: these keep their generated kernels.
+    let spec = |family: &str, targs: &[u64]| KernelSpec { family: family.into(), targs: targs.to_vec() };
+    let nulls = |n: usize| vec![Param::Ptr(0, None); n];
+    let with_ints = |mut p: Vec<Param>, ints: &[i32]| {
+        p.extend(ints.iter().map(|&i| Param::I32(i)));
+        p
+    };
+    let b =
+        |family: &str, params: Vec<Param>, z: u32| Bound { kernel: family.into(), grid: [1, 1, z], block: 128, params };
+    assert!(lower(&spec("gemm", &[8, 8, 1, 0]), &b("gemm", with_ints(nulls(5), &[4, 8]), 1)).is_none(), "ReLU²");
+    assert!(
+        lower(&spec("gemm_nn", &[8, 8, 4, 0, 0, 0]), &b("gemm_nn", with_ints(nulls(6), &[4, 8, 8]), 1)).is_none(),
+        "grouped"
+    );
+    assert!(
+        lower(&spec("gemm_tn", &[8, 8, 0, 1, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 1)).is_none(),
+        "f32 split A"
+    );
+    assert!(
+        lower(&spec("gemm_tn", &[8, 8, 0, 0, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 4)).is_none(),
+        "split-K partials"
+    );
 }

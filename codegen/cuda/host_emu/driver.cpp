@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <chrono>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -31,7 +32,8 @@ typedef unsigned long long CUdeviceptr;
 typedef int (*Launch)(unsigned, unsigned, unsigned, unsigned, void**);
 
 struct Module { void* so; Launch launch; int nargs; const unsigned long* argsize; std::string name; };
-struct Rec { Module* m; unsigned g[3], nt; std::vector<std::vector<char>> args; };
+// A recorded launch: a kernel with its argument bytes, or (m == nullptr) a host-side library call.
+struct Rec { Module* m; unsigned g[3], nt; std::vector<std::vector<char>> args; std::function<int()> host; };
 struct Graph { std::vector<Rec> recs; };
 struct Stream { Graph* capturing = nullptr; };
 struct Event { double ms = 0; };
@@ -210,6 +212,7 @@ CUresult cuFuncGetAttribute(int* v, int, void*) { LOCKED; *v = 0; return OK; }
 CUresult cuFuncSetAttribute(void*, int, int) { LOCKED; return OK; }
 
 static CUresult run(const Rec& r, void** args) {
+    if (!r.m) return r.host() == 0 ? OK : LAUNCH_FAILED;
     if (r.m->launch(r.g[0], r.g[1], r.g[2], r.nt, args) != 0) {
         fprintf(stderr, "vpmoe host emulator: kernel %s reported emulator errors\n", r.m->name.c_str());
         return LAUNCH_FAILED;
@@ -221,7 +224,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     LOCKED;
     Module* m = (Module*)f;
     if (by != 1 || bz != 1 || smem != 0 || extra || !gx || !gy || !gz || !bx || bx > 1024) return INVALID_VALUE;
-    Rec r{m, {gx, gy, gz}, bx, {}};
+    Rec r{m, {gx, gy, gz}, bx, {}, {}};
     Stream* s = stream ? (Stream*)stream : &g_legacy;
     if (!s->capturing) return run(r, params);
     for (int i = 0; i < m->nargs; ++i) r.args.emplace_back((char*)params[i], (char*)params[i] + m->argsize[i]);
@@ -276,4 +279,63 @@ CUresult cuGetErrorName(CUresult e, const char** s) { LOCKED;
     return OK;
 }
 CUresult cuGetErrorString(CUresult e, const char** s) { LOCKED; return cuGetErrorName(e, s); }
+
+// cuBLAS, the part `--cublas` uses (runtime/src/cuda/blas.rs): the test harness links libcublas.so
+// to this library, so the loader maps it once and both share the streams above. cublasGemmEx
+// follows the cuBLAS reference semantics (column-major, op(A) = Aᵀ for CUBLAS_OP_T, leading
+// dimensions in elements, C not read when beta == 0) for bf16 A and B, f32 or bf16 C and f32
+// compute, checks its arguments as cuBLAS does, and refuses to be captured into a graph without a
+// workspace set (real cuBLAS would allocate one during capture).
+enum { BLAS_OK = 0, BLAS_NOT_INITIALIZED = 1, BLAS_INVALID_VALUE = 7, BLAS_NOT_SUPPORTED = 15 };
+enum { R_32F = 0, R_16BF = 14, COMPUTE_32F = 68 };
+struct BlasHandle { void* stream = nullptr; void* workspace = nullptr; size_t workspace_bytes = 0; };
+static float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+int cublasCreate_v2(BlasHandle** h) { LOCKED; if (!h) return BLAS_INVALID_VALUE; *h = new BlasHandle; return BLAS_OK; }
+int cublasDestroy_v2(BlasHandle* h) { LOCKED; if (!h) return BLAS_NOT_INITIALIZED; delete h; return BLAS_OK; }
+int cublasSetStream_v2(BlasHandle* h, void* stream) { LOCKED; if (!h) return BLAS_NOT_INITIALIZED; h->stream = stream; return BLAS_OK; }
+int cublasSetWorkspace_v2(BlasHandle* h, void* ws, size_t bytes) { LOCKED;
+    if (!h) return BLAS_NOT_INITIALIZED;
+    h->workspace = ws; h->workspace_bytes = bytes;
+    return BLAS_OK;
+}
+int cublasGemmEx(BlasHandle* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda,
+                 const void* B, int btype, int ldb, const void* beta, void* C, int ctype, int ldc, int compute, int /*algo*/) {
+    LOCKED;
+    if (!h) return BLAS_NOT_INITIALIZED;
+    if (atype != R_16BF || btype != R_16BF || (ctype != R_32F && ctype != R_16BF) || compute != COMPUTE_32F) return BLAS_NOT_SUPPORTED;
+    if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1) || m < 0 || n < 0 || k < 0 || !alpha || !beta) return BLAS_INVALID_VALUE;
+    if (lda < std::max(1, ta ? k : m) || ldb < std::max(1, tb ? n : k) || ldc < std::max(1, m)) return BLAS_INVALID_VALUE;
+    const float al = *(const float*)alpha, be = *(const float*)beta;  // host pointer mode: read now
+    const uint16_t* a = (const uint16_t*)A; const uint16_t* b = (const uint16_t*)B;
+    auto call = [=]() {
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                float s = 0.f;
+                for (int l = 0; l < k; ++l) {
+                    const float x = bf16_to_f32(a[ta ? (size_t)i * lda + l : (size_t)l * lda + i]);
+                    const float y = bf16_to_f32(b[tb ? (size_t)l * ldb + j : (size_t)j * ldb + l]);
+                    s += x * y;
+                }
+                const size_t o = (size_t)j * ldc + i;
+                if (ctype == R_32F) {
+                    float* c = (float*)C;
+                    c[o] = al * s + (be != 0.f ? be * c[o] : 0.f);
+                } else {
+                    uint16_t* c = (uint16_t*)C;
+                    c[o] = f32_to_bf16(al * s + (be != 0.f ? be * bf16_to_f32(c[o]) : 0.f));
+                }
+            }
+        return 0;
+    };
+    Stream* s = h->stream ? (Stream*)h->stream : &g_legacy;
+    if (!s->capturing) return call();
+    if (!h->workspace || h->workspace_bytes == 0) return BLAS_NOT_SUPPORTED;
+    s->capturing->recs.push_back(Rec{nullptr, {0, 0, 0}, 0, {}, call});
+    return BLAS_OK;
+}
 }

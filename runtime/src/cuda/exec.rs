@@ -38,6 +38,10 @@ pub struct Launcher {
     /// Per-kernel CUDA-event timing of every launch, when on.
     timer: Option<super::timing::Timer>,
     stream: cudarc::driver::sys::CUstream,
+    /// `--cublas`: plain dense products go to cuBLAS ([`super::blas`]).
+    blas: Option<super::blas::Blas>,
+    /// Launches issued as cuBLAS calls so far.
+    cublas_calls: u64,
 }
 
 impl Launcher {
@@ -59,6 +63,21 @@ impl Launcher {
             super::bind::check_type(&name, pname, cty, p)?;
         }
         self.raw(&name, node, grid, block, params).with_context(|| format!("{node}: launching {name}"))
+    }
+
+    /// Issues a bound plan launch: as a cuBLAS call when cuBLAS is on and the launch is a plain
+    /// product, else as its generated kernel.
+    fn issue(&mut self, spec: &KernelSpec, b: &Bound, node: &str) -> Result<()> {
+        let Some(g) = self.blas.as_ref().and_then(|_| super::blas::lower(spec, b)) else {
+            return self.raw(&b.kernel, node, b.grid, b.block, &b.params);
+        };
+        let t0 = self.timer.as_mut().map(|t| t.start(self.stream)).transpose()?;
+        self.blas.as_ref().expect("checked above").gemm(&g, self.stream)?;
+        self.cublas_calls += 1;
+        if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
+            t.stop(&format!("cublas:{}", b.kernel), node, t0, self.stream)?;
+        }
+        Ok(())
     }
 
     fn raw(&mut self, kernel: &str, node: &str, grid: [u32; 3], block: u32, params: &[Param]) -> Result<()> {
@@ -156,7 +175,7 @@ impl<'g> CudaBackend<'g> {
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
         let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
         let sums = Rc::new(gradient_sums(graph, plan, &opt)?);
-        let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream() };
+        let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream(), blas: None, cublas_calls: 0 };
         let capture_stream = gpu.ctx.new_stream().map_err(|e| anyhow!("creating the capture stream: {e}"))?;
         Ok(CudaBackend {
             graph,
@@ -179,6 +198,21 @@ impl<'g> CudaBackend<'g> {
         })
     }
 
+    /// Issues every plan launch that is a plain dense product as a cuBLAS call from now on
+    /// (`--cublas`, [`super::blas`]); fails with an explanation when cuBLAS is not installed.
+    pub fn use_cublas(&mut self) -> Result<()> {
+        if self.launcher.blas.is_none() {
+            self.launcher.blas = Some(super::blas::Blas::new(&self.gpu)?);
+            self.captured.clear();
+        }
+        Ok(())
+    }
+
+    /// Plan launches issued as cuBLAS calls so far (graph captures count once).
+    pub fn cublas_calls(&self) -> u64 {
+        self.launcher.cublas_calls
+    }
+
     /// Kernels loaded from the plan directory's cubins, and compiled (or cached) by NVRTC.
     pub fn kernel_sources(&self) -> (usize, usize) {
         (self.launcher.kernels.from_plan, self.launcher.kernels.compiled)
@@ -192,6 +226,21 @@ impl<'g> CudaBackend<'g> {
         }
         self.loads = loads;
         self.opt.set_grad_sums(grads)
+    }
+
+    /// The step's gradient sums so far (plan order, empty for frozen parameters): what the next
+    /// optimizer step consumes. For parity tests of the accumulation across micro-batches.
+    pub fn gradient_sums(&self) -> Result<Vec<Vec<f32>>> {
+        self.opt
+            .grad_sums(self.plan.params.len())
+            .into_iter()
+            .map(|r| {
+                let Some(r) = r else { return Ok(Vec::new()) };
+                let mut x = vec![0f32; (r.bytes / 4) as usize];
+                download(r.addr, &mut x)?;
+                Ok(x)
+            })
+            .collect()
     }
 
     /// Starts (or stops and returns) per-kernel timing with CUDA events.
@@ -281,7 +330,7 @@ impl<'g> CudaBackend<'g> {
             for l in &plan.steps[ni].launches {
                 let b: Bound = lay.bind(ni, l, &self.scratch[ni]).with_context(|| format!("binding {}", node.name))?;
                 self.launcher
-                    .raw(&b.kernel, &node.name, b.grid, b.block, &b.params)
+                    .issue(&l.kernel, &b, &node.name)
                     .with_context(|| format!("{}: launching {}", node.name, b.kernel))?;
             }
             if let Some(f) = each.as_deref_mut() {

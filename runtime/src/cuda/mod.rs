@@ -3,6 +3,7 @@
 //! [`CudaBackend::new`] fails with an explanation; nothing falls back to the cpu backend.
 
 pub mod bind;
+pub mod blas;
 pub mod device;
 mod exec;
 mod kernels;
