@@ -68,11 +68,11 @@ impl Launcher {
     /// Issues a bound plan launch: as a cuBLAS call when cuBLAS is on and the launch is a plain
     /// product, else as its generated kernel.
     fn issue(&mut self, spec: &KernelSpec, b: &Bound, node: &str) -> Result<()> {
-        let Some(g) = self.blas.as_ref().and_then(|_| super::blas::lower(spec, b)) else {
+        let Some((blas, g)) = self.blas.as_ref().and_then(|blas| Some((blas, super::blas::lower(spec, b)?))) else {
             return self.raw(&b.kernel, node, b.grid, b.block, &b.params);
         };
         let t0 = self.timer.as_mut().map(|t| t.start(self.stream)).transpose()?;
-        self.blas.as_ref().expect("checked above").gemm(&g, self.stream)?;
+        blas.gemm(&g, self.stream)?;
         self.cublas_calls += 1;
         if let (Some(t), Some(t0)) = (self.timer.as_mut(), t0) {
             t.stop(&format!("cublas:{}", b.kernel), node, t0, self.stream)?;
