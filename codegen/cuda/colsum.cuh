@@ -3,25 +3,27 @@
 //
 //   out[p, c] = Σ_{r in range p} x[r, c]       x: [rows, N] bf16 or f32 (IN_F32), row stride N
 //   E > 0: range p = rows [offsets[p], offsets[p+1]) of expert p (grid (E, ceil(N/256))): the
-//          per-expert bias gradient directly.
-//   E = 0: range p = rows [p·ch, min(rows, (p+1)·ch)), ch = ceil(rows/P), P = gridDim.x (grid
-//          (P, ceil(N/256))). P = 1 is the column sum itself; P > 1 gives P partial rows that
-//          `sum_parts` adds in order (so a long column is summed by P blocks in parallel).
+//          per-expert bias gradient directly; `parts` and `tickets` are null.
+//   E = 0: out[c] = Σ_r x[r, c]. Block p sums rows [p·ch, min(rows, (p+1)·ch)), ch = ceil(rows/P),
+//          P = gridDim.x (grid (P, ceil(N/256))), into partial row p of `parts` [P, N]; the last
+//          of a column block's P blocks to finish (`last_block`, ticket blockIdx.y) adds the P
+//          partials in order into `out`. So a long column is summed by P blocks in parallel.
 //
 // `accum`: add into `out` (put_grad).
 //
 // Block 256: thread c owns one column and sums its rows in ascending order in f32 (D9); loads are
-// coalesced across the block. Deterministic: a fixed sequential order per output; no atomics.
+// coalesced across the block. Deterministic: a fixed sequential order per output; the partials
+// are added in range order whichever block adds them.
 #include "vp_common.cuh"
 
 namespace vp {
 
 template <int N, int IN_F32, int E>
 __device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __restrict__ offsets,
-                                       float* __restrict__ out, int rows, int accum) {
+                                       float* __restrict__ out, int rows, int accum, float* __restrict__ parts,
+                                       int* __restrict__ tickets) {
     const int p = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= N) return;
     int r0, r1;
     if constexpr (E > 0) {
         r0 = offsets[p];
@@ -31,15 +33,20 @@ __device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __
         r0 = min(rows, p * ch);
         r1 = min(rows, r0 + ch);
     }
-    float s = 0.f;
-    if (IN_F32) {
-        const float* xf = reinterpret_cast<const float*>(x) + c;
-        for (int r = r0; r < r1; ++r) s += xf[(size_t)r * N];
-    } else {
-        const bf16* xb = reinterpret_cast<const bf16*>(x) + c;
-        for (int r = r0; r < r1; ++r) s += bf2f(xb[(size_t)r * N]);
+    if (c < N) {
+        float s = 0.f;
+        if (IN_F32) {
+            const float* xf = reinterpret_cast<const float*>(x) + c;
+            for (int r = r0; r < r1; ++r) s += xf[(size_t)r * N];
+        } else {
+            const bf16* xb = reinterpret_cast<const bf16*>(x) + c;
+            for (int r = r0; r < r1; ++r) s += bf2f(xb[(size_t)r * N]);
+        }
+        if (E > 0) put_grad(out + (size_t)p * N + c, s, accum);
+        else parts[(size_t)p * N + c] = s;
     }
-    put_grad(out + (size_t)p * N + c, s, accum);
+    if (E > 0 || !last_block(tickets + blockIdx.y, (int)gridDim.x)) return;
+    if (c < N) put_grad(out + c, sum_parts_at(parts, N, gridDim.x, c), accum);
 }
 
 }  // namespace vp

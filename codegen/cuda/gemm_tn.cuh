@@ -13,15 +13,18 @@
 //   z = blockIdx.z writes Y + z·N·K:
 //     E > 0: z is the expert, rows [offsets[e], offsets[e+1]) (Z = E; an empty expert writes 0);
 //     E = 0: rows [z·ch, min(M, (z+1)·ch)), ch = ceil(M/Z). Z = 1 writes the gradient itself;
-//            Z > 1 writes Z partial sums that `sum_parts` adds in slice order (a deterministic
-//            split-K for small outputs such as the TPA factors or the router).
-//   accum: Y is added into (put_grad) instead of stored, where Y is a gradient sum.
+//            Z > 1 (a split-K for small outputs such as the TPA factors or the router) stores Z
+//            partial sums in Y, and the last of a tile's Z blocks to finish (`last_block`, one
+//            ticket per (x, y) tile) adds them in slice order into `out` [N, K].
+//   accum: the gradient (Y, or `out` when split) is added into (put_grad) instead of stored,
+//   where it is a gradient sum. `out` and `tickets` are null unless E = 0 and Z > 1.
 //
 // Tiles: 64 (n) x 64 (k) outputs per block, four warps of 32x32; the reduction dimension m is
 // walked in slices of 32 through a 3-stage ring. Both operand tiles are stored as loaded (32 m-rows
 // x 64 columns, rows padded to 144 B) and read with ldmatrix.trans, which yields exactly the
 // m-pairs the mma fragments need (Aᵀ as the row-major A operand, B as the "col" B operand).
-// Deterministic: each output element is one thread's fixed-order sum over its range; no atomics.
+// Deterministic: each output element is one thread's fixed-order sum over its range, and a split's
+// partials are added in slice order whichever block adds them.
 #include "vp_common.cuh"
 #include "gemm_nn.cuh"
 
@@ -39,7 +42,7 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
 
 template <int N, int K, int E, int AMODE, int BRELU2>
 __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
-                                        int M, int lda, int ldb, int accum) {
+                                        int M, int lda, int ldb, int accum, float* out, int* tickets) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
     static_assert(AMODE == 0 || AMODE == 1, "AMODE");
@@ -58,6 +61,8 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
         m_beg = min(M, z * ch);
         m_end = min(M, m_beg + ch);
     }
+    const bool split = E == 0 && gridDim.z > 1;
+    const int yaccum = split ? 0 : accum;  // partials are stored; the sum goes into `out`
     float* yz = y + (size_t)z * N * K;
     const int n0 = blockIdx.y * BN, k0 = blockIdx.x * BK2;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -150,17 +155,23 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
                 if (has1 && pair_ok) {
                     float2* y2 = reinterpret_cast<float2*>(yo);
-                    if (accum) {
+                    if (yaccum) {
                         const float2 old = *y2;
                         v0 = old.x + v0;
                         v1 = old.y + v1;
                     }
                     *y2 = make_float2(v0, v1);
                 } else {
-                    put_grad(yo, v0, accum);
-                    if (has1) put_grad(yo + 1, v1, accum);
+                    put_grad(yo, v0, yaccum);
+                    if (has1) put_grad(yo + 1, v1, yaccum);
                 }
             }
+
+    if (!split || !last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.z)) return;
+    for (int i = tid; i < BN * BK2; i += THREADS) {
+        const int r = n0 + i / BK2, c = k0 + i % BK2;
+        if (r < N && c < K) put_grad(out + (size_t)r * K + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
+    }
 }
 
 }  // namespace vp

@@ -8,13 +8,13 @@
 //   du¹ = g¹c + g²s,   du² = g²c − g¹s                               (bf16 out)
 //   ∂θ_{t,i} = Σ_{heads of q and k} (g²_i·u'¹_i − g¹_i·u'²_i),   u' recomputed from u in f32
 //   partial[b, i] = (f_i/scale) · Σ_{tokens t of block b} p·∂θ_{t,i}   (f64 inside, f32 out)
-// `sum_parts` then adds the gridDim.x partials in order: ∂L/∂l_i. A null dy (unseeded output)
-// counts as zero.
+// The last block to finish (`last_block`, ticket 0) adds the gridDim.x partials in block order
+// into dl (put_grad with `accum`): ∂L/∂l_i. A null dy (unseeded output) counts as zero.
 //
 // Launch: grid NB (fixed), block 128; block b takes tokens b, b + NB, …. Per token the (cos, sin)
 // table goes to shared memory, all threads compute du over the (head, i) pairs, and thread i
 // (i < D/2) sums ∂θ_i over the heads in a fixed order (q heads then k groups) into its own f64
-// accumulator. Deterministic (fixed per-block token order and fixed final order); no atomics.
+// accumulator. Deterministic (fixed per-block token order and fixed final order).
 #include "vp_common.cuh"
 
 namespace vp {
@@ -24,7 +24,8 @@ __device__ __forceinline__ void grape_bwd(const bf16* __restrict__ xq, const bf1
                                           const float* __restrict__ log_freq, const bf16* __restrict__ dyq,
                                           const bf16* __restrict__ dyk, bf16* __restrict__ dxq,
                                           bf16* __restrict__ dxk, float* __restrict__ partial, int heads, int groups,
-                                          int T, int S, float scale) {
+                                          int T, int S, float scale, float* __restrict__ dl,
+                                          int* __restrict__ tickets, int accum) {
     static_assert(D % 2 == 0, "rotate-half needs an even head dim");
     constexpr int HD = D / 2, NT = 128;
     static_assert(HD <= NT, "grape_bwd: D/2 must fit the block");
@@ -71,6 +72,8 @@ __device__ __forceinline__ void grape_bwd(const bf16* __restrict__ xq, const bf1
         __syncthreads();  // the table is rewritten for the next token
     }
     if (tid < HD) partial[(size_t)blockIdx.x * HD + tid] = (float)(acc * (double)fi / (double)scale);
+    if (!last_block(tickets, (int)gridDim.x)) return;
+    if (tid < HD) put_grad(dl + tid, sum_parts_at(partial, HD, gridDim.x, tid), accum);
 }
 
 }  // namespace vp

@@ -4,8 +4,9 @@
 //
 //   r = sqrt(mean(x²) + eps), x̂ = x/r, g = dy ⊙ w
 //   dx = (1/r)·(g − x̂·mean(g ⊙ x̂))                 (bf16 out)
-//   partial[b, :] = Σ_{rows of block b} dy ⊙ x̂      (f32; `sum_parts` adds the gridDim.x blocks
-//                                                     in order: dw, summed over tokens and heads)
+//   partial[b, :] = Σ_{rows of block b} dy ⊙ x̂      (f32 scratch [gridDim.x, D])
+//   dw = Σ_b partial[b, :] in block order, added by the last block to finish (`last_block`,
+//        ticket 0) into dw (put_grad with `accum`): dw summed over tokens and heads.
 //   dy == nullptr (an output whose gradient is absent): dx = 0 and partials 0.
 //
 // Launch: grid NB (a fixed block count, independent of T), block 256. Warp-per-row: warp w of
@@ -14,7 +15,7 @@
 // well as D = 1024. 1/r is computed exactly as the forward rmsnorm kernel does (f32). Each lane
 // keeps its dw accumulators in registers across its rows; at the end the 8 warps' accumulators
 // are added in warp order through shared memory: a fixed order for a fixed grid, so dw is
-// bitwise reproducible. No atomics.
+// bitwise reproducible.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -22,7 +23,8 @@ namespace vp {
 template <int D>
 __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                             const bf16* __restrict__ dy, bf16* __restrict__ dx,
-                                            float* __restrict__ partial, int rows, float eps) {
+                                            float* __restrict__ partial, int rows, float eps,
+                                            float* __restrict__ dw, int* __restrict__ tickets, int accum) {
     constexpr int NT = 256, NW = NT / 32, CH = (D + 31) / 32;
     static_assert(D >= 1 && D <= 1024, "rmsnorm_bwd: D up to 1024");
     __shared__ float s_w[D];
@@ -87,6 +89,8 @@ __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf
         for (int wv = 1; wv < NW; ++wv) s += s_dw[wv][i];
         partial[(size_t)blockIdx.x * D + i] = s;
     }
+    if (!last_block(tickets, (int)gridDim.x)) return;
+    for (int i = tid; i < D; i += NT) put_grad(dw + i, sum_parts_at(partial, D, gridDim.x, i), accum);
 }
 
 }  // namespace vp

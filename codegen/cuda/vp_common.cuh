@@ -65,6 +65,37 @@ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 // through this, so the sum costs no pass of its own; one f32 add, as a separate accumulation.
 __device__ __forceinline__ void put_grad(float* p, float v, int accum) { *p = accum ? *p + v : v; }
 
+// Split reductions finish in their last block. The `nparts` blocks of a group each store an f32
+// partial, then call `last_block` (every thread, after its partial stores): each thread fences
+// its stores device-wide, and thread 0 draws a ticket. The block that draws the last one returns
+// true and puts the ticket back to 0 for the next launch (every block of the group has drawn by
+// then); it then adds the group's partials with `sum_parts_at`, in ascending part order: the
+// same f32 sum a separate pass would make, so the result does not depend on which block happens
+// to finish last. The ticket is an integer counter, never a float atomic: no value depends on
+// scheduling. Tickets live in one zeroed buffer that the runtime keeps (`Arg::Tickets`); launches
+// on one stream never overlap, so each launch finds them all at 0.
+__device__ __forceinline__ bool last_block(int* ticket, int nparts) {
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last = atomicAdd(ticket, 1) == nparts - 1;
+        if (s_last) *ticket = 0;
+    }
+    __syncthreads();
+    const bool last = s_last != 0;
+    if (last) __threadfence();
+    return last;
+}
+
+// Σ_p parts[p·stride + i] for p ascending, read from L2 (other blocks wrote them; L1 is not
+// coherent across blocks).
+__device__ __forceinline__ float sum_parts_at(const float* parts, size_t stride, int nparts, size_t i) {
+    float s = 0.f;
+    for (int p = 0; p < nparts; ++p) s += __ldcg(parts + (size_t)p * stride + i);
+    return s;
+}
+
 // Online-softmax partial (max, Σ exp(x − max)). Empty partials start from the lowest finite float,
 // not -inf, so exp(m_old − m_new) is never exp(NaN). `lse_merge` is symmetric (max and + commute),
 // so butterfly partners agree bit for bit.

@@ -25,7 +25,6 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("gemm_nn.cuh", include_str!("../cuda/gemm_nn.cuh")),
     ("gemm_tn.cuh", include_str!("../cuda/gemm_tn.cuh")),
     ("colsum.cuh", include_str!("../cuda/colsum.cuh")),
-    ("sum_parts.cuh", include_str!("../cuda/sum_parts.cuh")),
     ("rmsnorm_bwd.cuh", include_str!("../cuda/rmsnorm_bwd.cuh")),
     ("qkv_pack.cuh", include_str!("../cuda/qkv_pack.cuh")),
     ("tpa_bwd.cuh", include_str!("../cuda/tpa_bwd.cuh")),

@@ -218,6 +218,8 @@ pub const FAMILIES: &[Family] = &[
             ("int", "lda"),
             ("int", "ldb"),
             ("int", "accum"),
+            ("float*", "out"),
+            ("int*", "tickets"),
         ],
     },
     Family {
@@ -229,12 +231,9 @@ pub const FAMILIES: &[Family] = &[
             ("float*", "out"),
             ("int", "rows"),
             ("int", "accum"),
+            ("float*", "parts"),
+            ("int*", "tickets"),
         ],
-    },
-    Family {
-        name: "sum_parts",
-        tparams: &[],
-        params: &[("const float*", "parts"), ("float*", "out"), ("int", "n"), ("int", "nparts"), ("int", "accum")],
     },
     Family {
         name: "rmsnorm_bwd",
@@ -247,6 +246,9 @@ pub const FAMILIES: &[Family] = &[
             ("float*", "partial"),
             ("int", "rows"),
             ("float", "eps"),
+            ("float*", "dw"),
+            ("int*", "tickets"),
+            ("int", "accum"),
         ],
     },
     Family {
@@ -276,6 +278,9 @@ pub const FAMILIES: &[Family] = &[
             ("int", "T"),
             ("int", "S"),
             ("float", "scale"),
+            ("float*", "dl"),
+            ("int*", "tickets"),
+            ("int", "accum"),
         ],
     },
     Family {
@@ -576,6 +581,9 @@ pub enum Arg {
     Rows,
     /// `1/(T/S)`.
     InvRows,
+    /// The runtime's zeroed `int[TICKETS]` that split reductions count their finished blocks in
+    /// (`last_block` in vp_common.cuh); every launch leaves it zeroed again.
+    Tickets,
     Int(i64),
     Float(f32),
     /// The `accum` flag of a kernel writing value `v`: 1 where `v` is a parameter gradient that the
@@ -1080,11 +1088,13 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                     t1,
                     Arg::Seq,
                     Arg::Float(log_freq_scale),
+                    dx(2),
+                    Arg::Tickets,
+                    accum(&dx(2)),
                 ],
                 [LaunchDim::Const(RED_BLOCKS), one(), one()],
                 128,
             );
-            b.sum_parts(part, dx(2), half, RED_BLOCKS);
         }
         Op::ValueResidual { groups, head_dim } => {
             let part = b.scratch_fixed(DType::F32, RED_BLOCKS);
@@ -1343,9 +1353,11 @@ pub fn head_chunk(vocab: u64) -> u64 {
     vocab.div_ceil(GEMM_TILE).div_ceil(HEAD_CHUNKS) * GEMM_TILE
 }
 
+/// Tickets the runtime provides (`Arg::Tickets`): the most groups one split-reduction launch has.
+pub const TICKETS: u64 = 256;
 /// Fixed block count of the per-block-partial reductions (rmsnorm_bwd, grape_bwd, vres_bwd).
 pub const RED_BLOCKS: u64 = 256;
-/// Partial rows of a dense column sum (colsum + sum_parts).
+/// Partial rows of a dense column sum (colsum's split).
 pub const COLSUM_PARTS: u64 = 64;
 /// Tokens per embed_sort chunk.
 pub const EMBED_SORT_CHUNK: u64 = 2048;
@@ -1451,7 +1463,7 @@ struct Bwd {
     launches: Vec<Launch>,
     scratch: Vec<Scratch>,
     /// The f32 row-range partials of a split `wgrad`, shared by every split wgrad of the node:
-    /// each one's `sum_parts` consumes them before the next launch writes them.
+    /// each launch's last blocks consume them before the next launch writes them.
     parts: Option<Arg>,
 }
 
@@ -1482,14 +1494,6 @@ impl Bwd {
             }
         }
     }
-    fn sum_parts(&mut self, parts: Arg, out: Arg, n: u64, nparts: u64) {
-        self.push(
-            KernelSpec::new("sum_parts", &[]),
-            vec![parts, out.clone(), Arg::Int(n as i64), Arg::Int(nparts as i64), accum(&out)],
-            [LaunchDim::Const(n.div_ceil(256)), one(), one()],
-            256,
-        );
-    }
     /// Elementwise copy of a bf16 `[T, n]` gradient (a pass-through such as d(resid) = dh).
     fn copy(&mut self, n: u64, src: Arg, dst: Arg) {
         self.push(
@@ -1504,11 +1508,10 @@ impl Bwd {
         let part = self.scratch_fixed(DType::F32, RED_BLOCKS * d);
         self.push(
             KernelSpec::new("rmsnorm_bwd", &[d]),
-            vec![x, w, dy, dx, part.clone(), Arg::Tokens { mul: rows_mul }, Arg::Float(eps)],
+            vec![x, w, dy, dx, part, Arg::Tokens { mul: rows_mul }, Arg::Float(eps), dw.clone(), Arg::Tickets, accum(&dw)],
             [LaunchDim::Const(RED_BLOCKS), one(), one()],
             256,
         );
-        self.sum_parts(part, dw, d, RED_BLOCKS);
     }
     fn qkv_pack(&mut self, heads: u64, groups: u64, d: u64, g: [Arg; 3], out: Arg) {
         let [gq, gk, gv] = g;
@@ -1541,7 +1544,7 @@ impl Bwd {
         );
     }
     /// Weight gradient `dW[n, k] = aᵀ·b` over `m_mul·T` rows (f32), split over row ranges into
-    /// partials + sum_parts when the output alone has too few tiles.
+    /// partials (added by each tile's last block) when the output alone has too few tiles.
     #[allow(clippy::too_many_arguments)]
     fn wgrad(
         &mut self,
@@ -1557,7 +1560,12 @@ impl Bwd {
         dw: Arg,
     ) {
         let split = wgrad_split(n, k);
-        let out = if split > 1 { self.partials(split * n * k) } else { dw.clone() };
+        let (y, out, tickets) = if split > 1 {
+            assert!(n.div_ceil(GEMM_TILE) * k.div_ceil(GEMM_TILE) <= TICKETS, "wgrad {n}x{k}: tiles past TICKETS");
+            (self.partials(split * n * k), dw.clone(), Arg::Tickets)
+        } else {
+            (dw.clone(), Arg::Null, Arg::Null)
+        };
         self.push(
             KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2]),
             vec![
@@ -1565,18 +1573,17 @@ impl Bwd {
                 b,
                 Arg::Null,
                 Arg::Null,
-                out.clone(),
+                y,
                 Arg::Tokens { mul: m_mul },
                 Arg::Int(lda as i64),
                 Arg::Int(ldb as i64),
-                accum(&out),
+                accum(&dw),
+                out,
+                tickets,
             ],
             tn_grid(n, k, split),
             128,
         );
-        if split > 1 {
-            self.sum_parts(out, dw, n * k, split);
-        }
     }
     /// Per-expert weight gradients `dW[e] = a_eᵀ·b_e` over each expert's rows (`a` row stride n,
     /// `b` row stride k).
@@ -1606,27 +1613,30 @@ impl Bwd {
                 Arg::Int(n as i64),
                 Arg::Int(k as i64),
                 accum(&dw),
+                Arg::Null,
+                Arg::Null,
             ],
             tn_grid(n, k, experts),
             128,
         );
     }
-    /// Column sums of `x` ([m_mul·T, n]) into `out` [n]: COLSUM_PARTS partial rows + sum_parts.
+    /// Column sums of `x` ([m_mul·T, n]) into `out` [n]: COLSUM_PARTS partial rows, added by
+    /// each column block's last block.
     fn bias_grad(&mut self, n: u64, in_f32: bool, m_mul: u64, x: Arg, out: Arg) {
+        assert!(n.div_ceil(256) <= TICKETS, "colsum of {n} columns: column blocks past TICKETS");
         let parts = self.scratch_fixed(DType::F32, COLSUM_PARTS * n);
         self.push(
             KernelSpec::new("colsum", &[n, in_f32 as u64, 0]),
-            vec![x, Arg::Null, parts.clone(), Arg::Tokens { mul: m_mul }, Arg::Int(0)],
+            vec![x, Arg::Null, out.clone(), Arg::Tokens { mul: m_mul }, accum(&out), parts, Arg::Tickets],
             [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
             256,
         );
-        self.sum_parts(parts, out, n, COLSUM_PARTS);
     }
     /// Per-expert column sums of the bf16 `[topk·T, n]` rows into `out` [experts, n].
     fn colsum_grouped(&mut self, n: u64, experts: u64, topk: u64, x: Arg, offsets: Arg, out: Arg) {
         self.push(
             KernelSpec::new("colsum", &[n, 0, experts]),
-            vec![x, offsets, out.clone(), Arg::Tokens { mul: topk }, accum(&out)],
+            vec![x, offsets, out.clone(), Arg::Tokens { mul: topk }, accum(&out), Arg::Null, Arg::Null],
             [LaunchDim::Const(experts), LaunchDim::Const(n.div_ceil(256)), one()],
             256,
         );

@@ -139,6 +139,12 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                         errs.push(format!("{actx}: float for {ctype}"));
                     }
                 }
+                // The split reductions' counters: the `int* tickets` parameter, nothing else.
+                Arg::Tickets => {
+                    if *pname != "tickets" || *ctype != "int*" {
+                        errs.push(format!("{actx}: tickets for `{ctype} {pname}`"));
+                    }
+                }
                 // The flag of the launch writing `v`, an f32 output of the node.
                 Arg::Accum(v) => {
                     if *pname != "accum" {

@@ -89,7 +89,6 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("colsum", &[1536, 0, 0], 256),
         k("colsum", &[256, 1, 0], 256),
         k("colsum", &[1024, 0, 256], 256),
-        k("sum_parts", &[], 256),
         k("rmsnorm_bwd", &[1024], 256),
         k("rmsnorm_bwd", &[128], 256),
         k("qkv_pack", &[8, 2, 128], 128),

@@ -6,7 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use vpmoe_codegen::{kernels::family, lower_node};
+use vpmoe_codegen::kernels::{family, TICKETS};
+use vpmoe_codegen::lower_node;
 use vpmoe_compiler::{compile_arch, config};
 use vpmoe_ir::DType;
 use vpmoe_runtime::cuda::bind::{Layout, Param, Region};
@@ -16,6 +17,7 @@ const TOK_BASE: u64 = 1 << 40;
 const FIXED_BASE: u64 = 1 << 44;
 const PARAM_BASE: u64 = 1 << 46;
 const SUM_BASE: u64 = 1 << 47;
+const TICKETS_BASE: u64 = 1 << 48;
 
 /// Binds every launch of config `rel` at `rows` rows; returns the launches `--cublas` issues as
 /// cuBLAS calls (kernel names, in plan order).
@@ -55,9 +57,11 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
         params: &params,
         sums: &sums,
         accumulating: true,
+        tickets: TICKETS_BASE,
     };
     let mut written = BTreeSet::new();
     let mut launches = 0;
+    let mut tickets = 0;
     let mut blas = Vec::new();
     for (ni, node) in g.nodes.iter().enumerate() {
         let scratch = lower_node(node).1;
@@ -68,6 +72,7 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
                     let (lo, hi) = (r.addr, r.addr + r.bytes);
                     let inside = (TOK_BASE <= lo && hi <= tok_end)
                         || (FIXED_BASE <= lo && hi <= fixed_end)
+                        || (lo == TICKETS_BASE && r.bytes == TICKETS * 4)
                         || extents.iter().any(|&(a, z)| a <= lo && hi <= z);
                     assert!(
                         inside && *addr == lo,
@@ -76,6 +81,17 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
                         b.kernel
                     );
                 }
+            }
+            // A split reduction's groups (one ticket each, as its kernel numbers them) fit the tickets.
+            if b.params.iter().any(|p| matches!(p, Param::Ptr(TICKETS_BASE, _))) {
+                let groups = match l.kernel.family.as_str() {
+                    "gemm_tn" => b.grid[0] * b.grid[1],
+                    "colsum" => b.grid[1],
+                    "rmsnorm_bwd" | "grape_bwd" => 1,
+                    f => panic!("{rel}: {}: {f} counts in the tickets without a rule here", node.name),
+                };
+                assert!(groups as u64 <= TICKETS, "{rel}: {} ({}): {groups} ticket groups", node.name, b.kernel);
+                tickets += 1;
             }
             // A launch touching a gradient sum adds into it.
             let accum = family(&l.kernel.family).params.iter().position(|p| p.1 == "accum");
@@ -101,6 +117,7 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
         }
     }
     assert_eq!(launches, plan.report.launches, "{rel}: every launch bound");
+    assert!(tickets > 0, "{rel}: no split reduction counted in the tickets");
     assert_eq!(written.len(), sums.len(), "{rel}: every gradient sum written");
     blas
 }
@@ -170,6 +187,7 @@ fn mismatches_are_refused() {
         params: &params,
         sums: &BTreeMap::new(),
         accumulating: false,
+        tickets: TICKETS_BASE,
     };
     // The embedding gather: (tokens i32*, table bf16*, out bf16*, T).
     let ni = plan.steps.iter().position(|s| s.launches.iter().any(|l| l.kernel.family == "embed")).unwrap();

@@ -2,7 +2,8 @@
 // Every CUDA thread of a block is a ucontext fiber. Fibers run one at a time, in a random order,
 // each until it reaches a barrier: __syncthreads (all live threads of the block) or a warp
 // collective (shuffle, ldmatrix, mma: the 32 lanes of the warp). Blocks run one after another,
-// so `__shared__` can be a function-local static. cp.async copies complete either at issue or
+// so `__shared__` can be a function-local static, in a random order (a GPU promises none: a
+// split reduction's last block, `last_block`, must be any of them). cp.async copies complete either at issue or
 // only at the cp.async.wait_group that covers them (chosen at random), so a missing wait or a
 // missing barrier shows up as wrong results. ldmatrix (.trans) and mma.sync m16n8k16 bf16 are
 // emulated from the PTX ISA fragment layouts. Errors (barrier with exited threads, deadlock,
@@ -119,7 +120,11 @@ void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::functi
     gridDim = {gx, gy, gz}; blockDim = {nt, 1, 1};
     if (g_pool.size() < nt) g_pool.resize(nt);
     std::deque<Fiber>& fs = g_pool;
-    for (unsigned bz = 0; bz < gz; ++bz) for (unsigned by = 0; by < gy; ++by) for (unsigned bx = 0; bx < gx; ++bx) {
+    std::vector<unsigned long long> order((unsigned long long)gx * gy * gz);
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[g_rng() % i]);
+    for (unsigned long long b : order) {
+        const unsigned bx = b % gx, by = b / gx % gy, bz = b / gx / gy;
         g_body = body;
         g_ready.clear();
         for (unsigned i = 0; i < nt; ++i) {

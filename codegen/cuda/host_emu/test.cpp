@@ -401,7 +401,13 @@ void test_vres(int n) {
 
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
-    auto want = [&](const char* s) { return only.empty() || only == s; };
+    // Every group draws its inputs from the same seed, so a group sees the same data run alone
+    // (`run.sh <group>`) as in the whole suite, whatever the groups before it drew.
+    auto want = [&](const char* s) {
+        const bool w = only.empty() || only == s;
+        if (w) rng.seed(7);
+        return w;
+    };
     if (want("small")) {
         test_embed<1024>(5, 11, 0); test_embed<36>(5, 11, 1);
         test_rmsnorm<1024>(3, 0); test_rmsnorm<128>(4, 0); test_rmsnorm<36>(3, 1); test_rmsnorm<30>(2, 0);

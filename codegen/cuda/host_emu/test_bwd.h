@@ -6,7 +6,6 @@
 #include "gemm_nn.cuh"
 #include "gemm_tn.cuh"
 #include "colsum.cuh"
-#include "sum_parts.cuh"
 #include "rmsnorm_bwd.cuh"
 #include "qkv_pack.cuh"
 #include "tpa_bwd.cuh"
@@ -91,7 +90,24 @@ void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with
     c.report(); expect(untouched, std::string(nm) + ": wrote outside its columns");
 }
 
-// ------------------------------------------------------------------ gemm_tn (+ sum_parts for Z > 1)
+// ------------------------------------------------------------------ split reductions
+// The runtime's zeroed tickets (`Arg::Tickets`): every launch that counts in them must leave them
+// at 0, and a split's result must be bitwise the f32 sum of its partials in part order, whichever
+// block finished last (the emulator runs blocks in a random order).
+static int g_tickets[256];
+static void check_split(const std::string& nm, const float* parts, size_t stride, int nparts, const float* out, size_t n, const std::function<size_t(size_t)>& at = nullptr) {
+    bool zero = true; for (int t : g_tickets) zero &= t == 0;
+    bool same = true;
+    for (size_t j = 0; j < n; ++j) {
+        const size_t i = at ? at(j) : j;
+        float s = 0.f; for (int p = 0; p < nparts; ++p) s += parts[(size_t)p * stride + i];
+        same &= memcmp(&s, &out[i], 4) == 0;
+    }
+    expect(zero, nm + ": left a ticket non-zero");
+    expect(same, nm + ": the split's sum is not its partials added in part order");
+}
+
+// ------------------------------------------------------------------ gemm_tn (split: last blocks add the partials)
 // Y[N, K] = Σ_m A[m, n]·B'[m, k]; A: [M, lda], B: bf16 [M, ldb].
 template <int N, int K, int E, int AMODE, int BRELU2>
 void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split, int gather_from = 0) {
@@ -105,9 +121,10 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     const int Z = E ? E : split;
     std::vector<float> y((size_t)Z * N * K + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
     const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
-    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0); });
-    if (!E && split > 1) emu_launch((N * K + 255) / 256, 1, 256, [&] { vp::sum_parts(y.data(), out.data(), N * K, split, 0); });
+    const bool sp = !E && split > 1;
+    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0, sp ? out.data() : nullptr, sp ? g_tickets : nullptr); });
     char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d%s", N, K, E, AMODE, BRELU2, M, lda, aoff, split, gather_from > 0 ? " gather" : "");
+    if (sp) check_split(nm, y.data(), (size_t)N * K, split, out.data(), (size_t)N * K);
     Cmp c(nm, AMODE == 1 ? 2e-4 : 3e-2, AMODE == 1 ? 1e-4 : 1e-2);
     bool empty_zero = true;
     for (int e = 0; e < (E ? E : 1); ++e) {
@@ -129,7 +146,7 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     c.report(); expect(empty_zero, std::string(nm) + ": empty expert gradient not exactly 0");
 }
 
-// ------------------------------------------------------------------ colsum (+ sum_parts)
+// ------------------------------------------------------------------ colsum (E = 0: last blocks add the partial rows)
 template <int N, int INF, int E>
 void test_colsum(std::vector<int> counts, int parts) {
     int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
@@ -137,9 +154,9 @@ void test_colsum(std::vector<int> counts, int parts) {
     const int P = E ? E : parts;
     std::vector<float> part((size_t)P * N, POISON_F), out(N, POISON_F);
     const void* x = INF ? (const void*)xf.data() : (const void*)xb.data();
-    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, part.data(), M, 0); });
-    if (!E) emu_launch((N + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), out.data(), N, P, 0); });
+    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, E ? part.data() : out.data(), M, 0, E ? nullptr : part.data(), E ? nullptr : g_tickets); });
     char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d E%d M%d parts%d", N, INF, E, M, P);
+    if (!E) check_split(nm, part.data(), N, P, out.data(), N);
     Cmp c(nm, 1e-4, 1e-5);
     for (int e = 0; e < (E ? E : 1); ++e)
         for (int n = 0; n < N; ++n) {
@@ -149,7 +166,7 @@ void test_colsum(std::vector<int> counts, int parts) {
     c.report();
 }
 
-// ------------------------------------------------------------------ rmsnorm_bwd (+ sum_parts)
+// ------------------------------------------------------------------ rmsnorm_bwd (last block adds the partials)
 static void rms_bwd_ref(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& g, int D, float eps, std::vector<double>& dx, std::vector<double>& dw) {
     int rows = x.size() / D; dx.assign(x.size(), 0); dw.assign(D, 0);
     for (int r = 0; r < rows; ++r) {
@@ -166,8 +183,8 @@ void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
     const float eps = 1e-5f;
     auto run = [&](std::vector<bf>& dx, std::vector<float>& dw) {
         dx.assign((size_t)rows * D, POISON_BF); std::vector<float> part((size_t)nb * D, POISON_F); dw.assign(D, POISON_F);
-        emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps); });
-        emu_launch((D + 255) / 256, 1, 256, [&] { vp::sum_parts(part.data(), dw.data(), D, nb, 0); });
+        emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps, dw.data(), g_tickets, 0); });
+        check_split("rmsnorm_bwd dw", part.data(), D, nb, dw.data(), D);
     };
     std::vector<bf> dx, dx2; std::vector<float> dw, dw2;
     run(dx, dw); run(dx2, dw2);
@@ -223,7 +240,7 @@ void test_tpa_bwd(int T, bool null_k) {
     c.report(); expect(pack_ok, nm + ": qkv_pack"); if (pack_ok) printf("%-60s ok\n", ("qkv_pack (with " + nm + ")").c_str());
 }
 
-// ------------------------------------------------------------------ grape_bwd (+ sum_parts)
+// ------------------------------------------------------------------ grape_bwd (last block adds the partials)
 template <int D>
 void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
     constexpr int HD = D / 2;
@@ -232,8 +249,8 @@ void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
     const float scale = 16.f;
     auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<float>& dl) {
         dq.assign(xq.size(), POISON_BF); dk.assign(xk.size(), POISON_BF); dl.assign(HD, POISON_F); std::vector<float> part((size_t)nb * HD, POISON_F);
-        emu_launch(nb, 1, 128, [&] { vp::grape_bwd<D>(xq.data(), xk.data(), lf.data(), gq.data(), gk.data(), dq.data(), dk.data(), part.data(), heads, groups, T, S, scale); });
-        emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dl.data(), HD, nb, 0); });
+        emu_launch(nb, 1, 128, [&] { vp::grape_bwd<D>(xq.data(), xk.data(), lf.data(), gq.data(), gk.data(), dq.data(), dk.data(), part.data(), heads, groups, T, S, scale, dl.data(), g_tickets, 0); });
+        check_split("grape_bwd dlog_freq", part.data(), HD, nb, dl.data(), HD);
     };
     std::vector<bf> dq, dk, dq2, dk2; std::vector<float> dl, dl2; run(dq, dk, dl); run(dq2, dk2, dl2);
     // reference (backward.rs transcription)
@@ -328,8 +345,7 @@ void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char
         emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dq<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dq.data(), T, S); });
         emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S); });
         if (SINKS) {
-            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, part.data(), T, 0); });
-            emu_launch(1, 1, 256, [&] { vp::sum_parts(part.data(), dsink.data(), H, 4, 0); });
+            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, dsink.data(), T, 0, part.data(), g_tickets); });
         }
     };
     std::vector<bf> dq, dk, dv, dq2, dk2, dv2; std::vector<float> ds, ds2;
@@ -462,10 +478,10 @@ void test_head_dl(int T) {
         const bf* w = hc.w.data() + (size_t)c0 * H;
         if (j == NCH - 1) {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, LASTW, 0, 0, 0, 0>(chunk.data(), nullptr, w, acc, nullptr, dz.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr); });
         } else {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, C, 0, 0, 0, 1>(chunk.data(), nullptr, w, acc, nullptr, dzf.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0); });
+            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr); });
         }
     }
     char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d C%d T%d", V, H, C, T);
@@ -531,23 +547,25 @@ static void test_accum() {
     std::vector<int> off{0, 30, 30, 69, 70};  // four experts, one empty
     auto a = rbf((size_t)M * N, 1.0); auto b = rbf((size_t)M * K, 1.0);
     check_accum("gemm_tn N40 K36 (pairs)", (size_t)N * K, [&](float* y, int acc) {
-        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc); });
+        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr); });
     });
     check_accum("gemm_tn N40 K35 (scalar tail)", (size_t)N * 35, [&](float* y, int acc) {
-        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc); });
+        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr); });
     });
     check_accum("gemm_tn E4 (empty expert)", (size_t)4 * N * K, [&](float* y, int acc) {
-        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), nullptr, off.data(), y, M, N, K, acc); });
+        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), nullptr, off.data(), y, M, N, K, acc, nullptr, nullptr); });
     });
     auto parts = rf(3 * 300, 1.0);
-    check_accum("sum_parts", 300, [&](float* y, int acc) {
-        emu_launch(2, 1, 256, [&] { vp::sum_parts(parts.data(), y, 300, 3, acc); });
+    std::vector<float> tn_parts((size_t)3 * N * K);
+    check_accum("gemm_tn N40 K36 split 3 (last blocks add)", (size_t)N * K, [&](float* y, int acc) {
+        emu_launch3(1, 1, 3, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, tn_parts.data(), M, N, K, acc, y, g_tickets); });
     });
     check_accum("colsum E4 (empty expert)", (size_t)4 * K, [&](float* y, int acc) {
-        emu_launch(4, 1, 256, [&] { vp::colsum<K, 0, 4>(b.data(), off.data(), y, M, acc); });
+        emu_launch(4, 1, 256, [&] { vp::colsum<K, 0, 4>(b.data(), off.data(), y, M, acc, nullptr, nullptr); });
     });
-    check_accum("colsum E0 P1", K, [&](float* y, int acc) {
-        emu_launch(1, 1, 256, [&] { vp::colsum<K, 0, 0>(b.data(), nullptr, y, M, acc); });
+    std::vector<float> cs_parts((size_t)3 * K);
+    check_accum("colsum E0 P3 (last block adds)", K, [&](float* y, int acc) {
+        emu_launch(3, 1, 256, [&] { vp::colsum<K, 0, 0>(b.data(), nullptr, y, M, acc, cs_parts.data(), g_tickets); });
     });
     check_accum("sum", 1, [&](float* y, int acc) {
         emu_launch(1, 1, 1024, [&] { vp::sum(parts.data(), y, 900, 0.5f, acc); });
@@ -586,7 +604,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_gemm_nn<48, 40, 5, 0, 3, 0>({70, 0, 1, 64, 29}, 48, 0, 48, false);  // grouped (row stride lda=48 ≥ KD)
         test_gemm_nn<1024, 32, 0, 0, 0, 0>({3}, 32, 0, 1024, true);
         test_gemm_tn<72, 40, 0, 0, 0>({100}, 72, 0, 40, 1);
-        test_gemm_tn<72, 40, 0, 0, 0>({100}, 72, 0, 40, 3);            // split over rows + sum_parts
+        test_gemm_tn<72, 40, 0, 0, 0>({100}, 72, 0, 40, 3);            // split over rows, last blocks add
         test_gemm_tn<40, 36, 0, 0, 1>({70}, 40, 0, 36, 2);             // ReLU² B operand, odd K
         test_gemm_tn<64, 48, 0, 1, 0>({90}, 64, 0, 48, 1);             // f32 A split
         test_gemm_tn<30, 64, 0, 1, 0>({33}, 31, 1, 64, 1);             // f32 A split, odd lda/unaligned

@@ -58,6 +58,8 @@ pub struct Layout<'a> {
     pub sums: &'a BTreeMap<u32, Region>,
     /// An earlier micro-batch of the step is already in the sums: `Arg::Accum` binds 1.
     pub accumulating: bool,
+    /// The zeroed `int[TICKETS]` of the split reductions (`Arg::Tickets`).
+    pub tickets: u64,
 }
 
 /// A launch ready for the driver.
@@ -148,6 +150,10 @@ impl Layout<'_> {
                 Arg::InvRows => Param::F32(s as f32 / t as f32),
                 Arg::Float(x) => Param::F32(*x),
                 Arg::Accum(v) => Param::I32((self.accumulating && self.sums.contains_key(&v.0)) as i32),
+                Arg::Tickets => {
+                    let bytes = vpmoe_codegen::kernels::TICKETS * 4;
+                    Param::Ptr(self.tickets, Some(Region { addr: self.tickets, bytes, dtype: DType::I32 }))
+                }
             };
             check_type(&name, pname, cty, &p)?;
             params.push(p);

@@ -108,6 +108,8 @@ pub struct CudaBackend<'g> {
     max_tokens: u64,
     tok_arena: DevBuf,
     fixed_arena: DevBuf,
+    /// `Arg::Tickets`: zeroed once; every launch that counts in it leaves it zeroed.
+    tickets: DevBuf,
     opt: DeviceOptimizer,
     /// Device address of every parameter's model copy (inside the optimizer's groups).
     model_ptrs: Vec<u64>,
@@ -173,6 +175,8 @@ impl<'g> CudaBackend<'g> {
         }
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
+        let tickets = DevBuf::new(&gpu, vpmoe_codegen::kernels::TICKETS as usize * 4, "the split-reduction tickets")?;
+        tickets.fill(0)?;
         let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
         let sums = Rc::new(gradient_sums(graph, plan, &opt)?);
         let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream(), blas: None, cublas_calls: 0 };
@@ -186,6 +190,7 @@ impl<'g> CudaBackend<'g> {
             max_tokens,
             tok_arena,
             fixed_arena,
+            tickets,
             model_ptrs: opt.model_ptrs(plan.params.len()),
             sums,
             opt,
@@ -263,6 +268,7 @@ impl<'g> CudaBackend<'g> {
             seq: batch.seq as u64,
             tok_base: self.tok_arena.ptr,
             fixed_base: self.fixed_arena.ptr,
+            tickets: self.tickets.ptr,
             params,
             sums,
             accumulating: !self.opt.first(),

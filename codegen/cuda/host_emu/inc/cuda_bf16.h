@@ -55,6 +55,11 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 
 void __syncthreads();
+// Fibers never preempt each other, so a read-modify-write is atomic and every store is visible
+// to the next fiber: the fence and the L2 load are plain.
+inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
 [[noreturn]] inline void __trap() { fprintf(stderr, "__trap\n"); abort(); }
 void emu_warp_barrier();
 // warp exchange
