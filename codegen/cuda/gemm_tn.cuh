@@ -40,6 +40,19 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
     return pack_bf2(lo * lo, hi * hi);
 }
 
+// A split's second stage: the last of a tile's gridDim.z blocks adds the partials into `out`.
+// Not inlined: its registers stay out of the main loop's count.
+template <int N, int K>
+__device__ VP_NOINLINE void gemm_tn_finish(const float* y, float* out, int* tickets, int accum) {
+    using namespace gemm_tn_cfg;
+    if (!last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.z)) return;
+    const int n0 = blockIdx.y * BN, k0 = blockIdx.x * BK2;
+    for (int i = threadIdx.x; i < BN * BK2; i += THREADS) {
+        const int r = n0 + i / BK2, c = k0 + i % BK2;
+        if (r < N && c < K) put_grad(out + (size_t)r * K + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
+    }
+}
+
 template <int N, int K, int E, int AMODE, int BRELU2>
 __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
                                         int M, int lda, int ldb, int accum, float* out, int* tickets) {
@@ -167,11 +180,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 }
             }
 
-    if (!split || !last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.z)) return;
-    for (int i = tid; i < BN * BK2; i += THREADS) {
-        const int r = n0 + i / BK2, c = k0 + i % BK2;
-        if (r < N && c < K) put_grad(out + (size_t)r * K + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
-    }
+    if (split) gemm_tn_finish<N, K>(y, out, tickets, accum);
 }
 
 }  // namespace vp

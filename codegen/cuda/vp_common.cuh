@@ -65,6 +65,13 @@ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 // through this, so the sum costs no pass of its own; one f32 add, as a separate accumulation.
 __device__ __forceinline__ void put_grad(float* p, float v, int accum) { *p = accum ? *p + v : v; }
 
+// Keeps a rarely run tail (a split's finish) out of its caller's register count; plain on the host.
+#ifdef __CUDA_ARCH__
+#define VP_NOINLINE __noinline__
+#else
+#define VP_NOINLINE
+#endif
+
 // Split reductions finish in their last block. The `nparts` blocks of a group each store an f32
 // partial, then call `last_block` (every thread, after its partial stores): each thread fences
 // its stores device-wide, and thread 0 draws a ticket. The block that draws the last one returns
