@@ -1508,7 +1508,18 @@ impl Bwd {
         let part = self.scratch_fixed(DType::F32, RED_BLOCKS * d);
         self.push(
             KernelSpec::new("rmsnorm_bwd", &[d]),
-            vec![x, w, dy, dx, part, Arg::Tokens { mul: rows_mul }, Arg::Float(eps), dw.clone(), Arg::Tickets, accum(&dw)],
+            vec![
+                x,
+                w,
+                dy,
+                dx,
+                part,
+                Arg::Tokens { mul: rows_mul },
+                Arg::Float(eps),
+                dw.clone(),
+                Arg::Tickets,
+                accum(&dw),
+            ],
             [LaunchDim::Const(RED_BLOCKS), one(), one()],
             256,
         );
