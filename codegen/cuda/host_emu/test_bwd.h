@@ -95,12 +95,11 @@ void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with
 // at 0, and a split's result must be bitwise the f32 sum of its partials in part order, whichever
 // block finished last (the emulator runs blocks in a random order).
 static int g_tickets[256];
-static void check_split(const std::string& nm, const float* parts, size_t stride, int nparts, const float* out, size_t n, const std::function<size_t(size_t)>& at = nullptr) {
+static void check_split(const std::string& nm, const float* parts, int nparts, const float* out, size_t n) {
     bool zero = true; for (int t : g_tickets) zero &= t == 0;
     bool same = true;
-    for (size_t j = 0; j < n; ++j) {
-        const size_t i = at ? at(j) : j;
-        float s = 0.f; for (int p = 0; p < nparts; ++p) s += parts[(size_t)p * stride + i];
+    for (size_t i = 0; i < n; ++i) {
+        float s = 0.f; for (int p = 0; p < nparts; ++p) s += parts[(size_t)p * n + i];
         same &= memcmp(&s, &out[i], 4) == 0;
     }
     expect(zero, nm + ": left a ticket non-zero");
@@ -124,7 +123,7 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     const bool sp = !E && split > 1;
     emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0, sp ? out.data() : nullptr, sp ? g_tickets : nullptr); });
     char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d%s", N, K, E, AMODE, BRELU2, M, lda, aoff, split, gather_from > 0 ? " gather" : "");
-    if (sp) check_split(nm, y.data(), (size_t)N * K, split, out.data(), (size_t)N * K);
+    if (sp) check_split(nm, y.data(), split, out.data(), (size_t)N * K);
     Cmp c(nm, AMODE == 1 ? 2e-4 : 3e-2, AMODE == 1 ? 1e-4 : 1e-2);
     bool empty_zero = true;
     for (int e = 0; e < (E ? E : 1); ++e) {
@@ -156,7 +155,7 @@ void test_colsum(std::vector<int> counts, int parts) {
     const void* x = INF ? (const void*)xf.data() : (const void*)xb.data();
     emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, E ? part.data() : out.data(), M, 0, E ? nullptr : part.data(), E ? nullptr : g_tickets); });
     char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d E%d M%d parts%d", N, INF, E, M, P);
-    if (!E) check_split(nm, part.data(), N, P, out.data(), N);
+    if (!E) check_split(nm, part.data(), P, out.data(), N);
     Cmp c(nm, 1e-4, 1e-5);
     for (int e = 0; e < (E ? E : 1); ++e)
         for (int n = 0; n < N; ++n) {
@@ -184,7 +183,7 @@ void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
     auto run = [&](std::vector<bf>& dx, std::vector<float>& dw) {
         dx.assign((size_t)rows * D, POISON_BF); std::vector<float> part((size_t)nb * D, POISON_F); dw.assign(D, POISON_F);
         emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps, dw.data(), g_tickets, 0); });
-        check_split("rmsnorm_bwd dw", part.data(), D, nb, dw.data(), D);
+        check_split("rmsnorm_bwd dw", part.data(), nb, dw.data(), D);
     };
     std::vector<bf> dx, dx2; std::vector<float> dw, dw2;
     run(dx, dw); run(dx2, dw2);
@@ -250,7 +249,7 @@ void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
     auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<float>& dl) {
         dq.assign(xq.size(), POISON_BF); dk.assign(xk.size(), POISON_BF); dl.assign(HD, POISON_F); std::vector<float> part((size_t)nb * HD, POISON_F);
         emu_launch(nb, 1, 128, [&] { vp::grape_bwd<D>(xq.data(), xk.data(), lf.data(), gq.data(), gk.data(), dq.data(), dk.data(), part.data(), heads, groups, T, S, scale, dl.data(), g_tickets, 0); });
-        check_split("grape_bwd dlog_freq", part.data(), HD, nb, dl.data(), HD);
+        check_split("grape_bwd dlog_freq", part.data(), nb, dl.data(), HD);
     };
     std::vector<bf> dq, dk, dq2, dk2; std::vector<float> dl, dl2; run(dq, dk, dl); run(dq2, dk2, dl2);
     // reference (backward.rs transcription)
