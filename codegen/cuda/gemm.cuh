@@ -35,10 +35,9 @@ constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-fr
 //   row = (warp >> 1)*32 + mi*16 + (lane >> 2) + (e >> 1)*8,  col = (warp & 1)*32 + ni*8 + (lane & 3)*2 + (e & 1).
 // With `gather`, tile row r reads row gather[r] of x (grouped_gemm reading tokens through the
 // dispatch permutation instead of a permuted copy). Must be called by all 128 threads.
-template <int N, int KD>
-__device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const bf16* __restrict__ w, int row0,
-                                              int row_end, int col0, float (&acc)[2][4][4],
-                                              const int* __restrict__ gather = nullptr) {
+template <int N, int KD, class W>
+__device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const W& w_, int row0, int row_end, int col0,
+                                              float (&acc)[2][4][4], const int* __restrict__ gather = nullptr) {
     using namespace gemm_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
     constexpr int KT = (KD + BK - 1) / BK;
@@ -47,8 +46,10 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;  // warp tile: rows wm*32.., cols wn*32..
+    const auto w = as_rows(w_, KD);
+    const bf16* w0 = w.row(0);
     const bool vec_x = (KD % 8 == 0) && aligned(x, 16);
-    const bool vec_w = (KD % 8 == 0) && aligned(w, 16);
+    const bool vec_w = (KD % 8 == 0) && w.aligned_to(16);
 
     // The two A rows this thread loads are the same in every K tile: resolve them once.
     const bf16* xrow[2];
@@ -70,7 +71,7 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
             const int gn = col0 + r;
             load_chunk8(&sA[s][r * LDS + kc], xrow[i] != nullptr ? xrow[i] + gk : x, xrow[i] != nullptr ? KD - gk : 0,
                         vec_x, x);
-            load_chunk8(&sB[s][r * LDS + kc], w + (size_t)gn * KD + gk, gn < N ? KD - gk : 0, vec_w, w);
+            load_chunk8(&sB[s][r * LDS + kc], gn < N ? w.row(gn) + gk : w0, gn < N ? KD - gk : 0, vec_w, w0);
         }
     };
 
@@ -105,8 +106,8 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
 
 // One 64x64 tile of Y (see gemm_mainloop; `gather` maps its rows of x). `resid` (EPI_RESID) has
 // row stride N.
-template <int N, int KD, int EPI, int OUT>
-__device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const bf16* __restrict__ w,
+template <int N, int KD, int EPI, int OUT, class W>
+__device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const W& w,
                                           const bf16* __restrict__ bias, const bf16* __restrict__ resid,
                                           void* __restrict__ y, int row0, int row_end, int col0, int ldy,
                                           float ea = 0.f, float eb = 0.f, float ec = 0.f,

@@ -56,8 +56,8 @@ __device__ __forceinline__ void load_f32_split8(bf16* hi, bf16* lo, const float*
     *reinterpret_cast<uint4*>(lo) = pack8(r);
 }
 
-template <int N, int KD, int AMODE, int EPI, int OUT>
-__device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const bf16* __restrict__ w,
+template <int N, int KD, int AMODE, int EPI, int OUT, class W>
+__device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const W& w_,
                                              const float* acc_in, const bf16* __restrict__ aux, void* y, int row0,
                                              int row_end, int col0, int lda, int ldy) {
     using namespace gemm_nn_cfg;
@@ -74,7 +74,9 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
     const bf16* abf = reinterpret_cast<const bf16*>(a);
     const float* af = reinterpret_cast<const float*>(a);
     const bool vec_a = AMODE == 0 ? (lda % 8 == 0) && aligned(a, 16) : (lda % 4 == 0) && aligned(a, 16);
-    const bool vec_w = (N % 8 == 0) && aligned(w, 16);
+    const auto w = as_rows(w_, N);  // row k of W: the forward weight's output unit k
+    const bf16* w0 = w.row(0);
+    const bool vec_w = (N % 8 == 0) && w.aligned_to(16);
 
     auto load_tile = [&](int kt, int s) {
         const int k0 = kt * BK;
@@ -95,7 +97,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const b
             {  // W: 32 k-rows x 8 chunks of 8 n
                 const int r = c >> 3, nc = (c & 7) * 8;
                 const int gk = k0 + r, gn = col0 + nc;
-                load_chunk8(&sB[s][r * LDB + nc], w + (size_t)gk * N + gn, gk < KD ? N - gn : 0, vec_w, w);
+                load_chunk8(&sB[s][r * LDB + nc], gk < KD ? w.row(gk) + gn : w0, gk < KD ? N - gn : 0, vec_w, w0);
             }
         }
     };

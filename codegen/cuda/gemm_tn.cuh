@@ -42,20 +42,23 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
 
 // A split's second stage: the last of a tile's gridDim.z blocks adds the partials into `out`.
 // Not inlined: its registers stay out of the main loop's count.
-template <int N, int K>
-__device__ VP_NOINLINE void gemm_tn_finish(const float* y, float* out, int* tickets, int accum) {
+template <int N, int K, class D>
+__device__ VP_NOINLINE void gemm_tn_finish(const float* y, const D out, int* tickets, int accum) {
     using namespace gemm_tn_cfg;
     if (!last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.z)) return;
     const int n0 = blockIdx.y * BN, k0 = blockIdx.x * BK2;
     for (int i = threadIdx.x; i < BN * BK2; i += THREADS) {
         const int r = n0 + i / BK2, c = k0 + i % BK2;
-        if (r < N && c < K) put_grad(out + (size_t)r * K + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
+        if (r < N && c < K) put_grad(out.row(r) + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
     }
 }
 
-template <int N, int K, int E, int AMODE, int BRELU2>
-__device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
-                                        int M, int lda, int ldb, int accum, float* out, int* tickets) {
+// The kernel body: the gradient's rows go to `dst` (`Rows` or `RowBlocks`, row stride K): written
+// by the tiles themselves, or, when split, by the finish while the tiles store partials in `y`.
+template <int N, int K, int E, int AMODE, int BRELU2, class D>
+__device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const int* bsrc, const int* offsets,
+                                             float* y, int M, int lda, int ldb, int accum, const D& dst,
+                                             int* tickets) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
     static_assert(AMODE == 0 || AMODE == 1, "AMODE");
@@ -153,7 +156,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
         }
     });
 
-    const bool pair_ok = (K % 2 == 0) && aligned(y, 8);
+    const bool pair_ok = (K % 2 == 0) && (split ? aligned(y, 8) : dst.aligned_to(8));
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -164,7 +167,7 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 const int c = k0 + wn * 32 + ni * 8 + (lane & 3) * 2;
                 if (r >= N || c >= K) continue;
                 const bool has1 = c + 1 < K;
-                float* yo = yz + (size_t)r * K + c;
+                float* yo = split ? yz + (size_t)r * K + c : dst.row(r) + c;
                 float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
                 if (has1 && pair_ok) {
                     float2* y2 = reinterpret_cast<float2*>(yo);
@@ -180,7 +183,15 @@ __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int*
                 }
             }
 
-    if (split) gemm_tn_finish<N, K>(y, out, tickets, accum);
+    if (split) gemm_tn_finish<N, K>(y, dst, tickets, accum);
+}
+
+template <int N, int K, int E, int AMODE, int BRELU2>
+__device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
+                                        int M, int lda, int ldb, int accum, float* out, int* tickets) {
+    const bool split = E == 0 && gridDim.z > 1;
+    const Rows<float> dst{split ? out : y + (size_t)blockIdx.z * N * K, K};
+    gemm_tn_rows<N, K, E, AMODE, BRELU2>(a, b, bsrc, offsets, y, M, lda, ldb, accum, dst, tickets);
 }
 
 }  // namespace vp

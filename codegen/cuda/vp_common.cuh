@@ -60,6 +60,46 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Row addressing of a GEMM's weight (or weight-gradient) operand. `Rows<T>` is one row-major
+// matrix; `RowBlocks<T>` is one logical matrix kept as up to six separately allocated row blocks
+// (TPA's six factor weights, and their gradient sums, live in different optimizer groups): block
+// i holds rows [end[i-1], end[i]). `row` resolves with unrolled selects, so the pointers stay in
+// registers. The GEMM templates take either (`as_rows` wraps a plain pointer).
+template <typename T>
+struct Rows {
+    T* p;
+    int ld;
+    __device__ __forceinline__ T* row(int r) const { return p + (size_t)r * ld; }
+    __device__ __forceinline__ bool aligned_to(unsigned long long bytes) const { return aligned(p, bytes); }
+};
+template <typename T>
+struct RowBlocks {
+    T* p[6];
+    int end[6];  // cumulative row counts; unused blocks repeat the last end
+    int ld;
+    __device__ __forceinline__ T* row(int r) const {
+        T* q = p[0];
+        int s = 0;
+#pragma unroll
+        for (int i = 1; i < 6; ++i)
+            if (r >= end[i - 1]) {
+                q = p[i];
+                s = end[i - 1];
+            }
+        return q + (size_t)(r - s) * ld;
+    }
+    __device__ __forceinline__ bool aligned_to(unsigned long long bytes) const {
+        bool ok = true;
+#pragma unroll
+        for (int i = 0; i < 6; ++i) ok = ok && aligned(p[i], bytes);
+        return ok;
+    }
+};
+template <typename T>
+__device__ __forceinline__ Rows<T> as_rows(T* p, int ld) { return {p, ld}; }
+template <typename T>
+__device__ __forceinline__ RowBlocks<T> as_rows(const RowBlocks<T>& b, int) { return b; }
+
 // Writes a parameter gradient: stores it, or (`accum`: an earlier micro-batch of the step is
 // already there) adds it into the step's f32 sum. The kernels that finalise gradients write
 // through this, so the sum costs no pass of its own; one f32 add, as a separate accumulation.

@@ -45,6 +45,21 @@ pub const FAMILIES: &[Family] = &[
         params: &[(BF, "f"), (BF, "bias"), (BFM, "q"), (BFM, "k"), (BFM, "v"), ("int", "T")],
     },
     Family {
+        name: "tpa_proj",
+        tparams: &["HEADS", "GROUPS", "D", "RQ", "R", "H"],
+        params: &[
+            (BF, "x"),
+            (BF, "w_aq"),
+            (BF, "w_ak"),
+            (BF, "w_av"),
+            (BF, "w_bq"),
+            (BF, "w_bk"),
+            (BF, "w_bv"),
+            (BFM, "f"),
+            ("int", "T"),
+        ],
+    },
+    Family {
         name: "grape",
         tparams: &["D"],
         params: &[
@@ -260,6 +275,39 @@ pub const FAMILIES: &[Family] = &[
         name: "tpa_bwd",
         tparams: &["HEADS", "GROUPS", "D", "RQ", "R"],
         params: &[(BF, "f"), (BF, "dq"), (BF, "dk"), (BF, "dv"), (BFM, "df"), ("int", "T")],
+    },
+    Family {
+        name: "tpa_dgrad",
+        tparams: &["HEADS", "GROUPS", "D", "RQ", "R", "H"],
+        params: &[
+            (BF, "df"),
+            (BF, "w_aq"),
+            (BF, "w_ak"),
+            (BF, "w_av"),
+            (BF, "w_bq"),
+            (BF, "w_bk"),
+            (BF, "w_bv"),
+            (BFM, "dx"),
+            ("int", "T"),
+        ],
+    },
+    Family {
+        name: "tpa_wgrad",
+        tparams: &["HEADS", "GROUPS", "D", "RQ", "R", "H"],
+        params: &[
+            (BF, "df"),
+            (BF, "x"),
+            ("float*", "part"),
+            ("float*", "dw_aq"),
+            ("float*", "dw_ak"),
+            ("float*", "dw_av"),
+            ("float*", "dw_bq"),
+            ("float*", "dw_bk"),
+            ("float*", "dw_bv"),
+            ("int", "T"),
+            ("int", "accum"),
+            ("int*", "tickets"),
+        ],
     },
     Family {
         name: "grape_bwd",
@@ -725,33 +773,8 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             )
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
-            let widths = [
-                heads * q_rank,
-                groups * kv_rank,
-                groups * kv_rank,
-                q_rank * head_dim,
-                kv_rank * head_dim,
-                kv_rank * head_dim,
-            ];
-            let total: u64 = widths.iter().sum();
-            let mut launches = Vec::new();
-            let mut off = 0;
-            for (f, &wd) in widths.iter().enumerate() {
-                launches.push(gemm(
-                    wd,
-                    hidden,
-                    EPI_NONE,
-                    false,
-                    1,
-                    i(0),
-                    i(1 + f),
-                    Arg::Null,
-                    Arg::Null,
-                    s(0, off),
-                    total,
-                ));
-                off += wd;
-            }
+            let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
+            let mut launches = vec![tpa_proj([heads, groups, head_dim, q_rank, kv_rank, hidden], i(0), i, s(0, 0))];
             launches.push(launch(
                 KernelSpec::new("tpa_combine", &[heads, groups, head_dim, q_rank, kv_rank]),
                 vec![s(0, 0), opt(bias, 7), o(0), o(1), o(2), Arg::Tokens { mul: 1 }],
@@ -1033,35 +1056,40 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             }
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
-            let widths = tpa_widths(heads, groups, head_dim, q_rank, kv_rank);
-            let total: u64 = widths.iter().sum();
+            let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
             // Recompute the six factor products (as the forward), then their gradients per token.
+            let targs = [heads, groups, head_dim, q_rank, kv_rank, hidden];
             let f = b.scratch_tok(DType::Bf16, total);
             let df = b.scratch_tok(DType::Bf16, total);
-            let acc = b.scratch_tok(DType::F32, hidden);
-            let mut off = 0;
-            for (i, &wd) in widths.iter().enumerate() {
-                let fo = f.at(off);
-                b.launches.push(gemm(wd, hidden, EPI_NONE, false, 1, x(0), x(1 + i), Arg::Null, Arg::Null, fo, total));
-                off += wd;
-            }
+            b.launches.push(tpa_proj(targs, x(0), x, f.clone()));
             b.push(
                 KernelSpec::new("tpa_bwd", &[heads, groups, head_dim, q_rank, kv_rank]),
-                vec![f, dy(0), dy(1), dy(2), df.clone(), t1],
+                vec![f, dy(0), dy(1), dy(2), df.clone(), t1.clone()],
                 rows_grid(1),
                 128,
             );
-            // dx = Σ_i dF_i·W_i, chained through one f32 accumulator and rounded once.
-            let mut off = 0;
-            for (i, &wd) in widths.iter().enumerate() {
-                let first = i == 0;
-                let last = i + 1 == widths.len();
-                let (out, out_f32) = if last { (dx(0), false) } else { (acc.clone(), true) };
-                let acc_in = if first { Arg::Null } else { acc.clone() };
-                b.dgrad(hidden, wd, 1, df.at(off), total, x(1 + i), acc_in, out, out_f32);
-                b.wgrad(wd, hidden, 1, 0, 0, df.at(off), total, x(0), hidden, dx(1 + i));
-                off += wd;
-            }
+            // dx = df·[W_aq; …; W_bv]: one f32 accumulation over all factor columns.
+            let mut args = vec![df.clone()];
+            args.extend((1..=6).map(x));
+            args.extend([dx(0), t1.clone()]);
+            b.push(KernelSpec::new("tpa_dgrad", &targs), args, nn_grid(hidden, 1, 0), 128);
+            // [dW_aq; …; dW_bv] = dfᵀ·x, each weight's rows into its own gradient.
+            let dws: Vec<Arg> = (1..=6).map(dx).collect();
+            assert!(dws.iter().all(|d| d.value().is_some()), "TpaQkv vjp: every factor weight needs its gradient");
+            let split = wgrad_split(total, hidden);
+            let (part, tickets) = if split > 1 {
+                assert!(
+                    total.div_ceil(GEMM_TILE) * hidden.div_ceil(GEMM_TILE) <= TICKETS,
+                    "tpa_wgrad: tiles past TICKETS"
+                );
+                (b.partials(split * total * hidden), Arg::Tickets)
+            } else {
+                (Arg::Null, Arg::Null)
+            };
+            let mut args = vec![df, x(0), part];
+            args.extend(dws.iter().cloned());
+            args.extend([t1, accum(&dws[0]), tickets]);
+            b.push(KernelSpec::new("tpa_wgrad", &targs), args, tn_grid(total, hidden, split), 128);
             if bias {
                 let n = (heads + 2 * groups) * head_dim;
                 let dm = b.scratch_tok(DType::Bf16, n);
@@ -1365,6 +1393,17 @@ pub const EMBED_SORT_CHUNK: u64 = 2048;
 pub const AMODE_SPLIT: u64 = 1;
 /// gemm_nn epilogue: multiply by ReLU²'(aux) = 2·max(aux, 0).
 pub const EPI_DRELU2: u64 = 3;
+
+/// TPA's six factor products `f = x·[W_aq; …; W_bv]ᵀ` in one launch (`targs`: heads, groups,
+/// head_dim, q_rank, kv_rank, hidden); `w(k)` is the node's input k (weights at 1..=6).
+fn tpa_proj(targs: [u64; 6], x: Arg, w: impl Fn(usize) -> Arg, f: Arg) -> Launch {
+    let [heads, groups, head_dim, q_rank, kv_rank, _] = targs;
+    let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
+    let mut args = vec![x];
+    args.extend((1..=6).map(w));
+    args.extend([f, Arg::Tokens { mul: 1 }]);
+    launch(KernelSpec::new("tpa_proj", &targs), args, tile_grid(total, 1), 128)
+}
 
 fn tpa_widths(heads: u64, groups: u64, head_dim: u64, q_rank: u64, kv_rank: u64) -> [u64; 6] {
     [heads * q_rank, groups * kv_rank, groups * kv_rank, q_rank * head_dim, kv_rank * head_dim, kv_rank * head_dim]

@@ -164,25 +164,40 @@ fn finalised_grads(g: &Graph) -> Vec<Vec<(u32, vpmoe_ir::ValueId)>> {
     out
 }
 
-/// A finalised gradient is written only by launches that carry its `accum` flag, is f32, is one
-/// graph output and is read by no node: then it can live in the step's gradient sum. A lowering
-/// that breaks this is a compiler bug, caught when the plan is built.
-fn check_summed_in_place(g: &Graph, node: usize, v: vpmoe_ir::ValueId, launches: &[Launch]) {
-    let name = &g.nodes[node].name;
-    assert_eq!(g.value(v).ty.dtype, vpmoe_ir::DType::F32, "{name}: gradient %{} is not f32", v.0);
-    assert_eq!(g.outputs.iter().filter(|(_, o)| *o == v).count(), 1, "{name}: gradient %{} is output twice", v.0);
-    assert!(!g.nodes.iter().any(|n| n.inputs.contains(&v)), "{name}: gradient %{} is read by a node", v.0);
-    let mut written = false;
-    for l in launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))) {
+/// A finalised gradient is f32, is one graph output, is read by no node, and is written only by
+/// launches that carry an accum flag of a gradient finalised by the same node (the flags of such
+/// gradients bind alike: all of them live in the step's sums). A launch with a flag writes no f32
+/// output of its node that is not finalised (it would add into a buffer that is not a sum). Then
+/// the gradients can live in the step's sums. A lowering that breaks this is a compiler bug,
+/// caught when the plan is built.
+fn check_summed_in_place(g: &Graph, node: usize, finals: &[vpmoe_ir::ValueId], launches: &[Launch]) {
+    let n = &g.nodes[node];
+    let name = &n.name;
+    for &v in finals {
+        assert_eq!(g.value(v).ty.dtype, vpmoe_ir::DType::F32, "{name}: gradient %{} is not f32", v.0);
+        assert_eq!(g.outputs.iter().filter(|(_, o)| *o == v).count(), 1, "{name}: gradient %{} is output twice", v.0);
+        assert!(!g.nodes.iter().any(|n| n.inputs.contains(&v)), "{name}: gradient %{} is read by a node", v.0);
         assert!(
-            l.args.contains(&Arg::Accum(v)),
-            "{name}: {} writes gradient %{} without its accum flag",
-            l.kernel.name(),
+            launches.iter().any(|l| l.args.iter().any(|a| a.value() == Some(v))),
+            "{name}: no launch writes gradient %{}",
             v.0
         );
-        written = true;
     }
-    assert!(written, "{name}: no launch writes gradient %{}", v.0);
+    for l in launches {
+        let flagged = l.args.iter().any(|a| matches!(a, Arg::Accum(u) if finals.contains(u)));
+        for a in &l.args {
+            let Some(v) = a.value() else { continue };
+            if finals.contains(&v) {
+                assert!(flagged, "{name}: {} writes gradient %{} without its accum flag", l.kernel.name(), v.0);
+            } else if flagged && n.outputs.contains(&v) && g.value(v).ty.dtype == vpmoe_ir::DType::F32 {
+                panic!(
+                    "{name}: {} has an accum flag and writes %{}, which is not a gradient sum",
+                    l.kernel.name(),
+                    v.0
+                );
+            }
+        }
+    }
 }
 
 pub fn build(g: &Graph, arch: &Arch) -> Plan {
@@ -209,9 +224,8 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
     for (ni, node) in g.nodes.iter().enumerate() {
         let ni = ni as u32;
         let (launches, scratch) = lower_node(node);
-        for &(_, v) in &grads[ni as usize] {
-            check_summed_in_place(g, ni as usize, v, &launches);
-        }
+        let finals: Vec<vpmoe_ir::ValueId> = grads[ni as usize].iter().map(|&(_, v)| v).collect();
+        check_summed_in_place(g, ni as usize, &finals, &launches);
         for v in &node.outputs {
             if grads[ni as usize].iter().any(|&(_, gv)| gv == *v) {
                 continue; // lives in the step's gradient sum

@@ -86,10 +86,18 @@ fn gradients_are_written_into_their_sums() {
                 "{name}: {} has a buffer",
                 p.name
             );
+            // Every writer carries the accum flag of a gradient finalised by the same node (one
+            // flag serves all of a launch's gradients: they all live in the sums).
+            let finals: Vec<_> = plan.steps[ni]
+                .grads
+                .iter()
+                .map(|&q| g.output_named(&format!("grad.{}", plan.params[q as usize].name)).unwrap())
+                .collect();
             let writers: Vec<_> =
                 plan.steps[ni].launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))).collect();
             assert!(
-                !writers.is_empty() && writers.iter().all(|l| l.args.contains(&Arg::Accum(v))),
+                !writers.is_empty()
+                    && writers.iter().all(|l| l.args.iter().any(|a| matches!(a, Arg::Accum(u) if finals.contains(u)))),
                 "{name}: {}",
                 p.name
             );

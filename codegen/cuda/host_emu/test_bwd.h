@@ -9,6 +9,9 @@
 #include "rmsnorm_bwd.cuh"
 #include "qkv_pack.cuh"
 #include "tpa_bwd.cuh"
+#include "tpa_proj.cuh"
+#include "tpa_dgrad.cuh"
+#include "tpa_wgrad.cuh"
 #include "grape_bwd.cuh"
 #include "vres_bwd.cuh"
 #include "attn_stats.cuh"
@@ -237,6 +240,56 @@ void test_tpa_bwd(int T, bool null_k) {
             for (int cc = 0; cc < D; ++cc) { pack_ok &= fl(mixed[(size_t)t * NP + base + GS * D + cc]) == G(1, g, cc); pack_ok &= fl(mixed[(size_t)t * NP + base + (GS + 1) * D + cc]) == G(2, g, cc); } }
     }
     c.report(); expect(pack_ok, nm + ": qkv_pack"); if (pack_ok) printf("%-60s ok\n", ("qkv_pack (with " + nm + ")").c_str());
+}
+
+// ------------------------------------------------------------------ tpa_proj / tpa_dgrad / tpa_wgrad
+// The six factor weights are six separate allocations (as in the optimizer's groups), so a row
+// read from or written to the wrong block cannot pass by accident. Checks the forward product
+// f = x·[W_i]ᵀ, the input gradient dx = df·[W_i] and the weight gradients dW_i = df_iᵀ·x (split
+// into Z row ranges when Z > 1: bitwise the partials added in range order), and `accum`.
+template <int HEADS, int GROUPS, int D, int RQ, int R, int H>
+void test_tpa_gemms(int T, int Z) {
+    constexpr int W = vp::tpa_width<HEADS, GROUPS, D, RQ, R>();
+    const int widths[6] = {HEADS * RQ, GROUPS * R, GROUPS * R, RQ * D, R * D, R * D};
+    int start[7] = {0};
+    for (int i = 0; i < 6; ++i) start[i + 1] = start[i] + widths[i];
+    std::vector<bf> w[6]; std::vector<float> dw[6], dw2[6];
+    for (int i = 0; i < 6; ++i) w[i] = rbf((size_t)widths[i] * H + 5, 1.0 / std::sqrt(H));
+    auto x = rbf((size_t)T * H, 1.0), df = rbf((size_t)T * W, 1.0);
+    std::vector<bf> f((size_t)T * W + 3, POISON_BF), dx((size_t)T * H + 3, POISON_BF);
+    std::vector<float> part((size_t)std::max(Z, 1) * W * H, POISON_F);
+    auto wrow = [&](int r) { int i = 0; while (r >= start[i + 1]) ++i; return &w[i][(size_t)(r - start[i]) * H]; };
+    char nm[160];
+    snprintf(nm, 160, "tpa_proj H%d G%d D%d RQ%d R%d hidden%d T%d", HEADS, GROUPS, D, RQ, R, H, T);
+    emu_launch((T + 63) / 64, (W + 63) / 64, 128, [&] { vp::tpa_proj<HEADS, GROUPS, D, RQ, R, H>(x.data(), w[0].data(), w[1].data(), w[2].data(), w[3].data(), w[4].data(), w[5].data(), f.data(), T); });
+    { Cmp c(nm, 2e-2, 1e-2);
+      for (int t = 0; t < T; ++t) for (int n = 0; n < W; ++n) { double s = 0; const bf* wr = wrow(n); for (int k = 0; k < H; ++k) s += fl(x[(size_t)t * H + k]) * fl(wr[k]); c.add(s, fl(f[(size_t)t * W + n]), (long)t * W + n); }
+      c.report(); expect(is_poison(f[(size_t)T * W]), std::string(nm) + ": wrote past f"); }
+    snprintf(nm, 160, "tpa_dgrad H%d G%d D%d RQ%d R%d hidden%d T%d", HEADS, GROUPS, D, RQ, R, H, T);
+    emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::tpa_dgrad<HEADS, GROUPS, D, RQ, R, H>(df.data(), w[0].data(), w[1].data(), w[2].data(), w[3].data(), w[4].data(), w[5].data(), dx.data(), T); });
+    { Cmp c(nm, 2e-2, 1e-2);
+      for (int t = 0; t < T; ++t) for (int k = 0; k < H; ++k) { double s = 0; for (int n = 0; n < W; ++n) s += fl(df[(size_t)t * W + n]) * fl(wrow(n)[k]); c.add(s, fl(dx[(size_t)t * H + k]), (long)t * H + k); }
+      c.report(); expect(is_poison(dx[(size_t)T * H]), std::string(nm) + ": wrote past dx"); }
+    snprintf(nm, 160, "tpa_wgrad H%d G%d D%d RQ%d R%d hidden%d T%d split%d", HEADS, GROUPS, D, RQ, R, H, T, Z);
+    auto run = [&](std::vector<float>* out, int acc) {
+        emu_launch3((H + 63) / 64, (W + 63) / 64, Z, 128, [&] { vp::tpa_wgrad<HEADS, GROUPS, D, RQ, R, H>(df.data(), x.data(), Z > 1 ? part.data() : nullptr, out[0].data(), out[1].data(), out[2].data(), out[3].data(), out[4].data(), out[5].data(), T, acc, Z > 1 ? g_tickets : nullptr); });
+    };
+    for (int i = 0; i < 6; ++i) dw[i].assign((size_t)widths[i] * H + 1, POISON_F);
+    run(dw, 0);
+    std::vector<float> cat; for (int i = 0; i < 6; ++i) cat.insert(cat.end(), dw[i].begin(), dw[i].end() - 1);
+    { Cmp c(nm, 1e-4, 1e-4); bool inside = true;
+      for (int n = 0; n < W; ++n) for (int k = 0; k < H; ++k) { double s = 0; for (int t = 0; t < T; ++t) s += fl(df[(size_t)t * W + n]) * fl(x[(size_t)t * H + k]); c.add(s, cat[(size_t)n * H + k], (long)n * H + k); }
+      for (int i = 0; i < 6; ++i) inside &= std::isnan(dw[i].back());
+      c.report(); expect(inside, std::string(nm) + ": wrote past a weight's gradient"); }
+    if (Z > 1) check_split(nm, part.data(), Z, cat.data(), (size_t)W * H);
+    // accum = 1 adds into each gradient sum, bitwise base + stored.
+    bool acc_ok = true;
+    for (int i = 0; i < 6; ++i) dw2[i] = rf((size_t)widths[i] * H + 1, 1.0);
+    std::vector<float> keep[6]; for (int i = 0; i < 6; ++i) keep[i] = dw2[i];
+    run(dw2, 1);
+    for (int i = 0; i < 6; ++i) for (size_t j = 0; j < dw2[i].size(); ++j) { float want = j + 1 < dw2[i].size() ? keep[i][j] + dw[i][j] : keep[i][j]; acc_ok &= memcmp(&want, &dw2[i][j], 4) == 0; }
+    expect(acc_ok, std::string("accum: ") + nm + ": sum is not base + gradient bitwise");
+    if (acc_ok) printf("%-60s ok (bitwise = base + stored)\n", (std::string("accum: ") + nm).c_str());
 }
 
 // ------------------------------------------------------------------ grape_bwd (last block adds the partials)
@@ -610,6 +663,8 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_gemm_tn<4, 40, 0, 0, 0>({80}, 44, 36, 40, 4);             // TPA-like 4-wide slice
         test_gemm_tn<48, 40, 5, 0, 1>({70, 0, 1, 64, 29}, 48, 0, 40, 1);  // grouped, empty expert
         test_gemm_tn<48, 40, 5, 0, 0>({70, 0, 1, 64, 29}, 48, 0, 40, 1, 50);  // grouped, B through bsrc
+        test_tpa_gemms<4, 2, 16, 3, 2, 72>(70, 1); test_tpa_gemms<4, 2, 16, 3, 2, 72>(130, 3);   // vector path; split
+        test_tpa_gemms<6, 3, 20, 3, 1, 36>(65, 2);                                                 // odd widths, hidden 36
         test_colsum<300, 0, 0>({130}, 4); test_colsum<8, 1, 0>({77}, 5); test_colsum<40, 0, 4>({10, 0, 70, 3}, 0);
     }
     if (want("bwd-attn")) {

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #define __device__
+#define __host__
 #define __global__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
