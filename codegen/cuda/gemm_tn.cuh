@@ -18,6 +18,8 @@
 //            ticket per (x, y) tile) adds them in slice order into `out` [N, K].
 //   accum: the gradient (Y, or `out` when split) is added into (put_grad) instead of stored,
 //   where it is a gradient sum. `out` and `tickets` are null unless E = 0 and Z > 1.
+//   The body (`gemm_tn_rows`) writes the gradient's rows through a row map (`Rows`, or
+//   `RowBlocks` for tpa_wgrad's six weights).
 //
 // Tiles: 64 (n) x 64 (k) outputs per block, four warps of 32x32; the reduction dimension m is
 // walked in slices of 32 through a 3-stage ring. Both operand tiles are stored as loaded (32 m-rows

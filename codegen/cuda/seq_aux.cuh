@@ -2,7 +2,9 @@
 // seq_aux.cuh: sequence-level load-balancing loss, one partial per sequence b (S tokens):
 //   s̃[t, e] = scores[t, e] / (Σ_e' scores[t, e'] + 1e-20)
 //   c_e = #tokens whose plain top-K of s̃ (ties to the lower index) contains e,  P_e = Σ_t s̃[t, e]
-//   partial[b] = E / (K·S²) · Σ_e P_e·c_e            (`sum` then averages the partials)
+//   partial[b] = E / (K·S²) · Σ_e P_e·c_e
+//   loss = scale · Σ_b partial[b]                     (scale = 1/B; added by the last block to
+//                                                     finish, `last_block` with one ticket)
 //
 // Launch: grid B = T/S, block 256. Each warp takes TB = 4 tokens at a time (so four independent
 // shuffle chains hide each other's latency; the grid is only B blocks, so per-block throughput
@@ -15,7 +17,8 @@
 namespace vp {
 
 template <int E, int K>
-__device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float* __restrict__ partial, int S) {
+__device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float* __restrict__ partial, int S,
+                                        float* loss, float scale, int* tickets) {
     constexpr int NT = 256, NW = NT / 32, EJ = (E + 31) / 32, TB = 4;
     static_assert(EJ <= 32, "at most 1024 experts");
     static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
@@ -117,6 +120,7 @@ __device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float*
     }
     dot = block_sum<NT>(dot);
     if (tid == 0) partial[b] = (float)((double)E / ((double)K * (double)S * (double)S) * dot);
+    if (last_block(tickets, (int)gridDim.x)) sum_to<NT>(partial, (int)gridDim.x, scale, loss, 0);
 }
 
 }  // namespace vp

@@ -8,12 +8,8 @@
 namespace vp {
 
 __device__ __forceinline__ void sum(const float* __restrict__ x, float* __restrict__ out, int n, float scale, int accum) {
-    constexpr int NT = 1024;
-    require_block(NT);
-    double acc = 0.0;
-    for (int i = threadIdx.x; i < n; i += NT) acc += (double)x[i];
-    acc = block_sum<NT>(acc);
-    if (threadIdx.x == 0) put_grad(out, (float)((double)scale * acc), accum);
+    require_block(1024);
+    sum_to<1024>(x, n, scale, out, accum);
 }
 
 }  // namespace vp

@@ -220,6 +220,18 @@ __device__ __forceinline__ T block_sum(T v) {
     return s;
 }
 
+// out = scale · Σ_{i<n} parts[i] (put_grad: stored, or added with `accum`), by all NT threads of
+// one block: each thread sums a fixed strided subset in f64, then block_sum's fixed tree. The
+// same bits whichever block runs it, so it serves `sum` and the last block of a scalar split
+// (reads from L2: other blocks wrote the parts).
+template <int NT>
+__device__ __forceinline__ void sum_to(const float* parts, int n, float scale, float* out, int accum) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += NT) acc += (double)__ldcg(parts + i);
+    acc = block_sum<NT>(acc);
+    if (threadIdx.x == 0) put_grad(out, (float)((double)scale * acc), accum);
+}
+
 template <int NT>
 __device__ __forceinline__ unsigned long long block_max_u64(unsigned long long v) {
     static_assert(NT % 32 == 0 && NT <= 1024, "block size");

@@ -144,7 +144,14 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "seq_aux",
         tparams: &["E", "K"],
-        params: &[("const float*", "scores"), ("float*", "partial"), ("int", "S")],
+        params: &[
+            ("const float*", "scores"),
+            ("float*", "partial"),
+            ("int", "S"),
+            ("float*", "loss"),
+            ("float", "scale"),
+            ("int*", "tickets"),
+        ],
     },
     Family {
         name: "head_lse",
@@ -343,6 +350,9 @@ pub const FAMILIES: &[Family] = &[
             (BFM, "dv1"),
             ("float*", "partial"),
             ("int", "n"),
+            ("float*", "dl"),
+            ("int*", "tickets"),
+            ("int", "accum"),
         ],
     },
     Family {
@@ -625,9 +635,7 @@ pub enum Arg {
         mul: u64,
     },
     Seq,
-    /// The row count `T/S`.
-    Rows,
-    /// `1/(T/S)`.
+    /// `1/(T/S)`, the reciprocal of the row count.
     InvRows,
     /// The runtime's zeroed `int[TICKETS]` that split reductions count their finished blocks in
     /// (`last_block` in vp_common.cuh); every launch leaves it zeroed again.
@@ -915,17 +923,12 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         ),
         Op::SeqAuxLoss { experts, topk } => (
             vec![
+                // One partial per sequence; the last block averages them into the loss.
                 launch(
                     KernelSpec::new("seq_aux", &[experts, topk]),
-                    vec![i(0), s(0, 0), Arg::Seq],
+                    vec![i(0), s(0, 0), Arg::Seq, o(0), Arg::InvRows, Arg::Tickets],
                     [LaunchDim::Rows, one(), one()],
                     256,
-                ),
-                launch(
-                    KernelSpec::new("sum", &[]),
-                    vec![s(0, 0), o(0), Arg::Rows, Arg::InvRows, Arg::Int(0)],
-                    [one(), one(), one()],
-                    1024,
                 ),
             ],
             vec![scratch(DType::F32, 1)],
@@ -1128,15 +1131,21 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             let part = b.scratch_fixed(DType::F32, RED_BLOCKS);
             b.push(
                 KernelSpec::new("vres_bwd", &[]),
-                vec![x(0), x(1), x(2), dy(0), dx(0), dx(1), part.clone(), Arg::Tokens { mul: groups * head_dim }],
+                vec![
+                    x(0),
+                    x(1),
+                    x(2),
+                    dy(0),
+                    dx(0),
+                    dx(1),
+                    part,
+                    Arg::Tokens { mul: groups * head_dim },
+                    dx(2),
+                    Arg::Tickets,
+                    accum(&dx(2)),
+                ],
                 [LaunchDim::Const(RED_BLOCKS), one(), one()],
                 256,
-            );
-            b.push(
-                KernelSpec::new("sum", &[]),
-                vec![part, dx(2), Arg::Int(RED_BLOCKS as i64), Arg::Float(1.0), accum(&dx(2))],
-                [one(), one(), one()],
-                1024,
             );
         }
         Op::Attention(a) => {

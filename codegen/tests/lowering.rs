@@ -129,7 +129,7 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                         errs.push(format!("{actx}: null scalar"));
                     }
                 }
-                Arg::Tokens { .. } | Arg::Seq | Arg::Rows | Arg::Int(_) => {
+                Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) => {
                     if *ctype != "int" {
                         errs.push(format!("{actx}: integer for {ctype}"));
                     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use vpmoe_codegen::{lower_node, Arg, Launch};
 use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
 
-pub const PLAN_FORMAT: u32 = 7;
+pub const PLAN_FORMAT: u32 = 8;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
 
 /// Per-token buffer sizes are rounded to this many bytes (so every offset is aligned for any `T`).

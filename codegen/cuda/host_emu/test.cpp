@@ -63,6 +63,10 @@ struct Cmp {
 };
 static void expect(bool c, const std::string& what) { if (!c) { printf("FAIL: %s\n", what.c_str()); g_fail++; } }
 
+// The runtime's zeroed tickets (`Arg::Tickets`) for the kernels that finish split sums in their
+// last block; every launch must leave them at 0.
+static int g_tickets[256];
+
 // ------------------------------------------------------------------ GEMM
 template <int N, int KD, int EPI, int OUT>
 void test_gemm(int M, int ldy, int yoff, bool has_bias, int xoff) {
@@ -251,9 +255,14 @@ void test_seq_aux(int B, int S) {
     for (auto& s : scores) s = (float)(1.0 / (1.0 + std::exp(-2.0 * nrm())));
     for (int e = 0; e < E; ++e) scores[3 * E + e] = 0.5f;  // an all-ties token
     std::vector<float> partial(B, POISON_F), out(1, POISON_F);
-    emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), partial.data(), S); });
     float inv = 1.0f / B;
-    emu_launch(1, 1, 1024, [&] { vp::sum(partial.data(), out.data(), B, inv, 0); });
+    emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), partial.data(), S, out.data(), inv, g_tickets); });
+    {   // the last block's average: bitwise the same whichever block finished last, tickets back at 0
+        std::vector<float> again(1, POISON_F), part2(B, POISON_F);
+        emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), part2.data(), S, again.data(), inv, g_tickets); });
+        bool zero = true; for (int t : g_tickets) zero &= t == 0;
+        expect(memcmp(&again[0], &out[0], 4) == 0 && zero, "seq_aux: the loss depends on which block finished last, or a ticket was left set");
+    }
     double total = 0;
     for (int b = 0; b < B; ++b) {
         std::vector<double> c(E, 0), p(E, 0);

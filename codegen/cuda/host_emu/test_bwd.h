@@ -97,7 +97,6 @@ void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with
 // The runtime's zeroed tickets (`Arg::Tickets`): every launch that counts in them must leave them
 // at 0, and a split's result must be bitwise the f32 sum of its partials in part order, whichever
 // block finished last (the emulator runs blocks in a random order).
-static int g_tickets[256];
 static void check_split(const std::string& nm, const float* parts, int nparts, const float* out, size_t n) {
     bool zero = true; for (int t : g_tickets) zero &= t == 0;
     bool same = true;
@@ -335,8 +334,13 @@ void test_grape_bwd(int T, int S, int heads, int groups, int nb) {
 void test_vres_bwd(int n, int nb) {
     auto v = rbf(n, 1.0), v1 = rbf(n, 1.0), g = rbf(n, 1.0); float logit = 0.7f;
     std::vector<bf> dv(n + 1, POISON_BF), dv1(n + 1, POISON_BF); std::vector<float> part(nb, POISON_F), dl(1, POISON_F);
-    emu_launch(nb, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), n); });
-    emu_launch(1, 1, 1024, [&] { vp::sum(part.data(), dl.data(), nb, 1.0f, 0); });
+    emu_launch(nb, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), n, dl.data(), g_tickets, 0); });
+    {   // the last block's sum: bitwise the same whichever block finished last, tickets back at 0
+        std::vector<float> again(1, POISON_F);
+        emu_launch(nb, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), n, again.data(), g_tickets, 0); });
+        bool zero = true; for (int t : g_tickets) zero &= t == 0;
+        expect(memcmp(&again[0], &dl[0], 4) == 0 && zero, "vres_bwd: ∂logit depends on which block finished last, or a ticket was left set");
+    }
     double lam = (float)(1.0 / (1.0 + std::exp(-(double)logit))), s = 0;
     Cmp c("vres_bwd n" + std::to_string(n), 1e-3, 8e-3), cl("vres_bwd dlogit n" + std::to_string(n), 1e-4, 1e-5);
     for (int i = 0; i < n; ++i) { c.add(lam * fl(g[i]), fl(dv[i]), i); c.add((1 - lam) * fl(g[i]), fl(dv1[i]), n + i); s += fl(g[i]) * ((double)fl(v[i]) - fl(v1[i])); }
@@ -619,6 +623,13 @@ static void test_accum() {
     check_accum("colsum E0 P3 (last block adds)", K, [&](float* y, int acc) {
         emu_launch(3, 1, 256, [&] { vp::colsum<K, 0, 0>(b.data(), nullptr, y, M, acc, cs_parts.data(), g_tickets); });
     });
+    {
+        auto v = rbf(700, 1.0), v1 = rbf(700, 1.0), g = rbf(700, 1.0); float logit = -0.3f;
+        std::vector<bf> dv(700), dv1(700); std::vector<float> part(5);
+        check_accum("vres_bwd dlogit (last block adds)", 1, [&](float* y, int acc) {
+            emu_launch(5, 1, 256, [&] { vp::vres_bwd(v.data(), v1.data(), &logit, g.data(), dv.data(), dv1.data(), part.data(), 700, y, g_tickets, acc); });
+        });
+    }
     check_accum("sum", 1, [&](float* y, int acc) {
         emu_launch(1, 1, 1024, [&] { vp::sum(parts.data(), y, 900, 0.5f, acc); });
     });

@@ -145,7 +145,6 @@ impl Layout<'_> {
                 Arg::Null => Param::Ptr(0, None),
                 Arg::Tokens { mul } => int((mul * t) as i64, pname)?,
                 Arg::Seq => int(s as i64, pname)?,
-                Arg::Rows => int((t / s) as i64, pname)?,
                 Arg::Int(x) => int(*x, pname)?,
                 Arg::InvRows => Param::F32(s as f32 / t as f32),
                 Arg::Float(x) => Param::F32(*x),
