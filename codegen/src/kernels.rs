@@ -782,7 +782,8 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
             let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
-            let mut launches = vec![tpa_proj([heads, groups, head_dim, q_rank, kv_rank, hidden], i(0), i, s(0, 0))];
+            let targs = [heads, groups, head_dim, q_rank, kv_rank, hidden];
+            let mut launches = vec![tpa_gemm("tpa_proj", targs, i(0), i, s(0, 0), tile_grid(total, 1))];
             launches.push(launch(
                 KernelSpec::new("tpa_combine", &[heads, groups, head_dim, q_rank, kv_rank]),
                 vec![s(0, 0), opt(bias, 7), o(0), o(1), o(2), Arg::Tokens { mul: 1 }],
@@ -1064,7 +1065,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             let targs = [heads, groups, head_dim, q_rank, kv_rank, hidden];
             let f = b.scratch_tok(DType::Bf16, total);
             let df = b.scratch_tok(DType::Bf16, total);
-            b.launches.push(tpa_proj(targs, x(0), x, f.clone()));
+            b.launches.push(tpa_gemm("tpa_proj", targs, x(0), x, f.clone(), tile_grid(total, 1)));
             b.push(
                 KernelSpec::new("tpa_bwd", &[heads, groups, head_dim, q_rank, kv_rank]),
                 vec![f, dy(0), dy(1), dy(2), df.clone(), t1.clone()],
@@ -1072,10 +1073,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 128,
             );
             // dx = df·[W_aq; …; W_bv]: one f32 accumulation over all factor columns.
-            let mut args = vec![df.clone()];
-            args.extend((1..=6).map(x));
-            args.extend([dx(0), t1.clone()]);
-            b.push(KernelSpec::new("tpa_dgrad", &targs), args, nn_grid(hidden, 1, 0), 128);
+            b.launches.push(tpa_gemm("tpa_dgrad", targs, df.clone(), x, dx(0), nn_grid(hidden, 1, 0)));
             // [dW_aq; …; dW_bv] = dfᵀ·x, each weight's rows into its own gradient.
             let dws: Vec<Arg> = (1..=6).map(dx).collect();
             assert!(dws.iter().all(|d| d.value().is_some()), "TpaQkv vjp: every factor weight needs its gradient");
@@ -1403,15 +1401,14 @@ pub const AMODE_SPLIT: u64 = 1;
 /// gemm_nn epilogue: multiply by ReLU²'(aux) = 2·max(aux, 0).
 pub const EPI_DRELU2: u64 = 3;
 
-/// TPA's six factor products `f = x·[W_aq; …; W_bv]ᵀ` in one launch (`targs`: heads, groups,
-/// head_dim, q_rank, kv_rank, hidden); `w(k)` is the node's input k (weights at 1..=6).
-fn tpa_proj(targs: [u64; 6], x: Arg, w: impl Fn(usize) -> Arg, f: Arg) -> Launch {
-    let [heads, groups, head_dim, q_rank, kv_rank, _] = targs;
-    let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
-    let mut args = vec![x];
+/// One GEMM over TPA's six stacked factor weights: `tpa_proj` (`y = a·[W_aq; …; W_bv]ᵀ`) or
+/// `tpa_dgrad` (`y = a·[W_aq; …; W_bv]`). `targs`: heads, groups, head_dim, q_rank, kv_rank,
+/// hidden; `w(k)` is the node's input k (weights at 1..=6).
+fn tpa_gemm(family: &str, targs: [u64; 6], a: Arg, w: impl Fn(usize) -> Arg, y: Arg, grid: [LaunchDim; 3]) -> Launch {
+    let mut args = vec![a];
     args.extend((1..=6).map(w));
-    args.extend([f, Arg::Tokens { mul: 1 }]);
-    launch(KernelSpec::new("tpa_proj", &targs), args, tile_grid(total, 1), 128)
+    args.extend([y, Arg::Tokens { mul: 1 }]);
+    launch(KernelSpec::new(family, &targs), args, grid, 128)
 }
 
 fn tpa_widths(heads: u64, groups: u64, head_dim: u64, q_rank: u64, kv_rank: u64) -> [u64; 6] {
