@@ -1,13 +1,12 @@
 #pragma once
-// colsum.cuh: column sums over row ranges (bias gradients, sink gradients), f32 out.
+// colsum.cuh: column sums over all rows (bias gradients of an f32 A, sink gradients), f32 out.
 //
-//   out[p, c] = Σ_{r in range p} x[r, c]       x: [rows, N] bf16 or f32 (IN_F32), row stride N
-//   E > 0: range p = rows [offsets[p], offsets[p+1]) of expert p (grid (E, ceil(N/256))): the
-//          per-expert bias gradient directly; `parts` and `tickets` are null.
-//   E = 0: out[c] = Σ_r x[r, c]. Block p sums rows [p·ch, min(rows, (p+1)·ch)), ch = ceil(rows/P),
-//          P = gridDim.x (grid (P, ceil(N/256))), into partial row p of `parts` [P, N]; the last
-//          of a column block's P blocks to finish (`last_block`, ticket blockIdx.y) adds the P
-//          partials in order into `out`. So a long column is summed by P blocks in parallel.
+//   out[c] = Σ_r x[r, c]       x: [rows, N] bf16 or f32 (IN_F32), row stride N
+//   Block p sums rows [p·ch, min(rows, (p+1)·ch)), ch = ceil(rows/P), P = gridDim.x (grid (P,
+//   ceil(N/256))), into partial row p of `parts` [P, N]; the last of a column block's P blocks to
+//   finish (`last_block`, ticket blockIdx.y) adds the P partials in order into `out`. So a long
+//   column is summed by P blocks in parallel. (The bias gradient of a layer with a bf16 output
+//   gradient comes from its weight-gradient launch instead: gemm_tn's BIAS.)
 //
 // `accum`: add into `out` (put_grad).
 //
@@ -18,21 +17,13 @@
 
 namespace vp {
 
-template <int N, int IN_F32, int E>
-__device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __restrict__ offsets,
-                                       float* __restrict__ out, int rows, int accum, float* __restrict__ parts,
-                                       int* __restrict__ tickets) {
+template <int N, int IN_F32>
+__device__ __forceinline__ void colsum(const void* __restrict__ x, float* __restrict__ out, int rows, int accum,
+                                       float* __restrict__ parts, int* __restrict__ tickets) {
     const int p = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
-    int r0, r1;
-    if constexpr (E > 0) {
-        r0 = offsets[p];
-        r1 = offsets[p + 1];
-    } else {
-        const int ch = cdiv(rows, (int)gridDim.x);
-        r0 = min(rows, p * ch);
-        r1 = min(rows, r0 + ch);
-    }
+    const int ch = cdiv(rows, (int)gridDim.x);
+    const int r0 = min(rows, p * ch), r1 = min(rows, r0 + ch);
     if (c < N) {
         float s = 0.f;
         if (IN_F32) {
@@ -42,10 +33,9 @@ __device__ __forceinline__ void colsum(const void* __restrict__ x, const int* __
             const bf16* xb = reinterpret_cast<const bf16*>(x) + c;
             for (int r = r0; r < r1; ++r) s += bf2f(xb[(size_t)r * N]);
         }
-        if (E > 0) put_grad(out + (size_t)p * N + c, s, accum);
-        else parts[(size_t)p * N + c] = s;
+        parts[(size_t)p * N + c] = s;
     }
-    if (E > 0 || !last_block(tickets + blockIdx.y, (int)gridDim.x)) return;
+    if (!last_block(tickets + blockIdx.y, (int)gridDim.x)) return;
     if (c < N) put_grad(out + c, sum_parts_at(parts, N, gridDim.x, c), accum);
 }
 

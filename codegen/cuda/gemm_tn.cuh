@@ -18,6 +18,11 @@
 //            ticket per (x, y) tile) adds them in slice order into `out` [N, K].
 //   accum: the gradient (Y, or `out` when split) is added into (put_grad) instead of stored,
 //   where it is a gradient sum. `out` and `tickets` are null unless E = 0 and Z > 1.
+//   BIAS (AMODE 0 only): the layer's bias gradient db[n] = Σ_m A[m, n] comes out of the same
+//   launch: the k-tile-0 blocks (blockIdx.x = 0) also sum the A tiles they stage, column by
+//   column, into db + z·N (E > 0: one row per expert), or, when split, into partial rows
+//   Y + Z·N·K + z·N that the tile's last block adds in slice order. The same `accum` applies (W
+//   and b of one layer are summed alike). So the separate colsum pass over A is not needed.
 //   The body (`gemm_tn_rows`) writes the gradient's rows through a row map (`Rows`, or
 //   `RowBlocks` for tpa_wgrad's six weights).
 //
@@ -44,8 +49,8 @@ __device__ __forceinline__ unsigned int relu2_bf2(unsigned int u) {
 
 // A split's second stage: the last of a tile's gridDim.z blocks adds the partials into `out`.
 // Not inlined: its registers stay out of the main loop's count.
-template <int N, int K, class D>
-__device__ VP_NOINLINE void gemm_tn_finish(const float* y, const D out, int* tickets, int accum) {
+template <int N, int K, int BIAS, class D>
+__device__ VP_NOINLINE void gemm_tn_finish(const float* y, const D out, float* db, int* tickets, int accum) {
     using namespace gemm_tn_cfg;
     if (!last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (int)gridDim.z)) return;
     const int n0 = blockIdx.y * BN, k0 = blockIdx.x * BK2;
@@ -53,17 +58,24 @@ __device__ VP_NOINLINE void gemm_tn_finish(const float* y, const D out, int* tic
         const int r = n0 + i / BK2, c = k0 + i % BK2;
         if (r < N && c < K) put_grad(out.row(r) + c, sum_parts_at(y, (size_t)N * K, gridDim.z, (size_t)r * K + c), accum);
     }
+    if constexpr (BIAS) {
+        const int n = n0 + threadIdx.x;
+        if (blockIdx.x == 0 && threadIdx.x < BN && n < N)
+            put_grad(db + n, sum_parts_at(y + (size_t)gridDim.z * N * K, N, gridDim.z, n), accum);
+    }
 }
 
 // The kernel body: the gradient's rows go to `dst` (`Rows` or `RowBlocks`, row stride K): written
 // by the tiles themselves, or, when split, by the finish while the tiles store partials in `y`.
-template <int N, int K, int E, int AMODE, int BRELU2, class D>
+template <int N, int K, int E, int AMODE, int BRELU2, int BIAS, class D>
 __device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const int* bsrc, const int* offsets,
-                                             float* y, int M, int lda, int ldb, int accum, const D& dst,
+                                             float* y, int M, int lda, int ldb, int accum, const D& dst, float* db,
                                              int* tickets) {
     using namespace gemm_tn_cfg;
     static_assert(N > 0 && K > 0, "empty GEMM");
     static_assert(AMODE == 0 || AMODE == 1, "AMODE");
+    // The staged hi + lo of an f32 A is not its exact value: its column sums stay with colsum.
+    static_assert(BIAS == 0 || AMODE == 0, "BIAS needs a bf16 A");
     __shared__ __align__(128) bf16 sA[STAGES][BM * LDT];
     __shared__ __align__(128) bf16 sAlo[AMODE == 1 ? STAGES : 1][AMODE == 1 ? BM * LDT : 8];
     __shared__ __align__(128) bf16 sB[STAGES][BM * LDT];
@@ -120,6 +132,15 @@ __device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const
 
     float acc[2][4][4];
     zero_acc(acc);
+    // Bias: thread t sums columns n0 + 2(t % 32) + {0, 1} over rows 8(t / 32) .. +7 of each staged
+    // A slice (rows past the range and columns past N are staged as zeros) and adds that into its
+    // own two running sums in sBias, slice by slice (in shared memory, not registers: the main
+    // loop's register count stays that of the plain GEMM).
+    __shared__ float sBias[4][BN];
+    if constexpr (BIAS) {
+        sBias[warp][2 * lane] = 0.f;
+        sBias[warp][2 * lane + 1] = 0.f;
+    }
     cp_async_ring<STAGES>(MT, load_tile, [&](int slot) {
         const bf16* a_s = sA[slot];
         const bf16* b_s = sB[slot];
@@ -156,6 +177,21 @@ __device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const
                     if (AMODE == 1) mma_bf16_16816(acc[mi][ni], fl[mi], fb[ni]);
                 }
         }
+        // After the slice's MMAs, so its loads do not hold registers beside their fragments.
+        if constexpr (BIAS) {
+            if (blockIdx.x == 0) {
+                float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+                for (int i = 0; i < BM / 4; ++i) {
+                    const unsigned int u =
+                        *reinterpret_cast<const unsigned int*>(a_s + ((warp * (BM / 4) + i) * LDT + 2 * lane));
+                    s0 += bf_lo(u);
+                    s1 += bf_hi(u);
+                }
+                sBias[warp][2 * lane] += s0;
+                sBias[warp][2 * lane + 1] += s1;
+            }
+        }
     });
 
     const bool pair_ok = (K % 2 == 0) && (split ? aligned(y, 8) : dst.aligned_to(8));
@@ -185,15 +221,27 @@ __device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const
                 }
             }
 
-    if (split) gemm_tn_finish<N, K>(y, dst, tickets, accum);
+    if constexpr (BIAS) {
+        if (blockIdx.x == 0) {
+            // The four row groups' sums per column, added in group order.
+            __syncthreads();
+            const int n = n0 + tid;
+            if (tid < BN && n < N) {
+                const float s = ((sBias[0][tid] + sBias[1][tid]) + sBias[2][tid]) + sBias[3][tid];
+                if (split) y[(size_t)gridDim.z * N * K + (size_t)z * N + n] = s;
+                else put_grad(db + (size_t)z * N + n, s, accum);
+            }
+        }
+    }
+    if (split) gemm_tn_finish<N, K, BIAS>(y, dst, db, tickets, accum);
 }
 
-template <int N, int K, int E, int AMODE, int BRELU2>
+template <int N, int K, int E, int AMODE, int BRELU2, int BIAS>
 __device__ __forceinline__ void gemm_tn(const void* a, const bf16* b, const int* bsrc, const int* offsets, float* y,
-                                        int M, int lda, int ldb, int accum, float* out, int* tickets) {
+                                        int M, int lda, int ldb, int accum, float* out, float* db, int* tickets) {
     const bool split = E == 0 && gridDim.z > 1;
     const Rows<float> dst{split ? out : y + (size_t)blockIdx.z * N * K, K};
-    gemm_tn_rows<N, K, E, AMODE, BRELU2>(a, b, bsrc, offsets, y, M, lda, ldb, accum, dst, tickets);
+    gemm_tn_rows<N, K, E, AMODE, BRELU2, BIAS>(a, b, bsrc, offsets, y, M, lda, ldb, accum, dst, db, tickets);
 }
 
 }  // namespace vp

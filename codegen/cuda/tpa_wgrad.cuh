@@ -20,7 +20,7 @@ __device__ __forceinline__ void tpa_wgrad(const bf16* df, const bf16* x, float* 
                                           int* tickets) {
     constexpr int W = tpa_width<HEADS, GROUPS, D, RQ, R>();
     const auto dst = tpa_rows<HEADS, GROUPS, D, RQ, R>(dw_aq, dw_ak, dw_av, dw_bq, dw_bk, dw_bv, H);
-    gemm_tn_rows<W, H, 0, 0, 0>(df, x, nullptr, nullptr, part, T, W, H, accum, dst, tickets);
+    gemm_tn_rows<W, H, 0, 0, 0, 0>(df, x, nullptr, nullptr, part, T, W, H, accum, dst, nullptr, tickets);
 }
 
 }  // namespace vp

@@ -229,7 +229,7 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "gemm_tn",
-        tparams: &["N", "K", "E", "AMODE", "BRELU2"],
+        tparams: &["N", "K", "E", "AMODE", "BRELU2", "BIAS"],
         params: &[
             ("const void*", "a"),
             (BF, "b"),
@@ -241,15 +241,15 @@ pub const FAMILIES: &[Family] = &[
             ("int", "ldb"),
             ("int", "accum"),
             ("float*", "out"),
+            ("float*", "db"),
             ("int*", "tickets"),
         ],
     },
     Family {
         name: "colsum",
-        tparams: &["N", "IN_F32", "E"],
+        tparams: &["N", "IN_F32"],
         params: &[
             ("const void*", "x"),
-            ("const int*", "offsets"),
             ("float*", "out"),
             ("int", "rows"),
             ("int", "accum"),
@@ -1054,10 +1054,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             let dm = b.scratch_tok(DType::Bf16, n);
             b.qkv_pack(heads, groups, head_dim, [dy(0), dy(1), dy(2)], dm.clone());
             b.dgrad(hidden, n, 1, dm.clone(), n, x(1), Arg::Null, dx(0), false);
-            b.wgrad(n, hidden, 1, 0, 0, dm.clone(), n, x(0), hidden, dx(1));
-            if bias {
-                b.bias_grad(n, false, 1, dm, dx(2));
-            }
+            b.wgrad(n, hidden, 1, 0, 0, dm, n, x(0), hidden, dx(1), if bias { dx(2) } else { Arg::Null });
         }
         Op::TpaQkv { hidden, heads, groups, head_dim, q_rank, kv_rank, bias } => {
             let total: u64 = tpa_widths(heads, groups, head_dim, q_rank, kv_rank).iter().sum();
@@ -1095,7 +1092,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 let n = (heads + 2 * groups) * head_dim;
                 let dm = b.scratch_tok(DType::Bf16, n);
                 b.qkv_pack(heads, groups, head_dim, [dy(0), dy(1), dy(2)], dm.clone());
-                b.bias_grad(n, false, 1, dm, dx(7));
+                b.colsum(n, false, 1, dm, dx(7));
             }
         }
         Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
@@ -1176,16 +1173,13 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 128,
             );
             if a.sinks {
-                b.bias_grad(a.heads, true, 1, dsink, dx(4));
+                b.colsum(a.heads, true, 1, dsink, dx(4));
             }
         }
         Op::OutProj { in_dim, hidden, bias } => {
             let resid = node_fwd_inputs(&v.of) - 1;
             b.dgrad(in_dim, hidden, 1, dy(0), hidden, x(1), Arg::Null, dx(0), false);
-            b.wgrad(hidden, in_dim, 1, 0, 0, dy(0), hidden, x(0), in_dim, dx(1));
-            if bias {
-                b.bias_grad(hidden, false, 1, dy(0), dx(2));
-            }
+            b.wgrad(hidden, in_dim, 1, 0, 0, dy(0), hidden, x(0), in_dim, dx(1), if bias { dx(2) } else { Arg::Null });
             b.copy(hidden, dy(0), dx(resid));
         }
         Op::Mlp { hidden, ffn, bias, residual } => {
@@ -1211,14 +1205,9 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 nn_grid(ffn, 1, 0),
                 128,
             );
-            b.wgrad(hidden, ffn, 1, 0, 1, dy(0), hidden, z, ffn, dx(i_w2));
-            if bias {
-                b.bias_grad(hidden, false, 1, dy(0), dx(i_b2));
-            }
-            b.wgrad(ffn, hidden, 1, 0, 0, dz.clone(), ffn, x(0), hidden, dx(1));
-            if bias {
-                b.bias_grad(ffn, false, 1, dz.clone(), dx(i_b1));
-            }
+            let db = |i| if bias { dx(i) } else { Arg::Null };
+            b.wgrad(hidden, ffn, 1, 0, 1, dy(0), hidden, z, ffn, dx(i_w2), db(i_b2));
+            b.wgrad(ffn, hidden, 1, 0, 0, dz.clone(), ffn, x(0), hidden, dx(1), db(i_b1));
             b.dgrad(hidden, ffn, 1, dz, ffn, x(1), Arg::Null, dx(0), false);
             if residual {
                 b.copy(hidden, dy(0), dx(node_fwd_inputs(&v.of) - 1));
@@ -1249,9 +1238,9 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 nn_grid(hidden, 1, 0),
                 128,
             );
-            b.wgrad(experts, hidden, 1, AMODE_SPLIT, 0, dl.clone(), experts, x(0), hidden, dx(1));
+            b.wgrad(experts, hidden, 1, AMODE_SPLIT, 0, dl.clone(), experts, x(0), hidden, dx(1), Arg::Null);
             if bias {
-                b.bias_grad(experts, true, 1, dl, dx(2));
+                b.colsum(experts, true, 1, dl, dx(2));
             }
         }
         Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
@@ -1286,14 +1275,9 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 nn_grid(ffn, topk, experts),
                 128,
             );
-            b.wgrad_grouped(hidden, ffn, experts, topk, 1, dy(0), z, Arg::Null, x(3), dx(i_w2));
-            if bias {
-                b.colsum_grouped(hidden, experts, topk, dy(0), x(3), dx(i_b2));
-            }
-            b.wgrad_grouped(ffn, hidden, experts, topk, 0, dz.clone(), x(0), x(1), x(3), dx(4));
-            if bias {
-                b.colsum_grouped(ffn, experts, topk, dz.clone(), x(3), dx(i_b1));
-            }
+            let db = |i| if bias { dx(i) } else { Arg::Null };
+            b.wgrad_grouped(hidden, ffn, experts, topk, 1, dy(0), z, Arg::Null, x(3), dx(i_w2), db(i_b2));
+            b.wgrad_grouped(ffn, hidden, experts, topk, 0, dz.clone(), x(0), x(1), x(3), dx(4), db(i_b1));
             b.push(
                 KernelSpec::new("gemm_nn", &[hidden, ffn, experts, 0, EPI_NONE, 0]),
                 vec![
@@ -1368,7 +1352,7 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 let acc = if c0 > 0 { dz.clone() } else { Arg::Null };
                 let (out, out_f32) = if last { (dx(0), false) } else { (dz.clone(), true) };
                 b.dgrad(hidden, width, 1, dl.clone(), chunk, x(1).at(c0 * hidden), acc, out, out_f32);
-                b.wgrad(width, hidden, 1, 0, 0, dl.clone(), chunk, x(0), hidden, dx(1).at(c0 * hidden));
+                b.wgrad(width, hidden, 1, 0, 0, dl.clone(), chunk, x(0), hidden, dx(1).at(c0 * hidden), Arg::Null);
                 c0 += width;
             }
         }
@@ -1600,7 +1584,8 @@ impl Bwd {
         );
     }
     /// Weight gradient `dW[n, k] = aᵀ·b` over `m_mul·T` rows (f32), split over row ranges into
-    /// partials (added by each tile's last block) when the output alone has too few tiles.
+    /// partials (added by each tile's last block) when the output alone has too few tiles. With
+    /// `db` (bf16 `a` only) the same launch writes the bias gradient `db[n] = Σ_m a[m, n]`.
     #[allow(clippy::too_many_arguments)]
     fn wgrad(
         &mut self,
@@ -1614,16 +1599,20 @@ impl Bwd {
         b: Arg,
         ldb: u64,
         dw: Arg,
+        db: Arg,
     ) {
+        let bias = db != Arg::Null;
+        assert!(!bias || amode == 0, "wgrad {n}x{k}: a fused bias gradient needs a bf16 A");
         let split = wgrad_split(n, k);
         let (y, out, tickets) = if split > 1 {
             assert!(n.div_ceil(GEMM_TILE) * k.div_ceil(GEMM_TILE) <= TICKETS, "wgrad {n}x{k}: tiles past TICKETS");
-            (self.partials(split * n * k), dw.clone(), Arg::Tickets)
+            // The bias partial rows [split, n] follow the weight partials.
+            (self.partials(split * n * k + bias as u64 * split * n), dw.clone(), Arg::Tickets)
         } else {
             (dw.clone(), Arg::Null, Arg::Null)
         };
         self.push(
-            KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2]),
+            KernelSpec::new("gemm_tn", &[n, k, 0, amode, brelu2, bias as u64]),
             vec![
                 a,
                 b,
@@ -1635,6 +1624,7 @@ impl Bwd {
                 Arg::Int(ldb as i64),
                 accum(&dw),
                 out,
+                db,
                 tickets,
             ],
             tn_grid(n, k, split),
@@ -1642,7 +1632,7 @@ impl Bwd {
         );
     }
     /// Per-expert weight gradients `dW[e] = a_eᵀ·b_e` over each expert's rows (`a` row stride n,
-    /// `b` row stride k).
+    /// `b` row stride k), and with `db` the per-expert bias gradients `db[e] = Σ a_e` rows.
     #[allow(clippy::too_many_arguments)]
     fn wgrad_grouped(
         &mut self,
@@ -1656,9 +1646,11 @@ impl Bwd {
         bsrc: Arg,
         offsets: Arg,
         dw: Arg,
+        db: Arg,
     ) {
+        let bias = (db != Arg::Null) as u64;
         self.push(
-            KernelSpec::new("gemm_tn", &[n, k, experts, 0, brelu2]),
+            KernelSpec::new("gemm_tn", &[n, k, experts, 0, brelu2, bias]),
             vec![
                 a,
                 b,
@@ -1670,6 +1662,7 @@ impl Bwd {
                 Arg::Int(k as i64),
                 accum(&dw),
                 Arg::Null,
+                db,
                 Arg::Null,
             ],
             tn_grid(n, k, experts),
@@ -1678,22 +1671,13 @@ impl Bwd {
     }
     /// Column sums of `x` ([m_mul·T, n]) into `out` [n]: COLSUM_PARTS partial rows, added by
     /// each column block's last block.
-    fn bias_grad(&mut self, n: u64, in_f32: bool, m_mul: u64, x: Arg, out: Arg) {
+    fn colsum(&mut self, n: u64, in_f32: bool, m_mul: u64, x: Arg, out: Arg) {
         assert!(n.div_ceil(256) <= TICKETS, "colsum of {n} columns: column blocks past TICKETS");
         let parts = self.scratch_fixed(DType::F32, COLSUM_PARTS * n);
         self.push(
-            KernelSpec::new("colsum", &[n, in_f32 as u64, 0]),
-            vec![x, Arg::Null, out.clone(), Arg::Tokens { mul: m_mul }, accum(&out), parts, Arg::Tickets],
+            KernelSpec::new("colsum", &[n, in_f32 as u64]),
+            vec![x, out.clone(), Arg::Tokens { mul: m_mul }, accum(&out), parts, Arg::Tickets],
             [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
-            256,
-        );
-    }
-    /// Per-expert column sums of the bf16 `[topk·T, n]` rows into `out` [experts, n].
-    fn colsum_grouped(&mut self, n: u64, experts: u64, topk: u64, x: Arg, offsets: Arg, out: Arg) {
-        self.push(
-            KernelSpec::new("colsum", &[n, 0, experts]),
-            vec![x, offsets, out.clone(), Arg::Tokens { mul: topk }, accum(&out), Arg::Null, Arg::Null],
-            [LaunchDim::Const(experts), LaunchDim::Const(n.div_ceil(256)), one()],
             256,
         );
     }

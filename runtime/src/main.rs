@@ -636,8 +636,9 @@ mod tests {
         for (k, ms) in [
             ("vp_gemm_N1536_KD1024_EPI0_OUT0", 0.05),
             ("vp_gemm_nn_N1024_KD256_E0_AMODE1_EPI0_OUT0", 0.02),
-            ("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20", 1.4),
-            ("vp_gemm_tn_N128_K1024_E256_AMODE0_BRELU20", 0.02),
+            ("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20_BIAS0", 1.4),
+            ("vp_gemm_tn_N1024_K512_E0_AMODE0_BRELU20_BIAS1", 0.03),
+            ("vp_gemm_tn_N128_K1024_E256_AMODE0_BRELU20_BIAS1", 0.02),
             ("vp_attention_D128_HEADS8_GROUPS2_WINDOW0_ALIBI1_SINKS1", 0.06),
         ] {
             t.add(k, "other", ms);
@@ -661,6 +662,7 @@ mod tests {
         assert!(text.contains("nt 4096,1536,1024"), "{text}");
         assert!(text.contains("nn 4096,1024,256 x2"), "{text}");
         assert!(text.contains("tn 4096,25152,1024"), "{text}");
+        assert!(text.contains("tn 4096,1024,512 +b"), "{text}");
         assert!(!text.contains("E256") && !text.contains("attention"), "{text}");
     }
 

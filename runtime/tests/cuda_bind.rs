@@ -157,7 +157,8 @@ fn every_launch_binds_small() {
 
 /// Also what `--cublas` takes over on the locked config: the LM head's backward (both gradient
 /// GEMMs of all eight vocabulary chunks but the last chunk's input gradient, which rounds the
-/// f32 accumulator to bf16 in its epilogue) and the dense gradients without a fused epilogue.
+/// f32 accumulator to bf16 in its epilogue) and the dense gradients without a fused epilogue
+/// (a weight gradient that also writes its layer's bias gradient is not a plain product).
 #[test]
 fn every_launch_binds_locked() {
     let blas = check("configs/vpmoe.toml", 1);
@@ -166,11 +167,15 @@ fn every_launch_binds_locked() {
     eprintln!("--cublas issues {} launches as cuBLAS calls: {by_kernel:#?}", blas.len());
     let n = |k: &str| by_kernel.get(k).copied().unwrap_or(0);
     // The head's weight gradient: seven full chunks and the last, narrower one.
-    assert_eq!(n("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20") + n("vp_gemm_tn_N25024_K1024_E0_AMODE0_BRELU20"), 8);
+    assert_eq!(
+        n("vp_gemm_tn_N25152_K1024_E0_AMODE0_BRELU20_BIAS0") + n("vp_gemm_tn_N25024_K1024_E0_AMODE0_BRELU20_BIAS0"),
+        8
+    );
     assert_eq!(n("vp_gemm_nn_N1024_KD25152_E0_AMODE0_EPI0_OUT1"), 7);
-    // Every layer's attention output projection: input and weight gradient.
+    // Every layer's attention output projection: the input gradient; its weight gradient carries
+    // the projection's bias gradient and stays generated.
     assert_eq!(n("vp_gemm_nn_N1024_KD1024_E0_AMODE0_EPI0_OUT0"), 80);
-    assert_eq!(n("vp_gemm_tn_N1024_K1024_E0_AMODE0_BRELU20"), 80);
+    assert_eq!(n("vp_gemm_tn_N1024_K1024_E0_AMODE0_BRELU20_BIAS1"), 0);
 }
 
 /// The checks bite: an argument of the wrong element type or an out-of-range grid is refused.
@@ -390,7 +395,7 @@ fn cublas_calls_compute_what_the_kernels_compute() {
             Param::I32(ldb as i32),
             Param::I32(accum),
         ];
-        bound("gemm_tn", &[n as u64, k as u64, 0, 0, 0], ps, 1);
+        bound("gemm_tn", &[n as u64, k as u64, 0, 0, 0, 0], ps, 1);
         for i in 0..n {
             for j in 0..k {
                 assert_eq!(
@@ -417,11 +422,15 @@ fn cublas_calls_compute_what_the_kernels_compute() {
         "grouped"
     );
     assert!(
-        lower(&spec("gemm_tn", &[8, 8, 0, 1, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 1)).is_none(),
+        lower(&spec("gemm_tn", &[8, 8, 0, 1, 0, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 1)).is_none(),
         "f32 split A"
     );
     assert!(
-        lower(&spec("gemm_tn", &[8, 8, 0, 0, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 4)).is_none(),
+        lower(&spec("gemm_tn", &[8, 8, 0, 0, 0, 0]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 4)).is_none(),
         "split-K partials"
+    );
+    assert!(
+        lower(&spec("gemm_tn", &[8, 8, 0, 0, 0, 1]), &b("gemm_tn", with_ints(nulls(5), &[4, 8, 8, 0]), 1)).is_none(),
+        "fused bias gradient"
     );
 }

@@ -110,9 +110,10 @@ static void check_split(const std::string& nm, const float* parts, int nparts, c
 
 // ------------------------------------------------------------------ gemm_tn (split: last blocks add the partials)
 // Y[N, K] = Σ_m A[m, n]·B'[m, k]; A: [M, lda], B: bf16 [M, ldb].
-template <int N, int K, int E, int AMODE, int BRELU2>
+template <int N, int K, int E, int AMODE, int BRELU2, int BIAS = 0>
 void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split, int gather_from = 0) {
     // gather_from > 0 (grouped only): B holds that many token rows, row m reads b[bsrc[m]].
+    // BIAS: db[e, n] = Σ_m A[m, n] over the expert's (or all) rows, from the same launch.
     int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
     auto ab = rbf((size_t)M * lda + aoff, 1.0); auto af = rf((size_t)M * lda + aoff, 1.0);
     const int brows = gather_from > 0 ? gather_from : M;
@@ -120,17 +121,27 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     for (int m = 0; m < M; ++m) bsrc[m] = gather_from > 0 ? (int)(rng() % (unsigned)gather_from) : m;
     auto b = rbf((size_t)brows * ldb, 1.0);
     const int Z = E ? E : split;
-    std::vector<float> y((size_t)Z * N * K + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
-    const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
     const bool sp = !E && split > 1;
-    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0, sp ? out.data() : nullptr, sp ? g_tickets : nullptr); });
-    char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d M%d lda%d aoff%d split%d%s", N, K, E, AMODE, BRELU2, M, lda, aoff, split, gather_from > 0 ? " gather" : "");
+    const size_t bparts = BIAS && sp ? (size_t)Z * N : 0;  // the split's bias partial rows, after Y's
+    std::vector<float> y((size_t)Z * N * K + bparts + 1, POISON_F), out((size_t)N * K + 1, POISON_F);
+    std::vector<float> db((size_t)(E ? E : 1) * N + 1, POISON_F);
+    const void* a = AMODE ? (const void*)(af.data() + aoff) : (const void*)(ab.data() + aoff);
+    emu_launch3((K + 63) / 64, (N + 63) / 64, Z, 128, [&] { vp::gemm_tn<N, K, E, AMODE, BRELU2, BIAS>(a, b.data(), gather_from > 0 ? bsrc.data() : nullptr, E ? off.data() : nullptr, y.data(), M, lda, ldb, 0, sp ? out.data() : nullptr, BIAS ? db.data() : nullptr, sp ? g_tickets : nullptr); });
+    char nm[200]; snprintf(nm, 200, "gemm_tn N%d K%d E%d AMODE%d BRELU2%d BIAS%d M%d lda%d aoff%d split%d%s", N, K, E, AMODE, BRELU2, BIAS, M, lda, aoff, split, gather_from > 0 ? " gather" : "");
     if (sp) check_split(nm, y.data(), split, out.data(), (size_t)N * K);
+    if (sp && BIAS) check_split(std::string(nm) + " bias", y.data() + (size_t)Z * N * K, split, db.data(), N);
     Cmp c(nm, AMODE == 1 ? 2e-4 : 3e-2, AMODE == 1 ? 1e-4 : 1e-2);
+    Cmp cb(std::string(nm) + " bias", 1e-4, 1e-5);
     bool empty_zero = true;
     for (int e = 0; e < (E ? E : 1); ++e) {
         const int r0 = E ? off[e] : 0, r1 = E ? off[e + 1] : M;
-        for (int n = 0; n < N; ++n)
+        for (int n = 0; n < N; ++n) {
+            double sb = 0;
+            for (int m = r0; m < r1; ++m) sb += fl(ab[aoff + (size_t)m * lda + n]);
+            if (BIAS) {
+                cb.add(sb, db[(size_t)e * N + n], (long)e * N + n);
+                if (r0 == r1) empty_zero &= db[(size_t)e * N + n] == 0.f;
+            }
             for (int k = 0; k < K; ++k) {
                 double s = 0;
                 for (int m = r0; m < r1; ++m) {
@@ -143,27 +154,27 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
                 c.add(s, got, ((long)e * N + n) * K + k);
                 if (r0 == r1) empty_zero &= got == 0.f;
             }
+        }
     }
-    c.report(); expect(empty_zero, std::string(nm) + ": empty expert gradient not exactly 0");
+    c.report(); if (BIAS) cb.report();
+    expect(empty_zero, std::string(nm) + ": empty expert gradient not exactly 0");
+    expect(db.back() == POISON_F || std::isnan(db.back()), std::string(nm) + ": wrote past the bias gradient");
 }
 
-// ------------------------------------------------------------------ colsum (E = 0: last blocks add the partial rows)
-template <int N, int INF, int E>
-void test_colsum(std::vector<int> counts, int parts) {
-    int M = 0; std::vector<int> off{0}; for (int c : counts) { M += c; off.push_back(M); }
+// ------------------------------------------------------------------ colsum (last blocks add the partial rows)
+template <int N, int INF>
+void test_colsum(int M, int P) {
     auto xb = rbf((size_t)M * N, 1.0); auto xf = rf((size_t)M * N, 1.0);
-    const int P = E ? E : parts;
     std::vector<float> part((size_t)P * N, POISON_F), out(N, POISON_F);
     const void* x = INF ? (const void*)xf.data() : (const void*)xb.data();
-    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF, E>(x, E ? off.data() : nullptr, E ? part.data() : out.data(), M, 0, E ? nullptr : part.data(), E ? nullptr : g_tickets); });
-    char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d E%d M%d parts%d", N, INF, E, M, P);
-    if (!E) check_split(nm, part.data(), P, out.data(), N);
+    emu_launch(P, (N + 255) / 256, 256, [&] { vp::colsum<N, INF>(x, out.data(), M, 0, part.data(), g_tickets); });
+    char nm[100]; snprintf(nm, 100, "colsum N%d IN_F32%d M%d parts%d", N, INF, M, P);
+    check_split(nm, part.data(), P, out.data(), N);
     Cmp c(nm, 1e-4, 1e-5);
-    for (int e = 0; e < (E ? E : 1); ++e)
-        for (int n = 0; n < N; ++n) {
-            double s = 0; for (int m = E ? off[e] : 0; m < (E ? off[e + 1] : M); ++m) s += INF ? xf[(size_t)m * N + n] : fl(xb[(size_t)m * N + n]);
-            c.add(s, E ? part[(size_t)e * N + n] : out[n], (long)e * N + n);
-        }
+    for (int n = 0; n < N; ++n) {
+        double s = 0; for (int m = 0; m < M; ++m) s += INF ? xf[(size_t)m * N + n] : fl(xb[(size_t)m * N + n]);
+        c.add(s, out[n], n);
+    }
     c.report();
 }
 
@@ -401,7 +412,7 @@ void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char
         emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dq<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dq.data(), T, S); });
         emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S); });
         if (SINKS) {
-            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1, 0>(dsc.data(), nullptr, dsink.data(), T, 0, part.data(), g_tickets); });
+            emu_launch(4, 1, 256, [&] { vp::colsum<H, 1>(dsc.data(), dsink.data(), T, 0, part.data(), g_tickets); });
         }
     };
     std::vector<bf> dq, dk, dv, dq2, dk2, dv2; std::vector<float> ds, ds2;
@@ -534,10 +545,10 @@ void test_head_dl(int T) {
         const bf* w = hc.w.data() + (size_t)c0 * H;
         if (j == NCH - 1) {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, LASTW, 0, 0, 0, 0>(chunk.data(), nullptr, w, acc, nullptr, dz.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr); });
+            emu_launch3((H + 63) / 64, (LASTW + 63) / 64, 1, 128, [&] { vp::gemm_tn<LASTW, H, 0, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr, nullptr); });
         } else {
             emu_launch((H + 63) / 64, (T + 63) / 64, 128, [&] { vp::gemm_nn<H, C, 0, 0, 0, 1>(chunk.data(), nullptr, w, acc, nullptr, dzf.data(), T, C, H); });
-            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr); });
+            emu_launch3((H + 63) / 64, (C + 63) / 64, 1, 128, [&] { vp::gemm_tn<C, H, 0, 0, 0, 0>(chunk.data(), hc.z.data(), nullptr, nullptr, dw.data() + (size_t)c0 * H, T, C, H, 0, nullptr, nullptr, nullptr); });
         }
     }
     char nm[100]; snprintf(nm, 100, "head_dl+gemm_nn+gemm_tn V%d H%d C%d T%d", V, H, C, T);
@@ -603,25 +614,29 @@ static void test_accum() {
     std::vector<int> off{0, 30, 30, 69, 70};  // four experts, one empty
     auto a = rbf((size_t)M * N, 1.0); auto b = rbf((size_t)M * K, 1.0);
     check_accum("gemm_tn N40 K36 (pairs)", (size_t)N * K, [&](float* y, int acc) {
-        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr); });
+        emu_launch3((K + 63) / 64, (N + 63) / 64, 1, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr, nullptr); });
     });
     check_accum("gemm_tn N40 K35 (scalar tail)", (size_t)N * 35, [&](float* y, int acc) {
-        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr); });
+        emu_launch3(1, 1, 1, 128, [&] { vp::gemm_tn<N, 35, 0, 0, 1, 0>(a.data(), b.data(), nullptr, nullptr, y, M, N, K, acc, nullptr, nullptr, nullptr); });
     });
     check_accum("gemm_tn E4 (empty expert)", (size_t)4 * N * K, [&](float* y, int acc) {
-        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0>(a.data(), b.data(), nullptr, off.data(), y, M, N, K, acc, nullptr, nullptr); });
+        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0, 0>(a.data(), b.data(), nullptr, off.data(), y, M, N, K, acc, nullptr, nullptr, nullptr); });
     });
     auto parts = rf(3 * 300, 1.0);
-    std::vector<float> tn_parts((size_t)3 * N * K);
+    std::vector<float> tn_parts((size_t)3 * N * K + 3 * N), tn_y((size_t)4 * N * K);
     check_accum("gemm_tn N40 K36 split 3 (last blocks add)", (size_t)N * K, [&](float* y, int acc) {
-        emu_launch3(1, 1, 3, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, tn_parts.data(), M, N, K, acc, y, g_tickets); });
+        emu_launch3(1, 1, 3, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0, 0>(a.data(), b.data(), nullptr, nullptr, tn_parts.data(), M, N, K, acc, y, nullptr, g_tickets); });
     });
-    check_accum("colsum E4 (empty expert)", (size_t)4 * K, [&](float* y, int acc) {
-        emu_launch(4, 1, 256, [&] { vp::colsum<K, 0, 4>(b.data(), off.data(), y, M, acc, nullptr, nullptr); });
+    // The bias gradient shares the weight gradient's accum (dW goes to a scratch here).
+    check_accum("gemm_tn BIAS db E4 (empty expert)", (size_t)4 * N, [&](float* db, int acc) {
+        emu_launch3(1, 1, 4, 128, [&] { vp::gemm_tn<N, K, 4, 0, 0, 1>(a.data(), b.data(), nullptr, off.data(), tn_y.data(), M, N, K, acc, nullptr, db, nullptr); });
+    });
+    check_accum("gemm_tn BIAS db split 3 (last block adds)", N, [&](float* db, int acc) {
+        emu_launch3(1, 1, 3, 128, [&] { vp::gemm_tn<N, K, 0, 0, 0, 1>(a.data(), b.data(), nullptr, nullptr, tn_parts.data(), M, N, K, acc, tn_y.data(), db, g_tickets); });
     });
     std::vector<float> cs_parts((size_t)3 * K);
-    check_accum("colsum E0 P3 (last block adds)", K, [&](float* y, int acc) {
-        emu_launch(3, 1, 256, [&] { vp::colsum<K, 0, 0>(b.data(), nullptr, y, M, acc, cs_parts.data(), g_tickets); });
+    check_accum("colsum P3 (last block adds)", K, [&](float* y, int acc) {
+        emu_launch(3, 1, 256, [&] { vp::colsum<K, 0>(b.data(), y, M, acc, cs_parts.data(), g_tickets); });
     });
     {
         auto v = rbf(700, 1.0), v1 = rbf(700, 1.0), g = rbf(700, 1.0); float logit = -0.3f;
@@ -674,9 +689,13 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_gemm_tn<4, 40, 0, 0, 0>({80}, 44, 36, 40, 4);             // TPA-like 4-wide slice
         test_gemm_tn<48, 40, 5, 0, 1>({70, 0, 1, 64, 29}, 48, 0, 40, 1);  // grouped, empty expert
         test_gemm_tn<48, 40, 5, 0, 0>({70, 0, 1, 64, 29}, 48, 0, 40, 1, 50);  // grouped, B through bsrc
+        test_gemm_tn<72, 40, 0, 0, 0, 1>({100}, 72, 0, 40, 1);         // + bias (two row tiles, one k tile)
+        test_gemm_tn<72, 136, 0, 0, 0, 1>({100}, 80, 8, 136, 3);       // + bias, split, three k tiles
+        test_gemm_tn<40, 36, 0, 0, 1, 1>({70}, 44, 0, 36, 2);          // + bias, ReLU² B, split 2
+        test_gemm_tn<48, 40, 5, 0, 1, 1>({70, 0, 1, 64, 29}, 48, 0, 40, 1);  // + per-expert bias, empty expert
         test_tpa_gemms<4, 2, 16, 3, 2, 72>(70, 1); test_tpa_gemms<4, 2, 16, 3, 2, 72>(130, 3);   // vector path; split
         test_tpa_gemms<6, 3, 20, 3, 1, 36>(65, 2);                                                 // odd widths, hidden 36
-        test_colsum<300, 0, 0>({130}, 4); test_colsum<8, 1, 0>({77}, 5); test_colsum<40, 0, 4>({10, 0, 70, 3}, 0);
+        test_colsum<300, 0>(130, 4); test_colsum<8, 1>(77, 5); test_colsum<40, 0>(3, 5);  // more blocks than rows
     }
     if (want("bwd-attn")) {
         fd_attention();

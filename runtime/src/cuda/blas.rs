@@ -107,8 +107,8 @@ pub fn lower(spec: &KernelSpec, b: &Bound) -> Option<Gemm> {
         }
         // Y[N, K] (+)= A[M, N]ᵀ·B[M, K]  ⇒  Yᵀ = Bᵀ·A
         "gemm_tn" => {
-            let [n, k, e, amode, brelu2] = t[..] else { return None };
-            if e != 0 || amode != 0 || brelu2 != 0 || b.grid[2] != 1 {
+            let [n, k, e, amode, brelu2, bias] = t[..] else { return None };
+            if e != 0 || amode != 0 || brelu2 != 0 || bias != 0 || b.grid[2] != 1 {
                 return None;
             }
             Some(Gemm {
