@@ -5,6 +5,8 @@
 //                                                           [out = KD, in = N] as stored
 //   EPI_NONE: z      EPI_DRELU2: z · 2·max(aux[r, c], 0)   (ReLU² backward; aux = pre-activation,
 //                                                           bf16 [M, N], row stride N)
+//   EPI_RESID: z + aux[r, c]   (aux a bf16 running gradient [M, N], row stride N: the router's
+//                               vjp with `acc=true`)
 //   AMODE 0: A bf16.  AMODE 1: A f32 split on load into hi = bf16(a) and lo = bf16(a − hi), both
 //   multiplied (two mma per step): ~16 mantissa bits, the "fp32 GEMM" of the router backward at
 //   tensor-core speed.
@@ -63,7 +65,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const W
     using namespace gemm_nn_cfg;
     static_assert(N > 0 && KD > 0, "empty GEMM");
     static_assert(AMODE == 0 || AMODE == 1, "AMODE");
-    static_assert(EPI == EPI_NONE || EPI == EPI_DRELU2, "gemm_nn epilogue");
+    static_assert(EPI == EPI_NONE || EPI == EPI_DRELU2 || EPI == EPI_RESID, "gemm_nn epilogue");
     constexpr int KT = (KD + BK - 1) / BK;
     __shared__ __align__(128) bf16 sA[STAGES][BM * LDA];
     __shared__ __align__(128) bf16 sAlo[AMODE == 1 ? STAGES : 1][AMODE == 1 ? BM * LDA : 8];
@@ -158,6 +160,11 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const W
                     const bf16* zr = aux + (size_t)r * N + c;
                     v0 *= 2.f * fmaxf(bf2f(zr[0]), 0.f);
                     if (has1) v1 *= 2.f * fmaxf(bf2f(zr[1]), 0.f);
+                }
+                if (EPI == EPI_RESID) {
+                    const bf16* ar = aux + (size_t)r * N + c;
+                    v0 = bf2f(ar[0]) + v0;
+                    if (has1) v1 = bf2f(ar[1]) + v1;
                 }
                 if (OUT) {
                     float* yo = reinterpret_cast<float*>(y) + o;

@@ -8,6 +8,8 @@
 //   dw = Σ_b partial[b, :] in block order, added by the last block to finish (`last_block`,
 //        ticket 0) into dw (put_grad with `accum`): dw summed over tokens and heads.
 //   dy == nullptr (an output whose gradient is absent): dx = 0 and partials 0.
+//   acc != nullptr (a running gradient of x, [rows, D] bf16): dx = bf16(acc + dx) with the sum
+//   in f32 and one rounding, so an earlier gradient contribution needs no separate `add`.
 //
 // Launch: grid NB (a fixed block count, independent of T), block 256. Warp-per-row: warp w of
 // block b handles rows b·8 + w, + 8·NB, …; lane l owns elements l, l+32, … (D/32 per lane), so
@@ -22,7 +24,8 @@ namespace vp {
 
 template <int D>
 __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                            const bf16* __restrict__ dy, bf16* __restrict__ dx,
+                                            const bf16* __restrict__ dy, const bf16* __restrict__ acc,
+                                            bf16* __restrict__ dx,
                                             float* __restrict__ partial, int rows, float eps,
                                             float* __restrict__ dw, int* __restrict__ tickets, int accum) {
     constexpr int NT = 256, NW = NT / 32, CH = (D + 31) / 32;
@@ -41,12 +44,13 @@ __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf
     const int stride = (int)gridDim.x * NW;
     for (int r = blockIdx.x * NW + warp; r < rows; r += stride) {  // warp-uniform
         const bf16* xr = x + (size_t)r * D;
+        const bf16* accr = acc != nullptr ? acc + (size_t)r * D : nullptr;
         bf16* dxr = dx + (size_t)r * D;
         if (dy == nullptr) {
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 const int i = lane + 32 * j;
-                if (i < D) dxr[i] = f2bf(0.f);
+                if (i < D) dxr[i] = accr != nullptr ? accr[i] : f2bf(0.f);
             }
             continue;
         }
@@ -74,7 +78,10 @@ __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
             const int i = lane + 32 * j;
-            if (i < D) dxr[i] = f2bf(inv * (gv[j] * s_w[i] - xv[j] * inv * c));
+            if (i < D) {
+                const float d = inv * (gv[j] * s_w[i] - xv[j] * inv * c);
+                dxr[i] = f2bf(accr != nullptr ? bf2f(accr[i]) + d : d);
+            }
         }
     }
 #pragma unroll

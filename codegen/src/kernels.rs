@@ -264,6 +264,7 @@ pub const FAMILIES: &[Family] = &[
             (BF, "x"),
             (BF, "w"),
             (BF, "dy"),
+            (BF, "acc"),
             (BFM, "dx"),
             ("float*", "partial"),
             ("int", "rows"),
@@ -418,7 +419,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "moe_gather",
         tparams: &["H", "K"],
-        params: &[(BF, "dxp"), ("const int*", "row"), (BFM, "dx"), ("int", "T")],
+        params: &[(BF, "dxp"), ("const int*", "row"), (BF, "acc_in"), (BFM, "dx"), ("int", "T")],
     },
     Family {
         name: "combine_bwd",
@@ -1044,10 +1045,10 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 128,
             );
         }
-        Op::RmsNorm { dim, eps } => b.rmsnorm_bwd(dim, eps, 1, x(0), x(1), dy(0), dx(0), dx(1)),
+        Op::RmsNorm { dim, eps } => b.rmsnorm_bwd(dim, eps, 1, x(0), x(1), dy(0), io.acc(), dx(0), dx(1)),
         Op::QkNorm { heads, groups, head_dim, eps } => {
-            b.rmsnorm_bwd(head_dim, eps, heads, x(0), x(2), dy(0), dx(0), dx(2));
-            b.rmsnorm_bwd(head_dim, eps, groups, x(1), x(3), dy(1), dx(1), dx(3));
+            b.rmsnorm_bwd(head_dim, eps, heads, x(0), x(2), dy(0), Arg::Null, dx(0), dx(2));
+            b.rmsnorm_bwd(head_dim, eps, groups, x(1), x(3), dy(1), Arg::Null, dx(1), dx(3));
         }
         Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
             let n = (heads + 2 * groups) * head_dim;
@@ -1177,12 +1178,11 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             }
         }
         Op::OutProj { in_dim, hidden, bias } => {
-            let resid = node_fwd_inputs(&v.of) - 1;
+            // The residual's gradient is dy itself (`Op::passthrough`): nothing to launch.
             b.dgrad(in_dim, hidden, 1, dy(0), hidden, x(1), Arg::Null, dx(0), false);
             b.wgrad(hidden, in_dim, 1, 0, 0, dy(0), hidden, x(0), in_dim, dx(1), if bias { dx(2) } else { Arg::Null });
-            b.copy(hidden, dy(0), dx(resid));
         }
-        Op::Mlp { hidden, ffn, bias, residual } => {
+        Op::Mlp { hidden, ffn, bias, .. } => {
             let (i_b1, i_w2, i_b2) = if bias { (2, 3, 4) } else { (0, 2, 0) };
             let b1 = if bias { x(i_b1) } else { Arg::Null };
             let z = b.scratch_tok(DType::Bf16, ffn);
@@ -1209,9 +1209,6 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             b.wgrad(hidden, ffn, 1, 0, 1, dy(0), hidden, z, ffn, dx(i_w2), db(i_b2));
             b.wgrad(ffn, hidden, 1, 0, 0, dz.clone(), ffn, x(0), hidden, dx(1), db(i_b1));
             b.dgrad(hidden, ffn, 1, dz, ffn, x(1), Arg::Null, dx(0), false);
-            if residual {
-                b.copy(hidden, dy(0), dx(node_fwd_inputs(&v.of) - 1));
-            }
         }
         Op::Router { hidden, experts, topk, scale, bias, .. } => {
             let dl = b.scratch_tok(DType::F32, experts);
@@ -1221,15 +1218,17 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 rows_grid(1),
                 256,
             );
-            // fp32-quality GEMMs: the f32 logit gradient is split into bf16 hi + lo on load.
+            // fp32-quality GEMMs: the f32 logit gradient is split into bf16 hi + lo on load. With
+            // `acc`, dx adds the running gradient in the epilogue (EPI_RESID, before the rounding).
+            let epi = if v.acc { EPI_RESID } else { EPI_NONE };
             b.push(
-                KernelSpec::new("gemm_nn", &[hidden, experts, 0, AMODE_SPLIT, EPI_NONE, 0]),
+                KernelSpec::new("gemm_nn", &[hidden, experts, 0, AMODE_SPLIT, epi, 0]),
                 vec![
                     dl.clone(),
                     Arg::Null,
                     x(1),
                     Arg::Null,
-                    Arg::Null,
+                    io.acc(),
                     dx(0),
                     Arg::Tokens { mul: 1 },
                     Arg::Int(experts as i64),
@@ -1294,7 +1293,12 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 nn_grid(hidden, topk, experts),
                 128,
             );
-            b.push(KernelSpec::new("moe_gather", &[hidden, topk]), vec![dxp, x(2), dx(0), t1], rows_grid(1), 128);
+            b.push(
+                KernelSpec::new("moe_gather", &[hidden, topk]),
+                vec![dxp, x(2), io.acc(), dx(0), t1],
+                rows_grid(1),
+                128,
+            );
         }
         Op::Combine { hidden, topk, shared } => b.push(
             KernelSpec::new("combine_bwd", &[hidden, topk, shared as u64]),
@@ -1399,10 +1403,6 @@ fn tpa_widths(heads: u64, groups: u64, head_dim: u64, q_rank: u64, kv_rank: u64)
     [heads * q_rank, groups * kv_rank, groups * kv_rank, q_rank * head_dim, kv_rank * head_dim, kv_rank * head_dim]
 }
 
-fn node_fwd_inputs(op: &Op) -> usize {
-    op.signature().0.len()
-}
-
 /// Grid of grouped_gemm over `m_mul·T` rows and `n` columns (row tiles on x).
 fn rows_cols_grid(n: u64, m_mul: u64, experts: u64) -> [LaunchDim; 3] {
     [LaunchDim::Tok { mul: m_mul, div: GEMM_TILE, add: experts }, LaunchDim::Const(n.div_ceil(GEMM_TILE)), one()]
@@ -1435,6 +1435,8 @@ struct VjpIo<'a> {
     dy_at: Vec<Option<usize>>,
     /// Output position of each forward input's gradient.
     dx_at: Vec<Option<usize>>,
+    /// Input position of the running gradient of input 0 (`Vjp::acc`).
+    acc: Option<usize>,
 }
 
 impl<'a> VjpIo<'a> {
@@ -1454,19 +1456,22 @@ impl<'a> VjpIo<'a> {
             })
             .collect();
         let mut o = 0;
+        let pass = v.of.passthrough();
         let dx_at =
             v.of.grad_ins()
                 .iter()
-                .map(|&g| {
-                    g.then(|| {
+                .enumerate()
+                .map(|(i, &g)| {
+                    (g && Some(i) != pass).then(|| {
                         o += 1;
                         o - 1
                     })
                 })
                 .collect();
-        assert_eq!(node.inputs.len(), next, "vjp of {}: input count", v.of.name());
+        let acc = v.acc.then_some(next);
+        assert_eq!(node.inputs.len(), next + v.acc as usize, "vjp of {}: input count", v.of.name());
         assert_eq!(node.outputs.len(), o, "vjp of {}: output count", v.of.name());
-        VjpIo { node, nin, nout, dy_at, dx_at }
+        VjpIo { node, nin, nout, dy_at, dx_at, acc }
     }
     fn x(&self, k: usize) -> Arg {
         assert!(k < self.nin);
@@ -1483,6 +1488,10 @@ impl<'a> VjpIo<'a> {
     /// Gradient output of forward input `k`.
     fn dx(&self, k: usize) -> Arg {
         Arg::Value(self.node.outputs[self.dx_at[k].expect("input has no gradient")])
+    }
+    /// The running gradient that input 0's gradient is added to (`Vjp::acc`), or Null.
+    fn acc(&self) -> Arg {
+        self.acc.map(|i| Arg::Value(self.node.inputs[i])).unwrap_or(Arg::Null)
     }
 }
 
@@ -1524,16 +1533,10 @@ impl Bwd {
         }
     }
     /// Elementwise copy of a bf16 `[T, n]` gradient (a pass-through such as d(resid) = dh).
-    fn copy(&mut self, n: u64, src: Arg, dst: Arg) {
-        self.push(
-            KernelSpec::new("add", &[0, 0, 1]),
-            vec![src, Arg::Null, Arg::Null, Arg::Null, Arg::Null, dst, Arg::Tokens { mul: n }, Arg::Int(0)],
-            [tok(n, 256), one(), one()],
-            256,
-        );
-    }
+    /// RMSNorm backward over `rows_mul·T` rows of `d`; `acc` (or Null): a bf16 running gradient
+    /// that dx is added to before its one rounding.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd(&mut self, d: u64, eps: f32, rows_mul: u64, x: Arg, w: Arg, dy: Arg, dx: Arg, dw: Arg) {
+    fn rmsnorm_bwd(&mut self, d: u64, eps: f32, rows_mul: u64, x: Arg, w: Arg, dy: Arg, acc: Arg, dx: Arg, dw: Arg) {
         let part = self.scratch_fixed(DType::F32, RED_BLOCKS * d);
         self.push(
             KernelSpec::new("rmsnorm_bwd", &[d]),
@@ -1541,6 +1544,7 @@ impl Bwd {
                 x,
                 w,
                 dy,
+                acc,
                 dx,
                 part,
                 Arg::Tokens { mul: rows_mul },

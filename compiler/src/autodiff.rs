@@ -4,7 +4,10 @@
 //! one gets a `vjp` node (`<node>.bwd`) reading the node's inputs, outputs and the upstream
 //! gradients of its seeded outputs. A value read by several nodes receives one gradient
 //! contribution per reader; they are summed by an `add` node (`<node>.bwd.sum<port>`) in a fixed
-//! order, so the graph (and every backend executing it) is deterministic.
+//! order, so the graph (and every backend executing it) is deterministic. The vjp of an op that
+//! accumulates (`Op::accumulates`) takes the one earlier contribution to its input 0's gradient as
+//! a running sum (`Vjp::acc`) instead, and a residual input's contribution is the upstream
+//! gradient itself (`Op::passthrough`).
 //!
 //! Seeds are runtime scalars: `loss_grad` (1 for a plain step) for the span-normalised loss, whose
 //! span scales already carry D6's global `w/N` normalisation, and `aux_grad` (`α/M`, MODEL.md
@@ -63,17 +66,45 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
         }
         let mut ins = node.inputs.clone();
         ins.extend(&node.outputs);
+        let mut upstream = vec![None; seeds.len()];
         for (port, (v, s)) in node.outputs.iter().zip(&seeds).enumerate() {
             if *s {
-                ins.push(total(g, &mut contrib, *v, &format!("{}.bwd.sum{port}", node.name)));
+                let d = total(g, &mut contrib, *v, &format!("{}.bwd.sum{port}", node.name));
+                upstream[port] = Some(d);
+                ins.push(d);
             }
         }
-        let vjp = Op::Vjp(Box::new(Vjp { of: node.op.clone(), seeds }));
+        // Fold the one earlier gradient contribution of input 0 into this vjp (`Vjp::acc`)
+        // rather than summing the two with an `add` node later: one launch and one [T, d]
+        // round trip fewer per residual-stream sum.
+        let x0 = node.inputs[0];
+        let acc = node.op.accumulates()
+            && grad_ins[0]
+            && needs[x0.0 as usize]
+            && contrib.get(&x0).is_some_and(|c| c.len() == 1);
+        if acc {
+            ins.push(contrib.remove(&x0).expect("checked")[0]);
+        }
+        let vjp = Op::Vjp(Box::new(Vjp { of: node.op.clone(), seeds, acc }));
         let grads = g.node(format!("{}.bwd", node.name), vjp, ins);
-        let targets = node.inputs.iter().zip(&grad_ins).filter(|(_, d)| **d).map(|(v, _)| *v);
+        let pass = node.op.passthrough();
+        let targets = node
+            .inputs
+            .iter()
+            .zip(&grad_ins)
+            .enumerate()
+            .filter(|&(i, (_, d))| *d && Some(i) != pass)
+            .map(|(_, (v, _))| *v);
         for (x, dx) in targets.zip(grads) {
             if needs[x.0 as usize] {
                 contrib.entry(x).or_default().push(dx);
+            }
+        }
+        // A residual's gradient is the upstream gradient itself (`Op::passthrough`).
+        if let Some(p) = pass {
+            let x = node.inputs[p];
+            if needs[x.0 as usize] {
+                contrib.entry(x).or_default().push(upstream[0].expect("a passthrough op's output is seeded"));
             }
         }
         for x in &node.inputs {

@@ -18,17 +18,29 @@ use crate::reference::{
     tpa_widths, Dims, Gemm, Tensor,
 };
 
-/// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs and the supplied
-/// upstream gradients (in [`Op::signature`] order of the `vjp` op).
+/// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs, the supplied
+/// upstream gradients and, with [`Vjp::acc`], the running gradient of input 0 (in
+/// [`Op::signature`] order of the `vjp` op). The outputs are [`backward`]'s gradients less the
+/// [`Op::passthrough`] input's.
 pub fn vjp(v: &Vjp, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Tensor> {
     let (fi, fo) = v.of.signature();
     let (xs, rest) = ins.split_at(fi.len());
     let (ys, gs) = rest.split_at(fo.len());
     let mut gs = gs.iter();
     let dys: Vec<Option<&Tensor>> = v.seeds.iter().map(|&s| if s { Some(*gs.next().unwrap()) } else { None }).collect();
-    let grads = backward(&v.of, dims, xs, ys, &dys, gemm);
+    let mut grads = backward(&v.of, dims, xs, ys, &dys, gemm);
     let mask = v.of.grad_ins();
     assert_eq!(grads.len(), mask.iter().filter(|&&m| m).count(), "{}: gradient count", v.of.name());
+    if let Some(p) = v.of.passthrough() {
+        // Not an output of the node: autodiff passes the upstream gradient on itself.
+        grads.remove(mask[..p].iter().filter(|&&m| m).count());
+    }
+    if v.acc {
+        assert!(mask[0], "{}: acc needs a gradient of input 0", v.of.name());
+        let acc = gs.next().expect("acc input after the seeds").f();
+        let d = grads[0].f().iter().zip(acc).map(|(g, a)| g + a).collect();
+        grads[0] = Tensor::f32(grads[0].shape.clone(), d);
+    }
     grads
 }
 

@@ -98,6 +98,11 @@ pub struct Vjp {
     pub of: Op,
     /// Per forward output: whether an upstream gradient is supplied (absent ones are zero).
     pub seeds: Vec<bool>,
+    /// A running gradient of forward input 0 is supplied as the last input, and the node's
+    /// first output is that plus this op's contribution (summed in f32, rounded once). Autodiff
+    /// folds a value's earlier gradient contribution in this way instead of an `add` node; only
+    /// ops with [`Op::accumulates`] take it.
+    pub acc: bool,
 }
 
 /// A gradient's type: activation gradients keep the activation dtype; parameter and scalar
@@ -147,6 +152,23 @@ impl Op {
             Op::Add { .. } => "add",
             Op::Vjp(_) => "vjp",
         }
+    }
+
+    /// The input port whose gradient is exactly output 0's upstream gradient (a residual added
+    /// to the output). The op's vjp does not output it: autodiff passes the upstream gradient
+    /// itself on as that input's gradient contribution, so no kernel copies it.
+    pub fn passthrough(&self) -> Option<usize> {
+        match *self {
+            Op::OutProj { .. } | Op::Mlp { residual: true, .. } => Some(self.signature().0.len() - 1),
+            _ => None,
+        }
+    }
+
+    /// Whether the op's vjp can add its input-0 gradient into a supplied running gradient
+    /// ([`Vjp::acc`]): the ops whose last input-gradient kernel writes it row by row from an f32
+    /// value (rmsnorm_bwd; expert_ffn's moe_gather; the router's gemm_nn epilogue).
+    pub fn accumulates(&self) -> bool {
+        matches!(self, Op::RmsNorm { .. } | Op::Router { .. } | Op::ExpertFfn { .. })
     }
 
     /// Per input port: whether the op is differentiable in it (float data that is not a routing
@@ -267,6 +289,9 @@ impl Op {
                 let mut a = vec![("of", v.of.name().to_string())];
                 a.extend(v.of.attrs());
                 a.push(("seeds", v.seeds.iter().map(|&s| if s { '1' } else { '0' }).collect()));
+                if v.acc {
+                    a.push(("acc", b(&true)));
+                }
                 a
             }
         }
@@ -456,7 +481,17 @@ impl Op {
                         ins.push((p.0, grad_type(&p.1)));
                     }
                 }
-                let outs = fi.iter().zip(v.of.grad_ins()).filter(|(_, g)| *g).map(|(p, _)| (p.0, grad_type(&p.1)));
+                if v.acc {
+                    assert!(v.of.accumulates(), "vjp of {}: acc on an op that cannot accumulate", v.of.name());
+                    ins.push(("acc", grad_type(&fi[0].1)));
+                }
+                let pass = v.of.passthrough();
+                let outs = fi
+                    .iter()
+                    .zip(v.of.grad_ins())
+                    .enumerate()
+                    .filter(|&(i, (_, g))| g && Some(i) != pass)
+                    .map(|(_, (p, _))| (p.0, grad_type(&p.1)));
                 (ins, outs.collect())
             }
         }

@@ -86,6 +86,7 @@ void test_gemm_nn(std::vector<int> counts, int lda, int aoff, int ldy, bool with
                 }
                 if (with_acc) s += acc[(size_t)r * ldy + n];
                 if (EPI == 3) s *= 2.0 * std::max(fl(aux[(size_t)r * N + n]), 0.f);
+                if (EPI == 2) s += fl(aux[(size_t)r * N + n]);
                 c.add(s, OUT ? yf[(size_t)r * ldy + n] : fl(yb[(size_t)r * ldy + n]), (long)r * N + n);
             }
             for (int n = N; n < ldy; ++n) untouched &= OUT ? std::isnan(yf[(size_t)r * ldy + n]) : is_poison(yb[(size_t)r * ldy + n]);
@@ -190,12 +191,13 @@ static void rms_bwd_ref(const std::vector<float>& x, const std::vector<float>& w
     }
 }
 template <int D>
-void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
-    auto x = rbf((size_t)rows * D, 2.0), w = rbf(D, 1.0), g = rbf((size_t)rows * D, 1.0);
+void test_rmsnorm_bwd(int rows, int nb, bool null_dy, bool with_acc = false) {
+    // with_acc: dx is added to a running gradient (acc) before its one rounding.
+    auto x = rbf((size_t)rows * D, 2.0), w = rbf(D, 1.0), g = rbf((size_t)rows * D, 1.0), acc = rbf((size_t)rows * D, 1.0);
     const float eps = 1e-5f;
     auto run = [&](std::vector<bf>& dx, std::vector<float>& dw) {
         dx.assign((size_t)rows * D, POISON_BF); std::vector<float> part((size_t)nb * D, POISON_F); dw.assign(D, POISON_F);
-        emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), dx.data(), part.data(), rows, eps, dw.data(), g_tickets, 0); });
+        emu_launch(nb, 1, 256, [&] { vp::rmsnorm_bwd<D>(x.data(), w.data(), null_dy ? nullptr : g.data(), with_acc ? acc.data() : nullptr, dx.data(), part.data(), rows, eps, dw.data(), g_tickets, 0); });
         check_split("rmsnorm_bwd dw", part.data(), nb, dw.data(), D);
     };
     std::vector<bf> dx, dx2; std::vector<float> dw, dw2;
@@ -203,11 +205,13 @@ void test_rmsnorm_bwd(int rows, int nb, bool null_dy) {
     std::vector<double> rdx, rdw;
     auto gz = tof(g); if (null_dy) std::fill(gz.begin(), gz.end(), 0.f);
     rms_bwd_ref(tof(x), tof(w), gz, D, eps, rdx, rdw);
-    char nm[100]; snprintf(nm, 100, "rmsnorm_bwd D%d rows%d nb%d null%d", D, rows, nb, null_dy);
+    if (with_acc) for (size_t i = 0; i < rdx.size(); ++i) rdx[i] += fl(acc[i]);
+    char nm[100]; snprintf(nm, 100, "rmsnorm_bwd D%d rows%d nb%d null%d acc%d", D, rows, nb, null_dy, with_acc);
     Cmp cx(std::string(nm) + " dx", 2e-3, 1e-2), cw(std::string(nm) + " dw", 1e-3, 1e-4);
     for (size_t i = 0; i < rdx.size(); ++i) cx.add(rdx[i], fl(dx[i]), i);
     for (int j = 0; j < D; ++j) cw.add(rdw[j], dw[j], j);
     cx.report(); cw.report();
+    if (null_dy && with_acc) expect(same_bits(dx, acc), std::string(nm) + ": dx is not the running gradient");
     expect(same_bits(dx, dx2) && same_bits(dw, dw2), std::string(nm) + ": not bitwise reproducible");
 }
 // The reference formula itself against a finite difference of the f64 forward.
@@ -483,7 +487,16 @@ void test_combine_bwd(int T) {
     std::vector<bf> dyp((size_t)T * K * H, POISON_BF), dres((size_t)T * H, POISON_BF), dsh((size_t)T * H, POISON_BF), dx((size_t)T * H, POISON_BF);
     std::vector<float> dgate(T * K, POISON_F);
     emu_launch(T, 1, 128, [&] { vp::combine_bwd<H, K, SHARED>(yp.data(), perm.data(), gate.data(), dh.data(), dyp.data(), dgate.data(), dres.data(), SHARED ? dsh.data() : nullptr, T); });
-    emu_launch(T, 1, 128, [&] { vp::moe_gather<H, K>(dxp.data(), perm.data(), dx.data(), T); });
+    emu_launch(T, 1, 128, [&] { vp::moe_gather<H, K>(dxp.data(), perm.data(), nullptr, dx.data(), T); });
+    // With a running gradient: dx = bf16(acc + Σ_k dxp), one f32 sum.
+    auto run_acc = rbf((size_t)T * H, 1.0); std::vector<bf> dxa((size_t)T * H, POISON_BF);
+    emu_launch(T, 1, 128, [&] { vp::moe_gather<H, K>(dxp.data(), perm.data(), run_acc.data(), dxa.data(), T); });
+    Cmp ca(std::string("moe_gather acc H") + std::to_string(H) + " K" + std::to_string(K), 1e-3, 8e-3);
+    for (int t = 0; t < T; ++t) for (int j = 0; j < H; ++j) {
+        double s = fl(run_acc[(size_t)t * H + j]); for (int kk = 0; kk < K; ++kk) s += fl(dxp[(size_t)perm[t * K + kk] * H + j]);
+        ca.add(s, fl(dxa[(size_t)t * H + j]), (long)t * H + j);
+    }
+    ca.report();
     char nm[100]; snprintf(nm, 100, "combine_bwd H%d K%d SHARED%d T%d", H, K, SHARED, T);
     Cmp c(nm, 1e-3, 8e-3), cg(std::string(nm) + " dgate", 1e-4, 1e-4), cx(std::string("moe_gather H") + std::to_string(H) + " K" + std::to_string(K), 1e-3, 8e-3);
     bool pass_ok = true;
@@ -666,6 +679,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_add<0, 0, 1>(300, false); test_add<0, 0, 3>(300, false); test_add<1, 1, 4>(300, true); test_add<0, 1, 4>(300, false); test_add<1, 0, 2>(300, true);
         fd_rmsnorm();
         test_rmsnorm_bwd<1024>(5, 3, false); test_rmsnorm_bwd<128>(37, 2, false); test_rmsnorm_bwd<36>(9, 4, false); test_rmsnorm_bwd<16>(6, 1, true);
+        test_rmsnorm_bwd<1024>(5, 3, false, true); test_rmsnorm_bwd<36>(9, 4, false, true); test_rmsnorm_bwd<16>(6, 1, true, true);
         test_tpa_bwd<8, 2, 128, 4, 2>(3, false); test_tpa_bwd<6, 3, 20, 3, 1>(2, true);
         test_grape_bwd<16>(40, 13, 4, 2, 3); test_grape_bwd<128>(5, 3, 8, 2, 2);
         test_vres_bwd(1000, 3);
@@ -677,6 +691,8 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         test_gemm_nn<40, 36, 0, 0, 3, 0>({65}, 36, 0, 40, false);       // odd KD: scalar path, DRELU2
         test_gemm_nn<64, 48, 0, 1, 0, 1>({66}, 48, 0, 64, false);       // f32 A, hi+lo split, f32 out
         test_gemm_nn<64, 48, 0, 1, 0, 0>({66}, 48, 0, 64, false);       // f32 A, hi+lo split, bf16 out
+        test_gemm_nn<72, 48, 0, 1, 2, 0>({66}, 48, 0, 72, false);       // f32 A, + bf16 running gradient (EPI_RESID)
+        test_gemm_nn<35, 40, 0, 1, 2, 0>({30}, 40, 0, 35, false);       // EPI_RESID, odd N (scalar tail)
         test_gemm_nn<64, 48, 0, 1, 0, 1>({30}, 52, 2, 64, false);       // f32 A split, unaligned, f32 out
         test_gemm_nn<48, 4, 0, 0, 0, 1>({70}, 44, 36, 48, true);        // TPA-like slice (lda 44, off 36), acc chain
         test_gemm_nn<48, 40, 5, 0, 3, 0>({70, 0, 1, 64, 29}, 48, 0, 48, false);  // grouped (row stride lda=48 ≥ KD)

@@ -163,7 +163,8 @@ pub fn node_of(name: String, op: Op) -> Node {
 }
 
 /// The vjp nodes of a forward op: all differentiable outputs seeded, plus (for ops with several
-/// differentiable outputs) each one alone. None for ops nothing is differentiated through.
+/// differentiable outputs) each one alone, plus (ops that accumulate) all seeded with a running
+/// input gradient (`Vjp::acc`). None for ops nothing is differentiated through.
 pub fn vjps_of(op: &Op) -> Vec<Node> {
     let g = op.grad_outs();
     if !g.iter().any(|&x| x) {
@@ -177,11 +178,16 @@ pub fn vjps_of(op: &Op) -> Vec<Node> {
             }
         }
     }
-    seeds
+    let mut cases: Vec<(Vec<bool>, bool)> = seeds.into_iter().map(|s| (s, false)).collect();
+    if op.accumulates() {
+        cases.push((g.clone(), true));
+    }
+    cases
         .into_iter()
-        .map(|s| {
+        .map(|(s, acc)| {
             let tag: String = s.iter().map(|&b| if b { '1' } else { '0' }).collect();
-            node_of(format!("{}.bwd[{tag}]", op.name()), Op::Vjp(Box::new(Vjp { of: op.clone(), seeds: s })))
+            let tag = if acc { format!("{tag} acc") } else { tag };
+            node_of(format!("{}.bwd[{tag}]", op.name()), Op::Vjp(Box::new(Vjp { of: op.clone(), seeds: s, acc })))
         })
         .collect()
 }
