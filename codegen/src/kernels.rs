@@ -1532,7 +1532,6 @@ impl Bwd {
             }
         }
     }
-    /// Elementwise copy of a bf16 `[T, n]` gradient (a pass-through such as d(resid) = dh).
     /// RMSNorm backward over `rows_mul·T` rows of `d`; `acc` (or Null): a bf16 running gradient
     /// that dx is added to before its one rounding.
     #[allow(clippy::too_many_arguments)]
@@ -1636,7 +1635,8 @@ impl Bwd {
         );
     }
     /// Per-expert weight gradients `dW[e] = a_eᵀ·b_e` over each expert's rows (`a` row stride n,
-    /// `b` row stride k), and with `db` the per-expert bias gradients `db[e] = Σ a_e` rows.
+    /// `b` row stride k), and with `db` the per-expert bias gradients (`db[e]` = the column sums
+    /// of expert e's rows of `a`).
     #[allow(clippy::too_many_arguments)]
     fn wgrad_grouped(
         &mut self,
