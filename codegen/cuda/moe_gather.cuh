@@ -37,11 +37,9 @@ __device__ __forceinline__ void moe_gather(const bf16* __restrict__ dxp, const i
         }
     } else {
         for (int i = tid; i < H; i += blockDim.x) {
-            float acc = 0.f;
-            for (int k = 0; k < K; ++k) {
-                acc += bf2f(dxp[(size_t)s_row[k] * H + i]);
-                if (k == 0 && acc_in != nullptr) acc = bf2f(acc_in[(size_t)t * H + i]) + acc;
-            }
+            // acc_in + row 0 first, as the vector path adds them.
+            float acc = acc_in != nullptr ? bf2f(acc_in[(size_t)t * H + i]) : 0.f;
+            for (int k = 0; k < K; ++k) acc += bf2f(dxp[(size_t)s_row[k] * H + i]);
             dx[(size_t)t * H + i] = f2bf(acc);
         }
     }

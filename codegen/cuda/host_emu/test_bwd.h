@@ -159,7 +159,7 @@ void test_gemm_tn(std::vector<int> counts, int lda, int aoff, int ldb, int split
     }
     c.report(); if (BIAS) cb.report();
     expect(empty_zero, std::string(nm) + ": empty expert gradient not exactly 0");
-    expect(db.back() == POISON_F || std::isnan(db.back()), std::string(nm) + ": wrote past the bias gradient");
+    expect(std::isnan(db.back()), std::string(nm) + ": wrote past the bias gradient");  // still the NaN poison
 }
 
 // ------------------------------------------------------------------ colsum (last blocks add the partial rows)
