@@ -2,7 +2,7 @@
 // combine_bwd.cuh: MoE combine backward, one token per block (H bf16 per row, gates f32):
 //   dyp[row[t·K + k], :] = gate[t, k]·dh[t, :]          (every permuted row written exactly once)
 //   dgate[t, k] = Σ_i dh[t, i]·yp[row[t·K + k], i]      (f32, fixed-order block reduction)
-//   dresid[t] = dh[t];  dshared[t] = dh[t] (SHARED)     (pass-through copies)
+// The residual's and the shared expert's gradients are dh itself (IR `Op::passthrough`): no copy.
 //
 // Launch: grid T, block 128 (require_block: the dot products use block_sum<128>). Each thread
 // owns 8 consecutive features on the 16-byte path (H % 8 == 0, aligned), element strides
@@ -11,11 +11,10 @@
 
 namespace vp {
 
-template <int H, int K, int SHARED>
+template <int H, int K>
 __device__ __forceinline__ void combine_bwd(const bf16* __restrict__ yp, const int* __restrict__ row,
                                             const float* __restrict__ gate, const bf16* __restrict__ dh,
-                                            bf16* __restrict__ dyp, float* __restrict__ dgate,
-                                            bf16* __restrict__ dresid, bf16* __restrict__ dshared, int T) {
+                                            bf16* __restrict__ dyp, float* __restrict__ dgate, int T) {
     constexpr int NT = 128;
     static_assert(K >= 1 && K <= NT, "top-k must fit the block");
     __shared__ int s_row[K];
@@ -32,13 +31,10 @@ __device__ __forceinline__ void combine_bwd(const bf16* __restrict__ yp, const i
     float dot[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) dot[k] = 0.f;
-    const bool vec = (H % 8 == 0) && aligned(yp, 16) && aligned(dh, 16) && aligned(dyp, 16) && aligned(dresid, 16) &&
-                     (!SHARED || aligned(dshared, 16));
+    const bool vec = (H % 8 == 0) && aligned(yp, 16) && aligned(dh, 16) && aligned(dyp, 16);
     if (vec) {
         for (int c = tid; c < H / 8; c += NT) {
             const uint4 gu = reinterpret_cast<const uint4*>(g)[c];
-            reinterpret_cast<uint4*>(dresid + (size_t)t * H)[c] = gu;
-            if (SHARED) reinterpret_cast<uint4*>(dshared + (size_t)t * H)[c] = gu;
             float gv[8], yv[8], o[8];
             unpack8(gu, gv);
 #pragma unroll
@@ -55,8 +51,6 @@ __device__ __forceinline__ void combine_bwd(const bf16* __restrict__ yp, const i
     } else {
         for (int i = tid; i < H; i += NT) {
             const bf16 gb = g[i];
-            dresid[(size_t)t * H + i] = gb;
-            if (SHARED) dshared[(size_t)t * H + i] = gb;
             const float gv = bf2f(gb);
             for (int k = 0; k < K; ++k) {
                 dot[k] += gv * bf2f(yp[(size_t)s_row[k] * H + i]);

@@ -1,20 +1,22 @@
 #pragma once
 // grape.cuh: GRAPE-M rotation (RoPE, rotate-half convention, learnable shared frequencies).
 //
-// For each of the `heads` head vectors u of token t (x [T, heads, D]) at position p = t % S:
+// For each head vector u of token t at position p = t % S, the `heads` of xq [T, heads, D] and the
+// `groups` of xk [T, groups, D] (queries and keys in one launch, sharing the angles):
 //   f_i = exp(log_freq[i] / scale),  θ_i = p·f_i (f32),  i < D/2
 //   u'[i] = u[i]·cos θ_i − u[i+D/2]·sin θ_i,   u'[i+D/2] = u[i+D/2]·cos θ_i + u[i]·sin θ_i
 //
 // Launch: grid T, block 128. The D/2 (cos, sin) pairs of the token are computed once into shared
 // memory (accurate sincosf: θ reaches S·f_0 = thousands of radians), then threads sweep the
-// (head, i) pairs; each pair is read and written by one thread, so y may alias x.
+// (head, i) pairs, q heads then k heads; each pair is read and written by one thread, so y may
+// alias x.
 #include "vp_common.cuh"
 
 namespace vp {
 
 template <int D>
-__device__ __forceinline__ void grape(const bf16* x, const float* __restrict__ log_freq, bf16* y, int heads, int T, int S,
-                                      float scale) {
+__device__ __forceinline__ void grape(const bf16* xq, const bf16* xk, const float* __restrict__ log_freq, bf16* yq,
+                                      bf16* yk, int heads, int groups, int T, int S, float scale) {
     static_assert(D % 2 == 0, "rotate-half needs an even head dim");
     constexpr int HD = D / 2;
     __shared__ float s_cos[HD], s_sin[HD];
@@ -29,10 +31,14 @@ __device__ __forceinline__ void grape(const bf16* x, const float* __restrict__ l
         s_sin[i] = sn;
     }
     __syncthreads();
-    const size_t base = (size_t)t * heads * D;
-    for (int p = threadIdx.x; p < heads * HD; p += blockDim.x) {
-        const int hd = p / HD, i = p % HD;
-        const size_t o = base + (size_t)hd * D + i;
+    for (int p = threadIdx.x; p < (heads + groups) * HD; p += blockDim.x) {
+        int hd = p / HD;
+        const int i = p % HD;
+        const bf16* x = xq;
+        bf16* y = yq;
+        int nh = heads;
+        if (hd >= heads) hd -= heads, x = xk, y = yk, nh = groups;
+        const size_t o = ((size_t)t * nh + hd) * D + i;
         const float a = bf2f(x[o]), b = bf2f(x[o + HD]);
         const float c = s_cos[i], s = s_sin[i];
         y[o] = f2bf(a * c - b * s);

@@ -30,6 +30,21 @@ pub const FAMILIES: &[Family] = &[
         params: &[(BF, "x"), (BF, "w"), (BFM, "y"), ("int", "rows"), ("float", "eps")],
     },
     Family {
+        name: "qk_norm",
+        tparams: &["D"],
+        params: &[
+            (BF, "xq"),
+            (BF, "xk"),
+            (BF, "wq"),
+            (BF, "wk"),
+            (BFM, "yq"),
+            (BFM, "yk"),
+            ("int", "rows_q"),
+            ("int", "rows_k"),
+            ("float", "eps"),
+        ],
+    },
+    Family {
         name: "gemm",
         tparams: &["N", "KD", "EPI", "OUT"],
         params: &[(BF, "x"), (BF, "w"), (BF, "bias"), (BF, "resid"), ("void*", "y"), ("int", "M"), ("int", "ldy")],
@@ -63,10 +78,13 @@ pub const FAMILIES: &[Family] = &[
         name: "grape",
         tparams: &["D"],
         params: &[
-            (BF, "x"),
+            (BF, "xq"),
+            (BF, "xk"),
             ("const float*", "log_freq"),
-            (BFM, "y"),
+            (BFM, "yq"),
+            (BFM, "yk"),
             ("int", "heads"),
+            ("int", "groups"),
             ("int", "T"),
             ("int", "S"),
             ("float", "scale"),
@@ -258,6 +276,42 @@ pub const FAMILIES: &[Family] = &[
         ],
     },
     Family {
+        name: "qkv_colsum",
+        tparams: &["HEADS", "GROUPS", "D"],
+        params: &[
+            (BF, "dq"),
+            (BF, "dk"),
+            (BF, "dv"),
+            ("float*", "out"),
+            ("int", "rows"),
+            ("int", "accum"),
+            ("float*", "parts"),
+            ("int*", "tickets"),
+        ],
+    },
+    Family {
+        name: "qk_norm_bwd",
+        tparams: &["D"],
+        params: &[
+            (BF, "xq"),
+            (BF, "xk"),
+            (BF, "wq"),
+            (BF, "wk"),
+            (BF, "dyq"),
+            (BF, "dyk"),
+            (BFM, "dxq"),
+            (BFM, "dxk"),
+            ("float*", "partial"),
+            ("int", "rows_q"),
+            ("int", "rows_k"),
+            ("float", "eps"),
+            ("float*", "dwq"),
+            ("float*", "dwk"),
+            ("int*", "tickets"),
+            ("int", "accum"),
+        ],
+    },
+    Family {
         name: "rmsnorm_bwd",
         tparams: &["D"],
         params: &[
@@ -423,7 +477,7 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "combine_bwd",
-        tparams: &["H", "K", "SHARED"],
+        tparams: &["H", "K"],
         params: &[
             (BF, "yp"),
             ("const int*", "row"),
@@ -431,8 +485,6 @@ pub const FAMILIES: &[Family] = &[
             (BF, "dh"),
             (BFM, "dyp"),
             ("float*", "dgate"),
-            (BFM, "dresid"),
-            (BFM, "dshared"),
             ("int", "T"),
         ],
     },
@@ -760,11 +812,20 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             vec![],
         ),
         Op::QkNorm { heads, groups, head_dim, eps } => {
-            let k = KernelSpec::new("rmsnorm", &[head_dim]);
-            let l = |x, w, y, n| {
-                launch(k.clone(), vec![x, w, y, Arg::Tokens { mul: n }, Arg::Float(eps)], rows_grid(n), 256)
-            };
-            (vec![l(i(0), i(2), o(0), heads), l(i(1), i(3), o(1), groups)], vec![])
+            // One warp per head vector, q rows then k rows, 8 a block.
+            let args = vec![
+                i(0),
+                i(1),
+                i(2),
+                i(3),
+                o(0),
+                o(1),
+                Arg::Tokens { mul: heads },
+                Arg::Tokens { mul: groups },
+                Arg::Float(eps),
+            ];
+            let grid = [tok(heads + groups, 8), one(), one()];
+            (vec![launch(KernelSpec::new("qk_norm", &[head_dim]), args, grid, 256)], vec![])
         }
         Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
             let n = (heads + 2 * groups) * head_dim;
@@ -794,16 +855,19 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
             (launches, vec![scratch(DType::Bf16, total)])
         }
         Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
-            let k = KernelSpec::new("grape", &[head_dim]);
-            let l = |x, y, h| {
-                launch(
-                    k.clone(),
-                    vec![x, i(2), y, Arg::Int(h as i64), Arg::Tokens { mul: 1 }, Arg::Seq, Arg::Float(log_freq_scale)],
-                    rows_grid(1),
-                    128,
-                )
-            };
-            (vec![l(i(0), o(0), heads), l(i(1), o(1), groups)], vec![])
+            let args = vec![
+                i(0),
+                i(1),
+                i(2),
+                o(0),
+                o(1),
+                Arg::Int(heads as i64),
+                Arg::Int(groups as i64),
+                Arg::Tokens { mul: 1 },
+                Arg::Seq,
+                Arg::Float(log_freq_scale),
+            ];
+            (vec![launch(KernelSpec::new("grape", &[head_dim]), args, rows_grid(1), 128)], vec![])
         }
         Op::ValueResidual { groups, head_dim } => (
             vec![launch(
@@ -1047,8 +1111,31 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
         }
         Op::RmsNorm { dim, eps } => b.rmsnorm_bwd(dim, eps, 1, x(0), x(1), dy(0), io.acc(), dx(0), dx(1)),
         Op::QkNorm { heads, groups, head_dim, eps } => {
-            b.rmsnorm_bwd(head_dim, eps, heads, x(0), x(2), dy(0), Arg::Null, dx(0), dx(2));
-            b.rmsnorm_bwd(head_dim, eps, groups, x(1), x(3), dy(1), Arg::Null, dx(1), dx(3));
+            // One `accum` for both weight gradients: two parameters, so both are sums or neither.
+            let part = b.scratch_fixed(DType::F32, 2 * RED_BLOCKS * head_dim);
+            b.push(
+                KernelSpec::new("qk_norm_bwd", &[head_dim]),
+                vec![
+                    x(0),
+                    x(1),
+                    x(2),
+                    x(3),
+                    dy(0),
+                    dy(1),
+                    dx(0),
+                    dx(1),
+                    part,
+                    Arg::Tokens { mul: heads },
+                    Arg::Tokens { mul: groups },
+                    Arg::Float(eps),
+                    dx(2),
+                    dx(3),
+                    Arg::Tickets,
+                    accum(&dx(2)),
+                ],
+                [LaunchDim::Const(RED_BLOCKS), LaunchDim::Const(2), one()],
+                256,
+            );
         }
         Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
             let n = (heads + 2 * groups) * head_dim;
@@ -1090,10 +1177,16 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             args.extend([t1, accum(&dws[0]), tickets]);
             b.push(KernelSpec::new("tpa_wgrad", &targs), args, tn_grid(total, hidden, split), 128);
             if bias {
+                // The packed bias's gradient, read straight from dq, dk, dv (no packed copy).
                 let n = (heads + 2 * groups) * head_dim;
-                let dm = b.scratch_tok(DType::Bf16, n);
-                b.qkv_pack(heads, groups, head_dim, [dy(0), dy(1), dy(2)], dm.clone());
-                b.colsum(n, false, 1, dm, dx(7));
+                assert!(n.div_ceil(256) <= TICKETS, "qkv_colsum of {n} columns: column blocks past TICKETS");
+                let parts = b.scratch_fixed(DType::F32, COLSUM_PARTS * n);
+                b.push(
+                    KernelSpec::new("qkv_colsum", &[heads, groups, head_dim]),
+                    vec![dy(0), dy(1), dy(2), dx(7), Arg::Tokens { mul: 1 }, accum(&dx(7)), parts, Arg::Tickets],
+                    [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
+                    256,
+                );
             }
         }
         Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
@@ -1300,9 +1393,10 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 128,
             );
         }
-        Op::Combine { hidden, topk, shared } => b.push(
-            KernelSpec::new("combine_bwd", &[hidden, topk, shared as u64]),
-            vec![x(0), x(1), x(2), dy(0), dx(0), dx(2), dx(3), if shared { dx(4) } else { Arg::Null }, t1],
+        // resid's and shared's gradients are dy itself (`Op::passthrough`): nothing to launch.
+        Op::Combine { hidden, topk, .. } => b.push(
+            KernelSpec::new("combine_bwd", &[hidden, topk]),
+            vec![x(0), x(1), x(2), dy(0), dx(0), dx(2), t1],
             rows_grid(1),
             128,
         ),
@@ -1462,7 +1556,7 @@ impl<'a> VjpIo<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, &g)| {
-                    (g && Some(i) != pass).then(|| {
+                    (g && !pass.contains(&i)).then(|| {
                         o += 1;
                         o - 1
                     })

@@ -93,7 +93,7 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
             .iter()
             .zip(&grad_ins)
             .enumerate()
-            .filter(|&(i, (_, d))| *d && Some(i) != pass)
+            .filter(|&(i, (_, d))| *d && !pass.contains(&i))
             .map(|(_, (v, _))| *v);
         for (x, dx) in targets.zip(grads) {
             if needs[x.0 as usize] {
@@ -101,7 +101,7 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
             }
         }
         // A residual's gradient is the upstream gradient itself (`Op::passthrough`).
-        if let Some(p) = pass {
+        for p in pass {
             let x = node.inputs[p];
             if needs[x.0 as usize] {
                 contrib.entry(x).or_default().push(upstream[0].expect("a passthrough op's output is seeded"));

@@ -21,7 +21,7 @@ use crate::reference::{
 /// Executes a `vjp` node: `ins` are the forward inputs, the forward outputs, the supplied
 /// upstream gradients and, with [`Vjp::acc`], the running gradient of input 0 (in
 /// [`Op::signature`] order of the `vjp` op). The outputs are [`backward`]'s gradients less the
-/// [`Op::passthrough`] input's.
+/// [`Op::passthrough`] inputs'.
 pub fn vjp(v: &Vjp, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Tensor> {
     let (fi, fo) = v.of.signature();
     let (xs, rest) = ins.split_at(fi.len());
@@ -31,8 +31,9 @@ pub fn vjp(v: &Vjp, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Tensor
     let mut grads = backward(&v.of, dims, xs, ys, &dys, gemm);
     let mask = v.of.grad_ins();
     assert_eq!(grads.len(), mask.iter().filter(|&&m| m).count(), "{}: gradient count", v.of.name());
-    if let Some(p) = v.of.passthrough() {
-        // Not an output of the node: autodiff passes the upstream gradient on itself.
+    // Not outputs of the node: autodiff passes the upstream gradient on itself (last port first,
+    // so the earlier positions stay put).
+    for &p in v.of.passthrough().iter().rev() {
         grads.remove(mask[..p].iter().filter(|&&m| m).count());
     }
     if v.acc {

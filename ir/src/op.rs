@@ -154,13 +154,15 @@ impl Op {
         }
     }
 
-    /// The input port whose gradient is exactly output 0's upstream gradient (a residual added
-    /// to the output). The op's vjp does not output it: autodiff passes the upstream gradient
-    /// itself on as that input's gradient contribution, so no kernel copies it.
-    pub fn passthrough(&self) -> Option<usize> {
+    /// The input ports whose gradient is exactly output 0's upstream gradient (residuals added
+    /// to the output). The op's vjp does not output them: autodiff passes the upstream gradient
+    /// itself on as each one's gradient contribution, so no kernel copies it.
+    pub fn passthrough(&self) -> Vec<usize> {
         match *self {
-            Op::OutProj { .. } | Op::Mlp { residual: true, .. } => Some(self.signature().0.len() - 1),
-            _ => None,
+            Op::OutProj { .. } | Op::Mlp { residual: true, .. } => vec![self.signature().0.len() - 1],
+            // resid, and the shared expert's output when there is one.
+            Op::Combine { shared, .. } => (3..4 + shared as usize).collect(),
+            _ => vec![],
         }
     }
 
@@ -490,7 +492,7 @@ impl Op {
                     .iter()
                     .zip(v.of.grad_ins())
                     .enumerate()
-                    .filter(|&(i, (_, g))| g && Some(i) != pass)
+                    .filter(|&(i, (_, g))| g && !pass.contains(&i))
                     .map(|(_, (p, _))| (p.0, grad_type(&p.1)));
                 (ins, outs.collect())
             }

@@ -86,7 +86,7 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
             if b.params.iter().any(|p| matches!(p, Param::Ptr(TICKETS_BASE, _))) {
                 let groups = match l.kernel.family.as_str() {
                     "gemm_tn" | "tpa_wgrad" => b.grid[0] * b.grid[1],
-                    "colsum" => b.grid[1],
+                    "colsum" | "qkv_colsum" | "qk_norm_bwd" => b.grid[1],
                     "rmsnorm_bwd" | "grape_bwd" | "vres_bwd" | "seq_aux" => 1,
                     f => panic!("{rel}: {}: {f} counts in the tickets without a rule here", node.name),
                 };

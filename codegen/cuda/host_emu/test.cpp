@@ -13,6 +13,7 @@
 #include "vp_common.cuh"
 #include "embed.cuh"
 #include "rmsnorm.cuh"
+#include "qk_norm.cuh"
 #include "gemm.cuh"
 #include "grouped_gemm.cuh"
 #include "qkv_split.cuh"
@@ -357,6 +358,22 @@ template <int D> void test_rmsnorm(int rows, int off) {
         for (int i = 0; i < D; ++i) c.add((float)(fl(x[off + r * D + i]) * inv) * fl(w[off + i]), fl(y[off + r * D + i]), r * D + i); }
     c.report();
 }
+// Queries and keys in one launch, a warp per head vector: each row against the f64 formula.
+template <int D> void test_qk_norm(int T, int heads, int groups) {
+    const int rq = T * heads, rk = T * groups;
+    auto xq = rbf((size_t)rq * D, 2.0), xk = rbf((size_t)rk * D, 2.0), wq = rbf(D, 1.0), wk = rbf(D, 1.0);
+    std::vector<bf> yq((size_t)rq * D + 1, POISON_BF), yk((size_t)rk * D + 1, POISON_BF);
+    const float eps = 1e-5f;
+    emu_launch((rq + rk + 7) / 8, 1, 256, [&] { vp::qk_norm<D>(xq.data(), xk.data(), wq.data(), wk.data(), yq.data(), yk.data(), rq, rk, eps); });
+    Cmp c("qk_norm D" + std::to_string(D) + " heads" + std::to_string(heads) + " groups" + std::to_string(groups), 1e-3, 8e-3);
+    auto chk = [&](const std::vector<bf>& x, const std::vector<bf>& w, const std::vector<bf>& y, int rows, long tag) {
+        for (int r = 0; r < rows; ++r) { double ms = 0; for (int i = 0; i < D; ++i) { double v = fl(x[(size_t)r * D + i]); ms += v * v; } double inv = 1.0 / std::sqrt(ms / D + eps);
+            for (int i = 0; i < D; ++i) c.add((float)(fl(x[(size_t)r * D + i]) * inv) * fl(w[i]), fl(y[(size_t)r * D + i]), tag + (long)r * D + i); }
+    };
+    chk(xq, wq, yq, rq, 0); chk(xk, wk, yk, rk, 1L << 40);
+    c.report();
+    expect(is_poison(yq[(size_t)rq * D]) && is_poison(yk[(size_t)rk * D]), "qk_norm wrote past its rows");
+}
 template <int HEADS, int GROUPS, int D> void test_qkv_split(int T) {
     constexpr int GS = HEADS / GROUPS, W = (HEADS + 2 * GROUPS) * D;
     auto mixed = rbf((size_t)T * W, 1.0); std::vector<bf> q((size_t)T * HEADS * D, POISON_BF), k((size_t)T * GROUPS * D, POISON_BF), v((size_t)T * GROUPS * D, POISON_BF);
@@ -384,17 +401,22 @@ template <int HEADS, int GROUPS, int D, int RQ, int R> void test_tpa(int T, bool
                 c.add(kv, fl(k[((size_t)t * GROUPS + g) * D + cc]), 1); c.add(vv, fl(v[((size_t)t * GROUPS + g) * D + cc]), 2); } } }
     c.report();
 }
-template <int D> void test_grape(int T, int S, int heads) {
-    auto x = rbf((size_t)T * heads * D, 1.0); std::vector<float> lf(D / 2);
+// Queries (heads) and keys (groups) in one launch; the keys rotated in place (y aliasing x).
+template <int D> void test_grape(int T, int S, int heads, int groups) {
+    auto xq = rbf((size_t)T * heads * D, 1.0), xk = rbf((size_t)T * groups * D, 1.0); std::vector<float> lf(D / 2);
     for (int i = 0; i < D / 2; ++i) lf[i] = (float)(16.0 * std::log(std::pow(10000.0, -2.0 * i / D)));
-    std::vector<bf> y((size_t)T * heads * D, POISON_BF); float scale = 16.f;
-    emu_launch(T, 1, 128, [&] { vp::grape<D>(x.data(), lf.data(), y.data(), heads, T, S, scale); });
-    Cmp c("grape D" + std::to_string(D) + " heads" + std::to_string(heads), 2e-3, 8e-3);
-    for (int t = 0; t < T; ++t) for (int h = 0; h < heads; ++h) for (int i = 0; i < D / 2; ++i) {
-        float f = std::exp(lf[i] / scale), th = (float)(t % S) * f; float s = std::sin(th), co = std::cos(th);
-        size_t o = ((size_t)t * heads + h) * D; float a = fl(x[o + i]), b = fl(x[o + i + D / 2]);
-        c.add(a * co - b * s, fl(y[o + i]), o + i); c.add(b * co + a * s, fl(y[o + i + D / 2]), o + i + D / 2); }
+    std::vector<bf> yq((size_t)T * heads * D + 1, POISON_BF), yk = xk; yk.push_back(POISON_BF); float scale = 16.f;
+    emu_launch(T, 1, 128, [&] { vp::grape<D>(xq.data(), yk.data(), lf.data(), yq.data(), yk.data(), heads, groups, T, S, scale); });
+    Cmp c("grape D" + std::to_string(D) + " heads" + std::to_string(heads) + " groups" + std::to_string(groups), 2e-3, 8e-3);
+    auto chk = [&](const std::vector<bf>& x, const std::vector<bf>& y, int nh, long tag) {
+        for (int t = 0; t < T; ++t) for (int h = 0; h < nh; ++h) for (int i = 0; i < D / 2; ++i) {
+            float f = std::exp(lf[i] / scale), th = (float)(t % S) * f; float s = std::sin(th), co = std::cos(th);
+            size_t o = ((size_t)t * nh + h) * D; float a = fl(x[o + i]), b = fl(x[o + i + D / 2]);
+            c.add(a * co - b * s, fl(y[o + i]), tag + o + i); c.add(b * co + a * s, fl(y[o + i + D / 2]), tag + o + i + D / 2); }
+    };
+    chk(xq, yq, heads, 0); chk(xk, yk, groups, 1L << 40);
     c.report();
+    expect(is_poison(yq[(size_t)T * heads * D]) && is_poison(yk[(size_t)T * groups * D]), "grape wrote past its rows");
 }
 void test_vres(int n) {
     auto v = rbf(n, 1.0), v1 = rbf(n, 1.0); float logit = 0.3f; std::vector<bf> y(n + 5, POISON_BF);
@@ -422,7 +444,8 @@ int main(int argc, char** argv) {
         test_rmsnorm<1024>(3, 0); test_rmsnorm<128>(4, 0); test_rmsnorm<36>(3, 1); test_rmsnorm<30>(2, 0);
         test_qkv_split<8, 2, 128>(3); test_qkv_split<6, 3, 12>(3);
         test_tpa<8, 2, 128, 4, 2>(3, true); test_tpa<6, 3, 20, 3, 1>(2, false);
-        test_grape<128>(5, 3, 8); test_grape<16>(70, 2048 + 7, 2);
+        test_grape<128>(5, 3, 8, 2); test_grape<16>(70, 2048 + 7, 2, 1); test_grape<16>(9, 4, 3, 3);
+        test_qk_norm<128>(5, 8, 2); test_qk_norm<36>(7, 3, 1); test_qk_norm<16>(3, 1, 3);
         test_vres(1000);
     }
     if (want("gemm")) {
