@@ -143,6 +143,14 @@ __device__ __forceinline__ float sum_parts_at(const float* parts, size_t stride,
     return s;
 }
 
+// Chunk x of X of a sequence of S tokens: [begin, end) with ch = ceil(S/X) tokens each (the
+// sequence aux loss spreads a sequence over X blocks); begin >= S for an empty chunk.
+__device__ __forceinline__ void seq_chunk(int S, int x, int X, int& begin, int& end) {
+    const int ch = cdiv(S, X);
+    begin = x * ch;
+    end = min(S, begin + ch);
+}
+
 // Online-softmax partial (max, Σ exp(x − max)). Empty partials start from the lowest finite float,
 // not -inf, so exp(m_old − m_new) is never exp(NaN). `lse_merge` is symmetric (max and + commute),
 // so butterfly partners agree bit for bit.

@@ -13,7 +13,6 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention.cuh", include_str!("../cuda/attention.cuh")),
     ("router.cuh", include_str!("../cuda/router.cuh")),
     ("moe_count.cuh", include_str!("../cuda/moe_count.cuh")),
-    ("moe_scan.cuh", include_str!("../cuda/moe_scan.cuh")),
     ("moe_scatter.cuh", include_str!("../cuda/moe_scatter.cuh")),
     ("grouped_gemm.cuh", include_str!("../cuda/grouped_gemm.cuh")),
     ("combine.cuh", include_str!("../cuda/combine.cuh")),

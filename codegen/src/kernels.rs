@@ -125,9 +125,8 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "moe_count",
         tparams: &["E", "K"],
-        params: &[("const int*", "idx"), ("int*", "offsets"), ("int", "T")],
+        params: &[("const int*", "idx"), ("int*", "offsets"), ("int", "T"), ("int*", "tickets")],
     },
-    Family { name: "moe_scan", tparams: &["E"], params: &[("int*", "offsets")] },
     Family {
         name: "moe_scatter",
         tparams: &["E", "K"],
@@ -169,6 +168,8 @@ pub const FAMILIES: &[Family] = &[
             ("float*", "loss"),
             ("float", "scale"),
             ("int*", "tickets"),
+            ("float*", "pp"),
+            ("int*", "pc"),
         ],
     },
     Family {
@@ -491,7 +492,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "seq_aux_count",
         tparams: &["E", "K"],
-        params: &[("const float*", "scores"), ("float*", "counts"), ("int", "S")],
+        params: &[("const float*", "scores"), ("float*", "counts"), ("int", "S"), ("int*", "pc"), ("int*", "tickets")],
     },
     Family {
         name: "seq_aux_bwd",
@@ -935,13 +936,13 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         }
         Op::Dispatch { experts, topk } => (
             vec![
+                // Counts per expert; the last block turns them into offsets.
                 launch(
                     KernelSpec::new("moe_count", &[experts, topk]),
-                    vec![i(0), o(2), Arg::Tokens { mul: 1 }],
+                    vec![i(0), o(2), Arg::Tokens { mul: 1 }, Arg::Tickets],
                     [LaunchDim::Const(experts), one(), one()],
                     256,
                 ),
-                launch(KernelSpec::new("moe_scan", &[experts]), vec![o(2)], [one(), one(), one()], 1024),
                 launch(
                     KernelSpec::new("moe_scatter", &[experts, topk]),
                     vec![i(0), o(2), o(0), o(1), Arg::Tokens { mul: 1 }],
@@ -989,15 +990,16 @@ pub fn lower_node(node: &Node) -> (Vec<Launch>, Vec<Scratch>) {
         ),
         Op::SeqAuxLoss { experts, topk } => (
             vec![
-                // One partial per sequence; the last block averages them into the loss.
+                // SEQ_AUX_SPLIT chunks per sequence (chunk sums at the chunk's first token row of
+                // s(1), s(2)); the last block forms each sequence's partial and the loss.
                 launch(
                     KernelSpec::new("seq_aux", &[experts, topk]),
-                    vec![i(0), s(0, 0), Arg::Seq, o(0), Arg::InvRows, Arg::Tickets],
-                    [LaunchDim::Rows, one(), one()],
+                    vec![i(0), s(0, 0), Arg::Seq, o(0), Arg::InvRows, Arg::Tickets, s(1, 0), s(2, 0)],
+                    [LaunchDim::Const(SEQ_AUX_SPLIT), LaunchDim::Rows, one()],
                     256,
                 ),
             ],
-            vec![scratch(DType::F32, 1)],
+            vec![scratch(DType::F32, 1), scratch(DType::F32, 2 * experts), scratch(DType::I32, experts)],
         ),
         Op::ConfidenceWeight => (
             vec![launch(
@@ -1401,12 +1403,13 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             128,
         ),
         Op::SeqAuxLoss { experts, topk } => {
-            // counts [B, E] with B = T/S ≤ T rows.
+            // counts [B, E] with B = T/S ≤ T rows, from per-chunk counts as in the forward.
             let counts = b.scratch_tok(DType::F32, experts);
+            let pc = b.scratch_tok(DType::I32, experts);
             b.push(
                 KernelSpec::new("seq_aux_count", &[experts, topk]),
-                vec![x(0), counts.clone(), Arg::Seq],
-                [LaunchDim::Rows, one(), one()],
+                vec![x(0), counts.clone(), Arg::Seq, pc, Arg::Tickets],
+                [LaunchDim::Const(SEQ_AUX_SPLIT), LaunchDim::Rows, one()],
                 256,
             );
             b.push(
@@ -1476,6 +1479,9 @@ pub const TICKETS: u64 = 256;
 pub const RED_BLOCKS: u64 = 256;
 /// Partial rows of a dense column sum (colsum's split).
 pub const COLSUM_PARTS: u64 = 64;
+/// Blocks per sequence of the sequence aux loss (seq_aux, seq_aux_count): one sequence's S tokens
+/// in chunks of ceil(S/64), so the loss no longer runs on one SM per sequence.
+pub const SEQ_AUX_SPLIT: u64 = 64;
 /// Tokens per embed_sort chunk.
 pub const EMBED_SORT_CHUNK: u64 = 2048;
 /// `AMODE` of gemm_nn / gemm_tn for an f32 A split into bf16 hi + lo (the router's gradient GEMMs).

@@ -58,7 +58,6 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("router", &[256, 4, 8, 4, 1], 256),
         k("router", &[8, 2, 0, 0, 0], 256),
         k("moe_count", &[256, 4], 256),
-        k("moe_scan", &[256], 1024),
         k("moe_scatter", &[256, 4], 256),
         k("grouped_gemm", &[128, 1024, 1, 256], 128),
         k("grouped_gemm", &[1024, 128, 0, 256], 128),

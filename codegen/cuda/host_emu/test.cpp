@@ -23,7 +23,6 @@
 #include "attention.cuh"
 #include "router.cuh"
 #include "moe_count.cuh"
-#include "moe_scan.cuh"
 #include "moe_scatter.cuh"
 #include "combine.cuh"
 #include "seq_aux.cuh"
@@ -221,8 +220,8 @@ void test_dispatch(int T, int mode) {
         for (int k = 0; k < K; ++k) idx[t * K + k] = perm[k];
     }
     std::vector<int> off(E + 1, -5), row(T * K, -5), src(T * K, -5);
-    emu_launch(E, 1, 256, [&] { vp::moe_count<E, K>(idx.data(), off.data(), T); });
-    emu_launch(1, 1, 1024, [&] { vp::moe_scan<E>(off.data()); });
+    emu_launch(E, 1, 256, [&] { vp::moe_count<E, K>(idx.data(), off.data(), T, g_tickets); });
+    expect(g_tickets[0] == 0, "moe_count left its ticket set");
     emu_launch(E, 1, 256, [&] { vp::moe_scatter<E, K>(idx.data(), off.data(), src.data(), row.data(), T); });
     // reference
     std::vector<std::vector<int>> buckets(E); for (int s = 0; s < T * K; ++s) buckets[idx[s]].push_back(s);
@@ -250,17 +249,18 @@ void test_dispatch(int T, int mode) {
 
 // ------------------------------------------------------------------ seq aux + sum
 template <int E, int K>
-void test_seq_aux(int B, int S) {
+void test_seq_aux(int B, int S, int X) {
     int T = B * S;
     std::vector<float> scores((size_t)T * E);
     for (auto& s : scores) s = (float)(1.0 / (1.0 + std::exp(-2.0 * nrm())));
     for (int e = 0; e < E; ++e) scores[3 * E + e] = 0.5f;  // an all-ties token
     std::vector<float> partial(B, POISON_F), out(1, POISON_F);
+    std::vector<double> pp((size_t)T * E, std::nan("")); std::vector<int> pc((size_t)T * E, -7);  // chunk rows
     float inv = 1.0f / B;
-    emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), partial.data(), S, out.data(), inv, g_tickets); });
+    emu_launch(X, B, 256, [&] { vp::seq_aux<E, K>(scores.data(), partial.data(), S, out.data(), inv, g_tickets, reinterpret_cast<float*>(pp.data()), pc.data()); });
     {   // the last block's average: bitwise the same whichever block finished last, tickets back at 0
         std::vector<float> again(1, POISON_F), part2(B, POISON_F);
-        emu_launch(B, 1, 256, [&] { vp::seq_aux<E, K>(scores.data(), part2.data(), S, again.data(), inv, g_tickets); });
+        emu_launch(X, B, 256, [&] { vp::seq_aux<E, K>(scores.data(), part2.data(), S, again.data(), inv, g_tickets, reinterpret_cast<float*>(pp.data()), pc.data()); });
         bool zero = true; for (int t : g_tickets) zero &= t == 0;
         expect(memcmp(&again[0], &out[0], 4) == 0 && zero, "seq_aux: the loss depends on which block finished last, or a ticket was left set");
     }
@@ -277,7 +277,7 @@ void test_seq_aux(int B, int S) {
         double dot = 0; for (int e = 0; e < E; ++e) dot += c[e] * p[e];
         total += (double)E / ((double)K * S * S) * dot;
     }
-    char nm[100]; snprintf(nm, 100, "seq_aux+sum E%d K%d B%d S%d", E, K, B, S);
+    char nm[100]; snprintf(nm, 100, "seq_aux+sum E%d K%d B%d S%d X%d", E, K, B, S, X);
     Cmp c(nm, 0, 1e-5); c.add(total / B, out[0], 0); c.report();
 }
 
@@ -485,7 +485,7 @@ int main(int argc, char** argv) {
         test_dispatch<64, 8, 2>(300, 0); test_dispatch<64, 8, 2>(300, 1); test_dispatch<20, 5, 3>(90, 1); test_dispatch<16, 1100, 2>(40, 1); test_dispatch<8, 8, 2>(2100, 1); test_dispatch<8, 8, 3>(3001, 0);
     }
     if (want("loss")) {
-        test_seq_aux<256, 4>(2, 40); test_seq_aux<40, 3>(3, 17);
+        test_seq_aux<256, 4>(2, 40, 64); test_seq_aux<256, 4>(2, 40, 3); test_seq_aux<40, 3>(3, 17, 1); test_seq_aux<40, 3>(3, 70, 5);
         test_head_ce<1000, 64>(7); test_head_ce<1001, 36>(70); test_head_ce<64, 48>(65); test_conf_weight(600);
     }
     run_bwd_tests(want);

@@ -548,19 +548,21 @@ void test_combine_bwd(int T) {
 
 // ------------------------------------------------------------------ seq aux backward
 template <int E, int K>
-void test_seq_aux_bwd(int B, int S) {
+void test_seq_aux_bwd(int B, int S, int X) {
     const int T = B * S;
     std::vector<float> scores((size_t)T * E); for (auto& s : scores) s = (float)(1.0 / (1.0 + std::exp(-2.0 * nrm())));
     float daux = 0.37f, inv_rows = 1.0f / B;
     std::vector<float> counts((size_t)B * E, POISON_F), ds((size_t)T * E, POISON_F);
-    emu_launch(B, 1, 256, [&] { vp::seq_aux_count<E, K>(scores.data(), counts.data(), S); });
+    std::vector<int> pc((size_t)T * E, -7);
+    emu_launch(X, B, 256, [&] { vp::seq_aux_count<E, K>(scores.data(), counts.data(), S, pc.data(), g_tickets); });
+    { bool zero = true; for (int t : g_tickets) zero &= t == 0; expect(zero, "seq_aux_count left a ticket set"); }
     emu_launch(T, 1, 256, [&] { vp::seq_aux_bwd<E, K>(scores.data(), counts.data(), &daux, ds.data(), T, S, inv_rows); });
     // reference counts, then a finite difference of daux·aux(scores) with the counts fixed
     std::vector<double> c((size_t)B * E, 0);
     for (int t = 0; t < T; ++t) { const float* row = &scores[(size_t)t * E]; double u = 1e-20; for (int e = 0; e < E; ++e) u += row[e];
         std::vector<float> nr(E); for (int e = 0; e < E; ++e) nr[e] = (float)(row[e] / u); for (int e : topk_ref(nr, K)) c[(size_t)(t / S) * E + e] += 1; }
     bool counts_ok = true; for (size_t i = 0; i < c.size(); ++i) counts_ok &= counts[i] == (float)c[i];
-    char nm[100]; snprintf(nm, 100, "seq_aux_count+bwd E%d K%d B%d S%d", E, K, B, S);
+    char nm[100]; snprintf(nm, 100, "seq_aux_count+bwd E%d K%d B%d S%d X%d", E, K, B, S, X);
     expect(counts_ok, std::string(nm) + ": counts");
     Cmp cf(std::string("fd: ") + nm, 1e-9, 1e-4);
     for (int t = 0; t < T; t += std::max(1, T / 7)) {
@@ -761,7 +763,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
     }
     if (want("bwd-router")) {
         test_router_bwd<8, 2>(5, true, true); test_router_bwd<8, 2>(3, true, false); test_router_bwd<300, 4>(2, true, true); test_router_bwd<16, 4>(3, false, true);
-        test_seq_aux_bwd<40, 3>(3, 17); test_seq_aux_bwd<256, 4>(2, 9);
+        test_seq_aux_bwd<40, 3>(3, 17, 4); test_seq_aux_bwd<256, 4>(2, 9, 64); test_seq_aux_bwd<40, 3>(2, 100, 64); test_seq_aux_bwd<40, 3>(2, 30, 1);
     }
     if (want("bwd-loss")) {
         test_head_dl<1000, 64, 192>(7); test_head_dl<1001, 36, 1024>(70); test_head_dl<130, 72, 64>(65);

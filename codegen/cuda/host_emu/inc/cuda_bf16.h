@@ -61,6 +61,8 @@ void __syncthreads();
 inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
 inline void __threadfence() {}
 inline float __ldcg(const float* p) { return *p; }
+inline int __ldcg(const int* p) { return *p; }
+inline double __ldcg(const double* p) { return *p; }
 [[noreturn]] inline void __trap() { fprintf(stderr, "__trap\n"); abort(); }
 void emu_warp_barrier();
 // warp exchange
