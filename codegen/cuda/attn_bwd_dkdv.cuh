@@ -7,6 +7,12 @@
 // Key u is seen by query t iff t is in u's sequence row, u ≤ t, doc[t] == doc[u] and (WINDOW)
 // t − u < WINDOW: the masks of attention.cuh, seen from the key side.
 //
+// HSPLIT = 1 (global layers): grid (ceil(T/64), HEADS), block (x, h) takes only head h of group
+// g = h/GS and stores its f32 share of the two sums, dk scaled, into part[u, h, 0|1, :] ([T,
+// HEADS, 2, D]); attn_dkdv_sum adds the GS heads of each group in head order and rounds. A causal
+// key tile near the start of a row is seen by every later query, so one block per (tile, group)
+// left the first tiles' blocks with all the work and most SMs idle; per head it is GS× shorter.
+//
 // Launch: grid (ceil(T/64), GROUPS), block 128: a block owns 64 consecutive keys of group g, each
 // warp 16 of them (k rows held as mma A fragments, v rows resident in shared memory). Query tiles
 // of 32 tokens stream through shared memory (q and dout of one head at a time, with their lse2,
@@ -20,11 +26,12 @@
 
 namespace vp {
 
-template <int D, int HEADS, int GROUPS, int WINDOW, int ALIBI>
+template <int D, int HEADS, int GROUPS, int WINDOW, int ALIBI, int HSPLIT>
 __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, const int* __restrict__ doc,
                                               const float* __restrict__ stats, const bf16* __restrict__ dout,
-                                              bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int S) {
+                                              bf16* __restrict__ dk, bf16* __restrict__ dv, int T, int S,
+                                              float* __restrict__ part) {
     static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
     static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
     constexpr int BKV = 64, BQ = 32, NT = 128, GS = HEADS / GROUPS;
@@ -38,7 +45,9 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
 
     require_block(NT);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = blockIdx.y;
+    // HSPLIT: this block's one head; else all GS heads of group blockIdx.y.
+    const int g = HSPLIT ? (int)blockIdx.y / GS : (int)blockIdx.y;
+    const int hh0 = HSPLIT ? (int)blockIdx.y % GS : 0, hh1 = HSPLIT ? hh0 + 1 : GS;
     const int u0 = blockIdx.x * BKV;
     if (u0 >= T) return;  // whole block (never with the contract's grid)
     // Last query that can see key u.
@@ -91,7 +100,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         }
 
     for (int qt0 = u0; qt0 <= q_hi; qt0 += BQ) {
-        for (int hh = 0; hh < GS; ++hh) {
+        for (int hh = hh0; hh < hh1; ++hh) {
             const int h = g * GS + hh;
             __syncthreads();  // previous tile fully read (and the K staging)
             for (int c = tid; c < BQ * CH; c += NT) {
@@ -187,6 +196,15 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (uk[i] < 0) continue;
+        if (HSPLIT) {
+            float* pr = part + ((size_t)uk[i] * HEADS + blockIdx.y) * 2 * D + (lane & 3) * 2;
+#pragma unroll
+            for (int n = 0; n < DN; ++n) {
+                *reinterpret_cast<float2*>(pr + n * 8) = make_float2(dka[n][2 * i] * scale, dka[n][2 * i + 1] * scale);
+                *reinterpret_cast<float2*>(pr + D + n * 8) = make_float2(dva[n][2 * i], dva[n][2 * i + 1]);
+            }
+            continue;
+        }
         const size_t o = ((size_t)uk[i] * GROUPS + g) * D + (lane & 3) * 2;
 #pragma unroll
         for (int n = 0; n < DN; ++n) {

@@ -38,6 +38,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attn_stats.cuh", include_str!("../cuda/attn_stats.cuh")),
     ("attn_bwd_dq.cuh", include_str!("../cuda/attn_bwd_dq.cuh")),
     ("attn_bwd_dkdv.cuh", include_str!("../cuda/attn_bwd_dkdv.cuh")),
+    ("attn_dkdv_sum.cuh", include_str!("../cuda/attn_dkdv_sum.cuh")),
     ("router_bwd.cuh", include_str!("../cuda/router_bwd.cuh")),
     ("moe_gather.cuh", include_str!("../cuda/moe_gather.cuh")),
     ("combine_bwd.cuh", include_str!("../cuda/combine_bwd.cuh")),

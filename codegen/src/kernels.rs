@@ -444,7 +444,7 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "attn_bwd_dkdv",
-        tparams: &["D", "HEADS", "GROUPS", "WINDOW", "ALIBI"],
+        tparams: &["D", "HEADS", "GROUPS", "WINDOW", "ALIBI", "HSPLIT"],
         params: &[
             (BF, "q"),
             (BF, "k"),
@@ -456,7 +456,13 @@ pub const FAMILIES: &[Family] = &[
             (BFM, "dv"),
             ("int", "T"),
             ("int", "S"),
+            ("float*", "part"),
         ],
+    },
+    Family {
+        name: "attn_dkdv_sum",
+        tparams: &["D", "HEADS", "GROUPS"],
+        params: &[("const float*", "part"), (BFM, "dk"), (BFM, "dv"), ("int", "T")],
     },
     Family {
         name: "router_bwd",
@@ -1262,12 +1268,33 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 [tok(1, 64), LaunchDim::Const(a.heads), one()],
                 128,
             );
-            b.push(
-                KernelSpec::new("attn_bwd_dkdv", &targs),
-                vec![x(0), x(1), x(2), x(3), stats, dy(0), dx(1), dx(2), t1, Arg::Seq],
-                [tok(1, 64), LaunchDim::Const(a.groups), one()],
-                128,
-            );
+            // Global layers split the key blocks per head (a causal row's first key tiles are seen
+            // by every later query) and sum each group's heads after; windowed ones need not.
+            let hsplit = window == 0 && a.heads > a.groups;
+            let mut kt = targs.to_vec();
+            kt.push(hsplit as u64);
+            if hsplit {
+                let part = b.scratch_tok(DType::F32, a.heads * 2 * a.head_dim);
+                b.push(
+                    KernelSpec::new("attn_bwd_dkdv", &kt),
+                    vec![x(0), x(1), x(2), x(3), stats, dy(0), Arg::Null, Arg::Null, t1.clone(), Arg::Seq, part.clone()],
+                    [tok(1, 64), LaunchDim::Const(a.heads), one()],
+                    128,
+                );
+                b.push(
+                    KernelSpec::new("attn_dkdv_sum", &[a.head_dim, a.heads, a.groups]),
+                    vec![part, dx(1), dx(2), t1],
+                    rows_grid(1),
+                    128,
+                );
+            } else {
+                b.push(
+                    KernelSpec::new("attn_bwd_dkdv", &kt),
+                    vec![x(0), x(1), x(2), x(3), stats, dy(0), dx(1), dx(2), t1, Arg::Seq, Arg::Null],
+                    [tok(1, 64), LaunchDim::Const(a.groups), one()],
+                    128,
+                );
+            }
             if a.sinks {
                 b.colsum(a.heads, true, 1, dsink, dx(4));
             }

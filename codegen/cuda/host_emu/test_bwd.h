@@ -19,6 +19,7 @@
 #include "attn_stats.cuh"
 #include "attn_bwd_dq.cuh"
 #include "attn_bwd_dkdv.cuh"
+#include "attn_dkdv_sum.cuh"
 #include "router_bwd.cuh"
 #include "moe_gather.cuh"
 #include "combine_bwd.cuh"
@@ -446,12 +447,17 @@ void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char
     std::vector<double> sd(sinks.begin(), sinks.end());
     AttnRef ref = attn_ref(D, H, G, WINDOW, ALIBI, SINKS, T, S, doc, tod(q), tod(k), tod(v), sd, tod(g));
     std::vector<bf> out(ref.out.size()); for (size_t i = 0; i < out.size(); ++i) out[i] = tobf(ref.out[i]);  // what the forward kernel stores
+    std::vector<bf> dks, dvs;  // the per-head split (HSPLIT = 1) + attn_dkdv_sum
     auto run = [&](std::vector<bf>& dq, std::vector<bf>& dk, std::vector<bf>& dv, std::vector<float>& dsink) {
         std::vector<float> stats((size_t)T * H * 2, POISON_F), dsc((size_t)T * H, POISON_F), part((size_t)4 * H, POISON_F);
         dq.assign(q.size(), POISON_BF); dk.assign(k.size(), POISON_BF); dv.assign(v.size(), POISON_BF); dsink.assign(H, POISON_F);
         emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_stats<D, H, G, WINDOW, ALIBI, SINKS>(q.data(), k.data(), doc.data(), SINKS ? sinks.data() : nullptr, out.data(), g.data(), stats.data(), SINKS ? dsc.data() : nullptr, T, S); });
         emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dq<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dq.data(), T, S); });
-        emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S); });
+        emu_launch((T + 63) / 64, G, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI, 0>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), dk.data(), dv.data(), T, S, nullptr); });
+        std::vector<float> hp((size_t)T * H * 2 * D, POISON_F);
+        dks.assign(k.size(), POISON_BF); dvs.assign(v.size(), POISON_BF);
+        emu_launch((T + 63) / 64, H, 128, [&] { vp::attn_bwd_dkdv<D, H, G, WINDOW, ALIBI, 1>(q.data(), k.data(), v.data(), doc.data(), stats.data(), g.data(), nullptr, nullptr, T, S, hp.data()); });
+        emu_launch(T, 1, 128, [&] { vp::attn_dkdv_sum<D, H, G>(hp.data(), dks.data(), dvs.data(), T); });
         if (SINKS) {
             emu_launch(4, 1, 256, [&] { vp::colsum<H, 1>(dsc.data(), dsink.data(), T, 0, part.data(), g_tickets); });
         }
@@ -472,6 +478,9 @@ void test_attn_bwd(int T, int S, std::vector<int> doc, double qscale, const char
     for (size_t i = 0; i < dq.size(); ++i) cq.add(mref.dq[i], fl(dq[i]), i);
     for (size_t i = 0; i < dk.size(); ++i) { ck.add(mref.dk[i], fl(dk[i]), i); cv.add(mref.dv[i], fl(dv[i]), i); }
     cq.report(); ck.report(); cv.report();
+    Cmp cks(std::string(nm) + " dk (per-head split)", 2e-3, 1e-2), cvs(std::string(nm) + " dv (per-head split)", 2e-3, 1e-2);
+    for (size_t i = 0; i < dk.size(); ++i) { cks.add(mref.dk[i], fl(dks[i]), i); cvs.add(mref.dv[i], fl(dvs[i]), i); }
+    cks.report(); cvs.report();
     if (SINKS) { for (int h = 0; h < H; ++h) cs.add(mref.dsink[h], ds[h], h); cs.report(); }
     expect(same_bits(dq, dq2) && same_bits(dk, dk2) && same_bits(dv, dv2) && same_bits(ds, ds2), std::string(nm) + ": not bitwise reproducible");
 }
@@ -760,6 +769,7 @@ static void run_bwd_tests(const std::function<bool(const char*)>& want) {
         { std::vector<int> doc(200); for (int t = 0; t < 200; ++t) doc[t] = t / 37; test_attn_bwd<16, 6, 3, 0, 1, 1>(200, 100, doc, 3.0, "alibi6 docs"); }
         { std::vector<int> doc(130, 4); doc[100] = 5; test_attn_bwd<128, 8, 2, 100, 0, 1>(130, 130, doc, 1.0, "D128 win100"); }
         { std::vector<int> doc(70, 0); test_attn_bwd<16, 2, 1, 500, 0, 0>(70, 35, doc, 1.0, "win>S"); }
+        { std::vector<int> doc(130, 0); doc[129] = 1; test_attn_bwd<128, 8, 2, 0, 1, 1>(130, 130, doc, 1.0, "D128 global alibi"); }
     }
     if (want("bwd-router")) {
         test_router_bwd<8, 2>(5, true, true); test_router_bwd<8, 2>(3, true, false); test_router_bwd<300, 4>(2, true, true); test_router_bwd<16, 4>(3, false, true);
