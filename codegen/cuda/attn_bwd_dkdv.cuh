@@ -45,9 +45,9 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
 
     require_block(NT);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // HSPLIT: this block's one head; else all GS heads of group blockIdx.y.
+    // HSPLIT: this block's one head (the others are skipped, block-uniformly); else all GS heads
+    // of group blockIdx.y.
     const int g = HSPLIT ? (int)blockIdx.y / GS : (int)blockIdx.y;
-    const int hh0 = HSPLIT ? (int)blockIdx.y % GS : 0, hh1 = HSPLIT ? hh0 + 1 : GS;
     const int u0 = blockIdx.x * BKV;
     if (u0 >= T) return;  // whole block (never with the contract's grid)
     // Last query that can see key u.
@@ -100,8 +100,9 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
         }
 
     for (int qt0 = u0; qt0 <= q_hi; qt0 += BQ) {
-        for (int hh = hh0; hh < hh1; ++hh) {
+        for (int hh = 0; hh < GS; ++hh) {
             const int h = g * GS + hh;
+            if (HSPLIT && h != (int)blockIdx.y) continue;
             __syncthreads();  // previous tile fully read (and the K staging)
             for (int c = tid; c < BQ * CH; c += NT) {
                 const int r = c / CH, dc = (c % CH) * 8, t = qt0 + r;
