@@ -1277,7 +1277,19 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
                 let part = b.scratch_tok(DType::F32, a.heads * 2 * a.head_dim);
                 b.push(
                     KernelSpec::new("attn_bwd_dkdv", &kt),
-                    vec![x(0), x(1), x(2), x(3), stats, dy(0), Arg::Null, Arg::Null, t1.clone(), Arg::Seq, part.clone()],
+                    vec![
+                        x(0),
+                        x(1),
+                        x(2),
+                        x(3),
+                        stats,
+                        dy(0),
+                        Arg::Null,
+                        Arg::Null,
+                        t1.clone(),
+                        Arg::Seq,
+                        part.clone(),
+                    ],
                     [tok(1, 64), LaunchDim::Const(a.heads), one()],
                     128,
                 );
