@@ -1187,14 +1187,8 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             if bias {
                 // The packed bias's gradient, read straight from dq, dk, dv (no packed copy).
                 let n = (heads + 2 * groups) * head_dim;
-                assert!(n.div_ceil(256) <= TICKETS, "qkv_colsum of {n} columns: column blocks past TICKETS");
-                let parts = b.scratch_fixed(DType::F32, COLSUM_PARTS * n);
-                b.push(
-                    KernelSpec::new("qkv_colsum", &[heads, groups, head_dim]),
-                    vec![dy(0), dy(1), dy(2), dx(7), Arg::Tokens { mul: 1 }, accum(&dx(7)), parts, Arg::Tickets],
-                    [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
-                    256,
-                );
+                let k = KernelSpec::new("qkv_colsum", &[heads, groups, head_dim]);
+                b.column_sums(k, vec![dy(0), dy(1), dy(2)], n, 1, dx(7));
             }
         }
         Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
@@ -1273,37 +1267,23 @@ fn lower_vjp(node: &Node, v: &Vjp) -> (Vec<Launch>, Vec<Scratch>) {
             let hsplit = window == 0 && a.heads > a.groups;
             let mut kt = targs.to_vec();
             kt.push(hsplit as u64);
+            // With the split, dk and dv come from attn_dkdv_sum over the per-head f32 shares.
+            let (part, dk, dv, blocks_y) = if hsplit {
+                (b.scratch_tok(DType::F32, a.heads * 2 * a.head_dim), Arg::Null, Arg::Null, a.heads)
+            } else {
+                (Arg::Null, dx(1), dx(2), a.groups)
+            };
+            b.push(
+                KernelSpec::new("attn_bwd_dkdv", &kt),
+                vec![x(0), x(1), x(2), x(3), stats, dy(0), dk, dv, t1.clone(), Arg::Seq, part.clone()],
+                [tok(1, 64), LaunchDim::Const(blocks_y), one()],
+                128,
+            );
             if hsplit {
-                let part = b.scratch_tok(DType::F32, a.heads * 2 * a.head_dim);
-                b.push(
-                    KernelSpec::new("attn_bwd_dkdv", &kt),
-                    vec![
-                        x(0),
-                        x(1),
-                        x(2),
-                        x(3),
-                        stats,
-                        dy(0),
-                        Arg::Null,
-                        Arg::Null,
-                        t1.clone(),
-                        Arg::Seq,
-                        part.clone(),
-                    ],
-                    [tok(1, 64), LaunchDim::Const(a.heads), one()],
-                    128,
-                );
                 b.push(
                     KernelSpec::new("attn_dkdv_sum", &[a.head_dim, a.heads, a.groups]),
                     vec![part, dx(1), dx(2), t1],
                     rows_grid(1),
-                    128,
-                );
-            } else {
-                b.push(
-                    KernelSpec::new("attn_bwd_dkdv", &kt),
-                    vec![x(0), x(1), x(2), x(3), stats, dy(0), dx(1), dx(2), t1, Arg::Seq, Arg::Null],
-                    [tok(1, 64), LaunchDim::Const(a.groups), one()],
                     128,
                 );
             }
@@ -1815,13 +1795,14 @@ impl Bwd {
     /// Column sums of `x` ([m_mul·T, n]) into `out` [n]: COLSUM_PARTS partial rows, added by
     /// each column block's last block.
     fn colsum(&mut self, n: u64, in_f32: bool, m_mul: u64, x: Arg, out: Arg) {
-        assert!(n.div_ceil(256) <= TICKETS, "colsum of {n} columns: column blocks past TICKETS");
+        self.column_sums(KernelSpec::new("colsum", &[n, in_f32 as u64]), vec![x], n, m_mul, out);
+    }
+    /// A launch of colsum.cuh's body (`colsum`, `qkv_colsum`) reading `inputs` as `n` columns of
+    /// `m_mul·T` rows.
+    fn column_sums(&mut self, kernel: KernelSpec, mut inputs: Vec<Arg>, n: u64, m_mul: u64, out: Arg) {
+        assert!(n.div_ceil(256) <= TICKETS, "{} of {n} columns: column blocks past TICKETS", kernel.family);
         let parts = self.scratch_fixed(DType::F32, COLSUM_PARTS * n);
-        self.push(
-            KernelSpec::new("colsum", &[n, in_f32 as u64]),
-            vec![x, out.clone(), Arg::Tokens { mul: m_mul }, accum(&out), parts, Arg::Tickets],
-            [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()],
-            256,
-        );
+        inputs.extend([out.clone(), Arg::Tokens { mul: m_mul }, accum(&out), parts, Arg::Tickets]);
+        self.push(kernel, inputs, [LaunchDim::Const(COLSUM_PARTS), LaunchDim::Const(n.div_ceil(256)), one()], 256);
     }
 }
