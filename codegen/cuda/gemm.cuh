@@ -104,6 +104,64 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
     });
 }
 
+// Element o and, when `has1`, o + 1 of y (f32 when OUT, else bf16) = (v0, v1): one 8- or 4-byte
+// store when the pair exists and `pair_ok` (y and its row stride allow it), else one by one.
+template <int OUT>
+__device__ __forceinline__ void store_pair(void* __restrict__ y, size_t o, float v0, float v1, bool has1, bool pair_ok) {
+    if (OUT) {
+        float* yo = reinterpret_cast<float*>(y) + o;
+        if (has1 && pair_ok) {
+            *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
+        } else {
+            yo[0] = v0;
+            if (has1) yo[1] = v1;
+        }
+    } else {
+        bf16* yo = reinterpret_cast<bf16*>(y) + o;
+        if (has1 && pair_ok) {
+            *reinterpret_cast<unsigned int*>(yo) = pack_bf2(v0, v1);
+        } else {
+            yo[0] = f2bf(v0);
+            if (has1) yo[1] = f2bf(v1);
+        }
+    }
+}
+
+// Block b of a launch over E experts' ragged, expert-major row ranges (offsets[e] .. offsets[e+1],
+// on the device) -> (expert, BM-row tile): a block-wide prefix sum of the per-expert tile counts
+// ceil(n_e/BM), tile c of expert e starting at row offsets[e] + BM·c. Returns the expert and sets
+// [row0, row_end), the same in every thread; -1 for a block past the last tile. Empty experts own
+// no tile; the grid covers the worst case Σ_e ceil(n_e/BM) ≤ rows/BM + E. All NT threads call it.
+template <int NT, int BM, int E>
+__device__ __forceinline__ int expert_tile(const int* __restrict__ offsets, int b, int& row0, int& row_end) {
+    __shared__ int s_pick[2];  // (expert, tile within the expert), or expert -1
+    if (threadIdx.x == 0) {
+        s_pick[0] = -1;
+        s_pick[1] = 0;
+    }
+    __syncthreads();
+    int carry = 0;  // tiles of experts before this chunk (block-uniform)
+    for (int e0 = 0; e0 < E; e0 += NT) {
+        const int e = e0 + (int)threadIdx.x;
+        const int tiles = e < E ? cdiv(offsets[e + 1] - offsets[e], BM) : 0;
+        int total;
+        const int first = carry + block_exclusive_scan<NT>(tiles, total);
+        if (b >= first && b < first + tiles) {
+            s_pick[0] = e;
+            s_pick[1] = b - first;
+        }
+        carry += total;
+        if (carry > b) break;  // found in this chunk (carry is the same in every thread)
+    }
+    __syncthreads();
+    const int e = s_pick[0];
+    if (e >= 0) {
+        row0 = offsets[e] + BM * s_pick[1];
+        row_end = offsets[e + 1];
+    }
+    return e;
+}
+
 // One 64x64 tile of Y (see gemm_mainloop; `gather` maps its rows of x). `resid` (EPI_RESID) has
 // row stride N.
 template <int N, int KD, int EPI, int OUT, class W>
@@ -150,24 +208,7 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const W& w
                     v0 = ec * v0 + eb * bf2f(rr[0]) + (r == c ? ea : 0.f);
                     if (has1) v1 = ec * v1 + eb * bf2f(rr[1]) + (r == c + 1 ? ea : 0.f);
                 }
-                const size_t o = (size_t)r * (size_t)ldy + (size_t)c;
-                if (OUT) {
-                    float* yo = reinterpret_cast<float*>(y) + o;
-                    if (has1 && pair_ok) {
-                        *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
-                    } else {
-                        yo[0] = v0;
-                        if (has1) yo[1] = v1;
-                    }
-                } else {
-                    bf16* yo = reinterpret_cast<bf16*>(y) + o;
-                    if (has1 && pair_ok) {
-                        *reinterpret_cast<unsigned int*>(yo) = pack_bf2(v0, v1);
-                    } else {
-                        yo[0] = f2bf(v0);
-                        if (has1) yo[1] = f2bf(v1);
-                    }
-                }
+                store_pair<OUT>(y, (size_t)r * (size_t)ldy + (size_t)c, v0, v1, has1, pair_ok);
             }
 }
 

@@ -166,23 +166,7 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const W
                     v0 = bf2f(ar[0]) + v0;
                     if (has1) v1 = bf2f(ar[1]) + v1;
                 }
-                if (OUT) {
-                    float* yo = reinterpret_cast<float*>(y) + o;
-                    if (has1 && pair_ok) {
-                        *reinterpret_cast<float2*>(yo) = make_float2(v0, v1);
-                    } else {
-                        yo[0] = v0;
-                        if (has1) yo[1] = v1;
-                    }
-                } else {
-                    bf16* yo = reinterpret_cast<bf16*>(y) + o;
-                    if (has1 && pair_ok) {
-                        *reinterpret_cast<unsigned int*>(yo) = pack_bf2(v0, v1);
-                    } else {
-                        yo[0] = f2bf(v0);
-                        if (has1) yo[1] = f2bf(v1);
-                    }
-                }
+                store_pair<OUT>(y, o, v0, v1, has1, pair_ok);
             }
 }
 
@@ -196,32 +180,10 @@ __device__ __forceinline__ void gemm_nn(const void* a, const int* offsets, const
         if (row0 >= M) return;  // whole block
         gemm_nn_tile<N, KD, AMODE, EPI, OUT>(a, w, acc, aux, y, row0, M, blockIdx.x * gemm_nn_cfg::BN, lda, ldy);
     } else {
-        // Block x-index -> (expert, 64-row tile): prefix sum of per-expert tile counts (as grouped_gemm).
-        __shared__ int s_pick[2];
-        const int b = blockIdx.y;
-        if (threadIdx.x == 0) {
-            s_pick[0] = -1;
-            s_pick[1] = 0;
-        }
-        __syncthreads();
-        int carry = 0;
-        for (int e0 = 0; e0 < E; e0 += NT) {
-            const int e = e0 + (int)threadIdx.x;
-            const int tiles = e < E ? cdiv(offsets[e + 1] - offsets[e], BM) : 0;
-            int total;
-            const int first = carry + block_exclusive_scan<NT>(tiles, total);
-            if (b >= first && b < first + tiles) {
-                s_pick[0] = e;
-                s_pick[1] = b - first;
-            }
-            carry += total;
-            if (carry > b) break;
-        }
-        __syncthreads();
-        const int e = s_pick[0];
+        int row0 = 0, row_end = 0;
+        const int e = expert_tile<NT, BM, E>(offsets, blockIdx.y, row0, row_end);
         if (e < 0) return;  // beyond the last tile
-        const int row0 = offsets[e] + BM * s_pick[1];
-        gemm_nn_tile<N, KD, AMODE, EPI, OUT>(a, w + (size_t)e * KD * N, acc, aux, y, row0, offsets[e + 1],
+        gemm_nn_tile<N, KD, AMODE, EPI, OUT>(a, w + (size_t)e * KD * N, acc, aux, y, row0, row_end,
                                              blockIdx.x * gemm_nn_cfg::BN, lda, ldy);
         (void)M;
     }
