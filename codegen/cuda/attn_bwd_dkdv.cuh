@@ -34,8 +34,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
                                               float* __restrict__ part) {
     static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
     static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
-    constexpr int BKV = 64, BQ = 32, NT = 128, GS = HEADS / GROUPS;
-    constexpr int LD = D + 8, DK = D / 16, DN = D / 8, CH = D / 8;
+    constexpr int BKV = 64, BQ = 32, GS = HEADS / GROUPS;
+    constexpr int LD = D + 8, DK = D / 16, DN = D / 8;
     __shared__ __align__(128) bf16 sV[BKV * LD];
     __shared__ __align__(128) bf16 sQO[2 * BQ * LD];  // q tile | dout tile (also stages the K tile)
     __shared__ float sLse[BQ], sRho[BQ];
@@ -43,7 +43,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
     bf16* sQ = sQO;
     bf16* sO = sQO + BQ * LD;
 
-    require_block(NT);
+    require_block(ATT_NT);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // HSPLIT: this block's one head (the others are skipped, block-uniformly); else all GS heads
     // of group blockIdx.y.
@@ -59,17 +59,12 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
     const bool vq = aligned(q, 16), vk = aligned(k, 16), vv = aligned(v, 16), vo = aligned(dout, 16);
 
     // ---- K tile through sQO into A fragments, V tile resident ----
-    for (int c = tid; c < BKV * CH; c += NT) {
-        const int r = c / CH, dc = (c % CH) * 8, u = u0 + r;
-        load_chunk8(&sQO[r * LD + dc], k + ((size_t)u * GROUPS + g) * D + dc, u < T ? 8 : 0, vk, k);
-        load_chunk8(&sV[r * LD + dc], v + ((size_t)u * GROUPS + g) * D + dc, u < T ? 8 : 0, vv, v);
-    }
+    stage_rows2<D, BKV, GROUPS>(sQO, k, vk, sV, v, vv, g, u0, T - 1);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
     unsigned int kf[DK][4];
-#pragma unroll
-    for (int kk = 0; kk < DK; ++kk) ldsm_x4(kf[kk], &sQO[(warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8]);
+    warp_afrags<D>(kf, sQO);
 
     int uk[2], qhi[2], dk_[2];
 #pragma unroll
@@ -104,12 +99,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
             const int h = g * GS + hh;
             if (HSPLIT && h != (int)blockIdx.y) continue;
             __syncthreads();  // previous tile fully read (and the K staging)
-            for (int c = tid; c < BQ * CH; c += NT) {
-                const int r = c / CH, dc = (c % CH) * 8, t = qt0 + r;
-                const bool ok = t <= q_hi;
-                load_chunk8(&sQ[r * LD + dc], q + ((size_t)t * HEADS + h) * D + dc, ok ? 8 : 0, vq, q);
-                load_chunk8(&sO[r * LD + dc], dout + ((size_t)t * HEADS + h) * D + dc, ok ? 8 : 0, vo, dout);
-            }
+            stage_rows2<D, BQ, HEADS>(sQ, q, vq, sO, dout, vo, h, qt0, q_hi);
             cp_async_commit();
             if (tid < BQ) {
                 const int t = qt0 + tid;
@@ -164,32 +154,9 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
                     dpt[n][e] = p * (dpt[n][e] - sRho[col]);
                 }
             unsigned int pa[2][4], da[2][4];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                pa[j][0] = pack_bf2(st[2 * j][0], st[2 * j][1]);
-                pa[j][1] = pack_bf2(st[2 * j][2], st[2 * j][3]);
-                pa[j][2] = pack_bf2(st[2 * j + 1][0], st[2 * j + 1][1]);
-                pa[j][3] = pack_bf2(st[2 * j + 1][2], st[2 * j + 1][3]);
-                da[j][0] = pack_bf2(dpt[2 * j][0], dpt[2 * j][1]);
-                da[j][1] = pack_bf2(dpt[2 * j][2], dpt[2 * j][3]);
-                da[j][2] = pack_bf2(dpt[2 * j + 1][0], dpt[2 * j + 1][1]);
-                da[j][3] = pack_bf2(dpt[2 * j + 1][2], dpt[2 * j + 1][3]);
-            }
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
-#pragma unroll
-                for (int dn = 0; dn < DN / 2; ++dn) {
-                    const int off = (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 16 + (lane >> 4) * 8;
-                    unsigned int r[4];
-                    ldsm_x4_trans(r, &sO[off]);
-                    const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                    mma_bf16_16816(dva[2 * dn], pa[j], b0);
-                    mma_bf16_16816(dva[2 * dn + 1], pa[j], b1);
-                    ldsm_x4_trans(r, &sQ[off]);
-                    const unsigned int c0[2] = {r[0], r[1]}, c1[2] = {r[2], r[3]};
-                    mma_bf16_16816(dka[2 * dn], da[j], c0);
-                    mma_bf16_16816(dka[2 * dn + 1], da[j], c1);
-                }
+            to_afrags<2>(pa, st);
+            to_afrags<2>(da, dpt);
+            mma_ab2<D, 2>(dva, pa, sO, dka, da, sQ, 0);
         }
     }
 
