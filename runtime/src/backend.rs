@@ -162,6 +162,16 @@ pub struct ForwardOut {
 }
 
 impl ForwardOut {
+    /// The named values a forward returns from all its graph's values: those asked for, the loss,
+    /// the per-token loss and the aux losses.
+    pub(crate) fn keep(all: BTreeMap<String, Tensor>, keep: &[&str]) -> Self {
+        let values = all
+            .into_iter()
+            .filter(|(k, _)| keep.contains(&k.as_str()) || k == "loss" || k == "token_loss" || k.starts_with("aux."))
+            .collect();
+        ForwardOut { values }
+    }
+
     pub fn loss(&self) -> f32 {
         self.values["loss"].f()[0]
     }

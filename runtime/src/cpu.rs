@@ -198,12 +198,7 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut> {
-        let all = self.run(batch, self.fwd_len)?;
-        let values = all
-            .into_iter()
-            .filter(|(k, _)| keep.contains(&k.as_str()) || k == "loss" || k == "token_loss" || k.starts_with("aux."))
-            .collect();
-        Ok(ForwardOut { values })
+        Ok(ForwardOut::keep(self.run(batch, self.fwd_len)?, keep))
     }
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {

@@ -439,12 +439,7 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut> {
-        let all = self.run_nodes(batch, self.fwd_len, None)?;
-        let values = all
-            .into_iter()
-            .filter(|(k, _)| keep.contains(&k.as_str()) || k == "loss" || k == "token_loss" || k.starts_with("aux."))
-            .collect();
-        Ok(ForwardOut { values })
+        Ok(ForwardOut::keep(self.run_nodes(batch, self.fwd_len, None)?, keep))
     }
 
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut> {
