@@ -104,6 +104,22 @@ __device__ __forceinline__ void gemm_mainloop(const bf16* __restrict__ x, const 
     });
 }
 
+// f(r, c, v0, v1) for each accumulator pair of a 64x64 tile from gemm_mainloop (or a mainloop
+// of the same fragment layout): v0, v1 are the tile's elements (r, c), (r, c + 1), r counted from
+// row0 and c from col0; each thread owns column pairs of rows g and g + 8 of each 16x8 piece.
+template <class F>
+__device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4][4], int row0, int col0, F&& f) {
+    const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+                f(row0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8, col0 + wn * 32 + ni * 8 + (lane & 3) * 2,
+                  acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+}
+
 // Element o and, when `has1`, o + 1 of y (f32 when OUT, else bf16) = (v0, v1): one 8- or 4-byte
 // store when the pair exists and `pair_ok` (y and its row stride allow it), else one by one.
 template <int OUT>
@@ -172,44 +188,33 @@ __device__ __forceinline__ void gemm_tile(const bf16* __restrict__ x, const W& w
                                           const int* __restrict__ gather = nullptr) {
     float acc[2][4][4];
     gemm_mainloop<N, KD>(x, w, row0, row_end, col0, acc, gather);
-    const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
-
-    // Epilogue straight from the accumulator fragments: each thread owns column pairs
-    // (c, c+1) of rows g and g+8 of each 16x8 piece.
+    // Epilogue straight from the accumulator fragments.
     const bool pair_ok = (ldy % 2 == 0) && aligned(y, OUT ? 8 : 4);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = row0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
-                const int c = col0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-                if (r >= row_end || c >= N) continue;
-                const bool has1 = c + 1 < N;
-                float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
-                if (bias != nullptr) {
-                    v0 += bf2f(bias[c]);
-                    if (has1) v1 += bf2f(bias[c + 1]);
-                }
-                if (EPI == EPI_RELU2) {
-                    v0 = fmaxf(v0, 0.f);
-                    v1 = fmaxf(v1, 0.f);
-                    v0 *= v0;
-                    v1 *= v1;
-                }
-                if (EPI == EPI_RESID) {
-                    const bf16* rr = resid + (size_t)r * N + c;
-                    v0 += bf2f(rr[0]);
-                    if (has1) v1 += bf2f(rr[1]);
-                }
-                if (EPI == EPI_POLY) {
-                    const bf16* rr = resid + (size_t)r * N + c;
-                    v0 = ec * v0 + eb * bf2f(rr[0]) + (r == c ? ea : 0.f);
-                    if (has1) v1 = ec * v1 + eb * bf2f(rr[1]) + (r == c + 1 ? ea : 0.f);
-                }
-                store_pair<OUT>(y, (size_t)r * (size_t)ldy + (size_t)c, v0, v1, has1, pair_ok);
-            }
+    for_acc_pairs(acc, row0, col0, [&](int r, int c, float v0, float v1) {
+        if (r >= row_end || c >= N) return;
+        const bool has1 = c + 1 < N;
+        if (bias != nullptr) {
+            v0 += bf2f(bias[c]);
+            if (has1) v1 += bf2f(bias[c + 1]);
+        }
+        if (EPI == EPI_RELU2) {
+            v0 = fmaxf(v0, 0.f);
+            v1 = fmaxf(v1, 0.f);
+            v0 *= v0;
+            v1 *= v1;
+        }
+        if (EPI == EPI_RESID) {
+            const bf16* rr = resid + (size_t)r * N + c;
+            v0 += bf2f(rr[0]);
+            if (has1) v1 += bf2f(rr[1]);
+        }
+        if (EPI == EPI_POLY) {
+            const bf16* rr = resid + (size_t)r * N + c;
+            v0 = ec * v0 + eb * bf2f(rr[0]) + (r == c ? ea : 0.f);
+            if (has1) v1 = ec * v1 + eb * bf2f(rr[1]) + (r == c + 1 ? ea : 0.f);
+        }
+        store_pair<OUT>(y, (size_t)r * (size_t)ldy + (size_t)c, v0, v1, has1, pair_ok);
+    });
 }
 
 template <int N, int KD, int EPI, int OUT>

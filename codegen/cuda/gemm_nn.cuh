@@ -140,34 +140,26 @@ __device__ __forceinline__ void gemm_nn_tile(const void* __restrict__ a, const W
     });
 
     const bool pair_ok = (ldy % 2 == 0) && aligned(y, OUT ? 8 : 4);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = row0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
-                const int c = col0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-                if (r >= row_end || c >= N) continue;
-                const bool has1 = c + 1 < N;
-                const size_t o = (size_t)r * (size_t)ldy + (size_t)c;
-                float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
-                if (acc_in != nullptr) {
-                    v0 += acc_in[o];
-                    if (has1) v1 += acc_in[o + 1];
-                }
-                if (EPI == EPI_DRELU2) {
-                    const bf16* zr = aux + (size_t)r * N + c;
-                    v0 *= 2.f * fmaxf(bf2f(zr[0]), 0.f);
-                    if (has1) v1 *= 2.f * fmaxf(bf2f(zr[1]), 0.f);
-                }
-                if (EPI == EPI_RESID) {
-                    const bf16* ar = aux + (size_t)r * N + c;
-                    v0 = bf2f(ar[0]) + v0;
-                    if (has1) v1 = bf2f(ar[1]) + v1;
-                }
-                store_pair<OUT>(y, o, v0, v1, has1, pair_ok);
-            }
+    for_acc_pairs(acc, row0, col0, [&](int r, int c, float v0, float v1) {
+        if (r >= row_end || c >= N) return;
+        const bool has1 = c + 1 < N;
+        const size_t o = (size_t)r * (size_t)ldy + (size_t)c;
+        if (acc_in != nullptr) {
+            v0 += acc_in[o];
+            if (has1) v1 += acc_in[o + 1];
+        }
+        if (EPI == EPI_DRELU2) {
+            const bf16* zr = aux + (size_t)r * N + c;
+            v0 *= 2.f * fmaxf(bf2f(zr[0]), 0.f);
+            if (has1) v1 *= 2.f * fmaxf(bf2f(zr[1]), 0.f);
+        }
+        if (EPI == EPI_RESID) {
+            const bf16* ar = aux + (size_t)r * N + c;
+            v0 = bf2f(ar[0]) + v0;
+            if (has1) v1 = bf2f(ar[1]) + v1;
+        }
+        store_pair<OUT>(y, o, v0, v1, has1, pair_ok);
+    });
 }
 
 template <int N, int KD, int E, int AMODE, int EPI, int OUT>

@@ -195,31 +195,23 @@ __device__ __forceinline__ void gemm_tn_rows(const void* a, const bf16* b, const
     });
 
     const bool pair_ok = (K % 2 == 0) && (split ? aligned(y, 8) : dst.aligned_to(8));
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = n0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
-                const int c = k0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-                if (r >= N || c >= K) continue;
-                const bool has1 = c + 1 < K;
-                float* yo = split ? yz + (size_t)r * K + c : dst.row(r) + c;
-                float v0 = acc[mi][ni][2 * half], v1 = acc[mi][ni][2 * half + 1];
-                if (has1 && pair_ok) {
-                    float2* y2 = reinterpret_cast<float2*>(yo);
-                    if (yaccum) {
-                        const float2 old = *y2;
-                        v0 = old.x + v0;
-                        v1 = old.y + v1;
-                    }
-                    *y2 = make_float2(v0, v1);
-                } else {
-                    put_grad(yo, v0, yaccum);
-                    if (has1) put_grad(yo + 1, v1, yaccum);
-                }
+    for_acc_pairs(acc, n0, k0, [&](int r, int c, float v0, float v1) {
+        if (r >= N || c >= K) return;
+        const bool has1 = c + 1 < K;
+        float* yo = split ? yz + (size_t)r * K + c : dst.row(r) + c;
+        if (has1 && pair_ok) {
+            float2* y2 = reinterpret_cast<float2*>(yo);
+            if (yaccum) {
+                const float2 old = *y2;
+                v0 = old.x + v0;
+                v1 = old.y + v1;
             }
+            *y2 = make_float2(v0, v1);
+        } else {
+            put_grad(yo, v0, yaccum);
+            if (has1) put_grad(yo + 1, v1, yaccum);
+        }
+    });
 
     if constexpr (BIAS) {
         if (blockIdx.x == 0) {

@@ -48,13 +48,7 @@ __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* 
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
                     v[j] = wt == 0.f ? 0.f : wt * (expf(acc[mi][ni][2 * half + j] - l) - (c + j == lab ? 1.f : 0.f));
-                bf16* o = dl + (size_t)r * C + (c - col0);
-                if (c + 1 < end && pair_ok) {
-                    *reinterpret_cast<unsigned int*>(o) = pack_bf2(v[0], v[1]);
-                } else {
-                    o[0] = f2bf(v[0]);
-                    if (c + 1 < end) o[1] = f2bf(v[1]);
-                }
+                store_pair<0>(dl, (size_t)r * C + (c - col0), v[0], v[1], c + 1 < end, pair_ok);
             }
         }
 }
