@@ -6,17 +6,17 @@
 //! split, write) next to the single-core `encode_ordinary` baseline over exactly the texts the
 //! pipeline encodes, the ratio per core, thread scaling and peak RSS.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use arrow_schema::{DataType, Field, Schema};
-use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use vpmoe_data::build_synth::{build_synth, BuildOptions};
 use vpmoe_data::synth::SynthParquet;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{write_synth, Rec};
 
 const WORDS: &[&str] = &[
     "the",
@@ -130,70 +130,50 @@ fn text(rng: &mut u64, chars: usize) -> String {
     s
 }
 
-fn write_corpus(path: &PathBuf, rows: usize) {
+/// The synthetic corpus as one row group, like the real shards (written with the tests' SYNTH
+/// parquet writer, so both share one 14-column schema).
+fn write_corpus(path: &Path, rows: usize) {
     let mut rng = 42u64;
-    let names = [
-        "synth_id",
-        "language",
-        "exercise",
-        "model",
-        "query",
-        "query_seed_url",
-        "query_seed_text",
-        "additional_seed_url",
-        "seed_license",
-        "constraints",
-        "script",
-        "synthetic_reasoning",
-        "synthetic_answer",
-    ];
-    let mut cols: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows); names.len()];
-    let mut words = Vec::with_capacity(rows);
-    for i in 0..rows {
-        let r = splitmix(&mut rng);
-        let lang = ["en", "en", "en", "en", "fr", "de", "es", "it", "pl", "en"][(r % 10) as usize];
-        let rag = r.is_multiple_of(50);
-        let (lq, lr, la) = (
-            120 + (splitmix(&mut rng) % 200) as usize,
-            800 + (splitmix(&mut rng) % 2400) as usize,
-            600 + (splitmix(&mut rng) % 1700) as usize,
-        );
-        let q = text(&mut rng, lq);
-        let reason = text(&mut rng, lr);
-        let ans = text(&mut rng, la);
-        let vals = [
-            Some(format!("synth_{i:08}")),
-            Some(lang.to_string()),
-            Some(if rag { "rag" } else { "memorization" }.to_string()),
-            Some("qwen-3-8b-memorization".to_string()),
-            Some(q),
-            Some("https://en.wikipedia.org/wiki/X".to_string()),
-            Some(text(&mut rng, 300)),
-            Some(String::new()),
-            Some("CC-BY-SA 4.0".to_string()),
-            Some(if rag { format!("<source_1>\n{}\n</source_1>", text(&mut rng, 800)) } else { String::new() }),
-            Some(String::new()),
-            Some(reason),
-            Some(ans),
-        ];
-        for (c, v) in cols.iter_mut().zip(vals) {
-            c.push(v);
-        }
-        words.push(Some(500i64));
-    }
-    let mut fields: Vec<Field> = names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect();
-    fields.push(Field::new("words", DataType::Int64, true));
-    let schema = Arc::new(Schema::new(fields));
-    let mut arrays: Vec<ArrayRef> = cols.into_iter().map(|c| Arc::new(StringArray::from(c)) as ArrayRef).collect();
-    arrays.push(Arc::new(Int64Array::from(words)));
-    let batch = RecordBatch::try_new(schema.clone(), arrays).unwrap();
+    let recs: Vec<Rec> = (0..rows)
+        .map(|i| {
+            let r = splitmix(&mut rng);
+            let lang = ["en", "en", "en", "en", "fr", "de", "es", "it", "pl", "en"][(r % 10) as usize];
+            let rag = r.is_multiple_of(50);
+            let (lq, lr, la) = (
+                120 + (splitmix(&mut rng) % 200) as usize,
+                800 + (splitmix(&mut rng) % 2400) as usize,
+                600 + (splitmix(&mut rng) % 1700) as usize,
+            );
+            let q = text(&mut rng, lq);
+            let reason = text(&mut rng, lr);
+            let ans = text(&mut rng, la);
+            Rec {
+                synth_id: Some(format!("synth_{i:08}")),
+                language: Some(lang.to_string()),
+                exercise: Some(if rag { "rag" } else { "memorization" }.to_string()),
+                model: Some("qwen-3-8b-memorization".to_string()),
+                query: Some(q),
+                query_seed_url: Some("https://en.wikipedia.org/wiki/X".to_string()),
+                query_seed_text: Some(text(&mut rng, 300)),
+                additional_seed_url: Some(String::new()),
+                seed_license: Some("CC-BY-SA 4.0".to_string()),
+                constraints: Some(if rag {
+                    format!("<source_1>\n{}\n</source_1>", text(&mut rng, 800))
+                } else {
+                    String::new()
+                }),
+                script: Some(String::new()),
+                synthetic_reasoning: Some(reason),
+                synthetic_answer: Some(ans),
+                words: Some(500),
+            }
+        })
+        .collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(rows)) // one row group, like the real shards
+        .set_max_row_group_row_count(Some(rows.max(1))) // one row group, like the real shards
         .build();
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, Some(props)).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_synth(path, &recs, props);
 }
 
 fn peak_rss_kib() -> u64 {

@@ -102,8 +102,19 @@ impl Rec {
     }
 }
 
-/// Write rows as a SYNTH parquet file (snappy, given row-group size).
+/// Write rows as a SYNTH parquet file (snappy, given row-group size, data pages of 16 rows so
+/// that readers cross page boundaries inside a row group).
 pub fn write_parquet(path: &Path, rows: &[Rec], row_group_rows: usize) {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_data_page_row_count_limit(16)
+        .build();
+    write_synth(path, rows, props);
+}
+
+/// Write rows as a SYNTH parquet file with the real 14-column schema and the given properties.
+pub fn write_synth(path: &Path, rows: &[Rec], props: WriterProperties) {
     let names = [
         "synth_id",
         "language",
@@ -144,11 +155,6 @@ pub fn write_parquet(path: &Path, rows: &[Rec], row_group_rows: usize) {
         .collect();
     cols.push(Arc::new(Int64Array::from(rows.iter().map(|r| r.words).collect::<Vec<_>>())));
     let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(row_group_rows))
-        .set_data_page_row_count_limit(16)
-        .build();
     let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, Some(props)).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
