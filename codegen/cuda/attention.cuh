@@ -72,17 +72,32 @@ __device__ __forceinline__ void warp_afrags(unsigned int (&f)[D / 16][4], const 
     for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(f[kk], &s[(warp * 16 + (lane & 15)) * (D + 8) + kk * 16 + (lane >> 4) * 8]);
 }
 
+// This lane's ldmatrix.x4 address (offset in a staged tile) for the B fragments of rows r0 .. r0
+// + 15 at k16 step kk, as mma's .col operand: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15,
+// k 0-7), (n 8-15, k 8-15), giving the b pairs of n8 tiles r0/8 and r0/8 + 1.
+template <int D>
+__device__ __forceinline__ int ldsm_b_off(int r0, int kk) {
+    const int lane = threadIdx.x & 31;
+    return (r0 + (lane & 7) + ((lane >> 4) << 3)) * (D + 8) + kk * 16 + ((lane >> 3) & 1) * 8;
+}
+
+// The same for ldmatrix.x4.trans over rows r0 .. r0 + 15 (the k16 step) at columns dn·16 .. +15:
+// transposed 8x8 blocks (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <int D>
+__device__ __forceinline__ int ldsm_bt_off(int r0, int dn) {
+    const int lane = threadIdx.x & 31;
+    return (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * (D + 8) + dn * 16 + (lane >> 4) * 8;
+}
+
 // acc[n] += A·Bᵀ, B = the 8·N8 rows from row r0 of a staged tile (Q·Kᵀ: a key per column).
 template <int D, int N8>
 __device__ __forceinline__ void mma_abt(float (&acc)[N8][4], const unsigned int (&a)[D / 16][4], const bf16* s, int r0) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
         for (int nj = 0; nj < N8 / 2; ++nj) {
-            // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
             unsigned int r[4];
-            ldsm_x4(r, &s[(r0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * (D + 8) + kk * 16 + ((lane >> 3) & 1) * 8]);
+            ldsm_x4(r, &s[ldsm_b_off<D>(r0 + nj * 16, kk)]);
             const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
             mma_bf16_16816(acc[2 * nj], a[kk], b0);
             mma_bf16_16816(acc[2 * nj + 1], a[kk], b1);
@@ -93,14 +108,12 @@ __device__ __forceinline__ void mma_abt(float (&acc)[N8][4], const unsigned int 
 // tile (P·V: a key per row), read transposed by ldmatrix.trans.
 template <int D, int KK>
 __device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const unsigned int (&a)[KK][4], const bf16* s, int r0) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < KK; ++j)
 #pragma unroll
         for (int dn = 0; dn < D / 16; ++dn) {
-            // transposed 8x8 blocks: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15)
             unsigned int r[4];
-            ldsm_x4_trans(r, &s[(r0 + j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (D + 8) + dn * 16 + (lane >> 4) * 8]);
+            ldsm_x4_trans(r, &s[ldsm_bt_off<D>(r0 + j * 16, dn)]);
             const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
             mma_bf16_16816(acc[2 * dn], a[j], b0);
             mma_bf16_16816(acc[2 * dn + 1], a[j], b1);
@@ -115,12 +128,11 @@ template <int D, int N8>
 __device__ __forceinline__ void mma_abt2(float (&acc0)[N8][4], const unsigned int (&a0)[D / 16][4], const bf16* s0,
                                          float (&acc1)[N8][4], const unsigned int (&a1)[D / 16][4], const bf16* s1,
                                          int r0) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
         for (int nj = 0; nj < N8 / 2; ++nj) {
-            const int off = (r0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * (D + 8) + kk * 16 + ((lane >> 3) & 1) * 8;
+            const int off = ldsm_b_off<D>(r0 + nj * 16, kk);
             unsigned int r[4];
             ldsm_x4(r, &s0[off]);
             const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
@@ -137,12 +149,11 @@ template <int D, int KK>
 __device__ __forceinline__ void mma_ab2(float (&acc0)[D / 8][4], const unsigned int (&a0)[KK][4], const bf16* s0,
                                         float (&acc1)[D / 8][4], const unsigned int (&a1)[KK][4], const bf16* s1,
                                         int r0) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < KK; ++j)
 #pragma unroll
         for (int dn = 0; dn < D / 16; ++dn) {
-            const int off = (r0 + j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (D + 8) + dn * 16 + (lane >> 4) * 8;
+            const int off = ldsm_bt_off<D>(r0 + j * 16, dn);
             unsigned int r[4];
             ldsm_x4_trans(r, &s0[off]);
             const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
@@ -191,7 +202,7 @@ __device__ __forceinline__ int key_lo(int t, int S) {
 // stored), its warp's query range, and the keys [kv_lo, kv_hi] any of the block may see.
 template <int WINDOW, int ALIBI>
 struct QueryRows {
-    int tq[2], lo[2], dq[2];
+    int tq[2], lo[2], qdoc[2];
     int w_first, w_last, w_lo, kv_lo, kv_hi;
     bool w_live;
 
@@ -202,7 +213,7 @@ struct QueryRows {
             const int t = t0 + warp * 16 + (lane >> 2) + 8 * i;
             tq[i] = t < T ? t : -1;
             lo[i] = t < T ? key_lo<WINDOW>(t, S) : 0;
-            dq[i] = t < T ? doc[t] : 0;
+            qdoc[i] = t < T ? doc[t] : 0;
         }
         w_first = t0 + warp * 16;
         w_live = w_first < T;
@@ -218,7 +229,7 @@ struct QueryRows {
     __device__ __forceinline__ float score2(int i, int u, int du, float s, float sc2, float slope2) const {
         float val = s * sc2;
         if (ALIBI) val -= slope2 * (float)(tq[i] - u);
-        return u <= tq[i] && u >= lo[i] && du == dq[i] ? val : neg_inf();
+        return u <= tq[i] && u >= lo[i] && du == qdoc[i] ? val : neg_inf();
     }
     // The raw products s of the 64-key tile at kv0 (keys staged in sK, documents in sdoc) with q
     // (A fragments qf) of this thread's fragment entries, turned into log2 scores, −inf where

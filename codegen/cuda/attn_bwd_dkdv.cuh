@@ -128,7 +128,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
                 ldsm_x4(va, &sV[(warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8]);
 #pragma unroll
                 for (int nj = 0; nj < 2; ++nj) {
-                    const int off = (nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                    const int off = ldsm_b_off<D>(nj * 16, kk);
                     unsigned int r[4];
                     ldsm_x4(r, &sQ[off]);
                     const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};

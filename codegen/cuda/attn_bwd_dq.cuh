@@ -91,7 +91,7 @@ __device__ __forceinline__ void attn_bwd_dq(const bf16* __restrict__ q, const bf
                     const int u = kv0 + col;
                     // score2's mask and scale, written out: exp2 only where the key is seen
                     // keeps the windowed instance clear of the 255-register spill cliff
-                    const bool ok = u <= qr.tq[i] && u >= qr.lo[i] && sDoc[col] == qr.dq[i];
+                    const bool ok = u <= qr.tq[i] && u >= qr.lo[i] && sDoc[col] == qr.qdoc[i];
                     float val = s[n][e] * sc2;
                     if (ALIBI) val -= slope2 * (float)(qr.tq[i] - u);
                     const float p = ok ? exp2f(val - lse2[i]) : 0.f;
