@@ -18,7 +18,22 @@
 // fragments for O += P·V (V read with ldmatrix.trans). A warp skips the math of tiles entirely
 // outside its queries' ranges (beyond its last query, or before its first query's window).
 // Shared memory: K and V tiles (64 × (D+8) bf16 each, padded rows) + 64 doc ids: 35 KB at D=128.
-// Deterministic: fixed loop order, no atomics.
+// K and V load as two cp.async groups, so V's load overlaps S = Q·Kᵀ. The sink starts the running
+// max and joins the denominator at the end as exp2(sink − m). P̃ is rounded to bf16 against the
+// running max after its tile, and earlier tiles are rescaled in f32 when a later one raises it;
+// reference::TensorCore rounds at the same points (tile boundaries included). The denominator
+// sums the unrounded f32 p. A running max of −∞ uses 0 as the exponent reference, so no
+// −∞ − (−∞) is formed; 1/den is guarded by den > 0; padding queries (t ≥ T) are never stored.
+// D must be a multiple of 16 and at most 256 (static_assert). exp2f is accurate to about 2 ulp.
+// Deterministic: fixed loop order, no atomics. How a query's keys fall into tiles depends on its
+// block's t0; with S % 64 == 0 (the locked config) blocks align with rows, so results do not
+// depend on how sequences are batched.
+// Limits: at D = 128 its register count (`vpmoec resources`) lets about 3 blocks (12 warps) fit
+// per SM, and the next K tile is not double-buffered across the P·V phase. A Hopper version would use wgmma for S and O
+// (FlashAttention-3 style), TMA loads and producer/consumer warpgroups. Key tiles that lie wholly
+// before the queries' document start are computed and fully masked; a per-tile "any key in the
+// queries' documents" test, or document starts from the data loader, would skip them (global
+// layers on packed rows of short documents).
 #include "vp_common.cuh"
 
 namespace vp {
@@ -38,7 +53,9 @@ __device__ __forceinline__ float alibi_slope(int h, int n) {
 // ---- Tile pieces shared by the attention kernels (this file, attn_stats, attn_bwd_dq,
 // attn_bwd_dkdv). All run 4 warps of 16 rows; staged tiles have rows of D bf16 padded to D + 8
 // (conflict-free ldmatrix). ----
-constexpr int ATT_NT = 128;
+constexpr int ATT_NT = ATTENTION_THREADS;
+static_assert(ATTN_STATS_THREADS == ATT_NT && ATTN_BWD_DQ_THREADS == ATT_NT && ATTN_BWD_DKDV_THREADS == ATT_NT,
+              "the attention families share their tile loaders");
 
 // Rows r < ROWS of a staged tile = row (row0 + r)·NH + h of src (rows of D), zero past row
 // `last` (cp.async: the caller commits and waits).

@@ -10,8 +10,12 @@
 // HSPLIT = 1 (global layers): grid (ceil(T/64), HEADS), block (x, h) takes only head h of group
 // g = h/GS and stores its f32 share of the two sums, dk scaled, into part[u, h, 0|1, :] ([T,
 // HEADS, 2, D]); attn_dkdv_sum adds the GS heads of each group in head order and rounds. A causal
-// key tile near the start of a row is seen by every later query, so one block per (tile, group)
-// left the first tiles' blocks with all the work and most SMs idle; per head it is GS× shorter.
+// key tile near the start of a row is seen by every later query: with one block per (tile, group)
+// the first tiles' blocks would walk all queries of all GS heads while the grid (64 blocks at
+// 2,048 tokens) leaves most SMs idle; per head each walk is GS× shorter and the grid GS× larger.
+// Windowed layers see at most WINDOW + 63 queries per key tile and keep HSPLIT = 0. The split
+// sums per head over tiles, then over heads, so dk and dv can differ from the unsplit order in
+// the last bf16 bit; both are checked against the same reference (host_emu `bwd-attn`).
 //
 // Launch: grid (ceil(T/64), GROUPS), block 128: a block owns 64 consecutive keys of group g, each
 // warp 16 of them (k rows held as mma A fragments, v rows resident in shared memory). Query tiles
@@ -21,6 +25,8 @@
 // in f32, then dv += Pᵀ·dO and dk += dSᵀ·Q (bf16 operands, ldmatrix.trans on the query tiles).
 // Warps skip tiles outside their keys' visible query range. 35 KB shared memory at D = 128.
 // Deterministic: fixed (tile, head) order, each output element one thread's sum; no atomics.
+// Limits: at D = 128 the kernel sits at the 255-register limit, so 2 blocks (8 warps) fit per SM;
+// an FA3-style wgmma version would keep the accumulators in the warpgroup register file.
 #include "vp_common.cuh"
 #include "attention.cuh"
 

@@ -1,16 +1,21 @@
 #pragma once
-// attn_stats.cuh: first stage of the flash-style attention backward: per (query t, head h) the
-// softmax statistics the forward did not keep, and the row term ρ of MODEL.md §5:
+// attn_stats.cuh: first stage of the flash-style attention backward (FlashAttention-2 without
+// atomics, in three passes: attn_stats, attn_bwd_dq, attn_bwd_dkdv; no S×S tensor is ever
+// formed). Per (query t, head h): the softmax statistics the forward did not keep, and the row
+// term ρ of MODEL.md §5:
 //   stats[t, h, 0] = lse2 = log2(exp2(sink2) + Σ_u exp2(s2(t, u)))    (log2 units, s2 = score·log2e;
 //                    +inf when no key and no sink: every probability is then 0, never NaN)
 //   stats[t, h, 1] = ρ = Σ_d dout[t, h, d]·out[t, h, d]     (= Σ_u P·dP, the sink has no value)
-//   dsink[t, h]    = −P_sink·ρ, P_sink = exp2(sink2 − lse2)  (SINKS; summed over t by colsum +
-//                                                             sum_parts into ∂L/∂sinks)
+//   dsink[t, h]    = −P_sink·ρ, P_sink = exp2(sink2 − lse2)  (SINKS; colsum.cuh sums it over t
+//                                                             into ∂L/∂sinks in fixed order)
 // Masks, window, ALiBi and sinks exactly as attention.cuh (the score pass is its code without the
 // P·V product). attn_bwd_dq / attn_bwd_dkdv then recompute P = exp2(s2 − lse2) tile by tile.
 //
 // Launch: grid (ceil(T/64), HEADS), block 128, 4 warps x 16 queries; K tiles of 64 stream through
 // shared memory. Deterministic (fixed loop order, fixed quad/warp butterflies), no atomics.
+// Limits: the scores are computed three times in the backward (here, dq, dkdv). Keeping lse2
+// from the forward would save this pass, but the forward would have to output it (a contract
+// change).
 #include "vp_common.cuh"
 #include "attention.cuh"
 

@@ -6,6 +6,8 @@
 // owns 8 consecutive features (one 16-byte load per operand when H % 8 == 0 and aligned; H = 1024
 // is exactly one chunk per thread), accumulates in f32 in the reference's order (resid, shared,
 // then k = 0..K-1) and rounds once. A gather, not a scatter-add, so no atomics: deterministic.
+// Limits: memory-bound (K + 2 reads and 1 write of H bf16 per token). Fusing it into the second
+// grouped GEMM would need a scatter-add, which gives up determinism.
 #include "vp_common.cuh"
 
 namespace vp {

@@ -15,7 +15,7 @@ template <int H, int K>
 __device__ __forceinline__ void combine_bwd(const bf16* __restrict__ yp, const int* __restrict__ row,
                                             const float* __restrict__ gate, const bf16* __restrict__ dh,
                                             bf16* __restrict__ dyp, float* __restrict__ dgate, int T) {
-    constexpr int NT = 128;
+    constexpr int NT = COMBINE_BWD_THREADS;
     static_assert(K >= 1 && K <= NT, "top-k must fit the block");
     __shared__ int s_row[K];
     __shared__ float s_gate[K];

@@ -9,6 +9,10 @@
 // token uses costs one search per chunk and a store of zeros. Sort-free for the vocabulary, no
 // atomics, and the sum order is exactly the token order: bitwise deterministic. `accum`: the row
 // is added into dtable (put_grad).
+// Limits: each vocabulary row costs one dependent binary search (11 steps) per 2048-token chunk
+// plus a store of its H f32 values (823 MB for the locked table, every step); at T = 64k that is
+// 32 searches per row. A per-chunk table of first occurrences, or one block per run of distinct
+// ids, would remove most of them.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -17,7 +21,7 @@ template <int H>
 __device__ __forceinline__ void embed_bwd(const int* __restrict__ sorted, const bf16* __restrict__ dh,
                                           float* __restrict__ dtable, int T, int V,
                                           int accum) {
-    constexpr int NT = 128, CH = 2048, HJ = (H + NT - 1) / NT;
+    constexpr int NT = EMBED_BWD_THREADS, CH = EMBED_SORT_CHUNK, HJ = (H + NT - 1) / NT;
     require_block(NT);
     const int v = blockIdx.x, tid = threadIdx.x;
     if (v >= V) return;  // whole block

@@ -8,12 +8,14 @@
 // Launch: grid ceil(T/2048), block 1024. In-shared-memory bitonic sort of 2048 64-bit keys
 // (id << 32 | t; padding keys are all-ones and sort last): a fixed compare-exchange network, so
 // the result is unique (keys are distinct) and deterministic. 16 KB shared memory.
+// Why a sort: a counting pass like moe_count/moe_scatter is too slow at V = 201,088, and float
+// atomics are ruled out (docs/kernels.md, "Determinism").
 #include "vp_common.cuh"
 
 namespace vp {
 
 __device__ __forceinline__ void embed_sort(const int* __restrict__ tokens, int* __restrict__ sorted, int T) {
-    constexpr int NT = 1024, CH = 2048;
+    constexpr int NT = EMBED_SORT_THREADS, CH = EMBED_SORT_CHUNK;
     __shared__ unsigned long long s_key[CH];
     require_block(NT);
     const int c0 = blockIdx.x * CH, tid = threadIdx.x;

@@ -3,7 +3,7 @@
 //
 //   Y[M, N] = epi(X[M, KD] · W[N, KD]ᵀ (+ bias[N]))       Y row stride `ldy`, f32 or bf16 (OUT)
 //   EPI_NONE: z     EPI_RELU2: max(z, 0)²     EPI_RESID: z + resid[M, N] (resid row stride N)
-//   EPI_POLY: ec·z + eb·resid[M, N] + ea·[row == col]   (Polar Express's a·I + b·A + c·A·A, polar.cuh)
+//   EPI_POLY: ec·z + eb·resid[M, N] + ea·[row == col]   (Polar Express's a·I + b·A + c·A·A, optim.cuh)
 //
 // Launch: grid (ceil(M/64), ceil(N/64)), block 128. Each block computes one 64x64 tile of Y; its
 // four warps form a 2x2 grid of 32x32 warp tiles, each 2x4 mma.sync m16n8k16 (bf16 in, f32
@@ -14,18 +14,31 @@
 // aligned the loader falls back to element copies (still correct, slower).
 // Deterministic: every output element is one thread's fixed-order sum; no atomics.
 //
-// `gemm_tile` is also the body of grouped_gemm (one expert's ragged row range).
+// Fragments: A from ldmatrix.x4 (rows lane % 16, k-half lane / 16); B from ldmatrix.x4 over W's
+// [n][k] rows, which is exactly the mma's "col" operand. The epilogue runs straight from the
+// accumulator fragments: bias, then ReLU², then the residual, in the reference's order; column
+// pairs are stored as bf16x2 / float2 when ldy % 2 == 0 and Y is aligned, element by element
+// otherwise. The weight operand is any row-addressed matrix (`Rows` or `RowBlocks`, vp_common.cuh):
+// a plain pointer, or up to six separately allocated row blocks (tpa_proj.cuh).
+//
+// Shared with the other tensor-core families: `gemm_mainloop` (the tile's K loop, also head_lse's
+// and head_dl's), `gemm_tile` (the whole tile: grouped_gemm on one expert's ragged row range,
+// tpa_proj, the optimizer's pe_gram and pe_poly), `for_acc_pairs` and `store_pair` (the
+// accumulator walk and pair store of gemm_nn, gemm_tn and head_dl too) and `expert_tile`
+// (grouped_gemm, grouped gemm_nn).
+//
+// Limits on H100: mma.sync runs at roughly half of Hopper's dense bf16 peak. The next step that
+// fits this contract is one warpgroup per block (the block already is one, on one 64x64 tile)
+// issuing wgmma.m64n64k16 from 128B-swizzled shared memory fed by TMA (cp.async.bulk.tensor) with
+// mbarrier stages. Larger tiles (128x128 or 128x256 with two warpgroups) would change the
+// contract's grid and block. Epilogue stores are 8 or 4 bytes per thread; staging through shared
+// memory for 16-byte or TMA stores would help f32 outputs most.
 #include "vp_common.cuh"
 
 namespace vp {
 
-constexpr int EPI_NONE = 0;
-constexpr int EPI_RELU2 = 1;
-constexpr int EPI_RESID = 2;
-constexpr int EPI_POLY = 4;  // 3 is gemm_nn's EPI_DRELU2
-
 namespace gemm_cfg {
-constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+constexpr int BM = GEMM_TILE, BN = GEMM_TILE, BK = 32, STAGES = 3, THREADS = GEMM_THREADS;
 constexpr int LDS = BK + 8;  // shared row stride in bf16 (80 bytes: conflict-free ldmatrix)
 }  // namespace gemm_cfg
 

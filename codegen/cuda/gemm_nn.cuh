@@ -17,7 +17,8 @@
 //   block → (expert, tile) mapping on blockIdx.y; grid (ceil(N/64), ceil(M/64) + E)). E = 0: grid
 //   (ceil(N/64), ceil(M/64)). Column tiles are the fastest grid axis (unlike gemm.cuh), so the
 //   blocks that share one 64-row slab of A run back to back and re-read it from L2, not DRAM: A
-//   is the large operand here (the LM head's f32 [T, 201088] logit gradient).
+//   is the large operand here (the LM head's bf16 [T, V/8] logit-gradient chunk, head_dl.cuh).
+//   Row tiles are on y, so T·K/64 + E ≤ 65,535: at most 1M tokens per micro-batch at K = 4.
 //
 // Block 128: one 64x64 tile of Y, four warps of 32x32 (2x4 mma.sync m16n8k16, f32 accumulate),
 // K walked in slices of 32 through a 3-stage ring. bf16 tiles arrive by cp.async (load_chunk8);
@@ -31,10 +32,8 @@
 
 namespace vp {
 
-constexpr int EPI_DRELU2 = 3;
-
 namespace gemm_nn_cfg {
-constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+constexpr int BM = GEMM_TILE, BN = GEMM_TILE, BK = 32, STAGES = 3, THREADS = GEMM_NN_THREADS;
 constexpr int LDA = BK + 8;  // 80 B rows
 constexpr int LDB = BN + 8;  // 144 B rows
 }  // namespace gemm_nn_cfg

@@ -9,7 +9,7 @@
 //      first expert layer's input read through the dispatch permutation.
 //   Grid (ceil(K/64), ceil(N/64), Z), block 128: the k tiles are the fastest axis, so the blocks
 //   that stream the same 64 columns of A over all rows run back to back and share them through
-//   L2 (A is the large operand: the LM head's f32 [T, 201088] logit gradient). Slice
+//   L2 (A is the large operand: the LM head's bf16 [T, V/8] logit-gradient chunk). Slice
 //   z = blockIdx.z writes Y + z·N·K:
 //     E > 0: z is the expert, rows [offsets[e], offsets[e+1]) (Z = E; an empty expert writes 0);
 //     E = 0: rows [z·ch, min(M, (z+1)·ch)), ch = ceil(M/Z). Z = 1 writes the gradient itself;
@@ -22,7 +22,9 @@
 //   launch: the k-tile-0 blocks (blockIdx.x = 0) also sum the A tiles they stage, column by
 //   column, into db + z·N (E > 0: one row per expert), or, when split, into partial rows
 //   Y + Z·N·K + z·N that the tile's last block adds in slice order. The same `accum` applies (W
-//   and b of one layer are summed alike). So the separate colsum pass over A is not needed.
+//   and b of one layer are summed alike). So the separate colsum pass over A is not needed. An f32
+//   A (AMODE 1, the router) is staged as bf16 hi + lo, which is not its exact value, so its bias
+//   gradient is a colsum.
 //   The body (`gemm_tn_rows`) writes the gradient's rows through a row map (`Rows`, or
 //   `RowBlocks` for tpa_wgrad's six weights).
 //
@@ -38,7 +40,7 @@
 namespace vp {
 
 namespace gemm_tn_cfg {
-constexpr int BN = 64, BK2 = 64, BM = 32, STAGES = 3, THREADS = 128;
+constexpr int BN = GEMM_TILE, BK2 = GEMM_TILE, BM = 32, STAGES = 3, THREADS = GEMM_TN_THREADS;
 constexpr int LDT = 64 + 8;  // 144 B rows
 }  // namespace gemm_tn_cfg
 

@@ -27,7 +27,7 @@ __device__ __forceinline__ void grape_bwd(const bf16* __restrict__ xq, const bf1
                                           int T, int S, float scale, float* __restrict__ dl,
                                           int* __restrict__ tickets, int accum) {
     static_assert(D % 2 == 0, "rotate-half needs an even head dim");
-    constexpr int HD = D / 2, NT = 128;
+    constexpr int HD = D / 2, NT = GRAPE_BWD_THREADS;
     static_assert(HD <= NT, "grape_bwd: D/2 must fit the block");
     __shared__ float s_cos[HD], s_sin[HD];
     require_block(NT);

@@ -11,7 +11,13 @@
 // rows/64 + E. Block x-index b is mapped to (expert, 64-row tile) by `expert_tile` (gemm.cuh);
 // blocks past the last tile return at once. The tile itself is gemm.cuh's 64x64 tensor-core tile with the row
 // range clipped to the expert's rows, so empty experts cost nothing and an expert holding every
-// row is just a tall GEMM. Deterministic (no atomics; each output element is one thread's sum).
+// row is just a tall GEMM. With `src`, each thread resolves the two x rows it loads once, before
+// the K loop (gemm_mainloop's `gather`), so cp.async reads token rows in place: the same 16-byte
+// chunks as a contiguous tile, from up to 64 scattered rows. Deterministic (no atomics; each
+// output element is one thread's sum).
+// Limits: as gemm.cuh; in addition experts with few rows waste most of a 64-row tile (fine at the
+// locked shape, T·K/E ≈ 256 rows each), and a persistent-CTA scheduler walking (expert, tile)
+// pairs would avoid launching E idle blocks.
 #include "vp_common.cuh"
 #include "gemm.cuh"
 

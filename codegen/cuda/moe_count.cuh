@@ -15,7 +15,7 @@ namespace vp {
 template <int E, int K>
 __device__ __forceinline__ void moe_count(const int* __restrict__ idx, int* __restrict__ offsets, int T,
                                           int* __restrict__ tickets) {
-    constexpr int NT = 256;
+    constexpr int NT = MOE_COUNT_THREADS;
     require_block(NT);
     const int e = blockIdx.x;
     const int n = T * K;

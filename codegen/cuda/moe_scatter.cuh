@@ -9,6 +9,8 @@
 // consecutive slots [base + 16i, base + 16i + 16) (four int4 loads) and a block-wide exclusive
 // scan of the per-thread match counts gives every match its rank (thread order = slot order).
 // Every block reads all T·K routing ids (L2-resident): 16 passes at T·K = 65536. No atomics.
+// Limits: a single counting-sort pass (one block per token chunk writing per-chunk counts, then a
+// scan) would read each id once.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -16,7 +18,7 @@ namespace vp {
 template <int E, int K>
 __device__ __forceinline__ void moe_scatter(const int* __restrict__ idx, const int* __restrict__ offsets,
                                             int* __restrict__ src, int* __restrict__ row, int T) {
-    constexpr int NT = 256, PT = 16, CHUNK = NT * PT;
+    constexpr int NT = MOE_SCATTER_THREADS, PT = 16, CHUNK = NT * PT;
     require_block(NT);
     const int e = blockIdx.x, tid = threadIdx.x;
     const int n = T * K;

@@ -9,7 +9,7 @@
 //   pe_start    Normuon momentum (clip folded in) and Polar Express's normalisation: X = bf16(U/‖U‖…)
 //   pe_gram     A = X·Xᵀ                    \
 //   pe_poly     B = a·I + b·A + c·A·A        > one Polar Express iteration, batched over matrices
-//   pe_apply    X ← B·X                     /   (polar.cuh)
+//   pe_apply    X ← B·X                     /
 //   pe_finish   Normuon row normalisation, norm restoration, shape scale, update, model copy
 //
 // Element-wise arithmetic is f64 with one rounding per stored value, exactly the reference's:
@@ -19,7 +19,24 @@
 // sequential order: the f64 sums agree to ~1e-16 relative). Polar Express runs on tensor cores
 // as in the reference's CUDA path (MODEL.md §7.2: bf16 X); B is kept in f32 and enters the
 // X-update GEMM split into two bf16 halves (~16 bits), so the a·X term folded into B's diagonal
-// loses nothing against the reference's separate bf16 a·X.
+// loses nothing against the reference's separate bf16 a·X; the last iteration writes O in f32.
+// ir::optim::polar_iteration_tc (reference::TensorCore) rounds at exactly these points, and the
+// GPU test holds the update to it under parity::NORMUON.
+//
+// Launches (the runtime's runtime::cuda::optim; "stride" = min(ceil(n/256), 2048) blocks):
+//   opt_sumsq     stride × 256, one launch per group (its sums are contiguous); the host adds the
+//                 partials in group and block order, and reruns it per parameter to name the
+//                 first non-finite one
+//   opt_adamw     stride × 256, one launch per AdamW class
+//   pe_start      matrices × 256;  pe_finish  matrices × 256
+//   pe_gram       (ceil(M/64), ceil(M/64), matrices) × 128, gemm_tile
+//   pe_poly       (ceil(M/64), ceil(M/64), matrices) × 128, gemm_tile with EPI_POLY
+//   pe_apply      (ceil(NW/64), ceil(M/64), matrices) × 128, gemm_nn_tile with B as bf16 hi + lo
+// A Normuon family runs in chunks of at most 1 GiB of scratch (U/O f32, two X bf16, A bf16, B f32
+// per matrix) and 65,535 matrices (the grid's z): 17 launches per chunk (start, 5 × 3 GEMMs,
+// finish). pe_finish keeps one f64 per row in shared memory, so a Normuon matrix has at most 5,120
+// rows (static_assert). With --host-momentum the momenta pe_start reads and writes are pinned host
+// memory mapped into the device: the same kernel, PCIe-bound.
 #include "vp_common.cuh"
 #include "gemm.cuh"
 #include "gemm_nn.cuh"
@@ -27,7 +44,7 @@
 namespace vp {
 
 namespace opt_cfg {
-constexpr int THREADS = 256;
+constexpr int THREADS = OPT_SUMSQ_THREADS;
 }
 
 __device__ __forceinline__ double dmul(double a, double b) { return __dmul_rn(a, b); }

@@ -6,7 +6,9 @@
 // Launch: grid ceil((rows_q + rows_k)/8), block 256. Warp-per-row: warp w of block b handles row
 // b·8 + w of the q rows followed by the k rows; lane l owns elements l, l+32, …, so the
 // statistics are a warp butterfly and 1/r is computed exactly as rmsnorm_bwd computes it (same
-// grouping and order). y = (x·inv)·w rounded once to bf16. Deterministic.
+// grouping and order), so forward and backward agree bitwise on it. y = (x·inv)·w rounded once to
+// bf16. Deterministic.
+// Limits: bandwidth-bound. Fusing QK-norm with GRAPE and the split would remove passes over q and k.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -15,7 +17,7 @@ template <int D>
 __device__ __forceinline__ void qk_norm(const bf16* __restrict__ xq, const bf16* __restrict__ xk,
                                         const bf16* __restrict__ wq, const bf16* __restrict__ wk, bf16* __restrict__ yq,
                                         bf16* __restrict__ yk, int rows_q, int rows_k, float eps) {
-    constexpr int NW = 8, CH = (D + 31) / 32;
+    constexpr int NW = QK_NORM_THREADS / 32, CH = (D + 31) / 32;
     require_block(NW * 32);
     const int lane = threadIdx.x & 31;
     int r = blockIdx.x * NW + (threadIdx.x >> 5);

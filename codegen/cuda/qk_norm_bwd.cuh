@@ -7,6 +7,8 @@
 // q and k have one reader each). `accum` applies to both weight gradients.
 #include "rmsnorm_bwd.cuh"
 
+static_assert(vp::QK_NORM_BWD_THREADS == vp::RMSNORM_BWD_THREADS, "qk_norm_bwd runs rmsnorm_bwd's body");
+
 namespace vp {
 
 template <int D>

@@ -5,6 +5,7 @@
 //
 // Launch: grid T, block 128: one token per block; 16-byte chunks (never straddling a head since
 // D % 8 == 0 on that path), element copies when D % 8 != 0 or a pointer is unaligned. Pure copy.
+// Limits: a scatter epilogue in the QKV GEMM (writing q, k and v directly) would remove this pass.
 #include "vp_common.cuh"
 
 namespace vp {

@@ -1,13 +1,14 @@
 #pragma once
 // rmsnorm.cuh: y[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) ⊙ w, per row of D (bf16 in/out).
 //
-// Launch: grid rows, block 256 (rows = T for block norms, T·heads / T·groups for QK-norm, where a
-// "row" is one head vector). Statistics in f32: each thread squares and sums its elements (kept
-// in registers), a fixed-order block reduction gives Σx², then y = (x·inv)·w rounded once to bf16,
-// in the order of reference::rms_row. 8-byte (4 × bf16) accesses when D % 4 == 0 and pointers
-// allow, element accesses otherwise. Deterministic (fixed reduction tree).
-// Known limitation: at D = 128 only 32 of the 256 threads have data (one row per block is the
-// contract's grid); several rows per block would use the machine better.
+// Launch: grid rows, block 256 (rows = T: the block norms; QK-norm is qk_norm.cuh). Statistics in
+// f32: each thread squares and sums its elements (kept in registers), a fixed-order block
+// reduction gives Σx², then y = (x·inv)·w rounded once to bf16, in the order of
+// reference::rms_row. 8-byte (4 × bf16) accesses when D % 4 == 0 and pointers allow, element
+// accesses otherwise. Deterministic (fixed reduction tree).
+// Precision: the statistics are f32 where the reference uses f64; the difference stays within
+// bf16 output rounding. One row per block suits D = 1024 (4 elements per thread); a small D would
+// leave most of the block idle (a warp per row, as qk_norm.cuh, suits it).
 #include "vp_common.cuh"
 
 namespace vp {
@@ -15,7 +16,7 @@ namespace vp {
 template <int D>
 __device__ __forceinline__ void rmsnorm(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y,
                                         int rows, float eps) {
-    constexpr int NT = 256;
+    constexpr int NT = RMSNORM_THREADS;
     require_block(NT);
     const int row = blockIdx.x;
     if (row >= rows) return;  // whole block

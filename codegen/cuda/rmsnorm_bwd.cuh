@@ -28,7 +28,7 @@ __device__ __forceinline__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf
                                             bf16* __restrict__ dx,
                                             float* __restrict__ partial, int rows, float eps,
                                             float* __restrict__ dw, int* __restrict__ tickets, int accum) {
-    constexpr int NT = 256, NW = NT / 32, CH = (D + 31) / 32;
+    constexpr int NT = RMSNORM_BWD_THREADS, NW = NT / 32, CH = (D + 31) / 32;
     static_assert(D >= 1 && D <= 1024, "rmsnorm_bwd: D up to 1024");
     __shared__ float s_w[D];
     __shared__ float s_dw[NW][D];

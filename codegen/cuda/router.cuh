@@ -12,8 +12,12 @@
 // selection ties resolve identically. Every top-k is a repeated arg-max over 64-bit rank keys
 // (order-preserving value bits | ~index; vp_common.cuh), i.e. exactly total_cmp order with
 // lower-index tie breaks; each thread owns the keys of experts tid, tid+256, … and clears its own
-// winner, so rounds need no extra barrier. Group scores: one warp per group, summed in f64 in
-// selection order. Sums for the gates are in f64 like the reference. Deterministic.
+// winner, so rounds need no extra barrier. Group scores: one warp per group runs K/GTOPK rounds of
+// a warp arg-max, summed in f64 in selection order; thread 0 picks the kept groups by the same key
+// order; the final selection is K rounds of block_max_u64. Sums for the gates are in f64 like the
+// reference. Exact: emulated results match the reference bit for bit, ties included.
+// Limits: about 2 barriers per top-K round, latency-bound at E = 256, K = 4 but small next to the
+// GEMMs. One warp with 8 keys per lane could do the whole selection without block barriers.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -22,7 +26,7 @@ template <int E, int K, int GROUPS, int GTOPK, int EBIAS>
 __device__ __forceinline__ void router(const float* __restrict__ logits, const float* __restrict__ expert_bias,
                                        int* __restrict__ idx, float* __restrict__ gate, float* __restrict__ scores,
                                        int T, float scale) {
-    constexpr int NT = 256, NW = NT / 32;
+    constexpr int NT = ROUTER_THREADS, NW = NT / 32;
     static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
     static_assert(GROUPS == 0 || (E % GROUPS == 0 && GTOPK >= 1 && GTOPK <= GROUPS), "group limit");
     __shared__ float s_score[E];

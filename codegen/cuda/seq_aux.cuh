@@ -15,7 +15,9 @@
 // The 8 warps' sums are combined in warp order. The last block to finish (`last_block`, one
 // ticket for the grid) adds each sequence's chunks in chunk order, forms partial[b] with a
 // fixed-order block sum, and then the loss (`sum_to`): deterministic, and the same whichever
-// block finishes last. Until 2026-11-22 the grid was B blocks, one SM per sequence.
+// block finishes last. The 8 warps' sums go through 24 KB of shared memory.
+// Limits: fusing it into the router kernel, which already holds each token's scores, would remove
+// the re-read of the scores.
 #include "vp_common.cuh"
 
 namespace vp {
@@ -24,7 +26,7 @@ template <int E, int K>
 __device__ __forceinline__ void seq_aux(const float* __restrict__ scores, float* __restrict__ partial, int S,
                                         float* loss, float scale, int* tickets, float* __restrict__ pp_words,
                                         int* __restrict__ pc) {
-    constexpr int NT = 256, NW = NT / 32, EJ = (E + 31) / 32, TB = 4;
+    constexpr int NT = SEQ_AUX_THREADS, NW = NT / 32, EJ = (E + 31) / 32, TB = 4;
     static_assert(EJ <= 32, "at most 1024 experts");
     static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
     __shared__ double sP[NW][E];

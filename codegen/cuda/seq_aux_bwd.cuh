@@ -15,7 +15,7 @@ template <int E, int K>
 __device__ __forceinline__ void seq_aux_bwd(const float* __restrict__ scores, const float* __restrict__ counts,
                                             const float* __restrict__ daux, float* __restrict__ dscores, int T, int S,
                                             float inv_rows) {
-    constexpr int NT = 256, EJ = (E + NT - 1) / NT;
+    constexpr int NT = SEQ_AUX_BWD_THREADS, EJ = (E + NT - 1) / NT;
     require_block(NT);
     const int t = blockIdx.x, tid = threadIdx.x;
     if (t >= T) return;  // whole block

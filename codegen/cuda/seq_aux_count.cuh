@@ -16,7 +16,7 @@ namespace vp {
 template <int E, int K>
 __device__ __forceinline__ void seq_aux_count(const float* __restrict__ scores, float* __restrict__ counts, int S,
                                               int* __restrict__ pc, int* __restrict__ tickets) {
-    constexpr int NT = 256, NW = NT / 32, EJ = (E + 31) / 32;
+    constexpr int NT = SEQ_AUX_COUNT_THREADS, NW = NT / 32, EJ = (E + 31) / 32;
     static_assert(EJ <= 32, "at most 1024 experts");
     static_assert(K >= 1 && K <= E, "top-k larger than the expert count");
     __shared__ int sC[NW][E];

@@ -1,7 +1,7 @@
 #pragma once
 // tpa_combine.cuh: tensor-product attention factors -> q, k, v (+ packed QKV bias).
 //
-// Per token the scratch row f (written by six column-slice GEMMs) is
+// Per token the scratch row f (written by tpa_proj.cuh's one GEMM) is
 //   [a_q (HEADS·RQ) | a_k (GROUPS·R) | a_v (GROUPS·R) | b_q (RQ·D) | b_k (R·D) | b_v (R·D)]
 // and  q_h = (1/RQ) Σ_r a_q[h·RQ + r]·b_q[r·D : r·D + D],  k_g, v_g likewise with R, then the
 // group-interleaved packed bias (nullable) is added at the element's packed position
@@ -10,7 +10,10 @@
 // Launch: grid T, block 128: one token per block. The A factors (a few dozen values) go to
 // shared memory as f32; each thread owns columns c of the head dim, loads its b_*[r, c] once and
 // produces that column for every head and group, so reads and writes are coalesced. f32 math:
-// the rank-sum of bf16 products, divided by the rank, plus bias, rounded once to bf16.
+// the rank-sum of bf16 products, divided by the rank, plus bias, rounded once to bf16 (the
+// reference does the same in f64 and f32, so they agree to rounding).
+// Limits: memory-bound on the 1064-wide scratch row. Fusing it into tpa_proj would need a block to
+// own whole factor rows (all 17 column tiles of its 64 tokens), not one 64x64 tile.
 #include "vp_common.cuh"
 
 namespace vp {

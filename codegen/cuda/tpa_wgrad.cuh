@@ -4,10 +4,12 @@
 //   [dW_aq; dW_ak; dW_av; dW_bq; dW_bk; dW_bv][W, H] = df[T, W]ᵀ · x[T, H]
 //
 // gemm_tn's body with the stacked gradient written as six row blocks (tpa_proj.cuh): each
-// weight's rows go to its own gradient (a gradient sum: `accum` as gemm_tn). Launch as gemm_tn
+// weight's rows go to its own gradient (a gradient sum: `accum` as gemm_tn; one flag serves all
+// six, and the plan builder checks that all six are finalised by this node). Launch as gemm_tn
 // with E = 0: grid (ceil(H/64), ceil(W/64), Z), block 128; Z > 1 splits the tokens into Z row
 // ranges whose partials (`part`, [Z, W, H]) each tile's last block adds in range order (tickets:
-// one per (x, y) tile). `part` and `tickets` are null when Z = 1.
+// one per (x, y) tile). `part` and `tickets` are null when Z = 1. Z comes from `wgrad_split`
+// (1 at the locked shape, 32 on the small test configs).
 #include "vp_common.cuh"
 #include "gemm_tn.cuh"
 #include "tpa_proj.cuh"

@@ -15,6 +15,8 @@
 // without a GPU.
 #include <cuda_bf16.h>
 
+#include "vp_consts.cuh"
+
 namespace vp {
 
 typedef __nv_bfloat16 bf16;

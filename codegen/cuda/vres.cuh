@@ -4,6 +4,7 @@
 //
 // Launch: grid ceil(n/256), block 256, one element per thread. λ is evaluated in f64 and rounded
 // to f32 exactly like reference::sigmoid (one exp per thread, negligible), then the blend in f32.
+// Limits: memory-bound; it could be an epilogue of the V producer (qkv_split or tpa_combine).
 #include "vp_common.cuh"
 
 namespace vp {

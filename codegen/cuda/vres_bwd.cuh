@@ -15,7 +15,7 @@ __device__ __forceinline__ void vres_bwd(const bf16* __restrict__ v, const bf16*
                                          const float* __restrict__ logit, const bf16* __restrict__ dy,
                                          bf16* __restrict__ dv, bf16* __restrict__ dv1, float* __restrict__ partial,
                                          int n, float* dl, int* tickets, int accum) {
-    constexpr int NT = 256;
+    constexpr int NT = VRES_BWD_THREADS;
     require_block(NT);
     const float lam = (float)(1.0 / (1.0 + exp(-(double)logit[0])));
     double acc = 0.0;

@@ -2,6 +2,7 @@
 
 pub const HEADERS: &[(&str, &str)] = &[
     ("vp_common.cuh", include_str!("../cuda/vp_common.cuh")),
+    ("vp_consts.cuh", include_str!("../cuda/vp_consts.cuh")),
     ("embed.cuh", include_str!("../cuda/embed.cuh")),
     ("rmsnorm.cuh", include_str!("../cuda/rmsnorm.cuh")),
     ("gemm.cuh", include_str!("../cuda/gemm.cuh")),

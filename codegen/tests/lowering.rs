@@ -7,27 +7,14 @@ mod common;
 
 use common::{all_nodes, locked, smalls, Cfg};
 use std::collections::BTreeSet;
-use vpmoe_codegen::kernels::{family, Arg, LaunchDim};
+use vpmoe_codegen::{family, Arg, CType, LaunchDim};
 use vpmoe_codegen::lower_node;
 use vpmoe_ir::{DType, Node, Op};
 
-/// The dtype a C pointer type points to (None: `void*`, any), and whether it is const.
-fn pointee(ctype: &str) -> Option<(Option<DType>, bool)> {
-    let t = ctype.trim();
-    let base = t.strip_suffix('*')?.trim();
-    let (konst, base) = match base.strip_prefix("const ") {
-        Some(b) => (true, b.trim()),
-        None => (false, base),
-    };
-    let dt = match base {
-        "__nv_bfloat16" => Some(DType::Bf16),
-        "float" => Some(DType::F32),
-        "int" => Some(DType::I32),
-        "unsigned char" => Some(DType::U8),
-        "void" => None,
-        other => panic!("unknown pointer type {other}"),
-    };
-    Some((dt, konst))
+/// The dtype a pointer parameter points to (None: `void*`, any), and whether it is const; None
+/// for a scalar.
+fn pointee(ctype: CType) -> Option<(Option<DType>, bool)> {
+    ctype.is_pointer().then(|| (ctype.pointee(), !ctype.is_mut()))
 }
 
 fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
@@ -76,8 +63,8 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
             }
         }
         for (a, (ctype, pname)) in l.args.iter().zip(f.params) {
-            let p = pointee(ctype);
-            let actx = format!("{lctx} param {pname}: {ctype} <- {a:?}");
+            let p = pointee(*ctype);
+            let actx = format!("{lctx} param {pname}: {} <- {a:?}", ctype.c());
             match a {
                 Arg::Value(v) | Arg::ValueAt { v, .. } => {
                     let Some((want, konst)) = p else {
@@ -130,19 +117,19 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                     }
                 }
                 Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) => {
-                    if *ctype != "int" {
-                        errs.push(format!("{actx}: integer for {ctype}"));
+                    if *ctype != CType::Int {
+                        errs.push(format!("{actx}: integer for {}", ctype.c()));
                     }
                 }
                 Arg::Float(_) | Arg::InvRows => {
-                    if *ctype != "float" {
-                        errs.push(format!("{actx}: float for {ctype}"));
+                    if *ctype != CType::Float {
+                        errs.push(format!("{actx}: float for {}", ctype.c()));
                     }
                 }
                 // The split reductions' counters: the `int* tickets` parameter, nothing else.
                 Arg::Tickets => {
-                    if *pname != "tickets" || *ctype != "int*" {
-                        errs.push(format!("{actx}: tickets for `{ctype} {pname}`"));
+                    if *pname != "tickets" || *ctype != CType::I32Mut {
+                        errs.push(format!("{actx}: tickets for `{} {pname}`", ctype.c()));
                     }
                 }
                 // The flag of the launch writing `v`, an f32 output of the node.
@@ -210,20 +197,6 @@ fn kernel_names_are_deterministic_and_unique_per_instantiation() {
             for l in a {
                 let prev = seen.insert(l.kernel.name(), l.kernel.clone());
                 assert!(prev.is_none_or(|p| p == l.kernel), "name collision {}", l.kernel.name());
-            }
-        }
-    }
-}
-
-#[test]
-#[ignore]
-fn print_lowering() {
-    for node in all_nodes(&locked()) {
-        if let Op::Vjp(_) = node.op {
-            let (l, s) = lower_node(&node);
-            println!("== {} scratch {:?}", node.name, s);
-            for x in l {
-                println!("  {} grid {:?} block {} args {:?}", x.kernel.name(), x.grid, x.block, x.args);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! `vpmoec`: the vpmoe compiler CLI.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,6 +48,12 @@ enum Cmd {
         #[arg(long)]
         require_nvrtc: bool,
     },
+    /// Print the registers, shared memory, stack and spills of every kernel of a compiled plan
+    /// (from PLAN_DIR/kernels/resources.json) as a Markdown table.
+    Resources {
+        /// Plan directory written by `vpmoec compile` with NVRTC present.
+        plan_dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -88,6 +94,14 @@ fn run() -> Result<()> {
                 &plan.fingerprint[..16],
                 t0.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Cmd::Resources { plan_dir } => {
+            let path = plan_dir.join("kernels/resources.json");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("reading {} (compile the plan with NVRTC present)", path.display())
+            })?;
+            print!("{}", vpmoe_compiler::report::resources_table(&text).with_context(|| path.display().to_string())?);
             Ok(())
         }
     }

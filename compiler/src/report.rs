@@ -175,3 +175,38 @@ impl Report {
         s
     }
 }
+
+/// The resource table of a compiled plan (`vpmoec resources`): one Markdown row per kernel of
+/// `kernels/resources.json` (registers, shared memory, stack and spills as ptxas reports them),
+/// headed by the GPU architecture and NVRTC version they were compiled with.
+pub fn resources_table(resources_json: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    #[derive(Deserialize)]
+    struct Meta {
+        arch: String,
+        nvrtc: String,
+        kernels: std::collections::BTreeMap<String, vpmoe_codegen::nvrtc::Resources>,
+    }
+    let m: Meta = serde_json::from_str(resources_json).context("resources.json: not a vpmoec resource table")?;
+    let mut s = format!("{} kernels, {}, NVRTC {}\n\n", m.kernels.len(), m.arch, m.nvrtc);
+    s.push_str("| kernel | regs | smem (B) | stack (B) | spill st/ld (B) |\n|---|---:|---:|---:|---:|\n");
+    for (name, r) in &m.kernels {
+        let spills = format!("{}/{}", r.spill_stores, r.spill_loads);
+        writeln!(s, "| {name} | {} | {} | {} | {spills} |", r.registers, r.smem_bytes, r.stack_bytes).unwrap();
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_resource_table_has_a_row_per_kernel() {
+        let json = r#"{"arch": "sm_90a", "nvrtc": "13.0", "headers_sha256": "x", "kernels": {
+            "vp_sum": {"registers": 31, "spill_stores": 0, "spill_loads": 0, "smem_bytes": 256, "stack_bytes": 0},
+            "vp_add": {"registers": 16, "spill_stores": 8, "spill_loads": 4, "smem_bytes": 0, "stack_bytes": 8}}}"#;
+        let t = super::resources_table(json).unwrap();
+        assert!(t.starts_with("2 kernels, sm_90a, NVRTC 13.0\n"), "{t}");
+        assert!(t.contains("| vp_add | 16 | 0 | 8 | 8/4 |\n| vp_sum | 31 | 256 | 0 | 0/0 |\n"), "{t}");
+        assert!(super::resources_table("{}").unwrap_err().to_string().contains("resources.json"));
+    }
+}

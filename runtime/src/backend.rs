@@ -1,4 +1,4 @@
-//! The backend interface shared by the cpu reference interpreter and (later) the cuda executor,
+//! The backend interface shared by the cpu reference interpreter and the cuda executor,
 //! the micro-batch it consumes, and what a training step reports back.
 
 use anyhow::{bail, Result};

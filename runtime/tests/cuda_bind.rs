@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use vpmoe_codegen::kernels::{family, TICKETS};
+use vpmoe_codegen::{consts::TICKETS, family};
 use vpmoe_codegen::lower_node;
 use vpmoe_compiler::{compile_arch, config};
 use vpmoe_ir::DType;
@@ -244,7 +244,7 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
         if cfg.ends_with("vpmoe.toml") {
             // 6.02 B parameters × (bf16 copy + fp32 master, gradient sum and first moment) + 1 GiB
             // Polar Express scratch + the second moments (AdamW's for the embedding and head):
-            // about 81 GiB, which with the arenas fits an H200, not an 80 GB H100 (docs/perf.md).
+            // about 81 GiB, which with the arenas fits an H200, not an 80 GB H100 (docs/gpu.md).
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             assert!(
                 (79.0..84.0).contains(&gib(planned_bytes(&plan, false))),

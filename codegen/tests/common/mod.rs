@@ -23,29 +23,40 @@ pub struct Cfg {
     pub bias: bool,
 }
 
-/// The locked configuration (configs/vpmoe.toml).
-pub fn locked() -> Cfg {
+/// A shipped architecture's shapes, read from its TOML (the reference schema's keys).
+pub fn shipped(name: &'static str, rel: &str) -> Cfg {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    let doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let get = |sec: &str, key: &str| doc[sec][key].clone();
+    let int = |sec: &str, key: &str| get(sec, key).as_integer().unwrap_or_else(|| panic!("{rel}: {sec}.{key}")) as u64;
+    let groups = int("moe", "router_num_groups");
     Cfg {
-        name: "locked",
-        vocab: 201088,
-        hidden: 1024,
-        heads: 8,
-        groups: 2,
-        head_dim: 128,
-        q_rank: 4,
-        kv_rank: 2,
-        ffn: 128,
-        shared: 512,
-        experts: 256,
-        topk: 4,
-        window: 128,
-        group_limit: Some(GroupLimit { groups: 8, group_topk: 4 }),
-        bias: true,
+        name,
+        vocab: int("tokenizer", "vocab_size"),
+        hidden: int("model", "hidden_size"),
+        heads: int("model", "num_attention_heads"),
+        groups: int("model", "num_query_groups"),
+        head_dim: int("model", "head_dim"),
+        q_rank: int("tpa", "tpa_q_rank"),
+        kv_rank: int("tpa", "tpa_rank"),
+        ffn: int("model", "ffn_hidden_size"),
+        shared: int("moe", "shared_expert_size"),
+        experts: int("moe", "num_experts"),
+        topk: int("moe", "topk"),
+        window: int("attention", "window_size"),
+        group_limit: (groups > 1).then(|| GroupLimit { groups, group_topk: int("moe", "router_group_topk") }),
+        bias: get("model", "add_bias_linear").as_bool().unwrap(),
     }
 }
 
+/// The locked configuration (configs/vpmoe.toml).
+pub fn locked() -> Cfg {
+    shipped("locked", "configs/vpmoe.toml")
+}
+
 /// Small configurations: vocab 512, hidden 32, head_dim 16, 4..8 experts, top-2 (one with
-/// biases and group limiting, one without either), and configs/small.toml's shapes.
+/// biases and group limiting, one without either), and configs/small.toml's
+/// shapes.
 pub fn smalls() -> Vec<Cfg> {
     vec![
         Cfg {
@@ -82,23 +93,7 @@ pub fn smalls() -> Vec<Cfg> {
             group_limit: None,
             bias: false,
         },
-        Cfg {
-            name: "small.toml",
-            vocab: 201088,
-            hidden: 64,
-            heads: 4,
-            groups: 2,
-            head_dim: 16,
-            q_rank: 4,
-            kv_rank: 2,
-            ffn: 32,
-            shared: 64,
-            experts: 8,
-            topk: 2,
-            window: 32,
-            group_limit: Some(GroupLimit { groups: 4, group_topk: 1 }),
-            bias: true,
-        },
+        shipped("small.toml", "configs/small.toml"),
     ]
 }
 

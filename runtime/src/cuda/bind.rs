@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
-use vpmoe_codegen::{kernels::family, Arg, Launch, Scratch};
+use vpmoe_codegen::{Arg, CType, Launch, Scratch};
 use vpmoe_compiler::plan::{Arena, BufferKey};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
@@ -104,7 +104,7 @@ impl Layout<'_> {
 
     /// Binds launch `launch` of node `node` (whose scratch buffers are `scratch`).
     pub fn bind(&self, node: usize, launch: &Launch, scratch: &[Scratch]) -> Result<Bound> {
-        let fam = family(&launch.kernel.family);
+        let fam = launch.kernel.family();
         let name = launch.kernel.name();
         if fam.params.len() != launch.args.len() {
             bail!("{name}: {} arguments for {} parameters", launch.args.len(), fam.params.len());
@@ -150,11 +150,11 @@ impl Layout<'_> {
                 Arg::Float(x) => Param::F32(*x),
                 Arg::Accum(v) => Param::I32((self.accumulating && self.sums.contains_key(&v.0)) as i32),
                 Arg::Tickets => {
-                    let bytes = vpmoe_codegen::kernels::TICKETS * 4;
+                    let bytes = vpmoe_codegen::consts::TICKETS * 4;
                     Param::Ptr(self.tickets, Some(Region { addr: self.tickets, bytes, dtype: DType::I32 }))
                 }
             };
-            check_type(&name, pname, cty, &p)?;
+            check_type(&name, pname, *cty, &p)?;
             params.push(p);
         }
         let mut grid = [0u32; 3];
@@ -171,30 +171,21 @@ impl Layout<'_> {
 
 /// The C parameter type must match what is bound: pointers to the right element type, `int`,
 /// `long long`, `float` and `double` scalars.
-pub(super) fn check_type(kernel: &str, pname: &str, cty: &str, p: &Param) -> Result<()> {
+pub(super) fn check_type(kernel: &str, pname: &str, cty: CType, p: &Param) -> Result<()> {
     let ok = match (cty, p) {
-        ("int", Param::I32(_))
-        | ("float", Param::F32(_))
-        | ("long long", Param::I64(_))
-        | ("double", Param::F64(_)) => true,
-        (c, Param::Ptr(_, r)) if c.ends_with('*') => match r {
-            None => true,
-            Some(r) => {
-                let elem = c.trim_start_matches("const ").trim_end_matches('*').trim();
-                match elem {
-                    "void" => true,
-                    "__nv_bfloat16" => r.dtype == DType::Bf16,
-                    "float" => r.dtype == DType::F32,
-                    "int" => r.dtype == DType::I32,
-                    "unsigned char" => r.dtype == DType::U8,
-                    _ => false,
-                }
-            }
+        (CType::Int, Param::I32(_))
+        | (CType::Float, Param::F32(_))
+        | (CType::LongLong, Param::I64(_))
+        | (CType::Double, Param::F64(_)) => true,
+        (CType::F64Mut, Param::Ptr(_, r)) => r.is_none(),
+        (c, Param::Ptr(_, r)) if c.is_pointer() => match (r, c.pointee()) {
+            (None, _) | (Some(_), None) => true,
+            (Some(r), Some(dt)) => r.dtype == dt,
         },
         _ => false,
     };
     if !ok {
-        bail!("{kernel}: parameter {pname} is `{cty}`, bound to {p:?}");
+        bail!("{kernel}: parameter {pname} is `{}`, bound to {p:?}", cty.c());
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! `gemm_nn` or `gemm_tn` whose epilogue is the identity (no bias, activation, residual or f32
 //! split operand, one row range, and at most an in-place f32 accumulation) is issued as one
 //! `cublasGemmEx` (bf16 operands, f32 accumulation) on the same buffers instead of the generated
-//! kernel. That covers the LM head's backward (its two gradient GEMMs per vocabulary chunk) and
-//! the bias-free projections; everything with a fused epilogue keeps its generated kernel.
+//! kernel. That covers the LM head's backward (its two gradient GEMMs per vocabulary chunk, but
+//! the last chunk's input gradient, which rounds to bf16 in its epilogue) and the dense input
+//! gradients; a weight gradient that also writes its layer's bias gradient, and everything else
+//! with a fused epilogue, keeps its generated kernel.
 //!
 //! cuBLAS is column-major; a row-major `[r, c]` buffer with row stride `ld` is its column-major
 //! `[c, r]` transpose with leading dimension `ld`, so each row-major product `Y = A·B` is issued

@@ -55,12 +55,12 @@ impl Launcher {
         params: &[Param],
     ) -> Result<()> {
         let name = spec.name();
-        let fam = vpmoe_codegen::kernels::family(&spec.family);
+        let fam = spec.family();
         if fam.params.len() != params.len() {
             bail!("{name}: {} parameters bound, the kernel takes {}", params.len(), fam.params.len());
         }
         for ((cty, pname), p) in fam.params.iter().zip(params) {
-            super::bind::check_type(&name, pname, cty, p)?;
+            super::bind::check_type(&name, pname, *cty, p)?;
         }
         self.raw(&name, node, grid, block, params).with_context(|| format!("{node}: launching {name}"))
     }
@@ -175,7 +175,7 @@ impl<'g> CudaBackend<'g> {
         }
         let tok_arena = DevBuf::new(&gpu, tok_bytes as usize, "the per-token activation arena")?;
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
-        let tickets = DevBuf::new(&gpu, vpmoe_codegen::kernels::TICKETS as usize * 4, "the split-reduction tickets")?;
+        let tickets = DevBuf::new(&gpu, vpmoe_codegen::consts::TICKETS as usize * 4, "the split-reduction tickets")?;
         tickets.fill(0)?;
         let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
         let sums = Rc::new(gradient_sums(graph, plan, &opt)?);

@@ -1,6 +1,6 @@
 //! NVTX push/pop ranges and marks, with no libnvToolsExt.
 //!
-//! CUDA 13 no longer ships `libnvToolsExt`. NVTX v3 is header-only: each client carries its own
+//! CUDA 13 ships no `libnvToolsExt`. NVTX v3 is header-only: each client carries its own
 //! copy of the NVTX globals and, on first use, hands them to whatever tool `nsys` / `ncu`
 //! injects. This module reimplements that client side of the NVTX3 injection protocol, so
 //! `nsys profile` (and `ncu --nvtx`) see one range per executed plan node.

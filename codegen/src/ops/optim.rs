@@ -4,14 +4,35 @@
 //! the runtime binds them; the compiler only puts the kernels into the plan so they are compiled
 //! (and dumped) with the others.
 
-use crate::kernels::KernelSpec;
+use crate::consts::GEMM_TILE as TILE;
+use crate::launch::{families, KernelSpec};
+
+families! {
+    /// Per-block partial sums of squares of a gradient (the clipping norm).
+    OptSumsq = "opt_sumsq" in "optim.cuh", 256 <> (g: F32, n: LongLong, partial: F64Mut);
+    /// AdamW on an f32 master with an f32 (`OUT` = 1) or bf16 model copy.
+    OptAdamw = "opt_adamw" in "optim.cuh", 256 <OUT>
+        (g: F32, m: F32Mut, s: F32Mut, w: F32Mut, model: VoidMut, n: LongLong, coef: Float, b1: Double,
+         b2: Double, eps: Double, bc1: Double, bc2: Double, lr: Double, wd: Double);
+    /// Normuon's momentum and the normalised start X of Polar Express.
+    PeStart = "pe_start" in "optim.cuh", 256 <R, C>
+        (g: F32, mom: F32Mut, u: F32Mut, x: BfMut, coef: Float, mu: Double, nesterov: Int, safety: Double,
+         eps: Double);
+    /// `A = X·Xᵀ`.
+    PeGram = "pe_gram" in "optim.cuh", 128 <M, NW> (x: Bf, a: BfMut);
+    /// `B = ca·I + cb·A + cc·A·A`.
+    PePoly = "pe_poly" in "optim.cuh", 128 <M> (a: Bf, b: F32Mut, ca: Float, cb: Float, cc: Float);
+    /// `Y = B·X`, into bf16 (the next iteration's X) or f32 (the last: Normuon's O).
+    PeApply = "pe_apply" in "optim.cuh", 128 <M, NW, OUT> (b: F32, x: Bf, y: VoidMut);
+    /// Normuon's row normalisation from the final X, the master's update and the model copy.
+    PeFinish = "pe_finish" in "optim.cuh", 256 <R, C>
+        (o: F32, v: F32Mut, w: F32Mut, model: BfMut, beta2: Double, eps: Double, lr: Double, wd: Double);
+}
 
 /// Block size of the element-wise and per-matrix kernels (`opt_cfg::THREADS`).
-pub const THREADS: u32 = 256;
+pub const THREADS: u32 = OptSumsq::FAMILY.threads;
 /// Block size of the batched Polar Express GEMMs (`gemm_cfg::THREADS`).
-pub const GEMM_THREADS: u32 = 128;
-/// Rows/columns of a GEMM tile.
-const TILE: u64 = 64;
+pub const GEMM_THREADS: u32 = PeGram::FAMILY.threads;
 /// Grid-stride kernels never use more blocks than this: enough to fill an H100/H200 several
 /// times over, and a fixed partial count for `opt_sumsq` however large the tensor.
 pub const MAX_STRIDE_BLOCKS: u64 = 2048;
@@ -19,11 +40,11 @@ pub const MAX_STRIDE_BLOCKS: u64 = 2048;
 pub const MAX_CHUNK: u64 = 65_535;
 
 pub fn sumsq() -> KernelSpec {
-    KernelSpec::new("opt_sumsq", &[])
+    KernelSpec::new(&OptSumsq::FAMILY, &[])
 }
 /// AdamW writing an f32 (`true`) or bf16 model copy.
 pub fn adamw(f32_model: bool) -> KernelSpec {
-    KernelSpec::new("opt_adamw", &[f32_model as u64])
+    KernelSpec::new(&OptAdamw::FAMILY, &[f32_model as u64])
 }
 
 /// Blocks of a grid-stride launch over `n` elements (at least 1).
@@ -56,12 +77,12 @@ impl Polar {
         Polar {
             rows,
             cols,
-            start: KernelSpec::new("pe_start", &[rows, cols]),
-            gram: KernelSpec::new("pe_gram", &[m, nw]),
-            poly: KernelSpec::new("pe_poly", &[m]),
-            apply: KernelSpec::new("pe_apply", &[m, nw, 0]),
-            apply_last: KernelSpec::new("pe_apply", &[m, nw, 1]),
-            finish: KernelSpec::new("pe_finish", &[rows, cols]),
+            start: KernelSpec::new(&PeStart::FAMILY, &[rows, cols]),
+            gram: KernelSpec::new(&PeGram::FAMILY, &[m, nw]),
+            poly: KernelSpec::new(&PePoly::FAMILY, &[m]),
+            apply: KernelSpec::new(&PeApply::FAMILY, &[m, nw, 0]),
+            apply_last: KernelSpec::new(&PeApply::FAMILY, &[m, nw, 1]),
+            finish: KernelSpec::new(&PeFinish::FAMILY, &[rows, cols]),
         }
     }
 

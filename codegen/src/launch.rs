@@ -1,0 +1,329 @@
+//! What a lowering produces: launches of kernel families with their arguments, grids and the
+//! node's scratch buffers, and the typed family declarations ([`families!`]) they are built from.
+//!
+//! A family is one `.cuh` template defining `vp::<family><TEMPLATE ARGS>(PARAMS…)` as a
+//! `__device__` function. It is declared once, with [`families!`], in the `ops` module of the op
+//! that introduces it; from that declaration come its [`Family`] descriptor (the shim's C
+//! signature, the runtime's binding check) and a builder struct with one named field per template
+//! and C parameter, so a launch cannot miss, reorder or add an argument.
+
+use serde::{Deserialize, Serialize};
+use vpmoe_ir::{DType, ValueId};
+
+/// The C type of a kernel parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CType {
+    Bf,
+    BfMut,
+    F32,
+    F32Mut,
+    F64Mut,
+    I32,
+    I32Mut,
+    U8,
+    Void,
+    VoidMut,
+    Int,
+    LongLong,
+    Float,
+    Double,
+}
+
+impl CType {
+    /// The type as written in the shim's C signature.
+    pub const fn c(self) -> &'static str {
+        match self {
+            CType::Bf => "const __nv_bfloat16*",
+            CType::BfMut => "__nv_bfloat16*",
+            CType::F32 => "const float*",
+            CType::F32Mut => "float*",
+            CType::F64Mut => "double*",
+            CType::I32 => "const int*",
+            CType::I32Mut => "int*",
+            CType::U8 => "const unsigned char*",
+            CType::Void => "const void*",
+            CType::VoidMut => "void*",
+            CType::Int => "int",
+            CType::LongLong => "long long",
+            CType::Float => "float",
+            CType::Double => "double",
+        }
+    }
+    /// The element type a pointer parameter reads or writes (`None`: `void*`, or not a pointer).
+    pub fn pointee(self) -> Option<DType> {
+        match self {
+            CType::Bf | CType::BfMut => Some(DType::Bf16),
+            CType::F32 | CType::F32Mut => Some(DType::F32),
+            CType::I32 | CType::I32Mut => Some(DType::I32),
+            CType::U8 => Some(DType::U8),
+            _ => None,
+        }
+    }
+    pub fn is_pointer(self) -> bool {
+        self.c().ends_with('*')
+    }
+    /// Whether the kernel may write through this parameter.
+    pub fn is_mut(self) -> bool {
+        self.is_pointer() && !self.c().starts_with("const ")
+    }
+    /// Whether `arg` can be bound to a parameter of this type.
+    fn accepts(self, arg: &Arg) -> bool {
+        match arg {
+            Arg::Value(_) | Arg::ValueAt { .. } | Arg::Scratch { .. } | Arg::Null => self.is_pointer(),
+            Arg::Tickets => self == CType::I32Mut,
+            Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) | Arg::Accum(_) => self == CType::Int,
+            Arg::InvRows | Arg::Float(_) => self == CType::Float,
+        }
+    }
+}
+
+/// A kernel family: its template file, block size, template and C parameters.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub header: &'static str,
+    /// Threads per block of every launch of the family (emitted as `<NAME>_THREADS` into
+    /// `vp_consts.cuh`).
+    pub threads: u32,
+    pub tparams: &'static [&'static str],
+    pub params: &'static [(CType, &'static str)],
+}
+
+/// Declares kernel families. For each `Name = "family" in "header.cuh", THREADS <TPARAMS>
+/// (param: CType, …);` it defines a builder `pub struct Name` (one `u64` field per template
+/// parameter, one [`Arg`] field per C parameter), `Name::FAMILY` and `Name::launch(grid)`, and
+/// the module's `FAMILIES` list.
+macro_rules! families {
+    ($(
+        $(#[doc = $doc:literal])*
+        $ty:ident = $name:literal in $hdr:literal, $threads:literal <$($tp:ident),*> ($($p:ident: $ct:ident),* $(,)?);
+    )*) => {
+        $(
+            $(#[doc = $doc])*
+            #[allow(non_snake_case)]
+            pub struct $ty {
+                $(pub $tp: u64,)*
+                $(pub $p: $crate::launch::Arg,)*
+            }
+            impl $ty {
+                pub const FAMILY: $crate::launch::Family = $crate::launch::Family {
+                    name: $name,
+                    header: $hdr,
+                    threads: $threads,
+                    tparams: &[$(stringify!($tp)),*],
+                    params: &[$(($crate::launch::CType::$ct, stringify!($p))),*],
+                };
+                pub fn launch(self, grid: [$crate::launch::LaunchDim; 3]) -> $crate::launch::Launch {
+                    $crate::launch::Launch::of(&Self::FAMILY, &[$(self.$tp),*], vec![$(self.$p),*], grid)
+                }
+            }
+        )*
+        /// The families this module declares.
+        pub const FAMILIES: &[&$crate::launch::Family] = &[$(&$ty::FAMILY),*];
+    };
+}
+pub(crate) use families;
+
+/// One instantiation of a family.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KernelSpec {
+    pub family: String,
+    pub targs: Vec<u64>,
+}
+
+impl KernelSpec {
+    pub fn new(f: &Family, targs: &[u64]) -> Self {
+        assert_eq!(f.tparams.len(), targs.len(), "template arity of {}", f.name);
+        KernelSpec { family: f.name.to_string(), targs: targs.to_vec() }
+    }
+    pub fn family(&self) -> &'static Family {
+        crate::ops::family(&self.family)
+    }
+    /// Deterministic name: `vp_<family>_<TPARAM><value>…`, e.g. `vp_rmsnorm_D1024`.
+    pub fn name(&self) -> String {
+        let mut s = format!("vp_{}", self.family);
+        for (p, v) in self.family().tparams.iter().zip(&self.targs) {
+            s.push_str(&format!("_{p}{v}"));
+        }
+        s
+    }
+}
+
+/// A launch dimension: a constant, or `ceil(mul·T/div) + add`, or the row count `T/S`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchDim {
+    Const(u64),
+    Tok { mul: u64, div: u64, add: u64 },
+    Rows,
+}
+
+impl LaunchDim {
+    pub fn eval(self, tokens: u64, seq: u64) -> u64 {
+        match self {
+            LaunchDim::Const(n) => n,
+            LaunchDim::Tok { mul, div, add } => (mul * tokens).div_ceil(div) + add,
+            LaunchDim::Rows => tokens / seq,
+        }
+    }
+}
+
+/// A kernel argument, bound by the runtime at launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arg {
+    /// Device pointer to an IR value (input, parameter or node output).
+    Value(ValueId),
+    /// Device pointer `offset` elements into a value (a slice of rows of a parameter or its
+    /// gradient, e.g. one vocabulary chunk of the LM head).
+    ValueAt {
+        v: ValueId,
+        offset: u64,
+    },
+    /// Device pointer into the node's scratch buffer `index`, `offset` elements in.
+    Scratch {
+        index: u32,
+        offset: u64,
+    },
+    Null,
+    /// `mul·T`.
+    Tokens {
+        mul: u64,
+    },
+    Seq,
+    /// `1/(T/S)`, the reciprocal of the row count.
+    InvRows,
+    /// The runtime's zeroed `int[TICKETS]` that split reductions count their finished blocks in
+    /// (`last_block` in vp_common.cuh); every launch leaves it zeroed again.
+    Tickets,
+    Int(i64),
+    Float(f32),
+    /// The `accum` flag of a kernel writing value `v`: 1 where `v` is a parameter gradient that the
+    /// runtime places in the step's gradient sum and an earlier micro-batch of the step is already
+    /// there (the kernel adds), else 0 (it stores).
+    Accum(ValueId),
+}
+
+impl Arg {
+    /// The value this argument points into, if any.
+    pub fn value(&self) -> Option<ValueId> {
+        match self {
+            Arg::Value(v) | Arg::ValueAt { v, .. } => Some(*v),
+            _ => None,
+        }
+    }
+    /// The same buffer `off` elements further in.
+    pub(crate) fn at(&self, off: u64) -> Arg {
+        match *self {
+            Arg::Scratch { index, offset } => Arg::Scratch { index, offset: offset + off },
+            Arg::Value(v) => Arg::ValueAt { v, offset: off },
+            Arg::ValueAt { v, offset } => Arg::ValueAt { v, offset: offset + off },
+            _ => panic!("offset into a non-buffer argument"),
+        }
+    }
+    /// `mul·T` as an `int`.
+    pub(crate) fn tokens(mul: u64) -> Arg {
+        Arg::Tokens { mul }
+    }
+    /// A size or count known at compile time, as an `int`.
+    pub(crate) fn int(n: u64) -> Arg {
+        Arg::Int(n as i64)
+    }
+    /// `arg` where `present`, else a null pointer.
+    pub(crate) fn or_null(present: bool, arg: impl FnOnce() -> Arg) -> Arg {
+        if present {
+            arg()
+        } else {
+            Arg::Null
+        }
+    }
+    /// The `accum` argument of a launch writing this buffer: only a node output can be a
+    /// gradient sum.
+    pub(crate) fn accum(&self) -> Arg {
+        self.value().map_or(Arg::Int(0), Arg::Accum)
+    }
+}
+
+/// Node-private temporary storage: `dtype[per_token·T + fixed]`, live only during the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scratch {
+    pub dtype: DType,
+    pub per_token: u64,
+    pub fixed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub kernel: KernelSpec,
+    pub args: Vec<Arg>,
+    pub grid: [LaunchDim; 3],
+    pub block: u32,
+}
+
+impl Launch {
+    /// A launch of `f`, its arguments in the family's parameter order (the builders' path).
+    /// Panics where an argument cannot bind to its parameter's C type: a lowering bug.
+    pub fn of(f: &Family, targs: &[u64], args: Vec<Arg>, grid: [LaunchDim; 3]) -> Launch {
+        for (a, (ct, p)) in args.iter().zip(f.params) {
+            assert!(ct.accepts(a), "{}: parameter {p} is `{}`, given {a:?}", f.name, ct.c());
+        }
+        Launch { kernel: KernelSpec::new(f, targs), args, grid, block: f.threads }
+    }
+}
+
+/// `ceil(mul·T/div)` blocks.
+pub(crate) fn tok(mul: u64, div: u64) -> LaunchDim {
+    LaunchDim::Tok { mul, div, add: 0 }
+}
+pub(crate) fn one() -> LaunchDim {
+    LaunchDim::Const(1)
+}
+/// One block per row of `mul·T` rows.
+pub(crate) fn rows_grid(mul: u64) -> [LaunchDim; 3] {
+    [tok(mul, 1), one(), one()]
+}
+/// `n` blocks.
+pub(crate) fn blocks(n: u64) -> [LaunchDim; 3] {
+    [LaunchDim::Const(n), one(), one()]
+}
+
+/// The launches and scratch buffers of one node, collected in order.
+#[derive(Default)]
+pub struct Lowered {
+    pub launches: Vec<Launch>,
+    pub scratch: Vec<Scratch>,
+    /// The f32 row-range partials of a split weight gradient, shared by every split gemm_tn of the
+    /// node: each launch's last blocks consume them before the next launch writes them.
+    parts: Option<u32>,
+}
+
+impl Lowered {
+    pub(crate) fn push(&mut self, l: Launch) {
+        self.launches.push(l);
+    }
+    /// A scratch buffer of `per_token·T` elements.
+    pub(crate) fn scratch_tok(&mut self, dtype: DType, per_token: u64) -> Arg {
+        self.scratch.push(Scratch { dtype, per_token, fixed: 0 });
+        Arg::Scratch { index: self.scratch.len() as u32 - 1, offset: 0 }
+    }
+    /// A scratch buffer of `n` elements, whatever the token count.
+    pub(crate) fn scratch_fixed(&mut self, dtype: DType, n: u64) -> Arg {
+        self.scratch.push(Scratch { dtype, per_token: 0, fixed: n });
+        Arg::Scratch { index: self.scratch.len() as u32 - 1, offset: 0 }
+    }
+    /// The node's shared weight-gradient partials, grown to at least `n` f32 values.
+    pub(crate) fn partials(&mut self, n: u64) -> Arg {
+        match self.parts {
+            Some(index) => {
+                let s = &mut self.scratch[index as usize];
+                s.fixed = s.fixed.max(n);
+                Arg::Scratch { index, offset: 0 }
+            }
+            None => {
+                let a = self.scratch_fixed(DType::F32, n);
+                self.parts = Some(self.scratch.len() as u32 - 1);
+                a
+            }
+        }
+    }
+}
