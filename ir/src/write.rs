@@ -8,6 +8,7 @@
 //!   output NAME = VALUE
 //! ```
 //! Inputs are `$name`, parameters `@name`, node outputs `%n` numbered in definition order.
+//! [`crate::parse`] reads it back.
 
 use crate::graph::{Graph, Init, OptGroup, Role, ValueDef, ValueId};
 use std::fmt::Write;
