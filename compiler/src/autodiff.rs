@@ -16,14 +16,15 @@
 
 use anyhow::{bail, Result};
 use std::collections::HashMap;
-use vpmoe_ir::{DType, Graph, InputKind, Op, TensorType, ValueId, Vjp};
+use vpmoe_ir::{DType, Graph, InputKind, InputName, Op, OutputName, ParamId, TensorType, ValueId, Vjp};
 
 pub fn autodiff(g: &mut Graph) -> Result<()> {
     let n_fwd = g.nodes.len();
-    let loss = g.output_named("loss").expect("forward graph outputs loss");
-    let loss_grad = g.input("loss_grad", InputKind::Scalar, TensorType::scalar(DType::F32));
-    let aux: Vec<ValueId> = g.outputs.iter().filter(|(n, _)| n.starts_with("aux.")).map(|(_, v)| *v).collect();
-    let aux_grad = (!aux.is_empty()).then(|| g.input("aux_grad", InputKind::Scalar, TensorType::scalar(DType::F32)));
+    let Some(loss) = g.output_named(&OutputName::Loss) else { bail!("the graph has no loss output to differentiate") };
+    let loss_grad = g.input(InputName::LossGrad, InputKind::Scalar, TensorType::scalar(DType::F32));
+    let aux: Vec<ValueId> =
+        g.outputs.iter().filter(|(n, _)| matches!(n, OutputName::AuxLoss { .. })).map(|(_, v)| *v).collect();
+    let aux_grad = (!aux.is_empty()).then(|| g.input(InputName::AuxGrad, InputKind::Scalar, TensorType::scalar(DType::F32)));
 
     // Which values depend on a trainable parameter through differentiable ports.
     let mut needs = vec![false; g.values.len()];
@@ -127,7 +128,7 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
             None if contrib.contains_key(&p.value) => total(g, &mut contrib, p.value, &format!("grad.{}.sum", p.name)),
             None => bail!("trainable parameter {} receives no gradient from the loss", p.name),
         };
-        g.output(&format!("grad.{}", p.name), d);
+        g.output(OutputName::Grad(ParamId(pi as u32)), d);
     }
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! are `blk<N>` with Megatron's 1-indexed layer numbers).
 
 use crate::config::Arch;
-use vpmoe_ir::{Attn, AttnKind, DType, Graph, GroupLimit, Init, InputKind, Op, OptGroup, Role, TensorType, ValueId};
+use vpmoe_ir::{
+    Attn, AttnKind, DType, Graph, GroupLimit, Init, InputKind, InputName, Op, OptGroup, OutputName, Role, TensorType,
+    ValueId,
+};
 
 struct Lower<'a> {
     arch: &'a Arch,
@@ -48,17 +51,17 @@ pub fn lower(arch: &Arch) -> Graph {
     let std0 = a.init_std;
     let std_out = a.init_std / (2.0 * a.layers as f64).sqrt();
 
-    let tokens = l.g.input("tokens", InputKind::Data, TensorType::tok(DType::I32, &[]));
-    let doc = l.g.input("doc", InputKind::Data, TensorType::tok(DType::I32, &[]));
-    let labels = l.g.input("labels", InputKind::Data, TensorType::tok(DType::I32, &[]));
-    let loss_mask = l.g.input("loss_mask", InputKind::Data, TensorType::tok(DType::U8, &[]));
-    let span = l.g.input("span", InputKind::Data, TensorType::tok(DType::U8, &[]));
-    let span_scale = l.g.input("span_scale", InputKind::Scalar, TensorType::fixed(DType::F32, &[3]));
+    let tokens = l.g.input(InputName::Tokens, InputKind::Data, TensorType::tok(DType::I32, &[]));
+    let doc = l.g.input(InputName::Doc, InputKind::Data, TensorType::tok(DType::I32, &[]));
+    let labels = l.g.input(InputName::Labels, InputKind::Data, TensorType::tok(DType::I32, &[]));
+    let loss_mask = l.g.input(InputName::LossMask, InputKind::Data, TensorType::tok(DType::U8, &[]));
+    let span = l.g.input(InputName::Span, InputKind::Data, TensorType::tok(DType::U8, &[]));
+    let span_scale = l.g.input(InputName::SpanScale, InputKind::Scalar, TensorType::fixed(DType::F32, &[3]));
     // Stage 2 (DISTILL 2B): teacher log-probabilities and which positions carry one; `kd` holds
     // the runtime scalars [m, T, w_min, w_max]. Stage 1 sends teacher = 0 (every weight is 1).
-    let teacher_logp = l.g.input("teacher_logp", InputKind::Data, TensorType::tok(DType::F32, &[]));
-    let teacher = l.g.input("teacher", InputKind::Data, TensorType::tok(DType::U8, &[]));
-    let kd = l.g.input("kd", InputKind::Scalar, TensorType::fixed(DType::F32, &[4]));
+    let teacher_logp = l.g.input(InputName::TeacherLogp, InputKind::Data, TensorType::tok(DType::F32, &[]));
+    let teacher = l.g.input(InputName::Teacher, InputKind::Data, TensorType::tok(DType::U8, &[]));
+    let kd = l.g.input(InputName::Kd, InputKind::Scalar, TensorType::fixed(DType::F32, &[4]));
 
     let embed_role = if a.tied_embeddings { Role::TiedEmbedding } else { Role::InputEmbedding };
     let table = l.param(
@@ -185,9 +188,9 @@ pub fn lower(arch: &Arch) -> Graph {
         let w = l.vector(format!("{p}.pre_mlp_layernorm.weight"), &[h], Init::Ones);
         let m = l.node(format!("{n}.ffn.norm"), Op::RmsNorm { dim: h, eps }, vec![hcur, w])[0];
         hcur = if spec.moe {
-            let (out, aux_v) = moe_block(&mut l, &p, &n, m, hcur, std0, std_out);
+            let (out, aux_v) = moe_block(&mut l, &p, &n, spec.number as u32, m, hcur, std0, std_out);
             if let Some(x) = aux_v {
-                aux.push((format!("aux.{n}"), x));
+                aux.push((spec.number as u32, x));
             }
             out
         } else {
@@ -216,10 +219,10 @@ pub fn lower(arch: &Arch) -> Graph {
     let weight = l.node("loss.weight".into(), Op::ConfidenceWeight, vec![teacher_logp, teacher, kd])[0];
     let ins = vec![z, head, labels, loss_mask, span, span_scale, weight];
     let ce = l.node("lm_head".into(), Op::HeadCe { hidden: h, vocab: a.vocab }, ins);
-    l.g.output("loss", ce[0]);
-    l.g.output("token_loss", ce[1]);
-    for (name, v) in aux {
-        l.g.output(&name, v);
+    l.g.output(OutputName::Loss, ce[0]);
+    l.g.output(OutputName::TokenLoss, ce[1]);
+    for (layer, v) in aux {
+        l.g.output(OutputName::AuxLoss { layer }, v);
     }
     l.g
 }
@@ -244,6 +247,7 @@ fn moe_block(
     l: &mut Lower,
     p: &str,
     n: &str,
+    layer: u32,
     m: ValueId,
     resid: ValueId,
     std0: f64,
@@ -267,7 +271,7 @@ fn moe_block(
             Init::Zeros,
             OptGroup::Frozen,
             false,
-            Role::Other,
+            Role::ExpertBias { layer },
         ));
     }
     let op = Op::Router {
@@ -287,7 +291,7 @@ fn moe_block(
     let dsp = l.node(format!("{n}.moe.dispatch"), Op::Dispatch { experts: e, topk: k }, vec![idx]);
     let (src, row, offsets) = (dsp[0], dsp[1], dsp[2]);
     // Per-expert row ranges: the step's expert loads (bias update §4.11, router health).
-    l.g.output(&format!("load.{n}"), offsets);
+    l.g.output(OutputName::RouterLoad { layer }, offsets);
 
     let role = Role::Experts { experts: e, topk: k };
     let ep = format!("{p}.mlp.experts");

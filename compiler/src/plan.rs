@@ -149,15 +149,14 @@ fn assign(reqs: &[&Req]) -> (Vec<u64>, u64) {
     (offsets, peak)
 }
 
-/// Per node: the parameters (graph order) whose `grad.<name>` output it produces, and each such
+/// Per node: the parameters (graph order) whose gradient output it produces, and each such
 /// output's value.
 fn finalised_grads(g: &Graph) -> Vec<Vec<(u32, vpmoe_ir::ValueId)>> {
-    let outputs: BTreeMap<&str, vpmoe_ir::ValueId> = g.outputs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     let mut out = vec![Vec::new(); g.nodes.len()];
-    for (pi, p) in g.params.iter().enumerate() {
-        if let Some(&v) = outputs.get(format!("grad.{}", p.name).as_str()) {
+    for pi in 0..g.params.len() as u32 {
+        if let Some(v) = g.output_named(&vpmoe_ir::OutputName::Grad(vpmoe_ir::ParamId(pi))) {
             if let vpmoe_ir::ValueDef::Node(id, _) = g.value(v).def {
-                out[id.0 as usize].push((pi as u32, v));
+                out[id.0 as usize].push((pi, v));
             }
         }
     }

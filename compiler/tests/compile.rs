@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use vpmoe_codegen::Arg;
+use vpmoe_ir::{OutputName, ParamId};
 use vpmoe_compiler::config::{self, Arch};
 use vpmoe_compiler::{compile_arch, plan::Arena};
 
@@ -44,11 +45,13 @@ fn autodiff_diff_of_tiny_moe() {
 fn every_trainable_parameter_gets_a_gradient_output() {
     for name in SMALL.iter().map(|n| format!("tests/configs/{n}.toml")).chain(["configs/vpmoe.toml".to_string()]) {
         let (g, _) = compile_arch(&load(&name)).unwrap();
-        for p in g.params.iter().filter(|p| p.trainable()) {
-            let v = g.output_named(&format!("grad.{}", p.name)).unwrap_or_else(|| panic!("{name}: {}", p.name));
+        for (pi, p) in g.params.iter().enumerate().filter(|(_, p)| p.trainable()) {
+            let grad = OutputName::Grad(ParamId(pi as u32));
+            let v = g.output_named(&grad).unwrap_or_else(|| panic!("{name}: {}", p.name));
             assert_eq!(g.value(v).ty, vpmoe_ir::grad_type(&p.ty), "{name}: {}", p.name);
         }
-        assert!(g.output_named("logits").is_none(), "{name}: logits kept alive to the end");
+        let extra = g.outputs.iter().find(|(o, _)| matches!(o, OutputName::Other(_)));
+        assert!(extra.is_none(), "{name}: {extra:?} kept alive to the end");
     }
 }
 
@@ -75,7 +78,7 @@ fn gradients_are_written_into_their_sums() {
                 assert!(!p.trainable(), "{name}: {} is never finalised", p.name);
                 continue;
             };
-            let v = g.output_named(&format!("grad.{}", p.name)).unwrap();
+            let v = g.output_named(&OutputName::Grad(ParamId(pi as u32))).unwrap();
             assert!(
                 matches!(g.value(v).def, vpmoe_ir::ValueDef::Node(id, _) if id.0 as usize == ni),
                 "{name}: {}",
@@ -91,7 +94,7 @@ fn gradients_are_written_into_their_sums() {
             let finals: Vec<_> = plan.steps[ni]
                 .grads
                 .iter()
-                .map(|&q| g.output_named(&format!("grad.{}", plan.params[q as usize].name)).unwrap())
+                .map(|&q| g.output_named(&OutputName::Grad(ParamId(q))).unwrap())
                 .collect();
             let writers: Vec<_> =
                 plan.steps[ni].launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))).collect();

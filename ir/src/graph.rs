@@ -43,9 +43,78 @@ pub enum InputKind {
     Scalar,
 }
 
+/// A graph input: a batch field or a step scalar, each of which the runtime supplies by kind.
+/// Text: `$tokens`, `$loss_grad`, …
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputName {
+    Tokens,
+    Doc,
+    Labels,
+    LossMask,
+    Span,
+    SpanScale,
+    TeacherLogp,
+    Teacher,
+    Kd,
+    /// The seed of the loss gradient (1 for a plain step).
+    LossGrad,
+    /// The seed of every sequence aux loss's gradient, `α/M` (MODEL.md §4.10).
+    AuxGrad,
+    /// Any other input (hand-written graphs); the runtime supplies none.
+    Other(String),
+}
+
+impl InputName {
+    const NAMED: [(InputName, &'static str); 11] = [
+        (InputName::Tokens, "tokens"),
+        (InputName::Doc, "doc"),
+        (InputName::Labels, "labels"),
+        (InputName::LossMask, "loss_mask"),
+        (InputName::Span, "span"),
+        (InputName::SpanScale, "span_scale"),
+        (InputName::TeacherLogp, "teacher_logp"),
+        (InputName::Teacher, "teacher"),
+        (InputName::Kd, "kd"),
+        (InputName::LossGrad, "loss_grad"),
+        (InputName::AuxGrad, "aux_grad"),
+    ];
+    pub fn parse(name: &str) -> InputName {
+        Self::NAMED.iter().find(|(_, n)| *n == name).map_or_else(|| InputName::Other(name.to_string()), |(i, _)| i.clone())
+    }
+}
+
+impl std::fmt::Display for InputName {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            InputName::Other(s) => f.write_str(s),
+            i => f.write_str(Self::NAMED.iter().find(|(n, _)| n == i).expect("every named input has its text").1),
+        }
+    }
+}
+
+/// A graph output, by what the runtime does with it. Text: `loss`, `token_loss`, `aux.blkN`,
+/// `load.blkN` (N the 1-based layer number), `grad.<parameter name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputName {
+    /// The span-normalised step objective (seeded by `loss_grad`).
+    Loss,
+    /// Per-token cross-entropy (per-span means, held-out loss).
+    TokenLoss,
+    /// A MoE layer's sequence aux loss without α (seeded by `aux_grad`).
+    AuxLoss { layer: u32 },
+    /// A MoE layer's per-expert row offsets: the router loads.
+    RouterLoad { layer: u32 },
+    /// The f32 gradient of a trainable parameter.
+    Grad(ParamId),
+    /// Any other output (hand-written graphs); the runtime gives it no meaning.
+    Other(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Input {
-    pub name: String,
+    pub name: InputName,
     pub kind: InputKind,
     pub value: ValueId,
 }
@@ -80,7 +149,7 @@ pub enum OptGroup {
     Frozen,
 }
 
-/// What a parameter is, for counting active parameters.
+/// What a parameter is, for counting active parameters and for the runtime's special cases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -92,6 +161,11 @@ pub enum Role {
     Experts {
         experts: u64,
         topk: u64,
+    },
+    /// A MoE layer's router expert bias (§4.11: updated from the loads, not by the optimizer);
+    /// `layer` is the 1-based layer number.
+    ExpertBias {
+        layer: u32,
     },
     Other,
 }
@@ -125,7 +199,7 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub params: Vec<Param>,
     pub inputs: Vec<Input>,
-    pub outputs: Vec<(String, ValueId)>,
+    pub outputs: Vec<(OutputName, ValueId)>,
 }
 
 impl Graph {
@@ -138,9 +212,9 @@ impl Graph {
         ValueId(self.values.len() as u32 - 1)
     }
 
-    pub fn input(&mut self, name: &str, kind: InputKind, ty: TensorType) -> ValueId {
+    pub fn input(&mut self, name: InputName, kind: InputKind, ty: TensorType) -> ValueId {
         let v = self.new_value(ty, ValueDef::Input(self.inputs.len() as u32));
-        self.inputs.push(Input { name: name.to_string(), kind, value: v });
+        self.inputs.push(Input { name, kind, value: v });
         v
     }
 
@@ -173,8 +247,8 @@ impl Graph {
         outs
     }
 
-    pub fn output(&mut self, name: &str, v: ValueId) {
-        self.outputs.push((name.to_string(), v));
+    pub fn output(&mut self, name: OutputName, v: ValueId) {
+        self.outputs.push((name, v));
     }
 
     pub fn value(&self, v: ValueId) -> &Value {
@@ -188,12 +262,43 @@ impl Graph {
         }
     }
 
-    pub fn input_named(&self, name: &str) -> Option<&Input> {
-        self.inputs.iter().find(|i| i.name == name)
+    pub fn input_named(&self, name: &InputName) -> Option<&Input> {
+        self.inputs.iter().find(|i| i.name == *name)
     }
 
-    pub fn output_named(&self, name: &str) -> Option<ValueId> {
+    pub fn output_named(&self, name: &OutputName) -> Option<ValueId> {
         self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// An output's name in the text form.
+    pub fn output_text(&self, name: &OutputName) -> String {
+        match name {
+            OutputName::Loss => "loss".into(),
+            OutputName::TokenLoss => "token_loss".into(),
+            OutputName::AuxLoss { layer } => format!("aux.blk{layer}"),
+            OutputName::RouterLoad { layer } => format!("load.blk{layer}"),
+            OutputName::Grad(p) => format!("grad.{}", self.params[p.0 as usize].name),
+            OutputName::Other(s) => s.clone(),
+        }
+    }
+
+    /// The output a text-form name denotes (`grad.<name>` of a parameter of this graph).
+    pub fn parse_output_name(&self, s: &str) -> OutputName {
+        let layer = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse::<u32>().ok());
+        if let Some(layer) = layer("aux.blk") {
+            return OutputName::AuxLoss { layer };
+        }
+        if let Some(layer) = layer("load.blk") {
+            return OutputName::RouterLoad { layer };
+        }
+        if let Some(p) = s.strip_prefix("grad.").and_then(|n| self.params.iter().position(|p| p.name == n)) {
+            return OutputName::Grad(ParamId(p as u32));
+        }
+        match s {
+            "loss" => OutputName::Loss,
+            "token_loss" => OutputName::TokenLoss,
+            _ => OutputName::Other(s.to_string()),
+        }
     }
 
     /// Index of the last node reading each value (graph outputs live to the end).

@@ -14,7 +14,8 @@ pub mod verify;
 pub mod write;
 
 pub use graph::{
-    Graph, Init, Input, InputKind, Node, NodeId, OptGroup, Param, ParamId, Role, Value, ValueDef, ValueId,
+    Graph, Init, Input, InputKind, InputName, Node, NodeId, OptGroup, OutputName, Param, ParamId, Role, Value, ValueDef,
+    ValueId,
 };
 pub use op::{grad_type, Attn, AttnKind, GroupLimit, Op, Vjp};
 pub use parse::{parse_graph, split_graph_text, ParseError};

@@ -9,7 +9,7 @@
 //! well-formedness (input counts and types, dead nodes, unique names) is for
 //! [`verify`](crate::verify()).
 
-use crate::graph::{Graph, Init, InputKind, OptGroup, Role, ValueId};
+use crate::graph::{Graph, Init, InputKind, InputName, OptGroup, Role, ValueId};
 use crate::op::{Attn, AttnKind, GroupLimit, Op, Vjp};
 use crate::types::{DType, Dim, TensorType};
 use std::collections::HashMap;
@@ -69,7 +69,7 @@ impl Graph {
         let mut g = Graph::new(&self.name);
         let mut map = vec![ValueId(u32::MAX); self.values.len()];
         for i in &self.inputs {
-            map[i.value.0 as usize] = g.input(&i.name, i.kind, self.value(i.value).ty.clone());
+            map[i.value.0 as usize] = g.input(i.name.clone(), i.kind, self.value(i.value).ty.clone());
         }
         for p in &self.params {
             map[p.value.0 as usize] = g.param(p.name.clone(), p.ty.clone(), p.init, p.opt, p.weight_decay, p.role);
@@ -81,7 +81,7 @@ impl Graph {
             }
         }
         for (name, v) in &self.outputs {
-            g.output(name, map[v.0 as usize]);
+            g.output(name.clone(), map[v.0 as usize]);
         }
         g
     }
@@ -104,6 +104,7 @@ impl Parser {
         } else if let Some(s) = l.strip_prefix("output ") {
             let (name, v) = s.split_once(" = ").ok_or("expected 'output NAME = VALUE'")?;
             let v = self.value(v)?;
+            let name = self.g.parse_output_name(name);
             self.g.output(name, v);
             Ok(())
         } else {
@@ -121,7 +122,7 @@ impl Parser {
             "scalar" => InputKind::Scalar,
             _ => return Err(format!("unknown input kind '{kind}' (expected data or scalar)")),
         };
-        let v = self.g.input(name, kind, ty.parse()?);
+        let v = self.g.input(InputName::parse(name), kind, ty.parse()?);
         self.define(format!("${name}"), v)
     }
 
@@ -257,6 +258,7 @@ fn role(s: &str) -> Res<Role> {
                 a[0].split_once('/').ok_or_else(|| format!("expected experts(TOPK/EXPERTS), found '{s}'"))?;
             Role::Experts { experts: num(experts)?, topk: num(topk)? }
         }
+        ("expert_bias", a) if a.len() == 1 => Role::ExpertBias { layer: num(a[0])? },
         _ => return Err(format!("unknown role '{s}'")),
     })
 }
@@ -427,14 +429,15 @@ impl FromStr for TensorType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::OutputName;
     use crate::types::DType::*;
 
     /// Every op, init, role, input kind and optimizer group once, built in text order.
     fn every_op() -> Graph {
         let (h, vocab, heads, groups, d, e, k, ffn) = (8, 16, 2, 1, 4, 4, 2, 6);
         let mut g = Graph::new("every_op");
-        let data = |g: &mut Graph, name, dtype| g.input(name, InputKind::Data, TensorType::tok(dtype, &[]));
-        let scalar = |g: &mut Graph, name, dims: &[u64]| g.input(name, InputKind::Scalar, TensorType::fixed(F32, dims));
+        let data = |g: &mut Graph, name, dtype| g.input(InputName::parse(name), InputKind::Data, TensorType::tok(dtype, &[]));
+        let scalar = |g: &mut Graph, name, dims: &[u64]| g.input(InputName::parse(name), InputKind::Scalar, TensorType::fixed(F32, dims));
         let tokens = data(&mut g, "tokens", I32);
         let doc = data(&mut g, "doc", I32);
         let labels = data(&mut g, "labels", I32);
@@ -523,8 +526,10 @@ mod tests {
         let rms = Op::RmsNorm { dim: h, eps: 1e-5 };
         let dn = node("norm.bwd", vjp(rms, "1", true), vec![h0, norm, x, dz[0], dz[0]]);
         let sum = node("sum", Op::Add { n: 2, ty: TensorType::fixed(F32, &[h]) }, vec![dn[1], dn[1]])[0];
-        g.output("loss", ce[0]);
-        g.output("grad.norm", sum);
+        g.output(OutputName::Loss, ce[0]);
+        let grad = g.parse_output_name("grad.norm");
+        assert!(matches!(grad, OutputName::Grad(_)));
+        g.output(grad, sum);
         g
     }
 
@@ -542,12 +547,12 @@ mod tests {
     #[test]
     fn interleaved_values_parse_to_the_canonical_graph() {
         let mut g = Graph::new("interleaved");
-        let x = g.input("x", InputKind::Data, TensorType::tok(Bf16, &[8]));
+        let x = g.input(InputName::parse("x"), InputKind::Data, TensorType::tok(Bf16, &[8]));
         let w = g.param("w".into(), TensorType::fixed(Bf16, &[8]), Init::Ones, OptGroup::AdamW, false, Role::Other);
         let y = g.node("a".into(), Op::RmsNorm { dim: 8, eps: 1e-5 }, vec![x, w])[0];
         let w2 = g.param("w2".into(), TensorType::fixed(Bf16, &[8]), Init::Ones, OptGroup::AdamW, false, Role::Other);
         let z = g.node("b".into(), Op::RmsNorm { dim: 8, eps: 1e-5 }, vec![y, w2])[0];
-        g.output("z", z);
+        g.output(OutputName::Other("z".into()), z);
         let back = parse_graph(&g.to_text()).unwrap();
         assert_ne!(back, g);
         assert_eq!(back, g.canonical());

@@ -118,24 +118,24 @@ pub fn verify(g: &Graph) -> Result<(), Vec<String>> {
         }
     }
     // 4. unique names
-    let mut dup = |kind: &str, names: Vec<&str>| {
+    let mut dup = |kind: &str, names: Vec<String>| {
         let mut seen = HashSet::new();
         for n in names {
             if n.is_empty() {
                 errs.push(format!("empty {kind} name"));
-            } else if !seen.insert(n) {
+            } else if !seen.insert(n.clone()) {
                 errs.push(format!("duplicate {kind} name {n}"));
             }
         }
     };
-    dup("node", g.nodes.iter().map(|n| n.name.as_str()).collect());
-    dup("param", g.params.iter().map(|p| p.name.as_str()).collect());
-    dup("input", g.inputs.iter().map(|i| i.name.as_str()).collect());
-    dup("output", g.outputs.iter().map(|o| o.0.as_str()).collect());
+    dup("node", g.nodes.iter().map(|n| n.name.clone()).collect());
+    dup("param", g.params.iter().map(|p| p.name.clone()).collect());
+    dup("input", g.inputs.iter().map(|i| i.name.to_string()).collect());
+    dup("output", g.outputs.iter().map(|o| g.output_text(&o.0)).collect());
     // 6.
     for (name, v) in &g.outputs {
         if !ok(v) {
-            errs.push(format!("output {name} refers to missing value {}", v.0));
+            errs.push(format!("output {} refers to missing value {}", g.output_text(name), v.0));
         }
     }
     if errs.is_empty() {

@@ -74,6 +74,7 @@ impl Graph {
                 Role::OutputHead => s.push_str(" role=output_head"),
                 Role::TiedEmbedding => s.push_str(" role=tied_embedding"),
                 Role::Experts { experts, topk } => write!(s, " role=experts({topk}/{experts})").unwrap(),
+                Role::ExpertBias { layer } => write!(s, " role=expert_bias({layer})").unwrap(),
             }
             s.push('\n');
         }
@@ -95,7 +96,7 @@ impl Graph {
             .unwrap();
         }
         for (name, v) in &self.outputs {
-            writeln!(s, "  output {name} = {}", r(v)).unwrap();
+            writeln!(s, "  output {} = {}", self.output_text(name), r(v)).unwrap();
         }
         s
     }

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use vpmoe_ir::reference::Tensor;
+use vpmoe_ir::{InputName, OutputName, ParamId};
 
 /// One micro-batch, batch-major: `B` rows of `seq` tokens (`t = b·seq + s`).
 #[derive(Clone, Debug, Default)]
@@ -124,28 +125,28 @@ impl Batch {
         self.span_scale = span_scale(&[n[0], n[1], n[2]], w_r, w_f);
     }
 
-    pub fn input(&self, name: &str) -> Result<Tensor> {
+    pub fn input(&self, name: &InputName) -> Result<Tensor> {
         let t = self.tokens.len();
         let u8s = |v: &[u8]| v.iter().map(|&x| x as i32).collect::<Vec<_>>();
         Ok(match name {
-            "tokens" => Tensor::i32(vec![t], self.tokens.clone()),
-            "doc" => Tensor::i32(vec![t], self.doc.clone()),
+            InputName::Tokens => Tensor::i32(vec![t], self.tokens.clone()),
+            InputName::Doc => Tensor::i32(vec![t], self.doc.clone()),
             // Unsupervised positions may hold the pad id; they are never read.
-            "labels" => Tensor::i32(
+            InputName::Labels => Tensor::i32(
                 vec![t],
                 self.labels.iter().zip(&self.loss_mask).map(|(&l, &m)| if m != 0 { l } else { 0 }).collect(),
             ),
-            "loss_mask" => Tensor::i32(vec![t], u8s(&self.loss_mask)),
-            "span" => Tensor::i32(vec![t], u8s(&self.span)),
-            "span_scale" => Tensor::f32(vec![3], self.span_scale.to_vec()),
-            "teacher_logp" if self.teacher_logp.is_empty() => Tensor::f32(vec![t], vec![0.0; t]),
-            "teacher_logp" => Tensor::f32(vec![t], self.teacher_logp.clone()),
-            "teacher" if self.teacher.is_empty() => Tensor::i32(vec![t], vec![0; t]),
-            "teacher" => Tensor::i32(vec![t], u8s(&self.teacher)),
-            "kd" => Tensor::f32(vec![4], self.kd.to_vec()),
-            "loss_grad" => Tensor::scalar(self.loss_grad),
-            "aux_grad" => Tensor::scalar(self.aux_grad),
-            other => bail!("the plan asks for an unknown input {other:?}"),
+            InputName::LossMask => Tensor::i32(vec![t], u8s(&self.loss_mask)),
+            InputName::Span => Tensor::i32(vec![t], u8s(&self.span)),
+            InputName::SpanScale => Tensor::f32(vec![3], self.span_scale.to_vec()),
+            InputName::TeacherLogp if self.teacher_logp.is_empty() => Tensor::f32(vec![t], vec![0.0; t]),
+            InputName::TeacherLogp => Tensor::f32(vec![t], self.teacher_logp.clone()),
+            InputName::Teacher if self.teacher.is_empty() => Tensor::i32(vec![t], vec![0; t]),
+            InputName::Teacher => Tensor::i32(vec![t], u8s(&self.teacher)),
+            InputName::Kd => Tensor::f32(vec![4], self.kd.to_vec()),
+            InputName::LossGrad => Tensor::scalar(self.loss_grad),
+            InputName::AuxGrad => Tensor::scalar(self.aux_grad),
+            InputName::Other(other) => bail!("the plan asks for an unknown input {other:?}"),
         })
     }
 }
@@ -156,24 +157,55 @@ pub fn span_scale(n: &[u64; 3], w_r: f32, w_f: f32) -> [f32; 3] {
     [0.0, w(w_r, n[1]), w(w_f, n[2])]
 }
 
+/// The step scalars of the `M` micro-batches of one optimizer step (D6, MODEL.md §4.10): every
+/// micro-batch gets the span scales over the step's global span token counts, the loss seed 1 and
+/// the aux-loss seed `α/M` (α: the architecture's sequence aux-loss coefficient, 0 without one).
+/// Returns the step's supervised token counts per span.
+pub fn seed_step(batches: &mut [Batch], arch: &vpmoe_compiler::Arch, [w_r, w_f]: [f32; 2]) -> [u64; 3] {
+    let alpha = arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0);
+    let mut counts = [0u64; 3];
+    for b in batches.iter() {
+        let n = b.span_counts();
+        (0..3).for_each(|i| counts[i] += n[i]);
+    }
+    let (scale, aux_grad) = (span_scale(&counts, w_r, w_f), (alpha / batches.len() as f64) as f32);
+    for b in batches {
+        (b.span_scale, b.loss_grad, b.aux_grad) = (scale, 1.0, aux_grad);
+    }
+    counts
+}
+
 #[derive(Debug, Default)]
 pub struct ForwardOut {
-    pub values: BTreeMap<String, Tensor>,
+    pub values: BTreeMap<OutputName, Tensor>,
 }
 
 impl ForwardOut {
-    /// The named values a forward returns from all its graph's values: those asked for, the loss,
+    /// The outputs a forward returns from all its graph's outputs: those asked for, the loss,
     /// the per-token loss and the aux losses.
-    pub(crate) fn keep(all: BTreeMap<String, Tensor>, keep: &[&str]) -> Self {
-        let values = all
-            .into_iter()
-            .filter(|(k, _)| keep.contains(&k.as_str()) || k == "loss" || k == "token_loss" || k.starts_with("aux."))
-            .collect();
-        ForwardOut { values }
+    pub(crate) fn keep(all: BTreeMap<OutputName, Tensor>, keep: &[OutputName]) -> Self {
+        let always = |k: &OutputName| matches!(k, OutputName::Loss | OutputName::TokenLoss | OutputName::AuxLoss { .. });
+        ForwardOut { values: all.into_iter().filter(|(k, _)| keep.contains(k) || always(k)).collect() }
     }
 
     pub fn loss(&self) -> f32 {
-        self.values["loss"].f()[0]
+        self.values[&OutputName::Loss].f()[0]
+    }
+
+    /// The per-token cross-entropy.
+    pub fn token_loss(&self) -> &[f32] {
+        self.values[&OutputName::TokenLoss].f()
+    }
+
+    /// The sequence aux loss of every MoE layer, in layer order.
+    pub fn aux(&self) -> Vec<(u32, f32)> {
+        self.values
+            .iter()
+            .filter_map(|(k, v)| match k {
+                OutputName::AuxLoss { layer } => Some((*layer, v.f()[0])),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -184,8 +216,8 @@ pub struct MicroOut {
     pub loss: f64,
     /// `Σ ℓ` over supervised tokens of span 1 and 2 (for per-span means).
     pub span_loss: [f64; 3],
-    /// Sequence aux loss (without α) per MoE layer name (`blkN`).
-    pub aux: Vec<(String, f32)>,
+    /// Sequence aux loss (without α) per MoE layer (1-based layer number).
+    pub aux: Vec<(u32, f32)>,
 }
 
 /// Runtime scalars of one optimizer step (never baked into a plan).
@@ -206,18 +238,18 @@ pub struct StepStats {
     /// Global gradient norm before clipping, and the applied clip coefficient (1 = none).
     pub grad_norm: f64,
     pub clip_coef: f32,
-    /// Per MoE layer name: the step's expert loads (token-slots per expert).
-    pub loads: Vec<(String, Vec<u64>)>,
-    /// Per MoE layer name: the expert biases after the step's update.
-    pub expert_bias: Vec<(String, Vec<f32>)>,
+    /// Per MoE layer (1-based layer number): the step's expert loads (token-slots per expert).
+    pub loads: Vec<(u32, Vec<u64>)>,
+    /// Per MoE layer: the expert biases after the step's update.
+    pub expert_bias: Vec<(u32, Vec<f32>)>,
     pub optimizer_seconds: f64,
 }
 
 pub trait Backend {
     fn name(&self) -> &'static str;
-    /// Runs the forward graph only; returns `loss`, `token_loss`, every `aux.*` and the outputs
-    /// named in `keep`.
-    fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut>;
+    /// Runs the forward graph only; returns the loss, the per-token loss, every aux loss and the
+    /// outputs in `keep`.
+    fn forward(&mut self, batch: &Batch, keep: &[OutputName]) -> Result<ForwardOut>;
     /// Forward and backward of one micro-batch; gradients accumulate (fp32) in the backend.
     fn accumulate(&mut self, batch: &Batch) -> Result<MicroOut>;
     /// Ends the step (MODEL.md §7.1): expert-bias update, global clipping, Normuon and AdamW,
@@ -250,34 +282,36 @@ pub trait Backend {
 /// backend sums on the device), and returns what the step reports.
 pub(crate) fn fold_micro(
     plan: &vpmoe_compiler::Plan,
-    mut out: BTreeMap<String, Tensor>,
+    mut out: BTreeMap<OutputName, Tensor>,
     batch: &Batch,
     grads: Option<&mut [Vec<f32>]>,
-    loads: &mut BTreeMap<String, Vec<u64>>,
+    loads: &mut BTreeMap<u32, Vec<u64>>,
 ) -> MicroOut {
     if let Some(grads) = grads {
         for (i, p) in plan.params.iter().enumerate() {
             if !p.trainable() {
                 continue;
             }
-            let g = out.remove(&format!("grad.{}", p.name)).expect("every trainable parameter has a gradient");
+            let g = out.remove(&OutputName::Grad(ParamId(i as u32))).expect("every trainable parameter has a gradient");
             grads[i].iter_mut().zip(g.f()).for_each(|(a, b)| *a += b);
         }
     }
-    let mut m = MicroOut { loss: out["loss"].f()[0] as f64, ..Default::default() };
-    for ((l, mask), s) in out["token_loss"].f().iter().zip(&batch.loss_mask).zip(&batch.span) {
+    let mut m = MicroOut { loss: out[&OutputName::Loss].f()[0] as f64, ..Default::default() };
+    for ((l, mask), s) in out[&OutputName::TokenLoss].f().iter().zip(&batch.loss_mask).zip(&batch.span) {
         if *mask != 0 {
             m.span_loss[*s as usize] += *l as f64;
         }
     }
     for (name, t) in &out {
-        if let Some(layer) = name.strip_prefix("load.") {
-            // Per-expert counts from the dispatch's row offsets.
-            let n = t.i().windows(2).map(|w| (w[1] - w[0]) as u64);
-            let acc = loads.entry(layer.to_string()).or_insert_with(|| vec![0; t.i().len().saturating_sub(1)]);
-            acc.iter_mut().zip(n).for_each(|(a, b)| *a += b);
-        } else if let Some(layer) = name.strip_prefix("aux.") {
-            m.aux.push((layer.to_string(), t.f()[0]));
+        match *name {
+            OutputName::RouterLoad { layer } => {
+                // Per-expert counts from the dispatch's row offsets.
+                let n = t.i().windows(2).map(|w| (w[1] - w[0]) as u64);
+                let acc = loads.entry(layer).or_insert_with(|| vec![0; t.i().len().saturating_sub(1)]);
+                acc.iter_mut().zip(n).for_each(|(a, b)| *a += b);
+            }
+            OutputName::AuxLoss { layer } => m.aux.push((layer, t.f()[0])),
+            _ => {}
         }
     }
     m

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{self, round_bf16, Dims, Gemm, Tensor};
-use vpmoe_ir::{DType, Graph, ValueDef};
+use vpmoe_ir::{DType, Graph, OutputName, ValueDef};
 
 /// Every product of [`Gemm`] through matrixmultiply's strided sgemm: transposes are strides.
 pub struct FastGemm;
@@ -79,7 +79,7 @@ pub struct CpuBackend<'g> {
     model: Vec<Tensor>,
     /// fp32 gradient accumulators of the current step, per parameter (empty when frozen).
     grads: Vec<Vec<f32>>,
-    loads: BTreeMap<String, Vec<u64>>,
+    loads: BTreeMap<u32, Vec<u64>>,
     pub gemm: Box<dyn Gemm>,
     /// Round bf16 parameters' model copies to bf16 (D9). Off only for finite-difference checks,
     /// where the rounding would swallow the perturbation.
@@ -141,7 +141,7 @@ impl<'g> CpuBackend<'g> {
     }
 
     /// Runs nodes `[..n]`; returns the graph outputs they define.
-    fn run(&self, batch: &Batch, n: usize) -> Result<BTreeMap<String, Tensor>> {
+    fn run(&self, batch: &Batch, n: usize) -> Result<BTreeMap<OutputName, Tensor>> {
         let g = self.graph;
         batch.validate(self.plan.arch.vocab)?;
         let dims = Dims { tokens: batch.tokens.len(), seq: batch.seq };
@@ -197,7 +197,7 @@ impl Backend for CpuBackend<'_> {
         "cpu"
     }
 
-    fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut> {
+    fn forward(&mut self, batch: &Batch, keep: &[OutputName]) -> Result<ForwardOut> {
         Ok(ForwardOut::keep(self.run(batch, self.fwd_len)?, keep))
     }
 

@@ -40,24 +40,20 @@ pub fn layer(loads: &[u64], aux: f64, bias: Option<&[f32]>) -> RouterHealth {
     }
 }
 
-/// Health of every MoE layer (named `blkN`) of the step.
-pub fn per_layer(
-    loads: &[(String, Vec<u64>)],
-    aux: &[(String, f64)],
-    biases: &[(String, Vec<f32>)],
-) -> Vec<(String, RouterHealth)> {
+/// Health of every MoE layer (by 1-based layer number) of the step.
+pub fn per_layer(loads: &[(u32, Vec<u64>)], aux: &[(u32, f64)], biases: &[(u32, Vec<f32>)]) -> Vec<(u32, RouterHealth)> {
     loads
         .iter()
-        .map(|(name, n)| {
-            let a = aux.iter().find(|(k, _)| k == name).map(|x| x.1).unwrap_or(0.0);
-            let bias = biases.iter().find(|(k, _)| k == name).map(|x| x.1.as_slice());
-            (name.clone(), layer(n, a, bias))
+        .map(|&(l, ref n)| {
+            let a = aux.iter().find(|(k, _)| *k == l).map(|x| x.1).unwrap_or(0.0);
+            let bias = biases.iter().find(|(k, _)| *k == l).map(|x| x.1.as_slice());
+            (l, layer(n, a, bias))
         })
         .collect()
 }
 
 /// Over layers: mean aux, CV and entropy; the worst max load; total dead experts; widest bias range.
-pub fn aggregate(layers: &[(String, RouterHealth)]) -> Option<RouterHealth> {
+pub fn aggregate(layers: &[(u32, RouterHealth)]) -> Option<RouterHealth> {
     if layers.is_empty() {
         return None;
     }

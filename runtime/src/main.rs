@@ -421,17 +421,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         clip: 1.0,
         bias_rate: plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0),
     };
-    let aux_grad = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0) as f32 / grad_accum as f32;
     let one_step = |be: &mut dyn Backend, i: u64| -> Result<(f64, f64)> {
-        let batches: Vec<_> = (0..grad_accum)
-            .map(|j| {
-                let mut b = synthetic_batch(plan.arch.vocab, seq, a.micro_batch, a.seed + i * grad_accum + j);
-                // Each micro-batch's span scales are its own: the step averages them.
-                b.loss_grad = 1.0 / grad_accum as f32;
-                b.aux_grad = aux_grad;
-                b
-            })
+        let mut batches: Vec<_> = (0..grad_accum)
+            .map(|j| synthetic_batch(plan.arch.vocab, seq, a.micro_batch, a.seed + i * grad_accum + j))
             .collect();
+        vpmoe_runtime::backend::seed_step(&mut batches, &plan.arch, [1.0, 1.0]);
         let t0 = Instant::now();
         for b in &batches {
             be.accumulate(b)?;
@@ -575,9 +569,9 @@ fn run() -> Result<()> {
             )?;
             let init_s = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
-            let out = be.forward(&batch, &["token_loss"])?;
+            let out = be.forward(&batch, &[])?;
             let fwd_s = t1.elapsed().as_secs_f64();
-            let tl = out.values["token_loss"].f();
+            let tl = out.token_loss();
             let span_mean = |s: u8| {
                 let (sum, n) = tl
                     .iter()
@@ -591,8 +585,7 @@ fn run() -> Result<()> {
                     0.0
                 }
             };
-            let aux: Vec<f32> =
-                out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0]).collect();
+            let aux: Vec<f32> = out.aux().into_iter().map(|(_, a)| a).collect();
             println!(
                 "arch          {} ({} params, fingerprint {})",
                 a.name,

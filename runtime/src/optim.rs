@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::optim::{self, AdamHyper, NormuonHyper, PolarExpress};
 use vpmoe_ir::reference::Gemm;
+use vpmoe_ir::Role;
 
 /// The first parameter whose gradient holds a NaN or ±Inf, if any.
 fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
@@ -16,12 +17,12 @@ fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
 }
 
 /// §4.11: `e ← e + rate·sign(mean(n) − n)` per MoE layer, from the step's loads.
-pub fn update_expert_bias(plan: &Plan, st: &mut TrainState, loads: &[(String, Vec<u64>)], rate: f64) {
+pub fn update_expert_bias(plan: &Plan, st: &mut TrainState, loads: &[(u32, Vec<u64>)], rate: f64) {
     if rate == 0.0 {
         return;
     }
     for (layer, n) in loads {
-        let Some(i) = expert_bias_param(plan, layer) else { continue };
+        let Some(i) = expert_bias_param(plan, *layer) else { continue };
         let mean = n.iter().sum::<u64>() as f64 / n.len() as f64;
         for (e, &c) in st.master[i].iter_mut().zip(n) {
             let d = mean - c as f64;
@@ -39,18 +40,16 @@ pub fn update_expert_bias(plan: &Plan, st: &mut TrainState, loads: &[(String, Ve
 }
 
 /// The expert biases of the MoE layers in `loads`, as the step reports them (after its update).
-pub fn expert_biases(plan: &Plan, st: &TrainState, loads: &[(String, Vec<u64>)]) -> Vec<(String, Vec<f32>)> {
+pub fn expert_biases(plan: &Plan, st: &TrainState, loads: &[(u32, Vec<u64>)]) -> Vec<(u32, Vec<f32>)> {
     loads
         .iter()
-        .filter_map(|(layer, _)| expert_bias_param(plan, layer).map(|i| (layer.clone(), st.master[i].clone())))
+        .filter_map(|&(layer, _)| expert_bias_param(plan, layer).map(|i| (layer, st.master[i].clone())))
         .collect()
 }
 
-/// Parameter index of the expert bias of MoE layer `blkN` (1-indexed, as node names are).
-pub fn expert_bias_param(plan: &Plan, layer: &str) -> Option<usize> {
-    let n: u64 = layer.strip_prefix("blk")?.parse().ok()?;
-    let name = format!("decoder.layers.{}.mlp.router.expert_bias", n - 1);
-    plan.params.iter().position(|p| p.name == name)
+/// Parameter index of the expert bias of MoE layer `layer` (1-based, as in `blkN`).
+pub fn expert_bias_param(plan: &Plan, layer: u32) -> Option<usize> {
+    plan.params.iter().position(|p| p.role == Role::ExpertBias { layer })
 }
 
 /// The step after the backward passes (§7.1): expert-bias update from the step's `loads`,
@@ -60,7 +59,7 @@ pub fn apply(
     plan: &Plan,
     st: &mut TrainState,
     grads: &mut [Vec<f32>],
-    loads: Vec<(String, Vec<u64>)>,
+    loads: Vec<(u32, Vec<u64>)>,
     s: &StepScalars,
     gemm: &dyn Gemm,
 ) -> Result<StepStats> {

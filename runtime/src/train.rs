@@ -5,7 +5,7 @@
 //! gradient do not depend on how it is split. Then the optimizer step (§7.1), metrics, held-out
 //! evaluation and checkpoints.
 
-use crate::backend::{span_scale, Backend, Batch, StepScalars};
+use crate::backend::{seed_step, Backend, Batch, StepScalars};
 use crate::checkpoint::{self, LrState, Meta, Rng};
 use crate::health::RouterHealth;
 use crate::state::TrainState;
@@ -284,8 +284,8 @@ pub fn evaluate(be: &mut dyn Backend, data: &Path, cfg: &TrainConfig, batches: u
         let mut b = Batch::from_reader(r.next_batch(cfg.micro_batch));
         b.span_scale = [0.0, 1.0, 1.0];
         let n = b.span_counts();
-        let out = be.forward(&b, &["token_loss"])?;
-        for ((l, m), s) in out.values["token_loss"].f().iter().zip(&b.loss_mask).zip(&b.span) {
+        let out = be.forward(&b, &[])?;
+        for ((l, m), s) in out.token_loss().iter().zip(&b.loss_mask).zip(&b.span) {
             if *m != 0 {
                 sums[*s as usize] += *l as f64;
             }
@@ -364,7 +364,6 @@ pub fn train(
             .expect("valid template"),
     );
     pb.set_position(start);
-    let alpha = plan.arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0);
     let bias_rate = plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0);
     let mut records = Vec::new();
     let mut last_ckpt = None;
@@ -388,7 +387,7 @@ pub fn train(
                 .params
                 .iter()
                 .zip(&st.master)
-                .filter(|(p, _)| p.name.ends_with(".mlp.router.expert_bias"))
+                .filter(|(p, _)| matches!(p.role, vpmoe_ir::Role::ExpertBias { .. }))
                 .map(|(p, w)| (p.name.clone(), w.clone()))
                 .collect(),
             lr_schedule: LrState {
@@ -417,12 +416,7 @@ pub fn train(
             b.source.iter().for_each(|&s| rows_per_dataset[s as usize] += 1);
         }
         let mut batches: Vec<Batch> = raw.into_iter().map(Batch::from_reader).collect();
-        let mut counts = [0u64; 3];
-        for b in &batches {
-            let n = b.span_counts();
-            (0..3).for_each(|i| counts[i] += n[i]);
-        }
-        let scale = span_scale(&counts, cfg.span_weights[0], cfg.span_weights[1]);
+        let counts = seed_step(&mut batches, &plan.arch, cfg.span_weights);
         // Confidence weights: fold this step's teacher values into m, then weight with it.
         for b in &batches {
             center.add(b);
@@ -430,11 +424,8 @@ pub fn train(
         let kd = [center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max];
         let kd_rec = kd_record(&batches, kd);
         let (mut loss, mut sums) = (0f64, [0f64; 3]);
-        let mut aux: Vec<(String, f64)> = Vec::new();
+        let mut aux: Vec<(u32, f64)> = Vec::new();
         for b in &mut batches {
-            b.span_scale = scale;
-            b.loss_grad = 1.0;
-            b.aux_grad = (alpha / cfg.grad_accum as f64) as f32;
             b.kd = kd;
             let m = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
             loss += m.loss;
@@ -473,7 +464,7 @@ pub fn train(
             step_s: dt,
             optimizer_s: stats.optimizer_seconds,
             router: crate::health::aggregate(&layers),
-            router_layers: layers,
+            router_layers: layers.iter().map(|(l, h)| (format!("blk{l}"), h.clone())).collect(),
             rows_per_dataset,
             teacher_tokens: kd_rec.as_ref().map_or(0, |r| r.1),
             kd: kd_rec.map(|r| r.0),

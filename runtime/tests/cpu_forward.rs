@@ -17,11 +17,11 @@ fn loss_at_init_is_near_ln_vocab_for_every_small_config() {
         let batch = synthetic_batch(plan.arch.vocab, 32, 2, 7);
         batch.validate(plan.arch.vocab).unwrap();
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 7));
-        let out = be.forward(&batch, &["token_loss"]).unwrap();
+        let out = be.forward(&batch, &[]).unwrap();
         let ln_v = (plan.arch.vocab as f32).ln();
         // w_r = w_f = 1: the loss is the sum of two span means, each ≈ ln V at init.
         assert!((out.loss() - 2.0 * ln_v).abs() < 0.1, "{name}: loss {} vs 2·ln V {}", out.loss(), 2.0 * ln_v);
-        let tl = out.values["token_loss"].f();
+        let tl = out.token_loss();
         for (i, &l) in tl.iter().enumerate() {
             if batch.loss_mask[i] != 0 {
                 assert!((l - ln_v).abs() < 0.5, "{name}: token {i} CE {l}");
@@ -41,7 +41,7 @@ fn fast_gemm_matches_the_naive_reference() {
     naive.gemm = Box::new(NaiveGemm);
     let a = fast.forward(&batch, &[]).unwrap();
     let b = naive.forward(&batch, &[]).unwrap();
-    let (la, lb) = (a.values["token_loss"].f(), b.values["token_loss"].f());
+    let (la, lb) = (a.token_loss(), b.token_loss());
     let max = la.iter().zip(lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(max < 1e-4, "max |fast − naive| = {max}");
     assert!((a.loss() - b.loss()).abs() < 1e-4);

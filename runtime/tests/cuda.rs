@@ -200,13 +200,14 @@ fn the_device_optimizer_matches_the_host_step() {
         .enumerate()
         .map(|(i, p)| if p.trainable() { normals(p.numel as usize, 0.05, i as u64) } else { vec![] })
         .collect();
-    let loads: std::collections::BTreeMap<String, Vec<u64>> = plan
+    let loads: std::collections::BTreeMap<u32, Vec<u64>> = plan
         .params
         .iter()
-        .filter_map(|p| {
-            let l: u64 =
-                p.name.strip_prefix("decoder.layers.")?.strip_suffix(".mlp.router.expert_bias")?.parse().ok()?;
-            Some((format!("blk{}", l + 1), (0..p.numel).map(|e| (e * 7 + l) % 11).collect()))
+        .filter_map(|p| match p.role {
+            vpmoe_ir::Role::ExpertBias { layer } => {
+                Some((layer, (0..p.numel).map(|e| (e * 7 + layer as u64) % 11).collect()))
+            }
+            _ => None,
         })
         .collect();
     assert!(!loads.is_empty(), "the small config has expert biases");

@@ -41,7 +41,7 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
     let mut at = SUM_BASE;
     for &pi in plan.steps.iter().flat_map(|s| &s.grads) {
         let p = &plan.params[pi as usize];
-        let v = g.output_named(&format!("grad.{}", p.name)).unwrap();
+        let v = g.output_named(&vpmoe_ir::OutputName::Grad(vpmoe_ir::ParamId(pi))).unwrap();
         sums.insert(v.0, Region { addr: at, bytes: p.numel * 4, dtype: DType::F32 });
         extents.push((at, at + p.numel * 4));
         at = (at + p.numel * 4).next_multiple_of(256);

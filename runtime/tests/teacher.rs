@@ -656,7 +656,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
     for b in &mut batches {
         b.span_scale = scale;
         b.kd = kd_in;
-        let tl = fresh.forward(b, &["token_loss"]).unwrap().values["token_loss"].f().to_vec();
+        let tl = fresh.forward(b, &[]).unwrap().token_loss().to_vec();
         for t in 0..tl.len() {
             if b.loss_mask[t] == 0 {
                 continue;

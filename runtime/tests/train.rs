@@ -7,8 +7,8 @@ mod common;
 use common::{compiled, root, run_config, sample_data, tmp};
 use std::path::PathBuf;
 use vpmoe_compiler::Plan;
-use vpmoe_ir::Graph;
-use vpmoe_runtime::backend::{span_scale, Backend, Batch};
+use vpmoe_ir::{Graph, OutputName};
+use vpmoe_runtime::backend::{seed_step, Backend, Batch};
 use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
@@ -34,19 +34,11 @@ fn split(b: &Batch, per: usize) -> Vec<Batch> {
 }
 
 /// Loss and gradients of one step made of `parts`, with D6's global span scale.
-fn step_grads(g: &Graph, plan: &Plan, parts: &mut [Batch], alpha: f32) -> (f64, Vec<Vec<f32>>) {
-    let mut counts = [0u64; 3];
-    for p in parts.iter() {
-        let n = p.span_counts();
-        (0..3).for_each(|i| counts[i] += n[i]);
-    }
+fn step_grads(g: &Graph, plan: &Plan, parts: &mut [Batch]) -> (f64, Vec<Vec<f32>>) {
+    seed_step(parts, &plan.arch, [1.0, 0.8]);
     let mut be = CpuBackend::new(g, plan, TrainState::init(plan, 7));
     let mut loss = 0.0;
-    let m = parts.len();
     for p in parts.iter_mut() {
-        p.span_scale = span_scale(&counts, 1.0, 0.8);
-        p.loss_grad = 1.0;
-        p.aux_grad = alpha / m as f32;
         loss += be.accumulate(p).unwrap().loss;
     }
     (loss, be.grads().to_vec())
@@ -64,11 +56,10 @@ fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], plan: &Plan, what: &str) {
 #[test]
 fn span_loss_and_gradients_do_not_depend_on_the_micro_batch_split() {
     let (g, plan) = compiled("tests/configs/tiny_moe.toml");
-    let alpha = plan.arch.moe.as_ref().unwrap().seq_aux_coeff.unwrap() as f32;
     let full = synthetic_batch(plan.arch.vocab, 16, 4, 3);
-    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 4), alpha);
+    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 4));
     for per in [2, 1] {
-        let (l, gr) = step_grads(&g, &plan, &mut split(&full, per), alpha);
+        let (l, gr) = step_grads(&g, &plan, &mut split(&full, per));
         assert!((l - l1).abs() <= 1e-5 * l1.abs(), "loss {l} vs {l1} with {per} rows per micro-batch");
         assert_close(&gr, &g1, &plan, &format!("{per} rows per micro-batch"));
     }
@@ -79,12 +70,12 @@ fn padding_changes_neither_loss_nor_gradients() {
     // Dense config: a padded micro-batch has no aux loss of its own to add.
     let (g, plan) = compiled("tests/configs/tiny_dense.toml");
     let full = synthetic_batch(plan.arch.vocab, 16, 2, 5);
-    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 2), 0.0);
+    let (l1, g1) = step_grads(&g, &plan, &mut split(&full, 2));
     let mut pad = synthetic_batch(plan.arch.vocab, 16, 2, 9);
     pad.loss_mask.iter_mut().for_each(|m| *m = 0);
     let mut parts = split(&full, 1);
     parts.push(pad);
-    let (l2, g2) = step_grads(&g, &plan, &mut parts, 0.0);
+    let (l2, g2) = step_grads(&g, &plan, &mut parts);
     assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{l1} vs {l2}");
     assert_close(&g2, &g1, &plan, "padded");
 }
@@ -103,20 +94,19 @@ fn whole_model_gradient_check() {
         be.exact_weights();
         be.accumulate(&batch).unwrap();
         let grads = be.grads().to_vec();
-        let loads: Vec<String> =
-            g.outputs.iter().filter(|(k, _)| k.starts_with("load.")).map(|(k, _)| k.clone()).collect();
-        let keep: Vec<&str> = loads.iter().map(|s| s.as_str()).collect();
+        let keep: Vec<OutputName> =
+            g.outputs.iter().filter(|(k, _)| matches!(k, OutputName::RouterLoad { .. })).map(|(k, _)| k.clone()).collect();
         // The objective and the routing's expert loads (to detect a flipped top-k decision).
         let objective = |st: &TrainState| -> (f64, Vec<i32>) {
             let mut b = CpuBackend::new(&g, &plan, st.clone());
             b.exact_weights();
             let out = b.forward(&batch, &keep).unwrap();
-            let aux: f64 = out.values.iter().filter(|(k, _)| k.starts_with("aux.")).map(|(_, v)| v.f()[0] as f64).sum();
+            let aux: f64 = out.aux().iter().map(|(_, a)| *a as f64).sum();
             // The span loss re-summed in f64 from the per-token CE (less rounding than `loss`).
-            let tl = out.values["token_loss"].f();
+            let tl = out.token_loss();
             let ce: f64 =
                 tl.iter().zip(&batch.span).map(|(l, s)| *l as f64 * batch.span_scale[*s as usize] as f64).sum();
-            let routes = keep.iter().flat_map(|k| out.values[*k].i().to_vec()).collect();
+            let routes = keep.iter().flat_map(|k| out.values[k].i().to_vec()).collect();
             (ce + batch.aux_grad as f64 * aux, routes)
         };
         let routes0 = objective(&state).1;

@@ -23,7 +23,7 @@ use std::time::Instant;
 use vpmoe_codegen::{lower_node, KernelSpec, Scratch};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{Data, Tensor};
-use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
+use vpmoe_ir::{DType, Graph, OutputName, ParamId, ValueDef, ValueId};
 
 /// Captured micro-batch shapes kept at once (training uses two: a step's first micro-batch and the
 /// rest; evaluation a third).
@@ -115,7 +115,7 @@ pub struct CudaBackend<'g> {
     model_ptrs: Vec<u64>,
     /// The step's gradient sum of each gradient value the plan sums in place, by value id.
     sums: Rc<BTreeMap<u32, Region>>,
-    loads: BTreeMap<String, Vec<u64>>,
+    loads: BTreeMap<u32, Vec<u64>>,
     /// Fill both arenas with 0xFF (NaN in every float type) before each run, so a kernel that
     /// leaves part of its output unwritten shows up as NaN instead of a stale right answer.
     pub poison: bool,
@@ -225,7 +225,7 @@ impl<'g> CudaBackend<'g> {
 
     /// Sets what the next step consumes directly: the gradient sums (plan order, empty for frozen
     /// parameters) and the router loads. For the optimizer's parity test against the host step.
-    pub fn set_step_inputs(&mut self, grads: &[Vec<f32>], loads: BTreeMap<String, Vec<u64>>) -> Result<()> {
+    pub fn set_step_inputs(&mut self, grads: &[Vec<f32>], loads: BTreeMap<u32, Vec<u64>>) -> Result<()> {
         if grads.len() != self.plan.params.len() {
             bail!("{} gradients for {} parameters", grads.len(), self.plan.params.len());
         }
@@ -354,7 +354,7 @@ impl<'g> CudaBackend<'g> {
         batch: &Batch,
         n: usize,
         each: Option<NodeHook<'_, 'g>>,
-    ) -> Result<BTreeMap<String, Tensor>> {
+    ) -> Result<BTreeMap<OutputName, Tensor>> {
         batch.validate(self.plan.arch.vocab)?;
         let t = batch.tokens.len() as u64;
         if t > self.max_tokens {
@@ -404,7 +404,7 @@ impl<'g> CudaBackend<'g> {
                 ValueDef::Node(id, _) => (id.0 as usize) < n,
                 _ => true,
             };
-            if ready && !name.starts_with("grad.") {
+            if ready && !matches!(name, OutputName::Grad(_)) {
                 out.insert(name.clone(), self.read_value(&lay, *v)?);
             }
         }
@@ -421,7 +421,7 @@ fn gradient_sums(graph: &Graph, plan: &Plan, opt: &DeviceOptimizer) -> Result<BT
     for &pi in plan.steps.iter().flat_map(|st| &st.grads) {
         let p = &plan.params[pi as usize];
         let v = graph
-            .output_named(&format!("grad.{}", p.name))
+            .output_named(&OutputName::Grad(ParamId(pi)))
             .ok_or_else(|| anyhow!("the graph has no gradient output for {}", p.name))?;
         let r = regions[pi as usize].ok_or_else(|| anyhow!("{} has a gradient but no gradient sum", p.name))?;
         sums.insert(v.0, r);
@@ -438,7 +438,7 @@ impl Backend for CudaBackend<'_> {
         "cuda"
     }
 
-    fn forward(&mut self, batch: &Batch, keep: &[&str]) -> Result<ForwardOut> {
+    fn forward(&mut self, batch: &Batch, keep: &[OutputName]) -> Result<ForwardOut> {
         Ok(ForwardOut::keep(self.run_nodes(batch, self.fwd_len, None)?, keep))
     }
 

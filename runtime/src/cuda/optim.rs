@@ -357,7 +357,7 @@ impl DeviceOptimizer {
         &mut self,
         l: &mut Launcher,
         plan: &Plan,
-        loads: Vec<(String, Vec<u64>)>,
+        loads: Vec<(u32, Vec<u64>)>,
         s: &StepScalars,
     ) -> Result<StepStats> {
         if self.first {
