@@ -18,6 +18,15 @@ constexpr int EPI_DRELU2 = 3;
 constexpr int EPI_POLY = 4;
 constexpr int AMODE_SPLIT = 1;
 
+// The default Polar Express coefficients (a, b, c) per iteration (MODEL.md §7.2).
+constexpr double POLAR_EXPRESS[5][3] = {
+    {8.156554524902461, -22.48329292557795, 15.878769915207462},
+    {4.042929935166739, -2.808917465908714, 0.5000178451051316},
+    {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
+    {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
+    {2.3465413258596377, -1.7097828382687081, 0.42323551169305323},
+};
+
 // Threads per block of each family.
 constexpr int EMBED_THREADS = 128;
 constexpr int EMBED_SORT_THREADS = 1024;

@@ -56,6 +56,13 @@ pub fn header() -> String {
     ] {
         s.push_str(&format!("constexpr int {name} = {v};\n"));
     }
+    s.push_str("\n// The default Polar Express coefficients (a, b, c) per iteration (MODEL.md §7.2).\n");
+    let pe = vpmoe_ir::optim::DEFAULT_POLAR_EXPRESS;
+    s.push_str(&format!("constexpr double POLAR_EXPRESS[{}][3] = {{\n", pe.len()));
+    for [a, b, c] in pe {
+        s.push_str(&format!("    {{{a:?}, {b:?}, {c:?}}},\n"));
+    }
+    s.push_str("};\n");
     s.push_str("\n// Threads per block of each family.\n");
     for f in crate::ops::families() {
         s.push_str(&format!("constexpr int {}_THREADS = {};\n", f.name.to_uppercase(), f.threads));

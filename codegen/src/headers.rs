@@ -60,5 +60,5 @@ pub fn digest() -> String {
         h.update(n);
         h.update(body);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    vpmoe_ir::hex(&h.finalize())
 }

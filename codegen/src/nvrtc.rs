@@ -142,7 +142,7 @@ impl Toolchain {
         }
         h.update(&self.version);
         h.update(arch);
-        hex(&h.finalize())
+        vpmoe_ir::hex(&h.finalize())
     }
 
     /// Compiles one translation unit to PTX and a CUBIN for `arch`, through the cache in `cache_dir`.
@@ -168,10 +168,6 @@ impl Toolchain {
         let resources = parse_resources(&log);
         Ok(Compiled { ptx, cubin, log, resources, cached: false })
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn cstring_from(v: Vec<c_char>) -> String {

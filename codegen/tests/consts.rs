@@ -18,6 +18,11 @@ fn families_are_unique_and_have_headers() {
     let mut seen = std::collections::BTreeSet::new();
     for f in vpmoe_codegen::families() {
         assert!(seen.insert(f.name), "family {} declared twice", f.name);
-        assert!(vpmoe_codegen::headers::HEADERS.iter().any(|(n, _)| *n == f.header), "{}: no header {}", f.name, f.header);
+        assert!(
+            vpmoe_codegen::headers::HEADERS.iter().any(|(n, _)| *n == f.header),
+            "{}: no header {}",
+            f.name,
+            f.header
+        );
     }
 }

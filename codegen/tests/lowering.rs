@@ -7,8 +7,8 @@ mod common;
 
 use common::{all_nodes, locked, smalls, Cfg};
 use std::collections::BTreeSet;
-use vpmoe_codegen::{family, Arg, CType, LaunchDim};
 use vpmoe_codegen::lower_node;
+use vpmoe_codegen::{family, Arg, CType, LaunchDim};
 use vpmoe_ir::{DType, Node, Op};
 
 /// The dtype a pointer parameter points to (None: `void*`, any), and whether it is const; None

@@ -24,7 +24,8 @@ pub fn autodiff(g: &mut Graph) -> Result<()> {
     let loss_grad = g.input(InputName::LossGrad, InputKind::Scalar, TensorType::scalar(DType::F32));
     let aux: Vec<ValueId> =
         g.outputs.iter().filter(|(n, _)| matches!(n, OutputName::AuxLoss { .. })).map(|(_, v)| *v).collect();
-    let aux_grad = (!aux.is_empty()).then(|| g.input(InputName::AuxGrad, InputKind::Scalar, TensorType::scalar(DType::F32)));
+    let aux_grad =
+        (!aux.is_empty()).then(|| g.input(InputName::AuxGrad, InputKind::Scalar, TensorType::scalar(DType::F32)));
 
     // Which values depend on a trainable parameter through differentiable ports.
     let mut needs = vec![false; g.values.len()];

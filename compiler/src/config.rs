@@ -182,17 +182,8 @@ fn eps10() -> f64 {
     1e-10
 }
 fn safety() -> f64 {
-    2e-2
+    vpmoe_ir::optim::DEFAULT_POLAR_EXPRESS_SAFETY
 }
-
-/// The Polar Express table for safety factor 2e-2 (MODEL.md §7.2).
-pub const DEFAULT_POLAR_EXPRESS: [[f64; 3]; 5] = [
-    [8.156554524902461, -22.48329292557795, 15.878769915207462],
-    [4.042929935166739, -2.808917465908714, 0.5000178451051316],
-    [3.8916678022926607, -2.772484153217685, 0.5060648178503393],
-    [3.285753657755655, -2.3681294933425376, 0.46449024233003106],
-    [2.3465413258596377, -1.7097828382687081, 0.42323551169305323],
-];
 
 /// Validated, resolved architecture. Serialised (sorted, canonical JSON) it is the normalised
 /// config that the plan fingerprint hashes.
@@ -509,7 +500,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 "{} needs optimizer.polar_express_coeffs_path (the built-in table is for 2e-2)",
                 o.polar_express_safety_factor
             );
-            DEFAULT_POLAR_EXPRESS.to_vec()
+            vpmoe_ir::optim::DEFAULT_POLAR_EXPRESS.to_vec()
         }
     };
     for (key, v) in [("optimizer.normuon_momentum", o.normuon_momentum), ("optimizer.normuon_beta2", o.normuon_beta2)] {

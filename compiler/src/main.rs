@@ -98,9 +98,8 @@ fn run() -> Result<()> {
         }
         Cmd::Resources { plan_dir } => {
             let path = plan_dir.join("kernels/resources.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("reading {} (compile the plan with NVRTC present)", path.display())
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {} (compile the plan with NVRTC present)", path.display()))?;
             print!("{}", vpmoe_compiler::report::resources_table(&text).with_context(|| path.display().to_string())?);
             Ok(())
         }

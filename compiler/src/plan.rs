@@ -116,7 +116,7 @@ fn fingerprint(arch: &Arch, g: &Graph, steps: &[Step], buffers: &[Buffer], opt: 
         h.update(part.expect("plan parts serialise"));
     }
     h.update(vpmoe_codegen::headers::digest());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    vpmoe_ir::hex(&h.finalize())
 }
 
 struct Req {

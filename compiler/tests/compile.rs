@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use vpmoe_codegen::Arg;
-use vpmoe_ir::{OutputName, ParamId};
 use vpmoe_compiler::config::{self, Arch};
 use vpmoe_compiler::{compile_arch, plan::Arena};
+use vpmoe_ir::{OutputName, ParamId};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -91,11 +91,8 @@ fn gradients_are_written_into_their_sums() {
             );
             // Every writer carries the accum flag of a gradient finalised by the same node (one
             // flag serves all of a launch's gradients: they all live in the sums).
-            let finals: Vec<_> = plan.steps[ni]
-                .grads
-                .iter()
-                .map(|&q| g.output_named(&OutputName::Grad(ParamId(q))).unwrap())
-                .collect();
+            let finals: Vec<_> =
+                plan.steps[ni].grads.iter().map(|&q| g.output_named(&OutputName::Grad(ParamId(q))).unwrap()).collect();
             let writers: Vec<_> =
                 plan.steps[ni].launches.iter().filter(|l| l.args.iter().any(|a| a.value() == Some(v))).collect();
             assert!(

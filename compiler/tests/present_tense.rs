@@ -64,7 +64,12 @@ fn docs_and_comments_have_no_changelog_phrases() {
         for (i, line) in text.lines().enumerate() {
             let Some(p) = prose(path, line) else { continue };
             if let Some(phrase) = CHANGELOG.iter().find(|c| p.contains(*c)) {
-                hits.push(format!("{}:{}: \"{phrase}\": {}", path.strip_prefix(root).unwrap().display(), i + 1, line.trim()));
+                hits.push(format!(
+                    "{}:{}: \"{phrase}\": {}",
+                    path.strip_prefix(root).unwrap().display(),
+                    i + 1,
+                    line.trim()
+                ));
             }
         }
     }

@@ -13,6 +13,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use vpmoe_data::build_synth::{build_synth, BuildOptions};
 use vpmoe_data::synth::SynthParquet;
+use vpmoe_ir::rng::Rng;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -107,18 +108,10 @@ const WORDS: &[&str] = &[
     "78%",
 ];
 
-fn splitmix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn text(rng: &mut u64, chars: usize) -> String {
+fn text(rng: &mut Rng, chars: usize) -> String {
     let mut s = String::with_capacity(chars + 16);
     while s.len() < chars {
-        let r = splitmix(rng);
+        let r = rng.next_u64();
         s.push_str(WORDS[(r % WORDS.len() as u64) as usize]);
         s.push_str(match (r >> 32) % 23 {
             0 => ".\n\n",
@@ -133,16 +126,16 @@ fn text(rng: &mut u64, chars: usize) -> String {
 /// The synthetic corpus as one row group, like the real shards (written with the tests' SYNTH
 /// parquet writer, so both share one 14-column schema).
 fn write_corpus(path: &Path, rows: usize) {
-    let mut rng = 42u64;
+    let mut rng = Rng::new(42);
     let recs: Vec<Rec> = (0..rows)
         .map(|i| {
-            let r = splitmix(&mut rng);
+            let r = rng.next_u64();
             let lang = ["en", "en", "en", "en", "fr", "de", "es", "it", "pl", "en"][(r % 10) as usize];
             let rag = r.is_multiple_of(50);
             let (lq, lr, la) = (
-                120 + (splitmix(&mut rng) % 200) as usize,
-                800 + (splitmix(&mut rng) % 2400) as usize,
-                600 + (splitmix(&mut rng) % 1700) as usize,
+                120 + (rng.next_u64() % 200) as usize,
+                800 + (rng.next_u64() % 2400) as usize,
+                600 + (rng.next_u64() % 1700) as usize,
             );
             let q = text(&mut rng, lq);
             let reason = text(&mut rng, lr);

@@ -222,7 +222,7 @@ fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(tokenizer::hex(&h.finalize()))
+    Ok(vpmoe_ir::hex(&h.finalize()))
 }
 
 /// Canonical JSON: sorted keys, no spaces, non-ASCII escaped (Python's
@@ -362,7 +362,7 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     // tokenizer (`vocabulary_sha256`), so the constant cannot drift from the code.
     let tokenizer_sha = tokenizer::O200K_BASE_SHA256.to_string();
     let config = config_json(opts, &tokenizer_sha);
-    let config_hash = tokenizer::hex(&Sha256::digest(canonical_json(&config).as_bytes()));
+    let config_hash = vpmoe_ir::hex(&Sha256::digest(canonical_json(&config).as_bytes()));
 
     // Inventory: sizes, hashes (in parallel) and footer row counts.
     let inputs: Vec<InputFile> = files

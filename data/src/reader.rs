@@ -223,12 +223,7 @@ impl Dataset {
     }
 }
 
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use vpmoe_ir::rng::splitmix64;
 
 /// A seeded bijection of `[0, n)` (4-round Feistel network with cycle walking).
 #[derive(Debug, Clone)]
@@ -432,7 +427,7 @@ impl Reader {
             s.perm_for(0);
             streams.push(s);
         }
-        let fingerprint = crate::tokenizer::hex(&{
+        let fingerprint = vpmoe_ir::hex(&{
             use sha2::Digest;
             sha2::Sha256::digest(fp.as_bytes())
         })[..16]

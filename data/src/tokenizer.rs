@@ -108,7 +108,7 @@ pub fn vocabulary_sha256() -> String {
         line.push('\n');
         h.update(line.as_bytes());
     }
-    hex(&h.finalize())
+    vpmoe_ir::hex(&h.finalize())
 }
 
 fn base64_into(bytes: &[u8], out: &mut String) {
@@ -124,16 +124,6 @@ fn base64_into(bytes: &[u8], out: &mut String) {
             }
         }
     }
-}
-
-/// Lower-case hex of a byte slice.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

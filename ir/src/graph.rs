@@ -80,7 +80,10 @@ impl InputName {
         (InputName::AuxGrad, "aux_grad"),
     ];
     pub fn parse(name: &str) -> InputName {
-        Self::NAMED.iter().find(|(_, n)| *n == name).map_or_else(|| InputName::Other(name.to_string()), |(i, _)| i.clone())
+        Self::NAMED
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map_or_else(|| InputName::Other(name.to_string()), |(i, _)| i.clone())
     }
 }
 

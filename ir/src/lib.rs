@@ -9,13 +9,19 @@ pub mod op;
 pub mod optim;
 pub mod parse;
 pub mod reference;
+pub mod rng;
 pub mod types;
 pub mod verify;
+
+/// Lower-case hex of a byte slice (digests in plans, checkpoints and manifests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 pub mod write;
 
 pub use graph::{
-    Graph, Init, Input, InputKind, InputName, Node, NodeId, OptGroup, OutputName, Param, ParamId, Role, Value, ValueDef,
-    ValueId,
+    Graph, Init, Input, InputKind, InputName, Node, NodeId, OptGroup, OutputName, Param, ParamId, Role, Value,
+    ValueDef, ValueId,
 };
 pub use op::{grad_type, Attn, AttnKind, GroupLimit, Op, Vjp};
 pub use parse::{parse_graph, split_graph_text, ParseError};

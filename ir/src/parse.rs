@@ -436,8 +436,11 @@ mod tests {
     fn every_op() -> Graph {
         let (h, vocab, heads, groups, d, e, k, ffn) = (8, 16, 2, 1, 4, 4, 2, 6);
         let mut g = Graph::new("every_op");
-        let data = |g: &mut Graph, name, dtype| g.input(InputName::parse(name), InputKind::Data, TensorType::tok(dtype, &[]));
-        let scalar = |g: &mut Graph, name, dims: &[u64]| g.input(InputName::parse(name), InputKind::Scalar, TensorType::fixed(F32, dims));
+        let data =
+            |g: &mut Graph, name, dtype| g.input(InputName::parse(name), InputKind::Data, TensorType::tok(dtype, &[]));
+        let scalar = |g: &mut Graph, name, dims: &[u64]| {
+            g.input(InputName::parse(name), InputKind::Scalar, TensorType::fixed(F32, dims))
+        };
         let tokens = data(&mut g, "tokens", I32);
         let doc = data(&mut g, "doc", I32);
         let labels = data(&mut g, "labels", I32);

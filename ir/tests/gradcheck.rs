@@ -41,16 +41,15 @@ const ADJ_TOL: f64 = 1e-4;
 
 // ---------------------------------------------------------------- RNG and tensor helpers
 
-/// splitmix64: tiny, seeded, reproducible.
-struct Rng(u64);
+/// The project's SplitMix64 with the test's draws on top.
+struct Rng(vpmoe_ir::rng::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(vpmoe_ir::rng::Rng::new(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn unif(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
@@ -204,7 +203,7 @@ type Report = Vec<(String, f64, f64, usize)>;
 
 /// Central-difference check of every element of every differentiable input.
 fn gradcheck(m: &Model, seed: u64) -> Report {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (outs, dec0) = (m.fwd)(&m.xs);
     let r: Vec<Tensor> = outs.iter().map(|y| rng.t(&y.shape, 1.0)).collect();
     let grads = (m.bwd)(&m.xs, &r);
@@ -294,7 +293,7 @@ fn compare(model: &str, input: &str, an: &[f32], fd: &[f64]) -> (String, f64, f6
 /// Adjoint identity `⟨J u, v⟩ = ⟨u, Jᵀ v⟩` with `J u` by a directional central difference;
 /// `u` is scaled per input by its rms so the step is relative. Returns the relative error.
 fn adjoint(m: &Model, seed: u64) -> f64 {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (outs, dec0) = (m.fwd)(&m.xs);
     let v: Vec<Tensor> = outs.iter().map(|y| rng.t(&y.shape, 1.0)).collect();
     let grads = (m.bwd)(&m.xs, &v);
@@ -396,7 +395,7 @@ fn run(m: &Model, seed: u64) -> Report {
 
 #[test]
 fn embedding() {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let (v, h, t) = (7, 5, 8);
     let toks = it(&[t], vec![3, 0, 3, 6, 2, 3, 0, 5]); // repeats: scatter-add; 1 and 4 unused
     let xs = vec![toks, rng.t(&[v, h], 1.0)];
@@ -405,7 +404,7 @@ fn embedding() {
 
 #[test]
 fn rms_norm() {
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     let (d, t) = (6, 5);
     let xs = vec![rng.t(&[t, d], 1.5), rng.range(&[d], 0.5, 1.5)];
     run(&op_model("rms_norm", Op::RmsNorm { dim: d as u64, eps: 1e-5 }, dims(t, t), xs, None, None), 12);
@@ -414,7 +413,7 @@ fn rms_norm() {
 #[test]
 fn qkv_proj() {
     for bias in [false, true] {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         let (h, nh, ng, d, t) = (6, 4, 2, 3, 5);
         let n = (nh + 2 * ng) * d;
         let mut xs = vec![rng.t(&[t, h], 1.0), rng.t(&[n, h], 0.5)];
@@ -456,7 +455,7 @@ fn tpa_case(rng: &mut Rng, t: usize, a: [usize; 6], bias: bool) -> (Op, Vec<Tens
 fn tpa_qkv() {
     // GQA with 2 groups (2 query heads each) and with one group; ranks differ for q and k/v.
     for (a, bias) in [([5, 4, 2, 3, 3, 2], true), ([5, 4, 2, 3, 3, 2], false), ([4, 2, 1, 4, 2, 1], true)] {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         let (op, xs) = tpa_case(&mut rng, 4, a, bias);
         run(&op_model(&format!("tpa_qkv {a:?} bias={bias}"), op, dims(4, 4), xs, None, None), 14);
     }
@@ -464,7 +463,7 @@ fn tpa_qkv() {
 
 #[test]
 fn qk_norm() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let (nh, ng, d, t) = (4, 2, 4, 3);
     let xs =
         vec![rng.t(&[t, nh, d], 1.0), rng.t(&[t, ng, d], 1.0), rng.range(&[d], 0.5, 1.5), rng.range(&[d], 0.5, 1.5)];
@@ -484,7 +483,7 @@ fn grape_case(rng: &mut Rng, t: usize, seq: usize, nh: usize, ng: usize, d: usiz
 
 #[test]
 fn grape_m() {
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     run(&grape_case(&mut rng, 10, 5, 4, 2, 6), 16);
 }
 
@@ -492,7 +491,7 @@ fn grape_m() {
 fn value_residual() {
     // λ well inside (0,1) and at the init logit ln 9999 (D2: λ < 1 in f32, live gradient ≈ 1e-4·dλ).
     for logit in [0.7f32, 9999f32.ln()] {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let (ng, d, t) = (2, 3, 4);
         // At λ ≈ 0.9999 the outputs barely move with the logit; a small v with an O(1) v₁ keeps
         // the outputs small so their f32 rounding does not swamp the 1e-4-sized derivative.
@@ -541,7 +540,7 @@ fn attn_configs() -> Vec<Attn> {
 #[test]
 fn attention() {
     for a in attn_configs() {
-        let mut rng = Rng(8);
+        let mut rng = Rng::new(8);
         let xs = attn_case(&mut rng, a, 16, attn_docs());
         run(
             &op_model(
@@ -560,7 +559,7 @@ fn attention() {
 #[test]
 fn out_proj() {
     for bias in [false, true] {
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         let (k, n, t) = (6, 5, 4);
         let mut xs = vec![rng.t(&[t, k], 1.0), rng.t(&[n, k], 0.5)];
         if bias {
@@ -594,7 +593,7 @@ fn mlp_model(rng: &mut Rng, t: usize, h: usize, f: usize, bias: bool, residual: 
 fn mlp() {
     for bias in [false, true] {
         for residual in [false, true] {
-            let mut rng = Rng(10);
+            let mut rng = Rng::new(10);
             run(&mlp_model(&mut rng, 4, 5, 7, bias, residual), 20);
         }
     }
@@ -628,7 +627,7 @@ fn router() {
         (3, None, true, true, Some(vec![false, false, true])),
     ];
     for (k, g, eb, b, seeds) in cases {
-        let mut rng = Rng(21);
+        let mut rng = Rng::new(21);
         let (t, h, e) = (5, 4, 8);
         let xs = router_inputs(&mut rng, t, h, e, eb, b);
         let name = format!("router k={k} {g:?} eb={eb} b={b} seeds={seeds:?}");
@@ -661,7 +660,7 @@ fn expert_inputs(rng: &mut Rng, t: usize, h: usize, f: usize, e: usize, k: usize
 #[test]
 fn expert_ffn() {
     for bias in [false, true] {
-        let mut rng = Rng(25);
+        let mut rng = Rng::new(25);
         let (t, h, f, e, k) = (6, 3, 4, 4, 2);
         let xs = expert_inputs(&mut rng, t, h, f, e, k, bias);
         let op = Op::ExpertFfn { hidden: h as u64, ffn: f as u64, experts: e as u64, topk: k as u64, bias };
@@ -679,7 +678,7 @@ fn combine() {
     let perm = fwd(&Op::Dispatch { experts: 4, topk: k as u64 }, &dims(t, t), &[&it(&[t, k], moe_idx(t))])[1].clone();
     let odd = it(&[t * k], vec![0, 2, 3, 4, 4, 5, 6, 0, 8, 9]);
     for (rows, shared) in [(&perm, false), (&perm, true), (&odd, true)] {
-        let mut rng = Rng(27);
+        let mut rng = Rng::new(27);
         let mut xs = vec![rng.t(&[t * k, h], 1.0), rows.clone(), rng.range(&[t, k], 0.1, 1.5), rng.t(&[t, h], 1.0)];
         if shared {
             xs.push(rng.t(&[t, h], 1.0));
@@ -689,7 +688,7 @@ fn combine() {
         run(&m, 28);
         if rows == &odd {
             // Unreferenced rows get exactly zero gradient.
-            let mut r = Rng(1);
+            let mut r = Rng::new(1);
             let g = (m.bwd)(&m.xs, &[r.t(&[t, h], 1.0)]);
             assert!(g[0].f()[h..2 * h].iter().chain(&g[0].f()[7 * h..8 * h]).all(|&v| v == 0.0));
         }
@@ -712,7 +711,7 @@ fn separated_scores(rng: &mut Rng, t: usize, e: usize) -> Tensor {
 
 #[test]
 fn seq_aux_loss() {
-    let mut rng = Rng(29);
+    let mut rng = Rng::new(29);
     let (e, k, s, b) = (6, 2, 4, 2);
     let xs = vec![separated_scores(&mut rng, s * b, e)];
     let op = Op::SeqAuxLoss { experts: e as u64, topk: k as u64 };
@@ -749,7 +748,7 @@ fn head_ce(h: usize, v: usize) -> Op {
 
 #[test]
 fn head_ce_gradients() {
-    let mut rng = Rng(33);
+    let mut rng = Rng::new(33);
     let (t, h, v) = (8, 5, 7);
     // Masked positions 2 and 5; span 2 is empty (no token has it); span 0 carries a weight too.
     let mask = vec![1, 1, 0, 1, 1, 0, 1, 1];
@@ -762,7 +761,7 @@ fn head_ce_gradients() {
 
 #[test]
 fn head_ce_all_masked_gives_exactly_zero() {
-    let mut rng = Rng(35);
+    let mut rng = Rng::new(35);
     let (t, h, v) = (6, 3, 5);
     let xs = head_ce_inputs(&mut rng, t, h, v, vec![0; t], vec![1; t], [1.0, 1.0, 1.0]);
     let op = head_ce(h, v);
@@ -782,7 +781,7 @@ fn head_ce_all_masked_gives_exactly_zero() {
 fn attention_rows_with_every_key_masked_give_zero_gradients() {
     for sinks in [false, true] {
         let a = Attn { heads: 2, groups: 1, head_dim: 3, kind: AttnKind::Window(0), sinks };
-        let mut rng = Rng(36);
+        let mut rng = Rng::new(36);
         let xs = attn_case(&mut rng, a, 16, attn_docs());
         let refs: Vec<&Tensor> = xs.iter().collect();
         let op = Op::Attention(a);
@@ -797,7 +796,7 @@ fn attention_rows_with_every_key_masked_give_zero_gradients() {
     // Partially masked: a sink with a very large logit takes (almost) all the mass; the
     // gradients stay finite (checked in `bwd`) and the sink's gradient is tiny, not NaN.
     let a = Attn { heads: 2, groups: 1, head_dim: 3, kind: AttnKind::Window(2), sinks: true };
-    let mut rng = Rng(37);
+    let mut rng = Rng::new(37);
     let mut xs = attn_case(&mut rng, a, 16, attn_docs());
     xs[4] = Tensor::f32(vec![2], vec![80.0, -80.0]);
     let refs: Vec<&Tensor> = xs.iter().collect();
@@ -812,7 +811,7 @@ fn attention_rows_with_every_key_masked_give_zero_gradients() {
 /// exactly zero gradients.
 #[test]
 fn absent_upstream_gradients_are_zero() {
-    let mut rng = Rng(38);
+    let mut rng = Rng::new(38);
     let a = attn_configs()[3];
     let (top, tx) = tpa_case(&mut rng, 4, [5, 4, 2, 3, 3, 2], true);
     let cases: Vec<(Op, Dims, Vec<Tensor>)> = vec![
@@ -849,7 +848,7 @@ fn vjp_has_no_backward() {
 /// A `vjp` node executed through `reference::forward` is `backward` with its seeds.
 #[test]
 fn vjp_node_executes_backward() {
-    let mut rng = Rng(39);
+    let mut rng = Rng::new(39);
     let op = router_op(4, 8, 2, None, true, true);
     let xs = router_inputs(&mut rng, 5, 4, 8, true, true);
     let refs: Vec<&Tensor> = xs.iter().collect();
@@ -867,7 +866,7 @@ fn vjp_node_executes_backward() {
 /// weight gradient is unchanged.
 #[test]
 fn vjp_acc_adds_the_running_gradient() {
-    let mut rng = Rng(41);
+    let mut rng = Rng::new(41);
     let op = Op::RmsNorm { dim: 16, eps: 1e-5 };
     let (x, w) = (rng.t(&[5, 16], 1.0), rng.t(&[16], 1.0));
     let ys = fwd(&op, &dims(5, 5), &[&x, &w]);
@@ -893,7 +892,7 @@ fn adjoint_attention() {
         Attn { heads: 4, groups: 2, head_dim: 8, kind: AttnKind::Global { alibi: true }, sinks: true },
         Attn { heads: 4, groups: 2, head_dim: 8, kind: AttnKind::Global { alibi: true }, sinks: false },
     ] {
-        let mut rng = Rng(40);
+        let mut rng = Rng::new(40);
         let xs = attn_case(&mut rng, a, s * b, it(&[s * b], doc.clone()));
         let m = op_model(
             &format!("attention {:?} sinks={}", a.kind, a.sinks),
@@ -909,14 +908,14 @@ fn adjoint_attention() {
 
 #[test]
 fn adjoint_tpa_qkv() {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let (op, xs) = tpa_case(&mut rng, 12, [16, 4, 2, 8, 4, 2], true);
     adjoint(&op_model("tpa_qkv 16/4/2/8 r4/2", op, dims(12, 6), xs, None, None), 43);
 }
 
 #[test]
 fn adjoint_router() {
-    let mut rng = Rng(44);
+    let mut rng = Rng::new(44);
     let (t, h, e) = (16, 12, 16);
     let xs = router_inputs(&mut rng, t, h, e, true, true);
     let op = router_op(h, e, 4, Some(GroupLimit { groups: 4, group_topk: 2 }), true, true);
@@ -925,13 +924,13 @@ fn adjoint_router() {
 
 #[test]
 fn adjoint_grape_m() {
-    let mut rng = Rng(46);
+    let mut rng = Rng::new(46);
     adjoint(&grape_case(&mut rng, 64, 32, 4, 2, 16), 47);
 }
 
 #[test]
 fn adjoint_head_ce() {
-    let mut rng = Rng(48);
+    let mut rng = Rng::new(48);
     let (t, h, v) = (32, 6, 50);
     let mask = (0..t).map(|i| (i % 5 != 3) as i32).collect();
     let span = (0..t).map(|i| (i % 3) as i32).collect();
@@ -943,7 +942,7 @@ fn adjoint_head_ce() {
 /// (32, 32 and 6 rows): the chunk seams must not show in the loss or its gradients.
 #[test]
 fn adjoint_head_ce_across_logit_chunks() {
-    let mut rng = Rng(57);
+    let mut rng = Rng::new(57);
     let (t, h, v) = (70, 2, 1 << 19);
     let mask = (0..t).map(|i| (i % 7 != 2) as i32).collect();
     let span = (0..t).map(|i| (i % 3) as i32).collect();
@@ -955,7 +954,7 @@ fn adjoint_head_ce_across_logit_chunks() {
 /// are all below one tile); linear ops, so the FD is exact up to rounding.
 #[test]
 fn adjoint_linear_ops_across_transpose_tiles() {
-    let mut rng = Rng(54);
+    let mut rng = Rng::new(54);
     let (t, h, v) = (37, 40, 70);
     let xs = head_ce_inputs(&mut rng, t, h, v, vec![1; t], vec![1; t], [0.0, 0.03, 0.0]);
     adjoint(&op_model("head_ce 37x40x70", head_ce(h, v), dims(t, t), xs, None, None), 55);
@@ -1067,13 +1066,13 @@ fn sum(ts: &[&Tensor]) -> Tensor {
 
 #[test]
 fn moe_chain_gradcheck() {
-    let mut rng = Rng(50);
+    let mut rng = Rng::new(50);
     run(&moe_chain(&mut rng, 6, 3, 4, 3, 8, 2), 51);
 }
 
 #[test]
 fn adjoint_moe_chain() {
-    let mut rng = Rng(52);
+    let mut rng = Rng::new(52);
     adjoint(&moe_chain(&mut rng, 24, 12, 12, 8, 16, 4), 53);
 }
 
@@ -1211,7 +1210,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
 #[test]
 fn dense_chain_gradcheck() {
     for kind in [AttnKind::Window(3), AttnKind::Global { alibi: true }] {
-        let mut rng = Rng(60);
+        let mut rng = Rng::new(60);
         let m = dense_chain(&mut rng, kind);
         run(&m, 61);
         adjoint(&m, 62);

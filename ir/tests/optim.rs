@@ -5,28 +5,15 @@
 use serde::de::{value::Error as DeError, Deserialize, IntoDeserializer};
 use vpmoe_ir::optim::*;
 use vpmoe_ir::reference::NaiveGemm;
+use vpmoe_ir::rng::Rng;
 
 fn rel_close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
 }
 
 /// Deterministic N(0,1) samples (SplitMix64 + Box–Muller).
-struct Rng(u64);
-impl Rng {
-    fn u(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        (-2.0 * self.u().ln()).sqrt() * (std::f64::consts::TAU * self.u()).cos()
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32).collect()
-    }
+fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
 }
 
 /// Thin SVD `a = u·diag(s)·vᵀ` of a row-major `r×c` matrix by one-sided (Hestenes) Jacobi in f64:
@@ -157,9 +144,9 @@ fn polar_express_scalar_polynomial_band() {
 #[test]
 fn polar_express_matches_svd_polar_factor() {
     let pe = PolarExpress::default();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for (r, c) in [(8, 8), (16, 32), (32, 16), (4, 64), (1, 16), (64, 4)] {
-        let x = rng.vec(r * c);
+        let x = normals(&mut rng, r * c);
         let (u, sig, v) = svd(&f64s(&x), r, c);
         let norm = frob(&f64s(&x));
         let s: Vec<f64> = sig.iter().map(|&x| x / (norm * 1.02 + 1e-6)).collect();
@@ -205,9 +192,9 @@ fn polar_express_matches_svd_polar_factor() {
 #[test]
 fn polar_express_batched_equals_unbatched_bitwise() {
     let pe = PolarExpress::default();
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for (r, c) in [(3, 7), (5, 5), (7, 3)] {
-        let x = rng.vec(3 * r * c);
+        let x = normals(&mut rng, 3 * r * c);
         let mut batched = x.clone();
         polar_express_batched(&pe, &mut batched, 3, r, c, &NaiveGemm);
         for i in 0..3 {
@@ -227,9 +214,9 @@ fn polar_express_batched_equals_unbatched_bitwise() {
 fn polar_express_tensor_core_model_is_the_bf16_path() {
     use vpmoe_ir::reference::TensorCore;
     let pe = PolarExpress::default();
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for (r, c) in [(16, 48), (48, 16), (24, 24)] {
-        let x = rng.vec(2 * r * c);
+        let x = normals(&mut rng, 2 * r * c);
         let (mut exact, mut tc) = (x.clone(), x.clone());
         polar_express_batched(&pe, &mut exact, 2, r, c, &NaiveGemm);
         polar_express_batched(&pe, &mut tc, 2, r, c, &TensorCore(&NaiveGemm));
@@ -252,8 +239,8 @@ fn polar_express_zero_and_scale() {
     let mut z = vec![0f32; 12];
     polar_express_batched(&pe, &mut z, 1, 3, 4, &NaiveGemm);
     assert!(z.iter().all(|&x| x == 0.0));
-    let mut rng = Rng(3);
-    let x = rng.vec(12);
+    let mut rng = Rng::new(3);
+    let x = normals(&mut rng, 12);
     let mut a = x.clone();
     let mut b: Vec<f32> = x.iter().map(|v| v * 1000.0).collect();
     polar_express_batched(&pe, &mut a, 1, 3, 4, &NaiveGemm);
@@ -345,10 +332,10 @@ fn normuon_hand_computed_tall_diagonal() {
 /// orthogonalises exactly that U.
 #[test]
 fn normuon_nesterov_pinned() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let (r, c) = (3, 5);
-    let g = rng.vec(r * c);
-    let m0 = rng.vec(r * c);
+    let g = normals(&mut rng, r * c);
+    let m0 = normals(&mut rng, r * c);
     let pe = PolarExpress::default();
     for nesterov in [true, false] {
         let h = NormuonHyper { nesterov, ..NormuonHyper::default() };
@@ -383,12 +370,12 @@ fn normuon_nesterov_pinned() {
 fn normuon_row_normalisation_pinned() {
     let h = NormuonHyper::default();
     let pe = PolarExpress::default();
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     for (r, c) in [(6, 4), (4, 6), (5, 5)] {
         let (mut mom, mut v) = (vec![0f32; r * c], vec![0f32; r]);
         let mut v_prev = v.clone();
         for step in 0..2 {
-            let g = rng.vec(r * c);
+            let g = normals(&mut rng, r * c);
             // O computed independently from the same momentum state.
             let mut mom_o = mom.clone();
             let mut o = vec![0f32; r * c];
@@ -423,10 +410,10 @@ fn normuon_row_normalisation_pinned() {
 fn normuon_batched_equals_unbatched_bitwise() {
     let h = NormuonHyper::default();
     let pe = PolarExpress::default();
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let (r, c, b) = (6, 3, 3);
-    let (w0, g, m0) = (rng.vec(b * r * c), rng.vec(b * r * c), rng.vec(b * r * c));
-    let v0: Vec<f32> = rng.vec(b * r).iter().map(|x| x.abs() * 0.01).collect();
+    let (w0, g, m0) = (normals(&mut rng, b * r * c), normals(&mut rng, b * r * c), normals(&mut rng, b * r * c));
+    let v0: Vec<f32> = normals(&mut rng, b * r).iter().map(|x| x.abs() * 0.01).collect();
     let (mut w, mut mom, mut v) = (w0.clone(), m0.clone(), v0.clone());
     normuon_step_batched(&h, &pe, &mut w, &g, &mut mom, &mut v, b, r, c, 0.02, 0.01, &NaiveGemm);
     for i in 0..b {
@@ -506,9 +493,9 @@ fn adamw_decay_and_runtime_bias_corrections() {
     let (mut w, mut m, mut s) = ([2f32], [0f32], [0f32]);
     adamw_step(&h, &mut w, &[0.0], &mut m, &mut s, 1, 0.5, 0.1);
     assert_eq!(w[0], (2.0f64 * (1.0 - 0.05)) as f32);
-    let mut rng = Rng(17);
-    let (w0, g, m0) = (rng.vec(8), rng.vec(8), rng.vec(8));
-    let s0: Vec<f32> = rng.vec(8).iter().map(|x| x * x).collect();
+    let mut rng = Rng::new(17);
+    let (w0, g, m0) = (normals(&mut rng, 8), normals(&mut rng, 8), normals(&mut rng, 8));
+    let s0: Vec<f32> = normals(&mut rng, 8).iter().map(|x| x * x).collect();
     let (mut wa, mut ma, mut sa) = (w0.clone(), m0.clone(), s0.clone());
     adamw_step(&h, &mut wa, &g, &mut ma, &mut sa, 7, 1e-3, 0.01);
     let (mut wb, mut mb, mut sb) = (w0, m0, s0);

@@ -184,7 +184,8 @@ impl ForwardOut {
     /// The outputs a forward returns from all its graph's outputs: those asked for, the loss,
     /// the per-token loss and the aux losses.
     pub(crate) fn keep(all: BTreeMap<OutputName, Tensor>, keep: &[OutputName]) -> Self {
-        let always = |k: &OutputName| matches!(k, OutputName::Loss | OutputName::TokenLoss | OutputName::AuxLoss { .. });
+        let always =
+            |k: &OutputName| matches!(k, OutputName::Loss | OutputName::TokenLoss | OutputName::AuxLoss { .. });
         ForwardOut { values: all.into_iter().filter(|(k, _)| keep.contains(k) || always(k)).collect() }
     }
 

@@ -58,7 +58,7 @@ pub struct LrState {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    vpmoe_data::tokenizer::hex(&Sha256::digest(bytes))
+    vpmoe_ir::hex(&Sha256::digest(bytes))
 }
 
 fn step_dir(dir: &Path, step: u64) -> PathBuf {

@@ -41,7 +41,11 @@ pub fn layer(loads: &[u64], aux: f64, bias: Option<&[f32]>) -> RouterHealth {
 }
 
 /// Health of every MoE layer (by 1-based layer number) of the step.
-pub fn per_layer(loads: &[(u32, Vec<u64>)], aux: &[(u32, f64)], biases: &[(u32, Vec<f32>)]) -> Vec<(u32, RouterHealth)> {
+pub fn per_layer(
+    loads: &[(u32, Vec<u64>)],
+    aux: &[(u32, f64)],
+    biases: &[(u32, Vec<f32>)],
+) -> Vec<(u32, RouterHealth)> {
     loads
         .iter()
         .map(|&(l, ref n)| {

@@ -9,7 +9,7 @@ pub mod health;
 pub mod optim;
 pub mod params;
 pub mod parity;
-pub mod rng;
+pub use vpmoe_ir::rng;
 pub mod state;
 pub mod teacher;
 pub mod train;

@@ -58,6 +58,6 @@ impl TrainState {
         for w in &self.master {
             h.update(bytemuck::cast_slice::<f32, u8>(w));
         }
-        vpmoe_data::tokenizer::hex(&h.finalize())
+        vpmoe_ir::hex(&h.finalize())
     }
 }

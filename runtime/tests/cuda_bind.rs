@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use vpmoe_codegen::{consts::TICKETS, family};
 use vpmoe_codegen::lower_node;
+use vpmoe_codegen::{consts::TICKETS, family};
 use vpmoe_compiler::{compile_arch, config};
 use vpmoe_ir::DType;
 use vpmoe_runtime::cuda::bind::{Layout, Param, Region};

@@ -21,12 +21,7 @@ use vpmoe_runtime::teacher::wire::Api;
 const VOCAB: i64 = 201_088;
 const MODEL: &str = "openai/gpt-oss-120b";
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use vpmoe_ir::rng::splitmix64 as mix;
 
 /// The fake teacher's distribution at position t ≥ 1 of `ids`: (top-k candidates best first,
 /// the prompt token's log-probability as sent on the wire, −9999 meaning −inf).
@@ -374,9 +369,8 @@ fn vllm_scores_align_with_labels_through_retries() {
     assert_eq!(t["server"]["version"], "0.11.0-fake");
     assert_eq!(t["reasoning_effort"], "medium");
     assert_eq!(t["request"]["top_k"], 3);
-    let input_sha = vpmoe_data::tokenizer::hex(&<sha2::Sha256 as sha2::Digest>::digest(
-        std::fs::read(data.join("manifest.json")).unwrap(),
-    ));
+    let input_sha =
+        vpmoe_ir::hex(&<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(data.join("manifest.json")).unwrap()));
     assert_eq!(t["input"]["manifest_sha256"], input_sha.as_str());
     assert_eq!(std::fs::read_to_string(out.join("examples.jsonl")).unwrap().lines().count() as u64, rep.documents);
     assert!(!out.join(".journal").read_dir().unwrap().any(|_| true), "journals are removed when shards finish");

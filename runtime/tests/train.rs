@@ -94,8 +94,12 @@ fn whole_model_gradient_check() {
         be.exact_weights();
         be.accumulate(&batch).unwrap();
         let grads = be.grads().to_vec();
-        let keep: Vec<OutputName> =
-            g.outputs.iter().filter(|(k, _)| matches!(k, OutputName::RouterLoad { .. })).map(|(k, _)| k.clone()).collect();
+        let keep: Vec<OutputName> = g
+            .outputs
+            .iter()
+            .filter(|(k, _)| matches!(k, OutputName::RouterLoad { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
         // The objective and the routing's expert loads (to detect a flipped top-k decision).
         let objective = |st: &TrainState| -> (f64, Vec<i32>) {
             let mut b = CpuBackend::new(&g, &plan, st.clone());

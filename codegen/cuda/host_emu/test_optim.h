@@ -125,13 +125,9 @@ static void ref_normuon(int R, int C, int batch, const std::vector<float>& g, st
     }
 }
 
-static const double PE_COEFFS[5][3] = {
-    {8.156554524902461, -22.48329292557795, 15.878769915207462},
-    {4.042929935166739, -2.808917465908714, 0.5000178451051316},
-    {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
-    {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
-    {2.3465413258596377, -1.7097828382687081, 0.42323551169305323},
-};
+// The default Polar Express table, as vpmoe_ir::optim::DEFAULT_POLAR_EXPRESS writes it into
+// vp_consts.cuh.
+static const auto& PE_COEFFS = vp::POLAR_EXPRESS;
 
 // One Normuon step through the device kernels, as the runtime launches them, vs ref_normuon.
 template <int R, int C>

@@ -129,7 +129,8 @@ pub(super) fn vjp(io: &VjpIo, a: &Attn, l: &mut Lowered) {
     };
     l.push(launch.launch(tiles_by(blocks_y)));
     if hsplit {
-        let sum = AttnDkdvSum { D: d, HEADS: heads, GROUPS: groups, part, dk: io.dx(1), dv: io.dx(2), T: Arg::tokens(1) };
+        let sum =
+            AttnDkdvSum { D: d, HEADS: heads, GROUPS: groups, part, dk: io.dx(1), dv: io.dx(2), T: Arg::tokens(1) };
         l.push(sum.launch(rows_grid(1)));
     }
     if a.sinks {

@@ -17,11 +17,31 @@ pub(super) fn out_proj(p: &Ports, in_dim: u64, hidden: u64, bias: bool, l: &mut 
 pub(super) fn out_proj_vjp(io: &VjpIo, in_dim: u64, hidden: u64, bias: bool, l: &mut Lowered) {
     // The residual's gradient is dy itself (`Op::passthrough`): nothing to launch.
     let dy = io.dy(0);
-    Dgrad { n: in_dim, kd: hidden, a: dy.clone(), lda: hidden, w: io.x(1), acc: Arg::Null, y: io.dx(0), out_f32: false }
-        .lower(l);
+    Dgrad {
+        n: in_dim,
+        kd: hidden,
+        a: dy.clone(),
+        lda: hidden,
+        w: io.x(1),
+        acc: Arg::Null,
+        y: io.dx(0),
+        out_f32: false,
+    }
+    .lower(l);
     let db = io.dx_if(bias, 2);
-    Wgrad { n: hidden, k: in_dim, a: dy, lda: hidden, b: io.x(0), ldb: in_dim, dw: io.dx(1), db, amode: 0, brelu2: false }
-        .lower(l);
+    Wgrad {
+        n: hidden,
+        k: in_dim,
+        a: dy,
+        lda: hidden,
+        b: io.x(0),
+        ldb: in_dim,
+        dw: io.dx(1),
+        db,
+        amode: 0,
+        brelu2: false,
+    }
+    .lower(l);
 }
 
 /// Input positions of (b1, W2, b2) among x, W1, [b1], W2, [b2], [resid].

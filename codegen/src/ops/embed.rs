@@ -19,16 +19,22 @@ pub(super) fn forward(p: &Ports, hidden: u64, l: &mut Lowered) {
 
 pub(super) fn vjp(io: &VjpIo, vocab: u64, hidden: u64, l: &mut Lowered) {
     let sorted = l.scratch_tok(DType::I32, 2);
-    l.push(
-        EmbedSort { tokens: io.x(0), sorted: sorted.clone(), T: Arg::tokens(1) }.launch([
-            tok(1, EMBED_SORT_CHUNK),
-            one(),
-            one(),
-        ]),
-    );
+    l.push(EmbedSort { tokens: io.x(0), sorted: sorted.clone(), T: Arg::tokens(1) }.launch([
+        tok(1, EMBED_SORT_CHUNK),
+        one(),
+        one(),
+    ]));
     let dtable = io.dx(1);
     l.push(
-        EmbedBwd { H: hidden, sorted, dh: io.dy(0), accum: dtable.accum(), dtable, T: Arg::tokens(1), V: Arg::int(vocab) }
-            .launch(blocks(vocab)),
+        EmbedBwd {
+            H: hidden,
+            sorted,
+            dh: io.dy(0),
+            accum: dtable.accum(),
+            dtable,
+            T: Arg::tokens(1),
+            V: Arg::int(vocab),
+        }
+        .launch(blocks(vocab)),
     );
 }

@@ -95,8 +95,19 @@ pub(super) fn vjp(io: &VjpIo, hidden: u64, vocab: u64, l: &mut Lowered) {
         let w = io.x(1).at(c0 * hidden);
         Dgrad { n: hidden, kd: width, a: dl.clone(), lda: chunk, w, acc, y, out_f32 }.lower(l);
         let (b, dw) = (io.x(0), io.dx(1).at(c0 * hidden));
-        Wgrad { n: width, k: hidden, a: dl.clone(), lda: chunk, b, ldb: hidden, dw, db: Arg::Null, amode: 0, brelu2: false }
-            .lower(l);
+        Wgrad {
+            n: width,
+            k: hidden,
+            a: dl.clone(),
+            lda: chunk,
+            b,
+            ldb: hidden,
+            dw,
+            db: Arg::Null,
+            amode: 0,
+            brelu2: false,
+        }
+        .lower(l);
         c0 += width;
     }
 }

@@ -65,7 +65,9 @@ fn forward(p: &Ports, op: &Op, l: &mut Lowered) {
         Op::Embedding { hidden, .. } => embed::forward(p, hidden, l),
         Op::RmsNorm { dim, eps } => norm::forward(p, dim, eps, l),
         Op::QkNorm { heads, groups, head_dim, eps } => norm::qk_forward(p, heads, groups, head_dim, eps, l),
-        Op::QkvProj { hidden, heads, groups, head_dim, bias } => qkv::forward(p, hidden, heads, groups, head_dim, bias, l),
+        Op::QkvProj { hidden, heads, groups, head_dim, bias } => {
+            qkv::forward(p, hidden, heads, groups, head_dim, bias, l)
+        }
         Op::TpaQkv { .. } => tpa::forward(p, op, l),
         Op::GrapeM { heads, groups, head_dim, log_freq_scale } => {
             grape::forward(p, heads, groups, head_dim, log_freq_scale, l)
@@ -101,7 +103,9 @@ fn vjp(io: &VjpIo, v: &Vjp, l: &mut Lowered) {
         Op::OutProj { in_dim, hidden, bias } => dense::out_proj_vjp(io, in_dim, hidden, bias, l),
         Op::Mlp { hidden, ffn, bias, .. } => dense::mlp_vjp(io, hidden, ffn, bias, l),
         Op::Router { .. } => router::vjp(io, &v.of, v.acc, l),
-        Op::ExpertFfn { hidden, ffn, experts, topk, bias } => moe::expert_ffn_vjp(io, hidden, ffn, experts, topk, bias, l),
+        Op::ExpertFfn { hidden, ffn, experts, topk, bias } => {
+            moe::expert_ffn_vjp(io, hidden, ffn, experts, topk, bias, l)
+        }
         Op::Combine { hidden, topk, .. } => moe::combine_vjp(io, hidden, topk, l),
         Op::SeqAuxLoss { experts, topk } => seq_aux::vjp(io, experts, topk, l),
         Op::HeadCe { hidden, vocab } => head_ce::vjp(io, hidden, vocab, l),

@@ -23,7 +23,8 @@ families! {
 }
 
 pub(super) fn dispatch(p: &Ports, experts: u64, topk: u64, l: &mut Lowered) {
-    let count = MoeCount { E: experts, K: topk, idx: p.x(0), offsets: p.y(2), T: Arg::tokens(1), tickets: Arg::Tickets };
+    let count =
+        MoeCount { E: experts, K: topk, idx: p.x(0), offsets: p.y(2), T: Arg::tokens(1), tickets: Arg::Tickets };
     l.push(count.launch(blocks(experts)));
     let scatter =
         MoeScatter { E: experts, K: topk, idx: p.x(0), offsets: p.y(2), src: p.y(0), row: p.y(1), T: Arg::tokens(1) };
@@ -41,7 +42,19 @@ fn ffn_inputs(bias: bool) -> (usize, usize, usize) {
 
 /// One grouped GEMM over the `topk·T` permuted rows.
 #[allow(clippy::too_many_arguments)]
-fn grouped(n: u64, kd: u64, epi: u64, experts: u64, topk: u64, x: Arg, src: Arg, offsets: Arg, w: Arg, bias: Arg, y: Arg) -> crate::launch::Launch {
+fn grouped(
+    n: u64,
+    kd: u64,
+    epi: u64,
+    experts: u64,
+    topk: u64,
+    x: Arg,
+    src: Arg,
+    offsets: Arg,
+    w: Arg,
+    bias: Arg,
+    y: Arg,
+) -> crate::launch::Launch {
     GroupedGemm { N: n, KD: kd, EPI: epi, E: experts, x, src, offsets, w, bias, y, rows: Arg::tokens(topk) }
         .launch(rows_cols_grid(n, topk, experts))
 }
@@ -50,7 +63,19 @@ pub(super) fn expert_ffn(p: &Ports, hidden: u64, ffn: u64, experts: u64, topk: u
     let (i_b1, i_w2, i_b2) = ffn_inputs(bias);
     let z = l.scratch_tok(DType::Bf16, topk * ffn);
     let (x, src, offsets) = (p.x(0), p.x(1), p.x(3));
-    l.push(grouped(ffn, hidden, EPI_RELU2, experts, topk, x, src, offsets.clone(), p.x(4), p.x_if(bias, i_b1), z.clone()));
+    l.push(grouped(
+        ffn,
+        hidden,
+        EPI_RELU2,
+        experts,
+        topk,
+        x,
+        src,
+        offsets.clone(),
+        p.x(4),
+        p.x_if(bias, i_b1),
+        z.clone(),
+    ));
     l.push(grouped(hidden, ffn, EPI_NONE, experts, topk, z, Arg::Null, offsets, p.x(i_w2), p.x_if(bias, i_b2), p.y(0)));
 }
 
@@ -76,7 +101,19 @@ pub(super) fn expert_ffn_vjp(io: &VjpIo, hidden: u64, ffn: u64, experts: u64, to
     let dz = l.scratch_tok(DType::Bf16, topk * ffn);
     let dxp = l.scratch_tok(DType::Bf16, topk * hidden);
     let offsets = io.x(3);
-    l.push(grouped(ffn, hidden, EPI_NONE, experts, topk, io.x(0), io.x(1), offsets.clone(), io.x(4), io.x_if(bias, i_b1), z.clone()));
+    l.push(grouped(
+        ffn,
+        hidden,
+        EPI_NONE,
+        experts,
+        topk,
+        io.x(0),
+        io.x(1),
+        offsets.clone(),
+        io.x(4),
+        io.x_if(bias, i_b1),
+        z.clone(),
+    ));
     let nn = |n: u64, kd: u64, epi: u64, a: Arg, w: Arg, aux: Arg, y: Arg| {
         GemmNn {
             N: n,
@@ -99,8 +136,26 @@ pub(super) fn expert_ffn_vjp(io: &VjpIo, hidden: u64, ffn: u64, experts: u64, to
     };
     l.push(nn(ffn, hidden, EPI_DRELU2, io.dy(0), io.x(i_w2), z.clone(), dz.clone()));
     let wgrads = [
-        GroupedWgrad { n: hidden, k: ffn, brelu2: true, a: io.dy(0), b: z, bsrc: Arg::Null, dw: io.dx(i_w2), db: io.dx_if(bias, i_b2) },
-        GroupedWgrad { n: ffn, k: hidden, brelu2: false, a: dz.clone(), b: io.x(0), bsrc: io.x(1), dw: io.dx(4), db: io.dx_if(bias, i_b1) },
+        GroupedWgrad {
+            n: hidden,
+            k: ffn,
+            brelu2: true,
+            a: io.dy(0),
+            b: z,
+            bsrc: Arg::Null,
+            dw: io.dx(i_w2),
+            db: io.dx_if(bias, i_b2),
+        },
+        GroupedWgrad {
+            n: ffn,
+            k: hidden,
+            brelu2: false,
+            a: dz.clone(),
+            b: io.x(0),
+            bsrc: io.x(1),
+            dw: io.dx(4),
+            db: io.dx_if(bias, i_b1),
+        },
     ];
     for GroupedWgrad { n, k, brelu2, a, b, bsrc, dw, db } in wgrads {
         let launch = GemmTn {

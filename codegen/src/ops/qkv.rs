@@ -22,9 +22,28 @@ pub(super) fn forward(p: &Ports, hidden: u64, heads: u64, groups: u64, head_dim:
     let n = (heads + 2 * groups) * head_dim;
     let mixed = l.scratch_tok(DType::Bf16, n);
     let y = mixed.clone();
-    Dense { n, kd: hidden, epi: EPI_NONE, out_f32: false, x: p.x(0), w: p.x(1), bias: p.x_if(bias, 2), resid: Arg::Null, y }
-        .lower(l);
-    let split = QkvSplit { HEADS: heads, GROUPS: groups, D: head_dim, mixed, q: p.y(0), k: p.y(1), v: p.y(2), T: Arg::tokens(1) };
+    Dense {
+        n,
+        kd: hidden,
+        epi: EPI_NONE,
+        out_f32: false,
+        x: p.x(0),
+        w: p.x(1),
+        bias: p.x_if(bias, 2),
+        resid: Arg::Null,
+        y,
+    }
+    .lower(l);
+    let split = QkvSplit {
+        HEADS: heads,
+        GROUPS: groups,
+        D: head_dim,
+        mixed,
+        q: p.y(0),
+        k: p.y(1),
+        v: p.y(2),
+        T: Arg::tokens(1),
+    };
     l.push(split.launch(rows_grid(1)));
 }
 

@@ -20,8 +20,18 @@ pub(super) fn forward(p: &Ports, op: &Op, l: &mut Lowered) {
     let (groups, gtopk) = group_limit.map(|g| (g.groups, g.group_topk)).unwrap_or((0, 0));
     let logits = l.scratch_tok(DType::F32, experts);
     let y = logits.clone();
-    Dense { n: experts, kd: hidden, epi: EPI_NONE, out_f32: true, x: p.x(0), w: p.x(1), bias: p.x_if(bias, 2), resid: Arg::Null, y }
-        .lower(l);
+    Dense {
+        n: experts,
+        kd: hidden,
+        epi: EPI_NONE,
+        out_f32: true,
+        x: p.x(0),
+        w: p.x(1),
+        bias: p.x_if(bias, 2),
+        resid: Arg::Null,
+        y,
+    }
+    .lower(l);
     let launch = Router {
         E: experts,
         K: topk,
@@ -74,8 +84,19 @@ pub(super) fn vjp(io: &VjpIo, op: &Op, acc: bool, l: &mut Lowered) {
     };
     l.push(launch.launch(nn_grid(hidden, 1, 0)));
     let (a, b) = (dl.clone(), io.x(0));
-    Wgrad { n: experts, k: hidden, a, lda: experts, b, ldb: hidden, dw: io.dx(1), db: Arg::Null, amode: AMODE_SPLIT, brelu2: false }
-        .lower(l);
+    Wgrad {
+        n: experts,
+        k: hidden,
+        a,
+        lda: experts,
+        b,
+        ldb: hidden,
+        dw: io.dx(1),
+        db: Arg::Null,
+        amode: AMODE_SPLIT,
+        brelu2: false,
+    }
+    .lower(l);
     if bias {
         reduce::colsum(l, experts, true, dl, io.dx(2));
     }

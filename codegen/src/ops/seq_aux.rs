@@ -45,8 +45,15 @@ pub(super) fn vjp(io: &VjpIo, experts: u64, topk: u64, l: &mut Lowered) {
     // counts [B, E] with B = T/S ≤ T rows, from per-chunk counts as in the forward.
     let counts = l.scratch_tok(DType::F32, experts);
     let pc = l.scratch_tok(DType::I32, experts);
-    let count =
-        SeqAuxCount { E: experts, K: topk, scores: io.x(0), counts: counts.clone(), S: Arg::Seq, pc, tickets: Arg::Tickets };
+    let count = SeqAuxCount {
+        E: experts,
+        K: topk,
+        scores: io.x(0),
+        counts: counts.clone(),
+        S: Arg::Seq,
+        pc,
+        tickets: Arg::Tickets,
+    };
     l.push(count.launch(chunks_by_rows()));
     let bwd = SeqAuxBwd {
         E: experts,

@@ -100,7 +100,19 @@ pub(super) fn vjp(io: &VjpIo, op: &Op, l: &mut Lowered) {
     let df = l.scratch_tok(DType::Bf16, total);
     l.push(t.proj(io.x(0), |k| io.x(k), f.clone()));
     let (dq, dk, dv) = (io.dy(0), io.dy(1), io.dy(2));
-    let bwd = TpaBwd { HEADS: heads, GROUPS: groups, D: head_dim, RQ: q_rank, R: kv_rank, f, dq, dk, dv, df: df.clone(), T: Arg::tokens(1) };
+    let bwd = TpaBwd {
+        HEADS: heads,
+        GROUPS: groups,
+        D: head_dim,
+        RQ: q_rank,
+        R: kv_rank,
+        f,
+        dq,
+        dk,
+        dv,
+        df: df.clone(),
+        T: Arg::tokens(1),
+    };
     l.push(bwd.launch(rows_grid(1)));
     let dgrad = TpaDgrad {
         HEADS: heads,

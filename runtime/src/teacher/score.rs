@@ -31,7 +31,7 @@ use vpmoe_data::harmony::ReasoningEffort;
 use vpmoe_data::indexed::{self, IndexedWriter};
 use vpmoe_data::reader::Shard;
 use vpmoe_data::teacher::{sidecar_prefixes, Candidate, SubsetRule, TeacherStats};
-use vpmoe_data::tokenizer::hex;
+use vpmoe_ir::hex;
 
 use super::client::{Client, ClientConfig};
 use super::wire::Scores;
@@ -113,10 +113,6 @@ impl Job {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
 /// Run the scorer. See the module docs.
 pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
     ensure!(opts.concurrency >= 1, "--concurrency must be at least 1");
@@ -191,7 +187,7 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
 
     let client = Client::connect(opts.client.clone())?;
     let settings = json!({
-        "input_manifest_sha256": sha256_hex(&manifest_bytes),
+        "input_manifest_sha256": crate::checkpoint::sha256_hex(&manifest_bytes),
         "split": "train",
         "subset": opts.subset.to_string(),
         "selected_synth_ids_sha256": selected_sha,
@@ -203,7 +199,7 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
         "temperature": 1.0,
         "prompt": "document token ids exactly as stored (system message through <|return|> and EOD)",
     });
-    let settings_hash = sha256_hex(canonical_json(&settings).as_bytes());
+    let settings_hash = crate::checkpoint::sha256_hex(canonical_json(&settings).as_bytes());
 
     prepare_out(&opts.out, &jobs)?;
     let mut resumed = 0u64;

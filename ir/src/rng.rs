@@ -1,9 +1,18 @@
-//! A small deterministic generator (SplitMix64) for parameter initialisation and synthetic
-//! inputs: the same seed and name give the same numbers on every machine and thread count.
+//! SplitMix64, the one deterministic generator of the project: parameter initialisation,
+//! synthetic inputs, the data order and the tests' random inputs. The same seed and name give the
+//! same numbers on every machine and thread count.
 
 pub struct Rng(u64);
 
 const GAMMA: u64 = 0x9e3779b97f4a7c15;
+
+/// The SplitMix64 output for counter `z` (advanced by one step): a keyed hash of `z`.
+pub fn splitmix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
@@ -22,11 +31,9 @@ impl Rng {
         Rng(self.0.wrapping_add(draws.wrapping_mul(GAMMA)))
     }
     pub fn next_u64(&mut self) -> u64 {
+        let z = splitmix64(self.0);
         self.0 = self.0.wrapping_add(GAMMA);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
+        z
     }
     /// Uniform in (0, 1).
     pub fn uniform(&mut self) -> f64 {
