@@ -8,6 +8,7 @@
 //! and C parameter, so a launch cannot miss, reorder or add an argument.
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use vpmoe_ir::{DType, ValueId};
 
 /// The C type of a kernel parameter.
@@ -168,6 +169,36 @@ impl LaunchDim {
     }
 }
 
+/// `mul·T` as text: `T`, `4T`.
+fn tokens_text(mul: u64) -> String {
+    if mul == 1 {
+        "T".into()
+    } else {
+        format!("{mul}T")
+    }
+}
+
+/// `n`, `T`, `4T`, `⌈2T/64⌉`, `⌈T/64⌉+8` or `T/S`.
+impl fmt::Display for LaunchDim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            LaunchDim::Const(n) => write!(f, "{n}"),
+            LaunchDim::Tok { mul, div, add } => {
+                let t = tokens_text(mul);
+                match div {
+                    1 => write!(f, "{t}")?,
+                    _ => write!(f, "⌈{t}/{div}⌉")?,
+                }
+                match add {
+                    0 => Ok(()),
+                    _ => write!(f, "+{add}"),
+                }
+            }
+            LaunchDim::Rows => write!(f, "T/S"),
+        }
+    }
+}
+
 /// A kernel argument, bound by the runtime at launch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -242,6 +273,25 @@ impl Arg {
     pub(crate) fn accum(&self) -> Arg {
         self.value().map_or(Arg::Int(0), Arg::Accum)
     }
+    /// The argument as text, values written by `value` (e.g. [`vpmoe_ir::Graph::value_ref`]):
+    /// `%3`, `@w+512`, `s0+64` (offsets in elements), `null`, `4T`, `S`, `S/T`, `tickets`, `8`,
+    /// `1e-5`, `accum(%3)`.
+    pub fn to_text(&self, value: &dyn Fn(ValueId) -> String) -> String {
+        let at = |base: String, offset: u64| if offset == 0 { base } else { format!("{base}+{offset}") };
+        match *self {
+            Arg::Value(v) => value(v),
+            Arg::ValueAt { v, offset } => at(value(v), offset),
+            Arg::Scratch { index, offset } => at(format!("s{index}"), offset),
+            Arg::Null => "null".into(),
+            Arg::Tokens { mul } => tokens_text(mul),
+            Arg::Seq => "S".into(),
+            Arg::InvRows => "S/T".into(),
+            Arg::Tickets => "tickets".into(),
+            Arg::Int(n) => n.to_string(),
+            Arg::Float(x) => format!("{x:?}"),
+            Arg::Accum(v) => format!("accum({})", value(v)),
+        }
+    }
 }
 
 /// Node-private temporary storage: `dtype[per_token·T + fixed]`, live only during the node.
@@ -250,6 +300,18 @@ pub struct Scratch {
     pub dtype: DType,
     pub per_token: u64,
     pub fixed: u64,
+}
+
+/// The buffer as a type: `f32[4T]`, `f32[256]`.
+impl fmt::Display for Scratch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let size = match (self.per_token, self.fixed) {
+            (0, n) => n.to_string(),
+            (k, 0) => tokens_text(k),
+            (k, n) => format!("{}+{n}", tokens_text(k)),
+        };
+        write!(f, "{}[{size}]", self.dtype.name())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -268,6 +330,16 @@ impl Launch {
             assert!(ct.accepts(a), "{}: parameter {p} is `{}`, given {a:?}", f.name, ct.c());
         }
         Launch { kernel: KernelSpec::new(f, targs), args, grid, block: f.threads }
+    }
+
+    /// One line: `vp_rmsnorm_D8 <<<T, 1, 1 | 256>>> (x=$x, w=@w, y=%0, rows=T, eps=1e-5)`, the
+    /// grid, the block size and each argument named by its parameter.
+    pub fn to_text(&self, value: &dyn Fn(ValueId) -> String) -> String {
+        let [x, y, z] = self.grid;
+        let params = self.kernel.family().params;
+        let args: Vec<String> =
+            params.iter().zip(&self.args).map(|((_, name), a)| format!("{name}={}", a.to_text(value))).collect();
+        format!("{} <<<{x}, {y}, {z} | {}>>> ({})", self.kernel.name(), self.block, args.join(", "))
     }
 }
 
@@ -325,5 +397,56 @@ impl Lowered {
                 a
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vpmoe_ir::{Node, Op};
+
+    #[test]
+    fn launch_dims() {
+        let t = |mul, div, add| LaunchDim::Tok { mul, div, add }.to_string();
+        assert_eq!(LaunchDim::Const(7).to_string(), "7");
+        assert_eq!(LaunchDim::Rows.to_string(), "T/S");
+        assert_eq!([t(1, 1, 0), t(4, 1, 0), t(1, 64, 0), t(2, 64, 8)], ["T", "4T", "⌈T/64⌉", "⌈2T/64⌉+8"]);
+    }
+
+    #[test]
+    fn args_and_scratch() {
+        let value = |v: ValueId| format!("%{}", v.0);
+        let args = [
+            Arg::Value(ValueId(3)),
+            Arg::ValueAt { v: ValueId(3), offset: 512 },
+            Arg::Scratch { index: 0, offset: 0 },
+            Arg::Scratch { index: 1, offset: 64 },
+            Arg::Null,
+            Arg::Tokens { mul: 1 },
+            Arg::Tokens { mul: 4 },
+            Arg::Seq,
+            Arg::InvRows,
+            Arg::Tickets,
+            Arg::Int(-2),
+            Arg::Float(1e-5),
+            Arg::Accum(ValueId(3)),
+        ];
+        let text: Vec<String> = args.iter().map(|a| a.to_text(&value)).collect();
+        let want = ["%3", "%3+512", "s0", "s1+64", "null", "T", "4T", "S", "S/T", "tickets", "-2", "1e-5", "accum(%3)"];
+        assert_eq!(text, want);
+        let scratch = |per_token, fixed| Scratch { dtype: DType::F32, per_token, fixed }.to_string();
+        assert_eq!([scratch(4, 0), scratch(0, 256), scratch(1, 8)], ["f32[4T]", "f32[256]", "f32[T+8]"]);
+    }
+
+    #[test]
+    fn launch_text_names_each_argument() {
+        let ids = |r: std::ops::Range<u32>| r.map(ValueId).collect();
+        let node =
+            Node { name: "norm".into(), op: Op::RmsNorm { dim: 8, eps: 1e-5 }, inputs: ids(0..2), outputs: ids(2..3) };
+        let (launches, scratch) = crate::lower_node(&node);
+        let names = ["$x", "@w", "%0"];
+        let text = launches[0].to_text(&|v| names[v.0 as usize].to_string());
+        assert_eq!(text, "vp_rmsnorm_D8 <<<T, 1, 1 | 256>>> (x=$x, w=@w, y=%0, rows=T, eps=1e-5)");
+        assert_eq!((launches.len(), scratch.len()), (1, 0));
     }
 }

@@ -1,6 +1,8 @@
 //! The plan: kernels with launch shapes, a liveness-based memory plan, the parameter table, the
 //! report and the fingerprint. Every activation scales with `T` (no tensor is `S×S`), so buffers
 //! live in two arenas: one sized in bytes per token (offsets valid for any `T`) and one fixed.
+//! [`schedule`] is the part that needs only the graph; [`Plan::to_text`] prints the steps with
+//! their launch arguments and the memory plan.
 
 use crate::config::Arch;
 use crate::optimizer::OptimizerPlan;
@@ -8,8 +10,9 @@ use crate::report::Report;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use vpmoe_codegen::{lower_node, Arg, Launch};
-use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType};
+use std::fmt::Write;
+use vpmoe_codegen::{lower_node, Arg, Launch, Scratch};
+use vpmoe_ir::{Graph, Init, OptGroup, Role, TensorType, ValueDef, ValueId};
 
 pub const PLAN_FORMAT: u32 = 8;
 pub const COMPILER_VERSION: &str = concat!("vpmoec ", env!("CARGO_PKG_VERSION"));
@@ -199,27 +202,42 @@ fn check_summed_in_place(g: &Graph, node: usize, finals: &[vpmoe_ir::ValueId], l
     }
 }
 
-pub fn build(g: &Graph, arch: &Arch) -> Plan {
+/// The part of a plan that needs only the graph: one step per node with its launches, the
+/// scratch buffers each node's lowering asked for, and the memory plan. Filetests plan
+/// hand-written graphs with it.
+pub struct Schedule {
+    pub steps: Vec<Step>,
+    /// Per step, its node's scratch buffers, in the order `Arg::Scratch` indexes them.
+    pub scratch: Vec<Vec<Scratch>>,
+    pub buffers: Vec<Buffer>,
+    pub tok_arena_bytes_per_token: u64,
+    pub fixed_arena_bytes: u64,
+}
+
+/// Per-token buffer sizes in bytes per token, fixed ones in bytes, each rounded to its arena's
+/// alignment.
+fn sized(ty: &TensorType) -> (Arena, u64) {
+    let (per_tok, fixed) = ty.numel_split();
+    if ty.scales_with_tokens() {
+        (Arena::Tok, (per_tok * ty.dtype.bytes()).next_multiple_of(TOK_ALIGN))
+    } else {
+        (Arena::Fixed, (fixed * ty.dtype.bytes()).next_multiple_of(FIXED_ALIGN))
+    }
+}
+
+/// Lowers every node and assigns every buffer (graph inputs, node outputs that are not
+/// finalised gradients, scratch) an arena offset.
+pub fn schedule(g: &Graph) -> Schedule {
     let n_nodes = g.nodes.len() as u32;
     let grads = finalised_grads(g);
     let last: Vec<Option<usize>> = g.last_uses();
     let mut reqs = Vec::new();
-    let sized = |ty: &TensorType| -> (Arena, u64) {
-        let (per_tok, fixed) = ty.numel_split();
-        if ty.scales_with_tokens() {
-            (Arena::Tok, (per_tok * ty.dtype.bytes()).next_multiple_of(TOK_ALIGN))
-        } else {
-            (Arena::Fixed, (fixed * ty.dtype.bytes()).next_multiple_of(FIXED_ALIGN))
-        }
-    };
     for inp in &g.inputs {
         let (arena, size) = sized(&g.value(inp.value).ty);
         reqs.push(Req { key: BufferKey::Value(inp.value.0), arena, size, live: (0, n_nodes) });
     }
     let mut steps = Vec::new();
-    let mut kernels: BTreeMap<String, KernelEntry> = BTreeMap::new();
-    // Peak node-private scratch of one micro-batch of max_seq tokens (the report's workspace).
-    let mut workspace = 0u64;
+    let mut scratches = Vec::new();
     for (ni, node) in g.nodes.iter().enumerate() {
         let ni = ni as u32;
         let (launches, scratch) = lower_node(node);
@@ -233,7 +251,6 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
             let end = last[v.0 as usize].map(|x| x as u32).unwrap_or(ni);
             reqs.push(Req { key: BufferKey::Value(v.0), arena, size, live: (ni, end) });
         }
-        let mut node_ws = 0;
         for (si, s) in scratch.iter().enumerate() {
             let ty = if s.per_token > 0 {
                 TensorType::tok(s.dtype, &[s.per_token])
@@ -241,19 +258,10 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
                 TensorType::fixed(s.dtype, &[s.fixed])
             };
             let (arena, size) = sized(&ty);
-            node_ws += if arena == Arena::Tok { size * arch.max_seq } else { size };
             reqs.push(Req { key: BufferKey::Scratch { node: ni, index: si as u32 }, arena, size, live: (ni, ni) });
         }
-        workspace = workspace.max(node_ws);
-        for l in &launches {
-            kernels.entry(l.kernel.name()).or_insert_with(|| KernelEntry {
-                name: l.kernel.name(),
-                family: l.kernel.family.clone(),
-                targs: l.kernel.targs.clone(),
-                block: l.block,
-            });
-        }
         steps.push(Step { node: node.name.clone(), launches, grads: grads[ni as usize].iter().map(|g| g.0).collect() });
+        scratches.push(scratch);
     }
     let mut buffers = Vec::new();
     let mut sizes = (0, 0);
@@ -269,6 +277,31 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         }
     }
     buffers.sort_by(|a, b| a.key.cmp(&b.key));
+    Schedule { steps, scratch: scratches, buffers, tok_arena_bytes_per_token: sizes.0, fixed_arena_bytes: sizes.1 }
+}
+
+/// Peak node-private scratch of one micro-batch of `max_seq` tokens (the report's workspace).
+fn workspace(buffers: &[Buffer], max_seq: u64) -> u64 {
+    let mut per_node: BTreeMap<u32, u64> = BTreeMap::new();
+    for b in buffers {
+        if let BufferKey::Scratch { node, .. } = b.key {
+            *per_node.entry(node).or_default() += if b.arena == Arena::Tok { b.size * max_seq } else { b.size };
+        }
+    }
+    per_node.into_values().max().unwrap_or(0)
+}
+
+pub fn build(g: &Graph, arch: &Arch) -> Plan {
+    let Schedule { steps, buffers, tok_arena_bytes_per_token, fixed_arena_bytes, .. } = schedule(g);
+    let mut kernels: BTreeMap<String, KernelEntry> = BTreeMap::new();
+    for l in steps.iter().flat_map(|s| &s.launches) {
+        kernels.entry(l.kernel.name()).or_insert_with(|| KernelEntry {
+            name: l.kernel.name(),
+            family: l.kernel.family.clone(),
+            targs: l.kernel.targs.clone(),
+            block: l.block,
+        });
+    }
     let params: Vec<ParamEntry> = g
         .params
         .iter()
@@ -291,9 +324,9 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         g,
         arch,
         &params,
-        sizes.0,
-        sizes.1,
-        workspace,
+        tok_arena_bytes_per_token,
+        fixed_arena_bytes,
+        workspace(&buffers, arch.max_seq),
         kernels.len(),
         steps.iter().map(|s| s.launches.len()).sum(),
         &optimizer,
@@ -307,8 +340,8 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
         kernels,
         steps,
         buffers,
-        tok_arena_bytes_per_token: sizes.0,
-        fixed_arena_bytes: sizes.1,
+        tok_arena_bytes_per_token,
+        fixed_arena_bytes,
         optimizer,
         report,
     }
@@ -319,4 +352,77 @@ impl Plan {
     pub fn buffer_of(&self, key: &BufferKey) -> Option<&Buffer> {
         self.buffers.binary_search_by(|b| b.key.cmp(key)).ok().map(|i| &self.buffers[i])
     }
+
+    /// The steps and the memory plan as text (see [`Schedule::steps_text`] and
+    /// [`Schedule::memory_text`]). `g` is the graph the plan was built from; the scratch types
+    /// come from lowering its nodes again (the plan keeps only their sizes).
+    pub fn to_text(&self, g: &Graph) -> String {
+        let refs = value_refs(g);
+        let scratch: Vec<Vec<Scratch>> = g.nodes.iter().map(|n| lower_node(n).1).collect();
+        let (tok, fixed) = (self.tok_arena_bytes_per_token, self.fixed_arena_bytes);
+        steps_text(g, &refs, &self.steps, &scratch) + "\n" + &memory_text(g, &refs, &self.buffers, tok, fixed)
+    }
+}
+
+impl Schedule {
+    /// Per step, `INDEX NODE` and, indented, each launch ([`Launch::to_text`]), each scratch
+    /// buffer (`s0: f32[4T]`) and the parameters whose gradient it finalises (`grads: @a, @b`).
+    pub fn steps_text(&self, g: &Graph) -> String {
+        steps_text(g, &value_refs(g), &self.steps, &self.scratch)
+    }
+
+    /// The arena sizes, then every buffer: `KEY: ARENA [START, END) live FIRST..=LAST`, in bytes
+    /// (per token in the tok arena) and node indices; a scratch buffer's key is `NODE/s0`.
+    pub fn memory_text(&self, g: &Graph) -> String {
+        memory_text(g, &value_refs(g), &self.buffers, self.tok_arena_bytes_per_token, self.fixed_arena_bytes)
+    }
+}
+
+/// Every value's reference in the text form ([`Graph::value_ref`], in one pass).
+fn value_refs(g: &Graph) -> Vec<String> {
+    let mut node_outputs = 0;
+    let refs = g.values.iter().enumerate().map(|(i, v)| match v.def {
+        ValueDef::Node(..) => {
+            node_outputs += 1;
+            format!("%{}", node_outputs - 1)
+        }
+        _ => g.value_ref(ValueId(i as u32)),
+    });
+    refs.collect()
+}
+
+fn steps_text(g: &Graph, refs: &[String], steps: &[Step], scratch: &[Vec<Scratch>]) -> String {
+    let value = |v: ValueId| refs[v.0 as usize].clone();
+    let mut s = String::new();
+    for (i, (st, scratch)) in steps.iter().zip(scratch).enumerate() {
+        writeln!(s, "{i} {}", st.node).unwrap();
+        for l in &st.launches {
+            writeln!(s, "  {}", l.to_text(&value)).unwrap();
+        }
+        for (k, b) in scratch.iter().enumerate() {
+            writeln!(s, "  s{k}: {b}").unwrap();
+        }
+        if !st.grads.is_empty() {
+            let grads: Vec<String> = st.grads.iter().map(|&p| value(g.params[p as usize].value)).collect();
+            writeln!(s, "  grads: {}", grads.join(", ")).unwrap();
+        }
+    }
+    s
+}
+
+fn memory_text(g: &Graph, refs: &[String], buffers: &[Buffer], tok: u64, fixed: u64) -> String {
+    let mut s = format!("tok arena: {tok} B/token\nfixed arena: {fixed} B\n");
+    for b in buffers {
+        let key = match b.key {
+            BufferKey::Value(v) => refs[v as usize].clone(),
+            BufferKey::Scratch { node, index } => format!("{}/s{index}", g.nodes[node as usize].name),
+        };
+        let arena = match b.arena {
+            Arena::Tok => "tok",
+            Arena::Fixed => "fixed",
+        };
+        let (start, end) = (b.offset, b.offset + b.size);
+        writeln!(s, "  {key}: {arena} [{start}, {end}) live {}..={}", b.live.0, b.live.1).unwrap();
+    }
+    s
 }

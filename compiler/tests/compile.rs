@@ -1,6 +1,8 @@
-//! Compiler tests: IR snapshots of the small configs, the report's exactness (against the
-//! locked numbers and an independent closed-form count), config errors, the memory plan's
-//! invariants and the layer-count independence of the kernel set.
+//! Compiler tests on whole configs: the plan text of `configs/small.toml` (one snapshot), the
+//! report's exactness (against the locked numbers and an independent closed-form count), config
+//! errors, gradients written into their sums, the memory plan's invariants, the fingerprint, the
+//! plan directory's atomic writes and the layer-count independence of the kernel set. Single ops,
+//! autodiff and the verifier are covered by the filetests (tests/filetests, `filetests.rs`).
 
 use std::path::{Path, PathBuf};
 use vpmoe_codegen::Arg;
@@ -15,31 +17,6 @@ fn load(rel: &str) -> Arch {
     config::load(&root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e:#}"))
 }
 const SMALL: [&str; 4] = ["tiny_moe", "tiny_tied", "tiny_dense", "tiny_noshared"];
-
-#[test]
-fn ir_snapshots_of_small_configs() {
-    for name in SMALL {
-        let (g, _) = compile_arch(&load(&format!("tests/configs/{name}.toml"))).unwrap();
-        insta::assert_snapshot!(format!("ir_{name}"), g.to_text());
-    }
-}
-
-/// The autodiff pass as the diff it makes to the forward graph's text: `+` lines are added,
-/// `-` lines removed.
-#[test]
-fn autodiff_diff_of_tiny_moe() {
-    let arch = load("tests/configs/tiny_moe.toml");
-    let mut g = vpmoe_compiler::lower::lower(&arch);
-    let before = g.to_text();
-    vpmoe_compiler::autodiff::autodiff(&mut g).unwrap();
-    vpmoe_ir::verify(&g).unwrap();
-    let after = g.to_text();
-    let old: std::collections::HashSet<&str> = before.lines().collect();
-    let new: std::collections::HashSet<&str> = after.lines().collect();
-    let mut diff: Vec<String> = before.lines().filter(|l| !new.contains(l)).map(|l| format!("-{l}")).collect();
-    diff.extend(after.lines().filter(|l| !old.contains(l)).map(|l| format!("+{l}")));
-    insta::assert_snapshot!("autodiff_tiny_moe", diff.join("\n"));
-}
 
 #[test]
 fn every_trainable_parameter_gets_a_gradient_output() {
@@ -108,42 +85,13 @@ fn gradients_are_written_into_their_sums() {
     }
 }
 
+/// The whole plan of the small built-in architecture as text: every step's launches with their
+/// grids and named arguments, scratch buffers and finalised gradients, then the memory plan. It
+/// guards what the training job runs; per-op lowering is in tests/filetests.
 #[test]
-fn plan_snapshot_of_tiny_moe() {
-    // The memory-planning and codegen lowering, shown as the plan's text: each node's launches
-    // and the arena assignment of every buffer.
-    let (_, plan) = compile_arch(&load("tests/configs/tiny_moe.toml")).unwrap();
-    let mut s = String::new();
-    for st in &plan.steps {
-        for l in &st.launches {
-            s.push_str(&format!("{}: {} grid={:?} block={}\n", st.node, l.kernel.name(), l.grid, l.block));
-        }
-    }
-    s.push_str(&format!(
-        "tok arena {} B/token, fixed arena {} B\n",
-        plan.tok_arena_bytes_per_token, plan.fixed_arena_bytes
-    ));
-    for b in &plan.buffers {
-        s.push_str(&format!("{:?} {:?} @{} +{} live {:?}\n", b.key, b.arena, b.offset, b.size, b.live));
-    }
-    insta::assert_snapshot!("plan_tiny_moe", s);
-}
-
-#[test]
-fn kernel_shims_snapshot() {
-    let (_, plan) = compile_arch(&load("tests/configs/tiny_moe.toml")).unwrap();
-    let all: String = plan
-        .kernels
-        .iter()
-        .map(|k| {
-            vpmoe_codegen::shim(
-                &vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() },
-                k.block,
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    insta::assert_snapshot!("shims_tiny_moe", all);
+fn plan_of_the_small_config() {
+    let (g, plan) = compile_arch(&load("configs/small.toml")).unwrap();
+    insta::assert_snapshot!("plan_small", plan.to_text(&g));
 }
 
 #[test]
