@@ -282,7 +282,7 @@ pub struct StreamPos {
 }
 
 /// Serialisable reader state; [`Reader::restore`] continues exactly where it was saved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     pub version: u32,
     pub seq_len: usize,

@@ -1,0 +1,311 @@
+//! The command line: every subcommand's arguments, and what they select (the plan, the backend,
+//! the datasets).
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use vpmoe_runtime::{cpu::CpuBackend, cuda::CudaBackend, load_plan, state::TrainState, Backend};
+
+#[derive(Parser)]
+#[command(name = "vpmoe-rt", version, about = "Run compiled vpmoe plans: forward, data, training")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub(crate) enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub(crate) enum Decay {
+    Constant,
+    Linear,
+    Cosine,
+    Wsd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Train (stage 1, span-normalised CE) on a token dataset; with no --data, on the bundled
+    /// SYNTH sample, rendered and tokenised into CKPT_DIR/data on first use.
+    Train(TrainArgs),
+    /// Datasets: render Harmony conversations, build token datasets from SYNTH parquet, inspect.
+    #[command(subcommand)]
+    Data(vpmoe_data::cli::DataCmd),
+    /// Teacher scoring against a served GPT-OSS-120B (vLLM or SGLang) for stage 2.
+    #[command(subcommand)]
+    Teacher(TeacherCmd),
+    /// Time whole training steps on synthetic micro-batches: tokens/s, MFU against the device's
+    /// dense bf16 peak, device memory, and (cuda) the share of kernel time in attention, MoE,
+    /// LM head + loss and the rest, plus the optimizer's share of the step.
+    Bench(BenchArgs),
+    /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
+    /// span-normalised loss (at initialisation it should be close to ln(vocab)).
+    Forward(SyntheticRun),
+}
+
+/// The backend and where its state lives.
+#[derive(clap::Args)]
+pub(crate) struct BackendArgs {
+    /// Which backend executes the plan. Always explicit: nothing falls back silently.
+    #[arg(long = "backend", value_enum, value_name = "BACKEND")]
+    pub(crate) kind: BackendKind,
+    /// cuda: keep the Normuon momenta in pinned host memory, read and written over PCIe once per
+    /// step (same results bit for bit). The locked config then fits an 80 GB H100.
+    #[arg(long)]
+    pub(crate) host_momentum: bool,
+    /// cuda: issue the dense GEMMs that are plain products (the LM head's backward, bias-free
+    /// projections) as cuBLAS calls instead of generated kernels. Needs libcublas on the loader
+    /// path; results differ from the generated kernels by summation order only.
+    #[arg(long)]
+    pub(crate) cublas: bool,
+}
+
+/// A plan run on seeded synthetic micro-batches (`forward`, `bench`).
+#[derive(clap::Args)]
+pub(crate) struct SyntheticRun {
+    /// Plan directory written by `vpmoec compile` (its cubins are used when current).
+    #[arg(long, conflicts_with = "arch")]
+    pub(crate) plan: Option<PathBuf>,
+    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    #[arg(long)]
+    pub(crate) arch: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
+    /// Tokens per row (default: the architecture's max_sequence_length).
+    #[arg(long)]
+    pub(crate) seq_len: Option<usize>,
+    /// Rows in the micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) micro_batch: usize,
+    /// Seed for parameter initialisation and the synthetic tokens.
+    #[arg(long, default_value_t = 1234)]
+    pub(crate) seed: u64,
+}
+
+impl SyntheticRun {
+    /// The plan directory (if any), graph, plan and the checked row length.
+    pub(crate) fn plan(&self) -> Result<(Option<PathBuf>, vpmoe_ir::Graph, vpmoe_compiler::Plan, usize)> {
+        let (graph, plan) = plan_of(self.plan.clone(), self.arch.clone())?;
+        let seq = self.seq_len.unwrap_or(plan.arch.max_seq as usize);
+        if seq == 0 || seq as u64 > plan.arch.max_seq {
+            bail!("--seq-len {seq} must be in 1..={}", plan.arch.max_seq);
+        }
+        Ok((self.plan.clone(), graph, plan, seq))
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) run: SyntheticRun,
+    /// Untimed steps first (kernel loading, caches, clocks).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warmup: u64,
+    /// Timed training steps.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) steps: u64,
+    /// Micro-batches per step (forward and backward each, then one optimizer step): the
+    /// optimizer's share of step time falls as 1/M, so set it to the run's.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) grad_accum: u64,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TeacherCmd {
+    /// Score a subset of a build-synth dataset's train split: send each document's exact token
+    /// ids, store the teacher's per-token log-probabilities (and top-k) as sidecars aligned
+    /// with the labels. Resumable: re-run the same command after a crash or a kill.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ScoreArgs {
+    /// Teacher server, http://HOST:PORT.
+    #[arg(long)]
+    pub(crate) server: String,
+    /// Its API: vLLM /v1/completions (prompt_logprobs) or SGLang /generate.
+    #[arg(long, value_enum)]
+    pub(crate) api: vpmoe_runtime::teacher::wire::Api,
+    /// Model to request (default: the one the server serves).
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+    /// Dataset root written by `vpmoe-rt data build-synth`.
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Output directory of the scored dataset (created; re-running continues it).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Which documents: fraction=F,prefer=long-reasoning|random,exercise=a|b,language=x|y,
+    /// balance=exercise|language (deterministic by synth_id).
+    #[arg(long, default_value = "fraction=1")]
+    pub(crate) subset: vpmoe_data::teacher::SubsetRule,
+    /// Also store the teacher's top-k candidates per position (vLLM caps k at --max-logprobs, 20).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) concurrency: usize,
+    /// Pack whole documents into one request up to this many tokens (server logprob memory
+    /// grows with it: about 9.2 GiB per 8,192 tokens for the 201k vocabulary).
+    #[arg(long, default_value_t = 8192)]
+    pub(crate) max_tokens_per_request: usize,
+    /// Seconds one request may take, response included.
+    #[arg(long, default_value_t = 600.0)]
+    pub(crate) timeout: f64,
+    /// Retries of a request after a transport error, 429 or 5xx (exponential backoff from 1 s).
+    #[arg(long, default_value_t = 6)]
+    pub(crate) retries: u32,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// Plan directory written by `vpmoec compile`.
+    #[arg(long, conflicts_with = "arch")]
+    pub(crate) plan: Option<PathBuf>,
+    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    #[arg(long)]
+    pub(crate) arch: Option<PathBuf>,
+    /// Dataset root (`data build-synth` or `teacher score` output), optionally `DIR:WEIGHT`.
+    /// Repeat to blend: e.g. `--data synth:0.3 --data rescored:0.7` draws 70 % of the rows from
+    /// the teacher-scored set (confidence-weighted CE) and 30 % from the vanilla one (plain CE).
+    /// Held-out loss uses the valid split of the first dataset that has one.
+    #[arg(long, value_name = "DIR[:WEIGHT]")]
+    pub(crate) data: Vec<String>,
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
+    /// Optimizer steps of the whole run (a resumed run continues up to this step).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) steps: u64,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) grad_accum: usize,
+    /// Tokens per row (default: min(128, max_sequence_length)).
+    #[arg(long)]
+    pub(crate) seq_len: Option<usize>,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 1234)]
+    pub(crate) seed: u64,
+    /// Checkpoints and metrics.jsonl go here (default: runs/<arch name>).
+    #[arg(long)]
+    pub(crate) ckpt_dir: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs).
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Held-out evaluation every N steps (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) eval_every: u64,
+    /// Micro-batches per held-out evaluation.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) eval_batches: usize,
+    /// Save a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) save_every: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) keep: usize,
+    /// Peak learning rate of the Normuon group.
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) lr: f64,
+    /// Final learning rate of the decay.
+    #[arg(long, default_value_t = 0.002)]
+    pub(crate) min_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) warmup: u64,
+    #[arg(long, value_enum, default_value_t = Decay::Cosine)]
+    pub(crate) decay: Decay,
+    /// Length of the final decay of --decay wsd.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) wsd_decay: u64,
+    /// Peak learning rate of the AdamW group (default: the config's, else 0.004).
+    #[arg(long)]
+    pub(crate) aux_lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) weight_decay: f64,
+    /// Global gradient-norm clipping threshold (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) clip: f64,
+    /// Span weights w_r,w_f of the loss.
+    #[arg(long, default_value = "1.0,1.0", value_delimiter = ',', num_args = 2)]
+    pub(crate) span_weights: Vec<f32>,
+    /// Temperature T of the confidence weights exp((teacher_logp − m)/T) (stage 2).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) kd_temperature: f32,
+    /// Clip range w_min,w_max of the confidence weights (stage 2).
+    #[arg(long, default_value = "0.25,4.0", value_delimiter = ',', num_args = 2)]
+    pub(crate) kd_clip: Vec<f32>,
+    /// Profile steps A..=B (1-based, cuda backend): a cudaProfiler capture range for
+    /// `nsys profile --capture-range=cudaProfilerApi` / `ncu --profile-from-start off`, NVTX
+    /// ranges per step and IR node, and a per-kernel timing table (CKPT_DIR/kernel-times.txt).
+    #[arg(long, value_name = "A:B", value_parser = parse_steps)]
+    pub(crate) profile_steps: Option<(u64, u64)>,
+}
+
+pub(crate) fn parse_steps(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').unwrap_or((s, s));
+    let num = |x: &str| x.trim().parse::<u64>().map_err(|_| format!("{s:?} is not A:B (step numbers from 1)"));
+    let (a, b) = (num(a)?, num(b)?);
+    if a == 0 || b < a {
+        return Err(format!("{s:?}: need 1 <= A <= B"));
+    }
+    Ok((a, b))
+}
+
+/// The backend the user chose; the cuda one fails with an explanation where there is no GPU.
+pub(crate) fn backend<'g>(
+    args: &BackendArgs,
+    graph: &'g vpmoe_ir::Graph,
+    plan: &'g vpmoe_compiler::Plan,
+    state: TrainState,
+    plan_dir: Option<&std::path::Path>,
+    max_tokens: usize,
+) -> Result<Box<dyn Backend + 'g>> {
+    Ok(match args.kind {
+        BackendKind::Cpu if args.host_momentum => bail!("--host-momentum places cuda state; it needs --backend cuda"),
+        BackendKind::Cpu if args.cublas => bail!("--cublas chooses cuda GEMMs; it needs --backend cuda"),
+        BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
+        BackendKind::Cuda => {
+            let mut be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
+            if args.cublas {
+                be.use_cublas()?;
+            }
+            let (stored, compiled) = be.kernel_sources();
+            eprintln!(
+                "cuda backend on {}: {stored} kernels from the plan's cubins, {compiled} compiled by NVRTC{}",
+                Backend::device_name(&be),
+                if args.cublas { "; plain dense GEMMs on cuBLAS" } else { "" }
+            );
+            Box::new(be)
+        }
+    })
+}
+
+/// `DIR` or `DIR:WEIGHT` (a suffix that is not a number is part of the path).
+pub(crate) fn data_source(s: &str) -> (PathBuf, f64) {
+    match s.rsplit_once(':') {
+        Some((p, w)) if !p.is_empty() => match w.parse::<f64>() {
+            Ok(w) => (PathBuf::from(p), w),
+            Err(_) => (PathBuf::from(s), 1.0),
+        },
+        _ => (PathBuf::from(s), 1.0),
+    }
+}
+
+/// The plan of `--plan DIR`, or of `--arch TOML` compiled in memory (default: the small config).
+pub(crate) fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan)> {
+    match plan {
+        Some(dir) => load_plan(&dir),
+        None => {
+            let path = arch.unwrap_or_else(|| PathBuf::from("configs/small.toml"));
+            vpmoe_compiler::compile_arch(&vpmoe_compiler::config::load(&path)?)
+        }
+    }
+}
+

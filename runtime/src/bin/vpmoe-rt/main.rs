@@ -1,0 +1,207 @@
+//! `vpmoe-rt`: the vpmoe runtime CLI.
+
+mod bench;
+mod cli;
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+use cli::{backend, data_source, plan_of, BackendKind, Cli, Cmd, Decay, ScoreArgs, TeacherCmd, TrainArgs};
+use std::path::PathBuf;
+use std::time::Instant;
+use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
+use vpmoe_runtime::{state::TrainState, synthetic_batch};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let plan_dir = a.plan.clone();
+    let (graph, plan) = plan_of(a.plan, a.arch)?;
+    if a.profile_steps.is_some() && a.backend.kind != BackendKind::Cuda {
+        bail!("--profile-steps profiles GPU kernels; it needs --backend cuda");
+    }
+    let seq_len = a.seq_len.unwrap_or(plan.arch.max_seq.min(128) as usize);
+    let decay = match a.decay {
+        Decay::Constant => vpmoe_ir::optim::DecayStyle::Constant,
+        Decay::Linear => vpmoe_ir::optim::DecayStyle::Linear,
+        Decay::Cosine => vpmoe_ir::optim::DecayStyle::Cosine,
+        Decay::Wsd => vpmoe_ir::optim::DecayStyle::Wsd,
+    };
+    let schedule = vpmoe_ir::optim::Schedule {
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup: a.warmup,
+        total: a.steps,
+        decay,
+        wsd_decay: a.wsd_decay,
+    };
+    let cfg = TrainConfig {
+        micro_batch: a.micro_batch,
+        grad_accum: a.grad_accum,
+        seq_len,
+        seed: a.seed,
+        schedule,
+        aux_lr: a.aux_lr.or(plan.arch.optimizer.aux_lr).unwrap_or(0.004),
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        span_weights: [a.span_weights[0], a.span_weights[1]],
+        kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
+    };
+    // Open the device before any data work: a missing GPU is reported at once.
+    let state = TrainState::init(&plan, cfg.seed);
+    let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
+    let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
+    let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
+        vec![(vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?, 1.0)]
+    } else {
+        a.data.iter().map(|s| data_source(s)).collect()
+    };
+    let opts = RunOptions {
+        steps: a.steps,
+        ckpt_dir,
+        resume: a.resume,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+        save_every: a.save_every,
+        keep: a.keep,
+        progress: true,
+        print_every: (a.steps / 20).max(1),
+        profile_steps: a.profile_steps,
+    };
+    println!(
+        "train {} ({} params, fingerprint {}) on {} · backend {} · {} x {} x {} tokens per step",
+        plan.arch.name,
+        plan.report.params_total,
+        &plan.fingerprint[..16],
+        data.iter().map(|(d, w)| format!("{}:{w}", d.display())).collect::<Vec<_>>().join(" + "),
+        a.backend.kind.to_possible_value().expect("named").get_name(),
+        cfg.grad_accum,
+        cfg.micro_batch,
+        cfg.seq_len
+    );
+    let out = train::train(be.as_mut(), &plan, &data, &cfg, &opts)?;
+    if let (Some(first), Some(last)) = (out.records.first(), out.records.last()) {
+        println!("loss {:.4} -> {:.4} over steps {}..{}", first.loss, last.loss, first.step, last.step);
+    }
+    if let Some(p) = &out.checkpoint {
+        println!("checkpoint {}", p.display());
+    }
+    println!("metrics {}", opts.ckpt_dir.join("metrics.jsonl").display());
+    if out.interrupted {
+        println!("interrupted: the checkpoint above resumes the run with --resume");
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn run_score(a: ScoreArgs) -> Result<()> {
+    use vpmoe_runtime::teacher::{client::ClientConfig, score};
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let opts = score::ScoreOptions {
+        client: ClientConfig {
+            url: a.server,
+            api: a.api,
+            model: a.model,
+            timeout: std::time::Duration::from_secs_f64(a.timeout),
+            retries: a.retries,
+            backoff: std::time::Duration::from_secs(1),
+            vocab: vpmoe_data::tokenizer::VOCAB_SIZE as usize,
+        },
+        data: a.data,
+        out: a.out,
+        subset: a.subset,
+        top_k: a.top_k,
+        concurrency: a.concurrency,
+        max_tokens_per_request: a.max_tokens_per_request,
+        progress: true,
+    };
+    let r = score::score(&opts)?;
+    println!(
+        "scored {} documents ({} tokens): {} now, {} from earlier runs; {:.0} tokens/s",
+        r.documents,
+        r.tokens,
+        r.scored_now,
+        r.resumed,
+        r.tokens_now as f64 / r.seconds.max(1e-9)
+    );
+    print!("{}", r.stats.format());
+    println!("manifest {}", r.manifest.display());
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
+        Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
+        Cmd::Train(a) => run_train(a),
+        Cmd::Bench(a) => bench::run_bench(a),
+        Cmd::Forward(run) => {
+            let (micro_batch, seed) = (run.micro_batch, run.seed);
+            let (plan_dir, graph, plan, seq) = run.plan()?;
+            let a = &plan.arch;
+            let batch = synthetic_batch(a.vocab, seq, micro_batch, seed);
+            batch.validate(a.vocab)?;
+            let t0 = Instant::now();
+            let mut be = backend(
+                &run.backend,
+                &graph,
+                &plan,
+                TrainState::init(&plan, seed),
+                plan_dir.as_deref(),
+                seq * micro_batch,
+            )?;
+            let init_s = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let out = be.forward(&batch, &[])?;
+            let fwd_s = t1.elapsed().as_secs_f64();
+            let tl = out.token_loss();
+            let span_mean = |s: u8| {
+                let (sum, n) = tl
+                    .iter()
+                    .zip(&batch.span)
+                    .zip(&batch.loss_mask)
+                    .filter(|((_, sp), m)| **sp == s && **m != 0)
+                    .fold((0f64, 0usize), |(a, n), ((l, _), _)| (a + *l as f64, n + 1));
+                if n > 0 {
+                    sum / n as f64
+                } else {
+                    0.0
+                }
+            };
+            let aux: Vec<f32> = out.aux().into_iter().map(|(_, a)| a).collect();
+            println!(
+                "arch          {} ({} params, fingerprint {})",
+                a.name,
+                plan.report.params_total,
+                &plan.fingerprint[..16]
+            );
+            println!("backend       {}", be.name());
+            println!("batch         {micro_batch} x {seq} tokens (seed {seed})");
+            println!(
+                "loss          {:.6}   (w_r·CE_r + w_f·CE_f; ln(vocab) = {:.6})",
+                out.loss(),
+                (a.vocab as f64).ln()
+            );
+            println!("span losses   reasoning {:.6}, final {:.6}", span_mean(1), span_mean(2));
+            if !aux.is_empty() {
+                println!(
+                    "seq aux loss  {:.6} (mean over {} MoE layers; 1.0 = balanced)",
+                    aux.iter().sum::<f32>() / aux.len() as f32,
+                    aux.len()
+                );
+            }
+            println!(
+                "time          init {init_s:.2} s, forward {fwd_s:.3} s ({:.0} tokens/s)",
+                batch.tokens.len() as f64 / fwd_s
+            );
+            Ok(())
+        }
+    }
+}
+

@@ -1,0 +1,296 @@
+//! The training loop, as a sequence of named steps. One optimizer step: [`Source::draw`] the
+//! step's micro-batches (their span scales `w_span/N_span` over the whole step, D6, so the
+//! objective and gradient do not depend on how the step is split), [`accumulate`] their forward
+//! and backward passes, [`update`] (the optimizer step, §7.1), then profile, evaluate, checkpoint
+//! and log what is due. Stages 1 and 2 draw from token datasets ([`source::Datasets`]); a later
+//! stage adds a [`Source`] and the loss inputs its batches carry.
+
+mod eval;
+mod provenance;
+mod records;
+mod source;
+
+pub use eval::{eval_split, evaluate};
+use provenance::Checkpoints;
+pub use provenance::Provenance;
+pub use records::{EvalRecord, KdRecord, StepRecord};
+pub use source::{Datasets, Drawn, KdCenter, Source};
+
+use crate::backend::{Backend, StepScalars, StepStats};
+use crate::checkpoint::Rng;
+use crate::state::TrainState;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use vpmoe_compiler::Plan;
+use vpmoe_ir::optim::Schedule;
+
+/// The run's semantic settings: recorded in every checkpoint; `--resume` refuses a difference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    /// The Normuon group's schedule; the AdamW group uses the same shape scaled to `aux_lr`.
+    pub schedule: Schedule,
+    pub aux_lr: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    /// Span weights `w_r`, `w_f`.
+    pub span_weights: [f32; 2],
+    /// Stage 2 confidence weights (used on rows that carry teacher log-probabilities).
+    pub kd: KdConfig,
+}
+
+/// `w_t = clip(exp((teacher_logp − m)/T), w_min, w_max)`; m is the running mean of every
+/// teacher log-probability trained on so far (this step's included), kept in checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KdConfig {
+    pub temperature: f32,
+    pub w_min: f32,
+    pub w_max: f32,
+}
+
+impl Default for KdConfig {
+    fn default() -> Self {
+        KdConfig { temperature: 1.0, w_min: 0.25, w_max: 4.0 }
+    }
+}
+
+/// Where and how often (not part of the run's semantics).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub steps: u64,
+    pub ckpt_dir: PathBuf,
+    pub resume: bool,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Save every N steps (0: only at the end and on interrupt).
+    pub save_every: u64,
+    pub keep: usize,
+    pub progress: bool,
+    /// Print a summary line every N steps (0: never).
+    pub print_every: u64,
+    /// Steps `A..=B` (1-based) to profile: capture range, NVTX step ranges and a per-kernel
+    /// timing table written to `CKPT_DIR/kernel-times.txt`.
+    pub profile_steps: Option<(u64, u64)>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub records: Vec<StepRecord>,
+    pub interrupted: bool,
+    pub checkpoint: Option<PathBuf>,
+    pub state: TrainState,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the SIGINT handler once: the loop saves a checkpoint at the next step boundary.
+fn install_sigint() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: saving a checkpoint at the next step boundary (Ctrl-C again to abort)");
+        });
+    });
+}
+
+fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
+    ensure!(cfg.micro_batch >= 1, "--micro-batch must be at least 1");
+    ensure!(cfg.grad_accum >= 1, "--grad-accum must be at least 1");
+    ensure!(
+        cfg.seq_len >= 1 && cfg.seq_len as u64 <= plan.arch.max_seq,
+        "--seq-len {} must be in 1..={} (the architecture's max_sequence_length)",
+        cfg.seq_len,
+        plan.arch.max_seq
+    );
+    cfg.schedule.check().map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
+    ensure!(cfg.aux_lr.is_finite() && cfg.aux_lr >= 0.0, "--aux-lr must be a non-negative number");
+    ensure!(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0, "--weight-decay must be non-negative");
+    ensure!(cfg.clip.is_finite() && cfg.clip >= 0.0, "--clip must be non-negative (0 disables clipping)");
+    for w in cfg.span_weights {
+        ensure!(w.is_finite() && w >= 0.0, "span weights must be non-negative, got {w}");
+    }
+    let k = &cfg.kd;
+    ensure!(k.temperature.is_finite() && k.temperature > 0.0, "--kd-temperature must be positive");
+    ensure!(
+        k.w_min.is_finite() && k.w_max.is_finite() && 0.0 <= k.w_min && k.w_min <= k.w_max,
+        "--kd-clip w_min,w_max needs 0 ≤ w_min ≤ w_max, got {},{}",
+        k.w_min,
+        k.w_max
+    );
+    Ok(())
+}
+
+/// Trains `be` from its current state (or the latest checkpoint with `resume`) on a blend of
+/// datasets `(root, weight)`; held-out loss comes from the first one with a valid split.
+pub fn train(
+    be: &mut dyn Backend,
+    plan: &Plan,
+    data: &[(PathBuf, f64)],
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    validate(cfg, plan)?;
+    ensure!(!data.is_empty(), "no training data given");
+    let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, data)?, dir: &opts.ckpt_dir, keep: opts.keep };
+    let mut source = Datasets::open(data, cfg)?;
+    let eval_data = data.iter().find_map(|(d, _)| eval_split(d));
+    if opts.eval_every > 0 && eval_data.is_none() {
+        bail!(
+            "{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)",
+            data[0].0.display()
+        );
+    }
+    // No op draws random numbers (dropout is 0, D1); the state is recorded for when one does.
+    let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
+    if opts.resume {
+        rng = ckpts.resume(be, &mut source)?;
+    }
+    install_sigint();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let mut log = Log::open(opts, be.step_count())?;
+    let (mut records, mut interrupted, mut checkpoint) = (Vec::new(), false, None);
+    for step in be.step_count()..opts.steps {
+        let _range = crate::cuda::nvtx::range(&format!("step {}", step + 1));
+        profile(be, opts, step, true, &log)?;
+        let t0 = Instant::now();
+        let drawn = source.draw(plan, cfg)?;
+        let acc = accumulate(be, &drawn, step)?;
+        let stats = update(be, plan, cfg, step)?;
+        let mut rec = StepRecord::new(step, cfg, &drawn, &acc, &stats, t0.elapsed().as_secs_f64());
+        profile(be, opts, step, false, &log)?;
+        if let (Some(ev), true) = (&eval_data, opts.eval_every > 0 && (step + 1) % opts.eval_every == 0) {
+            rec.eval = Some(evaluate(be, ev, cfg, opts.eval_batches)?);
+        }
+        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let last = step + 1 == opts.steps;
+        if last || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
+            let (p, sum) = ckpts.save(be, &source, &rng)?;
+            rec.master_sha256 = Some(sum);
+            checkpoint = Some(p);
+        }
+        log.write(&rec, last)?;
+        records.push(rec);
+        if interrupted {
+            break;
+        }
+    }
+    log.finish();
+    Ok(Outcome { records, interrupted, checkpoint, state: be.state()? })
+}
+
+/// What the forward and backward passes of a step's micro-batches report, summed.
+pub struct Accumulated {
+    /// The step objective `Σ ℓ·scale[span]`.
+    pub loss: f64,
+    /// `Σ ℓ` per span over supervised tokens.
+    pub span_loss: [f64; 3],
+    /// Each MoE layer's sequence aux loss, averaged over the micro-batches.
+    pub aux: Vec<(u32, f64)>,
+}
+
+/// Forward and backward of every micro-batch; gradients accumulate in the backend.
+fn accumulate(be: &mut dyn Backend, drawn: &Drawn, step: u64) -> Result<Accumulated> {
+    let m = drawn.batches.len() as f64;
+    let mut acc = Accumulated { loss: 0.0, span_loss: [0.0; 3], aux: Vec::new() };
+    for b in &drawn.batches {
+        let micro = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
+        acc.loss += micro.loss;
+        (0..3).for_each(|i| acc.span_loss[i] += micro.span_loss[i]);
+        for (k, (layer, a)) in micro.aux.into_iter().enumerate() {
+            match acc.aux.get_mut(k) {
+                Some(x) => x.1 += a as f64 / m,
+                None => acc.aux.push((layer, a as f64 / m)),
+            }
+        }
+    }
+    if !acc.loss.is_finite() {
+        bail!("step {}: the loss is not finite ({})", step + 1, acc.loss);
+    }
+    Ok(acc)
+}
+
+/// The optimizer step at this step's learning rates (the AdamW group's follows the Normuon
+/// group's schedule, scaled to `aux_lr`).
+fn update(be: &mut dyn Backend, plan: &Plan, cfg: &TrainConfig, step: u64) -> Result<StepStats> {
+    let lr = cfg.schedule.lr_at(step);
+    let aux_lr = if cfg.schedule.lr > 0.0 { lr * cfg.aux_lr / cfg.schedule.lr } else { 0.0 };
+    let bias_rate = plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0);
+    let sc = StepScalars { lr, aux_lr, weight_decay: cfg.weight_decay, clip: cfg.clip, bias_rate };
+    be.step(&sc).with_context(|| format!("step {}", step + 1))
+}
+
+/// Starts (`on`) or ends the profiled steps `--profile-steps A:B` when `step` is their first or
+/// last; the end writes the per-kernel table to `CKPT_DIR/kernel-times.txt`.
+fn profile(be: &mut dyn Backend, opts: &RunOptions, step: u64, on: bool, log: &Log) -> Result<()> {
+    let Some((a, b)) = opts.profile_steps else { return Ok(()) };
+    if on && a == step + 1 {
+        be.profile(true)?;
+    } else if !on && b == step + 1 {
+        let table = be.profile(false)?.unwrap_or_default();
+        let path = opts.ckpt_dir.join("kernel-times.txt");
+        std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+        log.println(format!("kernel times of steps {a}..={b} ({}):\n{table}", path.display()));
+    }
+    Ok(())
+}
+
+/// `metrics.jsonl` (one record per step, appended) and the progress bar with its summary lines.
+struct Log {
+    metrics: std::fs::File,
+    bar: indicatif::ProgressBar,
+    print_every: u64,
+}
+
+impl Log {
+    fn open(opts: &RunOptions, start: u64) -> Result<Log> {
+        std::fs::create_dir_all(&opts.ckpt_dir).with_context(|| format!("creating {}", opts.ckpt_dir.display()))?;
+        let path = opts.ckpt_dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let bar = if opts.progress { indicatif::ProgressBar::new(opts.steps) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(start);
+        Ok(Log { metrics, bar, print_every: opts.print_every })
+    }
+
+    fn write(&mut self, rec: &StepRecord, last: bool) -> Result<()> {
+        writeln!(self.metrics, "{}", serde_json::to_string(rec)?)?;
+        let msg = records::summary(rec);
+        self.bar.set_message(msg.clone());
+        self.bar.inc(1);
+        if self.print_every > 0 && (rec.step.is_multiple_of(self.print_every) || last || rec.eval.is_some()) {
+            self.println(format!("step {:>5}  {msg}", rec.step));
+        }
+        Ok(())
+    }
+
+    fn println(&self, line: String) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn finish(self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,163 @@
+//! What a step reports: the record written to `metrics.jsonl` and its one-line summary.
+
+use super::source::Drawn;
+use super::{Accumulated, TrainConfig};
+use crate::backend::{Batch, StepStats};
+use crate::health::RouterHealth;
+use serde::Serialize;
+
+/// One optimizer step, as `metrics.jsonl` records it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub ce_reasoning: f64,
+    pub ce_final: f64,
+    pub tokens_reasoning: u64,
+    pub tokens_final: u64,
+    pub span_weights: [f32; 2],
+    pub grad_norm: f64,
+    pub clip_coef: f32,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub optimizer_s: f64,
+    pub router: Option<RouterHealth>,
+    pub router_layers: Vec<(String, RouterHealth)>,
+    /// Rows drawn from each dataset of the blend (in `--data` order).
+    pub rows_per_dataset: Vec<u64>,
+    /// Stage 2: positions with teacher values this step, and their statistics.
+    pub teacher_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kd: Option<KdRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalRecord>,
+    pub master_sha256: Option<String>,
+}
+
+impl StepRecord {
+    /// The record of optimizer step `step` (0-based) that took `seconds`.
+    pub(super) fn new(
+        step: u64,
+        cfg: &TrainConfig,
+        drawn: &Drawn,
+        acc: &Accumulated,
+        stats: &StepStats,
+        seconds: f64,
+    ) -> StepRecord {
+        let layers = crate::health::per_layer(&stats.loads, &acc.aux, &stats.expert_bias);
+        let (_, ce_r, ce_f) = span_means(&acc.span_loss, &drawn.counts, cfg.span_weights);
+        let tokens = (cfg.grad_accum * cfg.micro_batch * cfg.seq_len) as u64;
+        StepRecord {
+            step: step + 1,
+            lr: cfg.schedule.lr_at(step),
+            loss: acc.loss,
+            ce_reasoning: ce_r,
+            ce_final: ce_f,
+            tokens_reasoning: drawn.counts[1],
+            tokens_final: drawn.counts[2],
+            span_weights: cfg.span_weights,
+            grad_norm: stats.grad_norm,
+            clip_coef: stats.clip_coef,
+            tokens,
+            tokens_per_s: tokens as f64 / seconds,
+            step_s: seconds,
+            optimizer_s: stats.optimizer_seconds,
+            router: crate::health::aggregate(&layers),
+            router_layers: layers.iter().map(|(l, h)| (format!("blk{l}"), h.clone())).collect(),
+            rows_per_dataset: drawn.rows_per_dataset.clone(),
+            teacher_tokens: drawn.kd.as_ref().map_or(0, |r| r.1),
+            kd: drawn.kd.as_ref().map(|r| r.0.clone()),
+            eval: None,
+            master_sha256: None,
+        }
+    }
+}
+
+/// Confidence weighting of one step (DISTILL: effective weights, teacher logp).
+#[derive(Clone, Debug, Serialize)]
+pub struct KdRecord {
+    /// The centre m used this step.
+    pub center: f64,
+    pub teacher_logp_mean: f64,
+    pub weight_mean: f64,
+    /// Shares of teacher positions clipped to w_min and to w_max.
+    pub clipped_low: f64,
+    pub clipped_high: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalRecord {
+    pub loss: f64,
+    pub ce_reasoning: f64,
+    pub ce_final: f64,
+    pub tokens: u64,
+}
+
+/// Global per-span means of a set of micro-batches and their token losses.
+pub(super) fn span_means(sums: &[f64; 3], counts: &[u64; 3], w: [f32; 2]) -> (f64, f64, f64) {
+    let mean = |s: usize| if counts[s] > 0 { sums[s] / counts[s] as f64 } else { 0.0 };
+    let (r, f) = (mean(1), mean(2));
+    (w[0] as f64 * r + w[1] as f64 * f, r, f)
+}
+
+
+/// Statistics of the step's confidence weights (the same formula as the IR reference).
+pub(super) fn kd_record(batches: &[Batch], kd: [f32; 4]) -> Option<(KdRecord, u64)> {
+    let (mut n, mut lp_sum, mut lp_n, mut w_sum, mut lo, mut hi) = (0u64, 0f64, 0u64, 0f64, 0u64, 0u64);
+    for b in batches {
+        for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
+            if on == 0 {
+                continue;
+            }
+            n += 1;
+            if lp.is_finite() {
+                lp_sum += lp as f64;
+                lp_n += 1;
+            }
+            let w = vpmoe_ir::reference::confidence_weight(lp, &kd);
+            w_sum += w as f64;
+            lo += u64::from(w <= kd[2]);
+            hi += u64::from(w >= kd[3]);
+        }
+    }
+    (n > 0).then(|| {
+        let r = KdRecord {
+            center: kd[0] as f64,
+            teacher_logp_mean: if lp_n > 0 { lp_sum / lp_n as f64 } else { 0.0 },
+            weight_mean: w_sum / n as f64,
+            clipped_low: lo as f64 / n as f64,
+            clipped_high: hi as f64 / n as f64,
+        };
+        (r, n)
+    })
+}
+
+/// The progress line of a step.
+pub(super) fn summary(r: &StepRecord) -> String {
+    let mut s = format!(
+        "loss {:.4} (reasoning {:.4} on {}, final {:.4} on {}) |g| {:.3} lr {:.2e} {:.0} tok/s",
+        r.loss, r.ce_reasoning, r.tokens_reasoning, r.ce_final, r.tokens_final, r.grad_norm, r.lr, r.tokens_per_s
+    );
+    if let Some(h) = &r.router {
+        s.push_str(&format!(
+            " | router aux {:.3} max {:.1}% cv {:.2} dead {} H {:.2} bias±{:.3}",
+            h.aux, h.max_load_pct, h.cv, h.dead, h.entropy, h.bias_range
+        ));
+    }
+    if let Some(k) = &r.kd {
+        s.push_str(&format!(
+            " | kd {} tok, m {:.3}, w̄ {:.3} (clip {:.0}%/{:.0}%)",
+            r.teacher_tokens,
+            k.center,
+            k.weight_mean,
+            100.0 * k.clipped_low,
+            100.0 * k.clipped_high
+        ));
+    }
+    if let Some(e) = &r.eval {
+        s.push_str(&format!(" | eval {:.4} (r {:.4}, f {:.4})", e.loss, e.ce_reasoning, e.ce_final));
+    }
+    s
+}

@@ -1,0 +1,108 @@
+//! Where a step's micro-batches come from. Stages 1 and 2 draw rows from a blend of token
+//! datasets ([`Datasets`]); a later stage adds its own [`Source`] (on-policy rollouts) and the
+//! loop stays as it is.
+
+use super::records::{kd_record, KdRecord};
+use super::TrainConfig;
+use crate::backend::{seed_step, Batch};
+use crate::checkpoint::Meta;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use vpmoe_compiler::Plan;
+use vpmoe_data::reader::Reader;
+
+/// The micro-batches of one step, with their span scales, seeds and loss inputs set.
+pub struct Drawn {
+    pub batches: Vec<Batch>,
+    /// Supervised tokens per span over the whole step.
+    pub counts: [u64; 3],
+    /// Rows drawn from each dataset of the blend (in `--data` order).
+    pub rows_per_dataset: Vec<u64>,
+    /// Stage 2: the step's confidence-weight statistics and teacher positions.
+    pub kd: Option<(KdRecord, u64)>,
+}
+
+/// A stream of training steps that a checkpoint can continue.
+pub trait Source {
+    /// The next step's micro-batches.
+    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig) -> Result<Drawn>;
+    /// Records in `meta` what continues this stream.
+    fn save(&self, meta: &mut Meta);
+    /// Continues the stream a checkpoint recorded.
+    fn restore(&mut self, meta: &Meta) -> Result<()>;
+}
+
+/// The running mean m of teacher log-probabilities (finite ones; −inf would make it −inf).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KdCenter {
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl KdCenter {
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+    /// Fold in the teacher positions of a micro-batch.
+    pub fn add(&mut self, b: &Batch) {
+        for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
+            if on != 0 && lp.is_finite() {
+                self.sum += lp as f64;
+                self.count += 1;
+            }
+        }
+    }
+}
+
+/// Rows from a weighted blend of token datasets (stage 1 CE; stage 2 confidence-weighted CE on
+/// the rows that carry teacher log-probabilities, DISTILL.md 2B).
+pub struct Datasets {
+    reader: Reader,
+    blend: usize,
+    center: KdCenter,
+}
+
+impl Datasets {
+    pub fn open(data: &[(PathBuf, f64)], cfg: &TrainConfig) -> Result<Datasets> {
+        Ok(Datasets { reader: Reader::open(data, cfg.seq_len, cfg.seed)?, blend: data.len(), center: KdCenter::default() })
+    }
+}
+
+impl Source for Datasets {
+    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig) -> Result<Drawn> {
+        let raw: Vec<_> = (0..cfg.grad_accum).map(|_| self.reader.next_batch(cfg.micro_batch)).collect();
+        let mut rows_per_dataset = vec![0u64; self.blend];
+        for b in &raw {
+            b.source.iter().for_each(|&s| rows_per_dataset[s as usize] += 1);
+        }
+        let mut batches: Vec<Batch> = raw.into_iter().map(Batch::from_reader).collect();
+        let counts = seed_step(&mut batches, &plan.arch, cfg.span_weights);
+        // Confidence weights: fold this step's teacher values into m, then weight with it.
+        for b in &batches {
+            self.center.add(b);
+        }
+        let kd = [self.center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max];
+        let stats = kd_record(&batches, kd);
+        batches.iter_mut().for_each(|b| b.kd = kd);
+        Ok(Drawn { batches, counts, rows_per_dataset, kd: stats })
+    }
+
+    fn save(&self, meta: &mut Meta) {
+        meta.data_cursor = self.reader.cursor();
+        meta.scalars.insert("kd_logp_sum".into(), self.center.sum);
+        meta.scalars.insert("kd_logp_count".into(), self.center.count as f64);
+    }
+
+    fn restore(&mut self, meta: &Meta) -> Result<()> {
+        self.reader.restore(meta.data_cursor.clone()).context("restoring the data cursor")?;
+        self.center = KdCenter {
+            sum: meta.scalars.get("kd_logp_sum").copied().unwrap_or(0.0),
+            count: meta.scalars.get("kd_logp_count").copied().unwrap_or(0.0) as u64,
+        };
+        Ok(())
+    }
+}
