@@ -1,6 +1,5 @@
 //! Every kernel family compiles with the real NVRTC for sm_90a, for the locked config's shapes
-//! and small ones. Skips loudly without NVRTC unless VPMOE_REQUIRE_NVRTC=1 (set by the test
-//! command), where a missing NVRTC is a failure.
+//! and small ones. Full tier (`vpmoe_codegen::full_tier`): there a missing NVRTC is a failure.
 
 mod common;
 
@@ -8,14 +7,7 @@ use std::collections::BTreeSet;
 use vpmoe_codegen::{families, lower_node, nvrtc::Toolchain, shim, KernelSpec};
 
 pub fn toolchain_or_skip() -> Option<Toolchain> {
-    match Toolchain::discover() {
-        Ok(t) => Some(t),
-        Err(e) if std::env::var("VPMOE_REQUIRE_NVRTC").as_deref() == Ok("1") => panic!("VPMOE_REQUIRE_NVRTC=1: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED (no NVRTC): {e}");
-            None
-        }
-    }
+    vpmoe_codegen::full_tier("NVRTC kernel builds").then(|| Toolchain::discover().unwrap_or_else(|e| panic!("{e:#}")))
 }
 
 /// Hand-picked instantiations (edge shapes), then every distinct kernel that the lowering of
