@@ -310,6 +310,38 @@ fn one_of(key: &str, got: &str, allowed: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The largest value each size key takes (docs/config.md): token ids are int32, kernels index
+/// with int, and every product the planner forms stays far inside u64.
+pub const SIZE_LIMITS: &[(&str, u64)] = &[
+    ("tokenizer.vocab_size", 1 << 24),
+    ("model.num_layers", 1024),
+    ("model.hidden_size", 1 << 16),
+    ("model.num_attention_heads", 1024),
+    ("model.num_query_groups", 1024),
+    ("model.head_dim", 512),
+    ("model.ffn_hidden_size", 1 << 18),
+    ("attention.max_sequence_length", 1 << 20),
+    ("tpa.tpa_rank", 64),
+    ("tpa.tpa_q_rank", 64),
+    ("moe.num_experts", 4096),
+    ("moe.topk", 64),
+    ("moe.shared_expert_size", 1 << 18),
+];
+
+fn in_range(key: &str, v: u64) -> Result<()> {
+    let max = SIZE_LIMITS.iter().find(|(k, _)| *k == key).map(|l| l.1).expect("every size key has a limit");
+    ensure!((1..=max).contains(&v), key, "must be in 1..={max}, got {v}");
+    Ok(())
+}
+
+/// A float key: finite and in `lo..=hi` (`open_lo`: strictly above `lo`).
+fn float(key: &str, v: f64, lo: f64, open_lo: bool, hi: f64) -> Result<()> {
+    let ok = v.is_finite() && (if open_lo { v > lo } else { v >= lo }) && v <= hi;
+    let lo = if open_lo { format!("({lo}") } else { format!("[{lo}") };
+    ensure!(ok, key, "must be a finite number in {lo}, {hi}], got {v}");
+    Ok(())
+}
+
 fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     let _ = raw.meta;
     let m = &raw.model;
@@ -324,7 +356,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         ("model.ffn_hidden_size", m.ffn_hidden_size),
         ("attention.max_sequence_length", a.max_sequence_length),
     ] {
-        ensure!(v >= 1, key, "must be at least 1, got {v}");
+        in_range(key, v)?;
     }
     ensure!(
         m.num_attention_heads.is_multiple_of(m.num_query_groups),
@@ -345,15 +377,10 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         "only 0.0 is supported, got {}",
         a.attention_dropout
     );
-    ensure!(m.init_method_std > 0.0, "model.init_method_std", "must be positive");
-    ensure!(m.norm_epsilon > 0.0, "model.norm_epsilon", "must be positive");
+    float("model.init_method_std", m.init_method_std, 0.0, true, 1.0)?;
+    float("model.norm_epsilon", m.norm_epsilon, 0.0, true, 1.0)?;
     let value_residual = if m.value_residual {
-        ensure!(
-            m.value_residual_init > 0.0 && m.value_residual_init <= 1.0,
-            "model.value_residual_init",
-            "must be in (0, 1], got {}",
-            m.value_residual_init
-        );
+        float("model.value_residual_init", m.value_residual_init, 0.0, true, 1.0)?;
         Some(m.value_residual_init)
     } else {
         None
@@ -365,6 +392,11 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     let window = match a.window_size {
         None | Some(0) => None,
         Some(w) if w < 1 => bail!("attention.window_size: must be at least 1 (or 0/absent for no window), got {w}"),
+        Some(w) if w as u64 > a.max_sequence_length => bail!(
+            "attention.window_size: {w} keys exceed attention.max_sequence_length {} (a window that long is global \
+             attention: leave window_size out)",
+            a.max_sequence_length
+        ),
         Some(w) => Some(w as u64),
     };
     let local: Vec<bool> = match (window, &a.window_attn_skip_freq) {
@@ -394,8 +426,8 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     let tpa = match &raw.tpa {
         Some(t) if t.use_tpa => {
             ensure!(window.is_some(), "tpa.use_tpa", "TPA runs on local layers and needs attention.window_size");
-            ensure!(t.tpa_rank >= 1, "tpa.tpa_rank", "must be at least 1");
-            ensure!(t.tpa_q_rank >= 1, "tpa.tpa_q_rank", "must be at least 1");
+            in_range("tpa.tpa_rank", t.tpa_rank)?;
+            in_range("tpa.tpa_q_rank", t.tpa_q_rank)?;
             Some((t.tpa_q_rank, t.tpa_rank))
         }
         _ => None,
@@ -408,7 +440,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         "grape.grapem_share_across_heads",
         "only true is supported (per-head frequencies cannot broadcast onto GQA groups)"
     );
-    ensure!(g.grapem_log_freq_scale > 0.0, "grape.grapem_log_freq_scale", "must be positive");
+    float("grape.grapem_log_freq_scale", g.grapem_log_freq_scale, 0.0, true, 1e6)?;
     ensure!(
         !g.grape_a || a.window_attn_skip_freq.is_some(),
         "grape.grape_a",
@@ -418,8 +450,8 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     let moe = match &raw.moe {
         None => None,
         Some(r) => {
-            ensure!(r.num_experts >= 1, "moe.num_experts", "must be at least 1");
-            ensure!(r.topk >= 1, "moe.topk", "must be at least 1");
+            in_range("moe.num_experts", r.num_experts)?;
+            in_range("moe.topk", r.topk)?;
             ensure!(r.topk <= r.num_experts, "moe.topk", "top-k {} exceeds {} experts", r.topk, r.num_experts);
             one_of("moe.router_score_function", &r.router_score_function, &["sigmoid"])?;
             one_of("moe.router_load_balancing_type", &r.router_load_balancing_type, &["seq_aux_loss", "none"])?;
@@ -428,7 +460,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 one_of("moe.router_dtype", d, &["fp32"])?;
             }
             if r.shared_expert {
-                ensure!(r.shared_expert_size >= 1, "moe.shared_expert_size", "must be at least 1 with a shared expert");
+                in_range("moe.shared_expert_size", r.shared_expert_size)?;
             }
             let group_limit = match (r.router_num_groups, r.router_group_topk) {
                 (None, None) => None,
@@ -458,8 +490,9 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 }
             };
             let scale = r.router_topk_scaling_factor.unwrap_or(1.0);
-            ensure!(scale > 0.0, "moe.router_topk_scaling_factor", "must be positive");
-            ensure!(r.aux_loss_coeff >= 0.0, "moe.aux_loss_coeff", "must be non-negative");
+            float("moe.router_topk_scaling_factor", scale, 0.0, true, 1e6)?;
+            float("moe.aux_loss_coeff", r.aux_loss_coeff, 0.0, false, 1e6)?;
+            float("moe.router_bias_update_rate", r.router_bias_update_rate, 0.0, false, 1.0)?;
             let _ = (r.grouped_gemm, r.permute_fusion, r.router_fusion);
             Some(Moe {
                 experts: r.num_experts,
@@ -479,6 +512,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         None => toml::from_str("").expect("all optimizer keys have defaults"),
     };
     one_of("optimizer.name", &o.name, &["normuon"])?;
+    float("optimizer.polar_express_safety_factor", o.polar_express_safety_factor, 0.0, false, 1.0)?;
     let polar_express = match &o.polar_express_coeffs_path {
         Some(p) => {
             let path = base.join(p);
@@ -491,6 +525,12 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
                 )
             })?;
             ensure!(!table.is_empty(), "optimizer.polar_express_coeffs_path", "the coefficient table is empty");
+            ensure!(
+                table.iter().flatten().all(|x| x.is_finite()),
+                "optimizer.polar_express_coeffs_path",
+                "{}: every coefficient must be a finite number",
+                path.display()
+            );
             table
         }
         None => {
@@ -506,7 +546,12 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     for (key, v) in [("optimizer.normuon_momentum", o.normuon_momentum), ("optimizer.normuon_beta2", o.normuon_beta2)] {
         ensure!((0.0..1.0).contains(&v), key, "must be in [0, 1), got {v}");
     }
-    ensure!(o.normuon_eps > 0.0, "optimizer.normuon_eps", "must be positive");
+    float("optimizer.normuon_eps", o.normuon_eps, 0.0, true, 1.0)?;
+    for (key, v) in [("optimizer.normuon_aux_lr", o.normuon_aux_lr), ("optimizer.normuon_aux_min_lr", o.normuon_aux_min_lr)] {
+        if let Some(v) = v {
+            float(key, v, 0.0, false, 10.0)?;
+        }
+    }
 
     Ok(Arch {
         name: name.to_string(),

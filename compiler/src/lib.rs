@@ -70,11 +70,15 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Writes `plan.json`, `ir.txt` and `kernels/` (sources, and PTX, CUBIN and ptxas reports when
 /// NVRTC is present) to `out`. Everything is built in a temporary directory next to `out` and
-/// renamed into place, so a failure never leaves a half-written or damaged plan directory.
+/// renamed into place, so a failure never leaves a half-written or damaged plan directory. An
+/// existing `out` is replaced only when it is a plan directory (or empty): anything else is
+/// refused before anything is written.
 pub fn write_plan_dir(graph: &Graph, plan: &Plan, out: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
+    check_replaceable(out)?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().context("output directory has no name")?.to_string_lossy().into_owned();
+    remove_stale_siblings(parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let res = fill_plan_dir(graph, plan, &tmp, opts);
@@ -89,6 +93,47 @@ pub fn write_plan_dir(graph: &Graph, plan: &Plan, out: &Path, opts: &KernelOptio
     std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     res
+}
+
+/// `out` may be replaced: it does not exist, is an empty directory, or is a plan directory
+/// (`plan.json` of a vpmoe plan, and nothing but plan files beside it).
+fn check_replaceable(out: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else { return Ok(()) };
+    if !meta.is_dir() {
+        bail!("{} exists and is not a directory; refusing to replace it with a plan directory", out.display());
+    }
+    let entries: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let is_plan = std::fs::read(out.join("plan.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("format").is_some() && v.get("fingerprint").is_some());
+    let foreign: Vec<&String> = entries.iter().filter(|e| !["plan.json", "ir.txt", "kernels"].contains(&e.as_str())).collect();
+    if !is_plan || !foreign.is_empty() {
+        let what = if is_plan { format!("it also holds {foreign:?}") } else { "it has no vpmoe plan.json".to_string() };
+        bail!("{} is not a plan directory ({what}); refusing to replace it: choose another -o", out.display());
+    }
+    Ok(())
+}
+
+/// Removes the temporary and set-aside directories (`.NAME.tmp-PID`, `.NAME.old-PID`) that a
+/// killed compile of `NAME` left in `parent`, when their process is gone.
+fn remove_stale_siblings(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let pid = [".tmp-", ".old-"].iter().find_map(|k| file.strip_prefix(&format!(".{name}{k}")));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
