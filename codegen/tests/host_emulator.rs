@@ -2,7 +2,6 @@
 //! every family, forward, backward and optimizer, against a transcription of the reference, on
 //! seeded and adversarial inputs. Full tier (`vpmoe_codegen::full_tier`): there it needs g++.
 
-use std::io::Write;
 use std::process::Command;
 
 #[test]

@@ -547,7 +547,9 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         ensure!((0.0..1.0).contains(&v), key, "must be in [0, 1), got {v}");
     }
     float("optimizer.normuon_eps", o.normuon_eps, 0.0, true, 1.0)?;
-    for (key, v) in [("optimizer.normuon_aux_lr", o.normuon_aux_lr), ("optimizer.normuon_aux_min_lr", o.normuon_aux_min_lr)] {
+    for (key, v) in
+        [("optimizer.normuon_aux_lr", o.normuon_aux_lr), ("optimizer.normuon_aux_min_lr", o.normuon_aux_min_lr)]
+    {
         if let Some(v) = v {
             float(key, v, 0.0, false, 10.0)?;
         }

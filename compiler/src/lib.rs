@@ -113,7 +113,8 @@ fn check_replaceable(out: &Path) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v.get("format").is_some() && v.get("fingerprint").is_some());
-    let foreign: Vec<&String> = entries.iter().filter(|e| !["plan.json", "ir.txt", "kernels"].contains(&e.as_str())).collect();
+    let foreign: Vec<&String> =
+        entries.iter().filter(|e| !["plan.json", "ir.txt", "kernels"].contains(&e.as_str())).collect();
     if !is_plan || !foreign.is_empty() {
         let what = if is_plan { format!("it also holds {foreign:?}") } else { "it has no vpmoe plan.json".to_string() };
         bail!("{} is not a plan directory ({what}); refusing to replace it: choose another -o", out.display());

@@ -64,7 +64,11 @@ fn mutated_configs_fail_naming_the_key_without_panicking() {
                         Ok(Ok(())) if matches!(m, Value::Float(f) if !f.is_finite()) => {
                             problems.push(format!("{case}: a non-finite number was accepted"))
                         }
-                        Ok(Ok(())) if SIZE_LIMITS.iter().any(|(k, max)| *k == full && m.as_integer().is_some_and(|i| i as u64 > *max || i < 1)) => {
+                        Ok(Ok(()))
+                            if SIZE_LIMITS.iter().any(|(k, max)| {
+                                *k == full && m.as_integer().is_some_and(|i| i as u64 > *max || i < 1)
+                            }) =>
+                        {
                             problems.push(format!("{case}: a size outside its limit was accepted"))
                         }
                         _ => {}

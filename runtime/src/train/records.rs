@@ -102,7 +102,6 @@ pub(super) fn span_means(sums: &[f64; 3], counts: &[u64; 3], w: [f32; 2]) -> (f6
     (w[0] as f64 * r + w[1] as f64 * f, r, f)
 }
 
-
 /// Statistics of the step's confidence weights (the same formula as the IR reference).
 pub(super) fn kd_record(batches: &[Batch], kd: [f32; 4]) -> Option<(KdRecord, u64)> {
     let (mut n, mut lp_sum, mut lp_n, mut w_sum, mut lo, mut hi) = (0u64, 0f64, 0u64, 0f64, 0u64, 0u64);

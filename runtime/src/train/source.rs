@@ -68,7 +68,11 @@ pub struct Datasets {
 
 impl Datasets {
     pub fn open(data: &[(PathBuf, f64)], cfg: &TrainConfig) -> Result<Datasets> {
-        Ok(Datasets { reader: Reader::open(data, cfg.seq_len, cfg.seed)?, blend: data.len(), center: KdCenter::default() })
+        Ok(Datasets {
+            reader: Reader::open(data, cfg.seq_len, cfg.seed)?,
+            blend: data.len(),
+            center: KdCenter::default(),
+        })
     }
 }
 

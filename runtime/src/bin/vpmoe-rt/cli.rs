@@ -308,4 +308,3 @@ pub(crate) fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(v
         }
     }
 }
-
