@@ -277,6 +277,20 @@ impl Arch {
     }
 
     /// Canonical JSON (sorted keys) of the resolved config.
+    /// What is valid but probably not meant, one line each (`vpmoec` prints them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(Moe { experts, topk, group_limit: Some((groups, group_topk)), .. }) = &self.moe {
+            if *topk == group_topk * (experts / groups) {
+                w.push(format!(
+                    "moe.router_group_topk: top-{topk} takes every expert of the {group_topk} chosen groups of \
+                     {}, so routing only chooses groups, never experts within them",
+                    experts / groups
+                ));
+            }
+        }
+        w
+    }
     pub fn canonical_json(&self) -> String {
         let v = serde_json::to_value(self).expect("serialisable");
         serde_json::to_string(&v).expect("serialisable") // serde_json's Map is a BTreeMap: sorted keys

@@ -68,6 +68,9 @@ fn run() -> Result<()> {
         Cmd::Compile { arch_toml, out, arch, dump_kernels, report, require_nvrtc } => {
             let t0 = Instant::now();
             let a = config::load(&arch_toml)?;
+            for w in a.warnings() {
+                eprintln!("warning: {}: {w}", arch_toml.display());
+            }
             let (graph, plan) = compile_arch(&a)?;
             let opts = KernelOptions { arch, require_nvrtc, cache_dir: default_cache_dir(), dump_dir: dump_kernels };
             let k = write_plan_dir(&graph, &plan, &out, &opts)?;

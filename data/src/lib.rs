@@ -16,6 +16,7 @@
 //! * [`teacher`] — teacher-scored datasets: sidecar layout, subset selection (DISTILL 2A),
 //!   teacher log-probability statistics.
 //! * [`inspect`] — dataset statistics and a decoded sample.
+//! * [`lock`] — the exclusive lock a command holds on the directory it writes.
 //! * [`cli`] — `vpmoe-rt data render|build-synth|inspect` ([`cli::DataCmd`], [`cli::run`]).
 pub mod build_synth;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod docs;
 pub mod harmony;
 pub mod indexed;
 pub mod inspect;
+pub mod lock;
 pub mod reader;
 pub mod synth;
 pub mod teacher;

@@ -192,6 +192,47 @@ impl<'g> CpuBackend<'g> {
     }
 }
 
+/// Host bytes a micro-batch of `tokens` tokens needs for its activations on the cpu backend:
+/// the plan's per-token arena (values live as f32 on the host, at most twice their bf16 size)
+/// and its fixed arena.
+pub fn activation_bytes(plan: &Plan, tokens: usize) -> u64 {
+    (2 * plan.tok_arena_bytes_per_token).saturating_mul(tokens as u64).saturating_add(plan.fixed_arena_bytes)
+}
+
+/// Refuses, before anything is allocated, a micro-batch whose activations do not fit the host's
+/// available memory (`MemAvailable`), saying how many tokens do.
+pub fn check_host_memory(plan: &Plan, tokens: usize) -> Result<()> {
+    let Some(avail) = available_memory() else { return Ok(()) };
+    let need = activation_bytes(plan, tokens);
+    if need > avail {
+        let per = 2 * plan.tok_arena_bytes_per_token;
+        let fit = avail.saturating_sub(plan.fixed_arena_bytes) / per.max(1);
+        bail!(
+            "a micro-batch of {tokens} tokens needs about {:.1} GiB of host memory for its activations on the cpu \
+             backend; {:.1} GiB are available, enough for about {fit} tokens (--micro-batch × --seq-len)",
+            need as f64 / GIB,
+            avail as f64 / GIB
+        );
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 impl Backend for CpuBackend<'_> {
     fn name(&self) -> &'static str {
         "cpu"

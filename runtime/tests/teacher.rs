@@ -595,6 +595,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         seed: 11,
         schedule,
         aux_lr: 0.004,
+        aux_min_lr: 0.0004,
         weight_decay: 0.01,
         clip: 1.0,
         span_weights: [1.0, 1.0],

@@ -207,6 +207,12 @@ fn resume_is_bitwise() {
     }
     assert_eq!(straight.state, resumed.state);
     assert_eq!(straight.state.checksum(), resumed.state.checksum());
+    // Steps 4..6 were logged before the step-6 checkpoint went: the resumed run cut them back, so
+    // the log describes one run, each step once.
+    let log = std::fs::read_to_string(opts.ckpt_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> =
+        log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
 
     // A different run is refused, saying what differs.
     let mut other = cfg.clone();
@@ -232,6 +238,26 @@ fn resume_is_bitwise() {
     for d in ["straight", "resumed"] {
         let _ = std::fs::remove_dir_all(tmp(d));
     }
+}
+
+/// A run holds its directory: a second process is refused naming the holder, and a fresh run is
+/// refused where another run's checkpoints are (so `--resume` never picks from two runs).
+#[test]
+fn a_run_directory_belongs_to_one_run() {
+    let (g, plan) = compiled("configs/small.toml");
+    let (cfg, mut opts) = sample_cfg(2);
+    opts.ckpt_dir = tmp("one-run");
+    std::fs::create_dir_all(&opts.ckpt_dir).unwrap();
+    let held = vpmoe_data::lock::DirLock::acquire(&opts.ckpt_dir, "vpmoe-rt train").unwrap();
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    assert!(e.contains("is in use by vpmoe-rt train (pid"), "{e}");
+    drop(held);
+    train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 99));
+    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    assert!(e.contains("holds checkpoints of another run") && e.contains("--resume"), "{e}");
+    let _ = std::fs::remove_dir_all(&opts.ckpt_dir);
 }
 
 #[test]
@@ -292,6 +318,20 @@ fn sigint_saves_at_the_next_step_boundary() {
     assert_eq!(meta.step, steps);
     assert_eq!(st.step, steps);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A micro-batch too large for the host is refused before anything is allocated, with the
+/// number of tokens that fit; no abort, no backtrace.
+#[test]
+fn a_micro_batch_that_does_not_fit_is_refused_up_front() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+        .args(["forward", "--backend", "cpu", "--micro-batch", "1000000", "--seq-len", "128"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("GiB of host memory") && err.contains("tokens (--micro-batch × --seq-len)"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
 }
 
 /// `vpmoe-rt bench` on the cpu backend: M micro-batches per step count in tokens/s and the

@@ -76,7 +76,9 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     let out = &opts.out;
     if out.is_dir()
         && !out.join(".shards").is_dir()
-        && fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_some()
+        && fs::read_dir(out)
+            .with_context(|| format!("listing {}", out.display()))?
+            .any(|e| e.map_or(true, |e| e.file_name() != crate::lock::LOCK_FILE))
     {
         bail!(
             "{} is not empty and is not a build-synth output directory (no .shards/); refusing to write into it",
@@ -84,6 +86,7 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
         );
     }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = crate::lock::DirLock::acquire(out, "vpmoe-rt data build-synth")?;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
         fs::remove_file(&manifest_path).with_context(|| format!("removing stale {}", manifest_path.display()))?;

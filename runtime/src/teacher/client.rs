@@ -59,6 +59,13 @@ impl Client {
             bail!("--server {base}: https is not supported; reach the teacher over plain http (e.g. an ssh tunnel)");
         }
         ensure!(base.starts_with("http://"), "--server {base}: expected http://HOST:PORT");
+        let path = base["http://".len()..].split_once('/').map(|x| x.1);
+        ensure!(
+            path.is_none(),
+            "--server {base}: give the server's root, http://HOST:PORT, without a path (/{}): the client adds \
+             the API's own paths",
+            path.unwrap_or_default()
+        );
         let agent: ureq::Agent =
             ureq::Agent::config_builder().timeout_global(Some(cfg.timeout)).http_status_as_error(false).build().into();
         let mut c = Client { agent, base, cfg, info: ServerInfo { model: String::new(), version: String::new() } };
@@ -153,5 +160,28 @@ fn read(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<V
         200..=299 => Ok(body),
         429 | 500..=599 => Err(Failure::Retry(format!("HTTP {status}: {}", text()))),
         _ => Err(Failure::Fatal(anyhow::anyhow!("HTTP {status}: {}", text()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server URL is checked before anything is sent: plain http, a root without a path.
+    #[test]
+    fn server_urls_are_checked_before_connecting() {
+        let cfg = |url: &str| ClientConfig {
+            url: url.into(),
+            api: Api::Vllm,
+            model: None,
+            timeout: Duration::from_millis(10),
+            retries: 0,
+            backoff: Duration::from_millis(1),
+            vocab: 16,
+        };
+        let err = |url: &str| Client::connect(cfg(url)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err("http://127.0.0.1:9/v1").contains("without a path (/v1)"));
+        assert!(err("https://teacher:8000").contains("https is not supported"));
+        assert!(err("teacher:8000").contains("expected http://HOST:PORT"));
     }
 }

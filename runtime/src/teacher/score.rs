@@ -201,7 +201,7 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
     });
     let settings_hash = crate::checkpoint::sha256_hex(canonical_json(&settings).as_bytes());
 
-    prepare_out(&opts.out, &jobs)?;
+    let _lock = prepare_out(&opts.out, &jobs)?;
     let mut resumed = 0u64;
     for (job, st) in jobs.iter().zip(&mut states) {
         resumed += resume_job(&opts.out, job, st, &settings_hash, opts.top_k)?;
@@ -397,12 +397,14 @@ fn out_files(name: &str, top_k: usize) -> Vec<String> {
     v
 }
 
-/// Create (or take over) the output directory; remove the manifest, temporaries and the
+/// Create (or take over) and lock the output directory; remove the manifest, temporaries and the
 /// files of shards this run does not produce.
-fn prepare_out(out: &Path, jobs: &[Job]) -> Result<()> {
+fn prepare_out(out: &Path, jobs: &[Job]) -> Result<vpmoe_data::lock::DirLock> {
     if out.is_dir()
         && !out.join(".journal").is_dir()
-        && fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_some()
+        && fs::read_dir(out)
+            .with_context(|| format!("listing {}", out.display()))?
+            .any(|e| e.map_or(true, |e| e.file_name() != vpmoe_data::lock::LOCK_FILE))
     {
         bail!(
             "{} is not empty and is not a teacher-score output (no .journal/); refusing to write into it",
@@ -412,6 +414,7 @@ fn prepare_out(out: &Path, jobs: &[Job]) -> Result<()> {
     for d in ["train", ".journal", ".shards"] {
         fs::create_dir_all(out.join(d)).with_context(|| format!("creating {}", out.join(d).display()))?;
     }
+    let lock = vpmoe_data::lock::DirLock::acquire(out, "vpmoe-rt teacher score")?;
     let manifest = out.join("manifest.json");
     if manifest.exists() {
         fs::remove_file(&manifest).with_context(|| format!("removing stale {}", manifest.display()))?;
@@ -446,7 +449,7 @@ fn prepare_out(out: &Path, jobs: &[Job]) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Reuse a finished shard, or load its journal. Returns the documents already scored.

@@ -24,7 +24,9 @@ pub fn evaluate(be: &mut dyn Backend, data: &Path, cfg: &TrainConfig, batches: u
         (0..3).for_each(|i| counts[i] += n[i]);
     }
     let (loss, r_, f) = span_means(&sums, &counts, cfg.span_weights);
-    Ok(EvalRecord { loss, ce_reasoning: r_, ce_final: f, tokens: counts[1] + counts[2] })
+    let tokens = counts[1] + counts[2];
+    let some = |x: f64| (tokens > 0).then_some(x);
+    Ok(EvalRecord { loss: some(loss), ce_reasoning: some(r_), ce_final: some(f), tokens })
 }
 
 /// The held-out split of a dataset root, if it has one.

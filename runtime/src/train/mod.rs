@@ -35,9 +35,11 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub seq_len: usize,
     pub seed: u64,
-    /// The Normuon group's schedule; the AdamW group uses the same shape scaled to `aux_lr`.
+    /// The Normuon group's schedule; the AdamW group's has the same shape from `aux_lr` to
+    /// `aux_min_lr` (MODEL.md §7.4: both default to the Normuon group's).
     pub schedule: Schedule,
     pub aux_lr: f64,
+    pub aux_min_lr: f64,
     pub weight_decay: f64,
     pub clip: f64,
     /// Span weights `w_r`, `w_f`.
@@ -114,8 +116,12 @@ fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
         cfg.seq_len,
         plan.arch.max_seq
     );
-    cfg.schedule.check().map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
-    ensure!(cfg.aux_lr.is_finite() && cfg.aux_lr >= 0.0, "--aux-lr must be a non-negative number");
+    cfg.schedule.check().map_err(|e| {
+        anyhow::anyhow!("learning-rate schedule (--lr, --min-lr, --warmup, --steps, --decay, --wsd-decay): {e}")
+    })?;
+    cfg.aux_schedule()
+        .check()
+        .map_err(|e| anyhow::anyhow!("AdamW learning-rate schedule (--aux-lr, --aux-min-lr): {e}"))?;
     ensure!(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0, "--weight-decay must be non-negative");
     ensure!(cfg.clip.is_finite() && cfg.clip >= 0.0, "--clip must be non-negative (0 disables clipping)");
     for w in cfg.span_weights {
@@ -130,6 +136,13 @@ fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
         k.w_max
     );
     Ok(())
+}
+
+impl TrainConfig {
+    /// The AdamW group's schedule: the Normuon group's shape from `aux_lr` to `aux_min_lr`.
+    pub fn aux_schedule(&self) -> Schedule {
+        Schedule { lr: self.aux_lr, min_lr: self.aux_min_lr, ..self.schedule.clone() }
+    }
 }
 
 /// Trains `be` from its current state (or the latest checkpoint with `resume`) on a blend of
@@ -151,6 +164,18 @@ pub fn train(
             "{}: no valid split for --eval-every (rebuild with a validation fraction, or pass --eval-every 0)",
             data[0].0.display()
         );
+    }
+    std::fs::create_dir_all(&opts.ckpt_dir).with_context(|| format!("creating {}", opts.ckpt_dir.display()))?;
+    let _lock = vpmoe_data::lock::DirLock::acquire(&opts.ckpt_dir, "vpmoe-rt train")?;
+    if !opts.resume && be.step_count() == 0 {
+        if let Some(p) = crate::checkpoint::latest(&opts.ckpt_dir)? {
+            bail!(
+                "{} holds checkpoints of another run (newest {}): --resume continues it, or choose another \
+                 --ckpt-dir",
+                opts.ckpt_dir.display(),
+                p.display()
+            );
+        }
     }
     // No op draws random numbers (dropout is 0, D1); the state is recorded for when one does.
     let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
@@ -221,11 +246,10 @@ fn accumulate(be: &mut dyn Backend, drawn: &Drawn, step: u64) -> Result<Accumula
     Ok(acc)
 }
 
-/// The optimizer step at this step's learning rates (the AdamW group's follows the Normuon
-/// group's schedule, scaled to `aux_lr`).
+/// The optimizer step at this step's learning rates (each group on its own schedule).
 fn update(be: &mut dyn Backend, plan: &Plan, cfg: &TrainConfig, step: u64) -> Result<StepStats> {
     let lr = cfg.schedule.lr_at(step);
-    let aux_lr = if cfg.schedule.lr > 0.0 { lr * cfg.aux_lr / cfg.schedule.lr } else { 0.0 };
+    let aux_lr = cfg.aux_schedule().lr_at(step);
     let bias_rate = plan.arch.moe.as_ref().and_then(|m| m.expert_bias_rate).unwrap_or(0.0);
     let sc = StepScalars { lr, aux_lr, weight_decay: cfg.weight_decay, clip: cfg.clip, bias_rate };
     be.step(&sc).with_context(|| format!("step {}", step + 1))
@@ -246,6 +270,22 @@ fn profile(be: &mut dyn Backend, opts: &RunOptions, step: u64, on: bool, log: &L
     Ok(())
 }
 
+/// Keeps the records of steps `..=step` in the log at `path`, replacing it atomically if any go.
+fn cut_back(path: &std::path::Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let step_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64());
+    let kept: Vec<&str> = text.lines().filter(|l| step_of(l).is_some_and(|s| s <= step)).collect();
+    let dropped = text.lines().count() - kept.len();
+    if dropped > 0 {
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cutting {} back to step {step}", path.display()))?;
+        eprintln!("{}: dropped {dropped} records after step {step} (logged after the checkpoint)", path.display());
+    }
+    Ok(())
+}
+
 /// `metrics.jsonl` (one record per step, appended) and the progress bar with its summary lines.
 struct Log {
     metrics: std::fs::File,
@@ -254,9 +294,12 @@ struct Log {
 }
 
 impl Log {
+    /// Opens `metrics.jsonl` for appending after step `start`, first cutting it back to the steps
+    /// up to `start`: records logged after the checkpoint a run resumes from (by a process that died
+    /// before its next checkpoint) belong to no run any more.
     fn open(opts: &RunOptions, start: u64) -> Result<Log> {
-        std::fs::create_dir_all(&opts.ckpt_dir).with_context(|| format!("creating {}", opts.ckpt_dir.display()))?;
         let path = opts.ckpt_dir.join("metrics.jsonl");
+        cut_back(&path, start)?;
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -87,11 +87,12 @@ pub struct KdRecord {
     pub clipped_high: f64,
 }
 
+/// Held-out loss; the losses are `None` (logged as null, printed as n/a) over 0 supervised tokens.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalRecord {
-    pub loss: f64,
-    pub ce_reasoning: f64,
-    pub ce_final: f64,
+    pub loss: Option<f64>,
+    pub ce_reasoning: Option<f64>,
+    pub ce_final: Option<f64>,
     pub tokens: u64,
 }
 
@@ -156,7 +157,8 @@ pub(super) fn summary(r: &StepRecord) -> String {
         ));
     }
     if let Some(e) = &r.eval {
-        s.push_str(&format!(" | eval {:.4} (r {:.4}, f {:.4})", e.loss, e.ce_reasoning, e.ce_final));
+        let f = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.4}"));
+        s.push_str(&format!(" | eval {} (r {}, f {})", f(e.loss), f(e.ce_reasoning), f(e.ce_final)));
     }
     s
 }

@@ -88,6 +88,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         seed: 5,
         schedule,
         aux_lr: 0.004,
+        aux_min_lr: 0.0004,
         weight_decay: 0.01,
         clip: 1.0,
         span_weights: [1.0, 1.0],

@@ -70,7 +70,7 @@ pub(crate) struct SyntheticRun {
     /// Plan directory written by `vpmoec compile` (its cubins are used when current).
     #[arg(long, conflicts_with = "arch")]
     pub(crate) plan: Option<PathBuf>,
-    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    /// Or compile this architecture TOML in memory (default: the built-in configs/small.toml).
     #[arg(long)]
     pub(crate) arch: Option<PathBuf>,
     #[command(flatten)]
@@ -166,7 +166,7 @@ pub(crate) struct TrainArgs {
     /// Plan directory written by `vpmoec compile`.
     #[arg(long, conflicts_with = "arch")]
     pub(crate) plan: Option<PathBuf>,
-    /// Or compile this architecture TOML in memory (default: configs/small.toml).
+    /// Or compile this architecture TOML in memory (default: the built-in configs/small.toml).
     #[arg(long)]
     pub(crate) arch: Option<PathBuf>,
     /// Dataset root (`data build-synth` or `teacher score` output), optionally `DIR:WEIGHT`.
@@ -224,28 +224,41 @@ pub(crate) struct TrainArgs {
     /// Length of the final decay of --decay wsd.
     #[arg(long, default_value_t = 0)]
     pub(crate) wsd_decay: u64,
-    /// Peak learning rate of the AdamW group (default: the config's, else 0.004).
+    /// Peak learning rate of the AdamW group (default: the config's `normuon_aux_lr`, else
+    /// --lr, as MODEL.md §7.4 says).
     #[arg(long)]
     pub(crate) aux_lr: Option<f64>,
+    /// Final learning rate of the AdamW group (default: the config's `normuon_aux_min_lr`, else
+    /// --min-lr).
+    #[arg(long)]
+    pub(crate) aux_min_lr: Option<f64>,
     #[arg(long, default_value_t = 0.01)]
     pub(crate) weight_decay: f64,
     /// Global gradient-norm clipping threshold (0 disables).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) clip: f64,
     /// Span weights w_r,w_f of the loss.
-    #[arg(long, default_value = "1.0,1.0", value_delimiter = ',', num_args = 2)]
-    pub(crate) span_weights: Vec<f32>,
+    #[arg(long, value_name = "W_R,W_F", default_value = "1.0,1.0", value_parser = pair)]
+    pub(crate) span_weights: [f32; 2],
     /// Temperature T of the confidence weights exp((teacher_logp − m)/T) (stage 2).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) kd_temperature: f32,
     /// Clip range w_min,w_max of the confidence weights (stage 2).
-    #[arg(long, default_value = "0.25,4.0", value_delimiter = ',', num_args = 2)]
-    pub(crate) kd_clip: Vec<f32>,
+    #[arg(long, value_name = "W_MIN,W_MAX", default_value = "0.25,4.0", value_parser = pair)]
+    pub(crate) kd_clip: [f32; 2],
     /// Profile steps A..=B (1-based, cuda backend): a cudaProfiler capture range for
     /// `nsys profile --capture-range=cudaProfilerApi` / `ncu --profile-from-start off`, NVTX
     /// ranges per step and IR node, and a per-kernel timing table (CKPT_DIR/kernel-times.txt).
     #[arg(long, value_name = "A:B", value_parser = parse_steps)]
     pub(crate) profile_steps: Option<(u64, u64)>,
+}
+
+/// Two numbers written `A,B`.
+pub(crate) fn pair(s: &str) -> Result<[f32; 2], String> {
+    let bad = || format!("{s:?} is not two numbers written A,B");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    let num = |x: &str| x.trim().parse::<f32>().map_err(|_| bad());
+    Ok([num(a)?, num(b)?])
 }
 
 pub(crate) fn parse_steps(s: &str) -> Result<(u64, u64), String> {
@@ -270,7 +283,10 @@ pub(crate) fn backend<'g>(
     Ok(match args.kind {
         BackendKind::Cpu if args.host_momentum => bail!("--host-momentum places cuda state; it needs --backend cuda"),
         BackendKind::Cpu if args.cublas => bail!("--cublas chooses cuda GEMMs; it needs --backend cuda"),
-        BackendKind::Cpu => Box::new(CpuBackend::new(graph, plan, state)),
+        BackendKind::Cpu => {
+            vpmoe_runtime::cpu::check_host_memory(plan, max_tokens)?;
+            Box::new(CpuBackend::new(graph, plan, state))
+        }
         BackendKind::Cuda => {
             let mut be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
             if args.cublas {
@@ -298,13 +314,17 @@ pub(crate) fn data_source(s: &str) -> (PathBuf, f64) {
     }
 }
 
-/// The plan of `--plan DIR`, or of `--arch TOML` compiled in memory (default: the small config).
+/// The built-in architecture of the main job (`configs/small.toml`, embedded: it does not depend on
+/// the working directory).
+const SMALL: &str = include_str!("../../../../configs/small.toml");
+
+/// The plan of `--plan DIR`, or of `--arch TOML` compiled in memory (default: the built-in small
+/// config).
 pub(crate) fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan)> {
-    match plan {
-        Some(dir) => load_plan(&dir),
-        None => {
-            let path = arch.unwrap_or_else(|| PathBuf::from("configs/small.toml"));
-            vpmoe_compiler::compile_arch(&vpmoe_compiler::config::load(&path)?)
-        }
-    }
+    let arch = match (plan, arch) {
+        (Some(dir), _) => return load_plan(&dir),
+        (None, Some(path)) => vpmoe_compiler::config::load(&path)?,
+        (None, None) => vpmoe_compiler::config::parse(SMALL, "small", std::path::Path::new("."))?,
+    };
+    vpmoe_compiler::compile_arch(&arch)
 }

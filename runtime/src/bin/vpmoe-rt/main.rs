@@ -45,10 +45,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
         seq_len,
         seed: a.seed,
         schedule,
-        aux_lr: a.aux_lr.or(plan.arch.optimizer.aux_lr).unwrap_or(0.004),
+        aux_lr: a.aux_lr.or(plan.arch.optimizer.aux_lr).unwrap_or(a.lr),
+        aux_min_lr: a.aux_min_lr.or(plan.arch.optimizer.aux_min_lr).unwrap_or(a.min_lr),
         weight_decay: a.weight_decay,
         clip: a.clip,
-        span_weights: [a.span_weights[0], a.span_weights[1]],
+        span_weights: a.span_weights,
         kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
     };
     // Open the device before any data work: a missing GPU is reported at once.
@@ -82,6 +83,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
         cfg.grad_accum,
         cfg.micro_batch,
         cfg.seq_len
+    );
+    let source = |flag: Option<f64>, key: Option<f64>, key_name: &str, normuon: &str| match (flag, key) {
+        (Some(_), _) => "flag".to_string(),
+        (None, Some(_)) => format!("config optimizer.{key_name}"),
+        (None, None) => format!("= {normuon}, MODEL.md §7.4"),
+    };
+    println!(
+        "learning rates: Normuon {:.3e} -> {:.3e}; AdamW {:.3e} ({}) -> {:.3e} ({})",
+        cfg.schedule.lr,
+        cfg.schedule.min_lr,
+        cfg.aux_lr,
+        source(a.aux_lr, plan.arch.optimizer.aux_lr, "normuon_aux_lr", "--lr"),
+        cfg.aux_min_lr,
+        source(a.aux_min_lr, plan.arch.optimizer.aux_min_lr, "normuon_aux_min_lr", "--min-lr"),
     );
     let out = train::train(be.as_mut(), &plan, &data, &cfg, &opts)?;
     if let (Some(first), Some(last)) = (out.records.first(), out.records.last()) {
