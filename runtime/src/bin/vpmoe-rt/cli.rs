@@ -328,3 +328,28 @@ pub(crate) fn plan_of(plan: Option<PathBuf>, arch: Option<PathBuf>) -> Result<(v
     };
     vpmoe_compiler::compile_arch(&arch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pair flags take the form `--help` and docs/cli.md write: `A,B`.
+    #[test]
+    fn pair_flags_take_the_documented_form() {
+        let cli = Cli::try_parse_from([
+            "vpmoe-rt",
+            "train",
+            "--backend",
+            "cpu",
+            "--span-weights",
+            "1.0,0.5",
+            "--kd-clip",
+            "0.5,2",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Cmd::Train(a) = cli.cmd else { panic!("not train") };
+        assert_eq!((a.span_weights, a.kd_clip), ([1.0, 0.5], [0.5, 2.0]));
+        let e = Cli::try_parse_from(["vpmoe-rt", "train", "--backend", "cpu", "--span-weights", "1.0"]).err().unwrap();
+        assert!(e.to_string().contains("is not two numbers written A,B"), "{e}");
+    }
+}
