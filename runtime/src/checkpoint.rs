@@ -123,6 +123,34 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(dir)?.pop().map(|(_, p)| p))
 }
 
+/// The checkpoint `--resume` continues from: the newest one, which must be complete. A checkpoint
+/// is renamed into place only once written, so a `step_N` missing a file was damaged after the
+/// fact; resuming from an older one instead would silently drop steps, so it is an error that
+/// names both.
+pub fn resumable(dir: &Path) -> Result<Option<PathBuf>> {
+    let newest = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step_").and_then(|n| n.parse::<u64>().ok()).map(|n| (n, e.path()))
+        })
+        .max();
+    let complete = latest(dir)?;
+    match newest {
+        Some((_, p)) if Some(&p) != complete.as_ref() => {
+            let missing: Vec<&str> =
+                ["meta.json", "state.safetensors"].into_iter().filter(|f| !p.join(f).is_file()).collect();
+            let older = complete.map_or("no complete checkpoint is left".to_string(), |c| {
+                format!("remove it to resume from {}, the newest complete one", c.display())
+            });
+            bail!("{} is incomplete (missing {}): {older}", p.display(), missing.join(", "))
+        }
+        _ => Ok(complete),
+    }
+}
+
 fn encode(plan: &Plan, st: &TrainState) -> Result<Vec<u8>> {
     let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, p) in plan.params.iter().enumerate() {

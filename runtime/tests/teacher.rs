@@ -514,6 +514,11 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
         assert!(t0.elapsed() < Duration::from_secs(60), "the scorer made no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second scorer into the same directory is refused while the first holds it.
+    let second = run(&slow, &scored).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("is in use by vpmoe-rt teacher score (pid"), "{err}");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!scored.join("manifest.json").exists());
@@ -550,6 +555,21 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
         );
     }
     check_alignment_subset(&scored);
+
+    // Ctrl-C: the scorer says what is kept and how to continue, and exits 130.
+    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() });
+    let mut child = run(&slow, &dir.join("interrupted"));
+    let t0 = Instant::now();
+    while slow.requests.load(Ordering::SeqCst) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the scorer made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let int = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(int.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: every document scored so far is kept in") && err.contains("re-run"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -235,6 +235,13 @@ fn resume_is_bitwise() {
     std::fs::write(&f, bytes).unwrap();
     let e = checkpoint::load(&last, &plan).unwrap_err().to_string();
     assert!(e.contains("checksum"), "{e}");
+    // A newest checkpoint missing a file is an error naming it, never a silent fall-back.
+    let partial = opts.ckpt_dir.join("step_00000009");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("state.safetensors"), b"x").unwrap();
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let e = format!("{:#}", train::train(&mut be, &plan, &data, &cfg, &opts).unwrap_err());
+    assert!(e.contains("step_00000009 is incomplete (missing meta.json)") && e.contains("step_00000006"), "{e}");
     for d in ["straight", "resumed"] {
         let _ = std::fs::remove_dir_all(tmp(d));
     }
@@ -256,7 +263,7 @@ fn a_run_directory_belongs_to_one_run() {
     train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 99));
     let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
-    assert!(e.contains("holds checkpoints of another run") && e.contains("--resume"), "{e}");
+    assert!(e.contains("holds the checkpoints of a run") && e.contains("--resume"), "{e}");
     let _ = std::fs::remove_dir_all(&opts.ckpt_dir);
 }
 
@@ -317,6 +324,43 @@ fn sigint_saves_at_the_next_step_boundary() {
     let (meta, st) = checkpoint::load(&ck, &plan).unwrap();
     assert_eq!(meta.step, steps);
     assert_eq!(st.step, steps);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The AdamW group's learning rates (MODEL.md §7.4): without `normuon_aux_lr`/`normuon_aux_min_lr`
+/// they are `--lr`/`--min-lr`; with them, the config's. The run says which, and its checkpoint
+/// records them.
+#[test]
+fn the_adamw_learning_rates_follow_the_spec() {
+    let dir = tmp("aux-lr");
+    std::fs::create_dir_all(&dir).unwrap();
+    let with = dir.join("with_aux.toml");
+    let small = std::fs::read_to_string(root().join("configs/small.toml")).unwrap();
+    assert!(small.trim_end().ends_with("name = \"normuon\""), "the optimizer section is last");
+    std::fs::write(&with, small + "normuon_aux_lr = 0.001\nnormuon_aux_min_lr = 0.0001\n").unwrap();
+    let run = |arch: &std::path::Path, ckpt: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+            .args(["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "0"])
+            .args(["--micro-batch", "1", "--grad-accum", "1", "--seq-len", "32", "--lr", "0.02", "--min-lr", "0.002"])
+            .arg("--arch")
+            .arg(arch)
+            .arg("--ckpt-dir")
+            .arg(dir.join(ckpt))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(ckpt).join("step_00000001/meta.json")).unwrap()).unwrap();
+        let line = text.lines().find(|l| l.starts_with("learning rates:")).unwrap_or_default().to_string();
+        (line, meta["train"]["aux_lr"].as_f64().unwrap(), meta["train"]["aux_min_lr"].as_f64().unwrap())
+    };
+    let (line, lr, min) = run(&root().join("configs/small.toml"), "default");
+    assert_eq!((lr, min), (0.02, 0.002), "{line}");
+    assert!(line.contains("AdamW 2.000e-2 (= --lr, MODEL.md §7.4) -> 2.000e-3 (= --min-lr"), "{line}");
+    let (line, lr, min) = run(&with, "config");
+    assert_eq!((lr, min), (0.001, 0.0001), "{line}");
+    assert!(line.contains("(config optimizer.normuon_aux_lr)") && line.contains("(config optimizer.normuon_aux_min_lr)"), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -170,7 +170,7 @@ pub fn train(
     if !opts.resume && be.step_count() == 0 {
         if let Some(p) = crate::checkpoint::latest(&opts.ckpt_dir)? {
             bail!(
-                "{} holds checkpoints of another run (newest {}): --resume continues it, or choose another \
+                "{} holds the checkpoints of a run (newest {}): --resume continues it, or choose another \
                  --ckpt-dir",
                 opts.ckpt_dir.display(),
                 p.display()

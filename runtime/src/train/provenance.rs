@@ -130,7 +130,9 @@ impl Checkpoints<'_> {
     /// Continues the run of the newest checkpoint: the backend's state, the stream and the RNG;
     /// refuses a checkpoint of a different run, naming every difference.
     pub(super) fn resume(&self, be: &mut dyn Backend, source: &mut dyn Source) -> Result<Rng> {
-        let Some(p) = checkpoint::latest(self.dir)? else { bail!("--resume: no checkpoint in {}", self.dir.display()) };
+        let Some(p) = checkpoint::resumable(self.dir).context("--resume")? else {
+            bail!("--resume: no checkpoint in {}", self.dir.display())
+        };
         let diff = differences(&checkpoint::read_meta(&p)?, self.plan, self.cfg, &self.prov);
         if !diff.is_empty() {
             bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));

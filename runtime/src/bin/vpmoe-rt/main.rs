@@ -118,6 +118,16 @@ fn run_score(a: ScoreArgs) -> Result<()> {
     if !(a.timeout > 0.0 && a.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
+    // Finished documents are journalled as their responses arrive: an interrupt loses only the
+    // requests in flight.
+    let journal = a.out.join(".journal");
+    let _ = ctrlc::set_handler(move || {
+        eprintln!(
+            "\ninterrupted: every document scored so far is kept in {}; re-run the same command to continue",
+            journal.display()
+        );
+        std::process::exit(130);
+    });
     let opts = score::ScoreOptions {
         client: ClientConfig {
             url: a.server,
