@@ -310,6 +310,20 @@ fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Routing that takes every expert of the chosen groups is valid but draws a warning; the shipped
+/// configs route with a real choice inside their groups.
+#[test]
+fn degenerate_group_routing_is_warned_about() {
+    for rel in ["configs/small.toml", "configs/vpmoe.toml"] {
+        assert!(load(rel).warnings().is_empty(), "{rel}: {:?}", load(rel).warnings());
+    }
+    let text = std::fs::read_to_string(root().join("configs/small.toml")).unwrap();
+    let degenerate = text.replace("router_group_topk = 2", "router_group_topk = 1");
+    let a = vpmoe_compiler::config::parse(&degenerate, "degenerate", &root()).unwrap();
+    let w = a.warnings();
+    assert!(w.len() == 1 && w[0].contains("moe.router_group_topk") && w[0].contains("only chooses groups"), "{w:?}");
+}
+
 /// `-o` naming a folder that is not a plan, or a file, is refused and left as it was; an empty
 /// folder is fine; a killed compile's leftovers are removed by the next one.
 #[test]
