@@ -284,7 +284,7 @@ __device__ __forceinline__ void attention(const bf16* __restrict__ q, const bf16
                                           const float* __restrict__ sinks, bf16* __restrict__ out, int T, int S) {
     static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
     static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
-    constexpr int BQ = 64, BKV = 64;
+    constexpr int BQ = ATTN_TILE, BKV = ATTN_TILE;
     constexpr int LD = D + 8;     // padded shared row (bf16): conflict-free ldmatrix
     constexpr int DN = D / 8;     // n8 tiles over the head dim (P·V)
     constexpr int KN = BKV / 8;   // n8 tiles over a key tile (Q·Kᵀ)

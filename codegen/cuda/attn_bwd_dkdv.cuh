@@ -40,7 +40,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const bf16* __restrict__ q, const 
                                               float* __restrict__ part) {
     static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
     static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
-    constexpr int BKV = 64, BQ = 32, GS = HEADS / GROUPS;
+    constexpr int BKV = ATTN_TILE, BQ = 32, GS = HEADS / GROUPS;
     constexpr int LD = D + 8, DK = D / 16, DN = D / 8;
     __shared__ __align__(128) bf16 sV[BKV * LD];
     __shared__ __align__(128) bf16 sQO[2 * BQ * LD];  // q tile | dout tile (also stages the K tile)

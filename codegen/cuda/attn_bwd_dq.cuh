@@ -25,7 +25,7 @@ __device__ __forceinline__ void attn_bwd_dq(const bf16* __restrict__ q, const bf
                                             bf16* __restrict__ dq, int T, int S) {
     static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head dim must be a multiple of 16 (mma k), at most 256");
     static_assert(GROUPS >= 1 && HEADS % GROUPS == 0, "heads must be a multiple of kv groups");
-    constexpr int BQ = 64, BKV = 64, LD = D + 8, DN = D / 8;
+    constexpr int BQ = ATTN_TILE, BKV = ATTN_TILE, LD = D + 8, DN = D / 8;
     __shared__ __align__(128) bf16 sK[BKV * LD];
     __shared__ __align__(128) bf16 sV[BKV * LD];
     __shared__ int sDoc[BKV];

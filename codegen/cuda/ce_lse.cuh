@@ -18,7 +18,7 @@ __device__ __forceinline__ void ce_lse(const float* __restrict__ part, const flo
                                        const float* __restrict__ scale, const float* __restrict__ weight,
                                        float* __restrict__ token_loss, float* __restrict__ lse,
                                        float* __restrict__ weighted, int T) {
-    constexpr int NT = CE_LSE_THREADS, NW = NT / 32, NTILE = (V + 63) / 64;
+    constexpr int NT = CE_LSE_THREADS, NW = NT / 32, NTILE = (V + GEMM_TILE - 1) / GEMM_TILE;
     require_block(NT);
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (t >= T) return;  // whole block

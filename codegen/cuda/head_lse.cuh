@@ -22,7 +22,7 @@ template <int V, int H>
 __device__ __forceinline__ void head_lse(const bf16* __restrict__ z, const bf16* __restrict__ w,
                                          const int* __restrict__ labels, float* __restrict__ part,
                                          float* __restrict__ label_logit, int T) {
-    constexpr int NTILE = (V + 63) / 64;
+    constexpr int NTILE = (V + GEMM_TILE - 1) / GEMM_TILE;
     require_block(gemm_cfg::THREADS);
     const int row0 = blockIdx.x * 64, col0 = blockIdx.y * 64;
     if (row0 >= T) return;  // whole block: never happens with the contract's grid

@@ -5,6 +5,7 @@
 namespace vp {
 
 constexpr int GEMM_TILE = 64;
+constexpr int ATTN_TILE = 64;
 constexpr int TICKETS = 256;
 constexpr int RED_BLOCKS = 256;
 constexpr int COLSUM_PARTS = 64;

@@ -4,6 +4,8 @@
 
 /// Rows and columns of a GEMM block tile (gemm, gemm_nn, gemm_tn, grouped_gemm, head_lse, head_dl).
 pub const GEMM_TILE: u64 = 64;
+/// Query rows (forward, attn_stats, attn_bwd_dq) and keys (attn_bwd_dkdv) per attention block.
+pub const ATTN_TILE: u64 = 64;
 /// Tickets the runtime provides (`Arg::Tickets`): the most groups one split-reduction launch has.
 pub const TICKETS: u64 = 256;
 /// Fixed block count of the per-block-partial reductions (rmsnorm_bwd, qk_norm_bwd, grape_bwd,
@@ -41,6 +43,7 @@ pub fn header() -> String {
     );
     for (name, v) in [
         ("GEMM_TILE", GEMM_TILE),
+        ("ATTN_TILE", ATTN_TILE),
         ("TICKETS", TICKETS),
         ("RED_BLOCKS", RED_BLOCKS),
         ("COLSUM_PARTS", COLSUM_PARTS),

@@ -3,12 +3,10 @@
 //! (`attn_bwd_dq`), dk and dv per key tile (`attn_bwd_dkdv`; global layers split it per head
 //! and sum each group's heads in `attn_dkdv_sum`), and the sink gradient as a column sum.
 
+use crate::consts::ATTN_TILE as TILE;
 use crate::launch::{families, one, rows_grid, tok, Arg, LaunchDim, Lowered};
 use crate::ops::{reduce, Ports, VjpIo};
 use vpmoe_ir::{Attn, AttnKind, DType};
-
-/// Queries (forward, stats, dq) or keys (dkdv) per block.
-const TILE: u64 = 64;
 
 families! {
     Attention = "attention" in "attention.cuh", 128 <D, HEADS, GROUPS, WINDOW, ALIBI, SINKS>
