@@ -110,16 +110,29 @@ fn parse_line(line: &str) -> Result<(Option<String>, Conversation, RenderConfig)
 }
 
 /// Render every line of `input` to `out`; returns (lines rendered, errors as (line, message)).
-pub fn render_stream(input: impl BufRead, mut out: impl Write) -> Result<(usize, Vec<(usize, String)>)> {
+pub fn render_stream(mut input: impl BufRead, mut out: impl Write) -> Result<(usize, Vec<(usize, String)>)> {
     let mut ok = 0;
     let mut errors = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.with_context(|| format!("reading line {line_no}"))?;
+    let mut buf = Vec::new();
+    for line_no in 1.. {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf).with_context(|| format!("reading line {line_no}"))? == 0 {
+            break;
+        }
+        let bytes = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        // A line that is not UTF-8 is one bad line, reported like the others.
+        let line = match std::str::from_utf8(bytes) {
+            Ok(line) => line,
+            Err(e) => {
+                errors.push((line_no, format!("not UTF-8 (byte {} of the line)", e.valid_up_to() + 1)));
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let result = parse_line(&line).and_then(|(id, conv, cfg)| {
+        let result = parse_line(line).and_then(|(id, conv, cfg)| {
             let r = harmony::render_for_training(&conv, cfg)?;
             let rec = RenderLine {
                 id: id.as_deref(),
@@ -146,11 +159,12 @@ fn render_cmd(a: &RenderArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let out = BufWriter::new(stdout.lock());
     let (ok, errors) = if a.input == "-" {
-        render_stream(std::io::stdin().lock(), out)?
+        render_stream(std::io::stdin().lock(), out)
     } else {
         let f = std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input))?;
-        render_stream(BufReader::new(f), out)?
-    };
+        render_stream(BufReader::new(f), out)
+    }
+    .with_context(|| a.input.clone())?;
     for (line, msg) in &errors {
         eprintln!("{}: line {line}: {msg}", a.input);
     }

@@ -144,9 +144,7 @@ pub fn resolve_prefixes(path: &Path) -> Result<Vec<PathBuf>> {
     };
     let manifest = root.join("manifest.json");
     if manifest.is_file() {
-        let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", manifest.display()))?;
+        let v = read_manifest(&manifest)?;
         let shards = v["splits"][&split]["shards"]
             .as_array()
             .with_context(|| format!("{}: no split {split:?}", manifest.display()))?;
@@ -172,6 +170,84 @@ pub fn resolve_prefixes(path: &Path) -> Result<Vec<PathBuf>> {
     out.sort();
     ensure!(!out.is_empty(), "{}: no *_tokens.idx datasets", path.display());
     Ok(out)
+}
+
+/// The build manifest of the dataset a path designates (a root, one of its split directories or
+/// a shard prefix in one), if it has one.
+fn manifest_of(path: &Path) -> Option<PathBuf> {
+    let root = if path.join("manifest.json").is_file() {
+        path
+    } else if path.is_dir() {
+        path.parent()?
+    } else {
+        path.parent()?.parent()?
+    };
+    Some(root.join("manifest.json")).filter(|m| m.is_file())
+}
+
+fn read_manifest(manifest: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", manifest.display()))
+}
+
+/// The error for a dataset without tokens: where a build's split is empty because the split
+/// rule sent every document to the other one, it says so and what to change.
+fn empty_dataset(path: &Path) -> anyhow::Error {
+    let plain = anyhow::anyhow!("{}: dataset has no tokens", path.display());
+    let (root, split) = if path.join("manifest.json").is_file() {
+        (path, "train")
+    } else if path.is_dir() {
+        match (path.parent(), path.file_name().and_then(|s| s.to_str())) {
+            (Some(root), Some(split)) => (root, split),
+            _ => return plain,
+        }
+    } else {
+        return plain;
+    };
+    let Ok(m) = read_manifest(&root.join("manifest.json")) else {
+        return plain;
+    };
+    let (other, change) = match split {
+        "train" => ("valid", "smaller"),
+        "valid" => ("train", "larger"),
+        _ => return plain,
+    };
+    match (m["splits"][other]["rows"].as_u64(), m["config"]["valid_fraction"].as_str()) {
+        (Some(n), Some(f)) if n > 0 => anyhow::anyhow!(
+            "{}/{split} has no documents: all {n} documents of the build went to {other} (--valid-fraction {f}); \
+             build with a {change} --valid-fraction",
+            root.display()
+        ),
+        _ => plain,
+    }
+}
+
+/// The tokenizer a dataset was built with, as its manifest records it: its name (the
+/// manifest's `tokenizer.type`) and vocabulary size. `path` is anything [`Reader::open`]
+/// takes; shards without a manifest record none (`None`).
+pub fn dataset_tokenizer(path: &Path) -> Result<Option<(String, u64)>> {
+    let Some(manifest) = manifest_of(path) else {
+        return Ok(None);
+    };
+    let m = read_manifest(&manifest)?;
+    let t = &m["tokenizer"];
+    let size = t["vocab_size"].as_u64().with_context(|| format!("{}: no tokenizer.vocab_size", manifest.display()))?;
+    Ok(Some((t["type"].as_str().unwrap_or("an unnamed tokenizer").to_string(), size)))
+}
+
+/// Refuse a dataset whose token ids may lie outside an architecture's vocabulary of `vocab`
+/// ids: its manifest's tokenizer has more. Checked before training, so the mismatch is
+/// reported as such instead of as an out-of-range token at the first step. Shards without a
+/// manifest pass (nothing is recorded to check).
+pub fn check_vocabulary(path: &Path, vocab: u64) -> Result<()> {
+    if let Some((name, size)) = dataset_tokenizer(path)? {
+        ensure!(
+            size <= vocab,
+            "the dataset {} was built with {name} ({size} tokens); the architecture has {vocab}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 impl Dataset {
@@ -420,7 +496,9 @@ impl Reader {
             let p = p.as_ref();
             ensure!(w.is_finite() && *w > 0.0, "{}: weight must be positive, got {w}", p.display());
             let ds = Dataset::open(p)?;
-            ensure!(ds.n_tokens > 0, "{}: dataset has no tokens", p.display());
+            if ds.n_tokens == 0 {
+                return Err(empty_dataset(p));
+            }
             fp.push_str(&format!(";{}:{}docs:{}tok:w{}", i, ds.n_docs(), ds.n_tokens, w / total));
             let perm = Permutation::new(ds.n_docs(), 0);
             let mut s = Stream { ds, seed, index: i as u64, pos: StreamPos::default(), perm, perm_epoch: u64::MAX };

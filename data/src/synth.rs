@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use arrow_array::cast::AsArray;
 use arrow_array::{Array, LargeStringArray, RecordBatch, StringArray, StringViewArray};
 use blake2::digest::{Update, VariableOutput};
 use blake2::Blake2bVar;
@@ -32,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::harmony::{self, Conversation, Message, MessageTokens, ReasoningEffort, Role, SystemContent};
 use crate::tokenizer::{EOD, RETURN};
 
-/// The SYNTH columns vpmoe reads (others are ignored and never decoded).
+/// The SYNTH columns vpmoe reads (others are ignored and never decoded); every one must be
+/// present but `language`, which is metadata only.
 pub const COLUMNS: [&str; 7] =
     ["synth_id", "language", "exercise", "query", "constraints", "synthetic_reasoning", "synthetic_answer"];
 
@@ -373,6 +375,13 @@ enum StrCol<'a> {
     Utf8(&'a StringArray),
     Large(&'a LargeStringArray),
     View(&'a StringViewArray),
+    /// A dictionary-encoded column (what pyarrow writes for categorical data, with any key
+    /// type): row i is `values[keys[i]]`, null where the key is.
+    Dict {
+        array: &'a dyn Array,
+        keys: Vec<usize>,
+        values: Box<StrCol<'a>>,
+    },
     Missing,
 }
 
@@ -381,15 +390,25 @@ impl<'a> StrCol<'a> {
         let Some(col) = batch.column_by_name(name) else {
             return Ok(StrCol::Missing);
         };
+        Self::array(col.as_ref()).with_context(|| {
+            format!("column {name:?} has type {}, expected a string or a dictionary of strings", col.data_type())
+        })
+    }
+    fn array(col: &'a dyn Array) -> Option<Self> {
         let any = col.as_any();
         if let Some(a) = any.downcast_ref::<StringArray>() {
-            Ok(StrCol::Utf8(a))
+            Some(StrCol::Utf8(a))
         } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-            Ok(StrCol::Large(a))
+            Some(StrCol::Large(a))
         } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
-            Ok(StrCol::View(a))
+            Some(StrCol::View(a))
+        } else if let Some(d) = col.as_any_dictionary_opt() {
+            let values = Box::new(Self::array(d.values().as_ref())?);
+            // `normalized_keys` panics on an empty dictionary, whose keys are all null.
+            let keys = if d.values().is_empty() { Vec::new() } else { d.normalized_keys() };
+            Some(StrCol::Dict { array: col, keys, values })
         } else {
-            bail!("column {name:?} has type {}, expected a string", col.data_type())
+            None
         }
     }
     fn get_ref(&self, i: usize) -> Option<&'a str> {
@@ -397,6 +416,13 @@ impl<'a> StrCol<'a> {
             StrCol::Utf8(a) => (!a.is_null(i)).then(|| a.value(i)),
             StrCol::Large(a) => (!a.is_null(i)).then(|| a.value(i)),
             StrCol::View(a) => (!a.is_null(i)).then(|| a.value(i)),
+            StrCol::Dict { array, keys, values } => {
+                if array.is_null(i) {
+                    None
+                } else {
+                    keys.get(i).and_then(|&k| values.get_ref(k))
+                }
+            }
             StrCol::Missing => None,
         }
     }
@@ -466,6 +492,8 @@ impl SynthParquet {
         for name in COLUMNS {
             match schema.index_of(name) {
                 Ok(i) => roots.push(i),
+                // Metadata only (kept in `_docs.jsonl` for subset selection): without the
+                // column every row's language is null.
                 Err(_) if name == "language" => {}
                 Err(_) => bail!(
                     "{}: missing SYNTH column {name:?} (columns: {})",

@@ -205,13 +205,8 @@ fn strict_mode_fails_on_the_first_invalid_row() {
     assert!(err.contains("synth_00_00007") && err.contains("missing query"), "{err}");
     assert!(err.contains("synth_001.parquet"), "{err}");
     assert!(!out.join("manifest.json").exists());
-    // No complete-looking shard is left behind.
-    for split in ["train", "valid"] {
-        for e in std::fs::read_dir(out.join(split)).unwrap() {
-            let p = e.unwrap().path();
-            assert!(!p.to_string_lossy().ends_with(".idx"), "{}", p.display());
-        }
-    }
+    // No complete-looking shard is left behind: the failed run leaves the directory as it found it.
+    assert_eq!(std::fs::read_dir(&*out).unwrap().count(), 0);
 }
 
 #[test]
@@ -341,4 +336,130 @@ fn corrupt_or_truncated_parquet_is_a_clear_error() {
         assert!(msg.contains(needle), "{}: {msg}", f.display());
         assert!(!out.join("manifest.json").exists());
     }
+}
+
+/// The `train/` and `valid/` files of a build (the documents and their metadata).
+fn split_files(out: &Path) -> Vec<(String, Vec<u8>)> {
+    snapshot(out).into_iter().filter(|(p, _)| p.starts_with("train/") || p.starts_with("valid/")).collect()
+}
+
+fn props() -> parquet::file::properties::WriterProperties {
+    parquet::file::properties::WriterProperties::builder().set_max_row_group_row_count(Some(50)).build()
+}
+
+#[test]
+fn a_file_without_a_language_column_builds_with_null_languages() {
+    let rows = fixture_rows(0, 40);
+    let (with, without) = (tmpdir("lang-with"), tmpdir("lang-without"));
+    write_synth_as(&with.join("synth_001.parquet"), &rows, props(), Strings::Plain, &[]);
+    write_synth_as(&without.join("synth_001.parquet"), &rows, props(), Strings::Plain, &["language"]);
+    let (out_with, out_without) = (tmpdir("lang-with-out"), tmpdir("lang-without-out"));
+    build_synth(&opts(vec![with.to_path_buf()], &out_with)).unwrap();
+    build_synth(&opts(vec![without.to_path_buf()], &out_without)).unwrap();
+    let (a, b) = (split_files(&out_with), split_files(&out_without));
+    assert_eq!(a.len(), b.len());
+    for ((pa, da), (pb, db)) in a.iter().zip(&b) {
+        assert_eq!(pa, pb);
+        if !pa.ends_with("_docs.jsonl") {
+            assert_eq!(da, db, "{pa}");
+            continue;
+        }
+        let meta = |d: &[u8]| -> Vec<Value> {
+            std::str::from_utf8(d).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        };
+        let (ma, mb) = (meta(da), meta(db));
+        assert!(ma.iter().any(|m| m["language"].is_string()));
+        for (x, y) in ma.iter().zip(&mb) {
+            assert_eq!(y["language"], Value::Null, "{pb}");
+            assert_eq!((&x["synth_id"], &x["exercise"]), (&y["synth_id"], &y["exercise"]));
+        }
+    }
+}
+
+#[test]
+fn dictionary_encoded_string_columns_read_like_plain_ones() {
+    let rows = fixture_rows(1, 60);
+    let (plain, dict) = (tmpdir("dict-plain"), tmpdir("dict-dict"));
+    write_synth_as(&plain.join("synth_001.parquet"), &rows, props(), Strings::Plain, &[]);
+    write_synth_as(&dict.join("synth_001.parquet"), &rows, props(), Strings::Dictionary, &[]);
+    let (out_plain, out_dict) = (tmpdir("dict-plain-out"), tmpdir("dict-dict-out"));
+    let mut o = opts(vec![plain.to_path_buf()], &out_plain);
+    o.seq_len = 256;
+    let rep_plain = build_synth(&o).unwrap();
+    o.inputs = vec![dict.to_path_buf()];
+    o.out = out_dict.to_path_buf();
+    o.batch_rows = 7;
+    let rep_dict = build_synth(&o).unwrap();
+    assert_eq!(
+        (rep_dict.rows_written, rep_dict.rows_rejected, rep_dict.rows_dropped, rep_dict.tokens),
+        (rep_plain.rows_written, rep_plain.rows_rejected, rep_plain.rows_dropped, rep_plain.tokens)
+    );
+    assert!(rep_plain.rows_rejected > 0 && rep_plain.rows_written > 0);
+    assert_eq!(split_files(&out_dict), split_files(&out_plain));
+    assert_eq!(
+        std::fs::read(out_dict.join("rejected.jsonl")).unwrap(),
+        std::fs::read(out_plain.join("rejected.jsonl")).unwrap()
+    );
+}
+
+#[test]
+fn a_build_that_writes_no_documents_fails_counting_the_reasons() {
+    let dir = tmpdir("nodocs-in");
+    let mut rows: Vec<Rec> =
+        (0..9).map(|i| Rec::new(&format!("s{i}"), "en", "memorization", "Why?", "Because.", "So.")).collect();
+    for (i, r) in rows.iter_mut().enumerate() {
+        match i % 3 {
+            0 => r.query = None,
+            1 => r.synthetic_answer = Some(" ".into()),
+            _ => r.synthetic_answer = Some("a long final answer ".repeat(80)),
+        }
+    }
+    write_parquet(&dir.join("synth_001.parquet"), &rows, 50);
+    let out = tmpdir("nodocs-out");
+    let mut o = opts(vec![dir.to_path_buf()], &out);
+    o.seq_len = 256;
+    let err = format!("{:#}", build_synth(&o).unwrap_err());
+    for needle in [
+        "no documents written: all 9 rows read were skipped",
+        "missing query: 3",
+        "missing synthetic_answer: 3",
+        "3 dropped (too long for --seq-len 256",
+        "rejected.jsonl",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+    }
+    assert!(!out.join("manifest.json").exists());
+    assert_eq!(std::fs::read_to_string(out.join("rejected.jsonl")).unwrap().lines().count(), 9);
+}
+
+#[test]
+fn a_failed_build_removes_what_it_created_and_nothing_else() {
+    let dir = tmpdir("failed-in");
+    let junk = dir.join("junk.parquet");
+    std::fs::write(&junk, b"not parquet").unwrap();
+    // A fresh output directory goes away entirely; an empty existing one is left empty.
+    let parent = tmpdir("failed-out");
+    let fresh = parent.join("dataset");
+    assert!(build_synth(&opts(vec![junk.clone()], &fresh)).is_err());
+    assert!(!fresh.exists());
+    assert!(build_synth(&opts(vec![junk.clone()], &parent)).is_err());
+    assert_eq!(std::fs::read_dir(&*parent).unwrap().count(), 0);
+    // A failure while resuming keeps the shards that were finished before it (and its lock).
+    std::fs::remove_file(&junk).unwrap();
+    write_fixture_dir(&dir, 2, 30);
+    let out = tmpdir("failed-resume");
+    let mut o = opts(vec![dir.to_path_buf()], &out);
+    build_synth(&o).unwrap();
+    let before: Vec<(String, Vec<u8>)> = snapshot(&out).into_iter().filter(|(p, _)| p != "manifest.json").collect();
+    let mut bad = fixture_rows(3, 30);
+    bad[4].query = None;
+    write_parquet(&dir.join("synth_003.parquet"), &bad, 50);
+    o.strict = true;
+    let err = format!("{:#}", build_synth(&o).unwrap_err());
+    assert!(err.contains("--strict"), "{err}");
+    let after: Vec<(String, Vec<u8>)> = snapshot(&out).into_iter().filter(|(p, _)| p != "manifest.json").collect();
+    assert_eq!(after, before);
+    std::fs::remove_file(dir.join("synth_003.parquet")).unwrap();
+    let r = build_synth(&o).unwrap();
+    assert_eq!((r.shards_built, r.shards_reused), (0, 2));
 }

@@ -49,6 +49,23 @@ fn render_writes_good_lines_and_names_bad_ones() {
 }
 
 #[test]
+fn render_reports_a_line_that_is_not_utf8_and_goes_on() {
+    let golden: Vec<serde_json::Value> =
+        include_str!("fixtures/harmony_golden.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let good = golden[0]["conversation"].to_string();
+    let mut input = Vec::new();
+    input.extend_from_slice(good.as_bytes());
+    input.extend_from_slice(b"\n{\"messages\": \"caf\xe9\"}\r\n");
+    input.extend_from_slice(good.as_bytes());
+    input.extend_from_slice(b"\r\n");
+    let mut out = Vec::new();
+    let (ok, errors) = render_stream(&input[..], &mut out).unwrap();
+    assert_eq!(ok, 2);
+    assert_eq!(errors, vec![(2, "not UTF-8 (byte 18 of the line)".to_string())]);
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 2);
+}
+
+#[test]
 fn every_flag_has_help_and_parses() {
     let cmd = Cli::command();
     for sub in cmd.get_subcommands() {

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use vpmoe_data::build_synth::{build_synth, BuildOptions};
-use vpmoe_data::reader::{Batch, Cursor, Dataset, Reader};
+use vpmoe_data::reader::{check_vocabulary, dataset_tokenizer, Batch, Cursor, Dataset, Reader};
 use vpmoe_data::tokenizer::EOD;
 
 const EODI: i32 = EOD as i32;
@@ -141,4 +141,65 @@ fn reader_rejects_bad_inputs() {
     let missing = Path::new("/nonexistent/x_tokens");
     let e = Reader::open(&[(missing, 1.0)], 32, 1).err().unwrap();
     assert!(format!("{e:#}").contains("/nonexistent/x_tokens.idx"));
+}
+
+fn sample_build(name: &str, valid_fraction: &str) -> common::TempDir {
+    let out = common::tmpdir(name);
+    let mut o = BuildOptions::new(
+        vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/synth_sample.parquet")],
+        out.clone(),
+    );
+    o.valid_fraction = valid_fraction.parse().unwrap();
+    build_synth(&o).unwrap();
+    out
+}
+
+#[test]
+fn an_empty_split_says_where_its_documents_went() {
+    let all_valid = sample_build("all-valid", "1");
+    let want = format!(
+        "{}/train has no documents: all 9 documents of the build went to valid (--valid-fraction 1); \
+         build with a smaller --valid-fraction",
+        all_valid.display()
+    );
+    for p in [all_valid.to_path_buf(), all_valid.join("train")] {
+        let e = format!("{:#}", Reader::open(&[(&p, 1.0)], 32, 1).err().unwrap());
+        assert!(e.contains(&want), "{e}");
+    }
+    let all_train = sample_build("all-train", "0");
+    let e = format!("{:#}", Reader::open(&[(&all_train.join("valid"), 1.0)], 32, 1).err().unwrap());
+    assert!(
+        e.contains("/valid has no documents: all 9 documents of the build went to train (--valid-fraction 0)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_vocabulary_compares_the_manifest_tokenizer_with_the_architecture() {
+    let root = sample_build("vocab", "0.2");
+    assert_eq!(dataset_tokenizer(&root).unwrap(), Some(("O200kHarmonyTokenizer".to_string(), 201_088)));
+    let e = format!("{:#}", check_vocabulary(&root, 512).unwrap_err());
+    let want = format!(
+        "the dataset {} was built with O200kHarmonyTokenizer (201088 tokens); the architecture has 512",
+        root.display()
+    );
+    assert!(e.contains(&want), "{e}");
+    // A split directory and a shard prefix find the same manifest.
+    for p in [root.join("train"), root.join("valid/synth_sample_tokens")] {
+        assert_eq!(dataset_tokenizer(&p).unwrap(), Some(("O200kHarmonyTokenizer".to_string(), 201_088)));
+        assert!(check_vocabulary(&p, 200_000).is_err());
+    }
+    check_vocabulary(&root, 201_088).unwrap();
+    check_vocabulary(&root, 262_144).unwrap();
+    // Shards without a manifest record no tokenizer.
+    let bare = common::tmpdir("vocab-bare");
+    for f in vpmoe_data::reader::shard_files(&root.join("train/synth_sample_tokens")) {
+        std::fs::copy(&f, bare.join(f.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(dataset_tokenizer(&bare).unwrap(), None);
+    check_vocabulary(&bare, 512).unwrap();
+    // A manifest without the tokenizer's vocabulary size is an error naming it.
+    std::fs::write(root.join("manifest.json"), "{\"tokenizer\": {}}").unwrap();
+    let e = format!("{:#}", check_vocabulary(&root, 512).unwrap_err());
+    assert!(e.contains("manifest.json") && e.contains("tokenizer.vocab_size"), "{e}");
 }

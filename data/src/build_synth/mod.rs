@@ -10,6 +10,8 @@
 //! * Resumability: a re-run reuses every shard whose completion record matches the input file
 //!   (size + SHA-256), the configuration hash and the row limit, and whose files are intact;
 //!   everything else is rebuilt.
+//! * Failure: a build that writes no document is an error (its skipped rows counted by reason);
+//!   a failed build removes the directories it created and left empty, nothing else.
 
 mod inputs;
 mod manifest;
@@ -18,6 +20,7 @@ mod record;
 mod resume;
 mod shard;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -85,8 +88,42 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
             out.display()
         );
     }
+    // What this run creates, so that a failed run can take it away again (and nothing else).
+    let fresh_out = !out.exists();
+    let fresh_lock = !out.join(crate::lock::LOCK_FILE).exists();
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let _lock = crate::lock::DirLock::acquire(out, "vpmoe-rt data build-synth")?;
+    let _lock = match crate::lock::DirLock::acquire(out, "vpmoe-rt data build-synth") {
+        Ok(lock) => lock,
+        Err(e) => {
+            if fresh_out {
+                let _ = fs::remove_dir(out);
+            }
+            return Err(e);
+        }
+    };
+    let fresh_dirs: Vec<PathBuf> =
+        [".shards", "train", "valid"].iter().map(|d| out.join(d)).filter(|d| !d.exists()).collect();
+    let result = build_locked(opts, files);
+    if result.is_err() {
+        // Only empty directories go (`remove_dir` refuses others): shards finished before the
+        // failure, in this run or an earlier one, stay for the next run to reuse.
+        for d in &fresh_dirs {
+            let _ = fs::remove_dir(d);
+        }
+        let only_lock = |mut es: fs::ReadDir| es.all(|e| e.is_ok_and(|e| e.file_name() == crate::lock::LOCK_FILE));
+        if fresh_lock && fs::read_dir(out).is_ok_and(only_lock) {
+            let _ = fs::remove_file(out.join(crate::lock::LOCK_FILE));
+        }
+        if fresh_out {
+            let _ = fs::remove_dir(out);
+        }
+    }
+    result
+}
+
+/// The build proper, in a locked output directory.
+fn build_locked(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
+    let out = &opts.out;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
         fs::remove_file(&manifest_path).with_context(|| format!("removing stale {}", manifest_path.display()))?;
@@ -173,6 +210,9 @@ fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> 
     }
     indexed::write_atomic(&out.join("rejected.jsonl"), rejected.as_bytes())?;
     let report = summarise(&records, built, reused, manifest_path.clone());
+    if report.rows_written == 0 {
+        bail!("{}", no_documents(opts, &records, report.rows_read));
+    }
     let manifest = manifest_json(opts, &config, &config_hash, &tokenizer_sha, &inputs, &records);
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
     indexed::write_atomic(&manifest_path, text.as_bytes())?;
@@ -192,4 +232,29 @@ fn summarise(records: &[ShardRecord], built: usize, reused: usize, manifest: Pat
         tokens: records.iter().flat_map(|r| r.splits.values()).map(|s| s.tokens).sum(),
         manifest,
     }
+}
+
+/// Why a build wrote no documents: its skipped rows, counted by reason.
+fn no_documents(opts: &BuildOptions, records: &[ShardRecord], rows_read: u64) -> String {
+    let out = opts.out.display();
+    if rows_read == 0 {
+        return format!("{out}: no documents written: the inputs have no rows");
+    }
+    let mut reasons: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut dropped = 0u64;
+    for s in records.iter().flat_map(|r| &r.skipped) {
+        if s.kind == "dropped" {
+            dropped += 1;
+        } else {
+            *reasons.entry(&s.reason).or_default() += 1;
+        }
+    }
+    let mut counts: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    if dropped > 0 {
+        counts.push(format!("{dropped} dropped (too long for --seq-len {} even after truncation)", opts.seq_len));
+    }
+    format!(
+        "{out}: no documents written: all {rows_read} rows read were skipped ({}); each is listed in {out}/rejected.jsonl",
+        counts.join(", ")
+    )
 }

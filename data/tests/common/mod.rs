@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_array::types::{Int32Type, Int8Type};
+use arrow_array::{ArrayRef, DictionaryArray, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -115,6 +116,21 @@ pub fn write_parquet(path: &Path, rows: &[Rec], row_group_rows: usize) {
 
 /// Write rows as a SYNTH parquet file with the real 14-column schema and the given properties.
 pub fn write_synth(path: &Path, rows: &[Rec], props: WriterProperties) {
+    write_synth_as(path, rows, props, Strings::Plain, &[]);
+}
+
+/// How [`write_synth_as`] stores the string columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strings {
+    /// Utf8 arrays.
+    Plain,
+    /// Dictionary arrays, as pyarrow writes categorical columns: int8 keys for `language` (a
+    /// pandas categorical), int32 keys for the others.
+    Dictionary,
+}
+
+/// [`write_synth`] with the string columns stored as `strings`, leaving out the `omit` columns.
+pub fn write_synth_as(path: &Path, rows: &[Rec], props: WriterProperties, strings: Strings, omit: &[&str]) {
     let names = [
         "synth_id",
         "language",
@@ -130,9 +146,6 @@ pub fn write_synth(path: &Path, rows: &[Rec], props: WriterProperties) {
         "synthetic_reasoning",
         "synthetic_answer",
     ];
-    let mut fields: Vec<Field> = names.iter().map(|n| Field::new(*n, DataType::Utf8, true)).collect();
-    fields.push(Field::new("words", DataType::Int64, true));
-    let schema = Arc::new(Schema::new(fields));
     let get = |r: &Rec, i: usize| -> Option<String> {
         match i {
             0 => r.synth_id.clone(),
@@ -150,10 +163,21 @@ pub fn write_synth(path: &Path, rows: &[Rec], props: WriterProperties) {
             _ => r.synthetic_answer.clone(),
         }
     };
-    let mut cols: Vec<ArrayRef> = (0..names.len())
-        .map(|i| Arc::new(StringArray::from(rows.iter().map(|r| get(r, i)).collect::<Vec<_>>())) as ArrayRef)
-        .collect();
+    let (mut fields, mut cols): (Vec<Field>, Vec<ArrayRef>) = (Vec::new(), Vec::new());
+    for (i, name) in names.iter().enumerate().filter(|(_, n)| !omit.contains(n)) {
+        let values: Vec<Option<String>> = rows.iter().map(|r| get(r, i)).collect();
+        let values = values.iter().map(Option::as_deref);
+        let col: ArrayRef = match strings {
+            Strings::Plain => Arc::new(values.collect::<StringArray>()),
+            Strings::Dictionary if *name == "language" => Arc::new(values.collect::<DictionaryArray<Int8Type>>()),
+            Strings::Dictionary => Arc::new(values.collect::<DictionaryArray<Int32Type>>()),
+        };
+        fields.push(Field::new(*name, col.data_type().clone(), true));
+        cols.push(col);
+    }
+    fields.push(Field::new("words", DataType::Int64, true));
     cols.push(Arc::new(Int64Array::from(rows.iter().map(|r| r.words).collect::<Vec<_>>())));
+    let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
     let mut w = ArrowWriter::try_new(File::create(path).unwrap(), schema, Some(props)).unwrap();
     w.write(&batch).unwrap();
