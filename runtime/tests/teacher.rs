@@ -558,7 +558,7 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
 
     // Ctrl-C: the scorer says what is kept and how to continue, and exits 130.
     let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() });
-    let mut child = run(&slow, &dir.join("interrupted"));
+    let child = run(&slow, &dir.join("interrupted"));
     let t0 = Instant::now();
     while slow.requests.load(Ordering::SeqCst) < 2 {
         assert!(t0.elapsed() < Duration::from_secs(60), "the scorer made no progress");

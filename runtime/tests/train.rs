@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{compiled, root, run_config, sample_data, tmp};
+use common::{compiled, root, run_config, sample_data, sample_data_for, tmp};
 use std::path::PathBuf;
 use vpmoe_compiler::Plan;
 use vpmoe_ir::{Graph, OutputName};
@@ -223,7 +223,7 @@ fn resume_is_bitwise() {
     let (g2, plan2) = compiled("tests/configs/tiny_moe.toml");
     let mut be = CpuBackend::new(&g2, &plan2, TrainState::init(&plan2, 1));
     let short = TrainConfig { seq_len: 32, ..cfg.clone() };
-    let e = format!("{:#}", train::train(&mut be, &plan2, &data, &short, &opts).unwrap_err());
+    let e = format!("{:#}", train::train(&mut be, &plan2, &sample_data_for(512), &short, &opts).unwrap_err());
     assert!(e.contains("missing tensor") || e.contains("fingerprint"), "{e}");
 
     // A damaged checkpoint is refused by its checksum.
@@ -245,6 +245,19 @@ fn resume_is_bitwise() {
     for d in ["straight", "resumed"] {
         let _ = std::fs::remove_dir_all(tmp(d));
     }
+}
+
+/// A dataset built with a larger tokenizer than the architecture's vocabulary is refused before
+/// anything runs, naming both.
+#[test]
+fn a_dataset_of_a_larger_vocabulary_is_refused_up_front() {
+    let (g, plan) = compiled("tests/configs/tiny_moe.toml");
+    let (cfg, mut opts) = run_config(2, 1, 32, tmp("vocab"));
+    opts.eval_every = 0;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    assert!(e.contains("(201088 tokens); the architecture has 512"), "{e}");
+    assert!(!opts.ckpt_dir.exists(), "nothing was written");
 }
 
 /// A run holds its directory: a second process is refused naming the holder, and a fresh run is
@@ -360,7 +373,10 @@ fn the_adamw_learning_rates_follow_the_spec() {
     assert!(line.contains("AdamW 2.000e-2 (= --lr, MODEL.md §7.4) -> 2.000e-3 (= --min-lr"), "{line}");
     let (line, lr, min) = run(&with, "config");
     assert_eq!((lr, min), (0.001, 0.0001), "{line}");
-    assert!(line.contains("(config optimizer.normuon_aux_lr)") && line.contains("(config optimizer.normuon_aux_min_lr)"), "{line}");
+    assert!(
+        line.contains("(config optimizer.normuon_aux_lr)") && line.contains("(config optimizer.normuon_aux_min_lr)"),
+        "{line}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -156,6 +156,9 @@ pub fn train(
 ) -> Result<Outcome> {
     validate(cfg, plan)?;
     ensure!(!data.is_empty(), "no training data given");
+    for (d, _) in data {
+        vpmoe_data::reader::check_vocabulary(d, plan.arch.vocab)?;
+    }
     let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, data)?, dir: &opts.ckpt_dir, keep: opts.keep };
     let mut source = Datasets::open(data, cfg)?;
     let eval_data = data.iter().find_map(|(d, _)| eval_split(d));

@@ -60,6 +60,11 @@ fn copy_mod(from: &Path, to: &Path, vocab: u64) {
         let dst = to.join(p.file_name().unwrap());
         if p.is_dir() {
             copy_mod(&p, &dst, vocab);
+        } else if p.file_name().is_some_and(|n| n == "manifest.json") {
+            // The copy's ids fit `vocab`: its manifest says so (the trainer checks it).
+            let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            m["tokenizer"]["vocab_size"] = vocab.into();
+            std::fs::write(&dst, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
         } else if p.to_string_lossy().ends_with("_tokens.bin") {
             let b = std::fs::read(&p).unwrap();
             let ids = b.chunks_exact(4).map(|c| (i32::from_le_bytes(c.try_into().unwrap()) as u64 % vocab) as i32);
