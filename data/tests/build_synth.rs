@@ -237,6 +237,20 @@ fn refuses_a_foreign_non_empty_output_directory() {
     assert_eq!(std::fs::read(out.join("precious.txt")).unwrap(), b"keep me");
 }
 
+/// A build into a directory another build holds is refused, naming the holder, before it
+/// touches anything; once the holder is gone the same build runs.
+#[test]
+fn a_second_build_into_a_held_directory_is_refused() {
+    let out = tmpdir("held");
+    let holder = vpmoe_data::lock::DirLock::acquire(&out, "vpmoe-rt data build-synth").unwrap();
+    let err = format!("{:#}", build_synth(&opts(vec![sample()], &out)).unwrap_err());
+    assert!(err.contains("is in use by vpmoe-rt data build-synth (pid"), "{err}");
+    assert!(!out.join("train").exists() && !out.join(".shards").exists(), "the refused build wrote nothing");
+    drop(holder);
+    build_synth(&opts(vec![sample()], &out)).unwrap();
+    assert!(out.join("manifest.json").is_file());
+}
+
 #[test]
 fn max_rows_limits_and_changes_the_config_hash() {
     let dir = tmpdir("max-in");

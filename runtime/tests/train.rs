@@ -260,6 +260,17 @@ fn a_dataset_of_a_larger_vocabulary_is_refused_up_front() {
     assert!(!opts.ckpt_dir.exists(), "nothing was written");
 }
 
+/// Schedule errors name the flags that set the schedule.
+#[test]
+fn schedule_errors_name_the_flags() {
+    let (g, plan) = compiled("configs/small.toml");
+    let (mut cfg, opts) = run_config(2, 1, 32, tmp("warmup"));
+    cfg.schedule.warmup = 4;
+    let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
+    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    assert!(e.contains("--warmup") && e.contains("--steps") && e.contains("warmup (4) exceeds total (2)"), "{e}");
+}
+
 /// A run holds its directory: a second process is refused naming the holder, and a fresh run is
 /// refused where another run's checkpoints are (so `--resume` never picks from two runs).
 #[test]

@@ -162,3 +162,43 @@ pub(super) fn summary(r: &StepRecord) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A held-out evaluation over 0 supervised tokens has no loss: null in metrics.jsonl, n/a on
+    /// the progress line.
+    #[test]
+    fn an_evaluation_without_tokens_has_no_loss() {
+        let e = EvalRecord { loss: None, ce_reasoning: None, ce_final: None, tokens: 0 };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"loss":null,"ce_reasoning":null,"ce_final":null,"tokens":0}"#
+        );
+        let r = StepRecord {
+            step: 1,
+            lr: 0.0,
+            loss: 1.0,
+            ce_reasoning: 0.5,
+            ce_final: 0.5,
+            tokens_reasoning: 1,
+            tokens_final: 1,
+            span_weights: [1.0, 1.0],
+            grad_norm: 0.0,
+            clip_coef: 1.0,
+            tokens: 2,
+            tokens_per_s: 1.0,
+            step_s: 1.0,
+            optimizer_s: 0.0,
+            router: None,
+            router_layers: vec![],
+            rows_per_dataset: vec![1],
+            teacher_tokens: 0,
+            kd: None,
+            eval: Some(e),
+            master_sha256: None,
+        };
+        assert!(summary(&r).ends_with("| eval n/a (r n/a, f n/a)"), "{}", summary(&r));
+    }
+}
