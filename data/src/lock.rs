@@ -11,6 +11,19 @@ use std::path::Path;
 /// Name of the lock file inside a locked directory.
 pub const LOCK_FILE: &str = ".lock";
 
+/// Refuses to write into `out` when it holds anything but a lock and is not `what` (a command's
+/// output, recognised by its `marker` subdirectory): a user's folder is never written into.
+pub fn check_output_dir(out: &Path, marker: &str, what: &str) -> Result<()> {
+    if !out.is_dir() || out.join(marker).is_dir() {
+        return Ok(());
+    }
+    let listing = std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?;
+    if listing.into_iter().any(|e| e.map_or(true, |e| e.file_name() != LOCK_FILE)) {
+        bail!("{} is not empty and is not a {what} (no {marker}/); refusing to write into it", out.display());
+    }
+    Ok(())
+}
+
 /// Held while a command writes into its directory; dropping it releases the directory.
 #[derive(Debug)]
 pub struct DirLock {

@@ -77,17 +77,7 @@ pub fn build_synth(opts: &BuildOptions) -> Result<BuildReport> {
 
 fn build_in_pool(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
     let out = &opts.out;
-    if out.is_dir()
-        && !out.join(".shards").is_dir()
-        && fs::read_dir(out)
-            .with_context(|| format!("listing {}", out.display()))?
-            .any(|e| e.map_or(true, |e| e.file_name() != crate::lock::LOCK_FILE))
-    {
-        bail!(
-            "{} is not empty and is not a build-synth output directory (no .shards/); refusing to write into it",
-            out.display()
-        );
-    }
+    crate::lock::check_output_dir(out, ".shards", "build-synth output directory")?;
     // What this run creates, so that a failed run can take it away again (and nothing else).
     let fresh_out = !out.exists();
     let fresh_lock = !out.join(crate::lock::LOCK_FILE).exists();

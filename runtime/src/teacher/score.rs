@@ -400,17 +400,7 @@ fn out_files(name: &str, top_k: usize) -> Vec<String> {
 /// Create (or take over) and lock the output directory; remove the manifest, temporaries and the
 /// files of shards this run does not produce.
 fn prepare_out(out: &Path, jobs: &[Job]) -> Result<vpmoe_data::lock::DirLock> {
-    if out.is_dir()
-        && !out.join(".journal").is_dir()
-        && fs::read_dir(out)
-            .with_context(|| format!("listing {}", out.display()))?
-            .any(|e| e.map_or(true, |e| e.file_name() != vpmoe_data::lock::LOCK_FILE))
-    {
-        bail!(
-            "{} is not empty and is not a teacher-score output (no .journal/); refusing to write into it",
-            out.display()
-        );
-    }
+    vpmoe_data::lock::check_output_dir(out, ".journal", "teacher-score output")?;
     for d in ["train", ".journal", ".shards"] {
         fs::create_dir_all(out.join(d)).with_context(|| format!("creating {}", out.join(d).display()))?;
     }
