@@ -30,3 +30,15 @@ pub mod synth;
 pub mod teacher;
 pub mod tokenizer;
 pub mod tools;
+
+/// The progress bar of a long pass over `len` `unit`s (rows, tokens) on stderr, or a hidden one.
+pub fn progress_bar(len: u64, unit: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} ({{per_sec}}) {{msg}} ETA {{eta}}"
+    );
+    indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr())
+        .with_style(indicatif::ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "))
+}

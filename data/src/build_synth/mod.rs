@@ -26,7 +26,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -155,17 +154,7 @@ fn build_locked(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
 
     let renderer = SynthRenderer::new(opts.reasoning_effort, opts.seq_len)?;
     let total_rows: u64 = plans.iter().map(|p| p.limit).sum();
-    let pb = if opts.progress { ProgressBar::new(total_rows) } else { ProgressBar::hidden() };
-    if opts.progress {
-        pb.set_draw_target(ProgressDrawTarget::stderr());
-    }
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}) {msg} ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let pb = crate::progress_bar(total_rows, "rows", opts.progress);
     let started = Instant::now();
     let mut tokens_done = 0u64;
     let mut records = Vec::new();

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -240,17 +239,7 @@ pub fn score(opts: &ScoreOptions) -> Result<ScoreReport> {
         }
     }
 
-    let pb = if opts.progress { ProgressBar::new(pending_tokens) } else { ProgressBar::hidden() };
-    if opts.progress {
-        pb.set_draw_target(ProgressDrawTarget::stderr());
-    }
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} tokens ({per_sec}) {msg} ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let pb = vpmoe_data::progress_bar(pending_tokens, "tokens", opts.progress);
     let total_docs: usize = jobs.iter().map(|j| j.selected.len()).sum();
     let (mut scored_now, mut tokens_now) = (0u64, 0u64);
     let mut first_error: Option<anyhow::Error> = None;
