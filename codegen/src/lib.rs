@@ -37,7 +37,7 @@ pub fn emu_launcher(spec: &KernelSpec) -> String {
     let sizes: Vec<String> = f.params.iter().map(|(t, _)| format!("sizeof({})", t.c())).collect();
     let unpack: Vec<String> = f.params.iter().enumerate().map(|(i, (t, _))| format!("*({}*)a[{i}]", t.c())).collect();
     format!(
-        "\n#include <functional>\nvoid emu_launch3(unsigned, unsigned, unsigned, unsigned, std::function<void()>);\n\
+        "\n\
          extern \"C\" const int vp_emu_nargs = {n};\n\
          extern \"C\" const unsigned long vp_emu_argsize[] = {{{sizes}}};\n\
          extern int g_errors;\n\

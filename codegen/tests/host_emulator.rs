@@ -1,27 +1,114 @@
 //! The kernel templates run on the CPU by the fiber emulator (`cuda/host_emu`, docs/kernels.md):
 //! every family, forward, backward and optimizer, against a transcription of the reference, on
-//! seeded and adversarial inputs. Full tier (`vpmoe_codegen::full_tier`): there it needs g++.
+//! seeded and adversarial inputs, under several schedules and under ThreadSanitizer; and the
+//! deliberately broken kernels, each of which the emulator must report. Full tier
+//! (`vpmoe_codegen::full_tier`): there it needs g++.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-#[test]
-fn every_kernel_family_matches_the_reference_under_the_emulator() {
-    if !vpmoe_codegen::full_tier("host emulator kernel suite") {
-        return;
+/// A scratch directory for one test's build, removed when dropped.
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("vpmoe-emu-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/host_emu");
-    assert!(Command::new("g++").arg("--version").output().is_ok(), "the host emulator needs g++ on the PATH");
-    let tmp = std::env::temp_dir().join(format!("vpmoe-emu-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let out = Command::new("sh").arg(dir.join("run.sh")).env("TMPDIR", &tmp).output().unwrap();
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `run.sh [group]` with extra environment, built under `tmp` (reused there across calls).
+fn run(tmp: &Path, group: Option<&str>, env: &[(&str, &str)]) -> Output {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/host_emu");
+    let mut cmd = Command::new("sh");
+    cmd.arg(dir.join("run.sh")).args(group).env("TMPDIR", tmp);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn suite_passed(out: &Output, what: &str) {
     let text = String::from_utf8_lossy(&out.stdout);
-    let _ = std::fs::remove_dir_all(&tmp);
     let failed: Vec<&str> = text.lines().filter(|l| l.contains("FAIL")).collect();
     assert!(
         out.status.success() && failed.is_empty() && text.contains("emulator errors: 0, failures: 0"),
-        "{}\n{}\nstderr:\n{}",
+        "{what}:\n{}\n{}\nstderr:\n{}",
         failed.join("\n"),
         text.lines().last().unwrap_or(""),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn needs_gxx(what: &str) -> bool {
+    if !vpmoe_codegen::full_tier(what) {
+        return false;
+    }
+    assert!(Command::new("g++").arg("--version").output().is_ok(), "the host emulator needs g++ on the PATH");
+    true
+}
+
+#[test]
+fn every_kernel_family_matches_the_reference_under_every_schedule() {
+    if !needs_gxx("host emulator kernel suite") {
+        return;
+    }
+    let tmp = Scratch::new("schedules");
+    let schedules: [(&str, &str); 8] = [
+        ("12345", "random"),
+        ("1", "random"),
+        ("2", "random"),
+        ("3", "random"),
+        ("12345", "late"),
+        ("12345", "early"),
+        ("12345", "in-order"),
+        ("12345", "reverse"),
+    ];
+    for (seed, mode) in schedules {
+        let out = run(&tmp.0, None, &[("VPMOE_EMU_SEED", seed), ("VPMOE_EMU_MODE", mode)]);
+        suite_passed(&out, &format!("VPMOE_EMU_SEED={seed} VPMOE_EMU_MODE={mode}"));
+    }
+
+    // Each broken kernel is reported (the group's own check), and said so by name.
+    let out = run(&tmp.0, Some("broken"), &[]);
+    suite_passed(&out, "broken kernels");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "read of unwritten shared memory",
+        "missing __syncthreads",
+        "missing cp_async_wait",
+        "__syncthreads at two call sites",
+        "shfl and mma in one warp",
+    ] {
+        assert!(text.lines().any(|l| l.contains(name) && l.contains("(reported)")), "{name} was not reported:\n{text}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("meet"), "mismatched barriers name their call sites:\n{stderr}");
+}
+
+#[test]
+fn every_kernel_family_is_race_free_under_thread_sanitizer() {
+    if !needs_gxx("host emulator under ThreadSanitizer") {
+        return;
+    }
+    let tmp = Scratch::new("tsan");
+    let tsan = [("SAN", "thread"), ("TSAN_OPTIONS", "halt_on_error=0")];
+    let out = run(&tmp.0, None, &tsan);
+    suite_passed(&out, "SAN=thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("ThreadSanitizer"), "ThreadSanitizer reports:\n{stderr}");
+
+    // A plain `+=` by every thread of a block gives the right sum on every schedule; only the
+    // sanitizer sees it.
+    let out = run(&tmp.0, Some("broken-race"), &tsan);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("ThreadSanitizer: data race") && stderr.contains("racy_accumulate"),
+        "the racy accumulation was not reported:\n{stderr}"
     );
 }

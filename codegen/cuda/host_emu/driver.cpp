@@ -177,7 +177,8 @@ CUresult cuModuleLoadData(void** mod, const void* image) {
         fwrite(src.data(), 1, src.size(), f);
         fclose(f);
         std::string cmd = "g++ -std=c++17 -O1 -w -shared -fPIC -I'" + g_src + "/host_emu/inc' -I'" + g_src + "' -o '" + tmp + "' '" +
-                          cpp + "' '" + emu + "' -Wl,-Bsymbolic -Wl,-rpath,'" + g_cache + "' && mv '" + tmp + "' '" + so + "'";
+                          cpp + "' '" + emu + "' -Wl,-Bsymbolic -Wl,-T,'" + g_src + "/host_emu/shared.ld' -Wl,-rpath,'" + g_cache +
+                          "' && mv '" + tmp + "' '" + so + "'";
         int rc = system(cmd.c_str());
         remove(cpp.c_str());
         if (rc != 0) {
@@ -290,9 +291,9 @@ enum { BLAS_OK = 0, BLAS_NOT_INITIALIZED = 1, BLAS_INVALID_VALUE = 7, BLAS_NOT_S
 enum { R_32F = 0, R_16BF = 14, COMPUTE_32F = 68 };
 struct BlasHandle { void* stream = nullptr; void* workspace = nullptr; size_t workspace_bytes = 0; };
 static float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+static uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN canonical (0x7fff)
     uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 int cublasCreate_v2(BlasHandle** h) { LOCKED; if (!h) return BLAS_INVALID_VALUE; *h = new BlasHandle; return BLAS_OK; }

@@ -32,7 +32,6 @@
 #include "conf_weight.cuh"
 
 typedef __nv_bfloat16 bf;
-void emu_launch(unsigned gx, unsigned gy, unsigned nt, std::function<void()> body);
 extern int g_errors;
 static std::mt19937_64 rng(7);
 static int g_fail = 0;
@@ -429,6 +428,7 @@ void test_vres(int n) {
 
 #include "test_bwd.h"
 #include "test_optim.h"
+#include "test_broken.h"
 
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
@@ -490,6 +490,11 @@ int main(int argc, char** argv) {
     }
     run_bwd_tests(want);
     run_optim_tests(want);
+    run_broken_tests([&](const char* s) {  // only when named: they are meant to be reported
+        const bool w = only == s;
+        if (w) rng.seed(7);
+        return w;
+    });
     printf("emulator errors: %d, failures: %d\n", g_errors, g_fail);
     return g_errors || g_fail;
 }

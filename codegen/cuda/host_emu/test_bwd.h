@@ -29,7 +29,6 @@
 #include "embed_sort.cuh"
 #include "embed_bwd.cuh"
 
-void emu_launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, std::function<void()> body);
 
 static std::vector<float> tof(const std::vector<bf>& v) { std::vector<float> o(v.size()); for (size_t i = 0; i < v.size(); ++i) o[i] = fl(v[i]); return o; }
 static float rbf1(float x) { return fl(tobf(x)); }  // round to bf16 and back
