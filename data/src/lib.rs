@@ -20,6 +20,7 @@
 //! * [`cli`] — `vpmoe-rt data render|build-synth|inspect` ([`cli::DataCmd`], [`cli::run`]).
 pub mod build_synth;
 pub mod cli;
+pub mod completion;
 pub mod docs;
 pub mod harmony;
 pub mod indexed;
