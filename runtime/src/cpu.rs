@@ -69,6 +69,19 @@ impl Gemm for FastGemm {
     }
 }
 
+/// The tensors the graph reads for each parameter: bf16 parameters are their fp32 masters
+/// rounded to bf16 (D9).
+pub fn model_tensors(plan: &Plan, master: &[Vec<f32>]) -> Vec<Tensor> {
+    plan.params
+        .iter()
+        .zip(master)
+        .map(|(p, w)| {
+            let v = if p.ty.dtype == DType::Bf16 { w.iter().map(|&x| round_bf16(x)).collect() } else { w.clone() };
+            Tensor::f32(p.ty.shape(0), v)
+        })
+        .collect()
+}
+
 pub struct CpuBackend<'g> {
     graph: &'g Graph,
     plan: &'g Plan,
@@ -107,20 +120,11 @@ impl<'g> CpuBackend<'g> {
     }
 
     fn refresh_model(&mut self) {
-        self.model = self
-            .plan
-            .params
-            .iter()
-            .zip(&self.state.master)
-            .map(|(p, w)| {
-                let v = if p.ty.dtype == DType::Bf16 && self.round_bf16 {
-                    w.iter().map(|&x| round_bf16(x)).collect()
-                } else {
-                    w.clone()
-                };
-                Tensor::f32(p.ty.shape(0), v)
-            })
-            .collect();
+        self.model = if self.round_bf16 {
+            model_tensors(self.plan, &self.state.master)
+        } else {
+            self.plan.params.iter().zip(&self.state.master).map(|(p, w)| Tensor::f32(p.ty.shape(0), w.clone())).collect()
+        };
     }
 
     /// The current step's accumulated gradients, per parameter in plan order.

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
+pub mod decode;
 pub mod health;
 pub mod optim;
 pub mod params;
