@@ -10,6 +10,7 @@
 //! forward gives the same tokens (`tests/decode.rs`).
 
 pub mod cache;
+pub mod sample;
 pub mod sampler;
 
 use crate::cpu::{model_tensors, FastGemm};

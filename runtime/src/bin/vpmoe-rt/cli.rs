@@ -45,6 +45,53 @@ pub(crate) enum Cmd {
     /// Run the forward graph of a plan on a seeded synthetic micro-batch and print the
     /// span-normalised loss (at initialisation it should be close to ln(vocab)).
     Forward(SyntheticRun),
+    /// Continue Harmony prompts with a trained checkpoint: tokens, log-probabilities, the parsed
+    /// messages and a format-validity verdict per prompt, as JSONL, and a summary.
+    Sample(SampleArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SampleArgs {
+    /// A checkpoint (`step_N`) or a run directory (its newest checkpoint).
+    #[arg(long)]
+    pub(crate) checkpoint: PathBuf,
+    /// Plan directory the checkpoint was trained with.
+    #[arg(long, conflicts_with = "arch")]
+    pub(crate) plan: Option<PathBuf>,
+    /// Or its architecture TOML (default: the built-in configs/small.toml).
+    #[arg(long)]
+    pub(crate) arch: Option<PathBuf>,
+    /// JSONL, one prompt a line: a JSON string (a user message) or a Harmony conversation
+    /// `{"messages": [...]}`.
+    #[arg(long)]
+    pub(crate) prompts: PathBuf,
+    /// JSONL output, one record a prompt (written whole at the end).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Reasoning effort of the system message added to prompts without one.
+    #[arg(long, value_enum, default_value_t = vpmoe_data::harmony::ReasoningEffort::Medium)]
+    pub(crate) reasoning_effort: vpmoe_data::harmony::ReasoningEffort,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) temperature: f32,
+    /// Nucleus: keep the most likely tokens up to this probability (1 keeps all).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) top_p: f32,
+    /// Keep the K most likely tokens (0 keeps all).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    /// Tokens per answer at most (the context may end it sooner).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) max_new_tokens: usize,
+    /// Seed of the draws: a prompt's sample depends on it, its line and the position only.
+    #[arg(long, default_value_t = 1234)]
+    pub(crate) seed: u64,
+    /// Sequences generated together (a finished one's slot goes to the next prompt).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch: usize,
+    /// Which backend generates. Always explicit.
+    #[arg(long = "backend", value_enum, value_name = "BACKEND")]
+    pub(crate) backend: BackendKind,
 }
 
 /// The backend and where its state lives.

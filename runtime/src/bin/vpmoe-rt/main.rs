@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod sample;
 
 use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
@@ -110,6 +111,15 @@ fn run_train(a: TrainArgs) -> Result<()> {
         println!("interrupted: the checkpoint above resumes the run with --resume");
         std::process::exit(130);
     }
+    // The model just trained answers a question (greedy, on the cpu, where generation runs).
+    if a.backend.kind == BackendKind::Cpu && plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
+        const QUESTION: &str = "What is 2 + 2?";
+        let state = be.state()?;
+        let mut dec = vpmoe_runtime::decode::Decoder::new(&graph, &plan, &state, 1)?;
+        let (text, verdict) = vpmoe_runtime::decode::sample::answer(&mut dec, QUESTION, 48)?;
+        let judged = verdict.why.map_or("valid Harmony".to_string(), |w| format!("not valid Harmony: {w}"));
+        println!("sample (greedy, ≤ 48 tokens) {QUESTION:?} -> {text:?} ({judged})");
+    }
     Ok(())
 }
 
@@ -166,6 +176,7 @@ fn run() -> Result<()> {
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(a),
         Cmd::Bench(a) => bench::run_bench(a),
+        Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Forward(run) => {
             let (micro_batch, seed) = (run.micro_batch, run.seed);
             let (plan_dir, graph, plan, seq) = run.plan()?;

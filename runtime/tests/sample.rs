@@ -1,0 +1,90 @@
+//! `vpmoe-rt sample` end to end: a checkpoint trained by `train` (which itself ends by answering
+//! a question), Harmony prompts in both forms, JSONL records with parsed messages and verdicts,
+//! and each kind of bad input refused by name without touching an existing output.
+
+mod common;
+
+use common::{root, sample_data, tmp};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn rt<P: AsRef<std::ffi::OsStr>>(args: &[&str], extra: &[P]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vpmoe-rt")).current_dir(root()).args(args).args(extra).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn sample_continues_prompts_from_a_trained_checkpoint() {
+    let dir = tmp("sample");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let train = rt(
+        &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "0", "--micro-batch", "1"],
+        &[Path::new("--grad-accum"), Path::new("1"), Path::new("--seq-len"), Path::new("32"), Path::new("--data"), &sample_data()[0].0, Path::new("--ckpt-dir"), &run],
+    );
+    assert!(train.status.success(), "{}", text(&train));
+    assert!(text(&train).contains("sample (greedy, ≤ 48 tokens) \"What is 2 + 2?\" -> "), "{}", text(&train));
+
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "\"What is the capital of France?\"\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}]}\n",
+    )
+    .unwrap();
+    let out = dir.join("out.jsonl");
+    let args = ["sample", "--backend", "cpu", "--max-new-tokens", "6", "--batch", "2", "--seed", "3"];
+    let flags = |p: &Path| -> Vec<std::path::PathBuf> {
+        ["--checkpoint".as_ref(), run.as_path(), "--prompts".as_ref(), p, "--out".as_ref(), out.as_path()]
+            .iter()
+            .map(|x: &&Path| x.to_path_buf())
+            .collect()
+    };
+    let o = rt(&args, &flags(&prompts));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("2 samples: "), "{}", text(&o));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!((lines[0]["line"].as_u64(), lines[1]["line"].as_u64()), (Some(1), Some(3)));
+    for l in &lines {
+        let n = l["tokens"].as_array().unwrap().len();
+        assert!((1..=6).contains(&n));
+        assert_eq!(l["logprobs"].as_array().unwrap().len(), n);
+        assert!(l["logprobs"].as_array().unwrap().iter().all(|x| x.as_f64().unwrap() <= 0.0));
+        assert!(l["verdict"]["valid"].is_boolean() && l["finish"].is_string() && l["messages"].is_array());
+    }
+    let first = std::fs::read(&out).unwrap();
+    // The same seed gives the same file.
+    let o = rt(&args, &flags(&prompts));
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+
+    // Bad input: each named, the existing output untouched.
+    let bad = |content: &str, want: &str| {
+        let p = dir.join("bad.jsonl");
+        std::fs::write(&p, content).unwrap();
+        let o = rt(&args, &flags(&p));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(want), "want {want:?} in {}", text(&o));
+        assert!(!text(&o).contains("panicked"));
+        assert_eq!(std::fs::read(&out).unwrap(), first, "a failed run left the output as it was");
+    };
+    bad("", "no prompts");
+    bad("\"ok\"\n{not json\n", "bad.jsonl:2: not JSON");
+    bad("\"ok\"\n[1, 2]\n", "bad.jsonl:2: a prompt is a JSON string");
+    bad("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n", "bad.jsonl:1: not a Harmony conversation");
+    bad(&format!("{:?}\n", "word ".repeat(5000)), "the prompt on line 1 renders to");
+    let o = rt(
+        &["sample", "--backend", "cpu", "--arch", "tests/configs/tiny_moe.toml"],
+        &flags(&prompts),
+    );
+    assert!(text(&o).contains("trained with another architecture"), "{}", text(&o));
+    let o = rt(&["sample", "--backend", "cuda"], &flags(&prompts));
+    assert!(text(&o).contains("sample generates on the cpu backend"), "{}", text(&o));
+    let o = rt(&["sample", "--backend", "cpu", "--top-p", "0"], &flags(&prompts));
+    assert!(text(&o).contains("--top-p 0 must be in (0, 1]"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
