@@ -146,7 +146,8 @@ pub fn parse(tokens: &[u32]) -> Completion {
         p
     };
     let text = |a: usize, b: usize| tokenizer::decode(&tokens[a..b]);
-    let stray = |p: usize, inside: String| Violation::StrayToken { token: tokens[p], name: special_name(tokens[p]), inside };
+    let stray =
+        |p: usize, inside: String| Violation::StrayToken { token: tokens[p], name: special_name(tokens[p]), inside };
     let mut messages: Vec<SampledMessage> = Vec::new();
     let mut error: Option<(usize, Violation)> = None;
     let mut pos = 0;
@@ -260,7 +261,11 @@ pub fn parse(tokens: &[u32]) -> Completion {
             }
         };
         if let Some(v) = v {
-            let at = if matches!(v, Violation::AnalysisEnd { .. } | Violation::FinalEnd { .. }) { m.content_end } else { m.start };
+            let at = if matches!(v, Violation::AnalysisEnd { .. } | Violation::FinalEnd { .. }) {
+                m.content_end
+            } else {
+                m.start
+            };
             match &error {
                 Some((e, _)) if *e <= at => {}
                 _ => error = Some((at, v)),
@@ -376,7 +381,10 @@ mod tests {
         t.push(CALL);
         assert_eq!(violation(&t).1, Violation::ToolCall);
         // A commentary channel, two analyses, text after <|return|>, an end-of-text token.
-        assert_eq!(violation(&msg(true, "commentary", "x", END)).1, Violation::Channel { channel: "commentary".into() });
+        assert_eq!(
+            violation(&msg(true, "commentary", "x", END)).1,
+            Violation::Channel { channel: "commentary".into() }
+        );
         let mut t = msg(true, "analysis", "a", END);
         t.extend(msg(false, "analysis", "b", END));
         assert_eq!(violation(&t).1, Violation::MisplacedAnalysis);
@@ -402,7 +410,11 @@ mod tests {
     fn the_verdict_serialises_for_jsonl() {
         let v = parse(&msg(true, "analysis", "hmm", END)).verdict;
         let j = serde_json::to_string(&v).unwrap();
-        assert_eq!(j, r#"{"valid":false,"at":6,"violation":{"kind":"missing_final"},"why":"no final message"}"#.replace("6", &msg(true, "analysis", "hmm", END).len().to_string()));
+        assert_eq!(
+            j,
+            r#"{"valid":false,"at":6,"violation":{"kind":"missing_final"},"why":"no final message"}"#
+                .replace("6", &msg(true, "analysis", "hmm", END).len().to_string())
+        );
         assert_eq!(serde_json::to_string(&parse(&valid()).verdict).unwrap(), r#"{"valid":true}"#);
     }
 }

@@ -123,7 +123,12 @@ impl<'g> CpuBackend<'g> {
         self.model = if self.round_bf16 {
             model_tensors(self.plan, &self.state.master)
         } else {
-            self.plan.params.iter().zip(&self.state.master).map(|(p, w)| Tensor::f32(p.ty.shape(0), w.clone())).collect()
+            self.plan
+                .params
+                .iter()
+                .zip(&self.state.master)
+                .map(|(p, w)| Tensor::f32(p.ty.shape(0), w.clone()))
+                .collect()
         };
     }
 

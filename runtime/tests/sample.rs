@@ -23,7 +23,16 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let run = dir.join("run");
     let train = rt(
         &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "0", "--micro-batch", "1"],
-        &[Path::new("--grad-accum"), Path::new("1"), Path::new("--seq-len"), Path::new("32"), Path::new("--data"), &sample_data()[0].0, Path::new("--ckpt-dir"), &run],
+        &[
+            Path::new("--grad-accum"),
+            Path::new("1"),
+            Path::new("--seq-len"),
+            Path::new("32"),
+            Path::new("--data"),
+            &sample_data()[0].0,
+            Path::new("--ckpt-dir"),
+            &run,
+        ],
     );
     assert!(train.status.success(), "{}", text(&train));
     assert!(text(&train).contains("sample (greedy, ≤ 48 tokens) \"What is 2 + 2?\" -> "), "{}", text(&train));
@@ -77,10 +86,7 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     bad("\"ok\"\n[1, 2]\n", "bad.jsonl:2: a prompt is a JSON string");
     bad("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n", "bad.jsonl:1: not a Harmony conversation");
     bad(&format!("{:?}\n", "word ".repeat(5000)), "the prompt on line 1 renders to");
-    let o = rt(
-        &["sample", "--backend", "cpu", "--arch", "tests/configs/tiny_moe.toml"],
-        &flags(&prompts),
-    );
+    let o = rt(&["sample", "--backend", "cpu", "--arch", "tests/configs/tiny_moe.toml"], &flags(&prompts));
     assert!(text(&o).contains("trained with another architecture"), "{}", text(&o));
     let o = rt(&["sample", "--backend", "cuda"], &flags(&prompts));
     assert!(text(&o).contains("sample generates on the cpu backend"), "{}", text(&o));

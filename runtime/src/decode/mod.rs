@@ -57,11 +57,8 @@ impl<'g> Decoder<'g> {
     pub fn new(graph: &'g Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<Decoder<'g>> {
         ensure!(slots > 0, "at least one sequence slot");
         crate::backend::check_state(plan, state)?;
-        let head_node = graph
-            .nodes
-            .iter()
-            .find(|n| matches!(n.op, Op::HeadCe { .. }))
-            .context("the graph has no LM head")?;
+        let head_node =
+            graph.nodes.iter().find(|n| matches!(n.op, Op::HeadCe { .. })).context("the graph has no LM head")?;
         let (z, head_v) = (head_node.inputs[0], head_node.inputs[1]);
         let ValueDef::Param(head) = graph.value(head_v).def else { bail!("the LM head weight is not a parameter") };
         // The nodes the final norm depends on.
@@ -176,8 +173,12 @@ impl<'g> Decoder<'g> {
         }
         let z = vals[self.z.0 as usize].take().expect("the final norm ran");
         let (h, v) = (self.hidden, self.vocab);
-        let rows: Vec<f32> =
-            toks.iter().enumerate().filter(|(_, t)| t.logits).flat_map(|(i, _)| z.f()[i * h..(i + 1) * h].to_vec()).collect();
+        let rows: Vec<f32> = toks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.logits)
+            .flat_map(|(i, _)| z.f()[i * h..(i + 1) * h].to_vec())
+            .collect();
         let m = rows.len() / h;
         let mut logits = vec![0f32; m * v];
         self.gemm.xwt(m, h, v, &rows, self.model[self.head].f(), &mut logits, false);
@@ -333,7 +334,12 @@ pub fn generate(
                 None if next < prompts.len() => {
                     let p = &prompts[next];
                     let n = p.len();
-                    toks.extend(p.iter().enumerate().map(|(pos, &token)| Tok { slot, pos, token, logits: pos + 1 == n }));
+                    toks.extend(p.iter().enumerate().map(|(pos, &token)| Tok {
+                        slot,
+                        pos,
+                        token,
+                        logits: pos + 1 == n,
+                    }));
                     let out = Generated { tokens: Vec::new(), logprobs: Vec::new(), finish: Finish::Length };
                     *l = Some(Live { request: next, len: n, out });
                     next += 1;

@@ -15,9 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::Plan;
 use vpmoe_data::completion::{self, SampledMessage, Verdict};
-use vpmoe_data::harmony::{
-    self, Conversation, Message, ReasoningEffort, RenderConfig, Role, SystemContent,
-};
+use vpmoe_data::harmony::{self, Conversation, Message, ReasoningEffort, RenderConfig, Role, SystemContent};
 use vpmoe_data::tokenizer::{self, CALL, RETURN, VOCAB_SIZE};
 
 /// Harmony's assistant stop tokens: `<|return|>` ends an answer, `<|call|>` a tool call.
@@ -50,8 +48,7 @@ pub fn read_prompts(path: &Path, effort: ReasoningEffort) -> Result<Vec<Prompt>>
             continue;
         }
         let at = || format!("{}:{}", path.display(), i + 1);
-        let source: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        let source: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
         let conv = match &source {
             serde_json::Value::String(s) => {
                 ensure!(!s.trim().is_empty(), "{}: an empty prompt", at());
@@ -74,7 +71,8 @@ pub fn load_checkpoint(path: &Path, plan: &Plan) -> Result<(PathBuf, TrainState)
     let dir = if path.join("meta.json").is_file() {
         path.to_path_buf()
     } else {
-        checkpoint::latest(path)?.with_context(|| format!("{}: no checkpoint (a step_N directory or a run directory)", path.display()))?
+        checkpoint::latest(path)?
+            .with_context(|| format!("{}: no checkpoint (a step_N directory or a run directory)", path.display()))?
     };
     let meta = checkpoint::read_meta(&dir)?;
     let hash = checkpoint::sha256_hex(plan.arch.canonical_json().as_bytes());
@@ -199,12 +197,7 @@ pub fn sample_to_file(
 pub fn answer(dec: &mut Decoder, question: &str, max_new_tokens: usize) -> Result<(String, Verdict)> {
     let conv = Conversation { messages: vec![Message::new(Role::User, question)] };
     let prompt = render_prompt(conv, ReasoningEffort::Low)?;
-    let cfg = GenConfig {
-        sampling: super::sampler::Sampling::greedy(),
-        seed: 0,
-        max_new_tokens,
-        stop: STOP.to_vec(),
-    };
+    let cfg = GenConfig { sampling: super::sampler::Sampling::greedy(), seed: 0, max_new_tokens, stop: STOP.to_vec() };
     let g = generate(dec, &[prompt], &cfg, |_| {})?.remove(0);
     let c = completion::parse(&g.tokens);
     let text = if c.messages.iter().any(|m| m.channel.is_some()) {

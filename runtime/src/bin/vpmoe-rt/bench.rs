@@ -12,7 +12,10 @@ fn peak_flops(device: &str) -> Option<f64> {
 }
 
 pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
-    let BenchArgs { run: a, warmup, steps, grad_accum } = args;
+    if args.decode {
+        return run_decode_bench(args);
+    }
+    let BenchArgs { run: a, warmup, steps, grad_accum, .. } = args;
     let (plan_dir, graph, plan, seq) = a.plan()?;
     if steps == 0 || grad_accum == 0 {
         bail!("--steps and --grad-accum must be at least 1");
@@ -100,6 +103,90 @@ pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// `bench --decode`: for each context C (128, 256, … up to the architecture's context) and batch
+/// B (1 and --micro-batch), the prefill of B prompts of C tokens, then --steps decode steps over
+/// the caches, against the same B next tokens computed by recomputing the whole prefix (a
+/// prefill of C + 1 tokens each, as a model without caches would).
+fn run_decode_bench(args: BenchArgs) -> Result<()> {
+    use vpmoe_runtime::decode::{Decoder, Tok};
+    let BenchArgs { run: a, steps, .. } = args;
+    if a.backend.kind != BackendKind::Cpu {
+        bail!("bench --decode times generation, which runs on the cpu backend (--backend cpu)");
+    }
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let (_, graph, plan, _) = a.plan()?;
+    let state = TrainState::init(&plan, a.seed);
+    let max = plan.arch.max_seq as usize;
+    let contexts: Vec<usize> = (7..=12).map(|p| 1usize << p).filter(|&c| c + steps as usize <= max).collect();
+    if contexts.is_empty() {
+        bail!(
+            "bench --decode needs max_sequence_length ≥ {} (128 + --steps); {} has {max}",
+            128 + steps,
+            plan.arch.name
+        );
+    }
+    let batches: Vec<usize> = if a.micro_batch > 1 { vec![1, a.micro_batch] } else { vec![1] };
+    let windows: Vec<String> = graph
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            vpmoe_ir::Op::Attention(at) => Some(match at.kind {
+                vpmoe_ir::AttnKind::Window(w) => format!("W{w}"),
+                vpmoe_ir::AttnKind::Global { .. } => "global".into(),
+            }),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "bench --decode {} on cpu: attention layers [{}], {steps} decode steps per context",
+        plan.arch.name,
+        windows.join(" ")
+    );
+    println!(
+        "{:>6} {:>7} {:>14} {:>14} {:>12} {:>16} {:>8}",
+        "batch", "context", "prefill tok/s", "decode tok/s", "step ms", "recompute ms", "ratio"
+    );
+    let mut rng = vpmoe_ir::rng::Rng::new(a.seed);
+    for &b in &batches {
+        for &c in &contexts {
+            let toks: Vec<Vec<u32>> =
+                (0..b).map(|_| (0..c + steps as usize).map(|_| rng.below(plan.arch.vocab) as u32).collect()).collect();
+            let prefill = |len: usize| -> Vec<Tok> {
+                (0..b)
+                    .flat_map(|s| (0..len).map(move |p| (s, p)))
+                    .map(|(s, p)| Tok { slot: s, pos: p, token: toks[s][p], logits: p + 1 == len })
+                    .collect()
+            };
+            let mut dec = Decoder::new(&graph, &plan, &state, b)?;
+            let t0 = Instant::now();
+            dec.step(&prefill(c))?;
+            let t_prefill = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            for i in 0..steps as usize {
+                let step: Vec<Tok> =
+                    (0..b).map(|s| Tok { slot: s, pos: c + i, token: toks[s][c + i], logits: true }).collect();
+                dec.step(&step)?;
+            }
+            let t_step = t1.elapsed().as_secs_f64() / steps as f64;
+            let mut full = Decoder::new(&graph, &plan, &state, b)?;
+            let t2 = Instant::now();
+            full.step(&prefill(c + 1))?;
+            let t_full = t2.elapsed().as_secs_f64();
+            println!(
+                "{b:>6} {c:>7} {:>14.0} {:>14.1} {:>12.2} {:>16.2} {:>7.1}x",
+                (b * c) as f64 / t_prefill,
+                b as f64 / t_step,
+                1e3 * t_step,
+                1e3 * t_full,
+                t_full / t_step
+            );
+        }
+    }
+    Ok(())
+}
 
 /// The first line of a bench report (scripts/cublas-baseline reads the micro-batch size from it).
 fn bench_header(arch: &str, device: &str, grad_accum: u64, micro_batch: usize, seq: usize, steps: u64) -> String {

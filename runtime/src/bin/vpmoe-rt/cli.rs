@@ -159,6 +159,11 @@ pub(crate) struct BenchArgs {
     /// optimizer's share of step time falls as 1/M, so set it to the run's.
     #[arg(long, default_value_t = 1)]
     pub(crate) grad_accum: u64,
+    /// Time generation instead (cpu): prefill and decode tokens/s at batch 1 and
+    /// --micro-batch for contexts of 128 tokens up to max_sequence_length, beside recomputing
+    /// the whole prefix for every token; --steps decode steps per context.
+    #[arg(long)]
+    pub(crate) decode: bool,
 }
 
 #[derive(Subcommand)]

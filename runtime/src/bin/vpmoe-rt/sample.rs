@@ -35,6 +35,11 @@ pub(crate) fn run_sample(a: SampleArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     println!("{}", summary.format());
-    println!("{} tokens in {secs:.1} s ({:.1} tokens/s) -> {}", summary.tokens, summary.tokens as f64 / secs.max(1e-9), a.out.display());
+    println!(
+        "{} tokens in {secs:.1} s ({:.1} tokens/s) -> {}",
+        summary.tokens,
+        summary.tokens as f64 / secs.max(1e-9),
+        a.out.display()
+    );
     Ok(())
 }
