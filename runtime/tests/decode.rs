@@ -120,7 +120,7 @@ fn samples_depend_on_the_seed_not_on_the_batch() {
     };
     let run = |slots: usize, seed: u64, prompts: &[Vec<u32>]| {
         let mut dec = Decoder::new(&graph, &plan, &state, slots).unwrap();
-        generate(&mut dec, prompts, &cfg(seed), |_| {}).unwrap()
+        generate(&mut dec, prompts, &cfg(seed), |_, _| {}).unwrap()
     };
     let one = run(1, 9, &prompts);
     let three = run(3, 9, &prompts);
@@ -150,13 +150,13 @@ fn bad_prompts_are_named() {
     let mut dec = Decoder::new(&graph, &plan, &state, 2).unwrap();
     let cfg = GenConfig { sampling: Sampling::greedy(), seed: 1, max_new_tokens: 4, stop: vec![] };
     let long = vec![1u32; plan.arch.max_seq as usize];
-    let e = generate(&mut dec, &[vec![1, 2], long], &cfg, |_| {}).unwrap_err().to_string();
+    let e = generate(&mut dec, &[vec![1, 2], long], &cfg, |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("prompt 2 has 32 tokens"), "{e}");
-    let e = generate(&mut dec, &[vec![]], &cfg, |_| {}).unwrap_err().to_string();
+    let e = generate(&mut dec, &[vec![]], &cfg, |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("prompt 1 is empty"), "{e}");
     let e = dec.step(&[Tok { slot: 0, pos: 0, token: 9999, logits: true }]).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
     // A full context ends the sequence: one token fits after a 31-token prompt.
-    let out = generate(&mut dec, &[vec![1u32; 31]], &cfg, |_| {}).unwrap();
+    let out = generate(&mut dec, &[vec![1u32; 31]], &cfg, |_, _| {}).unwrap();
     assert_eq!((out[0].tokens.len(), out[0].finish), (1, Finish::Length));
 }

@@ -89,8 +89,25 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let o = rt(&["sample", "--backend", "cpu", "--arch", "tests/configs/tiny_moe.toml"], &flags(&prompts));
     assert!(text(&o).contains("trained with another architecture"), "{}", text(&o));
     let o = rt(&["sample", "--backend", "cuda"], &flags(&prompts));
-    assert!(text(&o).contains("sample generates on the cpu backend"), "{}", text(&o));
+    assert!(text(&o).contains("generation runs on the cpu backend"), "{}", text(&o));
     let o = rt(&["sample", "--backend", "cpu", "--top-p", "0"], &flags(&prompts));
     assert!(text(&o).contains("--top-p 0 must be in (0, 1]"), "{}", text(&o));
+
+    // chat: two turns from standard input, then end of input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+        .current_dir(root())
+        .args(["chat", "--backend", "cpu", "--max-new-tokens", "5", "--checkpoint"])
+        .arg(&run)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"Hello!\n/reset\nWhat is 2 + 2?\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.starts_with("chat with ") && t.contains("(a new conversation)"), "{t}");
+    assert!(!t.contains("\x1b["), "no colours when the output is not a terminal: {t}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -299,13 +299,13 @@ struct Live {
 
 /// Continues every prompt, keeping up to `dec.slots()` sequences live: a finished sequence's
 /// slot and cache blocks go to the next prompt at once. Request `i`'s draws are keyed by
-/// `(seed, i, position)`, so its samples do not depend on the batch. `progress` hears each
-/// step's count of new tokens.
+/// `(seed, i, position)`, so its samples do not depend on the batch. `on_token(i, token)` hears
+/// every token as it is sampled.
 pub fn generate(
     dec: &mut Decoder,
     prompts: &[Vec<u32>],
     cfg: &GenConfig,
-    mut progress: impl FnMut(usize),
+    mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Generated>> {
     cfg.sampling.validate()?;
     ensure!(cfg.max_new_tokens > 0, "--max-new-tokens must be at least 1");
@@ -352,7 +352,6 @@ pub fn generate(
         }
         let logits = dec.step(&toks)?;
         let mut rows = logits.chunks(dec.vocab());
-        let mut new_tokens = 0;
         for (slot, l) in live.iter_mut().enumerate() {
             let Some(seq) = l else { continue };
             let row = rows.next().expect("a row per live slot");
@@ -360,7 +359,7 @@ pub fn generate(
             let Choice { token, logprob } = choose(row, &cfg.sampling, u);
             seq.out.tokens.push(token);
             seq.out.logprobs.push(logprob);
-            new_tokens += 1;
+            on_token(seq.request, token);
             let stop = cfg.stop.contains(&token);
             if stop || seq.out.tokens.len() >= cfg.max_new_tokens || seq.len + 1 >= dec.max_len() {
                 let mut s = l.take().expect("live");
@@ -369,7 +368,6 @@ pub fn generate(
                 dec.release(slot);
             }
         }
-        progress(new_tokens);
     }
     Ok(done.into_iter().map(|d| d.expect("every prompt finished")).collect())
 }

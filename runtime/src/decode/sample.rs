@@ -66,7 +66,7 @@ pub fn read_prompts(path: &Path, effort: ReasoningEffort) -> Result<Vec<Prompt>>
 }
 
 /// The checkpoint `path` names (one `step_N` directory, or a run directory's newest), loaded
-/// and checked against `plan`'s architecture.
+/// and checked against `plan`'s architecture, which must speak Harmony (the o200k vocabulary).
 pub fn load_checkpoint(path: &Path, plan: &Plan) -> Result<(PathBuf, TrainState)> {
     let dir = if path.join("meta.json").is_file() {
         path.to_path_buf()
@@ -82,6 +82,12 @@ pub fn load_checkpoint(path: &Path, plan: &Plan) -> Result<(PathBuf, TrainState)
         dir.display(),
         &meta.config_hash[..12.min(meta.config_hash.len())],
         &hash[..12]
+    );
+    ensure!(
+        plan.arch.vocab == VOCAB_SIZE as u64,
+        "generation renders Harmony with the o200k_harmony tokenizer ({VOCAB_SIZE} ids); {} has a vocabulary of {}",
+        plan.arch.name,
+        plan.arch.vocab
     );
     let (_, state) = checkpoint::load(&dir, plan)?;
     Ok((dir, state))
@@ -139,20 +145,14 @@ impl Summary {
 }
 
 /// Samples every prompt and writes the records to `out` (through a temporary file, so a failed
-/// run leaves an existing `out` as it was). `progress` hears each step's new tokens.
+/// run leaves an existing `out` as it was). `progress` hears every sampled token.
 pub fn sample_to_file(
     dec: &mut Decoder,
     prompts: &[Prompt],
     cfg: &GenConfig,
     out: &Path,
-    progress: impl FnMut(usize),
+    mut progress: impl FnMut(),
 ) -> Result<Summary> {
-    ensure!(
-        dec.vocab() == VOCAB_SIZE as usize,
-        "sampling renders Harmony prompts with the o200k_harmony tokenizer ({VOCAB_SIZE} ids); this architecture's \
-         vocabulary has {}",
-        dec.vocab()
-    );
     for p in prompts {
         ensure!(
             p.tokens.len() < dec.max_len(),
@@ -163,7 +163,7 @@ pub fn sample_to_file(
         );
     }
     let toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
-    let gens = generate(dec, &toks, cfg, progress)?;
+    let gens = generate(dec, &toks, cfg, |_, _| progress())?;
     let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
     let mut summary = Summary::default();
     {
@@ -198,7 +198,7 @@ pub fn answer(dec: &mut Decoder, question: &str, max_new_tokens: usize) -> Resul
     let conv = Conversation { messages: vec![Message::new(Role::User, question)] };
     let prompt = render_prompt(conv, ReasoningEffort::Low)?;
     let cfg = GenConfig { sampling: super::sampler::Sampling::greedy(), seed: 0, max_new_tokens, stop: STOP.to_vec() };
-    let g = generate(dec, &[prompt], &cfg, |_| {})?.remove(0);
+    let g = generate(dec, &[prompt], &cfg, |_, _| {})?.remove(0);
     let c = completion::parse(&g.tokens);
     let text = if c.messages.iter().any(|m| m.channel.is_some()) {
         c.messages

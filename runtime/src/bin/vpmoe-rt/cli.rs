@@ -48,10 +48,14 @@ pub(crate) enum Cmd {
     /// Continue Harmony prompts with a trained checkpoint: tokens, log-probabilities, the parsed
     /// messages and a format-validity verdict per prompt, as JSONL, and a summary.
     Sample(SampleArgs),
+    /// Talk with a trained checkpoint in the terminal: the analysis channel dimmed, the final
+    /// answer plain; /reset starts over, /quit (or end of input) leaves.
+    Chat(ChatArgs),
 }
 
+/// The model `sample` and `chat` generate with.
 #[derive(clap::Args)]
-pub(crate) struct SampleArgs {
+pub(crate) struct ModelArgs {
     /// A checkpoint (`step_N`) or a run directory (its newest checkpoint).
     #[arg(long)]
     pub(crate) checkpoint: PathBuf,
@@ -61,13 +65,14 @@ pub(crate) struct SampleArgs {
     /// Or its architecture TOML (default: the built-in configs/small.toml).
     #[arg(long)]
     pub(crate) arch: Option<PathBuf>,
-    /// JSONL, one prompt a line: a JSON string (a user message) or a Harmony conversation
-    /// `{"messages": [...]}`.
-    #[arg(long)]
-    pub(crate) prompts: PathBuf,
-    /// JSONL output, one record a prompt (written whole at the end).
-    #[arg(long)]
-    pub(crate) out: PathBuf,
+    /// Which backend generates. Always explicit.
+    #[arg(long = "backend", value_enum, value_name = "BACKEND")]
+    pub(crate) backend: BackendKind,
+}
+
+/// How `sample` and `chat` choose tokens.
+#[derive(clap::Args)]
+pub(crate) struct SamplingArgs {
     /// Reasoning effort of the system message added to prompts without one.
     #[arg(long, value_enum, default_value_t = vpmoe_data::harmony::ReasoningEffort::Medium)]
     pub(crate) reasoning_effort: vpmoe_data::harmony::ReasoningEffort,
@@ -83,15 +88,35 @@ pub(crate) struct SampleArgs {
     /// Tokens per answer at most (the context may end it sooner).
     #[arg(long, default_value_t = 512)]
     pub(crate) max_new_tokens: usize,
-    /// Seed of the draws: a prompt's sample depends on it, its line and the position only.
+    /// Seed of the draws: a prompt's sample depends on it, its index and the position only.
     #[arg(long, default_value_t = 1234)]
     pub(crate) seed: u64,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SampleArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// JSONL, one prompt a line: a JSON string (a user message) or a Harmony conversation
+    /// `{"messages": [...]}`.
+    #[arg(long)]
+    pub(crate) prompts: PathBuf,
+    /// JSONL output, one record a prompt (written whole at the end).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
     /// Sequences generated together (a finished one's slot goes to the next prompt).
     #[arg(long, default_value_t = 8)]
     pub(crate) batch: usize,
-    /// Which backend generates. Always explicit.
-    #[arg(long = "backend", value_enum, value_name = "BACKEND")]
-    pub(crate) backend: BackendKind,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
 }
 
 /// The backend and where its state lives.
