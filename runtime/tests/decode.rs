@@ -156,6 +156,8 @@ fn bad_prompts_are_named() {
     assert!(e.contains("prompt 1 is empty"), "{e}");
     let e = dec.step(&[Tok { slot: 0, pos: 0, token: 9999, logits: true }]).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = dec.step(&[Tok { slot: 1, pos: 3, token: 1, logits: true }]).unwrap_err().to_string();
+    assert!(e.contains("the next token must be at position 0, not 3"), "{e}");
     // A full context ends the sequence: one token fits after a 31-token prompt.
     let out = generate(&mut dec, &[vec![1u32; 31]], &cfg, |_, _| {}).unwrap();
     assert_eq!((out[0].tokens.len(), out[0].finish), (1, Finish::Length));

@@ -48,6 +48,8 @@ pub struct Decoder<'g> {
     vocab: usize,
     max_len: usize,
     cache: KvCache,
+    /// Positions each slot holds.
+    held: Vec<usize>,
     gemm: FastGemm,
 }
 
@@ -108,6 +110,7 @@ impl<'g> Decoder<'g> {
             vocab: plan.arch.vocab as usize,
             max_len,
             cache: KvCache::new(&windows, width, slots, max_len),
+            held: vec![0; slots],
             gemm: FastGemm,
         })
     }
@@ -126,6 +129,7 @@ impl<'g> Decoder<'g> {
     /// Frees `slot` for a new sequence.
     pub fn release(&mut self, slot: usize) {
         self.cache.release(slot);
+        self.held[slot] = 0;
     }
 
     /// Runs one step over `toks` (each slot's tokens contiguous, in ascending positions that
@@ -134,11 +138,22 @@ impl<'g> Decoder<'g> {
     pub fn step(&mut self, toks: &[Tok]) -> Result<Vec<f32>> {
         let n = toks.len();
         ensure!(n > 0, "a step without tokens");
+        let mut held = self.held.clone();
         for t in toks {
             ensure!(t.slot < self.slots(), "slot {} of {}", t.slot, self.slots());
             ensure!((t.token as usize) < self.vocab, "token {} is outside the vocabulary of {}", t.token, self.vocab);
+            ensure!(
+                t.pos == held[t.slot],
+                "slot {} holds {} positions; the next token must be at position {}, not {}",
+                t.slot,
+                held[t.slot],
+                held[t.slot],
+                t.pos
+            );
+            held[t.slot] += 1;
             self.cache.reserve(t.slot, t.pos + 1)?;
         }
+        self.held = held;
         let g = self.graph;
         let dims = Dims { tokens: n, seq: n };
         let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
