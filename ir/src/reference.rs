@@ -370,6 +370,19 @@ pub fn grape_freqs(log_freq: &[f32], scale: f32) -> Vec<f32> {
 }
 
 /// Rotate-half rotation of one head vector at position `pos` (angles in f32 as the reference).
+/// GRAPE-M on a tensor of `tokens` rows of `head_dim`-wide vectors: token `ti`'s vectors rotated by
+/// position `pos(ti)` (its place in the row in training, in its sequence when decoding).
+pub fn grape_tokens(x: &Tensor, tokens: usize, freqs: &[f32], head_dim: usize, pos: impl Fn(usize) -> usize) -> Tensor {
+    let mut y = x.f().to_vec();
+    let per_tok = y.len() / tokens;
+    for (ti, row) in y.chunks_mut(per_tok).enumerate() {
+        for u in row.chunks_mut(head_dim) {
+            grape_rotate(u, freqs, pos(ti));
+        }
+    }
+    Tensor::f32(x.shape.clone(), y)
+}
+
 pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
     let h = u.len() / 2;
     for i in 0..h {
@@ -384,6 +397,36 @@ pub fn grape_rotate(u: &mut [f32], freqs: &[f32], pos: usize) {
 /// Rows `src[i]` of the row-major `[·, h]` matrix `x`, in order (an expert's tokens).
 pub fn gather_rows(x: &[f32], src: &[i32], h: usize) -> Vec<f32> {
     src.iter().flat_map(|&t| &x[t as usize * h..][..h]).copied().collect()
+}
+
+/// One query's attention logits: for each key, `None` where it is masked (−∞), else its
+/// distance `i − j` and its vector; the dot product in f64 rounded to f32, times `scale`, plus
+/// the ALiBi bias `−slope·(i − j)`. Training attention and the decode caches both score here.
+pub fn attention_scores<'a>(
+    q: &[f32],
+    keys: impl Iterator<Item = Option<(usize, &'a [f32])>>,
+    scale: f32,
+    slope: Option<f32>,
+) -> Vec<f32> {
+    keys.map(|key| match key {
+        None => f32::NEG_INFINITY,
+        Some((dist, kv)) => {
+            let dot = q.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
+            dot * scale + slope.map(|s| -s * dist as f32).unwrap_or(0.0)
+        }
+    })
+    .collect()
+}
+
+/// `out += Σ_j p[j]·value(j)` in f32, in key order, skipping zero weights.
+pub fn attention_mix<'a>(p: &[f32], value: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    for (j, &pj) in p.iter().enumerate() {
+        if pj != 0.0 {
+            for (o, &x) in out.iter_mut().zip(value(j)) {
+                *o += pj * x;
+            }
+        }
+    }
 }
 
 /// Query and key tile of the attention kernel (`BQ`, `BKV` in attention.cuh).
@@ -424,27 +467,12 @@ fn attention(
         for h in 0..nh {
             let g = h / gsz;
             let qv = &q[(t * nh + h) * d..][..d];
-            let scores: Vec<f32> = (0..=i)
-                .map(|j| {
-                    if !attends(a.kind, i, j, doc[t], doc[row0 + j]) {
-                        return f32::NEG_INFINITY;
-                    }
-                    let kv = &k[((row0 + j) * ng + g) * d..][..d];
-                    let dot = qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
-                    let bias = slopes.as_ref().map(|s| -s[h] * (i - j) as f32).unwrap_or(0.0);
-                    dot * scale + bias
-                })
-                .collect();
+            let keys = (0..=i).map(|j| {
+                attends(a.kind, i, j, doc[t], doc[row0 + j]).then(|| (i - j, &k[((row0 + j) * ng + g) * d..][..d]))
+            });
+            let scores = attention_scores(qv, keys, scale, slopes.as_ref().map(|s| s[h]));
             let p = softmax_kept(&scores, sinks.map(|s| s[h]), tiles.as_deref());
-            let o = &mut out[(t * nh + h) * d..][..d];
-            for (j, &pj) in p.iter().enumerate() {
-                if pj != 0.0 {
-                    let vv = &v[((row0 + j) * ng + g) * d..][..d];
-                    for (oo, &x) in o.iter_mut().zip(vv) {
-                        *oo += pj * x;
-                    }
-                }
-            }
+            attention_mix(&p, |j| &v[((row0 + j) * ng + g) * d..][..d], &mut out[(t * nh + h) * d..][..d]);
         }
     }
     out
@@ -532,21 +560,10 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
                 .collect()
         }
         Op::GrapeM { head_dim, log_freq_scale, .. } => {
-            let d = head_dim as usize;
             let freqs = grape_freqs(ins[2].f(), log_freq_scale);
-            [ins[0], ins[1]]
-                .iter()
-                .map(|x| {
-                    let mut y = x.f().to_vec();
-                    let per_tok = y.len() / t;
-                    for (ti, row) in y.chunks_mut(per_tok).enumerate() {
-                        for u in row.chunks_mut(d) {
-                            grape_rotate(u, &freqs, ti % dims.seq);
-                        }
-                    }
-                    Tensor::f32(x.shape.clone(), y)
-                })
-                .collect()
+            let pos = |ti: usize| ti % dims.seq;
+            let d = head_dim as usize;
+            vec![grape_tokens(ins[0], t, &freqs, d, pos), grape_tokens(ins[1], t, &freqs, d, pos)]
         }
         Op::ValueResidual { .. } => {
             let lam = sigmoid(ins[2].f()[0]);

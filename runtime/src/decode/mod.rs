@@ -20,7 +20,10 @@ use cache::KvCache;
 use sampler::{choose, uniform, Choice, Sampling};
 use serde::Serialize;
 use vpmoe_compiler::Plan;
-use vpmoe_ir::reference::{self, alibi_slopes, grape_freqs, grape_rotate, softmax_with_sink, Dims, Gemm, Tensor};
+use vpmoe_ir::reference::{
+    self, alibi_slopes, attention_mix, attention_scores, grape_freqs, grape_tokens, softmax_with_sink, Dims, Gemm,
+    Tensor,
+};
 use vpmoe_ir::{AttnKind, Graph, InputName, Op, ValueDef, ValueId};
 
 /// One new token of a step: its sequence slot, its position there, and whether the step returns
@@ -172,7 +175,11 @@ impl<'g> Decoder<'g> {
                     .collect();
                 match &node.op {
                     Op::GrapeM { head_dim, log_freq_scale, .. } => {
-                        grape_at_positions(ins[0], ins[1], ins[2], *head_dim as usize, *log_freq_scale, toks)
+                        // Each token rotated by its position in its sequence.
+                        let freqs = grape_freqs(ins[2].f(), *log_freq_scale);
+                        let pos = |ti: usize| toks[ti].pos;
+                        let d = *head_dim as usize;
+                        vec![grape_tokens(ins[0], n, &freqs, d, pos), grape_tokens(ins[1], n, &freqs, d, pos)]
                     }
                     Op::Attention(a) => {
                         let layer = self.layer_of[ni].expect("attention layers are numbered");
@@ -204,29 +211,10 @@ impl<'g> Decoder<'g> {
     }
 }
 
-/// GRAPE-M with each token rotated by its own position (the training op rotates by the position
-/// in the row).
-fn grape_at_positions(q: &Tensor, k: &Tensor, log_freq: &Tensor, d: usize, scale: f32, toks: &[Tok]) -> Vec<Tensor> {
-    let freqs = grape_freqs(log_freq.f(), scale);
-    [q, k]
-        .iter()
-        .map(|x| {
-            let mut y = x.f().to_vec();
-            let per_tok = y.len() / toks.len();
-            for (row, t) in y.chunks_mut(per_tok).zip(toks) {
-                for u in row.chunks_mut(d) {
-                    grape_rotate(u, &freqs, t.pos);
-                }
-            }
-            Tensor::f32(x.shape.clone(), y)
-        })
-        .collect()
-}
-
 /// Attention of each new token over its slot's cached keys, token by token: its K/V are written
 /// first, so it sees itself, and a ring never loses a key that a later token of the step needs.
-/// The arithmetic is the reference's (`reference::attention`) over the keys it attends, in
-/// ascending position.
+/// Scores and the mix are the reference's (`attention_scores`, `attention_mix`), over the keys it
+/// attends in ascending position.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     cache: &mut KvCache,
@@ -253,24 +241,11 @@ fn attend(
         for h in 0..nh {
             let g = h / gsz;
             let qv = &q[(t * nh + h) * d..][..d];
-            let scores: Vec<f32> = (lo..=tok.pos)
-                .map(|j| {
-                    let kv = &cache.read(layer, tok.slot, j).0[g * d..][..d];
-                    let dot = qv.iter().zip(kv).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32;
-                    let bias = slopes.as_ref().map(|s| -s[h] * (tok.pos - j) as f32).unwrap_or(0.0);
-                    dot * scale + bias
-                })
-                .collect();
+            let keys = (lo..=tok.pos).map(|j| Some((tok.pos - j, &cache.read(layer, tok.slot, j).0[g * d..][..d])));
+            let scores = attention_scores(qv, keys, scale, slopes.as_ref().map(|s| s[h]));
             let p = softmax_with_sink(&scores, sinks.map(|s| s[h]));
-            let o = &mut out[(t * nh + h) * d..][..d];
-            for (j, &pj) in (lo..=tok.pos).zip(&p) {
-                if pj != 0.0 {
-                    let vv = &cache.read(layer, tok.slot, j).1[g * d..][..d];
-                    for (oo, &x) in o.iter_mut().zip(vv) {
-                        *oo += pj * x;
-                    }
-                }
-            }
+            let value = |j: usize| &cache.read(layer, tok.slot, lo + j).1[g * d..][..d];
+            attention_mix(&p, value, &mut out[(t * nh + h) * d..][..d]);
         }
     }
     Tensor::f32(vec![toks.len(), nh * d], out)
