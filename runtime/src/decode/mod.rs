@@ -201,14 +201,44 @@ impl<'g> Decoder<'g> {
             .filter(|(_, t)| t.logits)
             .flat_map(|(i, _)| z.f()[i * h..(i + 1) * h].to_vec())
             .collect();
-        let m = rows.len() / h;
-        let mut logits = vec![0f32; m * v];
-        self.gemm.xwt(m, h, v, &rows, self.model[self.head].f(), &mut logits, false);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let logits = head_logits(&self.gemm, &rows, h, self.model[self.head].f(), v, cores);
         if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
             bail!("the model produced a non-finite logit ({} for token {} of row {})", logits[i], i % v, i / v);
         }
         Ok(logits)
     }
+}
+
+/// `rows · headᵀ` (`rows`: m × h, `head`: v × h), the vocabulary split across up to `threads`
+/// threads (slices of at least 4096 entries). Each logit is one dot product whatever the split, so
+/// the result is the training head's bit for bit.
+fn head_logits(gemm: &FastGemm, rows: &[f32], h: usize, head: &[f32], v: usize, threads: usize) -> Vec<f32> {
+    let m = rows.len() / h;
+    let threads = threads.min(v.div_ceil(4096)).max(1);
+    let chunk = v.div_ceil(threads);
+    let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..v)
+            .step_by(chunk)
+            .map(|c0| {
+                let n = chunk.min(v - c0);
+                s.spawn(move || {
+                    let mut out = vec![0f32; m * n];
+                    gemm.xwt(m, h, n, rows, &head[c0 * h..(c0 + n) * h], &mut out, false);
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().expect("a logits thread panicked")).collect()
+    });
+    let mut logits = vec![0f32; m * v];
+    for (part, c0) in parts.iter().zip((0..v).step_by(chunk)) {
+        let n = part.len() / m.max(1);
+        for r in 0..m {
+            logits[r * v + c0..r * v + c0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
+    logits
 }
 
 /// Attention of each new token over its slot's cached keys, token by token: its K/V are written
@@ -360,4 +390,23 @@ pub fn generate(
         }
     }
     Ok(done.into_iter().map(|d| d.expect("every prompt finished")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_head_is_the_whole_product_bit_for_bit() {
+        let (m, h, v) = (3, 24, 10_007);
+        let mut r = vpmoe_ir::rng::Rng::new(4);
+        let rows: Vec<f32> = (0..m * h).map(|_| r.uniform() as f32 - 0.5).collect();
+        let head: Vec<f32> = (0..v * h).map(|_| r.uniform() as f32 - 0.5).collect();
+        let mut whole = vec![0f32; m * v];
+        FastGemm.xwt(m, h, v, &rows, &head, &mut whole, false);
+        for threads in [1, 2, 3] {
+            let split = head_logits(&FastGemm, &rows, h, &head, v, threads);
+            assert!(split.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "{threads} threads");
+        }
+    }
 }
