@@ -10,6 +10,7 @@ use vpmoe_ir::OutputName;
 use vpmoe_runtime::backend::{Backend, Batch, KD_NONE};
 use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::decode::sampler::{log_sum_exp, Sampling};
+use vpmoe_runtime::decode::score::score_in_chunks;
 use vpmoe_runtime::decode::{generate, Decoder, Finish, GenConfig, Tok};
 use vpmoe_runtime::state::TrainState;
 
@@ -161,4 +162,27 @@ fn bad_prompts_are_named() {
     // A full context ends the sequence: one token fits after a 31-token prompt.
     let out = generate(&mut dec, &[vec![1u32; 31]], &cfg, |_, _| {}).unwrap();
     assert_eq!((out[0].tokens.len(), out[0].finish), (1, Finish::Length));
+}
+
+#[test]
+fn scores_are_the_training_forwards_in_any_chunking() {
+    let (graph, plan) = common::compiled(ARCH);
+    let state = TrainState::init(&plan, 8);
+    let tokens = random_tokens(300, 27, plan.arch.vocab);
+    let want = training_logprobs(&mut CpuBackend::new(&graph, &plan, state.clone()), &tokens);
+    let mut dec = Decoder::new(&graph, &plan, &state, 1).unwrap();
+    for chunk in [1, 4, 5, 26, 100] {
+        let s = score_in_chunks(&mut dec, &tokens, 3, chunk).unwrap();
+        assert_eq!(s.logprobs[0], None);
+        let got: Vec<u32> = s.logprobs[1..].iter().map(|x| x.unwrap().to_bits()).collect();
+        assert_eq!(got, want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "chunks of {chunk}");
+        assert_eq!(s.top.len(), tokens.len());
+        assert!(s.top[0].is_empty() && s.top[1..].iter().all(|t| t.len() == 3 && t[0].1 >= t[1].1 && t[1].1 >= t[2].1));
+        // A scored token in the top 3 carries the same log-probability there.
+        for (t, top) in s.top.iter().enumerate().skip(1) {
+            if let Some(&(_, lp)) = top.iter().find(|(id, _)| *id == tokens[t]) {
+                assert_eq!(lp.to_bits(), s.logprobs[t].unwrap().to_bits());
+            }
+        }
+    }
 }

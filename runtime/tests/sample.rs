@@ -93,6 +93,44 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let o = rt(&["sample", "--backend", "cpu", "--top-p", "0"], &flags(&prompts));
     assert!(text(&o).contains("--top-p 0 must be in (0, 1]"), "{}", text(&o));
 
+    // score: token ids, text and a conversation; bad lines named.
+    let input = dir.join("score.jsonl");
+    std::fs::write(
+        &input,
+        "{\"tokens\": [1, 2, 3]}\n\"Hello there.\"\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"channel\": \"final\", \"content\": \"Hello\"}]}\n",
+    )
+    .unwrap();
+    let scores = dir.join("scores.jsonl");
+    let sflags = |i: &Path| -> Vec<std::path::PathBuf> {
+        ["--checkpoint".as_ref(), run.as_path(), "--input".as_ref(), i, "--out".as_ref(), scores.as_path()]
+            .iter()
+            .map(|x: &&Path| x.to_path_buf())
+            .collect()
+    };
+    let o = rt(&["score", "--backend", "cpu", "--top-k", "2"], &sflags(&input));
+    assert!(o.status.success(), "{}", text(&o));
+    let recs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&scores).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(recs.len(), 3);
+    for r in &recs {
+        let n = r["tokens"].as_array().unwrap().len();
+        assert_eq!(r["logprobs"].as_array().unwrap().len(), n);
+        assert!(r["logprobs"][0].is_null() && r["logprobs"][1].as_f64().unwrap() <= 0.0);
+        assert_eq!(r["top"].as_array().unwrap().len(), n);
+    }
+    assert!(recs[2]["span_id"].as_array().unwrap().iter().any(|x| x == 2), "a conversation's final span");
+    for (content, want) in [
+        ("{\"tokens\": [1, 999999]}\n", "bad.jsonl:1: token 1 (999999) is not an id below the vocabulary size"),
+        ("{\"tokens\": []}\n", "bad.jsonl:1: no tokens"),
+        ("7\n", "bad.jsonl:1: a line is"),
+    ] {
+        let p = dir.join("bad.jsonl");
+        std::fs::write(&p, content).unwrap();
+        let o = rt(&["score", "--backend", "cpu"], &sflags(&p));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(want), "want {want:?} in {}", text(&o));
+    }
+
     // chat: two turns from standard input, then end of input.
     let mut child = Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
         .current_dir(root())

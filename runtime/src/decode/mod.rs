@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod sample;
 pub mod sampler;
+pub mod score;
 
 use crate::cpu::{model_tensors, FastGemm};
 use crate::state::TrainState;

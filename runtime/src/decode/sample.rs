@@ -66,7 +66,7 @@ pub fn read_prompts(path: &Path, effort: ReasoningEffort) -> Result<Vec<Prompt>>
 }
 
 /// The checkpoint `path` names (one `step_N` directory, or a run directory's newest), loaded
-/// and checked against `plan`'s architecture, which must speak Harmony (the o200k vocabulary).
+/// and checked against `plan`'s architecture.
 pub fn load_checkpoint(path: &Path, plan: &Plan) -> Result<(PathBuf, TrainState)> {
     let dir = if path.join("meta.json").is_file() {
         path.to_path_buf()
@@ -83,14 +83,19 @@ pub fn load_checkpoint(path: &Path, plan: &Plan) -> Result<(PathBuf, TrainState)
         &meta.config_hash[..12.min(meta.config_hash.len())],
         &hash[..12]
     );
+    let (_, state) = checkpoint::load(&dir, plan)?;
+    Ok((dir, state))
+}
+
+/// Refuses an architecture that cannot speak Harmony (its vocabulary is not o200k_harmony's).
+pub fn require_harmony(plan: &Plan) -> Result<()> {
     ensure!(
         plan.arch.vocab == VOCAB_SIZE as u64,
         "generation renders Harmony with the o200k_harmony tokenizer ({VOCAB_SIZE} ids); {} has a vocabulary of {}",
         plan.arch.name,
         plan.arch.vocab
     );
-    let (_, state) = checkpoint::load(&dir, plan)?;
-    Ok((dir, state))
+    Ok(())
 }
 
 /// One output line.

@@ -51,6 +51,25 @@ pub(crate) enum Cmd {
     /// Talk with a trained checkpoint in the terminal: the analysis channel dimmed, the final
     /// answer plain; /reset starts over, /quit (or end of input) leaves.
     Chat(ChatArgs),
+    /// The student's log-probability of every token of given sequences (token ids, text or
+    /// Harmony conversations), as JSONL: bitwise the training forward's numbers.
+    Score(StudentScoreArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StudentScoreArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// JSONL, one sequence a line: `{"tokens": [ids]}`, a JSON string (text) or a Harmony
+    /// conversation `{"messages": [...]}`.
+    #[arg(long)]
+    pub(crate) input: PathBuf,
+    /// JSONL output, one record a line of the input (written whole at the end).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Also give the K most likely tokens at every position.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
 }
 
 /// The model `sample` and `chat` generate with.

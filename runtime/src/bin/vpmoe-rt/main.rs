@@ -178,6 +178,7 @@ fn run() -> Result<()> {
         Cmd::Bench(a) => bench::run_bench(a),
         Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Chat(a) => sample::run_chat(a),
+        Cmd::Score(a) => sample::run_score(a),
         Cmd::Forward(run) => {
             let (micro_batch, seed) = (run.micro_batch, run.seed);
             let (plan_dir, graph, plan, seq) = run.plan()?;

@@ -1,18 +1,21 @@
-//! `vpmoe-rt sample` and `vpmoe-rt chat`.
+//! `vpmoe-rt sample`, `vpmoe-rt chat` and `vpmoe-rt score`.
 
-use crate::cli::{plan_of, BackendKind, ChatArgs, ModelArgs, SampleArgs, SamplingArgs};
+use crate::cli::{plan_of, BackendKind, ChatArgs, ModelArgs, SampleArgs, SamplingArgs, StudentScoreArgs};
 use anyhow::{bail, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 use vpmoe_data::completion;
 use vpmoe_data::harmony::{Conversation, Message, Role};
 use vpmoe_data::tokenizer;
-use vpmoe_runtime::decode::sample::{load_checkpoint, read_prompts, render_prompt, sample_to_file, STOP};
+use vpmoe_runtime::decode::sample::{
+    load_checkpoint, read_prompts, render_prompt, require_harmony, sample_to_file, STOP,
+};
 use vpmoe_runtime::decode::sampler::Sampling;
+use vpmoe_runtime::decode::score::{read_inputs, score_to_file};
 use vpmoe_runtime::decode::{generate, Decoder, GenConfig};
 use vpmoe_runtime::state::TrainState;
 
-/// The model of a `sample` or `chat` run: its graph, plan and checkpoint state.
+/// The model of a `sample`, `chat` or `score` run: its graph, plan and checkpoint state.
 fn load(m: &ModelArgs) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan, std::path::PathBuf, TrainState)> {
     if m.backend == BackendKind::Cuda {
         bail!("generation runs on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
@@ -20,6 +23,27 @@ fn load(m: &ModelArgs) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan, std::pa
     let (graph, plan) = plan_of(m.plan.clone(), m.arch.clone())?;
     let (dir, state) = load_checkpoint(&m.checkpoint, &plan)?;
     Ok((graph, plan, dir, state))
+}
+
+pub(crate) fn run_score(a: StudentScoreArgs) -> Result<()> {
+    let (graph, plan, dir, state) = load(&a.model)?;
+    let inputs = read_inputs(&a.input, plan.arch.vocab, plan.arch.max_seq as usize)?;
+    let total: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+    println!(
+        "score {} sequences ({total} tokens) from {} with {} (step {}) · backend cpu",
+        inputs.len(),
+        a.input.display(),
+        dir.display(),
+        state.step
+    );
+    let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+    let bar = vpmoe_data::progress_bar(total as u64, "tokens", true);
+    let t0 = Instant::now();
+    score_to_file(&mut dec, &inputs, a.top_k, &a.out, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{total} tokens in {secs:.1} s ({:.0} tokens/s) -> {}", total as f64 / secs.max(1e-9), a.out.display());
+    Ok(())
 }
 
 fn gen_config(s: &SamplingArgs) -> Result<GenConfig> {
@@ -35,6 +59,7 @@ pub(crate) fn run_sample(a: SampleArgs) -> Result<()> {
     }
     let prompts = read_prompts(&a.prompts, a.sampling.reasoning_effort)?;
     let (graph, plan, dir, state) = load(&a.model)?;
+    require_harmony(&plan)?;
     let slots = a.batch.min(prompts.len());
     println!(
         "sample {} prompts from {} with {} (step {}) · backend cpu · batch {slots}",
@@ -102,6 +127,7 @@ impl Shown {
 pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
     let mut cfg = gen_config(&a.sampling)?;
     let (graph, plan, dir, state) = load(&a.model)?;
+    require_harmony(&plan)?;
     let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
     let ansi = std::io::stdout().is_terminal();
     let interactive = std::io::stdin().is_terminal();
