@@ -447,6 +447,10 @@ int main(int argc, char** argv) {
         test_grape<128>(5, 3, 8, 2); test_grape<16>(70, 2048 + 7, 2, 1); test_grape<16>(9, 4, 3, 3);
         test_qk_norm<128>(5, 8, 2); test_qk_norm<36>(7, 3, 1); test_qk_norm<16>(3, 1, 3);
         test_vres(1000);
+        // CUDA's float -> bf16 gives one canonical NaN whatever the sign and payload.
+        for (unsigned u : {0x7fc00000u, 0xffc12345u, 0x7f800001u, 0xff800001u})
+            expect(__float2bfloat16(__uint_as_float(u)).x == 0x7fff, "float -> bf16 of a NaN is 0x7fff");
+        expect(__float2bfloat16(__uint_as_float(0x7f800000u)).x == 0x7f80, "float -> bf16 keeps +inf");
     }
     if (want("gemm")) {
         test_gemm<128, 1024, 1, 0>(70, 128, 0, true, 0);
