@@ -22,7 +22,7 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
     let train = rt(
-        &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "0", "--micro-batch", "1"],
+        &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "1", "--micro-batch", "1"],
         &[
             Path::new("--grad-accum"),
             Path::new("1"),
@@ -130,6 +130,38 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         assert!(text(&o).contains(want), "want {want:?} in {}", text(&o));
     }
+
+    // eval: the held-out loss is the run's last evaluation; sampled validity; the tiny tasks.
+    let report = dir.join("report.json");
+    let o = rt(
+        &["eval", "--backend", "cpu", "--samples", "2", "--max-new-tokens", "4", "--tasks", "tests/tasks/tiny.jsonl"],
+        &[
+            Path::new("--checkpoint"),
+            &run,
+            Path::new("--data"),
+            &sample_data()[0].0,
+            Path::new("--prompts"),
+            &prompts,
+            Path::new("--out"),
+            &report,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("held-out loss") && text(&o).contains("arithmetic"), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(r["held_out"][0]["loss"], last["eval"]["loss"], "eval's held-out loss is the run's");
+    assert_eq!(r["samples"].as_array().unwrap().len(), 2, "greedy and sampled");
+    assert_eq!(r["samples"][1]["samples"], 4, "2 prompts × 2 samples");
+    assert_eq!(r["tasks"]["arithmetic"]["questions"], 2);
+    assert_eq!(r["tasks"]["capitals"]["questions"], 1);
+    let o = rt(&["eval", "--backend", "cpu"], &[Path::new("--checkpoint"), &run]);
+    assert!(text(&o).contains("nothing to evaluate"), "{}", text(&o));
+    let p = dir.join("bad_tasks.jsonl");
+    std::fs::write(&p, "{\"task\": \"t\", \"context\": \"c\", \"choices\": [\" a\", \" b\"], \"gold\": 2}\n").unwrap();
+    let o = rt(&["eval", "--backend", "cpu"], &[Path::new("--checkpoint"), &run, Path::new("--tasks"), &p]);
+    assert!(text(&o).contains("bad_tasks.jsonl:1: gold 2 is not one of the 2 choices"), "{}", text(&o));
 
     // chat: two turns from standard input, then end of input.
     let mut child = Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))

@@ -54,6 +54,43 @@ pub(crate) enum Cmd {
     /// The student's log-probability of every token of given sequences (token ids, text or
     /// Harmony conversations), as JSONL: bitwise the training forward's numbers.
     Score(StudentScoreArgs),
+    /// Evaluate a checkpoint: held-out loss per span on datasets' valid splits, the Harmony
+    /// format validity of sampled answers, multiple-choice tasks; a table and a JSON report.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Dataset roots whose `valid` split gives the held-out loss (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data: Vec<PathBuf>,
+    /// Micro-batches of the held-out loss (the run's micro-batch size and row length, from the
+    /// checkpoint); the default is `train`'s, so the numbers match its last evaluation.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) eval_batches: usize,
+    /// Prompts to sample answers to (the JSONL of `sample`), greedy and sampled.
+    #[arg(long)]
+    pub(crate) prompts: Option<PathBuf>,
+    /// Sampled answers per prompt (temperature 1, the full distribution), besides the greedy one.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) samples: usize,
+    /// Reasoning efforts to sample under (repeatable; default medium).
+    #[arg(long, value_enum)]
+    pub(crate) reasoning_effort: Vec<vpmoe_data::harmony::ReasoningEffort>,
+    /// Tokens per sampled answer at most.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_new_tokens: usize,
+    /// Seed of the sampled answers.
+    #[arg(long, default_value_t = 1234)]
+    pub(crate) seed: u64,
+    /// Multiple-choice task files (JSONL; docs/cli.md), repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tasks: Vec<PathBuf>,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

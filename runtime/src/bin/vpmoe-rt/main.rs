@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod eval;
 mod sample;
 
 use anyhow::{bail, Result};
@@ -179,6 +180,7 @@ fn run() -> Result<()> {
         Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Chat(a) => sample::run_chat(a),
         Cmd::Score(a) => sample::run_score(a),
+        Cmd::Eval(a) => eval::run_eval(a),
         Cmd::Forward(run) => {
             let (micro_batch, seed) = (run.micro_batch, run.seed);
             let (plan_dir, graph, plan, seq) = run.plan()?;

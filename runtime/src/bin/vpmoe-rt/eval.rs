@@ -1,0 +1,78 @@
+//! `vpmoe-rt eval`.
+
+use crate::cli::{backend, plan_of, BackendArgs, BackendKind, EvalArgs};
+use anyhow::{bail, Context, Result};
+use vpmoe_runtime::checkpoint;
+use vpmoe_runtime::decode::sample::{load_checkpoint, read_prompts, require_harmony};
+use vpmoe_runtime::decode::Decoder;
+use vpmoe_runtime::eval::{sample_stats, tasks, HeldOut, Report};
+use vpmoe_runtime::train::{eval_split, evaluate, TrainConfig};
+
+pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
+    if a.data.is_empty() && a.prompts.is_none() && a.tasks.is_empty() {
+        bail!("nothing to evaluate: give --data (held-out loss), --prompts (sampled answers) or --tasks");
+    }
+    let generates = a.prompts.is_some() || !a.tasks.is_empty();
+    if a.model.backend == BackendKind::Cuda && generates {
+        bail!("--prompts and --tasks generate on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
+    }
+    let (graph, plan) = plan_of(a.model.plan.clone(), a.model.arch.clone())?;
+    let (dir, state) = load_checkpoint(&a.model.checkpoint, &plan)?;
+    let meta = checkpoint::read_meta(&dir)?;
+    let cfg: TrainConfig = serde_json::from_value(meta.train.clone())
+        .with_context(|| format!("{}: meta.json has no readable run settings", dir.display()))?;
+    let mut report = Report {
+        checkpoint: dir.display().to_string(),
+        step: state.step,
+        config_hash: meta.config_hash.clone(),
+        ..Default::default()
+    };
+    if !a.data.is_empty() {
+        if a.eval_batches == 0 {
+            bail!("--eval-batches must be at least 1");
+        }
+        let args = BackendArgs { kind: a.model.backend, host_momentum: false, cublas: false };
+        let mut be =
+            backend(&args, &graph, &plan, state.clone(), a.model.plan.as_deref(), cfg.micro_batch * cfg.seq_len)?;
+        for d in &a.data {
+            let valid = eval_split(d).with_context(|| format!("{}: no valid split (DIR/valid)", d.display()))?;
+            vpmoe_data::reader::check_vocabulary(d, plan.arch.vocab)?;
+            let record = evaluate(be.as_mut(), &valid, &cfg, a.eval_batches)?;
+            report.held_out.push(HeldOut { data: d.display().to_string(), record });
+        }
+    }
+    if generates {
+        require_harmony(&plan)?;
+    }
+    if let Some(path) = &a.prompts {
+        let efforts = if a.reasoning_effort.is_empty() { vec![Default::default()] } else { a.reasoning_effort.clone() };
+        let mut dec = Decoder::new(&graph, &plan, &state, 8)?;
+        for effort in efforts {
+            let prompts = read_prompts(path, effort)?;
+            let name = effort.as_str();
+            for greedy in [true, false] {
+                let s = sample_stats(&mut dec, &prompts, name, greedy, a.samples, a.max_new_tokens, a.seed)?;
+                report.samples.push(s);
+            }
+        }
+    }
+    if !a.tasks.is_empty() {
+        let mut items = Vec::new();
+        for t in &a.tasks {
+            items.extend(tasks::read_tasks(t, plan.arch.max_seq as usize)?);
+        }
+        let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+        let bar = vpmoe_data::progress_bar(items.len() as u64, "questions", true);
+        report.tasks = tasks::run_tasks(&mut dec, &items, || bar.inc(1))?;
+        bar.finish_and_clear();
+    }
+    print!("{}", report.table());
+    if let Some(out) = &a.out {
+        let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+        println!("report {}", out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! `vpmoe-rt eval`: a checkpoint's held-out loss per span on datasets' valid splits, the Harmony
+//! format validity of its sampled answers, and multiple-choice tasks ([`tasks`]), as a table and
+//! one JSON report.
+
+pub mod tasks;
+
+use crate::decode::sample::{Prompt, STOP};
+use crate::decode::sampler::Sampling;
+use crate::decode::{generate, Decoder, Finish, GenConfig};
+use crate::train::EvalRecord;
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use tasks::TaskScore;
+use vpmoe_data::completion;
+
+/// The held-out loss of one dataset (global span means, as training reports them).
+#[derive(Debug, Serialize)]
+pub struct HeldOut {
+    pub data: String,
+    #[serde(flatten)]
+    pub record: EvalRecord,
+}
+
+/// Sampled answers to the prompt set under one reasoning effort and one way of choosing tokens.
+#[derive(Debug, Default, Serialize)]
+pub struct SampleStats {
+    pub effort: String,
+    /// `greedy`, or `sampled` (temperature 1, the full distribution).
+    pub mode: String,
+    pub samples: usize,
+    pub valid: usize,
+    pub valid_rate: f64,
+    /// Count of each first violation, by kind.
+    pub violations: BTreeMap<String, usize>,
+    /// Share of answers cut by the token budget or the context.
+    pub budget_share: f64,
+    pub mean_analysis_tokens: f64,
+    pub mean_final_tokens: f64,
+}
+
+/// Everything `eval` measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub checkpoint: String,
+    pub step: u64,
+    pub config_hash: String,
+    pub held_out: Vec<HeldOut>,
+    pub samples: Vec<SampleStats>,
+    pub tasks: BTreeMap<String, TaskScore>,
+}
+
+/// Samples `per_prompt` answers to every prompt (greedy: one) and counts their validity.
+pub fn sample_stats(
+    dec: &mut Decoder,
+    prompts: &[Prompt],
+    effort: &str,
+    greedy: bool,
+    per_prompt: usize,
+    max_new_tokens: usize,
+    seed: u64,
+) -> Result<SampleStats> {
+    let n = if greedy { 1 } else { per_prompt.max(1) };
+    let toks: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.tokens.clone(), n)).collect();
+    let sampling = if greedy { Sampling::greedy() } else { Sampling::default() };
+    let cfg = GenConfig { sampling, seed, max_new_tokens, stop: STOP.to_vec() };
+    let gens = generate(dec, &toks, &cfg, |_, _| {})?;
+    let mut s = SampleStats {
+        effort: effort.to_string(),
+        mode: if greedy { "greedy" } else { "sampled" }.into(),
+        ..Default::default()
+    };
+    let (mut budget, mut analysis, mut fin) = (0usize, 0usize, 0usize);
+    for g in &gens {
+        let c = completion::parse(&g.tokens);
+        s.samples += 1;
+        if c.verdict.valid {
+            s.valid += 1;
+        } else if let Some(v) = &c.verdict.violation {
+            let kind = serde_json::to_value(v)?["kind"].as_str().unwrap_or("unknown").to_string();
+            *s.violations.entry(kind).or_default() += 1;
+        }
+        budget += usize::from(g.finish == Finish::Length);
+        analysis += c.span_id.iter().filter(|&&x| x == 1).count();
+        fin += c.span_id.iter().filter(|&&x| x == 2).count();
+    }
+    let k = s.samples.max(1) as f64;
+    (s.valid_rate, s.budget_share) = (s.valid as f64 / k, budget as f64 / k);
+    (s.mean_analysis_tokens, s.mean_final_tokens) = (analysis as f64 / k, fin as f64 / k);
+    Ok(s)
+}
+
+impl Report {
+    /// The report as the table `eval` prints.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        let _ = writeln!(t, "eval of {} (step {})", self.checkpoint, self.step);
+        if !self.held_out.is_empty() {
+            let _ = writeln!(t, "\nheld-out loss      loss   reasoning      final    tokens  data");
+            for h in &self.held_out {
+                let r = &h.record;
+                let _ = writeln!(
+                    t,
+                    "{:>22} {:>11} {:>10} {:>9}  {}",
+                    opt(r.loss),
+                    opt(r.ce_reasoning),
+                    opt(r.ce_final),
+                    r.tokens,
+                    h.data
+                );
+            }
+        }
+        if !self.samples.is_empty() {
+            let _ = writeln!(t, "\nsamples  effort  mode      n  valid  budget  analysis  final  violations");
+            for s in &self.samples {
+                let v: Vec<String> = s.violations.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                let _ = writeln!(
+                    t,
+                    "         {:<7} {:<7} {:>3} {:>5.0}% {:>6.0}% {:>9.1} {:>6.1}  {}",
+                    s.effort,
+                    s.mode,
+                    s.samples,
+                    100.0 * s.valid_rate,
+                    100.0 * s.budget_share,
+                    s.mean_analysis_tokens,
+                    s.mean_final_tokens,
+                    v.join(", ")
+                );
+            }
+        }
+        if !self.tasks.is_empty() {
+            let _ = writeln!(t, "\ntask                      questions     acc  acc_norm");
+            for (name, s) in &self.tasks {
+                let _ = writeln!(t, "{name:<25} {:>9} {:>7.3} {:>9.3}", s.questions, s.acc, s.acc_norm);
+            }
+        }
+        t
+    }
+}
