@@ -90,3 +90,19 @@ pub fn bundled_sample_dataset(out: &Path, seq_len: usize) -> Result<std::path::P
 
 /// Puts 2 of the sample's 9 rows into the held-out split (the split hashes `synth_id`).
 const SAMPLE_VALID_FRACTION: &str = "0.25";
+
+/// The non-blank lines of a JSONL input file with their 1-based numbers and a `FILE:LINE` label
+/// for errors; an input without any is an error saying `what` it lacks.
+pub fn jsonl_lines(path: &Path, what: &str) -> Result<Vec<(usize, String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<(usize, String, String)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, format!("{}:{}", path.display(), i + 1), l.to_string()))
+        .collect();
+    if lines.is_empty() {
+        bail!("{}: no {what}", path.display());
+    }
+    Ok(lines)
+}

@@ -41,27 +41,21 @@ pub fn render_prompt(mut conv: Conversation, effort: ReasoningEffort) -> Result<
 
 /// Reads a prompts file (JSONL); every bad line is an error naming it.
 pub fn read_prompts(path: &Path, effort: ReasoningEffort) -> Result<Vec<Prompt>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", path.display(), i + 1);
-        let source: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+    for (line, at, text) in crate::jsonl_lines(path, "prompts")? {
+        let source: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{at}: not JSON"))?;
         let conv = match &source {
             serde_json::Value::String(s) => {
-                ensure!(!s.trim().is_empty(), "{}: an empty prompt", at());
+                ensure!(!s.trim().is_empty(), "{at}: an empty prompt");
                 Conversation { messages: vec![Message::new(Role::User, s.clone())] }
             }
-            serde_json::Value::Object(_) => harmony::parse_conversation(line)
-                .with_context(|| format!("{}: not a Harmony conversation ({{\"messages\": [...]}})", at()))?,
-            _ => bail!("{}: a prompt is a JSON string or a {{\"messages\": [...]}} conversation", at()),
+            serde_json::Value::Object(_) => harmony::parse_conversation(&text)
+                .with_context(|| format!("{at}: not a Harmony conversation ({{\"messages\": [...]}})"))?,
+            _ => bail!("{at}: a prompt is a JSON string or a {{\"messages\": [...]}} conversation"),
         };
-        let tokens = render_prompt(conv, effort).with_context(at)?;
-        out.push(Prompt { line: i + 1, source, tokens });
+        let tokens = render_prompt(conv, effort).with_context(|| at.clone())?;
+        out.push(Prompt { line, source, tokens });
     }
-    ensure!(!out.is_empty(), "{}: no prompts", path.display());
     Ok(out)
 }
 

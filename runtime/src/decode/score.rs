@@ -27,14 +27,9 @@ pub struct Input {
 /// Reads an input file (JSONL); every bad line is an error naming it. Text and conversations
 /// need the o200k vocabulary; token ids must fit `vocab` and the sequence the context.
 pub fn read_inputs(path: &Path, vocab: u64, max_len: usize) -> Result<Vec<Input>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: not JSON"))?;
+    for (line_no, at, line) in crate::jsonl_lines(path, "sequences to score")? {
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{at}: not JSON"))?;
         let harmony_vocab = || {
             ensure!(
                 vocab == VOCAB_SIZE as u64,
@@ -61,7 +56,7 @@ pub fn read_inputs(path: &Path, vocab: u64, max_len: usize) -> Result<Vec<Input>
             }
             serde_json::Value::Object(_) => {
                 harmony_vocab()?;
-                let conv = harmony::parse_conversation(line)
+                let conv = harmony::parse_conversation(&line)
                     .with_context(|| format!("{at}: not {{\"tokens\": [...]}} nor a Harmony conversation"))?;
                 let r = harmony::render_for_training(&conv, RenderConfig::default()).with_context(|| at.clone())?;
                 (r.token_ids, Some(r.span_id))
@@ -72,9 +67,8 @@ pub fn read_inputs(path: &Path, vocab: u64, max_len: usize) -> Result<Vec<Input>
         };
         ensure!(!tokens.is_empty(), "{at}: no tokens");
         ensure!(tokens.len() <= max_len, "{at}: {} tokens; the context holds {max_len}", tokens.len());
-        out.push(Input { line: i + 1, tokens, span_id });
+        out.push(Input { line: line_no, tokens, span_id });
     }
-    ensure!(!out.is_empty(), "{}: nothing to score", path.display());
     Ok(out)
 }
 

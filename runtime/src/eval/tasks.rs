@@ -37,14 +37,9 @@ pub struct Item {
 
 /// Reads a task file; every bad line is an error naming it.
 pub fn read_tasks(path: &Path, max_len: usize) -> Result<Vec<Item>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let q: Question = serde_json::from_str(line).with_context(|| {
+    for (_, at, line) in crate::jsonl_lines(path, "questions")? {
+        let q: Question = serde_json::from_str(&line).with_context(|| {
             format!("{at}: not a task line {{\"task\", \"context\", \"choices\", \"gold\", \"fewshot\"?}}")
         })?;
         ensure!(q.choices.len() >= 2, "{at}: {} choices; a question needs at least 2", q.choices.len());
@@ -66,7 +61,6 @@ pub fn read_tasks(path: &Path, max_len: usize) -> Result<Vec<Item>> {
         }
         out.push(Item { task: q.task, context, choices, gold: q.gold });
     }
-    ensure!(!out.is_empty(), "{}: no questions", path.display());
     Ok(out)
 }
 
