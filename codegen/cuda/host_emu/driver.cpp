@@ -25,6 +25,7 @@
 #include <dlfcn.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "inc/cuda_bf16.h"
 
 typedef int CUresult;
 enum { OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_IMAGE = 200, NOT_FOUND = 500, LAUNCH_FAILED = 719 };
@@ -290,12 +291,9 @@ CUresult cuGetErrorString(CUresult e, const char** s) { LOCKED; return cuGetErro
 enum { BLAS_OK = 0, BLAS_NOT_INITIALIZED = 1, BLAS_INVALID_VALUE = 7, BLAS_NOT_SUPPORTED = 15 };
 enum { R_32F = 0, R_16BF = 14, COMPUTE_32F = 68 };
 struct BlasHandle { void* stream = nullptr; void* workspace = nullptr; size_t workspace_bytes = 0; };
-static float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN canonical (0x7fff)
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
+// The conversions the kernels use (inc/cuda_bf16.h): round to nearest even, NaN canonical.
+static float bf16_to_f32(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
+static uint16_t f32_to_bf16(float f) { return __float2bfloat16(f).x; }
 int cublasCreate_v2(BlasHandle** h) { LOCKED; if (!h) return BLAS_INVALID_VALUE; *h = new BlasHandle; return BLAS_OK; }
 int cublasDestroy_v2(BlasHandle* h) { LOCKED; if (!h) return BLAS_NOT_INITIALIZED; delete h; return BLAS_OK; }
 int cublasSetStream_v2(BlasHandle* h, void* stream) { LOCKED; if (!h) return BLAS_NOT_INITIALIZED; h->stream = stream; return BLAS_OK; }
