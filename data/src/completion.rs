@@ -64,6 +64,26 @@ pub enum Violation {
     BetweenMessages,
 }
 
+impl Violation {
+    /// The kind's name (the `kind` of its JSON form).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Violation::Truncated { .. } => "truncated",
+            Violation::StrayToken { .. } => "stray_token",
+            Violation::Role { .. } => "role",
+            Violation::NoChannel => "no_channel",
+            Violation::Channel { .. } => "channel",
+            Violation::ToolCall => "tool_call",
+            Violation::MisplacedAnalysis => "misplaced_analysis",
+            Violation::AnalysisEnd { .. } => "analysis_end",
+            Violation::FinalEnd { .. } => "final_end",
+            Violation::MissingFinal => "missing_final",
+            Violation::AfterReturn => "after_return",
+            Violation::BetweenMessages => "between_messages",
+        }
+    }
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -404,6 +424,27 @@ mod tests {
         assert_eq!(violation(&t).1, Violation::Role { role: "user".into() });
         // Nothing at all.
         assert_eq!(violation(&[]), (0, Violation::MissingFinal));
+    }
+
+    #[test]
+    fn each_kind_is_its_json_tag() {
+        let all = [
+            Violation::Truncated { inside: String::new() },
+            Violation::StrayToken { token: 0, name: String::new(), inside: String::new() },
+            Violation::Role { role: String::new() },
+            Violation::NoChannel,
+            Violation::Channel { channel: String::new() },
+            Violation::ToolCall,
+            Violation::MisplacedAnalysis,
+            Violation::AnalysisEnd { token: String::new() },
+            Violation::FinalEnd { token: String::new() },
+            Violation::MissingFinal,
+            Violation::AfterReturn,
+            Violation::BetweenMessages,
+        ];
+        for v in all {
+            assert_eq!(serde_json::to_value(&v).unwrap()["kind"], v.kind());
+        }
     }
 
     #[test]

@@ -295,8 +295,8 @@ pub(crate) fn head_logits<'a>(
     })
 }
 
-/// `log Σ exp(row)` in f64.
-pub(crate) fn row_lse(row: &[f32]) -> f64 {
+/// `log Σ exp(row)` in f64: the CE's normaliser, and the sampler's.
+pub fn row_lse(row: &[f32]) -> f64 {
     let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
     m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
 }

@@ -5,11 +5,12 @@
 
 mod common;
 
+use vpmoe_ir::reference::row_lse;
 use vpmoe_ir::rng::Rng;
 use vpmoe_ir::OutputName;
 use vpmoe_runtime::backend::{Backend, Batch, KD_NONE};
 use vpmoe_runtime::cpu::CpuBackend;
-use vpmoe_runtime::decode::sampler::{log_sum_exp, Sampling};
+use vpmoe_runtime::decode::sampler::Sampling;
 use vpmoe_runtime::decode::score::score_in_chunks;
 use vpmoe_runtime::decode::{generate, Decoder, Finish, GenConfig, Tok};
 use vpmoe_runtime::state::TrainState;
@@ -43,7 +44,7 @@ fn training_logprobs(be: &mut CpuBackend, tokens: &[u32]) -> Vec<f32> {
 }
 
 fn logprob(row: &[f32], token: u32) -> f32 {
-    (row[token as usize] as f64 - log_sum_exp(row)) as f32
+    (row[token as usize] as f64 - row_lse(row)) as f32
 }
 
 #[test]

@@ -54,6 +54,8 @@ pub struct Decoder<'g> {
     cache: KvCache,
     /// Positions each slot holds.
     held: Vec<usize>,
+    /// Threads the LM head is split over.
+    cores: usize,
     gemm: FastGemm,
 }
 
@@ -115,6 +117,7 @@ impl<'g> Decoder<'g> {
             max_len,
             cache: KvCache::new(&windows, width, slots, max_len),
             held: vec![0; slots],
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             gemm: FastGemm,
         })
     }
@@ -202,8 +205,7 @@ impl<'g> Decoder<'g> {
             .filter(|(_, t)| t.logits)
             .flat_map(|(i, _)| z.f()[i * h..(i + 1) * h].to_vec())
             .collect();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let logits = head_logits(&self.gemm, &rows, h, self.model[self.head].f(), v, cores);
+        let logits = head_logits(&self.gemm, &rows, h, self.model[self.head].f(), v, self.cores);
         if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
             bail!("the model produced a non-finite logit ({} for token {} of row {})", logits[i], i % v, i / v);
         }

@@ -11,6 +11,7 @@ use crate::checkpoint;
 use crate::state::TrainState;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::Plan;
@@ -115,16 +116,22 @@ pub struct Summary {
     /// Tokens inside analysis / final messages.
     pub analysis_tokens: usize,
     pub final_tokens: usize,
+    /// Count of each first violation, by kind.
+    pub violations: BTreeMap<String, usize>,
 }
 
 impl Summary {
-    fn add(&mut self, g: &Generated, c: &completion::Completion) {
+    /// Counts one sample and its parse.
+    pub fn add(&mut self, g: &Generated, c: &completion::Completion) {
         self.samples += 1;
         self.valid += usize::from(c.verdict.valid);
         self.stopped += usize::from(g.finish == Finish::Stop);
         self.tokens += g.tokens.len();
         self.analysis_tokens += c.span_id.iter().filter(|&&s| s == 1).count();
         self.final_tokens += c.span_id.iter().filter(|&&s| s == 2).count();
+        if let Some(v) = &c.verdict.violation {
+            *self.violations.entry(v.kind().to_string()).or_default() += 1;
+        }
     }
 
     pub fn format(&self) -> String {

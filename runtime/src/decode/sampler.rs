@@ -5,6 +5,7 @@
 //! (what on-policy distillation compares with the teacher's).
 
 use anyhow::{ensure, Result};
+use vpmoe_ir::reference::row_lse;
 use vpmoe_ir::rng::splitmix64;
 
 /// How to choose a token. `temperature == 0` is greedy (top-k and top-p then do not matter).
@@ -54,29 +55,32 @@ pub struct Choice {
     pub logprob: f32,
 }
 
-/// `log Σ exp(row)` in f64 (as the training loss computes it).
-pub fn log_sum_exp(row: &[f32]) -> f64 {
-    let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x as f64));
-    m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+/// The ids of the `k` highest logits (all when `k` is 0 or past the row), highest first; ties to
+/// the lower id.
+pub fn ranked(logits: &[f32], k: usize) -> Vec<usize> {
+    let better = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if k == 1 {
+        return (0..logits.len()).min_by(better).into_iter().collect(); // a scan, no sort
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, better);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(better);
+    order
 }
 
 /// Chooses a token from `logits` with the draw `u` (from [`uniform`]).
 pub fn choose(logits: &[f32], s: &Sampling, u: f64) -> Choice {
     assert!(!logits.is_empty(), "an empty row of logits");
-    let lse = log_sum_exp(logits);
+    let lse = row_lse(logits);
     let logprob = |t: usize| (logits[t] as f64 - lse) as f32;
-    // Candidates by logit, highest first; ties to the lower id.
-    let better = |a: usize, b: usize| logits[b].total_cmp(&logits[a]).then(a.cmp(&b));
     if s.temperature == 0.0 {
-        let t = (0..logits.len()).min_by(|&a, &b| better(a, b)).unwrap();
+        let t = ranked(logits, 1)[0];
         return Choice { token: t as u32, logprob: logprob(t) };
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    if s.top_k > 0 && s.top_k < order.len() {
-        order.select_nth_unstable_by(s.top_k - 1, |&a, &b| better(a, b));
-        order.truncate(s.top_k);
-    }
-    order.sort_unstable_by(|&a, &b| better(a, b));
+    let order = ranked(logits, s.top_k);
     let inv_t = 1.0 / s.temperature as f64;
     let top = logits[order[0]] as f64;
     let mut w: Vec<f64> = order.iter().map(|&t| ((logits[t] as f64 - top) * inv_t).exp()).collect();
@@ -131,7 +135,7 @@ mod tests {
         // The log-probability stays the full temperature-1 one whatever was cut.
         let c = choose(&logits, &k2, 0.0);
         assert_eq!(c.token, 0);
-        assert!((c.logprob as f64 - (3.0 - log_sum_exp(&logits))).abs() < 1e-6);
+        assert!((c.logprob as f64 - (3.0 - row_lse(&logits))).abs() < 1e-6);
     }
 
     #[test]

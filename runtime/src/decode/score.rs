@@ -7,7 +7,7 @@
 //! tokenizer) or a Harmony conversation `{"messages": [...]}` (rendered as for training, so a
 //! trailing final answer ends `<|return|>`; its span ids come with the scores).
 
-use super::sampler::log_sum_exp;
+use super::sampler::ranked;
 use super::{Decoder, Tok};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::Path;
 use vpmoe_data::harmony::{self, RenderConfig};
 use vpmoe_data::tokenizer::{self, VOCAB_SIZE};
+use vpmoe_ir::reference::row_lse;
 
 /// One sequence to score.
 pub struct Input {
@@ -115,7 +116,7 @@ pub fn score_in_chunks(dec: &mut Decoder, tokens: &[u32], top_k: usize, chunk: u
         // Row r follows token c·chunk + r and predicts the next one.
         for (r, row) in logits.chunks(v).enumerate() {
             let next = tokens[c * chunk + r + 1];
-            let lse = log_sum_exp(row);
+            let lse = row_lse(row);
             logprobs.push(Some((row[next as usize] as f64 - lse) as f32));
             if top_k > 0 {
                 top.push(top_tokens(row, top_k, lse));
@@ -128,13 +129,7 @@ pub fn score_in_chunks(dec: &mut Decoder, tokens: &[u32], top_k: usize, chunk: u
 
 /// The `k` most likely tokens of a row, with their log-probabilities.
 fn top_tokens(row: &[f32], k: usize, lse: f64) -> Vec<(u32, f32)> {
-    let mut idx: Vec<usize> = (0..row.len()).collect();
-    let k = k.min(row.len());
-    let better = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
-    idx.select_nth_unstable_by(k - 1, better);
-    idx.truncate(k);
-    idx.sort_unstable_by(better);
-    idx.into_iter().map(|t| (t as u32, (row[t] as f64 - lse) as f32)).collect()
+    ranked(row, k).into_iter().map(|t| (t as u32, (row[t] as f64 - lse) as f32)).collect()
 }
 
 /// Scores every input and writes JSONL to `out` (through a temporary file).

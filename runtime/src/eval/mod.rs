@@ -4,9 +4,9 @@
 
 pub mod tasks;
 
-use crate::decode::sample::{Prompt, STOP};
+use crate::decode::sample::{Prompt, Summary, STOP};
 use crate::decode::sampler::Sampling;
-use crate::decode::{generate, Decoder, Finish, GenConfig};
+use crate::decode::{generate, Decoder, GenConfig};
 use crate::train::EvalRecord;
 use anyhow::Result;
 use serde::Serialize;
@@ -66,28 +66,22 @@ pub fn sample_stats(
     let sampling = if greedy { Sampling::greedy() } else { Sampling::default() };
     let cfg = GenConfig { sampling, seed, max_new_tokens, stop: STOP.to_vec() };
     let gens = generate(dec, &toks, &cfg, |_, _| {})?;
-    let mut s = SampleStats {
+    let mut sum = Summary::default();
+    for g in &gens {
+        sum.add(g, &completion::parse(&g.tokens));
+    }
+    let k = sum.samples.max(1) as f64;
+    let s = SampleStats {
         effort: effort.to_string(),
         mode: if greedy { "greedy" } else { "sampled" }.into(),
-        ..Default::default()
+        samples: sum.samples,
+        valid: sum.valid,
+        valid_rate: sum.valid as f64 / k,
+        budget_share: (sum.samples - sum.stopped) as f64 / k,
+        mean_analysis_tokens: sum.analysis_tokens as f64 / k,
+        mean_final_tokens: sum.final_tokens as f64 / k,
+        violations: sum.violations,
     };
-    let (mut budget, mut analysis, mut fin) = (0usize, 0usize, 0usize);
-    for g in &gens {
-        let c = completion::parse(&g.tokens);
-        s.samples += 1;
-        if c.verdict.valid {
-            s.valid += 1;
-        } else if let Some(v) = &c.verdict.violation {
-            let kind = serde_json::to_value(v)?["kind"].as_str().unwrap_or("unknown").to_string();
-            *s.violations.entry(kind).or_default() += 1;
-        }
-        budget += usize::from(g.finish == Finish::Length);
-        analysis += c.span_id.iter().filter(|&&x| x == 1).count();
-        fin += c.span_id.iter().filter(|&&x| x == 2).count();
-    }
-    let k = s.samples.max(1) as f64;
-    (s.valid_rate, s.budget_share) = (s.valid as f64 / k, budget as f64 / k);
-    (s.mean_analysis_tokens, s.mean_final_tokens) = (analysis as f64 / k, fin as f64 / k);
     Ok(s)
 }
 
