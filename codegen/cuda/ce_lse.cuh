@@ -1,9 +1,9 @@
 #pragma once
 // ce_lse.cuh: per-token cross-entropy from head_lse.cuh's logsumexp partials (head_ce forward).
-//   mask[t] == 0: token_loss[t] = lse[t] = weighted[t] = 0
+//   mask[t] == 0: token_loss[t] = lse[t] = 0
 //   else: lse = log Σ_j part[t, j].s·exp(part[t, j].m),  ce = lse − label_logit[t],
-//         token_loss[t] = ce,  lse[t] = lse,  weighted[t] = ce · scale[span[t]] · weight[t]
-//   (weight: confidence weights, conf_weight.cuh; weighted feeds sum.cuh for the loss).
+//         token_loss[t] = ce,  lse[t] = lse
+//   (span_weight.cuh and sum.cuh turn token losses into the objective).
 //
 // Launch: grid T, block 256. Each thread merges a fixed strided subset of the row's ceil(V/64)
 // partials, then a warp butterfly and the warps in order: a fixed tree, deterministic. lse and ce
@@ -14,16 +14,14 @@ namespace vp {
 
 template <int V>
 __device__ __forceinline__ void ce_lse(const float* __restrict__ part, const float* __restrict__ label_logit,
-                                       const unsigned char* __restrict__ mask, const unsigned char* __restrict__ span,
-                                       const float* __restrict__ scale, const float* __restrict__ weight,
-                                       float* __restrict__ token_loss, float* __restrict__ lse,
-                                       float* __restrict__ weighted, int T) {
+                                       const unsigned char* __restrict__ mask, float* __restrict__ token_loss,
+                                       float* __restrict__ lse, int T) {
     constexpr int NT = CE_LSE_THREADS, NW = NT / 32, NTILE = (V + GEMM_TILE - 1) / GEMM_TILE;
     require_block(NT);
     const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (t >= T) return;  // whole block
     if (mask[t] == 0) {  // block-uniform
-        if (tid == 0) token_loss[t] = lse[t] = weighted[t] = 0.f;
+        if (tid == 0) token_loss[t] = lse[t] = 0.f;
         return;
     }
     const float* p = part + (size_t)t * NTILE * 2;
@@ -42,7 +40,6 @@ __device__ __forceinline__ void ce_lse(const float* __restrict__ part, const flo
         const float ce = (float)(l - (double)label_logit[t]);
         token_loss[t] = ce;
         lse[t] = (float)l;
-        weighted[t] = ce * scale[span[t]] * weight[t];
     }
 }
 

@@ -1,11 +1,11 @@
 #pragma once
 // head_dl.cuh: the logit gradient of head_ce, recomputed tile by tile from the forward's lse.
 //   logits = z·Wᵀ as in head_lse.cuh (same gemm_mainloop, so the same f32 bits), then
-//   w_t = dloss·scale[span[t]]·weight[t]·mask[t]
+//   w_t = dtok[t]·mask[t]   (dtok: the token losses' gradient, span_weight.cuh)
 //   dl[t, c − col0] = bf16(w_t·(exp(logits[t, c] − lse[t]) − [c == labels[t]]))
 //   for the vocabulary chunk col0 ≤ c < min(col0 + C, V): bf16 [T, C], so the backward holds one
 //   chunk of the [T, V] gradient at a time (col0 a multiple of 64).
-//   Rows with w_t = 0 (masked, zero-weight span, unseeded: dloss null) are written as exact zeros.
+//   Rows with w_t = 0 (masked, zero weight, unseeded: dtok null) are written as exact zeros.
 //   lse is the forward's f32 value, so probabilities carry an extra relative error of about
 //   |lse|·2⁻²⁴ (≈ 1e-6) against the reference.
 //   The bf16 rounding is the one the gradient GEMMs apply anyway (tensor cores take bf16 A), so
@@ -26,10 +26,8 @@ namespace vp {
 template <int V, int H, int C>
 __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* __restrict__ w,
                                         const int* __restrict__ labels, const unsigned char* __restrict__ mask,
-                                        const unsigned char* __restrict__ span, const float* __restrict__ scale,
-                                        const float* __restrict__ weight, const float* __restrict__ lse,
-                                        const float* __restrict__ dloss, bf16* __restrict__ dl, int T,
-                                        int col0) {
+                                        const float* __restrict__ lse, const float* __restrict__ dtok,
+                                        bf16* __restrict__ dl, int T, int col0) {
     require_block(gemm_cfg::THREADS);
     static_assert(C % 64 == 0, "chunks are whole tiles");
     const int row0 = blockIdx.x * 64, tile0 = col0 + blockIdx.y * 64, end = min(col0 + C, V);
@@ -37,7 +35,6 @@ __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* 
     float acc[2][4][4];
     gemm_mainloop<V, H>(z, w, row0, T, tile0, acc);
     const int lane = threadIdx.x & 31, wm = threadIdx.x >> 6, wn = (threadIdx.x >> 5) & 1;
-    const float g = dloss != nullptr ? dloss[0] : 0.f;
     const bool pair_ok = aligned(dl, 4);  // C and c − col0 are even
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -45,7 +42,7 @@ __device__ __forceinline__ void head_dl(const bf16* __restrict__ z, const bf16* 
         for (int half = 0; half < 2; ++half) {
             const int r = row0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
             if (r >= T) continue;
-            const float wt = mask[r] ? g * scale[span[r]] * weight[r] : 0.f;
+            const float wt = mask[r] && dtok != nullptr ? dtok[r] : 0.f;
             const int lab = labels[r];
             const float l = lse[r];
 #pragma unroll

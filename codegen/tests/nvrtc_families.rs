@@ -58,7 +58,8 @@ fn hand_specs() -> Vec<(KernelSpec, u32)> {
         k("seq_aux", &[256, 4], 256),
         k("head_lse", &[201088, 1024], 128),
         k("ce_lse", &[201088], 256),
-        k("conf_weight", &[], 256),
+        k("token_weight", &[], 256),
+        k("span_weight", &[], 256),
         k("sum", &[], 1024),
         // ----- backward families (locked config) -----
         k("add", &[0, 0, 2], 256),

@@ -57,11 +57,12 @@ pub fn lower(arch: &Arch) -> Graph {
     let loss_mask = l.g.input(InputName::LossMask, InputKind::Data, TensorType::tok(DType::U8, &[]));
     let span = l.g.input(InputName::Span, InputKind::Data, TensorType::tok(DType::U8, &[]));
     let span_scale = l.g.input(InputName::SpanScale, InputKind::Scalar, TensorType::fixed(DType::F32, &[3]));
-    // Stage 2 (DISTILL 2B): teacher log-probabilities and which positions carry one; `kd` holds
-    // the runtime scalars [m, T, w_min, w_max]. Stage 1 sends teacher = 0 (every weight is 1).
+    // Per-token loss weights (`Op::TokenWeight`): which mode each position is in, the teacher's
+    // log-probabilities (stages 2 and 3), the sampler's (stage 3) and the modes' scalars.
     let teacher_logp = l.g.input(InputName::TeacherLogp, InputKind::Data, TensorType::tok(DType::F32, &[]));
+    let sampler_logp = l.g.input(InputName::SamplerLogp, InputKind::Data, TensorType::tok(DType::F32, &[]));
     let teacher = l.g.input(InputName::Teacher, InputKind::Data, TensorType::tok(DType::U8, &[]));
-    let kd = l.g.input(InputName::Kd, InputKind::Scalar, TensorType::fixed(DType::F32, &[4]));
+    let kd = l.g.input(InputName::Kd, InputKind::Scalar, TensorType::fixed(DType::F32, &[5]));
 
     let embed_role = if a.tied_embeddings { Role::TiedEmbedding } else { Role::InputEmbedding };
     let table = l.param(
@@ -216,11 +217,11 @@ pub fn lower(arch: &Arch) -> Graph {
             Role::OutputHead,
         )
     };
-    let weight = l.node("loss.weight".into(), Op::ConfidenceWeight, vec![teacher_logp, teacher, kd])[0];
-    let ins = vec![z, head, labels, loss_mask, span, span_scale, weight];
-    let ce = l.node("lm_head".into(), Op::HeadCe { hidden: h, vocab: a.vocab }, ins);
-    l.g.output(OutputName::Loss, ce[0]);
-    l.g.output(OutputName::TokenLoss, ce[1]);
+    let ce = l.node("lm_head".into(), Op::HeadCe { hidden: h, vocab: a.vocab }, vec![z, head, labels, loss_mask])[0];
+    let weight = l.node("loss.weight".into(), Op::TokenWeight, vec![ce, teacher_logp, sampler_logp, teacher, kd])[0];
+    let loss = l.node("loss".into(), Op::SpanLoss, vec![ce, span, span_scale, weight])[0];
+    l.g.output(OutputName::Loss, loss);
+    l.g.output(OutputName::TokenLoss, ce);
     for (layer, v) in aux {
         l.g.output(OutputName::AuxLoss { layer }, v);
     }

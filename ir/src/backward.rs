@@ -325,17 +325,15 @@ pub fn backward(
         Op::HeadCe { hidden, vocab } => {
             // Recomputes each chunk's logits: the forward keeps only their log-sum-exp.
             let (h, v) = (hidden as usize, vocab as usize);
-            let (z, head, labels, mask, span, scale) =
-                (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i(), xs[4].i(), xs[5].f());
-            let weight = xs[6].f();
-            let dloss = up(0)[0] as f64;
+            let (z, head, labels, mask) = (xs[0].f(), xs[1].f(), xs[2].i(), xs[3].i());
+            let dtok = up(0);
             let (mut dz, mut dw) = (vec![0f32; t * h], vec![0f32; v * h]);
             for (t0, t1, mut dl) in head_logits(gemm, z, head, (t, h, v)) {
                 for (i, row) in dl.chunks_mut(v).enumerate() {
                     let ti = t0 + i;
-                    let w = dloss * scale[span[ti] as usize] as f64 * weight[ti] as f64;
+                    let w = dtok[ti] as f64;
                     if mask[ti] == 0 || w == 0.0 {
-                        row.fill(0.0); // masked tokens (and zero-weight spans) get exactly zero gradient
+                        row.fill(0.0); // masked tokens (and zero-weight ones) get exactly zero gradient
                         continue;
                     }
                     let (lse, label) = (row_lse(row), labels[ti] as usize);
@@ -350,7 +348,13 @@ pub fn backward(
             }
             vec![like(xs[0], dz), like(xs[1], dw)]
         }
-        Op::ConfidenceWeight | Op::Dispatch { .. } => vec![], // no differentiable input
+        Op::SpanLoss => {
+            let (span, scale, w) = (xs[1].i(), xs[2].f(), xs[3].f());
+            let g = up(0)[0] as f64;
+            let d = (0..t).map(|i| (g * scale[span[i] as usize] as f64 * w[i] as f64) as f32).collect();
+            vec![like(xs[0], d)]
+        }
+        Op::TokenWeight | Op::Dispatch { .. } => vec![], // no differentiable input
         Op::Add { .. } => panic!("backward of add: it is linear and autodiff differentiates it itself"),
         Op::Vjp(_) => panic!("backward of vjp: second-order differentiation is not supported"),
     }

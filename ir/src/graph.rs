@@ -55,6 +55,8 @@ pub enum InputName {
     Span,
     SpanScale,
     TeacherLogp,
+    /// The sampler's log-probability of each sampled token (stage 3's importance ratio).
+    SamplerLogp,
     Teacher,
     Kd,
     /// The seed of the loss gradient (1 for a plain step).
@@ -66,7 +68,7 @@ pub enum InputName {
 }
 
 impl InputName {
-    const NAMED: [(InputName, &'static str); 11] = [
+    const NAMED: [(InputName, &'static str); 12] = [
         (InputName::Tokens, "tokens"),
         (InputName::Doc, "doc"),
         (InputName::Labels, "labels"),
@@ -74,6 +76,7 @@ impl InputName {
         (InputName::Span, "span"),
         (InputName::SpanScale, "span_scale"),
         (InputName::TeacherLogp, "teacher_logp"),
+        (InputName::SamplerLogp, "sampler_logp"),
         (InputName::Teacher, "teacher"),
         (InputName::Kd, "kd"),
         (InputName::LossGrad, "loss_grad"),

@@ -76,15 +76,21 @@ pub enum Op {
     Combine { hidden: u64, topk: u64, shared: bool },
     /// Sequence-level load-balancing loss (MODEL.md §4.10) without its coefficient.
     SeqAuxLoss { experts: u64, topk: u64 },
-    /// LM head fused with the span-normalised CE (D6): with `logits_t = z_t·Wᵀ` (f32, never
-    /// stored), `ce_t = lse_t − logits_t[label_t]`, `loss = Σ_t ce_t·mask_t·scale[span_t]·weight_t`,
-    /// `token_loss_t = ce_t·mask_t` and `lse_t` (0 where masked), which the backward reads to
-    /// recompute the softmax instead of keeping `[T, vocab]` logits alive.
+    /// LM head fused with the per-token cross-entropy: with `logits_t = z_t·Wᵀ` (f32, never
+    /// stored), `token_loss_t = (lse_t − logits_t[label_t])·mask_t` and `lse_t` (0 where masked),
+    /// which the backward reads to recompute the softmax instead of keeping `[T, vocab]` logits.
     HeadCe { hidden: u64, vocab: u64 },
-    /// Confidence weight of each token (DISTILL.md 2B): `w_t = clip(exp((teacher_logp_t − m)/T),
-    /// w_min, w_max)` where `teacher_t = 1`, else 1; `kd = [m, T, w_min, w_max]` are runtime
-    /// scalars. Data only: nothing is differentiated through it.
-    ConfidenceWeight,
+    /// The weight of each token's loss in the objective, by `teacher_t`:
+    /// 0 → 1 (plain CE);
+    /// 1 → `clip(exp((teacher_logp_t − m)/T), w_min, w_max)` (stage 2's confidence, DISTILL.md 2B);
+    /// 2 → `min(exp(lp_t − sampler_logp_t), c)·(teacher_logp_t − lp_t)` with the student's
+    ///     `lp_t = −token_loss_t` at the current weights (stage 3's OPD advantage with its
+    ///     truncated importance ratio).
+    /// `kd = [m, T, w_min, w_max, c]` are runtime scalars. A stop-gradient: nothing is
+    /// differentiated through it, `token_loss` included.
+    TokenWeight,
+    /// The span-normalised objective (D6): `loss = Σ_t token_loss_t·scale[span_t]·weight_t`.
+    SpanLoss,
     /// Sum of `n` gradient contributions of one type (fan-in of a value read by several nodes).
     Add { n: u64, ty: TensorType },
     /// Vector–Jacobian product of a forward op, emitted by autodiff (semantics:
@@ -148,7 +154,8 @@ impl Op {
             Op::Combine { .. } => "combine",
             Op::SeqAuxLoss { .. } => "seq_aux_loss",
             Op::HeadCe { .. } => "head_ce",
-            Op::ConfidenceWeight => "confidence_weight",
+            Op::TokenWeight => "token_weight",
+            Op::SpanLoss => "span_loss",
             Op::Add { .. } => "add",
             Op::Vjp(_) => "vjp",
         }
@@ -180,20 +187,21 @@ impl Op {
         let mut g: Vec<bool> = ins.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
             Op::Router { expert_bias: true, .. } => *g.last_mut().unwrap() = false,
-            Op::HeadCe { .. } => (g[5], g[6]) = (false, false),
-            Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            Op::SpanLoss => (g[2], g[3]) = (false, false),
+            Op::TokenWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
     }
 
-    /// Per output port: whether a gradient can flow back through it (`token_loss` is a metric).
+    /// Per output port: whether a gradient can flow back through it (`lse` is the backward's
+    /// saved statistic).
     pub fn grad_outs(&self) -> Vec<bool> {
         let (_, outs) = self.signature();
         let mut g: Vec<bool> = outs.iter().map(|(_, ty)| matches!(ty.dtype, DType::F32 | DType::Bf16)).collect();
         match *self {
-            Op::HeadCe { .. } => (g[1], g[2]) = (false, false),
-            Op::ConfidenceWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            Op::HeadCe { .. } => g[1] = false,
+            Op::TokenWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
@@ -285,7 +293,7 @@ impl Op {
                 vec![("experts", experts.to_string()), ("topk", topk.to_string())]
             }
             Op::HeadCe { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
-            Op::ConfidenceWeight => vec![],
+            Op::TokenWeight | Op::SpanLoss => vec![],
             Op::Add { n, ref ty } => vec![("n", n.to_string()), ("ty", ty.to_string())],
             Op::Vjp(ref v) => {
                 let mut a = vec![("of", v.of.name().to_string())];
@@ -455,23 +463,27 @@ impl Op {
                     ("head", w(&[vocab, hidden])),
                     ("labels", TensorType::tok(I32, &[])),
                     ("loss_mask", TensorType::tok(U8, &[])),
+                ],
+                vec![("token_loss", TensorType::tok(F32, &[])), ("lse", TensorType::tok(F32, &[]))],
+            ),
+            Op::TokenWeight => (
+                vec![
+                    ("token_loss", TensorType::tok(F32, &[])),
+                    ("teacher_logp", TensorType::tok(F32, &[])),
+                    ("sampler_logp", TensorType::tok(F32, &[])),
+                    ("teacher", TensorType::tok(U8, &[])),
+                    ("kd", TensorType::fixed(F32, &[5])),
+                ],
+                vec![("weight", TensorType::tok(F32, &[]))],
+            ),
+            Op::SpanLoss => (
+                vec![
+                    ("token_loss", TensorType::tok(F32, &[])),
                     ("span", TensorType::tok(U8, &[])),
                     ("span_scale", TensorType::fixed(F32, &[3])),
                     ("weight", TensorType::tok(F32, &[])),
                 ],
-                vec![
-                    ("loss", TensorType::scalar(F32)),
-                    ("token_loss", TensorType::tok(F32, &[])),
-                    ("lse", TensorType::tok(F32, &[])),
-                ],
-            ),
-            Op::ConfidenceWeight => (
-                vec![
-                    ("teacher_logp", TensorType::tok(F32, &[])),
-                    ("teacher", TensorType::tok(U8, &[])),
-                    ("kd", TensorType::fixed(F32, &[4])),
-                ],
-                vec![("weight", TensorType::tok(F32, &[]))],
+                vec![("loss", TensorType::scalar(F32))],
             ),
             Op::Add { n, ref ty } => (vec![("x", ty.clone()); n as usize], vec![("sum", ty.clone())]),
             Op::Vjp(ref v) => {

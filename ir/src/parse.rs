@@ -376,7 +376,8 @@ fn op<'a>(name: &'a str, a: &mut Attrs<'a>) -> Res<Op> {
         "combine" => Op::Combine { hidden: a.get("hidden")?, topk: a.get("topk")?, shared: a.get("shared")? },
         "seq_aux_loss" => Op::SeqAuxLoss { experts: a.get("experts")?, topk: a.get("topk")? },
         "head_ce" => Op::HeadCe { hidden: a.get("hidden")?, vocab: a.get("vocab")? },
-        "confidence_weight" => Op::ConfidenceWeight,
+        "token_weight" => Op::TokenWeight,
+        "span_loss" => Op::SpanLoss,
         "add" => Op::Add { n: a.get("n")?, ty: a.get("ty")? },
         "vjp" => {
             let of = op(a.str("of")?, a)?;
@@ -449,7 +450,8 @@ mod tests {
         let span_scale = scalar(&mut g, "span_scale", &[3]);
         let logp = data(&mut g, "teacher_logp", F32);
         let teacher = data(&mut g, "teacher", U8);
-        let kd = scalar(&mut g, "kd", &[4]);
+        let sampler_logp = data(&mut g, "sampler_logp", F32);
+        let kd = scalar(&mut g, "kd", &[5]);
         let loss_grad = scalar(&mut g, "loss_grad", &[]);
 
         let normal = Init::Normal { std: 0.02 };
@@ -519,17 +521,20 @@ mod tests {
         let yp = node("experts", ffn_op, vec![h1, dsp[0], dsp[1], dsp[2], fc1, fc2])[0];
         let sh = node("shared", Op::Mlp { hidden: h, ffn, bias: false, residual: false }, vec![h1, sfc1, sfc2])[0];
         let h2 = node("combine", Op::Combine { hidden: h, topk: k, shared: true }, vec![yp, dsp[1], r[1], h1, sh])[0];
-        let w = node("weight", Op::ConfidenceWeight, vec![logp, teacher, kd])[0];
-        let ce_ins = vec![h2, head, labels, mask, span, span_scale, w];
+        let ce_ins = vec![h2, head, labels, mask];
         let ce = node("head", Op::HeadCe { hidden: h, vocab }, ce_ins.clone());
+        let w = node("weight", Op::TokenWeight, vec![ce[0], logp, sampler_logp, teacher, kd])[0];
+        let loss_ins = vec![ce[0], span, span_scale, w];
+        let loss = node("loss", Op::SpanLoss, loss_ins.clone());
         let vjp =
             |of, seeds: &str, acc| Op::Vjp(Box::new(Vjp { of, seeds: seeds.chars().map(|c| c == '1').collect(), acc }));
-        let ce_bwd = [ce_ins, ce.clone(), vec![loss_grad]].concat();
-        let dz = node("head.bwd", vjp(Op::HeadCe { hidden: h, vocab }, "100", false), ce_bwd);
+        let dtok = node("loss.bwd", vjp(Op::SpanLoss, "1", false), [loss_ins, loss.clone(), vec![loss_grad]].concat());
+        let ce_bwd = [ce_ins, ce.clone(), dtok].concat();
+        let dz = node("head.bwd", vjp(Op::HeadCe { hidden: h, vocab }, "10", false), ce_bwd);
         let rms = Op::RmsNorm { dim: h, eps: 1e-5 };
         let dn = node("norm.bwd", vjp(rms, "1", true), vec![h0, norm, x, dz[0], dz[0]]);
         let sum = node("sum", Op::Add { n: 2, ty: TensorType::fixed(F32, &[h]) }, vec![dn[1], dn[1]])[0];
-        g.output(OutputName::Loss, ce[0]);
+        g.output(OutputName::Loss, loss[0]);
         let grad = g.parse_output_name("grad.norm");
         assert!(matches!(grad, OutputName::Grad(_)));
         g.output(grad, sum);

@@ -178,9 +178,18 @@ pub fn sigmoid(x: f32) -> f32 {
 /// ALiBi slopes for `n` heads (the standard construction; `2^-(h+1)` for 8 heads).
 /// DISTILL.md 2B: `clip(exp((teacher_logp − m)/T), w_min, w_max)` with `kd = [m, T, w_min,
 /// w_max]`, in f64; a teacher log-probability of −inf gives `w_min`.
-pub fn confidence_weight(teacher_logp: f32, kd: &[f32]) -> f32 {
-    let (m, temp, lo, hi) = (kd[0] as f64, kd[1] as f64, kd[2] as f64, kd[3] as f64);
-    ((teacher_logp as f64 - m) / temp).exp().max(lo).min(hi) as f32
+/// `TokenWeight` of one token (its doc gives the three modes).
+pub fn token_weight(mode: i32, token_loss: f32, teacher_logp: f32, sampler_logp: f32, kd: &[f32]) -> f32 {
+    let kd: Vec<f64> = kd.iter().map(|&x| x as f64).collect();
+    match mode {
+        0 => 1.0,
+        1 => ((teacher_logp as f64 - kd[0]) / kd[1]).exp().max(kd[2]).min(kd[3]) as f32,
+        _ => {
+            let lp = -(token_loss as f64);
+            let ratio = (lp - sampler_logp as f64).exp().min(kd[4]);
+            (ratio * (teacher_logp as f64 - lp)) as f32
+        }
+    }
 }
 
 pub fn alibi_slopes(n: usize) -> Vec<f32> {
@@ -704,31 +713,30 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             }
             vec![Tensor::scalar((total / b as f64) as f32)]
         }
-        Op::ConfidenceWeight => {
-            let (lp, teacher, kd) = (ins[0].f(), ins[1].i(), ins[2].f());
-            let w = (0..t).map(|i| if teacher[i] != 0 { confidence_weight(lp[i], kd) } else { 1.0 }).collect();
-            vec![Tensor::f32(vec![t], w)]
-        }
         Op::HeadCe { hidden, vocab } => {
             let (h, v) = (hidden as usize, vocab as usize);
-            let (z, head, labels, mask, span, scale) =
-                (ins[0].f(), ins[1].f(), ins[2].i(), ins[3].i(), ins[4].i(), ins[5].f());
-            let weight = ins[6].f();
+            let (z, head, labels, mask) = (ins[0].f(), ins[1].f(), ins[2].i(), ins[3].i());
             let (mut tok, mut lse) = (vec![0f32; t], vec![0f32; t]);
-            let mut loss = 0f64;
             for (t0, _, logits) in head_logits(gemm, z, head, (t, h, v)) {
                 for (i, row) in logits.chunks(v).enumerate() {
                     let ti = t0 + i;
-                    if mask[ti] == 0 {
-                        continue;
+                    if mask[ti] != 0 {
+                        let l = row_lse(row);
+                        (tok[ti], lse[ti]) = ((l - row[labels[ti] as usize] as f64) as f32, l as f32);
                     }
-                    let l = row_lse(row);
-                    let ce = l - row[labels[ti] as usize] as f64;
-                    (tok[ti], lse[ti]) = (ce as f32, l as f32);
-                    loss += ce * scale[span[ti] as usize] as f64 * weight[ti] as f64;
                 }
             }
-            vec![Tensor::scalar(loss as f32), Tensor::f32(vec![t], tok), Tensor::f32(vec![t], lse)]
+            vec![Tensor::f32(vec![t], tok), Tensor::f32(vec![t], lse)]
+        }
+        Op::TokenWeight => {
+            let (tok, tlp, slp, teacher, kd) = (ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), ins[4].f());
+            let w = (0..t).map(|i| token_weight(teacher[i], tok[i], tlp[i], slp[i], kd)).collect();
+            vec![Tensor::f32(vec![t], w)]
+        }
+        Op::SpanLoss => {
+            let (tok, span, scale, w) = (ins[0].f(), ins[1].i(), ins[2].f(), ins[3].f());
+            let loss: f64 = (0..t).map(|i| tok[i] as f64 * scale[span[i] as usize] as f64 * w[i] as f64).sum();
+            vec![Tensor::scalar(loss as f32)]
         }
         Op::Add { .. } => {
             let mut acc: Vec<f64> = ins[0].f().iter().map(|&x| x as f64).collect();

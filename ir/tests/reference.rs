@@ -163,42 +163,64 @@ fn dispatch_is_expert_major_and_combine_inverts_it() {
 }
 
 #[test]
-fn head_ce_weights_each_span() {
+fn head_ce_gives_each_token_its_cross_entropy() {
     let (h, v) = (2, 4);
     // z = 0: every logit is 0, so lse = ln 4 and ce = ln 4 on every unmasked token.
     let z = Tensor::f32(vec![3, h], vec![0.0; 6]);
     let head = Tensor::f32(vec![v, h], (0..8).map(|i| i as f32).collect());
     let labels = Tensor::i32(vec![3], vec![1, 2, -1]);
     let mask = Tensor::i32(vec![3], vec![1, 1, 0]);
+    let d = Dims { tokens: 3, seq: 3 };
+    let out = forward(&Op::HeadCe { hidden: h as u64, vocab: v as u64 }, &d, &[&z, &head, &labels, &mask], &NaiveGemm);
+    let l = 4f32.ln();
+    assert_eq!(out[0].f(), &[l, l, 0.0], "token loss, 0 where masked");
+    assert_eq!(out[1].f(), &[l, l, 0.0], "lse per token, 0 where masked");
+}
+
+#[test]
+fn span_loss_weights_each_span() {
+    let tok = Tensor::f32(vec![3], vec![2.0, 3.0, 0.0]);
     let span = Tensor::i32(vec![3], vec![1, 2, 0]);
     let scale = Tensor::f32(vec![3], vec![0.0, 1.0, 0.5]);
     let weight = Tensor::f32(vec![3], vec![1.0, 2.0, 3.0]);
-    let out = forward(
-        &Op::HeadCe { hidden: h as u64, vocab: v as u64 },
-        &Dims { tokens: 3, seq: 3 },
-        &[&z, &head, &labels, &mask, &span, &scale, &weight],
-        &NaiveGemm,
-    );
-    let l = 4f32.ln();
-    // 1·1·ln4 + 0.5·2·ln4; the token loss itself is unweighted.
-    assert!(close(out[0].f()[0], 2.0 * l, 1e-6));
-    assert!(close(out[1].f()[1], l, 1e-6));
-    assert_eq!(out[1].f()[2], 0.0);
-    assert_eq!(out[2].f(), &[l, l, 0.0], "lse per token, 0 where masked");
+    let out = forward(&Op::SpanLoss, &Dims { tokens: 3, seq: 3 }, &[&tok, &span, &scale, &weight], &NaiveGemm);
+    // 2·1·1 + 3·0.5·2.
+    assert_eq!(out[0].f(), &[5.0]);
+}
+
+fn token_weights(tok: &[f32], tlp: &[f32], slp: &[f32], teacher: &[i32]) -> Vec<f32> {
+    let n = tok.len();
+    let t = |v: &[f32]| Tensor::f32(vec![n], v.to_vec());
+    let kd = Tensor::f32(vec![5], vec![-1.0, 0.5, 0.25, 4.0, 2.0]);
+    let ins = [&t(tok), &t(tlp), &t(slp), &Tensor::i32(vec![n], teacher.to_vec()), &kd];
+    forward(&Op::TokenWeight, &Dims { tokens: n, seq: n }, &ins, &NaiveGemm)[0].f().to_vec()
 }
 
 #[test]
 fn confidence_weight_centres_scales_and_clips() {
-    let lp = Tensor::f32(vec![5], vec![-1.0, -1.0 - 2f32.ln(), f32::NEG_INFINITY, 0.0, -7.0]);
-    let teacher = Tensor::i32(vec![5], vec![1, 1, 1, 1, 0]);
-    let kd = Tensor::f32(vec![4], vec![-1.0, 0.5, 0.25, 4.0]);
-    let w = &forward(&Op::ConfidenceWeight, &Dims { tokens: 5, seq: 5 }, &[&lp, &teacher, &kd], &NaiveGemm)[0];
+    let lp = [-1.0, -1.0 - 2f32.ln(), f32::NEG_INFINITY, 0.0, -7.0];
+    let w = token_weights(&[0.0; 5], &lp, &[0.0; 5], &[1, 1, 1, 1, 0]);
     // m: weight 1; ln 2 below m at T = ½: e^(−2 ln 2) = ¼; −inf: w_min; 0: e² clipped to 4;
     // no teacher value: 1.
-    assert!(close(w.f()[0], 1.0, 1e-7));
-    assert!(close(w.f()[1], 0.25, 1e-6));
-    assert_eq!(&w.f()[2..], &[0.25, 4.0, 1.0]);
-    assert!(Op::ConfidenceWeight.grad_ins().iter().all(|g| !g));
+    assert!(close(w[0], 1.0, 1e-7));
+    assert!(close(w[1], 0.25, 1e-6));
+    assert_eq!(&w[2..], &[0.25, 4.0, 1.0]);
+    assert!(Op::TokenWeight.grad_ins().iter().all(|g| !g));
+}
+
+#[test]
+fn opd_weight_is_the_advantage_times_the_truncated_ratio() {
+    // Student lp = −token_loss: −1, −1, −3, −0.5.
+    let tok = [1.0, 1.0, 3.0, 0.5];
+    let tlp = [-0.5, -2.0, -1.0, -0.5];
+    // Sampler lp: equal (ratio 1), ln 2 likelier (ratio ½), far less likely (ratio e⁴, clipped
+    // to c = 2), and equal with a zero advantage.
+    let slp = [-1.0, -1.0 + 2f32.ln(), -7.0, -0.5];
+    let w = token_weights(&tok, &tlp, &slp, &[2; 4]);
+    assert!(close(w[0], 0.5, 1e-6), "{w:?}");
+    assert!(close(w[1], -0.5, 1e-6), "{w:?}");
+    assert!(close(w[2], 4.0, 1e-6), "{w:?}");
+    assert_eq!(w[3], 0.0);
 }
 
 #[test]

@@ -21,15 +21,25 @@ pub struct Batch {
     /// Seed of the loss gradient (1) and of every sequence aux loss (`α/M`, MODEL.md §4.10).
     pub loss_grad: f32,
     pub aux_grad: f32,
-    /// Stage 2: teacher `log p(label)` per position and where it applies (empty: nowhere).
+    /// Teacher `log p(label)` per position (stages 2 and 3; empty: nowhere).
     pub teacher_logp: Vec<f32>,
+    /// Per position, how its loss is weighted (`Op::TokenWeight`): 0 plain CE, 1 stage 2's
+    /// confidence, 2 stage 3's OPD advantage (empty: 0 everywhere).
     pub teacher: Vec<u8>,
-    /// Confidence-weight scalars `[m, T, w_min, w_max]` (DISTILL.md 2B).
-    pub kd: [f32; 4],
+    /// Stage 3: the sampler's `log p(label)` per position (empty: no mode-2 position).
+    pub sampler_logp: Vec<f32>,
+    /// The weights' scalars: confidence `[m, T, w_min, w_max]` (DISTILL.md 2B), then the OPD
+    /// importance-ratio clip `c`.
+    pub kd: [f32; 5],
 }
 
 /// `kd` when no position carries a teacher value (every weight is 1 then anyway).
-pub const KD_NONE: [f32; 4] = [0.0, 1.0, 1.0, 1.0];
+pub const KD_NONE: [f32; 5] = [0.0, 1.0, 1.0, 1.0, 1.0];
+
+/// Token-weight modes (`Batch::teacher`).
+pub const WEIGHT_CE: u8 = 0;
+pub const WEIGHT_CONFIDENCE: u8 = 1;
+pub const WEIGHT_OPD: u8 = 2;
 
 impl Batch {
     /// Validates shapes and ids against the vocabulary.
@@ -51,20 +61,40 @@ impl Batch {
         if let Some((i, x)) = self.tokens.iter().enumerate().find(|(_, &x)| x < 0 || x as u64 >= vocab) {
             bail!("token {x} at position {i} is outside the vocabulary of {vocab}");
         }
-        if !self.teacher.is_empty() || !self.teacher_logp.is_empty() {
-            if self.teacher.len() != t || self.teacher_logp.len() != t {
-                bail!(
-                    "batch fields teacher/teacher_logp have {}/{} entries for {t} tokens",
-                    self.teacher.len(),
-                    self.teacher_logp.len()
-                );
+        if !self.teacher.is_empty() || !self.teacher_logp.is_empty() || !self.sampler_logp.is_empty() {
+            self.validate_weights(t)?;
+        }
+        for i in 0..t {
+            if self.loss_mask[i] != 0 && (self.labels[i] < 0 || self.labels[i] as u64 >= vocab) {
+                bail!("label {} at supervised position {i} is outside the vocabulary of {vocab}", self.labels[i]);
             }
-            if let Some(i) =
-                (0..t).find(|&i| self.teacher[i] != 0 && (self.teacher_logp[i].is_nan() || self.teacher_logp[i] > 0.0))
-            {
+            if self.span[i] > 2 {
+                bail!("span id {} at position {i} (expected 0, 1 or 2)", self.span[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-token weight inputs of `Op::TokenWeight`, mode by mode.
+    fn validate_weights(&self, t: usize) -> Result<()> {
+        if self.teacher.len() != t || self.teacher_logp.len() != t {
+            bail!(
+                "batch fields teacher/teacher_logp have {}/{} entries for {t} tokens",
+                self.teacher.len(),
+                self.teacher_logp.len()
+            );
+        }
+        if let Some(i) = (0..t).find(|&i| self.teacher[i] > WEIGHT_OPD) {
+            bail!("token-weight mode {} at position {i} (expected 0, 1 or 2)", self.teacher[i]);
+        }
+        let any = |mode: u8| self.teacher.contains(&mode);
+        if any(WEIGHT_CONFIDENCE) {
+            if let Some(i) = (0..t).find(|&i| {
+                self.teacher[i] == WEIGHT_CONFIDENCE && (self.teacher_logp[i].is_nan() || self.teacher_logp[i] > 0.0)
+            }) {
                 bail!("teacher log-probability {} at position {i} is not ≤ 0", self.teacher_logp[i]);
             }
-            let [m, temp, lo, hi] = self.kd;
+            let [m, temp, lo, hi, _] = self.kd;
             if !(m.is_finite()
                 && temp.is_finite()
                 && temp > 0.0
@@ -75,16 +105,26 @@ impl Batch {
             {
                 bail!(
                     "confidence-weight scalars [m, T, w_min, w_max] = {:?} need T > 0 and 0 ≤ w_min ≤ w_max",
-                    self.kd
+                    &self.kd[..4]
                 );
             }
         }
-        for i in 0..t {
-            if self.loss_mask[i] != 0 && (self.labels[i] < 0 || self.labels[i] as u64 >= vocab) {
-                bail!("label {} at supervised position {i} is outside the vocabulary of {vocab}", self.labels[i]);
+        if any(WEIGHT_OPD) {
+            if self.sampler_logp.len() != t {
+                bail!("batch field sampler_logp has {} entries for {t} tokens", self.sampler_logp.len());
             }
-            if self.span[i] > 2 {
-                bail!("span id {} at position {i} (expected 0, 1 or 2)", self.span[i]);
+            let bad = |x: f32| !x.is_finite() || x > 0.0;
+            for i in (0..t).filter(|&i| self.teacher[i] == WEIGHT_OPD) {
+                if bad(self.teacher_logp[i]) {
+                    bail!("teacher log-probability {} at OPD position {i} is not finite and ≤ 0", self.teacher_logp[i]);
+                }
+                if bad(self.sampler_logp[i]) {
+                    bail!("sampler log-probability {} at OPD position {i} is not finite and ≤ 0", self.sampler_logp[i]);
+                }
+            }
+            let c = self.kd[4];
+            if !(c.is_finite() && c >= 1.0) {
+                bail!("the OPD importance-ratio clip c = {c} must be finite and ≥ 1");
             }
         }
         Ok(())
@@ -104,6 +144,7 @@ impl Batch {
             aux_grad: 0.0,
             teacher_logp: b.teacher_logp,
             teacher: b.teacher,
+            sampler_logp: vec![],
             kd: KD_NONE,
         }
     }
@@ -143,7 +184,9 @@ impl Batch {
             InputName::TeacherLogp => Tensor::f32(vec![t], self.teacher_logp.clone()),
             InputName::Teacher if self.teacher.is_empty() => Tensor::i32(vec![t], vec![0; t]),
             InputName::Teacher => Tensor::i32(vec![t], u8s(&self.teacher)),
-            InputName::Kd => Tensor::f32(vec![4], self.kd.to_vec()),
+            InputName::SamplerLogp if self.sampler_logp.is_empty() => Tensor::f32(vec![t], vec![0.0; t]),
+            InputName::SamplerLogp => Tensor::f32(vec![t], self.sampler_logp.clone()),
+            InputName::Kd => Tensor::f32(vec![5], self.kd.to_vec()),
             InputName::LossGrad => Tensor::scalar(self.loss_grad),
             InputName::AuxGrad => Tensor::scalar(self.aux_grad),
             InputName::Other(other) => bail!("the plan asks for an unknown input {other:?}"),

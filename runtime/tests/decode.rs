@@ -35,9 +35,8 @@ fn training_logprobs(be: &mut CpuBackend, tokens: &[u32]) -> Vec<f32> {
         span_scale: [1.0; 3],
         loss_grad: 1.0,
         aux_grad: 0.0,
-        teacher_logp: Vec::new(),
-        teacher: Vec::new(),
         kd: KD_NONE,
+        ..Batch::default()
     };
     let out = be.forward(&batch, &[OutputName::TokenLoss]).unwrap();
     out.token_loss()[..n - 1].iter().map(|&ce| -ce).collect()

@@ -1,16 +1,14 @@
-//! Teacher scoring against local fake servers that speak the documented vLLM
-//! `/v1/completions` (prompt_logprobs) and SGLang `/generate` shapes (DATA.md §4), with the
-//! faults real servers have: 5xx, dropped connections, slow answers, 4xx, wrong echoes, NaN.
+//! Teacher scoring against local stand-in servers (`common::fake_teacher`) with the faults
+//! real servers have: 5xx, dropped connections, slow answers, 4xx, wrong echoes, NaN.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use common::fake_teacher::{start, Faults, Server, MODEL};
+use serde_json::Value;
 use vpmoe_data::build_synth::{build_synth, BuildOptions};
 use vpmoe_data::indexed::IndexedDataset;
 use vpmoe_data::reader::{Reader, Shard};
@@ -19,7 +17,6 @@ use vpmoe_runtime::teacher::score::{score, ScoreOptions};
 use vpmoe_runtime::teacher::wire::Api;
 
 const VOCAB: i64 = 201_088;
-const MODEL: &str = "openai/gpt-oss-120b";
 
 use vpmoe_ir::rng::splitmix64 as mix;
 
@@ -46,205 +43,6 @@ fn expected_logp(ids: &[i64], t: usize, k: usize) -> f32 {
         f32::NEG_INFINITY
     } else {
         lp as f32
-    }
-}
-
-/// Faults, each applied to the first scoring requests that arrive.
-#[derive(Default, Clone)]
-struct Faults {
-    /// Answer this status to the first n scoring requests.
-    status_first: Option<(u16, usize)>,
-    /// Close the connection without an answer for the next n requests (after the statuses).
-    drop_next: usize,
-    /// Sleep this long before answering the next n requests (after the drops).
-    slow_next: Option<(Duration, usize)>,
-    /// Sleep before every answer.
-    delay: Duration,
-    /// Corrupt the echo of prompts whose first differing content matches this token length.
-    bad_echo_len: Option<usize>,
-    /// Write NaN into the answer for prompts of this length.
-    nan_len: Option<usize>,
-}
-
-struct Server {
-    url: String,
-    requests: Arc<AtomicUsize>,
-    /// Times each prompt (by length and checksum) was asked for.
-    per_prompt: Arc<Mutex<HashMap<(usize, i64), usize>>>,
-}
-
-fn start(api: Api, faults: Faults) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let requests = Arc::new(AtomicUsize::new(0));
-    let per_prompt = Arc::new(Mutex::new(HashMap::new()));
-    let (rq, pp) = (requests.clone(), per_prompt.clone());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { break };
-            let (rq, pp, f) = (rq.clone(), pp.clone(), faults.clone());
-            std::thread::spawn(move || handle(conn, api, &f, &rq, &pp));
-        }
-    });
-    Server { url, requests, per_prompt }
-}
-
-type Counts = Mutex<HashMap<(usize, i64), usize>>;
-
-fn handle(conn: TcpStream, api: Api, f: &Faults, rq: &AtomicUsize, pp: &Counts) {
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-    let mut len = 0;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).unwrap();
-    let reply = |status: u16, v: String| {
-        let mut c = conn.try_clone().unwrap();
-        let _ = write!(
-            c,
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{v}",
-            v.len()
-        );
-    };
-    match (method.as_str(), path.as_str(), api) {
-        ("GET", "/v1/models", Api::Vllm) => {
-            reply(200, json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).to_string())
-        }
-        ("GET", "/version", Api::Vllm) => reply(200, json!({"version": "0.11.0-fake"}).to_string()),
-        ("GET", "/get_model_info", Api::Sglang) => {
-            reply(200, json!({"model_path": MODEL, "is_generation": true}).to_string())
-        }
-        ("GET", "/get_server_info", Api::Sglang) => reply(200, json!({"version": "0.5.3-fake"}).to_string()),
-        ("POST", "/v1/completions", Api::Vllm) | ("POST", "/generate", Api::Sglang) => {
-            let n = rq.fetch_add(1, Ordering::SeqCst);
-            let req: Value = serde_json::from_slice(&body).unwrap();
-            let (prompts, k) = match api {
-                Api::Vllm => {
-                    assert_eq!(req["model"], MODEL);
-                    assert_eq!(req["max_tokens"], 1);
-                    assert_eq!(req["return_token_ids"], true);
-                    assert_eq!(req["temperature"], 1.0);
-                    (req["prompt"].clone(), req["prompt_logprobs"].as_u64().unwrap() as usize)
-                }
-                Api::Sglang => {
-                    assert_eq!(req["return_logprob"], true);
-                    assert_eq!(req["logprob_start_len"], 0);
-                    assert_eq!(req["sampling_params"]["max_new_tokens"], 0);
-                    (req["input_ids"].clone(), req["top_logprobs_num"].as_u64().unwrap() as usize)
-                }
-            };
-            let prompts: Vec<Vec<i64>> = if prompts[0].is_array() {
-                serde_json::from_value(prompts).unwrap()
-            } else {
-                vec![serde_json::from_value(prompts).unwrap()]
-            };
-            let mut skip = n;
-            if let Some((status, count)) = f.status_first {
-                if skip < count {
-                    return reply(status, json!({"error": "fault"}).to_string());
-                }
-                skip -= count;
-            }
-            if skip < f.drop_next {
-                return; // connection closed without an answer
-            }
-            skip -= f.drop_next;
-            if let Some((d, count)) = f.slow_next {
-                if skip < count {
-                    std::thread::sleep(d);
-                }
-            }
-            std::thread::sleep(f.delay);
-            for p in &prompts {
-                *pp.lock().unwrap().entry((p.len(), p.iter().sum())).or_default() += 1;
-            }
-            let mut text = answer(api, &prompts, k, f).to_string();
-            if prompts.iter().any(|p| Some(p.len()) == f.nan_len) {
-                text = text.replacen("-1.", "NaN", 1);
-            }
-            reply(200, text)
-        }
-        _ => reply(404, json!({"detail": "Not Found"}).to_string()),
-    }
-}
-
-fn answer(api: Api, prompts: &[Vec<i64>], k: usize, f: &Faults) -> Value {
-    let echo = |p: &Vec<i64>| -> Vec<i64> {
-        let mut e = p.clone();
-        if Some(p.len()) == f.bad_echo_len {
-            e[5] += 1;
-        }
-        e
-    };
-    match api {
-        Api::Vllm => {
-            let choices: Vec<Value> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let mut lps = vec![Value::Null];
-                    for t in 1..p.len() {
-                        let (top, actual) = teacher(p, t, k);
-                        let mut d = serde_json::Map::new();
-                        for (r, (id, lp)) in top.iter().enumerate() {
-                            d.insert(id.to_string(), json!({"logprob": lp, "rank": r + 1, "decoded_token": "x"}));
-                        }
-                        d.entry(p[t].to_string())
-                            .or_insert(json!({"logprob": actual, "rank": 5000, "decoded_token": "y"}));
-                        lps.push(Value::Object(d));
-                    }
-                    json!({"index": i, "text": "!", "finish_reason": "length", "token_ids": [0],
-                           "prompt_token_ids": echo(p), "prompt_logprobs": lps})
-                })
-                .collect();
-            // Answers may come in any order; the index says which prompt.
-            let mut choices = choices;
-            choices.reverse();
-            json!({"id": "cmpl-1", "object": "text_completion", "model": MODEL, "choices": choices,
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        }
-        Api::Sglang => {
-            let items: Vec<Value> = prompts
-                .iter()
-                .map(|p| {
-                    let e = echo(p);
-                    let mut tl = vec![json!([null, e[0], null])];
-                    let mut top = vec![Value::Null];
-                    for (t, echoed) in e.iter().enumerate().skip(1) {
-                        let (cands, actual) = teacher(p, t, k);
-                        tl.push(json!([actual, echoed, null]));
-                        top.push(Value::Array(cands.iter().map(|(id, lp)| json!([lp, id, null])).collect()));
-                    }
-                    let mut meta = json!({"prompt_tokens": p.len(), "completion_tokens": 0, "cached_tokens": 0,
-                        "finish_reason": {"type": "length", "length": 0}, "input_token_logprobs": tl,
-                        "output_token_logprobs": [], "output_top_logprobs": []});
-                    if k > 0 {
-                        meta["input_top_logprobs"] = Value::Array(top);
-                    }
-                    json!({"text": "", "meta_info": meta})
-                })
-                .collect();
-            if items.len() == 1 {
-                items[0].clone()
-            } else {
-                Value::Array(items)
-            }
-        }
     }
 }
 
@@ -350,7 +148,7 @@ fn vllm_scores_align_with_labels_through_retries() {
         slow_next: Some((Duration::from_secs(3), 1)),
         ..Default::default()
     };
-    let server = start(Api::Vllm, faults);
+    let server = start(Api::Vllm, faults, teacher);
     let out = dir.join("scored");
     let rep = score(&options(&server, Api::Vllm, &data, &out, 3)).unwrap();
     assert_eq!(rep.resumed, 0);
@@ -400,7 +198,7 @@ fn vllm_scores_align_with_labels_through_retries() {
     assert_eq!(server.requests.load(Ordering::SeqCst), before);
 
     // SGLang's answers (same fake teacher) give byte-identical sidecars.
-    let sg = start(Api::Sglang, Faults { status_first: Some((502, 1)), ..Default::default() });
+    let sg = start(Api::Sglang, Faults { status_first: Some((502, 1)), ..Default::default() }, teacher);
     let out2 = dir.join("scored-sglang");
     score(&options(&sg, Api::Sglang, &data, &out2, 3)).unwrap();
     check_alignment(&out2, 3);
@@ -429,7 +227,7 @@ fn bad_answers_fail_naming_the_document_and_leave_no_sidecar() {
         ("400", Faults { status_first: Some((400, 1000)), ..Default::default() }, 0, "HTTP 400"),
     ] {
         for api in [Api::Vllm, Api::Sglang] {
-            let server = start(api, faults.clone());
+            let server = start(api, faults.clone(), teacher);
             let out = dir.join(format!("out-{name}-{}", api.as_str()));
             let mut o = options(&server, api, &data, &out, k);
             o.max_tokens_per_request = 2049; // one document per request
@@ -455,7 +253,7 @@ fn bad_answers_fail_naming_the_document_and_leave_no_sidecar() {
         }
     }
     // 503 forever: retries run out with a message that says so.
-    let server = start(Api::Vllm, Faults { status_first: Some((503, 1000)), ..Default::default() });
+    let server = start(Api::Vllm, Faults { status_first: Some((503, 1000)), ..Default::default() }, teacher);
     let mut o = options(&server, Api::Vllm, &data, &dir.join("out-503"), 0);
     o.client.retries = 2;
     let err = format!("{:#}", score(&o).unwrap_err());
@@ -472,7 +270,7 @@ fn bad_answers_fail_naming_the_document_and_leave_no_sidecar() {
         .unwrap()
         .replace("\"reasoning_effort\": \"low\"", "\"reasoning_effort\": \"medium\"");
     std::fs::write(&mpath, text).unwrap();
-    let server = start(Api::Vllm, Faults::default());
+    let server = start(Api::Vllm, Faults::default(), teacher);
     let err = format!("{:#}", score(&options(&server, Api::Vllm, &low, &dir.join("out-low"), 0)).unwrap_err());
     assert!(err.contains("Reasoning: low") && err.contains("reasoning effort medium"), "{err}");
     assert_eq!(server.requests.load(Ordering::SeqCst), 0);
@@ -498,7 +296,7 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
             .unwrap()
     };
     // Reference: one uninterrupted run.
-    let fast = start(Api::Vllm, Faults::default());
+    let fast = start(Api::Vllm, Faults::default(), teacher);
     let reference = dir.join("reference");
     let out = run(&fast, &reference).wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -506,7 +304,7 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
     assert!(total >= 8, "{total} documents scored");
 
     // Slow server; kill -9 once some documents are journaled.
-    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() });
+    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() }, teacher);
     let scored = dir.join("scored");
     let mut child = run(&slow, &scored);
     let t0 = Instant::now();
@@ -537,7 +335,7 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
     assert!(asked_before >= 2);
 
     // Restart against a fresh server: only the rest is asked for.
-    let fresh = start(Api::Vllm, Faults::default());
+    let fresh = start(Api::Vllm, Faults::default(), teacher);
     let out = run(&fresh, &scored).wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -557,7 +355,7 @@ fn kill_9_mid_run_then_restart_gives_the_same_sidecars() {
     check_alignment_subset(&scored);
 
     // Ctrl-C: the scorer says what is kept and how to continue, and exits 130.
-    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() });
+    let slow = start(Api::Vllm, Faults { delay: Duration::from_millis(250), ..Default::default() }, teacher);
     let child = run(&slow, &dir.join("interrupted"));
     let t0 = Instant::now();
     while slow.requests.load(Ordering::SeqCst) < 2 {
@@ -590,7 +388,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
 
     let dir = tmp("stage2");
     let data = dataset(&dir);
-    let server = start(Api::Vllm, Faults::default());
+    let server = start(Api::Vllm, Faults::default(), teacher);
     let scored = dir.join("scored");
     let mut o = options(&server, Api::Vllm, &data, &scored, 0);
     o.subset = "fraction=0.6,prefer=long-reasoning".parse().unwrap();
@@ -662,7 +460,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
             }
         }
     }
-    let kd_in = [(sum / n as f64) as f32, kd.temperature, kd.w_min, kd.w_max];
+    let kd_in = [(sum / n as f64) as f32, kd.temperature, kd.w_min, kd.w_max, 1.0];
     assert_eq!(out.records[0].kd.as_ref().unwrap().center, kd_in[0] as f64);
     let scale = vpmoe_runtime::backend::span_scale(&counts, 1.0, 1.0);
     let fresh = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
@@ -676,8 +474,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
             if b.loss_mask[t] == 0 {
                 continue;
             }
-            let w =
-                if b.teacher[t] == 1 { vpmoe_ir::reference::confidence_weight(b.teacher_logp[t], &kd_in) } else { 1.0 };
+            let w = vpmoe_ir::reference::token_weight(b.teacher[t] as i32, tl[t], b.teacher_logp[t], 0.0, &kd_in);
             weighted += tl[t] as f64 * scale[b.span[t] as usize] as f64 * w as f64;
             plain += tl[t] as f64 * scale[b.span[t] as usize] as f64;
         }

@@ -29,7 +29,8 @@
 #include "sum.cuh"
 #include "head_lse.cuh"
 #include "ce_lse.cuh"
-#include "conf_weight.cuh"
+#include "token_weight.cuh"
+#include "span_weight.cuh"
 
 typedef __nv_bfloat16 bf;
 extern int g_errors;
@@ -280,7 +281,7 @@ void test_seq_aux(int B, int S, int X) {
     Cmp c(nm, 0, 1e-5); c.add(total / B, out[0], 0); c.report();
 }
 
-// ------------------------------------------------------------------ head_lse + ce_lse + sum
+// ------------------------------------------------------------------ head_lse + ce_lse + span_weight + sum
 // Inputs of head_ce shared with the backward test: bf16 z [T, H] and head [V, H] spread so the
 // logits span ~±10, a label in the last column, masked rows and an all-zero-scale span.
 struct HeadCase {
@@ -309,9 +310,10 @@ void test_head_ce(int T) {
     constexpr int NTILE = (V + 63) / 64;
     std::vector<float> part((size_t)T * NTILE * 2, POISON_F), lab(T, POISON_F), tl(T, POISON_F), lse(T, POISON_F), wt(T, POISON_F), out(1, POISON_F);
     emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_lse<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), part.data(), lab.data(), T); });
-    emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), tl.data(), lse.data(), wt.data(), T); });
+    emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), tl.data(), lse.data(), T); });
+    emu_launch((T + 255) / 256, 1, 256, [&] { vp::span_weight(tl.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), nullptr, wt.data(), T); });
     emu_launch(1, 1, 1024, [&] { vp::sum(wt.data(), out.data(), T, 1.0f, 0); });
-    char nm[100]; snprintf(nm, 100, "head_lse+ce_lse+sum V%d H%d T%d", V, H, T);
+    char nm[100]; snprintf(nm, 100, "head_lse+ce_lse+span_weight+sum V%d H%d T%d", V, H, T);
     Cmp c(nm, 1e-4, 1e-5); double loss = 0; bool zeros = true;
     for (int t = 0; t < T; ++t) {
         if (!hc.mask[t]) { zeros &= tl[t] == 0.f && lse[t] == 0.f && wt[t] == 0.f; continue; }
@@ -323,20 +325,33 @@ void test_head_ce(int T) {
     expect(zeros, std::string(nm) + ": masked rows not exactly 0");
 }
 
-// ------------------------------------------------------------------ conf_weight
-void test_conf_weight(int T) {
-    auto lp = rf(T, 4.0);
+// ------------------------------------------------------------------ token_weight
+// Every mode: 0 (weight 1), 1 (stage 2's clipped confidence), 2 (stage 3's advantage times the
+// truncated ratio: sampler log-probabilities above, near and far below the student's).
+void test_token_weight(int T) {
+    auto lp = rf(T, 4.0), tok = rf(T, 3.0), slp = rf(T, 1.0);
     std::vector<unsigned char> teacher(T);
-    for (int t = 0; t < T; ++t) { lp[t] = -std::fabs(lp[t]); teacher[t] = (t % 4) != 3; }
-    lp[1] = -INFINITY; lp[2] = 0.f;  // clamped teacher answer; a certain teacher
-    std::vector<float> kd{-1.2f, 0.7f, 0.25f, 4.0f}, w(T, POISON_F);
-    emu_launch((T + 255) / 256, 1, 256, [&] { vp::conf_weight(lp.data(), teacher.data(), kd.data(), w.data(), T); });
-    Cmp c("conf_weight", 1e-6, 1e-6);
     for (int t = 0; t < T; ++t) {
-        double ref = teacher[t] ? std::min(std::max(std::exp(((double)lp[t] - kd[0]) / kd[1]), (double)kd[2]), (double)kd[3]) : 1.0;
+        lp[t] = -std::fabs(lp[t]); tok[t] = std::fabs(tok[t]); teacher[t] = t % 3;
+        slp[t] = -tok[t] + (t % 5 == 0 ? 4.0f : slp[t]);  // ratio e^(−4 + …) or around 1, some clipped
+    }
+    lp[1] = -INFINITY; lp[4] = 0.f;  // clamped teacher answer; a certain teacher
+    std::vector<float> kd{-1.2f, 0.7f, 0.25f, 4.0f, 2.0f}, w(T, POISON_F);
+    emu_launch((T + 255) / 256, 1, 256, [&] { vp::token_weight(tok.data(), lp.data(), slp.data(), teacher.data(), kd.data(), w.data(), T); });
+    Cmp c("token_weight", 1e-6, 1e-5);
+    int clipped = 0;
+    for (int t = 0; t < T; ++t) {
+        double ref = 1.0;
+        if (teacher[t] == 1) ref = std::min(std::max(std::exp(((double)lp[t] - kd[0]) / kd[1]), (double)kd[2]), (double)kd[3]);
+        if (teacher[t] == 2) {
+            const double s = -(double)tok[t], ratio = std::exp(s - slp[t]);
+            clipped += ratio > kd[4];
+            ref = std::min(ratio, (double)kd[4]) * ((double)lp[t] - s);
+        }
         c.add(ref, w[t], t);
     }
-    expect(w[1] == 0.25f && w[2] == 4.0f && w[3] == 1.0f, "conf_weight: -inf gives w_min, 0 clips to w_max, no teacher gives 1");
+    expect(w[1] == 0.25f && w[4] == 4.0f && w[3] == 1.0f, "token_weight: -inf gives w_min, 0 clips to w_max, mode 0 gives 1");
+    expect(clipped > 0, "token_weight: the case clips no ratio");
     c.report();
 }
 
@@ -490,7 +505,7 @@ int main(int argc, char** argv) {
     }
     if (want("loss")) {
         test_seq_aux<256, 4>(2, 40, 64); test_seq_aux<256, 4>(2, 40, 3); test_seq_aux<40, 3>(3, 17, 1); test_seq_aux<40, 3>(3, 70, 5);
-        test_head_ce<1000, 64>(7); test_head_ce<1001, 36>(70); test_head_ce<64, 48>(65); test_conf_weight(600);
+        test_head_ce<1000, 64>(7); test_head_ce<1001, 36>(70); test_head_ce<64, 48>(65); test_token_weight(600);
     }
     run_bwd_tests(want);
     run_optim_tests(want);

@@ -582,7 +582,8 @@ void test_seq_aux_bwd(int B, int S, int X) {
 }
 
 // ------------------------------------------------------------------ head_ce backward
-// head_dl (recomputed logits → bf16 logit gradient), then the two gradient GEMMs the plan chains
+// span_weight (the token losses' gradient), head_dl (recomputed logits → bf16 logit gradient),
+// then the two gradient GEMMs the plan chains
 // after it (gemm_nn AMODE 0: dz = dl·W; gemm_tn AMODE 0: dW = dlᵀ·z), one vocabulary chunk of C
 // columns at a time as the plan runs them (dz summed over chunks in f32), against f64.
 template <int V, int H, int C>
@@ -591,14 +592,15 @@ void test_head_dl(int T) {
     constexpr int NTILE = (V + 63) / 64, NCH = (V + C - 1) / C, LASTW = V - (NCH - 1) * C;
     std::vector<float> part((size_t)T * NTILE * 2), lab(T), tl(T), lse(T), wt(T);
     emu_launch((T + 63) / 64, NTILE, 128, [&] { vp::head_lse<V, H>(hc.z.data(), hc.w.data(), hc.labels.data(), part.data(), lab.data(), T); });
-    emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), tl.data(), lse.data(), wt.data(), T); });
-    const float dloss = 0.8f;
+    emu_launch(T, 1, 256, [&] { vp::ce_lse<V>(part.data(), lab.data(), hc.mask.data(), tl.data(), lse.data(), T); });
+    const float dloss = 0.8f;  // span_loss's gradient into the token losses' (span_weight)
+    emu_launch((T + 255) / 256, 1, 256, [&] { vp::span_weight(nullptr, hc.span.data(), hc.scale.data(), hc.cw.data(), &dloss, wt.data(), T); });
     std::vector<bf> dl((size_t)T * V, POISON_BF), chunk((size_t)T * C), dz((size_t)T * H, POISON_BF);
     std::vector<float> dw((size_t)V * H, POISON_F), dzf((size_t)T * H, POISON_F);
     for (int j = 0; j < NCH; ++j) {
         const int c0 = j * C, width = j == NCH - 1 ? LASTW : C;
         std::fill(chunk.begin(), chunk.end(), POISON_BF);
-        emu_launch((T + 63) / 64, (width + 63) / 64, 128, [&] { vp::head_dl<V, H, C>(hc.z.data(), hc.w.data(), hc.labels.data(), hc.mask.data(), hc.span.data(), hc.scale.data(), hc.cw.data(), lse.data(), &dloss, chunk.data(), T, c0); });
+        emu_launch((T + 63) / 64, (width + 63) / 64, 128, [&] { vp::head_dl<V, H, C>(hc.z.data(), hc.w.data(), hc.labels.data(), hc.mask.data(), lse.data(), wt.data(), chunk.data(), T, c0); });
         for (int t = 0; t < T; ++t) for (int c = 0; c < width; ++c) dl[(size_t)t * V + c0 + c] = chunk[(size_t)t * C + c];
         const float* acc = j > 0 ? dzf.data() : nullptr;
         const bf* w = hc.w.data() + (size_t)c0 * H;

@@ -81,7 +81,8 @@ fn forward(p: &Ports, op: &Op, l: &mut Lowered) {
         Op::ExpertFfn { hidden, ffn, experts, topk, bias } => moe::expert_ffn(p, hidden, ffn, experts, topk, bias, l),
         Op::Combine { hidden, topk, shared } => moe::combine(p, hidden, topk, shared, l),
         Op::SeqAuxLoss { experts, topk } => seq_aux::forward(p, experts, topk, l),
-        Op::ConfidenceWeight => head_ce::conf_weight(p, l),
+        Op::TokenWeight => head_ce::token_weight(p, l),
+        Op::SpanLoss => head_ce::span_loss(p, l),
         Op::HeadCe { hidden, vocab } => head_ce::forward(p, hidden, vocab, l),
         Op::Add { n, ref ty } => add::forward(p, n, ty, l),
         Op::Vjp(_) => unreachable!(),
@@ -109,7 +110,8 @@ fn vjp(io: &VjpIo, v: &Vjp, l: &mut Lowered) {
         Op::Combine { hidden, topk, .. } => moe::combine_vjp(io, hidden, topk, l),
         Op::SeqAuxLoss { experts, topk } => seq_aux::vjp(io, experts, topk, l),
         Op::HeadCe { hidden, vocab } => head_ce::vjp(io, hidden, vocab, l),
-        Op::ConfidenceWeight | Op::Dispatch { .. } | Op::Add { .. } | Op::Vjp(_) => {
+        Op::SpanLoss => head_ce::span_loss_vjp(io, l),
+        Op::TokenWeight | Op::Dispatch { .. } | Op::Add { .. } | Op::Vjp(_) => {
             panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
         }
     }

@@ -146,7 +146,8 @@ pub fn forward_ops(c: &Cfg) -> Vec<Op> {
         Op::Combine { hidden: c.hidden, topk: c.topk, shared: false },
         Op::SeqAuxLoss { experts: c.experts, topk: c.topk },
         Op::HeadCe { hidden: c.hidden, vocab: c.vocab },
-        Op::ConfidenceWeight,
+        Op::TokenWeight,
+        Op::SpanLoss,
     ]
 }
 

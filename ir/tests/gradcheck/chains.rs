@@ -121,7 +121,7 @@ fn adjoint_moe_chain() {
 
 /// Dense block by hand: embedding → rms_norm → qkv_proj → qk_norm → grape_m → value_residual
 /// (with v₁ = the raw k, so k fans out to qk_norm and the value residual) → attention (window, sinks, documents) → out_proj (residual = the
-/// embedding) → rms_norm → head_ce. Inputs: `[tokens, table, w_in, w_qkv, b_qkv, w_q,
+/// embedding) → rms_norm → head_ce → span_loss. Inputs: `[tokens, table, w_in, w_qkv, b_qkv, w_q,
 /// w_k, log_freq, vr_logit, sinks, doc, w_o, b_o, w_f, w_lm, labels, mask, span, span_scale, weight]`.
 fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
     let (s, b, vocab, hid, nh, ng, hd) = (6, 2, 9, 8, 4, 2, 4);
@@ -188,6 +188,7 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
         Op::OutProj { in_dim: nhu * hdu, hidden: hu, bias: true },
         Op::RmsNorm { dim: hu, eps: 1e-5 },
         Op::HeadCe { hidden: hu, vocab: vocab as u64 },
+        Op::SpanLoss,
     ];
     let d = dims(t, s);
     let run_fwd = {
@@ -203,18 +204,19 @@ fn dense_chain(rng: &mut Rng, kind: AttnKind) -> Model<'static> {
             let at = fwd(&o[6], &d, &[&r[0], &r[1], &vr[0], &x[10], &x[9]]);
             let op = fwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]]);
             let z = fwd(&o[8], &d, &[&op[0], &x[13]]);
-            let l = fwd(&o[9], &d, &[&z[0], &x[14], &x[15], &x[16], &x[17], &x[18], &x[19]]);
-            vec![e, a, q, qn, r, vr, at, op, z, l]
+            let l = fwd(&o[9], &d, &[&z[0], &x[14], &x[15], &x[16]]);
+            let sl = fwd(&o[10], &d, &[&l[0], &x[17], &x[18], &x[19]]);
+            vec![e, a, q, qn, r, vr, at, op, z, l, sl]
         }
     };
     let f1 = run_fwd.clone();
-    let fw: FwdFn = Box::new(move |x: &[Tensor]| (vec![f1(x)[9][0].clone()], vec![]));
+    let fw: FwdFn = Box::new(move |x: &[Tensor]| (vec![f1(x)[10][0].clone()], vec![]));
     let bw: BwdFn = Box::new(move |x: &[Tensor], r: &[Tensor]| {
         let o = &ops;
         let n = run_fwd(x);
-        let [e, a, q, qn, rot, vr, at, op, z, l] = <[Vec<Tensor>; 10]>::try_from(n).unwrap();
-        let ins = [&z[0], &x[14], &x[15], &x[16], &x[17], &x[18], &x[19]];
-        let g_l = bwd(&o[9], &d, &ins, &l, &[Some(&r[0]), None, None]);
+        let [e, a, q, qn, rot, vr, at, op, z, l, sl] = <[Vec<Tensor>; 11]>::try_from(n).unwrap();
+        let g_tok = bwd(&o[10], &d, &[&l[0], &x[17], &x[18], &x[19]], &sl, &[Some(&r[0])]);
+        let g_l = bwd(&o[9], &d, &[&z[0], &x[14], &x[15], &x[16]], &l, &[Some(&g_tok[0]), None]);
         let g_z = bwd(&o[8], &d, &[&op[0], &x[13]], &z, &[Some(&g_l[0])]);
         let g_op = bwd(&o[7], &d, &[&at[0], &x[11], &x[12], &e[0]], &op, &[Some(&g_z[0])]);
         let g_at = bwd(&o[6], &d, &[&rot[0], &rot[1], &vr[0], &x[10], &x[9]], &at, &[Some(&g_op[0])]);

@@ -104,11 +104,11 @@ pub(super) fn span_means(sums: &[f64; 3], counts: &[u64; 3], w: [f32; 2]) -> (f6
 }
 
 /// Statistics of the step's confidence weights (the same formula as the IR reference).
-pub(super) fn kd_record(batches: &[Batch], kd: [f32; 4]) -> Option<(KdRecord, u64)> {
+pub(super) fn kd_record(batches: &[Batch], kd: [f32; 5]) -> Option<(KdRecord, u64)> {
     let (mut n, mut lp_sum, mut lp_n, mut w_sum, mut lo, mut hi) = (0u64, 0f64, 0u64, 0f64, 0u64, 0u64);
     for b in batches {
         for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
-            if on == 0 {
+            if on != crate::backend::WEIGHT_CONFIDENCE {
                 continue;
             }
             n += 1;
@@ -116,7 +116,7 @@ pub(super) fn kd_record(batches: &[Batch], kd: [f32; 4]) -> Option<(KdRecord, u6
                 lp_sum += lp as f64;
                 lp_n += 1;
             }
-            let w = vpmoe_ir::reference::confidence_weight(lp, &kd);
+            let w = vpmoe_ir::reference::token_weight(1, 0.0, lp, 0.0, &kd);
             w_sum += w as f64;
             lo += u64::from(w <= kd[2]);
             hi += u64::from(w >= kd[3]);

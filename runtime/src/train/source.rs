@@ -50,7 +50,7 @@ impl KdCenter {
     /// Fold in the teacher positions of a micro-batch.
     pub fn add(&mut self, b: &Batch) {
         for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
-            if on != 0 && lp.is_finite() {
+            if on == crate::backend::WEIGHT_CONFIDENCE && lp.is_finite() {
                 self.sum += lp as f64;
                 self.count += 1;
             }
@@ -89,7 +89,7 @@ impl Source for Datasets {
         for b in &batches {
             self.center.add(b);
         }
-        let kd = [self.center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max];
+        let kd = [self.center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max, 1.0];
         let stats = kd_record(&batches, kd);
         batches.iter_mut().for_each(|b| b.kd = kd);
         Ok(Drawn { batches, counts, rows_per_dataset, kd: stats })

@@ -2,6 +2,8 @@
 //! configs, the bundled sample dataset and one run configuration.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod fake_teacher;
+
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::{compile_arch, config, Plan};
 use vpmoe_ir::Graph;
