@@ -262,6 +262,8 @@ pub struct MicroOut {
     pub span_loss: [f64; 3],
     /// Sequence aux loss (without α) per MoE layer (1-based layer number).
     pub aux: Vec<(u32, f32)>,
+    /// Each token's cross-entropy at the weights of the step (0 where unsupervised).
+    pub token_loss: Vec<f32>,
 }
 
 /// Runtime scalars of one optimizer step (never baked into a plan).
@@ -341,7 +343,8 @@ pub(crate) fn fold_micro(
         }
     }
     let mut m = MicroOut { loss: out[&OutputName::Loss].f()[0] as f64, ..Default::default() };
-    for ((l, mask), s) in out[&OutputName::TokenLoss].f().iter().zip(&batch.loss_mask).zip(&batch.span) {
+    m.token_loss = out[&OutputName::TokenLoss].f().to_vec();
+    for ((l, mask), s) in m.token_loss.iter().zip(&batch.loss_mask).zip(&batch.span) {
         if *mask != 0 {
             m.span_loss[*s as usize] += *l as f64;
         }

@@ -418,6 +418,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         clip: 1.0,
         span_weights: [1.0, 1.0],
         kd: kd.clone(),
+        opd: None,
     };
     let blend = vec![(data.clone(), 0.3), (scored.clone(), 0.7)];
     let mut opts = RunOptions {
@@ -431,6 +432,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         progress: false,
         print_every: 0,
         profile_steps: None,
+        opd: None,
     };
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
     let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();

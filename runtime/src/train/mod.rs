@@ -2,8 +2,8 @@
 //! step's micro-batches (their span scales `w_span/N_span` over the whole step, D6, so the
 //! objective and gradient do not depend on how the step is split), [`accumulate`] their forward
 //! and backward passes, [`update`] (the optimizer step, §7.1), then profile, evaluate, checkpoint
-//! and log what is due. Stages 1 and 2 draw from token datasets ([`source::Datasets`]); a later
-//! stage adds a [`Source`] and the loss inputs its batches carry.
+//! and log what is due. Stages 1 and 2 draw from token datasets ([`source::Datasets`]); stage 3
+//! from on-policy rollouts (`crate::opd::Opd`).
 
 mod eval;
 mod provenance;
@@ -46,6 +46,9 @@ pub struct TrainConfig {
     pub span_weights: [f32; 2],
     /// Stage 2 confidence weights (used on rows that carry teacher log-probabilities).
     pub kd: KdConfig,
+    /// Stage 3 (on-policy distillation) when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opd: Option<crate::opd::OpdConfig>,
 }
 
 /// `w_t = clip(exp((teacher_logp − m)/T), w_min, w_max)`; m is the running mean of every
@@ -80,6 +83,8 @@ pub struct RunOptions {
     /// Steps `A..=B` (1-based) to profile: capture range, NVTX step ranges and a per-kernel
     /// timing table written to `CKPT_DIR/kernel-times.txt`.
     pub profile_steps: Option<(u64, u64)>,
+    /// Stage 3's teacher and prompts (with `TrainConfig::opd`).
+    pub opd: Option<crate::opd::OpdRun>,
 }
 
 /// How a run ended.
@@ -135,6 +140,9 @@ fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
         k.w_min,
         k.w_max
     );
+    if let Some(o) = &cfg.opd {
+        o.validate()?;
+    }
     Ok(())
 }
 
@@ -159,8 +167,17 @@ pub fn train(
     for (d, _) in data {
         vpmoe_data::reader::check_vocabulary(d, plan.arch.vocab)?;
     }
-    let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, data)?, dir: &opts.ckpt_dir, keep: opts.keep };
-    let mut source = Datasets::open(data, cfg)?;
+    // Stage 3's prompts are an input of the run like its datasets.
+    let mut inputs = data.to_vec();
+    if let Some(run) = opts.opd.as_ref().filter(|r| !data.iter().any(|(d, _)| *d == r.prompts)) {
+        inputs.push((run.prompts.clone(), 0.0));
+    }
+    let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, &inputs)?, dir: &opts.ckpt_dir, keep: opts.keep };
+    let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
+        (None, None) => Box::new(Datasets::open(data, cfg)?),
+        (Some(_), Some(run)) => Box::new(crate::opd::Opd::open(plan, data, cfg, run, opts.steps)?),
+        _ => bail!("internal: stage 3 needs both its settings and its teacher"),
+    };
     let eval_data = data.iter().find_map(|(d, _)| eval_split(d));
     if opts.eval_every > 0 && eval_data.is_none() {
         bail!(
@@ -183,7 +200,7 @@ pub fn train(
     // No op draws random numbers (dropout is 0, D1); the state is recorded for when one does.
     let mut rng = Rng { seed: cfg.seed, state: cfg.seed };
     if opts.resume {
-        rng = ckpts.resume(be, &mut source)?;
+        rng = ckpts.resume(be, source.as_mut())?;
     }
     install_sigint();
     INTERRUPTED.store(false, Ordering::SeqCst);
@@ -193,8 +210,11 @@ pub fn train(
         let _range = crate::cuda::nvtx::range(&format!("step {}", step + 1));
         profile(be, opts, step, true, &log)?;
         let t0 = Instant::now();
-        let drawn = source.draw(plan, cfg)?;
+        let mut drawn = source.draw(plan, cfg, &*be)?;
         let acc = accumulate(be, &drawn, step)?;
+        if let (Some(r), Some(o)) = (drawn.opd.as_mut(), &cfg.opd) {
+            r.add_trained(&drawn.batches, &acc.token_loss, o.ratio_clip);
+        }
         let stats = update(be, plan, cfg, step)?;
         let mut rec = StepRecord::new(step, cfg, &drawn, &acc, &stats, t0.elapsed().as_secs_f64());
         profile(be, opts, step, false, &log)?;
@@ -204,7 +224,7 @@ pub fn train(
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
         let last = step + 1 == opts.steps;
         if last || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
-            let (p, sum) = ckpts.save(be, &source, &rng)?;
+            let (p, sum) = ckpts.save(be, source.as_ref(), &rng)?;
             rec.master_sha256 = Some(sum);
             checkpoint = Some(p);
         }
@@ -226,15 +246,18 @@ pub struct Accumulated {
     pub span_loss: [f64; 3],
     /// Each MoE layer's sequence aux loss, averaged over the micro-batches.
     pub aux: Vec<(u32, f64)>,
+    /// Each micro-batch's per-token losses.
+    pub token_loss: Vec<Vec<f32>>,
 }
 
 /// Forward and backward of every micro-batch; gradients accumulate in the backend.
 fn accumulate(be: &mut dyn Backend, drawn: &Drawn, step: u64) -> Result<Accumulated> {
     let m = drawn.batches.len() as f64;
-    let mut acc = Accumulated { loss: 0.0, span_loss: [0.0; 3], aux: Vec::new() };
+    let mut acc = Accumulated { loss: 0.0, span_loss: [0.0; 3], aux: Vec::new(), token_loss: Vec::new() };
     for b in &drawn.batches {
         let micro = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
         acc.loss += micro.loss;
+        acc.token_loss.push(micro.token_loss);
         (0..3).for_each(|i| acc.span_loss[i] += micro.span_loss[i]);
         for (k, (layer, a)) in micro.aux.into_iter().enumerate() {
             match acc.aux.get_mut(k) {

@@ -32,6 +32,8 @@ pub struct StepRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kd: Option<KdRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub opd: Option<crate::opd::OpdRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalRecord>,
     pub master_sha256: Option<String>,
 }
@@ -69,6 +71,7 @@ impl StepRecord {
             rows_per_dataset: drawn.rows_per_dataset.clone(),
             teacher_tokens: drawn.kd.as_ref().map_or(0, |r| r.1),
             kd: drawn.kd.as_ref().map(|r| r.0.clone()),
+            opd: drawn.opd.clone(),
             eval: None,
             master_sha256: None,
         }
@@ -156,6 +159,9 @@ pub(super) fn summary(r: &StepRecord) -> String {
             100.0 * k.clipped_high
         ));
     }
+    if let Some(o) = &r.opd {
+        s.push_str(&o.summary());
+    }
     if let Some(e) = &r.eval {
         let f = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.4}"));
         s.push_str(&format!(" | eval {} (r {}, f {})", f(e.loss), f(e.ce_reasoning), f(e.ce_final)));
@@ -196,6 +202,7 @@ mod tests {
             rows_per_dataset: vec![1],
             teacher_tokens: 0,
             kd: None,
+            opd: None,
             eval: Some(e),
             master_sha256: None,
         };

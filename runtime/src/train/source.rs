@@ -1,10 +1,9 @@
 //! Where a step's micro-batches come from. Stages 1 and 2 draw rows from a blend of token
-//! datasets ([`Datasets`]); a later stage adds its own [`Source`] (on-policy rollouts) and the
-//! loop stays as it is.
+//! datasets ([`Datasets`]); stage 3 draws on-policy rollouts (`crate::opd::Opd`).
 
 use super::records::{kd_record, KdRecord};
 use super::TrainConfig;
-use crate::backend::{seed_step, Batch};
+use crate::backend::{seed_step, Backend, Batch};
 use crate::checkpoint::Meta;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -20,12 +19,15 @@ pub struct Drawn {
     pub rows_per_dataset: Vec<u64>,
     /// Stage 2: the step's confidence-weight statistics and teacher positions.
     pub kd: Option<(KdRecord, u64)>,
+    /// Stage 3: the step's rollouts and pipeline (the trained tokens' statistics are added
+    /// after the forward).
+    pub opd: Option<crate::opd::OpdRecord>,
 }
 
 /// A stream of training steps that a checkpoint can continue.
 pub trait Source {
-    /// The next step's micro-batches.
-    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig) -> Result<Drawn>;
+    /// The next step's micro-batches (`be` holds the weights that step trains from).
+    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig, be: &dyn Backend) -> Result<Drawn>;
     /// Records in `meta` what continues this stream.
     fn save(&self, meta: &mut Meta);
     /// Continues the stream a checkpoint recorded.
@@ -77,7 +79,7 @@ impl Datasets {
 }
 
 impl Source for Datasets {
-    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig) -> Result<Drawn> {
+    fn draw(&mut self, plan: &Plan, cfg: &TrainConfig, _be: &dyn Backend) -> Result<Drawn> {
         let raw: Vec<_> = (0..cfg.grad_accum).map(|_| self.reader.next_batch(cfg.micro_batch)).collect();
         let mut rows_per_dataset = vec![0u64; self.blend];
         for b in &raw {
@@ -92,7 +94,7 @@ impl Source for Datasets {
         let kd = [self.center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max, 1.0];
         let stats = kd_record(&batches, kd);
         batches.iter_mut().for_each(|b| b.kd = kd);
-        Ok(Drawn { batches, counts, rows_per_dataset, kd: stats })
+        Ok(Drawn { batches, counts, rows_per_dataset, kd: stats, opd: None })
     }
 
     fn save(&self, meta: &mut Meta) {

@@ -34,6 +34,8 @@ pub struct Faults {
     pub bad_echo_len: Option<usize>,
     /// Write NaN into the answer for prompts of this length.
     pub nan_len: Option<usize>,
+    /// Write NaN into every answer.
+    pub nan_always: bool,
 }
 
 pub struct Server {
@@ -144,7 +146,7 @@ fn handle(conn: TcpStream, api: Api, f: &Faults, rq: &AtomicUsize, pp: &Counts, 
                 *pp.lock().unwrap().entry((p.len(), p.iter().sum())).or_default() += 1;
             }
             let mut text = answer(api, &prompts, k, f, teacher).to_string();
-            if prompts.iter().any(|p| Some(p.len()) == f.nan_len) {
+            if f.nan_always || prompts.iter().any(|p| Some(p.len()) == f.nan_len) {
                 text = text.replacen("-1.", "NaN", 1);
             }
             reply(200, text)

@@ -100,6 +100,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         clip: 1.0,
         span_weights: [1.0, 1.0],
         kd: Default::default(),
+        opd: None,
     };
     let opts = RunOptions {
         steps,
@@ -112,6 +113,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         progress: false,
         print_every: 0,
         profile_steps: None,
+        opd: None,
     };
     (cfg, opts)
 }

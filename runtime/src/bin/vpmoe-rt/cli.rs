@@ -29,9 +29,10 @@ pub(crate) enum Decay {
 
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
-    /// Train (stage 1, span-normalised CE) on a token dataset; with no --data, on the bundled
+    /// Train on token datasets (stage 1 CE; stage 2 confidence-weighted CE on teacher-scored
+    /// rows; stage 3 on-policy distillation with --opd-teacher); with no --data, on the bundled
     /// SYNTH sample, rendered and tokenised into CKPT_DIR/data on first use.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Datasets: render Harmony conversations, build token datasets from SYNTH parquet, inspect.
     #[command(subcommand)]
     Data(vpmoe_data::cli::DataCmd),
@@ -384,6 +385,44 @@ pub(crate) struct TrainArgs {
     /// ranges per step and IR node, and a per-kernel timing table (CKPT_DIR/kernel-times.txt).
     #[arg(long, value_name = "A:B", value_parser = parse_steps)]
     pub(crate) profile_steps: Option<(u64, u64)>,
+    #[command(flatten)]
+    pub(crate) opd: OpdArgs,
+}
+
+/// Stage 3, on-policy distillation (docs/training.md): given --opd-teacher, the student samples
+/// answers to SYNTH prompts and trains on the teacher's log-probabilities of its own tokens.
+#[derive(clap::Args)]
+pub(crate) struct OpdArgs {
+    /// Teacher server for stage 3, http://HOST:PORT (GPT-OSS-120B behind vLLM or SGLang).
+    #[arg(long, value_name = "URL", requires = "api")]
+    pub(crate) opd_teacher: Option<String>,
+    /// The teacher's API: vLLM /v1/completions (prompt_logprobs) or SGLang /generate.
+    #[arg(long, value_enum, requires = "opd_teacher")]
+    pub(crate) api: Option<vpmoe_runtime::teacher::wire::Api>,
+    /// Build-synth dataset whose user messages are the prompts [default: the first --data].
+    #[arg(long, value_name = "DIR", requires = "opd_teacher")]
+    pub(crate) opd_prompts: Option<PathBuf>,
+    /// Share of steps that are plain CE on the --data SYNTH traces [default: 0.15].
+    #[arg(long, requires = "opd_teacher")]
+    pub(crate) ce_anchor: Option<f64>,
+    /// Optimizer steps a rollout's weights may lag the trainer's: 0 samples, scores and trains in
+    /// order (bitwise reproducible); 1 samples the next step while this one trains [default: 1].
+    #[arg(long, requires = "opd_teacher")]
+    pub(crate) max_lag: Option<u64>,
+    /// Truncation c of the importance ratio min(exp(lp − lp_sampler), c) [default: 2].
+    #[arg(long, requires = "opd_teacher")]
+    pub(crate) opd_clip: Option<f32>,
+    /// Completion tokens per rollout [default: --seq-len / 2].
+    #[arg(long, requires = "opd_teacher")]
+    pub(crate) max_new_tokens: Option<usize>,
+    /// OPD tokens the curriculum's fractions refer to (the stage's budget; DISTILL.md: about 8B)
+    /// [default: the run's capacity, steps × rows × max-new-tokens × (1 − ce-anchor)].
+    #[arg(long, requires = "opd_teacher")]
+    pub(crate) opd_tokens: Option<u64>,
+    /// Curriculum of reasoning efforts and rollouts per prompt (TOML) [default: DISTILL.md's
+    /// 3a/3b/3c].
+    #[arg(long, value_name = "FILE", requires = "opd_teacher")]
+    pub(crate) curriculum: Option<PathBuf>,
 }
 
 /// Two numbers written `A,B`.

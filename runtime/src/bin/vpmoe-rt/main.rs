@@ -20,6 +20,44 @@ fn main() {
     }
 }
 
+/// Stage 3's settings from the flags (defaults follow the run's shape).
+fn opd_settings(
+    a: &cli::OpdArgs,
+    url: String,
+    cfg: &TrainConfig,
+    steps: u64,
+    data: &[(PathBuf, f64)],
+) -> Result<(vpmoe_runtime::opd::OpdConfig, vpmoe_runtime::opd::OpdRun)> {
+    let ce_anchor = a.ce_anchor.unwrap_or(0.15);
+    let max_new_tokens = a.max_new_tokens.unwrap_or((cfg.seq_len / 2).max(1));
+    let rows = (cfg.micro_batch * cfg.grad_accum) as u64;
+    let capacity = (steps * rows * max_new_tokens as u64) as f64 * (1.0 - ce_anchor.clamp(0.0, 1.0));
+    let curriculum = match &a.curriculum {
+        Some(p) => vpmoe_runtime::opd::curriculum::Curriculum::load(p)?,
+        None => Default::default(),
+    };
+    let c = vpmoe_runtime::opd::OpdConfig {
+        ce_anchor,
+        max_lag: a.max_lag.unwrap_or(1),
+        ratio_clip: a.opd_clip.unwrap_or(2.0),
+        max_new_tokens,
+        token_budget: a.opd_tokens.unwrap_or((capacity as u64).max(1)),
+        curriculum,
+    };
+    c.validate()?;
+    let teacher = vpmoe_runtime::teacher::client::ClientConfig {
+        url,
+        api: a.api.expect("clap requires --api with --opd-teacher"),
+        model: None,
+        timeout: std::time::Duration::from_secs(600),
+        retries: 6,
+        backoff: std::time::Duration::from_secs(1),
+        vocab: vpmoe_data::tokenizer::VOCAB_SIZE as usize,
+    };
+    let prompts = a.opd_prompts.clone().unwrap_or_else(|| data[0].0.clone());
+    Ok((c, vpmoe_runtime::opd::OpdRun { teacher, prompts }))
+}
+
 fn run_train(a: TrainArgs) -> Result<()> {
     let plan_dir = a.plan.clone();
     let (graph, plan) = plan_of(a.plan, a.arch)?;
@@ -41,7 +79,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         decay,
         wsd_decay: a.wsd_decay,
     };
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         micro_batch: a.micro_batch,
         grad_accum: a.grad_accum,
         seq_len,
@@ -53,6 +91,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         clip: a.clip,
         span_weights: a.span_weights,
         kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
+        opd: None,
     };
     // Open the device before any data work: a missing GPU is reported at once.
     let state = TrainState::init(&plan, cfg.seed);
@@ -63,7 +102,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     } else {
         a.data.iter().map(|s| data_source(s)).collect()
     };
-    let opts = RunOptions {
+    let mut opts = RunOptions {
         steps: a.steps,
         ckpt_dir,
         resume: a.resume,
@@ -74,7 +113,24 @@ fn run_train(a: TrainArgs) -> Result<()> {
         progress: true,
         print_every: (a.steps / 20).max(1),
         profile_steps: a.profile_steps,
+        opd: None,
     };
+    if let Some(url) = a.opd.opd_teacher.clone() {
+        let (c, run) = opd_settings(&a.opd, url, &cfg, a.steps, &data)?;
+        println!(
+            "stage 3: on-policy distillation against {} ({}), prompts {}, CE anchor {:.0}%, max lag {}, ratio clip {}, \
+             ≤ {} new tokens, budget {} OPD tokens",
+            run.teacher.url,
+            run.teacher.api.as_str(),
+            run.prompts.display(),
+            100.0 * c.ce_anchor,
+            c.max_lag,
+            c.ratio_clip,
+            c.max_new_tokens,
+            c.token_budget
+        );
+        (cfg.opd, opts.opd) = (Some(c), Some(run));
+    }
     println!(
         "train {} ({} params, fingerprint {}) on {} · backend {} · {} x {} x {} tokens per step",
         plan.arch.name,
@@ -175,7 +231,7 @@ fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
-        Cmd::Train(a) => run_train(a),
+        Cmd::Train(a) => run_train(*a),
         Cmd::Bench(a) => bench::run_bench(a),
         Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Chat(a) => sample::run_chat(a),
