@@ -41,6 +41,13 @@ impl TrainState {
         TrainState { step: 0, master, m, v }
     }
 
+    /// A new run from trained weights (the next stage of the recipe): `self`'s masters, step 0,
+    /// zero optimizer state.
+    pub fn restart(self) -> TrainState {
+        let zero = |v: Vec<Vec<f32>>| v.into_iter().map(|x| vec![0.0; x.len()]).collect();
+        TrainState { step: 0, master: self.master, m: zero(self.m), v: zero(self.v) }
+    }
+
     /// Element counts of (master, first moment, second moment) of one parameter.
     pub fn sizes(e: &ParamEntry) -> (usize, usize, usize) {
         let n = e.numel as usize;

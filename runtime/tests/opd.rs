@@ -60,15 +60,21 @@ fn model() -> &'static (Graph, Plan) {
 /// The small model after stage 1 on the bundled sample, long enough that it writes Harmony
 /// messages (its answers have parseable analysis and final spans).
 fn stage1() -> &'static TrainState {
-    static S: OnceLock<TrainState> = OnceLock::new();
+    &stage1_run().0
+}
+
+/// The stage-1 state and the run directory holding its checkpoint.
+fn stage1_run() -> &'static (TrainState, std::path::PathBuf) {
+    static S: OnceLock<(TrainState, std::path::PathBuf)> = OnceLock::new();
     S.get_or_init(|| {
         let (g, plan) = model();
         // The main job's settings (`vpmoe-rt train --backend cpu`).
-        let (mut cfg, mut opts) = common::run_config(40, 2, 128, tmp("stage1"));
+        let dir = tmp("stage1");
+        let (mut cfg, mut opts) = common::run_config(40, 2, 128, dir.clone());
         (cfg.aux_lr, cfg.aux_min_lr, cfg.schedule.warmup) = (0.02, 0.002, 4);
         opts.keep = 1;
         let mut be = CpuBackend::new(g, plan, TrainState::init(plan, cfg.seed));
-        train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap().state
+        (train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap().state, dir)
     })
 }
 
@@ -99,7 +105,7 @@ fn teacher_logprobs_align_with_every_trained_token() {
     };
     let state = stage1();
     let phase = s.cfg.curriculum.at(0.0).clone();
-    let mut r = rollout::sample(&s, state, state.step, &phase).unwrap();
+    let mut r = rollout::sample(&s, state, state.step, &phase, 96).unwrap();
     assert_eq!(r.rows.len(), 4);
     assert!(r.rows.iter().any(|x| x.span.iter().any(|&s| s != 0)), "the stage-1 model writes Harmony spans");
     // The teacher's value of each sampled token is the function at that token and context.
@@ -319,4 +325,104 @@ fn teacher_outages_are_retried_and_bad_answers_stop_with_a_clear_error() {
     let text = format!("{e:#}");
     assert!(text.contains("teacher scoring of rollouts") && text.contains("NaN"), "{text}");
     assert!(vpmoe_runtime::checkpoint::latest(&dir).unwrap().is_none());
+}
+
+/// D6: the objective and its gradient do not depend on how a step's rollouts are split into
+/// micro-batches, nor on how much padding ends each row.
+#[test]
+fn the_opd_objective_ignores_the_micro_batch_split_and_padding() {
+    let (g, plan) = model();
+    let server = start(Api::Vllm, Faults::default(), prefers_even);
+    let s = Sampler {
+        graph: vpmoe_compiler::lower::lower(&plan.arch),
+        plan: plan.clone(),
+        prompts: Prompts::open(&sample_data()[0].0).unwrap(),
+        teacher: Client::connect(client(&server)).unwrap(),
+        cfg: opd_config(0, 0.0),
+        seed: 4,
+        seq_len: SEQ,
+        rows: 4,
+    };
+    let phase = s.cfg.curriculum.at(0.0).clone();
+    let r = rollout::sample(&s, stage1(), 0, &phase, 96).unwrap();
+    // A step's loss and gradient norm from its batches.
+    let step = |seq: usize, micro: usize| {
+        let mut b = rollout::batches(&r.rows, seq, micro, 2.0);
+        vpmoe_runtime::backend::seed_step(&mut b, &plan.arch, [1.0, 1.0]);
+        let mut be = CpuBackend::new(g, plan, stage1().clone());
+        let loss: f64 = b.iter().map(|b| be.accumulate(b).unwrap().loss).sum();
+        let sc =
+            vpmoe_runtime::backend::StepScalars { lr: 0.0, aux_lr: 0.0, weight_decay: 0.0, clip: 0.0, bias_rate: 0.0 };
+        (loss, be.step(&sc).unwrap().grad_norm)
+    };
+    let (whole, split, padded) = (step(SEQ, 4), step(SEQ, 1), step(SEQ + 64, 2));
+    println!(
+        "OPD step: loss, |g| = {whole:?} (one micro-batch), {split:?} (four), {padded:?} (64 more padding per row)"
+    );
+    for (what, x) in [("split", split), ("padding", padded)] {
+        assert!((x.0 - whole.0).abs() <= 1e-5 * whole.0.abs().max(1.0), "{what}: loss {} vs {}", x.0, whole.0);
+        assert!((x.1 - whole.1).abs() <= 1e-4 * whole.1, "{what}: |g| {} vs {}", x.1, whole.1);
+    }
+    assert!(whole.1 > 0.0);
+}
+
+/// The canonical path: `vpmoe-rt train --init <stage 1> --opd-teacher URL --api vllm`, and its
+/// flags refused by name when they make no sense.
+#[test]
+fn the_cli_runs_stage_three_from_a_stage_one_checkpoint() {
+    let server = start(Api::Vllm, Faults::default(), prefers_even);
+    let dir = tmp("cli");
+    let rt = |extra: &[&str]| {
+        let data = sample_data()[0].0.display().to_string();
+        let ckpt = dir.join("run").display().to_string();
+        let init = stage1_run().1.display().to_string();
+        let mut args = vec!["train", "--backend", "cpu", "--data", &data, "--ckpt-dir", &ckpt, "--init", &init];
+        args.extend([
+            "--steps",
+            "2",
+            "--micro-batch",
+            "1",
+            "--grad-accum",
+            "2",
+            "--seq-len",
+            "192",
+            "--eval-every",
+            "0",
+        ]);
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt")).args(&args).output().unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    let url = server.url.clone();
+    let o =
+        rt(&["--opd-teacher", &url, "--api", "vllm", "--max-lag", "0", "--ce-anchor", "0", "--max-new-tokens", "32"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("initialised from ") && text(&o).contains("stage 3: on-policy distillation against"),
+        "{}",
+        text(&o)
+    );
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"opd\":{\"anchor\":false")).count(), 2, "{metrics}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[phase]]\nname = \"only\"\nuntil = 0.5\nlow = 1.0\nmedium = 0.0\nhigh = 0.0\nrollouts = 1\n",
+    )
+    .unwrap();
+    let bad = bad.display().to_string();
+    for (args, want) in [
+        (vec!["--opd-teacher", &url], "--api"),
+        (vec!["--ce-anchor", "0.2"], "--opd-teacher"),
+        (vec!["--opd-teacher", &url, "--api", "vllm", "--ce-anchor", "1.5"], "--ce-anchor 1.5 must be in [0, 1)"),
+        (vec!["--opd-teacher", &url, "--api", "vllm", "--max-lag", "3"], "--max-lag 3 is not supported"),
+        (vec!["--opd-teacher", &url, "--api", "vllm", "--curriculum", &bad], "must end at until = 1"),
+    ] {
+        let o = rt(&args);
+        assert!(!o.status.success() && text(&o).contains(want), "{args:?}: {}", text(&o));
+        assert!(!text(&o).contains("panicked"), "{}", text(&o));
+    }
 }

@@ -418,6 +418,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         clip: 1.0,
         span_weights: [1.0, 1.0],
         kd: kd.clone(),
+        init_sha256: None,
         opd: None,
     };
     let blend = vec![(data.clone(), 0.3), (scored.clone(), 0.7)];

@@ -106,6 +106,12 @@ impl Curriculum {
 }
 
 impl Phase {
+    /// The phase with a share `cut` of its high-effort prompts moved to medium effort.
+    pub fn with_high_cut(&self, cut: f64) -> Phase {
+        let moved = self.high * cut.clamp(0.0, 1.0);
+        Phase { medium: self.medium + moved, high: self.high - moved, ..self.clone() }
+    }
+
     /// The reasoning effort a uniform draw `u` in [0, 1) picks.
     pub fn effort(&self, u: f64) -> ReasoningEffort {
         if u < self.low {

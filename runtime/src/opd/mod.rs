@@ -101,6 +101,12 @@ pub struct OpdRecord {
     pub clipped: f64,
     /// Rollouts sampled but never trained on (in flight when a checkpoint was resumed).
     pub discarded: u64,
+    /// The generation cap and the share of high effort moved to medium (`source::Throttle`).
+    pub cap: usize,
+    pub high_cut: f64,
+    /// What the throttle changed this step, in words (also printed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl OpdRecord {

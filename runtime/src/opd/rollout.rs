@@ -175,15 +175,22 @@ pub fn plan_prompts(
     Ok(out)
 }
 
-/// Samples and scores step `step`'s rollouts with the weights in `state`.
-pub fn sample(s: &Sampler, state: &TrainState, step: u64, phase: &super::curriculum::Phase) -> Result<Rollouts> {
+/// Samples and scores step `step`'s rollouts with the weights in `state`, at most `cap`
+/// completion tokens each.
+pub fn sample(
+    s: &Sampler,
+    state: &TrainState,
+    step: u64,
+    phase: &super::curriculum::Phase,
+    cap: usize,
+) -> Result<Rollouts> {
     let planned = plan_prompts(s, step, phase)?;
     let t0 = Instant::now();
     let mut dec = Decoder::new(&s.graph, &s.plan, state, s.rows)?;
     let gen = GenConfig {
         sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 },
         seed: splitmix64(s.seed ^ 0x726f_6c6c_6f75_7473) ^ step,
-        max_new_tokens: s.cfg.max_new_tokens,
+        max_new_tokens: cap,
         stop: STOP.to_vec(),
     };
     let prompts: Vec<Vec<u32>> = planned.iter().map(|p| p.0.clone()).collect();

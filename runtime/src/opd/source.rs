@@ -33,6 +33,43 @@ use vpmoe_ir::rng::splitmix64;
 /// The draw stream that decides anchor steps.
 const ANCHOR_STREAM: u64 = 3;
 
+/// DISTILL.md's policy when the rollout buffer runs dry (the trainer waited for rollouts longer
+/// than half the time it spent training the step before): first cap the generation length, by a
+/// quarter each time down to a quarter of `--max-new-tokens`, then move the high-effort share to
+/// medium, a quarter at a time. Every change is a line in the log and in the step's record.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throttle {
+    /// Completion tokens per rollout now.
+    pub cap: usize,
+    /// Share of the curriculum's high-effort prompts sampled at medium effort instead.
+    pub high_cut: f64,
+}
+
+impl Throttle {
+    pub fn new(max_new_tokens: usize) -> Throttle {
+        Throttle { cap: max_new_tokens, high_cut: 0.0 }
+    }
+
+    /// After a step that waited `stall` seconds for rollouts, `trained` seconds after the one
+    /// before: the change it makes, said in words.
+    pub fn update(&mut self, stall: f64, trained: f64, max_new_tokens: usize) -> Option<String> {
+        if stall <= 0.5 * trained {
+            return None;
+        }
+        let dry = format!("the rollout buffer ran dry (the trainer waited {stall:.1} s, training took {trained:.1} s)");
+        let floor = (max_new_tokens / 4).max(1);
+        if self.cap > floor {
+            self.cap = (self.cap * 3 / 4).max(floor);
+            Some(format!("{dry}: generation capped at {} tokens", self.cap))
+        } else if self.high_cut < 1.0 {
+            self.high_cut = (self.high_cut + 0.25).min(1.0);
+            Some(format!("{dry}: {:.0}% of high-effort prompts now sampled at medium effort", 100.0 * self.high_cut))
+        } else {
+            None
+        }
+    }
+}
+
 pub struct Opd {
     anchor: Datasets,
     sampler: Arc<Sampler>,
@@ -45,12 +82,16 @@ pub struct Opd {
     discarded: u64,
     /// At `max_lag` 1: the next step's rollouts in flight, and that step.
     pending: Option<(u64, usize, JoinHandle<Result<Rollouts>>)>,
+    throttle: Throttle,
+    /// When the last draw returned (the trainer has trained since).
+    last_draw: Option<Instant>,
 }
 
 impl Opd {
     /// Connects to the teacher and opens the prompts and the anchor's datasets.
     pub fn open(plan: &Plan, data: &[(PathBuf, f64)], cfg: &TrainConfig, run: &OpdRun, steps: u64) -> Result<Opd> {
         let opd = cfg.opd.clone().context("internal: an OPD source without OPD settings")?;
+        let max_new_tokens = opd.max_new_tokens;
         crate::decode::sample::require_harmony(plan)?;
         let prompts = Prompts::open(&run.prompts)?;
         ensure!(!prompts.is_empty(), "--opd-prompts {}: no documents", run.prompts.display());
@@ -75,6 +116,8 @@ impl Opd {
             anchor_steps: 0,
             discarded: 0,
             pending: None,
+            throttle: Throttle::new(max_new_tokens),
+            last_draw: None,
         })
     }
 
@@ -91,8 +134,9 @@ impl Opd {
         self.opd_tokens as f64 / self.cfg().token_budget as f64
     }
 
+    /// The curriculum's phase now, with the throttle's share of high effort moved to medium.
     fn phase(&self) -> Phase {
-        self.cfg().curriculum.at(self.position()).clone()
+        self.cfg().curriculum.at(self.position()).with_high_cut(self.throttle.high_cut)
     }
 
     fn record(&self) -> OpdRecord {
@@ -118,8 +162,8 @@ impl Opd {
             }
             self.discarded += rows as u64;
         }
-        let phase = self.phase();
-        let r = rollout::sample(&self.sampler, &be.state()?, step, &phase)?;
+        let (phase, cap) = (self.phase(), self.throttle.cap);
+        let r = rollout::sample(&self.sampler, &be.state()?, step, &phase, cap)?;
         Ok((r, t0.elapsed().as_secs_f64()))
     }
 
@@ -128,10 +172,10 @@ impl Opd {
         if self.cfg().max_lag == 0 || next >= self.steps || self.is_anchor(next) {
             return Ok(());
         }
-        let (state, sampler, phase) = (be.state()?, self.sampler.clone(), self.phase());
+        let (state, sampler, phase, cap) = (be.state()?, self.sampler.clone(), self.phase(), self.throttle.cap);
         let handle = std::thread::Builder::new()
             .name("opd-sampler".into())
-            .spawn(move || rollout::sample(&sampler, &state, next, &phase))
+            .spawn(move || rollout::sample(&sampler, &state, next, &phase, cap))
             .context("starting the rollout sampler")?;
         self.pending = Some((next, self.sampler.rows, handle));
         Ok(())
@@ -145,11 +189,17 @@ impl Source for Opd {
             self.anchor_steps += 1;
             let mut d = self.anchor.draw(plan, cfg, be)?;
             d.opd = Some(OpdRecord { anchor: true, buffer: self.pending.is_some() as usize, ..self.record() });
+            self.last_draw = Some(Instant::now());
             return Ok(d);
         }
         self.opd_steps += 1;
         let mut rec = self.record();
+        let trained = self.last_draw.map(|t| t.elapsed().as_secs_f64());
         let (r, stall) = self.rollouts(be, step)?;
+        // Only a pipelined step waits on a buffer; a synchronous one samples by design.
+        if let (Some(trained), 1) = (trained, r.policy_step.abs_diff(step)) {
+            rec.note = self.throttle.update(stall, trained, self.cfg().max_new_tokens);
+        }
         let lag = step - r.policy_step;
         ensure!(lag <= self.cfg().max_lag, "internal: rollouts of step {} trained at step {step}", r.policy_step);
         let mut batches = rollout::batches(&r.rows, cfg.seq_len, cfg.micro_batch, self.cfg().ratio_clip);
@@ -177,6 +227,8 @@ impl Source for Opd {
         rec.teacher_floored = r.floored;
         self.prefetch(be, step + 1)?;
         rec.buffer = self.pending.is_some() as usize;
+        (rec.cap, rec.high_cut) = (self.throttle.cap, self.throttle.high_cut);
+        self.last_draw = Some(Instant::now());
         Ok(Drawn { batches, counts, rows_per_dataset: vec![0; self.blend], kd: None, opd: Some(rec) })
     }
 
@@ -188,9 +240,11 @@ impl Source for Opd {
             ("opd_steps", self.opd_steps),
             ("opd_anchor_steps", self.anchor_steps),
             ("opd_discarded", self.discarded + in_flight),
+            ("opd_cap", self.throttle.cap as u64),
         ] {
             meta.scalars.insert(k.into(), v as f64);
         }
+        meta.scalars.insert("opd_high_cut".into(), self.throttle.high_cut);
     }
 
     fn restore(&mut self, meta: &Meta) -> Result<()> {
@@ -200,7 +254,36 @@ impl Source for Opd {
         self.opd_steps = get("opd_steps");
         self.anchor_steps = get("opd_anchor_steps");
         self.discarded = get("opd_discarded");
+        self.throttle = Throttle {
+            cap: get("opd_cap") as usize,
+            high_cut: meta.scalars.get("opd_high_cut").copied().unwrap_or(0.0),
+        };
+        if self.throttle.cap == 0 {
+            self.throttle.cap = self.cfg().max_new_tokens;
+        }
         self.pending = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_buffer_caps_generation_then_lowers_the_high_share_and_says_so() {
+        let mut t = Throttle::new(100);
+        assert_eq!(t.update(1.0, 4.0, 100), None, "a short wait changes nothing");
+        let mut notes = Vec::new();
+        while let Some(n) = t.update(3.0, 4.0, 100) {
+            notes.push(n);
+        }
+        assert_eq!(notes.len(), 5 + 4, "{notes:#?}");
+        assert!(notes[0].contains("waited 3.0 s") && notes[0].ends_with("generation capped at 75 tokens"));
+        assert!(notes[4].ends_with("capped at 25 tokens"), "{}", notes[4]);
+        assert!(notes[5].ends_with("25% of high-effort prompts now sampled at medium effort"), "{}", notes[5]);
+        assert_eq!(t, Throttle { cap: 25, high_cut: 1.0 });
+        let p = crate::opd::curriculum::Curriculum::default().phase[3].with_high_cut(0.5);
+        assert!((p.medium - 0.6).abs() < 1e-12 && (p.high - 0.3).abs() < 1e-12);
     }
 }

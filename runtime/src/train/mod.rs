@@ -46,6 +46,10 @@ pub struct TrainConfig {
     pub span_weights: [f32; 2],
     /// Stage 2 confidence weights (used on rows that carry teacher log-probabilities).
     pub kd: KdConfig,
+    /// The checksum of the weights the run started from when not its own initialisation
+    /// (`--init`, the previous stage's checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_sha256: Option<String>,
     /// Stage 3 (on-policy distillation) when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opd: Option<crate::opd::OpdConfig>,
@@ -229,6 +233,9 @@ pub fn train(
             checkpoint = Some(p);
         }
         log.write(&rec, last)?;
+        if let Some(note) = rec.opd.as_ref().and_then(|o| o.note.as_ref()) {
+            log.println(format!("step {}: {note}", rec.step));
+        }
         records.push(rec);
         if interrupted {
             break;

@@ -100,6 +100,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         clip: 1.0,
         span_weights: [1.0, 1.0],
         kd: Default::default(),
+        init_sha256: None,
         opd: None,
     };
     let opts = RunOptions {

@@ -332,6 +332,10 @@ pub(crate) struct TrainArgs {
     /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs).
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Start from the weights of this checkpoint (a step_N directory, or a run directory's
+    /// newest), with fresh optimizer state and schedule: the previous stage of the recipe.
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub(crate) init: Option<PathBuf>,
     /// Held-out evaluation every N steps (0: never).
     #[arg(long, default_value_t = 10)]
     pub(crate) eval_every: u64,

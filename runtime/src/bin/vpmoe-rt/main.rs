@@ -5,7 +5,7 @@ mod cli;
 mod eval;
 mod sample;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use cli::{backend, data_source, plan_of, BackendKind, Cli, Cmd, Decay, ScoreArgs, TeacherCmd, TrainArgs};
 use std::path::PathBuf;
@@ -91,10 +91,21 @@ fn run_train(a: TrainArgs) -> Result<()> {
         clip: a.clip,
         span_weights: a.span_weights,
         kd: train::KdConfig { temperature: a.kd_temperature, w_min: a.kd_clip[0], w_max: a.kd_clip[1] },
+        init_sha256: None,
         opd: None,
     };
+    let state = match &a.init {
+        Some(p) => {
+            let (dir, st) = vpmoe_runtime::decode::sample::load_checkpoint(p, &plan).context("--init")?;
+            let st = st.restart();
+            let sum = st.checksum();
+            println!("initialised from {} (masters sha256 {}…)", dir.display(), &sum[..16]);
+            cfg.init_sha256 = Some(sum);
+            st
+        }
+        None => TrainState::init(&plan, cfg.seed),
+    };
     // Open the device before any data work: a missing GPU is reported at once.
-    let state = TrainState::init(&plan, cfg.seed);
     let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
