@@ -12,6 +12,7 @@ pub mod opd;
 pub mod optim;
 pub mod params;
 pub mod parity;
+pub mod plot;
 pub use vpmoe_ir::rng;
 pub mod state;
 pub mod teacher;

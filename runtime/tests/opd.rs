@@ -89,20 +89,26 @@ fn opd_config(max_lag: u64, ce_anchor: f64) -> OpdConfig {
     }
 }
 
+/// What samples a synchronous step of 4 rollouts from the small model.
+fn sampler(server: &Server, seed: u64) -> Sampler {
+    let plan = &model().1;
+    Sampler {
+        graph: vpmoe_compiler::lower::lower(&plan.arch),
+        plan: plan.clone(),
+        prompts: Prompts::open(&sample_data()[0].0).unwrap(),
+        teacher: Client::connect(client(server)).unwrap(),
+        cfg: opd_config(0, 0.0),
+        seed,
+        seq_len: SEQ,
+        rows: 4,
+    }
+}
+
 #[test]
 fn teacher_logprobs_align_with_every_trained_token() {
     let (g, plan) = model();
     let server = start(Api::Vllm, Faults::default(), hashed);
-    let s = Sampler {
-        graph: vpmoe_compiler::lower::lower(&plan.arch),
-        plan: plan.clone(),
-        prompts: Prompts::open(&sample_data()[0].0).unwrap(),
-        teacher: Client::connect(client(&server)).unwrap(),
-        cfg: opd_config(0, 0.0),
-        seed: 9,
-        seq_len: SEQ,
-        rows: 4,
-    };
+    let s = sampler(&server, 9);
     let state = stage1();
     let phase = s.cfg.curriculum.at(0.0).clone();
     let mut r = rollout::sample(&s, state, state.step, &phase, 96).unwrap();
@@ -333,16 +339,7 @@ fn teacher_outages_are_retried_and_bad_answers_stop_with_a_clear_error() {
 fn the_opd_objective_ignores_the_micro_batch_split_and_padding() {
     let (g, plan) = model();
     let server = start(Api::Vllm, Faults::default(), prefers_even);
-    let s = Sampler {
-        graph: vpmoe_compiler::lower::lower(&plan.arch),
-        plan: plan.clone(),
-        prompts: Prompts::open(&sample_data()[0].0).unwrap(),
-        teacher: Client::connect(client(&server)).unwrap(),
-        cfg: opd_config(0, 0.0),
-        seed: 4,
-        seq_len: SEQ,
-        rows: 4,
-    };
+    let s = sampler(&server, 4);
     let phase = s.cfg.curriculum.at(0.0).clone();
     let r = rollout::sample(&s, stage1(), 0, &phase, 96).unwrap();
     // A step's loss and gradient norm from its batches.
@@ -380,6 +377,8 @@ fn the_cli_runs_stage_three_from_a_stage_one_checkpoint() {
         args.extend([
             "--steps",
             "2",
+            "--warmup",
+            "0",
             "--micro-batch",
             "1",
             "--grad-accum",

@@ -58,6 +58,19 @@ pub(crate) enum Cmd {
     /// Evaluate a checkpoint: held-out loss per span on datasets' valid splits, the Harmony
     /// format validity of sampled answers, multiple-choice tasks; a table and a JSON report.
     Eval(EvalArgs),
+    /// Draw a run's metrics.jsonl: one HTML page of SVG panels (losses with held-out points,
+    /// learning rate, gradient norm, throughput, router health and per-layer loads, stage 2 and
+    /// stage 3 signals when present).
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PlotArgs {
+    /// A run directory (the --ckpt-dir of `vpmoe-rt train`).
+    pub(crate) run: PathBuf,
+    /// The page to write [default: RUN/plot.html].
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

@@ -243,6 +243,12 @@ fn run() -> Result<()> {
         Cmd::Data(cmd) => vpmoe_data::cli::run(cmd),
         Cmd::Teacher(TeacherCmd::Score(a)) => run_score(a),
         Cmd::Train(a) => run_train(*a),
+        Cmd::Plot(a) => {
+            let out = a.out.unwrap_or_else(|| a.run.join("plot.html"));
+            let n = vpmoe_runtime::plot::plot(&a.run, &out)?;
+            println!("{n} panels -> {} (open it in a browser)", out.display());
+            Ok(())
+        }
         Cmd::Bench(a) => bench::run_bench(a),
         Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Chat(a) => sample::run_chat(a),
