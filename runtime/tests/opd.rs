@@ -425,3 +425,26 @@ fn the_cli_runs_stage_three_from_a_stage_one_checkpoint() {
         assert!(!text(&o).contains("panicked"), "{}", text(&o));
     }
 }
+
+/// `eval --teacher`: the teacher's mean log-probability of the sampled answers' final tokens.
+#[test]
+fn eval_reports_the_teachers_mean_logprob_of_final_answers() {
+    let plan = &model().1;
+    let server = start(Api::Vllm, Faults::default(), |_, _, _| (vec![], -1.25));
+    let teacher = Client::connect(client(&server)).unwrap();
+    let graph = vpmoe_compiler::lower::lower(&plan.arch);
+    let mut dec = vpmoe_runtime::decode::Decoder::new(&graph, plan, stage1(), 4).unwrap();
+    let p = Prompts::open(&sample_data()[0].0).unwrap();
+    let prompts: Vec<vpmoe_runtime::decode::sample::Prompt> = (0..p.len())
+        .filter_map(|d| p.prompt(d, vpmoe_data::harmony::ReasoningEffort::Medium))
+        .enumerate()
+        .map(|(line, tokens)| vpmoe_runtime::decode::sample::Prompt { line, source: serde_json::Value::Null, tokens })
+        .collect();
+    let s = vpmoe_runtime::eval::sample_stats(&mut dec, &prompts, "medium", true, 1, 96, 3, Some(&teacher)).unwrap();
+    let n = s.teacher_final_tokens.unwrap();
+    assert!(n > 0, "the stage-1 model writes final answers");
+    assert_eq!(s.teacher_final_logp, Some(-1.25));
+    let without = vpmoe_runtime::eval::sample_stats(&mut dec, &prompts, "medium", true, 1, 96, 3, None).unwrap();
+    assert_eq!((without.teacher_final_logp, without.teacher_final_tokens), (None, None));
+    assert_eq!(without.valid, s.valid, "the teacher changes nothing else");
+}

@@ -8,7 +8,7 @@ use crate::decode::sample::{Prompt, Summary, STOP};
 use crate::decode::sampler::Sampling;
 use crate::decode::{generate, Decoder, GenConfig};
 use crate::train::EvalRecord;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -38,6 +38,12 @@ pub struct SampleStats {
     pub budget_share: f64,
     pub mean_analysis_tokens: f64,
     pub mean_final_tokens: f64,
+    /// With `--teacher`: the teacher's mean log-probability of the answers' final-message tokens
+    /// (a cheap agreement score), and how many tokens it covers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_final_logp: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_final_tokens: Option<u64>,
 }
 
 /// Everything `eval` measured.
@@ -51,7 +57,9 @@ pub struct Report {
     pub tasks: BTreeMap<String, TaskScore>,
 }
 
-/// Samples `per_prompt` answers to every prompt (greedy: one) and counts their validity.
+/// Samples `per_prompt` answers to every prompt (greedy: one) and counts their validity; with a
+/// teacher, also its mean log-probability of the final messages' tokens.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_stats(
     dec: &mut Decoder,
     prompts: &[Prompt],
@@ -60,6 +68,7 @@ pub fn sample_stats(
     per_prompt: usize,
     max_new_tokens: usize,
     seed: u64,
+    teacher: Option<&crate::teacher::client::Client>,
 ) -> Result<SampleStats> {
     let n = if greedy { 1 } else { per_prompt.max(1) };
     let toks: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.tokens.clone(), n)).collect();
@@ -67,9 +76,28 @@ pub fn sample_stats(
     let cfg = GenConfig { sampling, seed, max_new_tokens, stop: STOP.to_vec() };
     let gens = generate(dec, &toks, &cfg, |_, _| {})?;
     let mut sum = Summary::default();
+    let mut spans = Vec::with_capacity(gens.len());
     for g in &gens {
-        sum.add(g, &completion::parse(&g.tokens));
+        let c = completion::parse(&g.tokens);
+        sum.add(g, &c);
+        spans.push(c.span_id);
     }
+    let agreement = match teacher {
+        Some(t) => {
+            let seqs: Vec<(&[u32], &[u32])> =
+                toks.iter().zip(&gens).map(|(p, g)| (p.as_slice(), g.tokens.as_slice())).collect();
+            let lps = t.completion_logprobs(&seqs).context("teacher agreement")?;
+            let (mut total, mut n) = (0f64, 0u64);
+            for (lp, span) in lps.iter().zip(&spans) {
+                for (&x, _) in lp.iter().zip(span).filter(|(_, &s)| s == 2) {
+                    total += x as f64;
+                    n += 1;
+                }
+            }
+            Some(((n > 0).then(|| total / n as f64), n))
+        }
+        None => None,
+    };
     let k = sum.samples.max(1) as f64;
     let s = SampleStats {
         effort: effort.to_string(),
@@ -81,6 +109,8 @@ pub fn sample_stats(
         mean_analysis_tokens: sum.analysis_tokens as f64 / k,
         mean_final_tokens: sum.final_tokens as f64 / k,
         violations: sum.violations,
+        teacher_final_logp: agreement.and_then(|a| a.0),
+        teacher_final_tokens: agreement.map(|a| a.1),
     };
     Ok(s)
 }
@@ -107,12 +137,17 @@ impl Report {
             }
         }
         if !self.samples.is_empty() {
-            let _ = writeln!(t, "\nsamples  effort  mode      n  valid  budget  analysis  final  violations");
+            let _ = writeln!(t, "\nsamples  effort  mode      n  valid  budget  analysis  final  teacher  violations");
             for s in &self.samples {
                 let v: Vec<String> = s.violations.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                let teacher = match (s.teacher_final_logp, s.teacher_final_tokens) {
+                    (Some(lp), _) => format!("{lp:>7.3}"),
+                    (None, Some(_)) => "    n/a".into(),
+                    (None, None) => "      -".into(),
+                };
                 let _ = writeln!(
                     t,
-                    "         {:<7} {:<7} {:>3} {:>5.0}% {:>6.0}% {:>9.1} {:>6.1}  {}",
+                    "         {:<7} {:<7} {:>3} {:>5.0}% {:>6.0}% {:>9.1} {:>6.1}  {teacher}  {}",
                     s.effort,
                     s.mode,
                     s.samples,

@@ -28,8 +28,6 @@ const EFFORT_STREAM: u64 = 2;
 const PROMPT_TRIES: u64 = 16;
 /// Completion tokens a prompt must leave room for in a row.
 const MIN_ANSWER: usize = 16;
-/// Sequences sent to the teacher in one request.
-const SCORE_BATCH: usize = 8;
 
 /// The prompts: user messages of a build-synth dataset, re-headed with a system message of the
 /// chosen reasoning effort. The user message's tokens are copied, never re-tokenised.
@@ -230,32 +228,15 @@ pub fn sample(
     })
 }
 
-/// The teacher's log-probability of every completion token, in its context, in requests of
-/// [`SCORE_BATCH`] sequences; returns how many were raised to the floor.
+/// The teacher's log-probability of every completion token, in its context; returns how many
+/// were raised to the floor.
 fn score(teacher: &Client, rows: &mut [Rollout]) -> Result<u64> {
+    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (r.prompt.as_slice(), r.completion.as_slice())).collect();
+    let scores = teacher.completion_logprobs(&seqs).context("teacher scoring of rollouts")?;
     let mut floored = 0;
-    for chunk in rows.chunks_mut(SCORE_BATCH) {
-        let seqs: Vec<Vec<i32>> =
-            chunk.iter().map(|r| r.prompt.iter().chain(&r.completion).map(|&t| t as i32).collect()).collect();
-        let refs: Vec<&[i32]> = seqs.iter().map(|s| s.as_slice()).collect();
-        let scores = teacher.score(&refs, 0).context("teacher scoring of rollouts")?;
-        ensure!(scores.len() == chunk.len(), "the teacher answered {} sequences for {}", scores.len(), chunk.len());
-        for (r, sc) in chunk.iter_mut().zip(scores) {
-            let n_p = r.prompt.len();
-            ensure!(
-                sc.logp.len() == n_p + r.completion.len(),
-                "the teacher scored {} positions of a {}-token sequence",
-                sc.logp.len(),
-                n_p + r.completion.len()
-            );
-            r.teacher_logp = sc.logp[n_p..]
-                .iter()
-                .map(|&lp| {
-                    floored += u64::from(lp < TEACHER_LOGP_FLOOR);
-                    lp.max(TEACHER_LOGP_FLOOR)
-                })
-                .collect();
-        }
+    for (r, lps) in rows.iter_mut().zip(scores) {
+        floored += lps.iter().filter(|&&lp| lp < TEACHER_LOGP_FLOOR).count() as u64;
+        r.teacher_logp = lps.into_iter().map(|lp| lp.max(TEACHER_LOGP_FLOOR)).collect();
     }
     Ok(floored)
 }

@@ -42,6 +42,9 @@ pub struct Client {
     pub info: ServerInfo,
 }
 
+/// Sequences per request of [`Client::completion_logprobs`].
+pub const COMPLETIONS_PER_REQUEST: usize = 8;
+
 /// Largest accepted response body (top-20 vLLM answers for 8k tokens are several MB).
 const MAX_BODY: u64 = 1 << 30;
 
@@ -137,6 +140,31 @@ impl Client {
             }
         }
         unreachable!("the loop returns on its last attempt")
+    }
+
+    /// The teacher's log-probability of every completion token of `seqs` (prompt, completion) in
+    /// exactly its context, the sequences sent [`COMPLETIONS_PER_REQUEST`] a request: what stage 3
+    /// trains on and what `eval --teacher` averages.
+    pub fn completion_logprobs(&self, seqs: &[(&[u32], &[u32])]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(COMPLETIONS_PER_REQUEST) {
+            let ids: Vec<Vec<i32>> =
+                chunk.iter().map(|(p, c)| p.iter().chain(c.iter()).map(|&t| t as i32).collect()).collect();
+            let refs: Vec<&[i32]> = ids.iter().map(|s| s.as_slice()).collect();
+            let scores = self.score(&refs, 0)?;
+            ensure!(scores.len() == chunk.len(), "the teacher answered {} sequences for {}", scores.len(), chunk.len());
+            for ((p, c), s) in chunk.iter().zip(scores) {
+                ensure!(
+                    s.logp.len() == p.len() + c.len(),
+                    "the teacher scored {} positions of a {}-token sequence",
+                    s.logp.len(),
+                    p.len() + c.len()
+                );
+                ensure!(!p.is_empty(), "a completion needs a prompt before it");
+                out.push(s.logp[p.len()..].to_vec());
+            }
+        }
+        Ok(out)
     }
 
     /// Score prompts (one request); see [`wire::parse_response`].

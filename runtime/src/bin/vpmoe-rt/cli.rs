@@ -102,6 +102,13 @@ pub(crate) struct EvalArgs {
     /// Multiple-choice task files (JSONL; docs/cli.md), repeatable.
     #[arg(long, value_name = "FILE")]
     pub(crate) tasks: Vec<PathBuf>,
+    /// A teacher server (http://HOST:PORT): its mean log-probability of the sampled answers' final
+    /// messages is reported (agreement); needs --prompts and --api.
+    #[arg(long, value_name = "URL", requires_all = ["api", "prompts"])]
+    pub(crate) teacher: Option<String>,
+    /// The teacher's API: vLLM /v1/completions (prompt_logprobs) or SGLang /generate.
+    #[arg(long, value_enum, requires = "teacher")]
+    pub(crate) api: Option<vpmoe_runtime::teacher::wire::Api>,
     /// Write the JSON report here too.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -458,6 +465,22 @@ pub(crate) fn parse_steps(s: &str) -> Result<(u64, u64), String> {
         return Err(format!("{s:?}: need 1 <= A <= B"));
     }
     Ok((a, b))
+}
+
+/// The client settings of a teacher server the run depends on (stage 3, `eval --teacher`).
+pub(crate) fn teacher_client(
+    url: String,
+    api: vpmoe_runtime::teacher::wire::Api,
+) -> vpmoe_runtime::teacher::client::ClientConfig {
+    vpmoe_runtime::teacher::client::ClientConfig {
+        url,
+        api,
+        model: None,
+        timeout: std::time::Duration::from_secs(600),
+        retries: 6,
+        backoff: std::time::Duration::from_secs(1),
+        vocab: vpmoe_data::tokenizer::VOCAB_SIZE as usize,
+    }
 }
 
 /// The backend the user chose; the cuda one fails with an explanation where there is no GPU.

@@ -47,11 +47,30 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(path) = &a.prompts {
         let efforts = if a.reasoning_effort.is_empty() { vec![Default::default()] } else { a.reasoning_effort.clone() };
         let mut dec = Decoder::new(&graph, &plan, &state, 8)?;
+        let teacher = match &a.teacher {
+            Some(url) => {
+                let api = a.api.expect("clap requires --api with --teacher");
+                Some(
+                    vpmoe_runtime::teacher::client::Client::connect(crate::cli::teacher_client(url.clone(), api))
+                        .context("--teacher")?,
+                )
+            }
+            None => None,
+        };
         for effort in efforts {
             let prompts = read_prompts(path, effort)?;
             let name = effort.as_str();
             for greedy in [true, false] {
-                let s = sample_stats(&mut dec, &prompts, name, greedy, a.samples, a.max_new_tokens, a.seed)?;
+                let s = sample_stats(
+                    &mut dec,
+                    &prompts,
+                    name,
+                    greedy,
+                    a.samples,
+                    a.max_new_tokens,
+                    a.seed,
+                    teacher.as_ref(),
+                )?;
                 report.samples.push(s);
             }
         }

@@ -45,15 +45,7 @@ fn opd_settings(
         curriculum,
     };
     c.validate()?;
-    let teacher = vpmoe_runtime::teacher::client::ClientConfig {
-        url,
-        api: a.api.expect("clap requires --api with --opd-teacher"),
-        model: None,
-        timeout: std::time::Duration::from_secs(600),
-        retries: 6,
-        backoff: std::time::Duration::from_secs(1),
-        vocab: vpmoe_data::tokenizer::VOCAB_SIZE as usize,
-    };
+    let teacher = cli::teacher_client(url, a.api.expect("clap requires --api with --opd-teacher"));
     let prompts = a.opd_prompts.clone().unwrap_or_else(|| data[0].0.clone());
     Ok((c, vpmoe_runtime::opd::OpdRun { teacher, prompts }))
 }
