@@ -19,6 +19,7 @@
 //! * [`lock`] — the exclusive lock a command holds on the directory it writes.
 //! * [`cli`] — `vpmoe-rt data render|build-synth|inspect` ([`cli::DataCmd`], [`cli::run`]).
 pub mod build_synth;
+pub mod canary;
 pub mod cli;
 pub mod completion;
 pub mod docs;

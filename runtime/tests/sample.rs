@@ -165,6 +165,31 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     assert_eq!(r["samples"][1]["samples"], 4, "2 prompts × 2 samples");
     assert_eq!(r["tasks"]["arithmetic"]["questions"], 2);
     assert_eq!(r["tasks"]["capitals"]["questions"], 1);
+    // The built-in canary set's loss, per document, with the set's hash.
+    assert_eq!(r["canary"]["docs"].as_array().unwrap().len(), 8);
+    assert!(r["canary"]["loss"].as_f64().unwrap().is_finite() && r["canary"]["sha256"].as_str().unwrap().len() == 64);
+    assert!(text(&o).contains("canary loss "), "{}", text(&o));
+    let bad = dir.join("bad_canary.jsonl");
+    std::fs::write(&bad, "{\"text\": \"too short\"}\n").unwrap();
+    let o = rt(&["eval", "--backend", "cpu"], &[Path::new("--checkpoint"), &run, Path::new("--canary"), &bad]);
+    assert!(text(&o).contains("bad_canary.jsonl:1: too short to recognise"), "{}", text(&o));
+    // A training dataset that contains a canary document is refused, the document named.
+    let canary = dir.join("canary.jsonl");
+    std::fs::write(&canary, "{\"text\": \"why did they plan to take the eiffel tower down after 20 years\"}\n")
+        .unwrap();
+    let o = rt(
+        &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0"],
+        &[
+            Path::new("--data"),
+            &sample_data()[0].0,
+            Path::new("--ckpt-dir"),
+            &dir.join("refused"),
+            Path::new("--canary"),
+            &canary,
+        ],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("contains canary document ") && text(&o).contains("canary.jsonl:1"), "{}", text(&o));
     let o = rt(&["eval", "--backend", "cpu"], &[Path::new("--checkpoint"), &run]);
     assert!(text(&o).contains("nothing to evaluate"), "{}", text(&o));
     let p = dir.join("bad_tasks.jsonl");

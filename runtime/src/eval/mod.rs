@@ -55,6 +55,52 @@ pub struct Report {
     pub held_out: Vec<HeldOut>,
     pub samples: Vec<SampleStats>,
     pub tasks: BTreeMap<String, TaskScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryLoss>,
+}
+
+/// The loss on the canary set: per document, and their token-weighted mean.
+#[derive(Debug, Serialize)]
+pub struct CanaryLoss {
+    pub set: String,
+    pub sha256: String,
+    pub loss: f64,
+    pub tokens: u64,
+    pub docs: Vec<CanaryDoc>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CanaryDoc {
+    pub line: usize,
+    pub kind: &'static str,
+    pub tokens: u64,
+    pub loss: f64,
+}
+
+/// Each canary document's mean `−log p` over its scored tokens (texts: all but the first;
+/// conversations: the training render's loss mask), through `score`.
+pub fn canary_loss(dec: &mut Decoder, canary: &vpmoe_data::canary::Canary) -> Result<CanaryLoss> {
+    let (mut total, mut n, mut docs) = (0f64, 0u64, Vec::new());
+    for d in &canary.docs {
+        let s =
+            crate::decode::score::score(dec, &d.tokens, 0).with_context(|| format!("{}:{}", canary.name, d.line))?;
+        let (mut sum, mut k) = (0f64, 0u64);
+        for (lp, &m) in s.logprobs.iter().zip(&d.scored) {
+            if let (Some(lp), 1) = (lp, m) {
+                sum -= *lp as f64;
+                k += 1;
+            }
+        }
+        docs.push(CanaryDoc { line: d.line, kind: d.kind, tokens: k, loss: sum / k.max(1) as f64 });
+        (total, n) = (total + sum, n + k);
+    }
+    Ok(CanaryLoss {
+        set: canary.name.clone(),
+        sha256: canary.sha256.clone(),
+        loss: total / n.max(1) as f64,
+        tokens: n,
+        docs,
+    })
 }
 
 /// Samples `per_prompt` answers to every prompt (greedy: one) and counts their validity; with a
@@ -157,6 +203,19 @@ impl Report {
                     s.mean_final_tokens,
                     v.join(", ")
                 );
+            }
+        }
+        if let Some(c) = &self.canary {
+            let _ = writeln!(
+                t,
+                "\ncanary loss {:.4} over {} tokens ({}, sha256 {}…)",
+                c.loss,
+                c.tokens,
+                c.set,
+                &c.sha256[..16]
+            );
+            for d in &c.docs {
+                let _ = writeln!(t, "  line {:>3}  {:<12} {:>5} tokens  {:.4}", d.line, d.kind, d.tokens, d.loss);
             }
         }
         if !self.tasks.is_empty() {

@@ -89,6 +89,8 @@ pub struct RunOptions {
     pub profile_steps: Option<(u64, u64)>,
     /// Stage 3's teacher and prompts (with `TrainConfig::opd`).
     pub opd: Option<crate::opd::OpdRun>,
+    /// The canary set no dataset may contain (`None`: the built-in one).
+    pub canary: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -175,6 +177,10 @@ pub fn train(
     let mut inputs = data.to_vec();
     if let Some(run) = opts.opd.as_ref().filter(|r| !data.iter().any(|(d, _)| *d == r.prompts)) {
         inputs.push((run.prompts.clone(), 0.0));
+    }
+    let canary = vpmoe_data::canary::Canary::load(opts.canary.as_deref())?;
+    for (d, _) in &inputs {
+        canary.check_dataset(d)?;
     }
     let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, &inputs)?, dir: &opts.ckpt_dir, keep: opts.keep };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {

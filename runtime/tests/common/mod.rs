@@ -115,6 +115,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         print_every: 0,
         profile_steps: None,
         opd: None,
+        canary: None,
     };
     (cfg, opts)
 }

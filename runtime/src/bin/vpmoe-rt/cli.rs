@@ -102,6 +102,10 @@ pub(crate) struct EvalArgs {
     /// Multiple-choice task files (JSONL; docs/cli.md), repeatable.
     #[arg(long, value_name = "FILE")]
     pub(crate) tasks: Vec<PathBuf>,
+    /// Canary set whose per-document loss is reported (JSONL; docs/cli.md) [default: the
+    /// built-in data/canary.jsonl, for Harmony models].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) canary: Option<PathBuf>,
     /// A teacher server (http://HOST:PORT): its mean log-probability of the sampled answers' final
     /// messages is reported (agreement); needs --prompts and --api.
     #[arg(long, value_name = "URL", requires_all = ["api", "prompts"])]
@@ -352,6 +356,10 @@ pub(crate) struct TrainArgs {
     /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs).
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Canary set no training dataset may contain (JSONL; docs/cli.md) [default: the built-in
+    /// data/canary.jsonl].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) canary: Option<PathBuf>,
     /// Start from the weights of this checkpoint (a step_N directory, or a run directory's
     /// newest), with fresh optimizer state and schedule: the previous stage of the recipe.
     #[arg(long, value_name = "CHECKPOINT")]

@@ -9,12 +9,12 @@ use vpmoe_runtime::eval::{sample_stats, tasks, HeldOut, Report};
 use vpmoe_runtime::train::{eval_split, evaluate, TrainConfig};
 
 pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
-    if a.data.is_empty() && a.prompts.is_none() && a.tasks.is_empty() {
-        bail!("nothing to evaluate: give --data (held-out loss), --prompts (sampled answers) or --tasks");
+    if a.data.is_empty() && a.prompts.is_none() && a.tasks.is_empty() && a.canary.is_none() {
+        bail!("nothing to evaluate: give --data (held-out loss), --prompts (sampled answers), --tasks or --canary");
     }
-    let generates = a.prompts.is_some() || !a.tasks.is_empty();
+    let generates = a.prompts.is_some() || !a.tasks.is_empty() || a.canary.is_some();
     if a.model.backend == BackendKind::Cuda && generates {
-        bail!("--prompts and --tasks generate on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
+        bail!("--prompts, --tasks and --canary run the decoder on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
     }
     let (graph, plan) = plan_of(a.model.plan.clone(), a.model.arch.clone())?;
     let (dir, state) = load_checkpoint(&a.model.checkpoint, &plan)?;
@@ -84,6 +84,13 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
         let bar = vpmoe_data::progress_bar(items.len() as u64, "questions", true);
         report.tasks = tasks::run_tasks(&mut dec, &items, || bar.inc(1))?;
         bar.finish_and_clear();
+    }
+    // The canary loss: the given set, or the built-in one for a Harmony model.
+    if a.canary.is_some() || plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
+        require_harmony(&plan)?;
+        let canary = vpmoe_data::canary::Canary::load(a.canary.as_deref())?;
+        let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+        report.canary = Some(vpmoe_runtime::eval::canary_loss(&mut dec, &canary)?);
     }
     print!("{}", report.table());
     if let Some(out) = &a.out {

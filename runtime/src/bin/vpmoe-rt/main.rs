@@ -117,6 +117,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         print_every: (a.steps / 20).max(1),
         profile_steps: a.profile_steps,
         opd: None,
+        canary: a.canary.clone(),
     };
     if let Some(url) = a.opd.opd_teacher.clone() {
         let (c, run) = opd_settings(&a.opd, url, &cfg, a.steps, &data)?;
