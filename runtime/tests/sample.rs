@@ -21,6 +21,12 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let dir = tmp("sample");
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "\"What is the capital of France?\"\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}]}\n",
+    )
+    .unwrap();
     let train = rt(
         &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "1", "--micro-batch", "1"],
         &[
@@ -32,9 +38,17 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
             &sample_data()[0].0,
             Path::new("--ckpt-dir"),
             &run,
+            Path::new("--canary"),
+            Path::new("data/canary.jsonl"),
+            Path::new("--eval-prompts"),
+            &prompts,
         ],
     );
     assert!(train.status.success(), "{}", text(&train));
+    // Every evaluation also reports the canary loss and the greedy answers' validity.
+    let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+    assert!(first["eval"]["canary_loss"].as_f64().unwrap() > 0.0 && first["eval"]["valid_rate"].is_number(), "{m}");
     assert!(text(&train).contains("sample (greedy, ≤ 48 tokens) \"What is 2 + 2?\" -> "), "{}", text(&train));
 
     // The run's picture: every panel drawn, with data.
@@ -46,12 +60,6 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let data = |p: &str| p.contains("<polyline") || p.contains("<circle") || p.matches("<rect").count() > 2;
     assert!(sections.iter().all(|p| data(p)), "a panel without data");
 
-    let prompts = dir.join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        "\"What is the capital of France?\"\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}]}\n",
-    )
-    .unwrap();
     let out = dir.join("out.jsonl");
     let args = ["sample", "--backend", "cpu", "--max-new-tokens", "6", "--batch", "2", "--seed", "3"];
     let flags = |p: &Path| -> Vec<std::path::PathBuf> {

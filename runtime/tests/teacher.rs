@@ -435,6 +435,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         profile_steps: None,
         opd: None,
         canary: None,
+        eval_prompts: None,
     };
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
     let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();

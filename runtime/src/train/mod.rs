@@ -10,7 +10,7 @@ mod provenance;
 mod records;
 mod source;
 
-pub use eval::{eval_split, evaluate};
+pub use eval::{eval_split, evaluate, Sampled};
 use provenance::Checkpoints;
 pub use provenance::Provenance;
 pub use records::{EvalRecord, KdRecord, StepRecord};
@@ -89,8 +89,11 @@ pub struct RunOptions {
     pub profile_steps: Option<(u64, u64)>,
     /// Stage 3's teacher and prompts (with `TrainConfig::opd`).
     pub opd: Option<crate::opd::OpdRun>,
-    /// The canary set no dataset may contain (`None`: the built-in one).
+    /// The canary set no dataset may contain (`None`: the built-in one); given, its loss is also
+    /// part of every evaluation.
     pub canary: Option<PathBuf>,
+    /// Prompts whose greedy answers' Harmony validity is part of every evaluation.
+    pub eval_prompts: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -182,6 +185,13 @@ pub fn train(
     for (d, _) in &inputs {
         canary.check_dataset(d)?;
     }
+    // The canary loss needs the o200k vocabulary; the datasets are checked against the set anyway.
+    let harmony = plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64;
+    let sampled = if opts.eval_every > 0 {
+        Sampled::new(plan, (opts.canary.is_some() && harmony).then(|| canary.clone()), opts.eval_prompts.as_deref())?
+    } else {
+        None
+    };
     let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, &inputs)?, dir: &opts.ckpt_dir, keep: opts.keep };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
         (None, None) => Box::new(Datasets::open(data, cfg)?),
@@ -229,7 +239,11 @@ pub fn train(
         let mut rec = StepRecord::new(step, cfg, &drawn, &acc, &stats, t0.elapsed().as_secs_f64());
         profile(be, opts, step, false, &log)?;
         if let (Some(ev), true) = (&eval_data, opts.eval_every > 0 && (step + 1) % opts.eval_every == 0) {
-            rec.eval = Some(evaluate(be, ev, cfg, opts.eval_batches)?);
+            let mut e = evaluate(be, ev, cfg, opts.eval_batches)?;
+            if let Some(s) = &sampled {
+                s.add(plan, &*be, &mut e)?;
+            }
+            rec.eval = Some(e);
         }
         interrupted = INTERRUPTED.load(Ordering::SeqCst);
         let last = step + 1 == opts.steps;

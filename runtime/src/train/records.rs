@@ -97,6 +97,12 @@ pub struct EvalRecord {
     pub ce_reasoning: Option<f64>,
     pub ce_final: Option<f64>,
     pub tokens: u64,
+    /// With `--canary`: the canary set's loss (token-weighted mean over its documents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_loss: Option<f64>,
+    /// With `--eval-prompts`: the Harmony validity rate of greedy answers to them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid_rate: Option<f64>,
 }
 
 /// Global per-span means of a set of micro-batches and their token losses.
@@ -165,6 +171,12 @@ pub(super) fn summary(r: &StepRecord) -> String {
     if let Some(e) = &r.eval {
         let f = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.4}"));
         s.push_str(&format!(" | eval {} (r {}, f {})", f(e.loss), f(e.ce_reasoning), f(e.ce_final)));
+        if let Some(c) = e.canary_loss {
+            s.push_str(&format!(" canary {c:.4}"));
+        }
+        if let Some(v) = e.valid_rate {
+            s.push_str(&format!(" valid {:.0}%", 100.0 * v));
+        }
     }
     s
 }
@@ -177,7 +189,14 @@ mod tests {
     /// the progress line.
     #[test]
     fn an_evaluation_without_tokens_has_no_loss() {
-        let e = EvalRecord { loss: None, ce_reasoning: None, ce_final: None, tokens: 0 };
+        let e = EvalRecord {
+            loss: None,
+            ce_reasoning: None,
+            ce_final: None,
+            tokens: 0,
+            canary_loss: None,
+            valid_rate: None,
+        };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"loss":null,"ce_reasoning":null,"ce_final":null,"tokens":0}"#

@@ -116,6 +116,7 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         profile_steps: None,
         opd: None,
         canary: None,
+        eval_prompts: None,
     };
     (cfg, opts)
 }

@@ -360,6 +360,10 @@ pub(crate) struct TrainArgs {
     /// data/canary.jsonl].
     #[arg(long, value_name = "FILE")]
     pub(crate) canary: Option<PathBuf>,
+    /// Prompts (the JSONL of `sample`) whose greedy answers' Harmony validity every evaluation
+    /// reports (with --eval-every; the canary set's loss is reported when --canary is given).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) eval_prompts: Option<PathBuf>,
     /// Start from the weights of this checkpoint (a step_N directory, or a run directory's
     /// newest), with fresh optimizer state and schedule: the previous stage of the recipe.
     #[arg(long, value_name = "CHECKPOINT")]

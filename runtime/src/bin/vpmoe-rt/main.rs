@@ -118,6 +118,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         profile_steps: a.profile_steps,
         opd: None,
         canary: a.canary.clone(),
+        eval_prompts: a.eval_prompts.clone(),
     };
     if let Some(url) = a.opd.opd_teacher.clone() {
         let (c, run) = opd_settings(&a.opd, url, &cfg, a.steps, &data)?;
