@@ -61,6 +61,10 @@ pub struct BuildSynthArgs {
     /// Reasoning effort written in every system message (recorded in the manifest).
     #[arg(long, value_enum, value_name = "E", default_value_t = ReasoningEffort::Medium)]
     pub reasoning_effort: ReasoningEffort,
+    /// Canary set no document may contain: a row that does fails the build, named
+    /// [default: the built-in data/canary.jsonl].
+    #[arg(long, value_name = "FILE")]
+    pub canary: Option<PathBuf>,
 }
 
 /// `data inspect`.
@@ -187,6 +191,7 @@ fn build_synth_cmd(a: &BuildSynthArgs) -> Result<()> {
     opts.threads = a.threads;
     opts.strict = a.strict;
     opts.reasoning_effort = a.reasoning_effort;
+    opts.canary = a.canary.clone();
     opts.progress = true;
     let r = build_synth(&opts)?;
     println!(

@@ -210,6 +210,21 @@ fn strict_mode_fails_on_the_first_invalid_row() {
 }
 
 #[test]
+fn a_row_containing_a_canary_document_fails_the_build_named() {
+    let dir = tmpdir("canary");
+    let canary = dir.join("canary.jsonl");
+    std::fs::write(&canary, "{\"text\": \"why did they plan to take the eiffel tower down after 20 years\"}\n")
+        .unwrap();
+    let out = tmpdir("canary-out");
+    let mut o = opts(vec![sample()], &out);
+    o.canary = Some(canary.clone());
+    let err = format!("{:#}", build_synth(&o).unwrap_err());
+    assert!(err.contains("contains canary document") && err.contains("canary.jsonl:1"), "{err}");
+    assert!(err.contains("synth_sample.parquet row ") && err.contains("synth_id"), "{err}");
+    assert!(!out.join("manifest.json").exists());
+}
+
+#[test]
 fn output_is_identical_for_any_thread_count_and_batch_size() {
     let dir = tmpdir("det-in");
     write_fixture_dir(&dir, 2, 90);

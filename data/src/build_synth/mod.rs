@@ -153,6 +153,7 @@ fn build_locked(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
     remove_stale_shards(out, &plans)?;
 
     let renderer = SynthRenderer::new(opts.reasoning_effort, opts.seq_len)?;
+    let canary = crate::canary::Canary::load(opts.canary.as_deref())?;
     let total_rows: u64 = plans.iter().map(|p| p.limit).sum();
     let pb = crate::progress_bar(total_rows, "rows", opts.progress);
     let started = Instant::now();
@@ -171,7 +172,7 @@ fn build_locked(opts: &BuildOptions, files: &[PathBuf]) -> Result<BuildReport> {
         if record_path.exists() {
             fs::remove_file(&record_path)?;
         }
-        let rec = build_shard(opts, plan, &renderer, &config_hash, &pb, started, &mut tokens_done)?;
+        let rec = build_shard(opts, plan, &renderer, &canary, &config_hash, &pb, started, &mut tokens_done)?;
         let text = serde_json::to_string_pretty(&rec)? + "\n";
         indexed::write_atomic(&record_path, text.as_bytes())?;
         records.push(rec);

@@ -22,6 +22,8 @@ pub struct BuildOptions {
     pub batch_rows: usize,
     /// Draw a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
+    /// The canary set no document may contain (`None`: the built-in one).
+    pub canary: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -37,6 +39,7 @@ impl BuildOptions {
             reasoning_effort: ReasoningEffort::Medium,
             batch_rows: 512,
             progress: false,
+            canary: None,
         }
     }
 }

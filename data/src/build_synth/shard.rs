@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 use rayon::prelude::*;
 
 use super::{BuildOptions, Plan, ShardRecord, ShardSplit, Skipped, KINDS, SPLITS};
+use crate::canary::Canary;
 use crate::docs::DocMeta;
 use crate::indexed::{self, IndexedWriter};
 use crate::synth::{row_refs, RowOutcome, RowRef, SynthParquet, SynthRenderer, ValidFraction};
@@ -107,8 +108,9 @@ struct ShardSink {
 }
 
 impl ShardSink {
-    /// Write one batch in input order; returns the tokens written.
-    fn write(&mut self, batch: Vec<Processed>, strict: bool, file: &str) -> Result<u64> {
+    /// Write one batch in input order; returns the tokens written. A document that contains a
+    /// canary document fails the build.
+    fn write(&mut self, batch: Vec<Processed>, strict: bool, file: &str, canary: &Canary) -> Result<u64> {
         let mut tokens = 0u64;
         for p in batch {
             let row_no = self.rows_written_through;
@@ -122,6 +124,15 @@ impl ShardSink {
             };
             match p.outcome {
                 RowOutcome::Doc { doc, truncated } => {
+                    let toks: Vec<u32> = doc.tokens.iter().map(|&t| t as u32).collect();
+                    if let Some(line) = canary.found_in(&toks) {
+                        bail!(
+                            "{file} row {row_no}: synth_id {:?} contains canary document {}:{line}; the canary set is \
+                             never trained on",
+                            p.synth_id.as_deref().unwrap_or("<null>"),
+                            canary.name
+                        );
+                    }
                     self.writers[usize::from(p.valid)].add(&doc, p.meta.expect("documents carry metadata"))?;
                     self.truncated += u64::from(truncated);
                     tokens += doc.len() as u64;
@@ -142,10 +153,12 @@ impl ShardSink {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn build_shard(
     opts: &BuildOptions,
     plan: &Plan,
     renderer: &SynthRenderer,
+    canary: &Canary,
     config_hash: &str,
     pb: &ProgressBar,
     started: Instant,
@@ -199,7 +212,7 @@ pub(super) fn build_shard(
             },
             || {
                 let written = match pending.take() {
-                    Some(p) => sink.write(p, opts.strict, &plan.input.name),
+                    Some(p) => sink.write(p, opts.strict, &plan.input.name, canary),
                     None => Ok(0),
                 };
                 let upcoming = if after < plan.limit && written.is_ok() { reader.next_batch() } else { Ok(None) };
@@ -222,7 +235,7 @@ pub(super) fn build_shard(
     }
     if result.is_ok() {
         if let Some(p) = pending.take() {
-            result = sink.write(p, opts.strict, &plan.input.name).map(|t| {
+            result = sink.write(p, opts.strict, &plan.input.name, canary).map(|t| {
                 *tokens_done += t;
             });
         }
