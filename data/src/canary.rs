@@ -3,10 +3,12 @@
 //!
 //! A canary file is JSONL, one document a line: `{"text": "…"}` (a plain-text document) or
 //! `{"messages": [...]}` (a Harmony conversation). `data/canary.jsonl`, written for this
-//! repository, is the built-in set. Each text, and each message's content, is fingerprinted by
-//! its tokens (the o200k tokenizer), the first and last dropped so that the text's neighbours in a
-//! longer document cannot change them; a token sequence that contains a fingerprint contains that
-//! canary document. The set's hash is the SHA-256 of its file.
+//! repository, is the built-in set. Each text, and each message's content, is fingerprinted
+//! twice: by its tokens (the o200k tokenizer) and by its normalised words (lowercase runs of
+//! letters and digits; case, spacing, line breaks and punctuation ignored), the first and last of
+//! each dropped so that the text's neighbours in a longer document cannot change them. A document
+//! contains a canary document when its tokens contain a token fingerprint or its decoded text's
+//! normalised words contain a word fingerprint. The set's hash is the SHA-256 of its file.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,18 +23,92 @@ use crate::tokenizer;
 pub const BUILT_IN: &str = include_str!("../canary.jsonl");
 /// Fingerprints need this many tokens (the content's own, before the ends are dropped).
 pub const MIN_TOKENS: usize = 10;
-/// Tokens of the lookup key.
-const KEY: usize = 8;
+/// Symbols (tokens, or words) of the lookup key; a word fingerprint needs this many words after
+/// its ends are dropped.
+const KEY: usize = 6;
 
-/// One canary document: its tokens, which of them are scored (`1`: its log-probability counts,
-/// as the training render's loss mask; all of a text's after the first), and its fingerprints.
+/// One canary document: its tokens and which of them are scored (`1`: its log-probability
+/// counts, as the training render's loss mask; all of a text's after the first).
 #[derive(Debug, Clone)]
 pub struct Document {
     pub line: usize,
     pub kind: &'static str,
     pub tokens: Vec<u32>,
     pub scored: Vec<u8>,
-    fingerprints: Vec<Vec<u32>>,
+}
+
+/// How a document was found to contain a canary document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Match {
+    /// Its tokens contain the canary text's tokens.
+    Exact,
+    /// Its text contains the canary text up to case, spacing and punctuation.
+    Normalised,
+}
+
+/// A canary document found in a dataset document: the canary file's line and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub line: usize,
+    pub how: Match,
+}
+
+impl std::fmt::Display for Hit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.how {
+            Match::Exact => write!(f, "{} (its exact tokens)", self.line),
+            Match::Normalised => write!(f, "{} (its text up to case, spacing and punctuation)", self.line),
+        }
+    }
+}
+
+/// Fingerprints of one kind (token ids or word hashes), looked up by their first `KEY` symbols.
+#[derive(Debug, Clone, Default)]
+struct Prints {
+    /// (canary line, the fingerprint).
+    prints: Vec<(usize, Vec<u64>)>,
+    index: HashMap<Vec<u64>, Vec<usize>>,
+}
+
+impl Prints {
+    /// Adds `seq` less its first and last symbol; false when too short to recognise.
+    fn add(&mut self, line: usize, seq: &[u64], min_len: usize) -> bool {
+        if seq.len() < min_len.max(KEY + 2) {
+            return false;
+        }
+        let f = seq[1..seq.len() - 1].to_vec();
+        self.index.entry(f[..KEY].to_vec()).or_default().push(self.prints.len());
+        self.prints.push((line, f));
+        true
+    }
+
+    /// The line of the first fingerprint `seq` contains.
+    fn found_in(&self, seq: &[u64]) -> Option<usize> {
+        (0..seq.len().saturating_sub(KEY - 1)).find_map(|start| {
+            let hits = self.index.get(&seq[start..start + KEY])?;
+            hits.iter().map(|&i| &self.prints[i]).find(|(_, f)| seq[start..].starts_with(f)).map(|(line, _)| *line)
+        })
+    }
+}
+
+/// A text's normalised words: lowercase runs of letters and digits, each as a 64-bit FNV-1a hash.
+pub fn words(text: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut h: Option<u64> = None;
+    for c in text.chars().flat_map(char::to_lowercase) {
+        if c.is_alphanumeric() {
+            let mut buf = [0u8; 4];
+            let mut x = h.unwrap_or(0xcbf2_9ce4_8422_2325);
+            for &b in c.encode_utf8(&mut buf).as_bytes() {
+                x = (x ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+            h = Some(x);
+        } else if let Some(x) = h.take() {
+            out.push(x);
+        }
+    }
+    out.extend(h);
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -41,8 +117,8 @@ pub struct Canary {
     pub name: String,
     pub sha256: String,
     pub docs: Vec<Document>,
-    /// First `KEY` tokens of a fingerprint → (document, fingerprint).
-    index: HashMap<Vec<u32>, Vec<(usize, usize)>>,
+    tokens: Prints,
+    words: Prints,
 }
 
 impl Canary {
@@ -60,73 +136,63 @@ impl Canary {
 
     /// Parses a canary file; a bad line is an error naming it.
     pub fn parse(name: &str, text: &str) -> Result<Canary> {
-        let mut docs = Vec::new();
+        let (mut docs, mut tokens, mut words) = (Vec::new(), Prints::default(), Prints::default());
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let at = format!("{name}:{}", i + 1);
             let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: not JSON"))?;
-            let doc = match (&v["text"], &v["messages"]) {
+            let (doc, texts) = match (&v["text"], &v["messages"]) {
                 (serde_json::Value::String(t), serde_json::Value::Null) => {
-                    let tokens = tokenizer::encode(t);
-                    let scored = (0..tokens.len()).map(|k| u8::from(k > 0)).collect();
-                    Document { line: i + 1, kind: "text", fingerprints: vec![tokens.clone()], tokens, scored }
+                    let toks = tokenizer::encode(t);
+                    let scored = (0..toks.len()).map(|k| u8::from(k > 0)).collect();
+                    (Document { line: i + 1, kind: "text", tokens: toks, scored }, vec![t.clone()])
                 }
                 (serde_json::Value::Null, serde_json::Value::Array(_)) => {
                     let conv = harmony::parse_conversation(line)
                         .with_context(|| format!("{at}: not a Harmony conversation"))?;
                     let r = harmony::render_for_training(&conv, RenderConfig::default()).with_context(|| at.clone())?;
-                    let fingerprints = conv
+                    let texts = conv
                         .messages
                         .iter()
                         .flat_map(|m| &m.content)
                         .filter_map(|c| match c {
-                            harmony::Content::Text(t) => Some(tokenizer::encode(&t.text)),
+                            harmony::Content::Text(t) => Some(t.text.clone()),
                             _ => None,
                         })
                         .collect();
-                    Document {
-                        line: i + 1,
-                        kind: "conversation",
-                        tokens: r.token_ids,
-                        scored: r.loss_mask,
-                        fingerprints,
-                    }
+                    let doc =
+                        Document { line: i + 1, kind: "conversation", tokens: r.token_ids, scored: r.loss_mask };
+                    (doc, texts)
                 }
                 _ => bail!("{at}: a canary document is {{\"text\": \"…\"}} or {{\"messages\": [...]}}"),
             };
+            let mut recognisable = false;
+            for t in &texts {
+                let toks: Vec<u64> = tokenizer::encode(t).into_iter().map(u64::from).collect();
+                if tokens.add(i + 1, &toks, MIN_TOKENS) {
+                    words.add(i + 1, &self::words(t), 0);
+                    recognisable = true;
+                }
+            }
             ensure!(
-                doc.fingerprints.iter().any(|f| f.len() >= MIN_TOKENS),
+                recognisable,
                 "{at}: too short to recognise in a dataset (a text or message of at least {MIN_TOKENS} tokens)"
             );
             docs.push(doc);
         }
         ensure!(!docs.is_empty(), "{name}: no canary documents");
-        let mut index: HashMap<Vec<u32>, Vec<(usize, usize)>> = HashMap::new();
-        for (d, doc) in docs.iter_mut().enumerate() {
-            doc.fingerprints.retain(|f| f.len() >= MIN_TOKENS);
-            for f in &mut doc.fingerprints {
-                *f = f[1..f.len() - 1].to_vec();
-            }
-            for (k, f) in doc.fingerprints.iter().enumerate() {
-                index.entry(f[..KEY].to_vec()).or_default().push((d, k));
-            }
-        }
         let sha256 = format!("{:x}", Sha256::digest(text.as_bytes()));
-        Ok(Canary { name: name.into(), sha256, docs, index })
+        Ok(Canary { name: name.into(), sha256, docs, tokens, words })
     }
 
-    /// The line of the first canary document that `tokens` contains.
-    pub fn found_in(&self, tokens: &[u32]) -> Option<usize> {
-        for start in 0..tokens.len().saturating_sub(KEY - 1) {
-            if let Some(hits) = self.index.get(&tokens[start..start + KEY]) {
-                for &(d, k) in hits {
-                    let f = &self.docs[d].fingerprints[k];
-                    if tokens[start..].starts_with(f) {
-                        return Some(self.docs[d].line);
-                    }
-                }
-            }
+    /// The first canary document that `tokens` contains: by its tokens, else by the normalised
+    /// words of the decoded text.
+    pub fn found_in(&self, tokens: &[u32]) -> Option<Hit> {
+        let ids: Vec<u64> = tokens.iter().map(|&t| u64::from(t)).collect();
+        if let Some(line) = self.tokens.found_in(&ids) {
+            return Some(Hit { line, how: Match::Exact });
         }
-        None
+        let line = self.words.found_in(&words(&tokenizer::decode(tokens)))?;
+        Some(Hit { line, how: Match::Normalised })
     }
 
     /// Refuses a token dataset (anything `reader::Dataset::open` takes) that contains a canary
@@ -136,9 +202,9 @@ impl Canary {
         for doc in 0..ds.n_docs() {
             let (shard, local) = ds.locate(doc);
             let tokens: Vec<u32> = ds.shards[shard].tokens.get::<i32>(local).into_iter().map(|t| t as u32).collect();
-            if let Some(line) = self.found_in(&tokens) {
+            if let Some(hit) = self.found_in(&tokens) {
                 bail!(
-                    "{}: document {doc} ({} document {local}) contains canary document {}:{line}; \
+                    "{}: document {doc} ({} document {local}) contains canary document {}:{hit}; \
                      the canary set is never trained on",
                     path.display(),
                     ds.shards[shard].tokens.prefix().display(),
@@ -161,17 +227,33 @@ mod tests {
         assert!(c.docs.iter().any(|d| d.kind == "conversation") && c.docs.iter().any(|d| d.kind == "text"));
         // A canary text quoted inside a longer document is found; the rest of the set is not.
         let quoted = "Notes from the archive. The lighthouse keeper of Vessel Point kept two logbooks. In the first he wrote the weather, the ships and the hours the lamp burned; in the second, which nobody read until his granddaughter found it in a biscuit tin, he wrote down every bird that struck the glass, its species when he could tell, and a small drawing of its wings. End of notes.";
-        assert_eq!(c.found_in(&tokenizer::encode(quoted)), Some(1));
+        let exact = |line| Some(Hit { line, how: Match::Exact });
+        assert_eq!(c.found_in(&tokenizer::encode(quoted)), exact(1));
         // An answer of the set inside a rendered conversation.
         let answer = "Probably not dead: yeast slows down a great deal in the cold. Move the dough somewhere warm, about 25 °C, and give it two or three hours. If it still does not rise, the yeast was old or the water too hot when you mixed it.";
         let mut toks = vec![tokenizer::START];
         toks.extend(tokenizer::encode(answer));
         toks.push(tokenizer::END);
-        assert_eq!(c.found_in(&toks), Some(7));
+        assert_eq!(c.found_in(&toks), exact(7));
         assert_eq!(
             c.found_in(&tokenizer::encode("The lighthouse keeper of a different point kept one logbook.")),
             None
         );
+    }
+
+    #[test]
+    fn a_canary_text_retyped_with_other_case_spacing_and_punctuation_is_found() {
+        let c = Canary::load(None).unwrap();
+        // Document 1 rewrapped, recased and with typographic punctuation: no token sequence in
+        // common long enough, the same words.
+        let retyped = "Quoted: the LIGHTHOUSE keeper of Vessel Point   kept two logbooks —\nin the first he wrote the weather, the ships, and the hours the lamp burned… in the second (which nobody read until his granddaughter found it in a biscuit-tin) he wrote down every bird that struck the glass; its species when he could tell and a small drawing of its wings!";
+        let toks = tokenizer::encode(retyped);
+        assert_eq!(c.tokens.found_in(&toks.iter().map(|&t| u64::from(t)).collect::<Vec<_>>()), None);
+        assert_eq!(c.found_in(&toks), Some(Hit { line: 1, how: Match::Normalised }));
+        // The same words in another order, or a few of them, are not the document.
+        assert_eq!(c.found_in(&tokenizer::encode("The lighthouse keeper kept two logbooks of Vessel Point.")), None);
+        assert_eq!(words("Biscuit-TIN,  it's"), words("biscuit tin it s"));
+        assert_ne!(words("biscuit tin"), words("biscuittin"));
     }
 
     #[test]

@@ -125,9 +125,9 @@ impl ShardSink {
             match p.outcome {
                 RowOutcome::Doc { doc, truncated } => {
                     let toks: Vec<u32> = doc.tokens.iter().map(|&t| t as u32).collect();
-                    if let Some(line) = canary.found_in(&toks) {
+                    if let Some(hit) = canary.found_in(&toks) {
                         bail!(
-                            "{file} row {row_no}: synth_id {:?} contains canary document {}:{line}; the canary set is \
+                            "{file} row {row_no}: synth_id {:?} contains canary document {}:{hit}; the canary set is \
                              never trained on",
                             p.synth_id.as_deref().unwrap_or("<null>"),
                             canary.name

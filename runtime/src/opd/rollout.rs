@@ -259,7 +259,6 @@ pub fn batches(rows: &[Rollout], seq_len: usize, micro_batch: usize, clip: f32) 
                 teacher: vec![0; t],
                 sampler_logp: vec![0.0; t],
                 kd: [0.0, 1.0, 1.0, 1.0, clip],
-                loss_grad: 1.0,
                 ..Batch::default()
             };
             for (i, r) in chunk.iter().enumerate() {

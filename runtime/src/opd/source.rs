@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use vpmoe_compiler::Plan;
-use vpmoe_data::harmony::ReasoningEffort;
 use vpmoe_ir::rng::splitmix64;
 
 /// The draw stream that decides anchor steps.
@@ -81,7 +80,7 @@ pub struct Opd {
     anchor_steps: u64,
     discarded: u64,
     /// At `max_lag` 1: the next step's rollouts in flight, and that step.
-    pending: Option<(u64, usize, JoinHandle<Result<Rollouts>>)>,
+    pending: Option<(u64, JoinHandle<Result<Rollouts>>)>,
     throttle: Throttle,
     /// When the last draw returned (the trainer has trained since).
     last_draw: Option<Instant>,
@@ -155,12 +154,12 @@ impl Opd {
     /// else sampled now from the current weights. Returns them and the seconds waited.
     fn rollouts(&mut self, be: &dyn Backend, step: u64) -> Result<(Rollouts, f64)> {
         let t0 = Instant::now();
-        if let Some((s, rows, handle)) = self.pending.take() {
+        if let Some((s, handle)) = self.pending.take() {
             let got = handle.join().map_err(|_| anyhow!("the rollout sampler panicked"))?;
             if s == step {
                 return Ok((got?, t0.elapsed().as_secs_f64()));
             }
-            self.discarded += rows as u64;
+            self.discarded += self.sampler.rows as u64;
         }
         let (phase, cap) = (self.phase(), self.throttle.cap);
         let r = rollout::sample(&self.sampler, &be.state()?, step, &phase, cap)?;
@@ -177,7 +176,7 @@ impl Opd {
             .name("opd-sampler".into())
             .spawn(move || rollout::sample(&sampler, &state, next, &phase, cap))
             .context("starting the rollout sampler")?;
-        self.pending = Some((next, self.sampler.rows, handle));
+        self.pending = Some((next, handle));
         Ok(())
     }
 }
@@ -207,11 +206,7 @@ impl Source for Opd {
         self.opd_tokens += counts[1] + counts[2];
         let (mut len, sampled) = ([0u64; 3], r.rows.iter().map(|x| x.completion.len()).sum::<usize>() as f64);
         for x in &r.rows {
-            let m = match x.effort {
-                ReasoningEffort::Low => 0,
-                ReasoningEffort::Medium => 1,
-                ReasoningEffort::High => 2,
-            };
+            let m = x.effort as usize; // low, medium, high
             rec.modes[m] += 1;
             len[m] += x.completion.len() as u64;
         }
@@ -234,7 +229,7 @@ impl Source for Opd {
 
     fn save(&self, meta: &mut Meta) {
         self.anchor.save(meta);
-        let in_flight = self.pending.as_ref().map_or(0, |p| p.1 as u64);
+        let in_flight = if self.pending.is_some() { self.sampler.rows as u64 } else { 0 };
         for (k, v) in [
             ("opd_tokens", self.opd_tokens),
             ("opd_steps", self.opd_steps),

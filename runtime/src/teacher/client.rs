@@ -144,23 +144,16 @@ impl Client {
 
     /// The teacher's log-probability of every completion token of `seqs` (prompt, completion) in
     /// exactly its context, the sequences sent [`COMPLETIONS_PER_REQUEST`] a request: what stage 3
-    /// trains on and what `eval --teacher` averages.
+    /// trains on and what `eval --teacher` averages. The wire parser has checked each answer's
+    /// count and length against what was sent.
     pub fn completion_logprobs(&self, seqs: &[(&[u32], &[u32])]) -> Result<Vec<Vec<f32>>> {
+        ensure!(seqs.iter().all(|(p, _)| !p.is_empty()), "a completion needs a prompt before it");
         let mut out = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(COMPLETIONS_PER_REQUEST) {
             let ids: Vec<Vec<i32>> =
                 chunk.iter().map(|(p, c)| p.iter().chain(c.iter()).map(|&t| t as i32).collect()).collect();
             let refs: Vec<&[i32]> = ids.iter().map(|s| s.as_slice()).collect();
-            let scores = self.score(&refs, 0)?;
-            ensure!(scores.len() == chunk.len(), "the teacher answered {} sequences for {}", scores.len(), chunk.len());
-            for ((p, c), s) in chunk.iter().zip(scores) {
-                ensure!(
-                    s.logp.len() == p.len() + c.len(),
-                    "the teacher scored {} positions of a {}-token sequence",
-                    s.logp.len(),
-                    p.len() + c.len()
-                );
-                ensure!(!p.is_empty(), "a completion needs a prompt before it");
+            for ((p, _), s) in chunk.iter().zip(self.score(&refs, 0)?) {
                 out.push(s.logp[p.len()..].to_vec());
             }
         }
