@@ -2,10 +2,12 @@
 //!
 //! The pipeline is [`compile_arch`]: `config` (parse + validate) → `lower` (forward graph) →
 //! `verify` → `autodiff` (explicit backward nodes) → `verify` → `plan` (kernels, launches, liveness-based memory plan, parameter table, report,
-//! fingerprint). [`write_plan_dir`] then generates and NVRTC-compiles every kernel.
+//! fingerprint); `decode` lowers the generation program from the same graph. [`write_plan_dir`]
+//! then generates and NVRTC-compiles every kernel.
 
 pub mod autodiff;
 pub mod config;
+pub mod decode;
 pub mod lower;
 pub mod optimizer;
 pub mod plan;
@@ -14,19 +16,22 @@ pub mod report;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vpmoe_codegen::nvrtc::{Resources, Toolchain};
-use vpmoe_ir::Graph;
+use vpmoe_ir::{DType, Graph};
 
 pub use config::Arch;
 pub use plan::Plan;
 
 /// Lowers the forward graph, appends its backward graph, verifying after each pass, and builds
-/// the plan of the whole training step.
+/// the plan of the whole training step; the decode program is lowered and verified too (its
+/// cache size goes in the report).
 pub fn compile_arch(arch: &Arch) -> Result<(Graph, Plan)> {
     let mut graph = lower::lower(arch);
     check(&graph, "lower")?;
     autodiff::autodiff(&mut graph)?;
     check(&graph, "autodiff")?;
-    let plan = plan::build(&graph, arch);
+    let decode = decode::lower_decode(&graph)?;
+    let mut plan = plan::build(&graph, arch);
+    plan.report.kv_cache_bytes_per_sequence = decode.cache_bytes(arch.max_seq, DType::Bf16.bytes());
     Ok((graph, plan))
 }
 
@@ -68,7 +73,8 @@ pub fn default_cache_dir() -> PathBuf {
     base.join("vpmoe/kernels")
 }
 
-/// Writes `plan.json`, `ir.txt` and `kernels/` (sources, and PTX, CUBIN and ptxas reports when
+/// Writes `plan.json`, `ir.txt` (the training graph, the optimizer program, the decode program)
+/// and `kernels/` (sources, and PTX, CUBIN and ptxas reports when
 /// NVRTC is present) to `out`. Everything is built in a temporary directory next to `out` and
 /// renamed into place, so a failure never leaves a half-written or damaged plan directory. An
 /// existing `out` is replaced only when it is a plan directory (or empty): anything else is
@@ -141,7 +147,11 @@ fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -
     let kdir = dir.join("kernels");
     std::fs::create_dir_all(&kdir)?;
     std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
-    std::fs::write(dir.join("ir.txt"), graph.to_text() + "\n" + &plan.optimizer.to_text(graph))?;
+    let decode = decode::lower_decode(graph)?;
+    std::fs::write(
+        dir.join("ir.txt"),
+        graph.to_text() + "\n" + &plan.optimizer.to_text(graph) + "\n" + &decode.to_text(),
+    )?;
     let toolchain = match Toolchain::discover() {
         Ok(t) => Some(t),
         Err(e) if opts.require_nvrtc => return Err(e.context("--require-nvrtc")),

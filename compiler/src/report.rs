@@ -44,6 +44,10 @@ pub struct Report {
     pub normuon_matrices: u64,
     pub polar_express_launches: usize,
     pub memory: Memory,
+    /// Generation: the bf16 K/V one sequence of `seq_len` positions keeps in the decode
+    /// program's caches (window layers a ring of their window, global layers every position).
+    #[serde(default)]
+    pub kv_cache_bytes_per_sequence: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -117,6 +121,7 @@ pub fn report(
         normuon_matrices: opt.families.iter().map(|f| f.matrices()).sum(),
         polar_express_launches: opt.families.len(),
         memory: mem,
+        kv_cache_bytes_per_sequence: 0,
     }
 }
 
@@ -170,6 +175,13 @@ impl Report {
             self.seq_len,
             gib(m.activations),
             gib(m.workspace)
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "  generation: K/V cache per sequence of {}     {:>12.1} MiB",
+            self.seq_len,
+            self.kv_cache_bytes_per_sequence as f64 / (1u64 << 20) as f64
         )
         .unwrap();
         s

@@ -159,8 +159,7 @@ impl Canary {
                             _ => None,
                         })
                         .collect();
-                    let doc =
-                        Document { line: i + 1, kind: "conversation", tokens: r.token_ids, scored: r.loss_mask };
+                    let doc = Document { line: i + 1, kind: "conversation", tokens: r.token_ids, scored: r.loss_mask };
                     (doc, texts)
                 }
                 _ => bail!("{at}: a canary document is {{\"text\": \"…\"}} or {{\"messages\": [...]}}"),

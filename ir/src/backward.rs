@@ -354,7 +354,14 @@ pub fn backward(
             let d = (0..t).map(|i| (g * scale[span[i] as usize] as f64 * w[i] as f64) as f32).collect();
             vec![like(xs[0], d)]
         }
-        Op::TokenWeight | Op::Dispatch { .. } => vec![], // no differentiable input
+        // No differentiable input.
+        Op::TokenWeight
+        | Op::Dispatch { .. }
+        | Op::GrapeMAt { .. }
+        | Op::CachedAttention { .. }
+        | Op::Logits { .. } => {
+            vec![]
+        }
         Op::Add { .. } => panic!("backward of add: it is linear and autodiff differentiates it itself"),
         Op::Vjp(_) => panic!("backward of vjp: second-order differentiation is not supported"),
     }

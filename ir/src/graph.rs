@@ -63,12 +63,16 @@ pub enum InputName {
     LossGrad,
     /// The seed of every sequence aux loss's gradient, `α/M` (MODEL.md §4.10).
     AuxGrad,
+    /// Decode: each token's position in its sequence.
+    Pos,
+    /// Decode: each token's sequence slot (which cache rows it writes and reads).
+    Slot,
     /// Any other input (hand-written graphs); the runtime supplies none.
     Other(String),
 }
 
 impl InputName {
-    const NAMED: [(InputName, &'static str); 12] = [
+    const NAMED: [(InputName, &'static str); 14] = [
         (InputName::Tokens, "tokens"),
         (InputName::Doc, "doc"),
         (InputName::Labels, "labels"),
@@ -81,6 +85,8 @@ impl InputName {
         (InputName::Kd, "kd"),
         (InputName::LossGrad, "loss_grad"),
         (InputName::AuxGrad, "aux_grad"),
+        (InputName::Pos, "pos"),
+        (InputName::Slot, "slot"),
     ];
     pub fn parse(name: &str) -> InputName {
         Self::NAMED
@@ -100,7 +106,7 @@ impl std::fmt::Display for InputName {
 }
 
 /// A graph output, by what the runtime does with it. Text: `loss`, `token_loss`, `aux.blkN`,
-/// `load.blkN` (N the 1-based layer number), `grad.<parameter name>`.
+/// `load.blkN` (N the 1-based layer number), `grad.<parameter name>`, `logits`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputName {
@@ -114,6 +120,8 @@ pub enum OutputName {
     RouterLoad { layer: u32 },
     /// The f32 gradient of a trainable parameter.
     Grad(ParamId),
+    /// Decode: the LM head's logits of every token.
+    Logits,
     /// Any other output (hand-written graphs); the runtime gives it no meaning.
     Other(String),
 }
@@ -284,6 +292,7 @@ impl Graph {
             OutputName::AuxLoss { layer } => format!("aux.blk{layer}"),
             OutputName::RouterLoad { layer } => format!("load.blk{layer}"),
             OutputName::Grad(p) => format!("grad.{}", self.params[p.0 as usize].name),
+            OutputName::Logits => "logits".into(),
             OutputName::Other(s) => s.clone(),
         }
     }
@@ -303,6 +312,7 @@ impl Graph {
         match s {
             "loss" => OutputName::Loss,
             "token_loss" => OutputName::TokenLoss,
+            "logits" => OutputName::Logits,
             _ => OutputName::Other(s.to_string()),
         }
     }

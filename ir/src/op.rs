@@ -93,6 +93,16 @@ pub enum Op {
     SpanLoss,
     /// Sum of `n` gradient contributions of one type (fan-in of a value read by several nodes).
     Add { n: u64, ty: TensorType },
+    /// Decode: GRAPE-M rotation of each token by its position in its sequence (`pos`), the
+    /// rotation of [`Op::GrapeM`].
+    GrapeMAt { heads: u64, groups: u64, head_dim: u64, log_freq_scale: f32 },
+    /// Decode: attention over cache `layer`. Each token's K and V are written to the cache at
+    /// (`slot`, `pos`) in token order, then the token attends over the keys of its sequence it
+    /// may see, as [`Op::Attention`] does within a document; tokens of one slot come in
+    /// ascending positions that continue what the slot holds. The cache persists across calls.
+    CachedAttention { attn: Attn, layer: u32 },
+    /// Decode: `logits_t = z_t·Wᵀ` in f32, the product [`Op::HeadCe`] never stores.
+    Logits { hidden: u64, vocab: u64 },
     /// Vector–Jacobian product of a forward op, emitted by autodiff (semantics:
     /// `crate::backward`). Inputs: the forward op's inputs, its outputs, then the upstream
     /// gradient of each seeded output; outputs: the gradient of each differentiable input.
@@ -157,6 +167,12 @@ impl Op {
             Op::TokenWeight => "token_weight",
             Op::SpanLoss => "span_loss",
             Op::Add { .. } => "add",
+            Op::GrapeMAt { .. } => "grape_m_at",
+            Op::CachedAttention { attn, .. } => match attn.kind {
+                AttnKind::Window(_) => "cached_window_attention",
+                AttnKind::Global { .. } => "cached_global_attention",
+            },
+            Op::Logits { .. } => "logits",
             Op::Vjp(_) => "vjp",
         }
     }
@@ -189,9 +205,21 @@ impl Op {
             Op::Router { expert_bias: true, .. } => *g.last_mut().unwrap() = false,
             Op::SpanLoss => (g[2], g[3]) = (false, false),
             Op::TokenWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            _ if self.decode_only() => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
+    }
+
+    /// The ops of the decode program only (`compiler::decode`): never differentiated.
+    pub fn decode_only(&self) -> bool {
+        matches!(self, Op::GrapeMAt { .. } | Op::CachedAttention { .. } | Op::Logits { .. })
+    }
+
+    /// Whether the op has an effect beyond its outputs (cached attention writes its cache), so
+    /// it runs even when its outputs are not read.
+    pub fn writes_cache(&self) -> bool {
+        matches!(self, Op::CachedAttention { .. })
     }
 
     /// Per output port: whether a gradient can flow back through it (`lse` is the backward's
@@ -202,6 +230,7 @@ impl Op {
         match *self {
             Op::HeadCe { .. } => g[1] = false,
             Op::TokenWeight | Op::Vjp(_) => g.iter_mut().for_each(|x| *x = false),
+            _ if self.decode_only() => g.iter_mut().for_each(|x| *x = false),
             _ => {}
         }
         g
@@ -235,7 +264,8 @@ impl Op {
                 ("head_dim", head_dim.to_string()),
                 ("eps", format!("{eps:?}")),
             ],
-            Op::GrapeM { heads, groups, head_dim, log_freq_scale } => vec![
+            Op::GrapeM { heads, groups, head_dim, log_freq_scale }
+            | Op::GrapeMAt { heads, groups, head_dim, log_freq_scale } => vec![
                 ("heads", heads.to_string()),
                 ("groups", groups.to_string()),
                 ("head_dim", head_dim.to_string()),
@@ -244,17 +274,10 @@ impl Op {
             Op::ValueResidual { groups, head_dim } => {
                 vec![("groups", groups.to_string()), ("head_dim", head_dim.to_string())]
             }
-            Op::Attention(a) => {
-                let mut v = vec![
-                    ("heads", a.heads.to_string()),
-                    ("groups", a.groups.to_string()),
-                    ("head_dim", a.head_dim.to_string()),
-                ];
-                match a.kind {
-                    AttnKind::Window(wnd) => v.push(("window", wnd.to_string())),
-                    AttnKind::Global { alibi } => v.push(("alibi", alibi.to_string())),
-                }
-                v.push(("sinks", a.sinks.to_string()));
+            Op::Attention(a) => attn_attrs(a),
+            Op::CachedAttention { attn, layer } => {
+                let mut v = vec![("layer", layer.to_string())];
+                v.extend(attn_attrs(attn));
                 v
             }
             Op::OutProj { in_dim, hidden, bias } => {
@@ -292,7 +315,9 @@ impl Op {
             Op::SeqAuxLoss { experts, topk } => {
                 vec![("experts", experts.to_string()), ("topk", topk.to_string())]
             }
-            Op::HeadCe { hidden, vocab } => vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())],
+            Op::HeadCe { hidden, vocab } | Op::Logits { hidden, vocab } => {
+                vec![("hidden", hidden.to_string()), ("vocab", vocab.to_string())]
+            }
             Op::TokenWeight | Op::SpanLoss => vec![],
             Op::Add { n, ref ty } => vec![("n", n.to_string()), ("ty", ty.to_string())],
             Op::Vjp(ref v) => {
@@ -357,6 +382,32 @@ impl Op {
                     ("log_freq", TensorType::fixed(F32, &[head_dim / 2])),
                 ],
                 vec![("q", act(&[heads, head_dim])), ("k", act(&[groups, head_dim]))],
+            ),
+            Op::GrapeMAt { heads, groups, head_dim, .. } => (
+                vec![
+                    ("q", act(&[heads, head_dim])),
+                    ("k", act(&[groups, head_dim])),
+                    ("log_freq", TensorType::fixed(F32, &[head_dim / 2])),
+                    ("pos", TensorType::tok(I32, &[])),
+                ],
+                vec![("q", act(&[heads, head_dim])), ("k", act(&[groups, head_dim]))],
+            ),
+            Op::CachedAttention { attn: a, .. } => {
+                let mut ins = vec![
+                    ("q", act(&[a.heads, a.head_dim])),
+                    ("k", act(&[a.groups, a.head_dim])),
+                    ("v", act(&[a.groups, a.head_dim])),
+                    ("pos", TensorType::tok(I32, &[])),
+                    ("slot", TensorType::tok(I32, &[])),
+                ];
+                if a.sinks {
+                    ins.push(("sinks", TensorType::fixed(F32, &[a.heads])));
+                }
+                (ins, vec![("ctx", act(&[a.heads * a.head_dim]))])
+            }
+            Op::Logits { hidden, vocab } => (
+                vec![("z", act(&[hidden])), ("head", w(&[vocab, hidden]))],
+                vec![("logits", TensorType::tok(F32, &[vocab]))],
             ),
             Op::ValueResidual { groups, head_dim } => (
                 vec![
@@ -542,6 +593,17 @@ impl Op {
             _ => 0,
         }
     }
+}
+
+fn attn_attrs(a: &Attn) -> Vec<(&'static str, String)> {
+    let mut v =
+        vec![("heads", a.heads.to_string()), ("groups", a.groups.to_string()), ("head_dim", a.head_dim.to_string())];
+    match a.kind {
+        AttnKind::Window(wnd) => v.push(("window", wnd.to_string())),
+        AttnKind::Global { alibi } => v.push(("alibi", alibi.to_string())),
+    }
+    v.push(("sinks", a.sinks.to_string()));
+    v
 }
 
 fn qkv_outs(heads: u64, groups: u64, head_dim: u64) -> Vec<Port> {

@@ -339,16 +339,18 @@ fn op<'a>(name: &'a str, a: &mut Attrs<'a>) -> Res<Op> {
             log_freq_scale: a.get("log_freq_scale")?,
         },
         "value_residual" => Op::ValueResidual { groups: a.get("groups")?, head_dim: a.get("head_dim")? },
-        "window_attention" | "global_attention" => Op::Attention(Attn {
+        "grape_m_at" => Op::GrapeMAt {
             heads: a.get("heads")?,
             groups: a.get("groups")?,
             head_dim: a.get("head_dim")?,
-            kind: match name {
-                "window_attention" => AttnKind::Window(a.get("window")?),
-                _ => AttnKind::Global { alibi: a.get("alibi")? },
-            },
-            sinks: a.get("sinks")?,
-        }),
+            log_freq_scale: a.get("log_freq_scale")?,
+        },
+        "window_attention" | "global_attention" => Op::Attention(attn(name == "window_attention", a)?),
+        "cached_window_attention" | "cached_global_attention" => {
+            let layer = a.get("layer")?;
+            Op::CachedAttention { attn: attn(name == "cached_window_attention", a)?, layer }
+        }
+        "logits" => Op::Logits { hidden: a.get("hidden")?, vocab: a.get("vocab")? },
         "out_proj" => Op::OutProj { in_dim: a.get("in")?, hidden: a.get("hidden")?, bias: a.get("bias")? },
         "mlp" => {
             Op::Mlp { hidden: a.get("hidden")?, ffn: a.get("ffn")?, bias: a.get("bias")?, residual: a.get("residual")? }
@@ -396,6 +398,17 @@ fn op<'a>(name: &'a str, a: &mut Attrs<'a>) -> Res<Op> {
     };
     a.op = outer;
     Ok(op)
+}
+
+/// The attributes of an attention op (window or global).
+fn attn(window: bool, a: &mut Attrs) -> Res<Attn> {
+    Ok(Attn {
+        heads: a.get("heads")?,
+        groups: a.get("groups")?,
+        head_dim: a.get("head_dim")?,
+        kind: if window { AttnKind::Window(a.get("window")?) } else { AttnKind::Global { alibi: a.get("alibi")? } },
+        sinks: a.get("sinks")?,
+    })
 }
 
 impl FromStr for DType {
@@ -453,6 +466,8 @@ mod tests {
         let sampler_logp = data(&mut g, "sampler_logp", F32);
         let kd = scalar(&mut g, "kd", &[5]);
         let loss_grad = scalar(&mut g, "loss_grad", &[]);
+        let pos = data(&mut g, "pos", I32);
+        let slot = data(&mut g, "slot", I32);
 
         let normal = Init::Normal { std: 0.02 };
         let param = |g: &mut Graph, name: &str, dtype, dims: &[u64], init, opt, role| {
@@ -503,6 +518,17 @@ mod tests {
         let attn = |kind, sinks| Op::Attention(Attn { heads, groups, head_dim: d, kind, sinks });
         let ctx = node("window", attn(AttnKind::Window(3), true), vec![qk[0], qk[1], v, doc, sinks])[0];
         let _ = node("global", attn(AttnKind::Global { alibi: true }, false), vec![qk[0], qk[1], v, doc]);
+        // The decode program's ops.
+        let grape_at = Op::GrapeMAt { heads, groups, head_dim: d, log_freq_scale: 16.0 };
+        let qa = node("grape_at", grape_at, vec![qk[0], qk[1], log_freq, pos]);
+        let cached =
+            |kind, sinks, layer| Op::CachedAttention { attn: Attn { heads, groups, head_dim: d, kind, sinks }, layer };
+        let _ = node("cached_window", cached(AttnKind::Window(3), true, 0), vec![qa[0], qa[1], v, pos, slot, sinks]);
+        let _ = node(
+            "cached_global",
+            cached(AttnKind::Global { alibi: false }, false, 1),
+            vec![qa[0], qa[1], v, pos, slot],
+        );
         let h1 = node("proj", Op::OutProj { in_dim: heads * d, hidden: h, bias: false }, vec![ctx, proj, h0])[0];
         let limit = Some(GroupLimit { groups: 2, group_topk: 1 });
         let route = Op::Router {
@@ -534,7 +560,9 @@ mod tests {
         let rms = Op::RmsNorm { dim: h, eps: 1e-5 };
         let dn = node("norm.bwd", vjp(rms, "1", true), vec![h0, norm, x, dz[0], dz[0]]);
         let sum = node("sum", Op::Add { n: 2, ty: TensorType::fixed(F32, &[h]) }, vec![dn[1], dn[1]])[0];
+        let logits = node("logits", Op::Logits { hidden: h, vocab }, vec![h2, head])[0];
         g.output(OutputName::Loss, loss[0]);
+        g.output(OutputName::Logits, logits);
         let grad = g.parse_output_name("grad.norm");
         assert!(matches!(grad, OutputName::Grad(_)));
         g.output(grad, sum);

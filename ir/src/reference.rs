@@ -438,6 +438,84 @@ pub fn attention_mix<'a>(p: &[f32], value: impl Fn(usize) -> &'a [f32], out: &mu
     }
 }
 
+/// The key/value caches of a decode program's attention layers ([`Op::CachedAttention`]),
+/// addressed by (layer, slot, position): K after QK-norm and GRAPE, V after the value residual,
+/// `groups·head_dim` values each.
+pub trait KvStore: Sync {
+    fn write(&mut self, layer: usize, slot: usize, pos: usize, k: &[f32], v: &[f32]);
+    /// K and V of a position the slot holds (for a window layer, one of its last `W`).
+    fn read(&self, layer: usize, slot: usize, pos: usize) -> (&[f32], &[f32]);
+}
+
+/// [`Op::CachedAttention`] (inputs `q, k, v, pos, slot[, sinks]`): every token attends, then
+/// the call's K/V are written to the cache in token order.
+pub fn cached_attention(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut dyn KvStore) -> Tensor {
+    let t = ins[3].i().len();
+    let mut out = vec![0f32; t * (a.heads * a.head_dim) as usize];
+    cached_attention_part(a, layer, ins, &*cache, 0, &mut out);
+    cache_write(a, layer, ins, cache);
+    Tensor::f32(vec![t, (a.heads * a.head_dim) as usize], out)
+}
+
+/// Cached attention's context vectors of the (token, head) pairs `first..` that `out` holds
+/// (`head_dim` values each, pair `t·heads + h`), read-only, so a call can be split across
+/// threads. Token t attends over its slot's keys `lo..=pos_t` in ascending position with
+/// training's arithmetic ([`attention_scores`], [`softmax_with_sink`], [`attention_mix`]): those
+/// before the slot's first position in this call from the cache, the rest from the call's own k
+/// and v (a slot's tokens in a call are contiguous and ascending). So a window layer's ring of
+/// `W` positions serves a call of any length, and a token's context is bitwise training's.
+pub fn cached_attention_part(
+    a: &Attn,
+    layer: usize,
+    ins: &[&Tensor],
+    cache: &dyn KvStore,
+    first: usize,
+    out: &mut [f32],
+) {
+    let (nh, ng, d) = (a.heads as usize, a.groups as usize, a.head_dim as usize);
+    let (q, k, v, pos, slot) = (ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), ins[4].i());
+    let sinks = a.sinks.then(|| ins[5].f());
+    let (gsz, w) = (nh / ng, ng * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let slopes = matches!(a.kind, AttnKind::Global { alibi: true }).then(|| alibi_slopes(nh));
+    // Each token's slot's first token in this call.
+    let mut start = vec![0usize; pos.len()];
+    for ti in 1..pos.len() {
+        start[ti] = if slot[ti] == slot[ti - 1] { start[ti - 1] } else { ti };
+    }
+    for (u, o) in (first..).zip(out.chunks_mut(d)) {
+        let (ti, h) = (u / nh, u % nh);
+        let (p, s, g) = (pos[ti] as usize, slot[ti] as usize, h / gsz);
+        let (t0, p0) = (start[ti], pos[start[ti]] as usize);
+        let lo = match a.kind {
+            AttnKind::Window(win) => (p + 1).saturating_sub(win as usize),
+            AttnKind::Global { .. } => 0,
+        };
+        let key = |j: usize| {
+            if j < p0 {
+                let (kc, vc) = cache.read(layer, s, j);
+                (&kc[g * d..][..d], &vc[g * d..][..d])
+            } else {
+                let r = (t0 + j - p0) * w + g * d;
+                (&k[r..][..d], &v[r..][..d])
+            }
+        };
+        let keys = (lo..=p).map(|j| Some((p - j, key(j).0)));
+        let scores = attention_scores(&q[(ti * nh + h) * d..][..d], keys, scale, slopes.as_ref().map(|x| x[h]));
+        let pr = softmax_with_sink(&scores, sinks.map(|x| x[h]));
+        attention_mix(&pr, |j| key(lo + j).1, o);
+    }
+}
+
+/// Writes a cached-attention call's K/V at each token's (slot, position), in token order.
+pub fn cache_write(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut dyn KvStore) {
+    let w = (a.groups * a.head_dim) as usize;
+    let (k, v, pos, slot) = (ins[1].f(), ins[2].f(), ins[3].i(), ins[4].i());
+    for ti in 0..pos.len() {
+        cache.write(layer, slot[ti] as usize, pos[ti] as usize, &k[ti * w..][..w], &v[ti * w..][..w]);
+    }
+}
+
 /// Query and key tile of the attention kernel (`BQ`, `BKV` in attention.cuh).
 const ATTN_TILE: usize = 64;
 
@@ -573,6 +651,20 @@ pub fn forward(op: &Op, dims: &Dims, ins: &[&Tensor], gemm: &dyn Gemm) -> Vec<Te
             let pos = |ti: usize| ti % dims.seq;
             let d = head_dim as usize;
             vec![grape_tokens(ins[0], t, &freqs, d, pos), grape_tokens(ins[1], t, &freqs, d, pos)]
+        }
+        Op::GrapeMAt { head_dim, log_freq_scale, .. } => {
+            let freqs = grape_freqs(ins[2].f(), log_freq_scale);
+            let at = ins[3].i();
+            let pos = |ti: usize| at[ti] as usize;
+            let d = head_dim as usize;
+            vec![grape_tokens(ins[0], t, &freqs, d, pos), grape_tokens(ins[1], t, &freqs, d, pos)]
+        }
+        Op::CachedAttention { .. } => {
+            panic!("cached attention reads and writes its cache: reference::cached_attention")
+        }
+        Op::Logits { hidden, vocab } => {
+            let (h, v) = (hidden as usize, vocab as usize);
+            vec![Tensor::f32(vec![t, v], linear(gemm, ins[0].f(), t, h, ins[1].f(), v, None))]
         }
         Op::ValueResidual { .. } => {
             let lam = sigmoid(ins[2].f()[0]);

@@ -7,7 +7,7 @@
 //! 3. Each node's input count and types equal its op's signature, and so do its output types.
 //! 4. Node names, parameter names, input names and output names are unique and non-empty.
 //! 5. Every node has at least one output that is used by a later node or is a graph output
-//!    (no dead nodes), and every parameter is read by some node.
+//!    (no dead nodes) or writes a cache, and every parameter is read by some node.
 //! 6. Graph outputs name existing values.
 
 use crate::graph::{Graph, ValueDef, ValueId};
@@ -103,7 +103,7 @@ pub fn verify(g: &Graph) -> Result<(), Vec<String>> {
             }
         }
         // 5. no dead nodes
-        if !n.outputs.iter().any(|v| ok(v) && used[v.0 as usize]) {
+        if !n.op.writes_cache() && !n.outputs.iter().any(|v| ok(v) && used[v.0 as usize]) {
             errs.push(format!("{}: no output of this node is used", n.name));
         }
     }

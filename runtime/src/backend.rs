@@ -189,6 +189,7 @@ impl Batch {
             InputName::Kd => Tensor::f32(vec![5], self.kd.to_vec()),
             InputName::LossGrad => Tensor::scalar(self.loss_grad),
             InputName::AuxGrad => Tensor::scalar(self.aux_grad),
+            InputName::Pos | InputName::Slot => bail!("${name} is an input of the decode program, not of training"),
             InputName::Other(other) => bail!("the plan asks for an unknown input {other:?}"),
         })
     }

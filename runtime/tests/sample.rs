@@ -16,6 +16,11 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// Held-out windows of 32 tokens: nine cover the sample's three held-out documents, with both
+/// spans and documents that start inside a row.
+const EVAL_BATCHES: usize = 9;
+const EVAL_BATCHES_ARG: &str = "9";
+
 #[test]
 fn sample_continues_prompts_from_a_trained_checkpoint() {
     let dir = tmp("sample");
@@ -30,6 +35,8 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let train = rt(
         &["train", "--backend", "cpu", "--steps", "1", "--warmup", "0", "--eval-every", "1", "--micro-batch", "1"],
         &[
+            Path::new("--eval-batches"),
+            Path::new(EVAL_BATCHES_ARG),
             Path::new("--grad-accum"),
             Path::new("1"),
             Path::new("--seq-len"),
@@ -151,7 +158,19 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     // eval: the held-out loss is the run's last evaluation; sampled validity; the tiny tasks.
     let report = dir.join("report.json");
     let o = rt(
-        &["eval", "--backend", "cpu", "--samples", "2", "--max-new-tokens", "4", "--tasks", "tests/tasks/tiny.jsonl"],
+        &[
+            "eval",
+            "--backend",
+            "cpu",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--tasks",
+            "tests/tasks/tiny.jsonl",
+            "--eval-batches",
+            EVAL_BATCHES_ARG,
+        ],
         &[
             Path::new("--checkpoint"),
             &run,
@@ -169,6 +188,56 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert_eq!(r["held_out"][0]["loss"], last["eval"]["loss"], "eval's held-out loss is the run's");
+    // score over the documents of the same held-out windows: the span-normalised mean of its
+    // per-token log-probabilities is that loss. Training rotates a row's later documents by their
+    // place in the row, a sequence scored alone from position 0; GRAPE is relative, so the two
+    // agree to rounding (the first document of each row bit for bit).
+    let ckpt = vpmoe_runtime::checkpoint::latest(&run).unwrap().unwrap();
+    let cfg: vpmoe_runtime::train::TrainConfig =
+        serde_json::from_value(vpmoe_runtime::checkpoint::read_meta(&ckpt).unwrap().train).unwrap();
+    let valid = sample_data()[0].0.join("valid");
+    let mut reader = vpmoe_data::reader::Reader::open(&[(valid.as_path(), 1.0)], cfg.seq_len, cfg.seed).unwrap();
+    let (mut docs, mut targets) = (String::new(), Vec::new());
+    for _ in 0..EVAL_BATCHES {
+        let b = reader.next_batch(cfg.micro_batch);
+        for row in 0..cfg.micro_batch {
+            let mut at = row * cfg.seq_len;
+            while at < (row + 1) * cfg.seq_len {
+                let end =
+                    (at..(row + 1) * cfg.seq_len).find(|&i| b.doc[i] != b.doc[at]).unwrap_or((row + 1) * cfg.seq_len);
+                let mut toks = b.tokens[at..end].to_vec();
+                if b.loss_mask[end - 1] != 0 {
+                    toks.push(b.labels[end - 1]); // the document goes on in the next window
+                }
+                docs += &format!("{{\"tokens\": {toks:?}}}\n");
+                targets.push((b.loss_mask[at..end].to_vec(), b.span[at..end].to_vec()));
+                at = end;
+            }
+        }
+    }
+    let held = dir.join("held_out.jsonl");
+    std::fs::write(&held, docs).unwrap();
+    let scored = rt(&["score", "--backend", "cpu"], &sflags(&held));
+    assert!(scored.status.success(), "{}", text(&scored));
+    let (mut sums, mut counts) = ([0f64; 3], [0u64; 3]);
+    for (line, (mask, span)) in std::fs::read_to_string(&scores).unwrap().lines().zip(&targets) {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (j, (&m, &s)) in mask.iter().zip(span).enumerate() {
+            if m != 0 {
+                sums[s as usize] -= rec["logprobs"][j + 1].as_f64().unwrap() as f32 as f64;
+                counts[s as usize] += 1;
+            }
+        }
+    }
+    assert!(counts[1] > 0 && counts[2] > 0, "the held-out windows hold both spans: {counts:?}");
+    assert_eq!(counts[1] + counts[2], r["held_out"][0]["tokens"].as_u64().unwrap());
+    let (ce_r, ce_f) = (sums[1] / counts[1] as f64, sums[2] / counts[2] as f64);
+    let loss = cfg.span_weights[0] as f64 * ce_r + cfg.span_weights[1] as f64 * ce_f;
+    let held_out = &r["held_out"][0];
+    for (got, want) in [(ce_r, &held_out["ce_reasoning"]), (ce_f, &held_out["ce_final"]), (loss, &held_out["loss"])] {
+        let want = want.as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "score's span-normalised mean {got} vs held-out {want}");
+    }
     assert_eq!(r["samples"].as_array().unwrap().len(), 2, "greedy and sampled");
     assert_eq!(r["samples"][1]["samples"], 4, "2 prompts × 2 samples");
     assert_eq!(r["tasks"]["arithmetic"]["questions"], 2);

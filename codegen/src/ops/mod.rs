@@ -85,6 +85,9 @@ fn forward(p: &Ports, op: &Op, l: &mut Lowered) {
         Op::SpanLoss => head_ce::span_loss(p, l),
         Op::HeadCe { hidden, vocab } => head_ce::forward(p, hidden, vocab, l),
         Op::Add { n, ref ty } => add::forward(p, n, ty, l),
+        Op::GrapeMAt { .. } | Op::CachedAttention { .. } | Op::Logits { .. } => {
+            panic!("{}: the decode program runs on the cpu backend; it has no kernels", op.name())
+        }
         Op::Vjp(_) => unreachable!(),
     }
 }
@@ -111,7 +114,13 @@ fn vjp(io: &VjpIo, v: &Vjp, l: &mut Lowered) {
         Op::SeqAuxLoss { experts, topk } => seq_aux::vjp(io, experts, topk, l),
         Op::HeadCe { hidden, vocab } => head_ce::vjp(io, hidden, vocab, l),
         Op::SpanLoss => head_ce::span_loss_vjp(io, l),
-        Op::TokenWeight | Op::Dispatch { .. } | Op::Add { .. } | Op::Vjp(_) => {
+        Op::TokenWeight
+        | Op::Dispatch { .. }
+        | Op::Add { .. }
+        | Op::GrapeMAt { .. }
+        | Op::CachedAttention { .. }
+        | Op::Logits { .. }
+        | Op::Vjp(_) => {
             panic!("vjp of {} is not lowered (autodiff never emits it)", v.of.name())
         }
     }

@@ -10,6 +10,7 @@
 //!   the pool without fragmentation; a finished sequence's blocks return to the pool at once.
 
 use anyhow::{bail, Result};
+use vpmoe_ir::reference::KvStore;
 
 /// Positions per block of the global layers' pool.
 pub const BLOCK: usize = 16;
@@ -92,9 +93,11 @@ impl KvCache {
             Layer::Paged { .. } => (self.tables[slot][pos / BLOCK] * BLOCK + pos % BLOCK) * self.width,
         }
     }
+}
 
+impl KvStore for KvCache {
     /// Stores position `pos` of `slot` (reserved) in `layer`.
-    pub fn write(&mut self, layer: usize, slot: usize, pos: usize, k: &[f32], v: &[f32]) {
+    fn write(&mut self, layer: usize, slot: usize, pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(layer, slot, pos);
         let w = self.width;
         let (kc, vc) = match &mut self.layers[layer] {
@@ -106,7 +109,7 @@ impl KvCache {
 
     /// Key and value of position `pos` of `slot` in `layer` (written, and still inside a ring's
     /// window).
-    pub fn read(&self, layer: usize, slot: usize, pos: usize) -> (&[f32], &[f32]) {
+    fn read(&self, layer: usize, slot: usize, pos: usize) -> (&[f32], &[f32]) {
         let o = self.offset(layer, slot, pos);
         let (k, v) = match &self.layers[layer] {
             Layer::Ring { k, v, .. } | Layer::Paged { k, v } => (k, v),

@@ -1,13 +1,13 @@
-//! The student generating text on the cpu backend: prefill and decode steps over per-slot
-//! key/value caches ([`cache`]), token choice ([`sampler`]) and continuous batching
-//! ([`generate`]).
+//! The student generating text on the cpu backend: the decode program
+//! (`vpmoe_compiler::decode`: a prefill and a step graph over per-slot key/value caches,
+//! [`cache`]), token choice ([`sampler`]) and continuous batching ([`generate`]).
 //!
-//! A step runs the training graph's forward nodes that lead to the final norm, with each op's
-//! reference semantics, on just the step's new tokens; only the position-dependent ops differ:
-//! GRAPE rotates each token by its own position, and attention writes the token's K/V into the
-//! cache and reads the keys it may see from there. Every per-token op's arithmetic is the
-//! training forward's, so a sampled token's log-probability is bitwise the one the training
-//! forward gives the same tokens (`tests/decode.rs`).
+//! A step interprets the decode program's nodes with each op's reference semantics, on just the
+//! step's new tokens: GRAPE rotates each token by its own position (`grape_m_at`), attention
+//! writes the token's K/V into the cache and reads the keys it may see from there
+//! (`reference::cached_attention`), and every other op is the training op. So a sampled token's
+//! log-probability is bitwise the one the training forward gives the same tokens
+//! (`tests/decode.rs`).
 
 pub mod cache;
 pub mod sample;
@@ -16,16 +16,14 @@ pub mod score;
 
 use crate::cpu::{model_tensors, FastGemm};
 use crate::state::TrainState;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use cache::KvCache;
 use sampler::{choose, uniform, Choice, Sampling};
 use serde::Serialize;
+use vpmoe_compiler::decode::lower_decode;
 use vpmoe_compiler::Plan;
-use vpmoe_ir::reference::{
-    self, alibi_slopes, attention_mix, attention_scores, grape_freqs, grape_tokens, softmax_with_sink, Dims, Gemm,
-    Tensor,
-};
-use vpmoe_ir::{AttnKind, Graph, InputName, Op, ValueDef, ValueId};
+use vpmoe_ir::reference::{self, cache_write, cached_attention_part, Dims, Gemm, KvStore, Tensor};
+use vpmoe_ir::{Graph, InputName, Op, OutputName, ValueDef};
 
 /// One new token of a step: its sequence slot, its position there, and whether the step returns
 /// the logits that follow it.
@@ -37,18 +35,34 @@ pub struct Tok {
     pub logits: bool,
 }
 
-/// The forward graph prepared for generation over a model's weights.
-pub struct Decoder<'g> {
-    graph: &'g Graph,
+/// One graph of the decode program with its parameters bound to the model's tensors.
+struct Bound {
+    graph: Graph,
+    /// Per graph parameter: its index in the model's tensors.
+    params: Vec<usize>,
+}
+
+impl Bound {
+    fn new(graph: Graph, plan: &Plan) -> Result<Bound> {
+        let params = graph
+            .params
+            .iter()
+            .map(|p| {
+                plan.params
+                    .iter()
+                    .position(|q| q.name == p.name)
+                    .ok_or_else(|| anyhow::anyhow!("the decode program reads {}, which the plan does not have", p.name))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Bound { graph, params })
+    }
+}
+
+/// The decode program over a model's weights and the caches of `slots` sequences.
+pub struct Decoder {
+    prefill: Bound,
+    step: Bound,
     model: Vec<Tensor>,
-    /// The forward nodes the final norm depends on, in graph order.
-    nodes: Vec<usize>,
-    /// Per node: its attention layer's index into the cache.
-    layer_of: Vec<Option<usize>>,
-    tokens: ValueId,
-    z: ValueId,
-    head: usize,
-    hidden: usize,
     vocab: usize,
     max_len: usize,
     cache: KvCache,
@@ -59,63 +73,24 @@ pub struct Decoder<'g> {
     gemm: FastGemm,
 }
 
-impl<'g> Decoder<'g> {
+impl Decoder {
     /// A decoder for `slots` concurrent sequences of up to the architecture's
-    /// `max_sequence_length` positions.
-    pub fn new(graph: &'g Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<Decoder<'g>> {
+    /// `max_sequence_length` positions, from the training graph `graph` of `plan`.
+    pub fn new(graph: &Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<Decoder> {
         ensure!(slots > 0, "at least one sequence slot");
         crate::backend::check_state(plan, state)?;
-        let head_node =
-            graph.nodes.iter().find(|n| matches!(n.op, Op::HeadCe { .. })).context("the graph has no LM head")?;
-        let (z, head_v) = (head_node.inputs[0], head_node.inputs[1]);
-        let ValueDef::Param(head) = graph.value(head_v).def else { bail!("the LM head weight is not a parameter") };
-        // The nodes the final norm depends on.
-        let mut need = vec![false; graph.values.len()];
-        need[z.0 as usize] = true;
-        let mut nodes = Vec::new();
-        for (i, n) in graph.nodes.iter().enumerate().rev() {
-            if n.outputs.iter().any(|v| need[v.0 as usize]) {
-                nodes.push(i);
-                n.inputs.iter().for_each(|v| need[v.0 as usize] = true);
-            }
-        }
-        nodes.reverse();
-        let mut tokens = None;
-        for inp in &graph.inputs {
-            if need[inp.value.0 as usize] {
-                match inp.name {
-                    InputName::Tokens => tokens = Some(inp.value),
-                    InputName::Doc => {} // attention reads documents from the cache's slots
-                    ref other => bail!("generation cannot feed the graph input {other}"),
-                }
-            }
-        }
-        let mut layer_of = vec![None; graph.nodes.len()];
-        let mut windows = Vec::new();
-        let mut width = 0;
-        for &i in &nodes {
-            if let Op::Attention(a) = &graph.nodes[i].op {
-                layer_of[i] = Some(windows.len());
-                windows.push(match a.kind {
-                    AttnKind::Window(w) => Some(w as usize),
-                    AttnKind::Global { .. } => None,
-                });
-                width = (a.groups * a.head_dim) as usize;
-            }
-        }
+        let program = lower_decode(graph)?;
+        let width = program.caches[0].width;
+        ensure!(program.caches.iter().all(|c| c.width == width), "attention layers of different widths");
+        let windows: Vec<Option<usize>> = program.caches.iter().map(|c| c.window.map(|w| w as usize)).collect();
         let max_len = plan.arch.max_seq as usize;
         Ok(Decoder {
-            graph,
+            prefill: Bound::new(program.prefill, plan)?,
+            step: Bound::new(program.step, plan)?,
             model: model_tensors(plan, &state.master),
-            nodes,
-            layer_of,
-            tokens: tokens.context("the graph reads no tokens")?,
-            z,
-            head: head.0 as usize,
-            hidden: plan.arch.hidden as usize,
             vocab: plan.arch.vocab as usize,
             max_len,
-            cache: KvCache::new(&windows, width, slots, max_len),
+            cache: KvCache::new(&windows, width as usize, slots, max_len),
             held: vec![0; slots],
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             gemm: FastGemm,
@@ -141,10 +116,17 @@ impl<'g> Decoder<'g> {
 
     /// Runs one step over `toks` (each slot's tokens contiguous, in ascending positions that
     /// continue what the slot holds) and returns the logits after every token that asks for
-    /// them, `vocab` floats each, in order.
+    /// them, `vocab` floats each, in order. A slot's tokens before its first that asks go
+    /// through the prefill graph, the rest through the step graph.
     pub fn step(&mut self, toks: &[Tok]) -> Result<Vec<f32>> {
-        let n = toks.len();
-        ensure!(n > 0, "a step without tokens");
+        ensure!(!toks.is_empty(), "a step without tokens");
+        for (i, t) in toks.iter().enumerate().skip(1) {
+            ensure!(
+                t.slot == toks[i - 1].slot || toks[..i - 1].iter().all(|u| u.slot != t.slot),
+                "slot {}'s tokens are not contiguous in the step",
+                t.slot
+            );
+        }
         let mut held = self.held.clone();
         for t in toks {
             ensure!(t.slot < self.slots(), "slot {} of {}", t.slot, self.slots());
@@ -161,61 +143,115 @@ impl<'g> Decoder<'g> {
             self.cache.reserve(t.slot, t.pos + 1)?;
         }
         self.held = held;
-        let g = self.graph;
+        let mut asked = vec![false; self.slots()];
+        let (mut quiet, mut rest) = (Vec::new(), Vec::new());
+        for t in toks {
+            asked[t.slot] |= t.logits;
+            (if asked[t.slot] { &mut rest } else { &mut quiet }).push(*t);
+        }
+        if !quiet.is_empty() {
+            self.run(false, &quiet);
+        }
+        if rest.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.run(true, &rest).expect("the step graph has logits");
+        let v = self.vocab;
+        let rows: Vec<f32> = rest
+            .iter()
+            .zip(logits.chunks(v))
+            .filter(|(t, _)| t.logits)
+            .flat_map(|(_, row)| row.iter().copied())
+            .collect();
+        if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+            bail!("the model produced a non-finite logit ({} for token {} of row {})", rows[i], i % v, i / v);
+        }
+        Ok(rows)
+    }
+
+    /// Interprets the prefill (`step` false) or step graph over `toks`; the step graph's logits.
+    fn run(&mut self, step: bool, toks: &[Tok]) -> Option<Vec<f32>> {
+        let b = if step { &self.step } else { &self.prefill };
+        let g = &b.graph;
+        let n = toks.len();
         let dims = Dims { tokens: n, seq: n };
         let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        vals[self.tokens.0 as usize] = Some(Tensor::i32(vec![n], toks.iter().map(|t| t.token as i32).collect()));
-        for &ni in &self.nodes {
-            let node = &g.nodes[ni];
+        for inp in &g.inputs {
+            let x: Vec<i32> = match inp.name {
+                InputName::Tokens => toks.iter().map(|t| t.token as i32).collect(),
+                InputName::Pos => toks.iter().map(|t| t.pos as i32).collect(),
+                InputName::Slot => toks.iter().map(|t| t.slot as i32).collect(),
+                ref other => unreachable!("the decode program reads ${other}"),
+            };
+            vals[inp.value.0 as usize] = Some(Tensor::i32(vec![n], x));
+        }
+        for node in &g.nodes {
             let outs = {
                 let ins: Vec<&Tensor> = node
                     .inputs
                     .iter()
-                    .filter_map(|v| match g.value(*v).def {
-                        ValueDef::Param(p) => Some(&self.model[p.0 as usize]),
-                        ValueDef::Input(_) if *v != self.tokens => None, // documents: the slots
-                        _ => Some(vals[v.0 as usize].as_ref().expect("inputs are computed before use")),
+                    .map(|v| match g.value(*v).def {
+                        ValueDef::Param(p) => &self.model[b.params[p.0 as usize]],
+                        _ => vals[v.0 as usize].as_ref().expect("inputs are computed before use"),
                     })
                     .collect();
-                match &node.op {
-                    Op::GrapeM { head_dim, log_freq_scale, .. } => {
-                        // Each token rotated by its position in its sequence.
-                        let freqs = grape_freqs(ins[2].f(), *log_freq_scale);
-                        let pos = |ti: usize| toks[ti].pos;
-                        let d = *head_dim as usize;
-                        vec![grape_tokens(ins[0], n, &freqs, d, pos), grape_tokens(ins[1], n, &freqs, d, pos)]
+                match node.op {
+                    Op::CachedAttention { ref attn, layer } => {
+                        let threads = attention_threads(attn, ins[3].i(), self.cores);
+                        let out = attend(attn, layer as usize, &ins, &self.cache, threads);
+                        cache_write(attn, layer as usize, &ins, &mut self.cache);
+                        vec![Tensor::f32(vec![n, (attn.heads * attn.head_dim) as usize], out)]
                     }
-                    Op::Attention(a) => {
-                        let layer = self.layer_of[ni].expect("attention layers are numbered");
-                        let sinks = a.sinks.then(|| ins[3].f());
-                        vec![attend(&mut self.cache, layer, a, ins[0].f(), ins[1].f(), ins[2].f(), sinks, toks)]
+                    Op::Logits { hidden, vocab } => {
+                        let (h, v) = (hidden as usize, vocab as usize);
+                        vec![Tensor::f32(vec![n, v], head_logits(&self.gemm, ins[0].f(), h, ins[1].f(), v, self.cores))]
                     }
-                    op => reference::forward(op, &dims, &ins, &self.gemm),
+                    ref op => reference::forward(op, &dims, &ins, &self.gemm),
                 }
             };
             for (v, t) in node.outputs.iter().zip(outs) {
                 vals[v.0 as usize] = Some(t);
             }
         }
-        let z = vals[self.z.0 as usize].take().expect("the final norm ran");
-        let (h, v) = (self.hidden, self.vocab);
-        let rows: Vec<f32> = toks
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.logits)
-            .flat_map(|(i, _)| z.f()[i * h..(i + 1) * h].to_vec())
-            .collect();
-        let logits = head_logits(&self.gemm, &rows, h, self.model[self.head].f(), v, self.cores);
-        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-            bail!("the model produced a non-finite logit ({} for token {} of row {})", logits[i], i % v, i / v);
-        }
-        Ok(logits)
+        let out = g.output_named(&OutputName::Logits)?;
+        vals[out.0 as usize].take().map(|t| t.f().to_vec())
     }
 }
 
-/// `rows · headᵀ` (`rows`: m × h, `head`: v × h), the vocabulary split across up to `threads`
-/// threads (slices of at least 4096 entries). Each logit is one dot product whatever the split, so
-/// the result is the training head's bit for bit.
+/// Threads for a cached-attention call: all the cores once it reads at least 2¹⁸ key values.
+fn attention_threads(a: &vpmoe_ir::Attn, pos: &[i32], cores: usize) -> usize {
+    let keys: usize = pos
+        .iter()
+        .map(|&p| match a.kind {
+            vpmoe_ir::AttnKind::Window(w) => (p as usize + 1).min(w as usize),
+            vpmoe_ir::AttnKind::Global { .. } => p as usize + 1,
+        })
+        .sum();
+    if keys * (a.heads * a.head_dim) as usize >= 1 << 18 {
+        cores
+    } else {
+        1
+    }
+}
+
+/// Cached attention's context vectors on the cpu (before the call's K/V are written), the
+/// (token, head) pairs split across up to `threads` threads. Each pair is computed whole by the
+/// reference, so the split changes no bit.
+fn attend(a: &vpmoe_ir::Attn, layer: usize, ins: &[&Tensor], cache: &dyn KvStore, threads: usize) -> Vec<f32> {
+    let (d, pairs) = (a.head_dim as usize, ins[3].i().len() * a.heads as usize);
+    let per = pairs.div_ceil(threads.clamp(1, pairs.max(1)));
+    let mut out = vec![0f32; pairs * d];
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(per * d).enumerate() {
+            s.spawn(move || cached_attention_part(a, layer, ins, cache, c * per, part));
+        }
+    });
+    out
+}
+
+/// The `logits` op on the cpu: `rows · headᵀ` (`rows`: m × h, `head`: v × h), the vocabulary
+/// split across up to `threads` threads (slices of at least 4096 entries). Each logit is one dot
+/// product whatever the split, so the result is the reference's bit for bit.
 fn head_logits(gemm: &FastGemm, rows: &[f32], h: usize, head: &[f32], v: usize, threads: usize) -> Vec<f32> {
     let m = rows.len() / h;
     let threads = threads.min(v.div_ceil(4096)).max(1);
@@ -242,46 +278,6 @@ fn head_logits(gemm: &FastGemm, rows: &[f32], h: usize, head: &[f32], v: usize, 
         }
     }
     logits
-}
-
-/// Attention of each new token over its slot's cached keys, token by token: its K/V are written
-/// first, so it sees itself, and a ring never loses a key that a later token of the step needs.
-/// Scores and the mix are the reference's (`attention_scores`, `attention_mix`), over the keys it
-/// attends in ascending position.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    cache: &mut KvCache,
-    layer: usize,
-    a: &vpmoe_ir::Attn,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sinks: Option<&[f32]>,
-    toks: &[Tok],
-) -> Tensor {
-    let (nh, ng, d) = (a.heads as usize, a.groups as usize, a.head_dim as usize);
-    let gsz = nh / ng;
-    let w = ng * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let slopes = matches!(a.kind, AttnKind::Global { alibi: true }).then(|| alibi_slopes(nh));
-    let mut out = vec![0f32; toks.len() * nh * d];
-    for (t, tok) in toks.iter().enumerate() {
-        cache.write(layer, tok.slot, tok.pos, &k[t * w..][..w], &v[t * w..][..w]);
-        let lo = match a.kind {
-            AttnKind::Window(win) => (tok.pos + 1).saturating_sub(win as usize),
-            AttnKind::Global { .. } => 0,
-        };
-        for h in 0..nh {
-            let g = h / gsz;
-            let qv = &q[(t * nh + h) * d..][..d];
-            let keys = (lo..=tok.pos).map(|j| Some((tok.pos - j, &cache.read(layer, tok.slot, j).0[g * d..][..d])));
-            let scores = attention_scores(qv, keys, scale, slopes.as_ref().map(|s| s[h]));
-            let p = softmax_with_sink(&scores, sinks.map(|s| s[h]));
-            let value = |j: usize| &cache.read(layer, tok.slot, lo + j).1[g * d..][..d];
-            attention_mix(&p, value, &mut out[(t * nh + h) * d..][..d]);
-        }
-    }
-    Tensor::f32(vec![toks.len(), nh * d], out)
 }
 
 /// Why a sequence stopped.
@@ -398,6 +394,40 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_attention_is_the_single_thread_result_bit_for_bit() {
+        use vpmoe_ir::{Attn, AttnKind};
+        let mut r = vpmoe_ir::rng::Rng::new(5);
+        let mut rand = |n: usize| Tensor::f32(vec![n], (0..n).map(|_| r.uniform() as f32 - 0.5).collect());
+        let (nh, ng, d) = (4, 2, 8);
+        for kind in [AttnKind::Window(3), AttnKind::Global { alibi: true }] {
+            let a = Attn { heads: nh as u64, groups: ng as u64, head_dim: d as u64, kind, sinks: true };
+            let mut cache = KvCache::new(&[Some(3), None], ng * d, 2, 32);
+            // Slot 0 holds 5 positions, slot 1 none; the call continues slot 0 by 2 tokens and
+            // starts slot 1 with 4.
+            for p in 0..5 {
+                cache.reserve(0, p + 1).unwrap();
+                let layer = usize::from(matches!(kind, AttnKind::Global { .. }));
+                let (k, v) = (rand(ng * d), rand(ng * d));
+                cache.write(layer, 0, p, k.f(), v.f());
+            }
+            cache.reserve(1, 4).unwrap();
+            cache.reserve(0, 7).unwrap();
+            let (pos, slot) = (vec![5, 6, 0, 1, 2, 3], vec![0, 0, 1, 1, 1, 1]);
+            let t = pos.len();
+            let (q, k, v, sinks) = (rand(t * nh * d), rand(t * ng * d), rand(t * ng * d), rand(nh));
+            let (pos, slot) = (Tensor::i32(vec![t], pos), Tensor::i32(vec![t], slot));
+            let ins = [&q, &k, &v, &pos, &slot, &sinks];
+            let layer = usize::from(matches!(kind, AttnKind::Global { .. }));
+            let one = attend(&a, layer, &ins, &cache, 1);
+            for threads in [2, 3, 7, 100] {
+                let split = attend(&a, layer, &ins, &cache, threads);
+                assert!(split.iter().zip(&one).all(|(x, y)| x.to_bits() == y.to_bits()), "{threads} threads");
+            }
+            assert!(one.iter().all(|x| x.is_finite()) && one.iter().any(|&x| x != 0.0));
+        }
+    }
 
     #[test]
     fn the_split_head_is_the_whole_product_bit_for_bit() {
