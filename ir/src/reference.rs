@@ -449,7 +449,7 @@ pub trait KvStore: Sync {
 
 /// [`Op::CachedAttention`] (inputs `q, k, v, pos, slot[, sinks]`): every token attends, then
 /// the call's K/V are written to the cache in token order.
-pub fn cached_attention(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut dyn KvStore) -> Tensor {
+pub fn cached_attention<S: KvStore + ?Sized>(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut S) -> Tensor {
     let t = ins[3].i().len();
     let mut out = vec![0f32; t * (a.heads * a.head_dim) as usize];
     cached_attention_part(a, layer, ins, &*cache, 0, &mut out);
@@ -464,11 +464,11 @@ pub fn cached_attention(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut dyn
 /// before the slot's first position in this call from the cache, the rest from the call's own k
 /// and v (a slot's tokens in a call are contiguous and ascending). So a window layer's ring of
 /// `W` positions serves a call of any length, and a token's context is bitwise training's.
-pub fn cached_attention_part(
+pub fn cached_attention_part<S: KvStore + ?Sized>(
     a: &Attn,
     layer: usize,
     ins: &[&Tensor],
-    cache: &dyn KvStore,
+    cache: &S,
     first: usize,
     out: &mut [f32],
 ) {
@@ -508,7 +508,7 @@ pub fn cached_attention_part(
 }
 
 /// Writes a cached-attention call's K/V at each token's (slot, position), in token order.
-pub fn cache_write(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut dyn KvStore) {
+pub fn cache_write<S: KvStore + ?Sized>(a: &Attn, layer: usize, ins: &[&Tensor], cache: &mut S) {
     let w = (a.groups * a.head_dim) as usize;
     let (k, v, pos, slot) = (ins[1].f(), ins[2].f(), ins[3].i(), ins[4].i());
     for ti in 0..pos.len() {

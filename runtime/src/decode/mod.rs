@@ -22,7 +22,7 @@ use sampler::{choose, uniform, Choice, Sampling};
 use serde::Serialize;
 use vpmoe_compiler::decode::lower_decode;
 use vpmoe_compiler::Plan;
-use vpmoe_ir::reference::{self, cache_write, cached_attention_part, Dims, Gemm, KvStore, Tensor};
+use vpmoe_ir::reference::{self, cache_write, cached_attention_part, Data, Dims, Gemm, Tensor};
 use vpmoe_ir::{Graph, InputName, Op, OutputName, ValueDef};
 
 /// One new token of a step: its sequence slot, its position there, and whether the step returns
@@ -157,12 +157,15 @@ impl Decoder {
         }
         let logits = self.run(true, &rest).expect("the step graph has logits");
         let v = self.vocab;
-        let rows: Vec<f32> = rest
-            .iter()
-            .zip(logits.chunks(v))
-            .filter(|(t, _)| t.logits)
-            .flat_map(|(_, row)| row.iter().copied())
-            .collect();
+        let rows = if rest.iter().all(|t| t.logits) {
+            logits
+        } else {
+            rest.iter()
+                .zip(logits.chunks(v))
+                .filter(|(t, _)| t.logits)
+                .flat_map(|(_, row)| row.iter().copied())
+                .collect()
+        };
         if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
             bail!("the model produced a non-finite logit ({} for token {} of row {})", rows[i], i % v, i / v);
         }
@@ -214,11 +217,15 @@ impl Decoder {
             }
         }
         let out = g.output_named(&OutputName::Logits)?;
-        vals[out.0 as usize].take().map(|t| t.f().to_vec())
+        match vals[out.0 as usize].take()?.data {
+            Data::F32(v) => Some(v),
+            Data::I32(_) => unreachable!("logits are f32"),
+        }
     }
 }
 
-/// Threads for a cached-attention call: all the cores once it reads at least 2¹⁸ key values.
+/// Threads for a cached-attention call: all the cores once it reads at least 2²⁰ key values
+/// (a few milliseconds of work, against tens of microseconds to start a thread).
 fn attention_threads(a: &vpmoe_ir::Attn, pos: &[i32], cores: usize) -> usize {
     let keys: usize = pos
         .iter()
@@ -227,7 +234,7 @@ fn attention_threads(a: &vpmoe_ir::Attn, pos: &[i32], cores: usize) -> usize {
             vpmoe_ir::AttnKind::Global { .. } => p as usize + 1,
         })
         .sum();
-    if keys * (a.heads * a.head_dim) as usize >= 1 << 18 {
+    if keys * (a.heads * a.head_dim) as usize >= 1 << 20 {
         cores
     } else {
         1
@@ -237,14 +244,17 @@ fn attention_threads(a: &vpmoe_ir::Attn, pos: &[i32], cores: usize) -> usize {
 /// Cached attention's context vectors on the cpu (before the call's K/V are written), the
 /// (token, head) pairs split across up to `threads` threads. Each pair is computed whole by the
 /// reference, so the split changes no bit.
-fn attend(a: &vpmoe_ir::Attn, layer: usize, ins: &[&Tensor], cache: &dyn KvStore, threads: usize) -> Vec<f32> {
+fn attend(a: &vpmoe_ir::Attn, layer: usize, ins: &[&Tensor], cache: &KvCache, threads: usize) -> Vec<f32> {
     let (d, pairs) = (a.head_dim as usize, ins[3].i().len() * a.heads as usize);
     let per = pairs.div_ceil(threads.clamp(1, pairs.max(1)));
     let mut out = vec![0f32; pairs * d];
     std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(per * d).enumerate() {
+        let mut parts = out.chunks_mut(per * d).enumerate();
+        let (_, mine) = parts.next().expect("at least one pair");
+        for (c, part) in parts {
             s.spawn(move || cached_attention_part(a, layer, ins, cache, c * per, part));
         }
+        cached_attention_part(a, layer, ins, cache, 0, mine); // this thread takes the first share
     });
     out
 }
@@ -397,6 +407,7 @@ mod tests {
 
     #[test]
     fn split_attention_is_the_single_thread_result_bit_for_bit() {
+        use vpmoe_ir::reference::KvStore;
         use vpmoe_ir::{Attn, AttnKind};
         let mut r = vpmoe_ir::rng::Rng::new(5);
         let mut rand = |n: usize| Tensor::f32(vec![n], (0..n).map(|_| r.uniform() as f32 - 0.5).collect());
