@@ -1,5 +1,6 @@
 //! `vpmoe-rt plot RUN_DIR`: a run's `metrics.jsonl` drawn as one self-contained HTML page of SVG
-//! panels (plotters' SVG backend): the losses with the held-out points, the learning rate, the
+//! panels (plotters' SVG backend): the losses with the held-out and canary points, the greedy
+//! answers' Harmony validity at evaluations, the learning rate, the
 //! gradient norm and clipping, throughput, router health and a per-layer expert-load heatmap, and
 //! stage 2's weights and stage 3's signals when the run has them.
 
@@ -67,8 +68,10 @@ fn num(v: &Value) -> Option<f64> {
 pub fn panels(records: &[Value]) -> Result<Vec<Panel>> {
     let s = |name: &str, f: &dyn Fn(&Value) -> Option<f64>| series(records, name, f);
     let mut out = Vec::new();
-    let mut eval = s("held-out", &|r| num(&r["eval"]["loss"]));
-    eval.dots = true;
+    let dots = |mut x: Series| {
+        x.dots = true;
+        x
+    };
     out.push(lines(
         "Loss",
         "loss (nats)",
@@ -76,9 +79,17 @@ pub fn panels(records: &[Value]) -> Result<Vec<Panel>> {
             s("objective", &|r| num(&r["loss"])),
             s("CE reasoning", &|r| num(&r["ce_reasoning"])),
             s("CE final", &|r| num(&r["ce_final"])),
-            eval,
+            dots(s("held-out", &|r| num(&r["eval"]["loss"]))),
+            dots(s("canary", &|r| num(&r["eval"]["canary_loss"]))),
         ],
     )?);
+    if records.iter().any(|r| r["eval"]["valid_rate"].is_number()) {
+        out.push(lines(
+            "Evaluation: Harmony validity of greedy answers",
+            "share",
+            vec![dots(s("valid", &|r| num(&r["eval"]["valid_rate"])))],
+        )?);
+    }
     out.push(lines("Learning rate", "lr", vec![s("Normuon lr", &|r| num(&r["lr"]))])?);
     out.push(lines(
         "Gradient norm and clipping",
@@ -170,6 +181,7 @@ fn lines(title: &str, y_desc: &str, all: Vec<Series>) -> Result<Panel> {
             .configure_mesh()
             .x_desc("step")
             .y_desc(y_desc)
+            .x_labels(((x1 - x0) as usize + 1).clamp(2, 10)) // whole steps, each labelled once
             .x_label_formatter(&|x| format!("{x:.0}"))
             .light_line_style(WHITE)
             .draw()
@@ -306,7 +318,7 @@ mod tests {
                     "grad_norm": 2.0 / s, "clip_coef": 1.0, "tokens_per_s": 100.0 + s, "router": router(s),
                     "router_layers": [["blk2", router(s)], ["blk3", router(2.0 * s)]]});
                 if s == 3.0 {
-                    r["eval"] = json!({"loss": 7.5, "ce_reasoning": 3.0, "ce_final": 4.5, "tokens": 10});
+                    r["eval"] = json!({"loss": 7.5, "ce_reasoning": 3.0, "ce_final": 4.5, "tokens": 10, "canary_loss": 8.0, "valid_rate": 0.25});
                 }
                 if s <= 2.0 {
                     r["kd"] = json!({"center": -1.0, "teacher_logp_mean": -1.1, "weight_mean": 1.2, "clipped_low": 0.1, "clipped_high": 0.0});
@@ -323,7 +335,7 @@ mod tests {
     fn every_panel_has_a_title_axes_and_data() {
         let p = panels(&records()).unwrap();
         let titles: Vec<&str> = p.iter().map(|p| p.title.as_str()).collect();
-        assert_eq!(p.len(), 11, "{titles:?}");
+        assert_eq!(p.len(), 12, "{titles:?}");
         for panel in &p {
             let svg = &panel.svg;
             // Every text element's content, unescaped.
@@ -339,10 +351,10 @@ mod tests {
             let data = svg.matches("<polyline").count() + svg.matches("<circle").count() + svg.matches("<rect").count();
             assert!(data >= 2, "{}: no data drawn", panel.title);
         }
-        // The held-out point of step 3 is a dot on the loss panel.
-        assert!(p[0].svg.contains("<circle"));
+        // The held-out and canary points of step 3 are dots on the loss panel.
+        assert!(p[0].svg.matches("<circle").count() >= 2 && p[0].svg.contains("canary"));
         let page = html("run", &p);
-        assert_eq!(page.matches("<section").count(), 11);
+        assert_eq!(page.matches("<section").count(), 12);
     }
 
     #[test]

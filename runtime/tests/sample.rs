@@ -60,10 +60,10 @@ fn sample_continues_prompts_from_a_trained_checkpoint() {
 
     // The run's picture: every panel drawn, with data.
     let plot = rt(&["plot"], &[&run]);
-    assert!(plot.status.success() && text(&plot).contains("7 panels -> "), "{}", text(&plot));
+    assert!(plot.status.success() && text(&plot).contains("8 panels -> "), "{}", text(&plot));
     let page = std::fs::read_to_string(run.join("plot.html")).unwrap();
     let sections: Vec<&str> = page.split("<section").skip(1).collect();
-    assert_eq!(sections.len(), 7);
+    assert_eq!(sections.len(), 8);
     let data = |p: &str| p.contains("<polyline") || p.contains("<circle") || p.matches("<rect").count() > 2;
     assert!(sections.iter().all(|p| data(p)), "a panel without data");
 
