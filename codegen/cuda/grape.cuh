@@ -1,8 +1,9 @@
 #pragma once
 // grape.cuh: GRAPE-M rotation (RoPE, rotate-half convention, learnable shared frequencies).
 //
-// For each head vector u of token t at position p = t % S, the `heads` of xq [T, heads, D] and the
-// `groups` of xk [T, groups, D] (queries and keys in one launch, sharing the angles):
+// For each head vector u of token t at position p (t % S in training, pos[t] in the decode
+// program), the `heads` of xq [T, heads, D] and the `groups` of xk [T, groups, D] (queries and
+// keys in one launch, sharing the angles):
 //   f_i = exp(log_freq[i] / scale),  θ_i = p·f_i (f32),  i < D/2
 //   u'[i] = u[i]·cos θ_i − u[i+D/2]·sin θ_i,   u'[i+D/2] = u[i+D/2]·cos θ_i + u[i]·sin θ_i
 //
@@ -16,15 +17,13 @@
 
 namespace vp {
 
+// Rotates token t's heads by position `pos` (the whole block; see above).
 template <int D>
-__device__ __forceinline__ void grape(const bf16* xq, const bf16* xk, const float* __restrict__ log_freq, bf16* yq,
-                                      bf16* yk, int heads, int groups, int T, int S, float scale) {
+__device__ __forceinline__ void grape_token(const bf16* xq, const bf16* xk, const float* __restrict__ log_freq,
+                                            bf16* yq, bf16* yk, int heads, int groups, int t, float pos, float scale) {
     static_assert(D % 2 == 0, "rotate-half needs an even head dim");
     constexpr int HD = D / 2;
     __shared__ float s_cos[HD], s_sin[HD];
-    const int t = blockIdx.x;
-    if (t >= T) return;  // whole block
-    const float pos = (float)(t % S);
     for (int i = threadIdx.x; i < HD; i += blockDim.x) {
         const float th = pos * expf(log_freq[i] / scale);
         float sn, cs;
@@ -46,6 +45,25 @@ __device__ __forceinline__ void grape(const bf16* xq, const bf16* xk, const floa
         y[o] = f2bf(a * c - b * s);
         y[o + HD] = f2bf(b * c + a * s);
     }
+}
+
+// Training: token t of rows of S tokens is at position t % S.
+template <int D>
+__device__ __forceinline__ void grape(const bf16* xq, const bf16* xk, const float* __restrict__ log_freq, bf16* yq,
+                                      bf16* yk, int heads, int groups, int T, int S, float scale) {
+    const int t = blockIdx.x;
+    if (t >= T) return;  // whole block
+    grape_token<D>(xq, xk, log_freq, yq, yk, heads, groups, t, (float)(t % S), scale);
+}
+
+// The decode program (grape_m_at): token t is at position pos[t] of its sequence.
+template <int D>
+__device__ __forceinline__ void grape_at(const bf16* xq, const bf16* xk, const float* __restrict__ log_freq,
+                                         const int* __restrict__ pos, bf16* yq, bf16* yk, int heads, int groups, int T,
+                                         float scale) {
+    const int t = blockIdx.x;
+    if (t >= T) return;  // whole block
+    grape_token<D>(xq, xk, log_freq, yq, yk, heads, groups, t, (float)pos[t], scale);
 }
 
 }  // namespace vp

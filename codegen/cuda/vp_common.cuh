@@ -243,6 +243,21 @@ __device__ __forceinline__ void sum_to(const float* parts, int n, float scale, f
 }
 
 template <int NT>
+__device__ __forceinline__ float block_max(float v) {
+    static_assert(NT % 32 == 0 && NT <= 1024, "block size");
+    __shared__ float red[NT / 32];
+    v = warp_max(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float m = red[0];
+#pragma unroll
+    for (int i = 1; i < NT / 32; ++i) m = fmaxf(m, red[i]);
+    __syncthreads();
+    return m;
+}
+
+template <int NT>
 __device__ __forceinline__ unsigned long long block_max_u64(unsigned long long v) {
     static_assert(NT % 32 == 0 && NT <= 1024, "block size");
     __shared__ unsigned long long red[NT / 32];

@@ -18,6 +18,8 @@ pub const COLSUM_PARTS: u64 = 64;
 pub const SEQ_AUX_SPLIT: u64 = 64;
 /// Tokens per embed_sort chunk.
 pub const EMBED_SORT_CHUNK: u64 = 2048;
+/// Positions per block of the global attention layers' paged key/value pool (the decode program).
+pub const KV_BLOCK: u64 = 16;
 /// Vocabulary chunks of the LM head's backward: its bf16 logit gradient is `[T, V/8]` at a time.
 pub const HEAD_CHUNKS: u64 = 8;
 
@@ -50,6 +52,7 @@ pub fn header() -> String {
         ("SEQ_AUX_SPLIT", SEQ_AUX_SPLIT),
         ("EMBED_SORT_CHUNK", EMBED_SORT_CHUNK),
         ("HEAD_CHUNKS", HEAD_CHUNKS),
+        ("KV_BLOCK", KV_BLOCK),
         ("EPI_NONE", EPI_NONE),
         ("EPI_RELU2", EPI_RELU2),
         ("EPI_RESID", EPI_RESID),

@@ -12,6 +12,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("grape.cuh", include_str!("../cuda/grape.cuh")),
     ("vres.cuh", include_str!("../cuda/vres.cuh")),
     ("attention.cuh", include_str!("../cuda/attention.cuh")),
+    ("cached_attention.cuh", include_str!("../cuda/cached_attention.cuh")),
     ("router.cuh", include_str!("../cuda/router.cuh")),
     ("moe_count.cuh", include_str!("../cuda/moe_count.cuh")),
     ("moe_scatter.cuh", include_str!("../cuda/moe_scatter.cuh")),

@@ -72,7 +72,9 @@ impl CType {
         match arg {
             Arg::Value(_) | Arg::ValueAt { .. } | Arg::Scratch { .. } | Arg::Null => self.is_pointer(),
             Arg::Tickets => self == CType::I32Mut,
-            Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) | Arg::Accum(_) => self == CType::Int,
+            Arg::Cache { .. } => matches!(self, CType::Bf | CType::BfMut),
+            Arg::BlockTable => self == CType::I32,
+            Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) | Arg::Accum(_) | Arg::BlocksPerSlot => self == CType::Int,
             Arg::InvRows | Arg::Float(_) => self == CType::Float,
         }
     }
@@ -233,6 +235,18 @@ pub enum Arg {
     /// runtime places in the step's gradient sum and an earlier micro-batch of the step is already
     /// there (the kernel adds), else 0 (it stores).
     Accum(ValueId),
+    /// The decode program's key (`value` false) or value cache of attention layer `layer`, bf16:
+    /// a window layer's rings `[slots][window][width]`, a global layer's block pool
+    /// `[blocks][KV_BLOCK][width]`.
+    Cache {
+        layer: u32,
+        value: bool,
+    },
+    /// The global layers' block table, `int[slots][BlocksPerSlot]`: each slot's pool blocks in
+    /// position order.
+    BlockTable,
+    /// Entries per slot of the block table (`ceil(max_sequence_length / KV_BLOCK)`).
+    BlocksPerSlot,
 }
 
 impl Arg {
@@ -275,7 +289,7 @@ impl Arg {
     }
     /// The argument as text, values written by `value` (e.g. [`vpmoe_ir::Graph::value_ref`]):
     /// `%3`, `@w+512`, `s0+64` (offsets in elements), `null`, `4T`, `S`, `S/T`, `tickets`, `8`,
-    /// `1e-5`, `accum(%3)`.
+    /// `1e-5`, `accum(%3)`, `kcache2`, `vcache2`, `blocks`, `blocks_per_slot`.
     pub fn to_text(&self, value: &dyn Fn(ValueId) -> String) -> String {
         let at = |base: String, offset: u64| if offset == 0 { base } else { format!("{base}+{offset}") };
         match *self {
@@ -290,6 +304,10 @@ impl Arg {
             Arg::Int(n) => n.to_string(),
             Arg::Float(x) => format!("{x:?}"),
             Arg::Accum(v) => format!("accum({})", value(v)),
+            Arg::Cache { layer, value: false } => format!("kcache{layer}"),
+            Arg::Cache { layer, value: true } => format!("vcache{layer}"),
+            Arg::BlockTable => "blocks".into(),
+            Arg::BlocksPerSlot => "blocks_per_slot".into(),
         }
     }
 }

@@ -116,7 +116,19 @@ fn check_node(cfg: &Cfg, node: &Node) -> Vec<String> {
                         errs.push(format!("{actx}: null scalar"));
                     }
                 }
-                Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) => {
+                // The decode program's caches: a bf16 buffer, written only by the cache write.
+                Arg::Cache { .. } => {
+                    let writer = l.kernel.family == "cache_write";
+                    if p != Some((Some(DType::Bf16), !writer)) {
+                        errs.push(format!("{actx}: a cache as {}", ctype.c()));
+                    }
+                }
+                Arg::BlockTable => {
+                    if p != Some((Some(DType::I32), true)) || *pname != "blocks" {
+                        errs.push(format!("{actx}: the block table as `{} {pname}`", ctype.c()));
+                    }
+                }
+                Arg::Tokens { .. } | Arg::Seq | Arg::Int(_) | Arg::BlocksPerSlot => {
                     if *ctype != CType::Int {
                         errs.push(format!("{actx}: integer for {}", ctype.c()));
                     }

@@ -68,6 +68,9 @@ struct RawAttention {
     attention_dropout: f64,
     max_sequence_length: u64,
     position_embedding_type: String,
+    /// The rotation base: RoPE's, or where GRAPE-M's log-frequencies start.
+    #[serde(default)]
+    rotary_base: Option<f64>,
     #[serde(default)]
     window_size: Option<i64>,
     #[serde(default)]
@@ -218,12 +221,29 @@ pub struct Arch {
     pub optimizer: Optimizer,
 }
 
+/// The rotation of q and k: GRAPE-M, or RoPE (`position_embedding_type = "rope"`), which is
+/// GRAPE-M with its frequencies frozen at `base^(−2i/head_dim)` and no ALiBi layers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Grape {
     /// GRAPE-M rotation on local layers (on every layer when ALiBi is off).
     pub alibi: bool,
     pub learnable_freq: bool,
     pub log_freq_scale: f64,
+    /// The frequencies at initialisation: `f_i = base^(−2i/head_dim)`.
+    #[serde(default = "default_base", skip_serializing_if = "is_default_base")]
+    pub base: f64,
+}
+
+/// GRAPE-M's base, as Megatron's `--rotary-base` default.
+const GRAPE_BASE: f64 = 10_000.0;
+/// RoPE's base when `attention.rotary_base` is absent: Qwen3's, for the rungs imported from it.
+pub const ROPE_BASE: f64 = 1_000_000.0;
+
+fn default_base() -> f64 {
+    GRAPE_BASE
+}
+fn is_default_base(b: &f64) -> bool {
+    *b == GRAPE_BASE
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -401,7 +421,11 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
     };
 
     // Attention schedule.
-    one_of("attention.position_embedding_type", &a.position_embedding_type, &["grapem"])?;
+    one_of("attention.position_embedding_type", &a.position_embedding_type, &["grapem", "rope"])?;
+    let rope = a.position_embedding_type == "rope";
+    if let Some(b) = a.rotary_base {
+        float("attention.rotary_base", b, 1.0, true, 1e12)?;
+    }
     let layers = m.num_layers as usize;
     let window = match a.window_size {
         None | Some(0) => None,
@@ -446,20 +470,34 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         }
         _ => None,
     };
-    let Some(g) = &raw.grape else {
-        bail!("grape: missing section [grape] (required for position_embedding_type = \"grapem\")")
+    let grape = match (&raw.grape, rope) {
+        (Some(_), true) => {
+            bail!("grape: a [grape] section goes with position_embedding_type = \"grapem\", not \"rope\"")
+        }
+        (None, true) => {
+            Grape { alibi: false, learnable_freq: false, log_freq_scale: 1.0, base: a.rotary_base.unwrap_or(ROPE_BASE) }
+        }
+        (None, false) => bail!("grape: missing section [grape] (required for position_embedding_type = \"grapem\")"),
+        (Some(g), false) => {
+            ensure!(
+                g.grapem_share_across_heads,
+                "grape.grapem_share_across_heads",
+                "only true is supported (per-head frequencies cannot broadcast onto GQA groups)"
+            );
+            float("grape.grapem_log_freq_scale", g.grapem_log_freq_scale, 0.0, true, 1e6)?;
+            ensure!(
+                !g.grape_a || a.window_attn_skip_freq.is_some(),
+                "grape.grape_a",
+                "ALiBi on global layers needs attention.window_attn_skip_freq to define them"
+            );
+            Grape {
+                alibi: g.grape_a,
+                learnable_freq: g.grapem_learnable_freq,
+                log_freq_scale: g.grapem_log_freq_scale,
+                base: a.rotary_base.unwrap_or(GRAPE_BASE),
+            }
+        }
     };
-    ensure!(
-        g.grapem_share_across_heads,
-        "grape.grapem_share_across_heads",
-        "only true is supported (per-head frequencies cannot broadcast onto GQA groups)"
-    );
-    float("grape.grapem_log_freq_scale", g.grapem_log_freq_scale, 0.0, true, 1e6)?;
-    ensure!(
-        !g.grape_a || a.window_attn_skip_freq.is_some(),
-        "grape.grape_a",
-        "ALiBi on global layers needs attention.window_attn_skip_freq to define them"
-    );
 
     let moe = match &raw.moe {
         None => None,
@@ -590,11 +628,7 @@ fn resolve(raw: Raw, name: &str, base: &Path) -> Result<Arch> {
         window,
         local,
         tpa,
-        grape: Grape {
-            alibi: g.grape_a,
-            learnable_freq: g.grapem_learnable_freq,
-            log_freq_scale: g.grapem_log_freq_scale,
-        },
+        grape,
         moe,
         optimizer: Optimizer {
             momentum: o.normuon_momentum,

@@ -32,6 +32,10 @@ pub fn compile_arch(arch: &Arch) -> Result<(Graph, Plan)> {
     let decode = decode::lower_decode(&graph)?;
     let mut plan = plan::build(&graph, arch);
     plan.report.kv_cache_bytes_per_sequence = decode.cache_bytes(arch.max_seq, DType::Bf16.bytes());
+    // The decode program's kernels are compiled with the training step's (vpmoe-rt sample
+    // --backend cuda loads them from the plan directory).
+    let (prefill, step) = (plan::schedule(&decode.prefill), plan::schedule(&decode.step));
+    plan.add_kernels(prefill.steps.iter().chain(&step.steps));
     Ok((graph, plan))
 }
 

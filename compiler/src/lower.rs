@@ -78,7 +78,7 @@ pub fn lower(arch: &Arch) -> Graph {
     let log_freq = any_rotation.then(|| {
         let (opt, init) = (
             if a.grape.learnable_freq { OptGroup::AdamW } else { OptGroup::Frozen },
-            Init::LogFreq { scale: a.grape.log_freq_scale as f32, base: 10000.0, head_dim: d },
+            Init::LogFreq { scale: a.grape.log_freq_scale as f32, base: a.grape.base as f32, head_dim: d },
         );
         l.param("rotary_pos_emb.log_freq".into(), DType::F32, &[d / 2], init, opt, false, Role::Other)
     });

@@ -291,10 +291,10 @@ fn workspace(buffers: &[Buffer], max_seq: u64) -> u64 {
     per_node.into_values().max().unwrap_or(0)
 }
 
-pub fn build(g: &Graph, arch: &Arch) -> Plan {
-    let Schedule { steps, buffers, tok_arena_bytes_per_token, fixed_arena_bytes, .. } = schedule(g);
-    let mut kernels: BTreeMap<String, KernelEntry> = BTreeMap::new();
-    for l in steps.iter().flat_map(|s| &s.launches) {
+/// The distinct kernels of `steps`' launches, by name.
+pub fn kernel_entries<'a>(steps: impl IntoIterator<Item = &'a Step>) -> BTreeMap<String, KernelEntry> {
+    let mut kernels = BTreeMap::new();
+    for l in steps.into_iter().flat_map(|s| &s.launches) {
         kernels.entry(l.kernel.name()).or_insert_with(|| KernelEntry {
             name: l.kernel.name(),
             family: l.kernel.family.clone(),
@@ -302,6 +302,12 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
             block: l.block,
         });
     }
+    kernels
+}
+
+pub fn build(g: &Graph, arch: &Arch) -> Plan {
+    let Schedule { steps, buffers, tok_arena_bytes_per_token, fixed_arena_bytes, .. } = schedule(g);
+    let mut kernels = kernel_entries(&steps);
     let params: Vec<ParamEntry> = g
         .params
         .iter()
@@ -348,6 +354,14 @@ pub fn build(g: &Graph, arch: &Arch) -> Plan {
 }
 
 impl Plan {
+    /// Adds the kernels of `steps` (the decode program's) to the ones the plan compiles.
+    pub fn add_kernels<'a>(&mut self, steps: impl IntoIterator<Item = &'a Step>) {
+        let mut all: BTreeMap<String, KernelEntry> =
+            std::mem::take(&mut self.kernels).into_iter().map(|k| (k.name.clone(), k)).collect();
+        all.extend(kernel_entries(steps));
+        self.kernels = all.into_values().collect();
+    }
+
     /// The buffer holding a value, if it has one (parameters live in the parameter store).
     pub fn buffer_of(&self, key: &BufferKey) -> Option<&Buffer> {
         self.buffers.binary_search_by(|b| b.key.cmp(key)).ok().map(|i| &self.buffers[i])

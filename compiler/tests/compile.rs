@@ -153,6 +153,9 @@ fn closed_form(a: &Arch) -> (u64, u64, u64) {
 fn report_matches_the_closed_form_count_for_every_config() {
     let mut variants: Vec<Arch> = SMALL.iter().map(|n| load(&format!("tests/configs/{n}.toml"))).collect();
     variants.push(load("configs/vpmoe.toml"));
+    for rung in ["qwen3-0_6B-o200k", "vpDense0-5_28", "vpDense_28", "vpDense_80"] {
+        variants.push(load(&format!("configs/rungs/{rung}.toml")));
+    }
     // Other ranks, windows, skip frequencies and expert counts.
     let locked = std::fs::read_to_string(root().join("configs/vpmoe.toml")).unwrap();
     for (from, to) in [
@@ -256,8 +259,14 @@ fn config_errors_name_the_file_and_key() {
         ("num_layers = 4", "num_layers = \"four\"", "num_layers"),
         (
             "position_embedding_type = \"grapem\"",
-            "position_embedding_type = \"rope\"",
+            "position_embedding_type = \"learned_absolute\"",
             "attention.position_embedding_type",
+        ),
+        ("position_embedding_type = \"grapem\"", "position_embedding_type = \"rope\"", "[grape] section"),
+        (
+            "position_embedding_type = \"grapem\"",
+            "position_embedding_type = \"grapem\"\nrotary_base = 0.5",
+            "attention.rotary_base",
         ),
         ("[model]", "[model]\nhidden_dropout = 0.1", "model.hidden_dropout"),
     ];

@@ -8,7 +8,7 @@ use vpmoe_ir::{parse_graph, split_graph_text, Graph};
 
 fn configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut paths: Vec<PathBuf> = ["configs", "tests/configs"]
+    let mut paths: Vec<PathBuf> = ["configs", "configs/rungs", "tests/configs"]
         .iter()
         .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
         .map(|e| e.unwrap().path())
@@ -29,7 +29,7 @@ fn assert_round_trips(what: &str, g: &Graph) {
 #[test]
 fn print_parse_is_identity_for_every_config() {
     let paths = configs();
-    assert!(paths.len() >= 7, "configs not found: {paths:?}");
+    assert!(paths.len() >= 11, "configs not found: {paths:?}");
     for path in paths {
         let name = path.display();
         let arch = config::load(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));

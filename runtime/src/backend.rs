@@ -309,6 +309,10 @@ pub trait Backend {
     fn step_count(&self) -> u64;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
     /// The device this backend runs on, in words.
+    /// Where this backend's decoders run (generation during training: evaluation, rollouts).
+    fn decode_on(&self) -> crate::decode::DecodeOn {
+        crate::decode::DecodeOn::Cpu
+    }
     fn device_name(&self) -> String {
         self.name().to_string()
     }

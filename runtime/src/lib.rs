@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod decode;
 pub mod eval;
 pub mod health;
+pub mod import;
 pub mod opd;
 pub mod optim;
 pub mod params;

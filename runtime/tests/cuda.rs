@@ -14,7 +14,10 @@ use vpmoe_ir::reference::{self, Dims, Tensor};
 use vpmoe_ir::Graph;
 use vpmoe_runtime::backend::Batch;
 use vpmoe_runtime::cpu::{CpuBackend, FastGemm};
+use vpmoe_runtime::cuda::decode::CudaEngine;
 use vpmoe_runtime::cuda::{gpu_available, CudaBackend};
+use vpmoe_runtime::decode::sampler::Sampling;
+use vpmoe_runtime::decode::{generate, CpuEngine, Decoder, GenConfig, Tok};
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
 use vpmoe_runtime::{parity, synthetic_batch};
@@ -435,6 +438,121 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
     assert_tracks(&loss_of[1], &loss_of[0], "cublas against the generated GEMMs");
 }
 
+/// `log p(next token)` at every position from `from[s]` of each sequence `seqs[s]`, fed by
+/// teacher forcing through `dec` (3 slots): a new sequence's prompt (`from[s] + 1` tokens) in one
+/// call whose last token alone asks for logits, then one token a step; a finished sequence's slot
+/// goes to the next waiting one.
+fn teacher_forced(dec: &mut Decoder, seqs: &[(usize, Vec<u32>)]) -> Vec<Vec<f32>> {
+    let vocab = dec.vocab();
+    let mut got: Vec<Vec<f32>> = seqs.iter().map(|_| Vec::new()).collect();
+    let mut slots: Vec<Option<(usize, usize)>> = vec![Some((0, 0)), Some((1, 0)), Some((2, 0))];
+    let mut waiting: Vec<usize> = (3..seqs.len()).rev().collect();
+    loop {
+        let (mut toks, mut owners) = (Vec::new(), Vec::new());
+        for (slot, s) in slots.iter_mut().enumerate() {
+            let Some((si, pos)) = s else { continue };
+            let (prompt, tokens) = &seqs[*si];
+            let upto = if *pos == 0 { *prompt + 1 } else { *pos + 1 };
+            toks.extend((*pos..upto).map(|p| Tok { slot, pos: p, token: tokens[p], logits: p + 1 == upto }));
+            owners.push((*si, upto - 1));
+            *pos = upto;
+        }
+        if toks.is_empty() {
+            break;
+        }
+        let rows = dec.step(&toks).unwrap();
+        for ((si, p), row) in owners.iter().zip(rows.chunks(vocab)) {
+            let next = seqs[*si].1[p + 1];
+            got[*si].push((row[next as usize] as f64 - reference::row_lse(row)) as f32);
+        }
+        for (slot, s) in slots.iter_mut().enumerate() {
+            if let Some((si, pos)) = *s {
+                if pos + 1 >= seqs[si].1.len() {
+                    dec.release(slot);
+                    *s = waiting.pop().map(|w| (w, 0));
+                }
+            }
+        }
+    }
+    got
+}
+
+/// The decode test's weights: the initialisation's, times this.
+const SHARPEN: f32 = 3.0;
+
+/// The cuda decode program (prefill and step graphs, window rings, the paged pool, CUDA-graph
+/// replay of decode steps) tracks the cpu decoder with the kernels' roundings
+/// (`parity::DECODE_LOGP`) under teacher forcing across the window
+/// boundary (positions W−1, W, W+1), a prompt longer than the window, sequences finishing at
+/// different times and a reused slot; and it is bitwise independent of how the tokens were
+/// batched into calls (each sequence again in one call).
+#[test]
+fn decoding_tracks_the_cpu_decoder() {
+    if !gpu("decoding_tracks_the_cpu_decoder") {
+        return;
+    }
+    let (g, plan) = small();
+    // Weights scaled up from the initialisation, so attention is sharp and the next token
+    // depends on the context (at initialisation every position's distribution is nearly the
+    // same, and a wrong key would hardly show).
+    let mut state = TrainState::init(&plan, 5);
+    state.master.iter_mut().flatten().for_each(|x| *x *= SHARPEN);
+    let (len, vocab) = (plan.arch.max_seq as usize, plan.arch.vocab);
+    let w = plan.arch.window.unwrap_or(len as u64) as usize;
+    let tokens = |seed: u64, n: usize| -> Vec<u32> {
+        let mut r = vpmoe_ir::rng::Rng::new(seed);
+        (0..n).map(|_| (r.next_u64() % vocab) as u32).collect()
+    };
+    // (last prompt position, tokens): across the window, a one-token prompt, a prompt longer
+    // than the window, and a sequence that takes over the slot of the first to finish.
+    let seqs: Vec<(usize, Vec<u32>)> = vec![
+        (w - 3, tokens(1, (w + 4).min(len))),
+        (0, tokens(2, 12)),
+        (w + 5, tokens(3, (w + 12).min(len))),
+        (9, tokens(4, 30)),
+    ];
+    let mut cuda = Decoder::on(Box::new(CudaEngine::new(&g, &plan, &state, 3, None).unwrap()));
+    let mut cpu = Decoder::on(Box::new(CpuEngine::new(&g, &plan, &state, 3).unwrap().kernel_model()));
+    let (got, want) = (teacher_forced(&mut cuda, &seqs), teacher_forced(&mut cpu, &seqs));
+    let mut worst = 0f32;
+    for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(a.len(), b.len(), "sequence {s}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                x.is_finite() && (x - y).abs() <= parity::DECODE_LOGP,
+                "sequence {s} position {}: {x} vs cpu {y}",
+                seqs[s].0 + i
+            );
+            worst = worst.max((x - y).abs());
+        }
+    }
+    let _ = writeln!(std::io::stderr(), "decode: worst |log p(cuda) − log p(cpu)| = {worst:.2e}");
+    // Each sequence whole in one call (every token asking) gives the same bits.
+    for (s, (from, t)) in seqs.iter().enumerate() {
+        let toks: Vec<Tok> =
+            t.iter().enumerate().map(|(pos, &token)| Tok { slot: 0, pos, token, logits: pos >= *from }).collect();
+        let rows = cuda.step(&toks[..t.len() - 1]).unwrap();
+        cuda.release(0);
+        for (i, row) in rows.chunks(vocab as usize).enumerate() {
+            let x = (row[t[from + i + 1] as usize] as f64 - reference::row_lse(row)) as f32;
+            assert_eq!(
+                x.to_bits(),
+                got[s][i].to_bits(),
+                "sequence {s} position {}: one call {x}, stepped {}",
+                from + i,
+                got[s][i]
+            );
+        }
+    }
+    // The same seed samples the same tokens whatever the batch.
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|(from, t)| t[..=*from].to_vec()).collect();
+    let sampling = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 };
+    let cfg = GenConfig { sampling, seed: 9, max_new_tokens: 6, stop: vec![] };
+    let three = generate(&mut cuda, &prompts, &cfg, |_, _| {}).unwrap();
+    let mut one = Decoder::on(Box::new(CudaEngine::new(&g, &plan, &state, 1, None).unwrap()));
+    assert_eq!(generate(&mut one, &prompts, &cfg, |_, _| {}).unwrap(), three);
+}
+
 /// The GPU tests above, in a child process whose CUDA driver is the host emulator's stand-in
 /// (`codegen/cuda/host_emu/driver.cpp`): the real backend (plan binding, arenas, gradient sums,
 /// the device optimizer, graph capture and replay, host momentum) runs the real kernel
@@ -470,6 +588,7 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         "checkpoints_resume_across_backends",
         "host_momentum_gives_the_same_state_bit_for_bit",
         "graph_replay_gives_the_same_state_bit_for_bit",
+        "decoding_tracks_the_cpu_decoder",
     ];
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(tests)

@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use vpmoe_codegen::lower_node;
 use vpmoe_codegen::{consts::TICKETS, family};
+use vpmoe_compiler::plan::schedule;
 use vpmoe_compiler::{compile_arch, config};
 use vpmoe_ir::DType;
-use vpmoe_runtime::cuda::bind::{Layout, Param, Region};
+use vpmoe_runtime::cuda::bind::{param_regions, Caches, Layout, Param, Region};
 use vpmoe_runtime::cuda::blas::{lower, Gemm};
 
 const TOK_BASE: u64 = 1 << 40;
@@ -47,9 +48,10 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
         at = (at + p.numel * 4).next_multiple_of(256);
     }
     assert_eq!(sums.len(), plan.params.iter().filter(|p| p.trainable()).count(), "{rel}: one sum per trainable");
+    let params = param_regions(&plan, &params);
     let lay = Layout {
-        plan: &plan,
         graph: &g,
+        buffers: &plan.buffers,
         tokens: t,
         seq,
         tok_base: TOK_BASE,
@@ -58,6 +60,7 @@ fn check(rel: &str, rows: u64) -> Vec<String> {
         sums: &sums,
         accumulating: true,
         tickets: TICKETS_BASE,
+        caches: None,
     };
     let mut written = BTreeSet::new();
     let mut launches = 0;
@@ -178,15 +181,106 @@ fn every_launch_binds_locked() {
     assert_eq!(n("vp_gemm_tn_N1024_K1024_E0_AMODE0_BRELU20_BIAS1"), 0);
 }
 
+/// Every launch of the decode program (prefill and step graphs) of the locked and small configs
+/// binds inside its arenas, the model copies, the layer's caches and the block table, as
+/// `cuda::decode::CudaEngine` lays them out for 4 slots.
+#[test]
+fn every_decode_launch_binds() {
+    const CACHE_BASE: u64 = 1 << 52;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for rel in ["configs/vpmoe.toml", "configs/small.toml"] {
+        let (g, plan) = compile_arch(&config::load(&root.join(rel)).unwrap()).unwrap();
+        let program = vpmoe_compiler::decode::lower_decode(&g).unwrap();
+        let (slots, per_slot) = (4u64, plan.arch.max_seq.div_ceil(vpmoe_codegen::consts::KV_BLOCK));
+        let layers: Vec<[Region; 2]> = program
+            .caches
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let rows = c.window.map_or(slots * per_slot * vpmoe_codegen::consts::KV_BLOCK, |w| slots * w);
+                let bytes = rows * c.width * 2;
+                let at = CACHE_BASE + ((2 * i as u64) << 36);
+                [at, at + (1 << 36)].map(|addr| Region { addr, bytes, dtype: DType::Bf16 })
+            })
+            .collect();
+        let table = Region { addr: CACHE_BASE - (1 << 36), bytes: slots * per_slot * 4, dtype: DType::I32 };
+        let caches = Caches { layers, table, per_slot };
+        let allowed: Vec<(u64, u64)> =
+            caches.layers.iter().flatten().chain([&table]).map(|r| (r.addr, r.addr + r.bytes)).collect();
+        for graph in [&program.prefill, &program.step] {
+            let sched = schedule(graph);
+            let params: Vec<Region> = graph
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let e = plan.params.iter().find(|e| e.name == p.name).unwrap();
+                    Region {
+                        addr: PARAM_BASE + ((i as u64) << 36),
+                        bytes: e.numel * e.ty.dtype.bytes(),
+                        dtype: e.ty.dtype,
+                    }
+                })
+                .collect();
+            let t = 96;
+            let lay = Layout {
+                graph,
+                buffers: &sched.buffers,
+                tokens: t,
+                seq: t,
+                tok_base: TOK_BASE,
+                fixed_base: FIXED_BASE,
+                params: &params,
+                sums: &BTreeMap::new(),
+                accumulating: false,
+                tickets: TICKETS_BASE,
+                caches: Some(&caches),
+            };
+            let (tok_end, fixed_end) =
+                (TOK_BASE + sched.tok_arena_bytes_per_token * t, FIXED_BASE + sched.fixed_arena_bytes);
+            let mut cache_launches = 0;
+            for (ni, node) in graph.nodes.iter().enumerate() {
+                for l in &sched.steps[ni].launches {
+                    let b =
+                        lay.bind(ni, l, &sched.scratch[ni]).unwrap_or_else(|e| panic!("{rel}: {}: {e:#}", node.name));
+                    for p in &b.params {
+                        let Param::Ptr(_, Some(r)) = p else { continue };
+                        let (lo, hi) = (r.addr, r.addr + r.bytes);
+                        let inside = (TOK_BASE <= lo && hi <= tok_end)
+                            || (FIXED_BASE <= lo && hi <= fixed_end)
+                            || lo == TICKETS_BASE
+                            || params.iter().any(|q| q.addr <= lo && hi <= q.addr + q.bytes)
+                            || allowed.iter().any(|&(a, z)| a <= lo && hi <= z);
+                        assert!(
+                            inside,
+                            "{rel} {}: {} ({}): region {r:?} outside every allocation",
+                            graph.name, node.name, b.kernel
+                        );
+                    }
+                    cache_launches +=
+                        b.params.iter().filter(|p| matches!(p, Param::Ptr(a, _) if *a >= CACHE_BASE)).count().min(1);
+                }
+            }
+            assert_eq!(
+                cache_launches,
+                2 * program.caches.len(),
+                "{rel} {}: an attend and a write per layer",
+                graph.name
+            );
+        }
+    }
+}
+
 /// The checks bite: an argument of the wrong element type or an out-of-range grid is refused.
 #[test]
 fn mismatches_are_refused() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let (g, plan) = compile_arch(&config::load(&root.join("configs/small.toml")).unwrap()).unwrap();
     let params: Vec<u64> = (0..plan.params.len() as u64).map(|i| PARAM_BASE + (i << 32)).collect();
+    let params = param_regions(&plan, &params);
     let lay = Layout {
-        plan: &plan,
         graph: &g,
+        buffers: &plan.buffers,
         tokens: 256,
         seq: 128,
         tok_base: TOK_BASE,
@@ -195,6 +289,7 @@ fn mismatches_are_refused() {
         sums: &BTreeMap::new(),
         accumulating: false,
         tickets: TICKETS_BASE,
+        caches: None,
     };
     // The embedding gather: (tokens i32*, table bf16*, out bf16*, T).
     let ni = plan.steps.iter().position(|s| s.launches.iter().any(|l| l.kernel.family == "embed")).unwrap();

@@ -12,7 +12,7 @@ use vpmoe_data::harmony::{self, Conversation, Message, RenderConfig, Role};
 use vpmoe_ir::{Graph, OutputName};
 use vpmoe_runtime::backend::{Backend, WEIGHT_OPD};
 use vpmoe_runtime::cpu::CpuBackend;
-use vpmoe_runtime::decode::Finish;
+use vpmoe_runtime::decode::{DecodeOn, Finish};
 use vpmoe_runtime::opd::curriculum::Curriculum;
 use vpmoe_runtime::opd::rollout::{self, Prompts, Rollout, Sampler};
 use vpmoe_runtime::opd::{OpdConfig, OpdRun, TEACHER_LOGP_FLOOR};
@@ -111,7 +111,7 @@ fn teacher_logprobs_align_with_every_trained_token() {
     let s = sampler(&server, 9);
     let state = stage1();
     let phase = s.cfg.curriculum.at(0.0).clone();
-    let mut r = rollout::sample(&s, state, state.step, &phase, 96).unwrap();
+    let mut r = rollout::sample(&s, &DecodeOn::Cpu, state, state.step, &phase, 96).unwrap();
     assert_eq!(r.rows.len(), 4);
     assert!(r.rows.iter().any(|x| x.span.iter().any(|&s| s != 0)), "the stage-1 model writes Harmony spans");
     // The teacher's value of each sampled token is the function at that token and context.
@@ -341,7 +341,7 @@ fn the_opd_objective_ignores_the_micro_batch_split_and_padding() {
     let server = start(Api::Vllm, Faults::default(), prefers_even);
     let s = sampler(&server, 4);
     let phase = s.cfg.curriculum.at(0.0).clone();
-    let r = rollout::sample(&s, stage1(), 0, &phase, 96).unwrap();
+    let r = rollout::sample(&s, &DecodeOn::Cpu, stage1(), 0, &phase, 96).unwrap();
     // A step's loss and gradient norm from its batches.
     let step = |seq: usize, micro: usize| {
         let mut b = rollout::batches(&r.rows, seq, micro, 2.0);

@@ -7,6 +7,7 @@ use vpmoe_ir::{Node, Op, Vjp};
 
 mod add;
 mod attention;
+mod decode;
 mod dense;
 mod embed;
 pub mod gemm;
@@ -39,6 +40,7 @@ pub fn families() -> impl Iterator<Item = &'static Family> {
         head_ce::FAMILIES,
         reduce::FAMILIES,
         add::FAMILIES,
+        decode::FAMILIES,
         optim::FAMILIES,
     ]
     .into_iter()
@@ -85,9 +87,11 @@ fn forward(p: &Ports, op: &Op, l: &mut Lowered) {
         Op::SpanLoss => head_ce::span_loss(p, l),
         Op::HeadCe { hidden, vocab } => head_ce::forward(p, hidden, vocab, l),
         Op::Add { n, ref ty } => add::forward(p, n, ty, l),
-        Op::GrapeMAt { .. } | Op::CachedAttention { .. } | Op::Logits { .. } => {
-            panic!("{}: the decode program runs on the cpu backend; it has no kernels", op.name())
+        Op::GrapeMAt { heads, groups, head_dim, log_freq_scale } => {
+            decode::grape_at(p, heads, groups, head_dim, log_freq_scale, l)
         }
+        Op::CachedAttention { ref attn, layer } => decode::cached_attention(p, attn, layer, l),
+        Op::Logits { hidden, vocab } => decode::logits(p, hidden, vocab, l),
         Op::Vjp(_) => unreachable!(),
     }
 }

@@ -148,6 +148,12 @@ pub fn forward_ops(c: &Cfg) -> Vec<Op> {
         Op::HeadCe { hidden: c.hidden, vocab: c.vocab },
         Op::TokenWeight,
         Op::SpanLoss,
+        // The decode program's ops.
+        Op::GrapeMAt { heads: c.heads, groups: c.groups, head_dim: c.head_dim, log_freq_scale: 16.0 },
+        Op::CachedAttention { attn: attn(AttnKind::Window(c.window), true), layer: 0 },
+        Op::CachedAttention { attn: attn(AttnKind::Global { alibi: true }, true), layer: 1 },
+        Op::CachedAttention { attn: attn(AttnKind::Global { alibi: false }, false), layer: 2 },
+        Op::Logits { hidden: c.hidden, vocab: c.vocab },
     ]
 }
 

@@ -6,7 +6,7 @@
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
 use vpmoe_codegen::{Arg, CType, Launch, Scratch};
-use vpmoe_compiler::plan::{Arena, BufferKey};
+use vpmoe_compiler::plan::{Arena, Buffer, BufferKey};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::{DType, Graph, ValueDef, ValueId};
 
@@ -43,23 +43,45 @@ impl Param {
     }
 }
 
-/// Where the buffers of one run live: the two activation arenas, the model copy of every
-/// parameter, the step's gradient sums, and the micro-batch shape.
+/// Where the buffers of one run of a graph live: the two activation arenas (the graph's memory
+/// plan, `buffers`), the model copy of every parameter, the step's gradient sums, the decode
+/// program's caches, and the micro-batch shape.
 pub struct Layout<'a> {
-    pub plan: &'a Plan,
     pub graph: &'a Graph,
+    /// The graph's memory plan, sorted by key ([`Plan::buffers`], [`vpmoe_compiler::plan::Schedule`]).
+    pub buffers: &'a [Buffer],
     pub tokens: u64,
     pub seq: u64,
     pub tok_base: u64,
     pub fixed_base: u64,
-    /// Device address of each parameter's model copy, in plan order.
-    pub params: &'a [u64],
+    /// The model copy of each of the graph's parameters, by parameter id.
+    pub params: &'a [Region],
     /// The gradient values the plan sums in place (`Step::grads`), by value id: their step's sum.
     pub sums: &'a BTreeMap<u32, Region>,
     /// An earlier micro-batch of the step is already in the sums: `Arg::Accum` binds 1.
     pub accumulating: bool,
     /// The zeroed `int[TICKETS]` of the split reductions (`Arg::Tickets`).
     pub tickets: u64,
+    /// The decode program's key/value caches (`Arg::Cache`, `Arg::BlockTable`).
+    pub caches: Option<&'a Caches>,
+}
+
+/// The decode program's caches on the device.
+pub struct Caches {
+    /// Per attention layer, its K and V buffers.
+    pub layers: Vec<[Region; 2]>,
+    /// The global layers' block table, `int[slots][per_slot]`.
+    pub table: Region,
+    pub per_slot: u64,
+}
+
+/// The model copies of a plan's parameters at `addrs` (plan order), as [`Layout::params`].
+pub fn param_regions(plan: &Plan, addrs: &[u64]) -> Vec<Region> {
+    plan.params
+        .iter()
+        .zip(addrs)
+        .map(|(e, &addr)| Region { addr, bytes: e.numel * e.ty.dtype.bytes(), dtype: e.ty.dtype })
+        .collect()
 }
 
 /// A launch ready for the driver.
@@ -79,20 +101,23 @@ impl Layout<'_> {
         }
         let val = self.graph.value(v);
         if let ValueDef::Param(p) = val.def {
-            let e = &self.plan.params[p.0 as usize];
-            return Ok(Region {
-                addr: self.params[p.0 as usize],
-                bytes: e.numel * e.ty.dtype.bytes(),
-                dtype: e.ty.dtype,
-            });
+            return self
+                .params
+                .get(p.0 as usize)
+                .copied()
+                .ok_or_else(|| anyhow!("parameter {} has no model copy", p.0));
         }
-        let b = self.plan.buffer_of(&BufferKey::Value(v.0)).ok_or_else(|| anyhow!("value %{} has no buffer", v.0))?;
+        let b = self.buffer_of(&BufferKey::Value(v.0)).ok_or_else(|| anyhow!("value %{} has no buffer", v.0))?;
         let need = val.ty.numel(self.tokens) * val.ty.dtype.bytes();
         let r = self.arena(b.arena, b.offset, b.size, val.ty.dtype);
         if need > r.bytes {
             bail!("value %{} needs {need} bytes, its buffer has {}", v.0, r.bytes);
         }
         Ok(r)
+    }
+
+    fn buffer_of(&self, key: &BufferKey) -> Option<&Buffer> {
+        self.buffers.binary_search_by(|b| b.key.cmp(key)).ok().map(|i| &self.buffers[i])
     }
 
     fn arena(&self, arena: Arena, offset: u64, size: u64, dtype: DType) -> Region {
@@ -132,8 +157,7 @@ impl Layout<'_> {
                 Arg::Scratch { index, offset } => {
                     let sc = scratch.get(*index as usize).ok_or_else(|| anyhow!("{name}: no scratch {index}"))?;
                     let key = BufferKey::Scratch { node: node as u32, index: *index };
-                    let b =
-                        self.plan.buffer_of(&key).ok_or_else(|| anyhow!("{name}: scratch {index} has no buffer"))?;
+                    let b = self.buffer_of(&key).ok_or_else(|| anyhow!("{name}: scratch {index} has no buffer"))?;
                     let r = self.arena(b.arena, b.offset, b.size, sc.dtype);
                     let skip = offset * sc.dtype.bytes();
                     if skip > r.bytes {
@@ -152,6 +176,21 @@ impl Layout<'_> {
                 Arg::Tickets => {
                     let bytes = vpmoe_codegen::consts::TICKETS * 4;
                     Param::Ptr(self.tickets, Some(Region { addr: self.tickets, bytes, dtype: DType::I32 }))
+                }
+                Arg::Cache { layer, value } => {
+                    let c = self.caches.ok_or_else(|| anyhow!("{name}: {pname} needs the decode caches"))?;
+                    let r =
+                        c.layers.get(*layer as usize).ok_or_else(|| anyhow!("{name}: no cache of layer {layer}"))?;
+                    let r = r[*value as usize];
+                    Param::Ptr(r.addr, Some(r))
+                }
+                Arg::BlockTable => {
+                    let c = self.caches.ok_or_else(|| anyhow!("{name}: {pname} needs the decode caches"))?;
+                    Param::Ptr(c.table.addr, Some(c.table))
+                }
+                Arg::BlocksPerSlot => {
+                    let c = self.caches.ok_or_else(|| anyhow!("{name}: {pname} needs the decode caches"))?;
+                    int(c.per_slot as i64, pname)?
                 }
             };
             check_type(&name, pname, *cty, &p)?;

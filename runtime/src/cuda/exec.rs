@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, CudaStream};
 use half::bf16;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +45,10 @@ pub struct Launcher {
 }
 
 impl Launcher {
+    pub(super) fn new(kernels: Kernels, stream: cudarc::driver::sys::CUstream) -> Launcher {
+        Launcher { kernels, timer: None, stream, blas: None, cublas_calls: 0 }
+    }
+
     /// Launches `spec` after checking `params` against its family's C signature.
     pub fn launch(
         &mut self,
@@ -67,7 +71,7 @@ impl Launcher {
 
     /// Issues a bound plan launch: as a cuBLAS call when cuBLAS is on and the launch is a plain
     /// product, else as its generated kernel.
-    fn issue(&mut self, spec: &KernelSpec, b: &Bound, node: &str) -> Result<()> {
+    pub(super) fn issue(&mut self, spec: &KernelSpec, b: &Bound, node: &str) -> Result<()> {
         let Some((blas, g)) = self.blas.as_ref().and_then(|blas| Some((blas, super::blas::lower(spec, b)?))) else {
             return self.raw(&b.kernel, node, b.grid, b.block, &b.params);
         };
@@ -93,6 +97,15 @@ impl Launcher {
         Ok(())
     }
 
+    /// Sends launches to `stream` from now on; returns the stream they went to.
+    pub(super) fn set_stream(&mut self, stream: cudarc::driver::sys::CUstream) -> cudarc::driver::sys::CUstream {
+        std::mem::replace(&mut self.stream, stream)
+    }
+
+    pub(super) fn stream(&self) -> cudarc::driver::sys::CUstream {
+        self.stream
+    }
+
     pub fn sync(&self) -> Result<()> {
         unsafe { result::stream::synchronize(self.stream) }.map_err(|e| anyhow!("{e}")).context("a kernel failed")
     }
@@ -111,8 +124,8 @@ pub struct CudaBackend<'g> {
     /// `Arg::Tickets`: zeroed once; every launch that counts in it leaves it zeroed.
     tickets: DevBuf,
     opt: DeviceOptimizer,
-    /// Device address of every parameter's model copy (inside the optimizer's groups).
-    model_ptrs: Vec<u64>,
+    /// Every parameter's model copy (inside the optimizer's groups).
+    model: Vec<Region>,
     /// The step's gradient sum of each gradient value the plan sums in place, by value id.
     sums: Rc<BTreeMap<u32, Region>>,
     loads: BTreeMap<u32, Vec<u64>>,
@@ -126,6 +139,8 @@ pub struct CudaBackend<'g> {
     /// step). Declared before `gpu` so they are destroyed while the context lives.
     captured: BTreeMap<(u64, u64, usize, bool), GraphExec>,
     capture_stream: Arc<CudaStream>,
+    /// Where the plan's cubins are (for decoders of the same plan).
+    plan_dir: Option<PathBuf>,
     gpu: Gpu,
 }
 
@@ -179,7 +194,7 @@ impl<'g> CudaBackend<'g> {
         tickets.fill(0)?;
         let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
         let sums = Rc::new(gradient_sums(graph, plan, &opt)?);
-        let launcher = Launcher { kernels, timer: None, stream: gpu.stream.cu_stream(), blas: None, cublas_calls: 0 };
+        let launcher = Launcher::new(kernels, gpu.stream.cu_stream());
         let capture_stream = gpu.ctx.new_stream().map_err(|e| anyhow!("creating the capture stream: {e}"))?;
         Ok(CudaBackend {
             graph,
@@ -191,7 +206,7 @@ impl<'g> CudaBackend<'g> {
             tok_arena,
             fixed_arena,
             tickets,
-            model_ptrs: opt.model_ptrs(plan.params.len()),
+            model: super::bind::param_regions(plan, &opt.model_ptrs(plan.params.len())),
             sums,
             opt,
             loads: BTreeMap::new(),
@@ -199,6 +214,7 @@ impl<'g> CudaBackend<'g> {
             graphs: true,
             captured: BTreeMap::new(),
             capture_stream,
+            plan_dir: plan_dir.map(Path::to_path_buf),
             gpu,
         })
     }
@@ -257,13 +273,13 @@ impl<'g> CudaBackend<'g> {
         old
     }
 
-    fn layout<'a>(&self, batch: &Batch, params: &'a [u64], sums: &'a BTreeMap<u32, Region>) -> Layout<'a>
+    fn layout<'a>(&self, batch: &Batch, params: &'a [Region], sums: &'a BTreeMap<u32, Region>) -> Layout<'a>
     where
         'g: 'a,
     {
         Layout {
-            plan: self.plan,
             graph: self.graph,
+            buffers: &self.plan.buffers,
             tokens: batch.tokens.len() as u64,
             seq: batch.seq as u64,
             tok_base: self.tok_arena.ptr,
@@ -272,6 +288,7 @@ impl<'g> CudaBackend<'g> {
             params,
             sums,
             accumulating: !self.opt.first(),
+            caches: None,
         }
     }
 
@@ -368,7 +385,7 @@ impl<'g> CudaBackend<'g> {
             }
         }
         // The layout borrows these while the launches borrow the backend mutably.
-        let (ptrs, sums) = (self.model_ptrs.clone(), Rc::clone(&self.sums));
+        let (ptrs, sums) = (self.model.clone(), Rc::clone(&self.sums));
         let lay = self.layout(batch, &ptrs, &sums);
         for inp in &self.graph.inputs {
             self.write_value(&lay, inp.value, &batch.input(&inp.name)?)?;
@@ -478,6 +495,10 @@ impl Backend for CudaBackend<'_> {
 
     fn device_name(&self) -> String {
         self.gpu.name.clone()
+    }
+
+    fn decode_on(&self) -> crate::decode::DecodeOn {
+        crate::decode::DecodeOn::Cuda(self.plan_dir.clone())
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use vpmoe_codegen::nvrtc::Toolchain;
 use vpmoe_codegen::{emu_launcher, shim, KernelSpec};
+use vpmoe_compiler::plan::KernelEntry;
 use vpmoe_compiler::Plan;
 
 pub struct Kernels {
@@ -32,16 +33,21 @@ fn plan_cubins_current(dir: &Path, arch: &str) -> bool {
 
 impl Kernels {
     pub fn load(gpu: &Gpu, plan: &Plan, plan_dir: Option<&Path>) -> Result<Kernels> {
+        Kernels::load_entries(gpu, &plan.kernels, plan_dir)
+    }
+
+    /// Loads `entries` (see [`Kernels::load`]).
+    pub fn load_entries(gpu: &Gpu, entries: &[KernelEntry], plan_dir: Option<&Path>) -> Result<Kernels> {
         let arch = gpu.arch();
         let dir_ok = plan_dir.filter(|d| plan_cubins_current(d, &arch));
         let mut toolchain: Option<Result<Toolchain>> = None;
         let cache = vpmoe_compiler::default_cache_dir();
         let mut k = Kernels { funcs: HashMap::new(), _modules: Vec::new(), from_plan: 0, compiled: 0 };
         if gpu.emulated {
-            k.load_emulated(gpu, plan)?;
+            k.load_emulated(gpu, entries)?;
             return Ok(k);
         }
-        for e in &plan.kernels {
+        for e in entries {
             let spec = KernelSpec { family: e.family.clone(), targs: e.targs.clone() };
             let src = shim(&spec, e.block);
             let stored = dir_ok.and_then(|d| {
@@ -75,12 +81,11 @@ impl Kernels {
 
     /// On the host emulator's driver a module is the kernel's source with its emulator entry point
     /// (the driver compiles it with g++); loads run on every core, since compiling dominates.
-    fn load_emulated(&mut self, gpu: &Gpu, plan: &Plan) -> Result<()> {
+    fn load_emulated(&mut self, gpu: &Gpu, entries: &[KernelEntry]) -> Result<()> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = plan.kernels.len().div_ceil(threads).max(1);
+        let chunk = entries.len().div_ceil(threads).max(1);
         let loaded: Vec<Result<Vec<Loaded>>> = std::thread::scope(|sc| {
-            let jobs: Vec<_> = plan
-                .kernels
+            let jobs: Vec<_> = entries
                 .chunks(chunk)
                 .map(|part| {
                     sc.spawn(move || {

@@ -4,6 +4,7 @@
 
 pub mod bind;
 pub mod blas;
+pub mod decode;
 pub mod device;
 mod exec;
 mod kernels;

@@ -12,8 +12,74 @@
 use anyhow::{bail, Result};
 use vpmoe_ir::reference::KvStore;
 
-/// Positions per block of the global layers' pool.
-pub const BLOCK: usize = 16;
+/// Positions per block of the global layers' pool (the kernels' `KV_BLOCK`).
+pub const BLOCK: usize = vpmoe_codegen::consts::KV_BLOCK as usize;
+
+/// The global layers' block pool: which blocks hold each slot's positions, and the free ones.
+/// One table per slot serves every global layer.
+pub struct Blocks {
+    /// Per slot: its blocks, in position order.
+    tables: Vec<Vec<usize>>,
+    free: Vec<usize>,
+    max_len: usize,
+    /// Whether any layer is paged (else nothing is allocated).
+    paged: bool,
+}
+
+impl Blocks {
+    /// Room for `slots` sequences of up to `max_len` positions each.
+    pub fn new(slots: usize, max_len: usize, paged: bool) -> Blocks {
+        let blocks = slots * max_len.div_ceil(BLOCK);
+        Blocks {
+            tables: vec![Vec::new(); slots],
+            free: if paged { (0..blocks).rev().collect() } else { Vec::new() },
+            max_len,
+            paged,
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Blocks in the pool.
+    pub fn total(&self) -> usize {
+        self.slots() * self.per_slot()
+    }
+
+    /// The most blocks a slot holds: its row of a block table.
+    pub fn per_slot(&self) -> usize {
+        self.max_len.div_ceil(BLOCK)
+    }
+
+    /// Makes room in `slot` for positions `..len`.
+    pub fn reserve(&mut self, slot: usize, len: usize) -> Result<()> {
+        if len > self.max_len {
+            bail!("position {} is past the context of {} tokens", len - 1, self.max_len);
+        }
+        while self.paged && self.tables[slot].len() * BLOCK < len {
+            let Some(b) = self.free.pop() else { bail!("the key/value block pool is exhausted") };
+            self.tables[slot].push(b);
+        }
+        Ok(())
+    }
+
+    /// Returns `slot`'s blocks to the pool (its sequence finished).
+    pub fn release(&mut self, slot: usize) {
+        let t = std::mem::take(&mut self.tables[slot]);
+        self.free.extend(t.into_iter().rev());
+    }
+
+    /// Blocks not held by any slot.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// `slot`'s blocks in position order.
+    pub fn table(&self, slot: usize) -> &[usize] {
+        &self.tables[slot]
+    }
+}
 
 enum Layer {
     /// `k`, `v`: `[slots][window][width]`.
@@ -27,17 +93,13 @@ pub struct KvCache {
     /// Floats per position and layer: groups × head_dim.
     width: usize,
     layers: Vec<Layer>,
-    /// Per slot: the pool blocks holding its positions, in order.
-    tables: Vec<Vec<usize>>,
-    free: Vec<usize>,
-    max_len: usize,
+    blocks: Blocks,
 }
 
 impl KvCache {
     /// `windows[i]` is layer `i`'s window (None: a global layer).
     pub fn new(windows: &[Option<usize>], width: usize, slots: usize, max_len: usize) -> KvCache {
-        let blocks = slots * max_len.div_ceil(BLOCK);
-        let any_global = windows.iter().any(Option::is_none);
+        let blocks = Blocks::new(slots, max_len, windows.iter().any(Option::is_none));
         let layers = windows
             .iter()
             .map(|w| match *w {
@@ -45,52 +107,38 @@ impl KvCache {
                     let n = slots * window.min(max_len) * width;
                     Layer::Ring { window: window.min(max_len), k: vec![0.0; n], v: vec![0.0; n] }
                 }
-                None => Layer::Paged { k: vec![0.0; blocks * BLOCK * width], v: vec![0.0; blocks * BLOCK * width] },
+                None => {
+                    let n = blocks.total() * BLOCK * width;
+                    Layer::Paged { k: vec![0.0; n], v: vec![0.0; n] }
+                }
             })
             .collect();
-        KvCache {
-            width,
-            layers,
-            tables: vec![Vec::new(); slots],
-            free: if any_global { (0..blocks).rev().collect() } else { Vec::new() },
-            max_len,
-        }
+        KvCache { width, layers, blocks }
     }
 
     pub fn slots(&self) -> usize {
-        self.tables.len()
+        self.blocks.slots()
     }
 
     /// Makes room in `slot` for positions `..len` (blocks for the global layers).
     pub fn reserve(&mut self, slot: usize, len: usize) -> Result<()> {
-        if len > self.max_len {
-            bail!("position {} is past the context of {} tokens", len - 1, self.max_len);
-        }
-        if !self.layers.iter().any(|l| matches!(l, Layer::Paged { .. })) {
-            return Ok(());
-        }
-        while self.tables[slot].len() * BLOCK < len {
-            let Some(b) = self.free.pop() else { bail!("the key/value block pool is exhausted") };
-            self.tables[slot].push(b);
-        }
-        Ok(())
+        self.blocks.reserve(slot, len)
     }
 
     /// Returns `slot`'s blocks to the pool (its sequence finished).
     pub fn release(&mut self, slot: usize) {
-        let t = std::mem::take(&mut self.tables[slot]);
-        self.free.extend(t.into_iter().rev());
+        self.blocks.release(slot)
     }
 
     /// Blocks in the pool not held by any slot.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.blocks.free_blocks()
     }
 
     fn offset(&self, layer: usize, slot: usize, pos: usize) -> usize {
         match &self.layers[layer] {
             Layer::Ring { window, .. } => (slot * window + pos % window) * self.width,
-            Layer::Paged { .. } => (self.tables[slot][pos / BLOCK] * BLOCK + pos % BLOCK) * self.width,
+            Layer::Paged { .. } => (self.blocks.table(slot)[pos / BLOCK] * BLOCK + pos % BLOCK) * self.width,
         }
     }
 }

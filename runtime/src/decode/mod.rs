@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Result};
 use cache::KvCache;
 use sampler::{choose, uniform, Choice, Sampling};
 use serde::Serialize;
+use std::path::PathBuf;
 use vpmoe_compiler::decode::lower_decode;
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{self, cache_write, cached_attention_part, Data, Dims, Gemm, Tensor};
@@ -36,14 +37,14 @@ pub struct Tok {
 }
 
 /// One graph of the decode program with its parameters bound to the model's tensors.
-struct Bound {
-    graph: Graph,
-    /// Per graph parameter: its index in the model's tensors.
-    params: Vec<usize>,
+pub(crate) struct Bound {
+    pub graph: Graph,
+    /// Per graph parameter: its index in the plan's parameters.
+    pub params: Vec<usize>,
 }
 
 impl Bound {
-    fn new(graph: Graph, plan: &Plan) -> Result<Bound> {
+    pub fn new(graph: Graph, plan: &Plan) -> Result<Bound> {
         let params = graph
             .params
             .iter()
@@ -58,59 +59,77 @@ impl Bound {
     }
 }
 
-/// The decode program over a model's weights and the caches of `slots` sequences.
+/// What a backend provides to run the decode program over its caches of [`Engine::slots`]
+/// sequences: the cpu interpreter ([`CpuEngine`]) or the cuda one (`crate::cuda::decode`).
+pub trait Engine {
+    fn slots(&self) -> usize;
+    fn vocab(&self) -> usize;
+    /// The context: positions per sequence.
+    fn max_len(&self) -> usize;
+    /// Makes room in `slot` for positions `..len` (the global layers' blocks).
+    fn reserve(&mut self, slot: usize, len: usize) -> Result<()>;
+    /// Frees `slot`'s cache for a new sequence.
+    fn release(&mut self, slot: usize);
+    /// Runs the prefill (`step` false) or step graph over `toks` (checked and reserved by
+    /// [`Decoder::step`]); the step graph's logits, `vocab` floats per token.
+    fn run(&mut self, step: bool, toks: &[Tok]) -> Result<Option<Vec<f32>>>;
+}
+
+/// Where a decoder runs: the backend a run chose ([`crate::Backend::decode_on`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum DecodeOn {
+    Cpu,
+    /// The GPU, with the kernels of this plan directory's cubins where current (else NVRTC).
+    Cuda(Option<PathBuf>),
+}
+
+impl DecodeOn {
+    /// A decoder for `slots` sequences with `state`'s weights (see [`Decoder::new`]).
+    pub fn decoder(&self, graph: &Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<Decoder> {
+        Ok(match self {
+            DecodeOn::Cpu => Decoder::new(graph, plan, state, slots)?,
+            DecodeOn::Cuda(dir) => {
+                let engine = crate::cuda::decode::CudaEngine::new(graph, plan, state, slots, dir.as_deref())?;
+                Decoder::on(Box::new(engine))
+            }
+        })
+    }
+}
+
+/// The decode program over a model's weights and the caches of `slots` sequences, on an
+/// [`Engine`]; it keeps what each slot holds.
 pub struct Decoder {
-    prefill: Bound,
-    step: Bound,
-    model: Vec<Tensor>,
-    vocab: usize,
-    max_len: usize,
-    cache: KvCache,
+    engine: Box<dyn Engine>,
     /// Positions each slot holds.
     held: Vec<usize>,
-    /// Threads the LM head is split over.
-    cores: usize,
-    gemm: FastGemm,
 }
 
 impl Decoder {
-    /// A decoder for `slots` concurrent sequences of up to the architecture's
+    /// A cpu decoder for `slots` concurrent sequences of up to the architecture's
     /// `max_sequence_length` positions, from the training graph `graph` of `plan`.
     pub fn new(graph: &Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<Decoder> {
-        ensure!(slots > 0, "at least one sequence slot");
-        crate::backend::check_state(plan, state)?;
-        let program = lower_decode(graph)?;
-        let width = program.caches[0].width;
-        ensure!(program.caches.iter().all(|c| c.width == width), "attention layers of different widths");
-        let windows: Vec<Option<usize>> = program.caches.iter().map(|c| c.window.map(|w| w as usize)).collect();
-        let max_len = plan.arch.max_seq as usize;
-        Ok(Decoder {
-            prefill: Bound::new(program.prefill, plan)?,
-            step: Bound::new(program.step, plan)?,
-            model: model_tensors(plan, &state.master),
-            vocab: plan.arch.vocab as usize,
-            max_len,
-            cache: KvCache::new(&windows, width as usize, slots, max_len),
-            held: vec![0; slots],
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            gemm: FastGemm,
-        })
+        Ok(Decoder::on(Box::new(CpuEngine::new(graph, plan, state, slots)?)))
+    }
+
+    /// A decoder on `engine`, every slot free.
+    pub fn on(engine: Box<dyn Engine>) -> Decoder {
+        Decoder { held: vec![0; engine.slots()], engine }
     }
 
     pub fn slots(&self) -> usize {
-        self.cache.slots()
+        self.engine.slots()
     }
     pub fn vocab(&self) -> usize {
-        self.vocab
+        self.engine.vocab()
     }
     /// The context: positions per sequence.
     pub fn max_len(&self) -> usize {
-        self.max_len
+        self.engine.max_len()
     }
 
     /// Frees `slot` for a new sequence.
     pub fn release(&mut self, slot: usize) {
-        self.cache.release(slot);
+        self.engine.release(slot);
         self.held[slot] = 0;
     }
 
@@ -120,17 +139,16 @@ impl Decoder {
     /// through the prefill graph, the rest through the step graph.
     pub fn step(&mut self, toks: &[Tok]) -> Result<Vec<f32>> {
         ensure!(!toks.is_empty(), "a step without tokens");
-        for (i, t) in toks.iter().enumerate().skip(1) {
-            ensure!(
-                t.slot == toks[i - 1].slot || toks[..i - 1].iter().all(|u| u.slot != t.slot),
-                "slot {}'s tokens are not contiguous in the step",
-                t.slot
-            );
-        }
+        let (slots, vocab) = (self.slots(), self.vocab());
+        let mut seen = vec![false; slots];
         let mut held = self.held.clone();
-        for t in toks {
-            ensure!(t.slot < self.slots(), "slot {} of {}", t.slot, self.slots());
-            ensure!((t.token as usize) < self.vocab, "token {} is outside the vocabulary of {}", t.token, self.vocab);
+        for (i, t) in toks.iter().enumerate() {
+            ensure!(t.slot < slots, "slot {} of {slots}", t.slot);
+            if i == 0 || toks[i - 1].slot != t.slot {
+                ensure!(!seen[t.slot], "slot {}'s tokens are not contiguous in the step", t.slot);
+                seen[t.slot] = true;
+            }
+            ensure!((t.token as usize) < vocab, "token {} is outside the vocabulary of {vocab}", t.token);
             ensure!(
                 t.pos == held[t.slot],
                 "slot {} holds {} positions; the next token must be at position {}, not {}",
@@ -140,54 +158,112 @@ impl Decoder {
                 t.pos
             );
             held[t.slot] += 1;
-            self.cache.reserve(t.slot, t.pos + 1)?;
+            self.engine.reserve(t.slot, t.pos + 1)?;
         }
         self.held = held;
-        let mut asked = vec![false; self.slots()];
+        let mut asked = vec![false; slots];
         let (mut quiet, mut rest) = (Vec::new(), Vec::new());
         for t in toks {
             asked[t.slot] |= t.logits;
             (if asked[t.slot] { &mut rest } else { &mut quiet }).push(*t);
         }
         if !quiet.is_empty() {
-            self.run(false, &quiet);
+            self.engine.run(false, &quiet)?;
         }
         if rest.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self.run(true, &rest).expect("the step graph has logits");
-        let v = self.vocab;
+        let logits = self.engine.run(true, &rest)?.expect("the step graph has logits");
         let rows = if rest.iter().all(|t| t.logits) {
             logits
         } else {
             rest.iter()
-                .zip(logits.chunks(v))
+                .zip(logits.chunks(vocab))
                 .filter(|(t, _)| t.logits)
                 .flat_map(|(_, row)| row.iter().copied())
                 .collect()
         };
         if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
-            bail!("the model produced a non-finite logit ({} for token {} of row {})", rows[i], i % v, i / v);
+            bail!("the model produced a non-finite logit ({} for token {} of row {})", rows[i], i % vocab, i / vocab);
         }
         Ok(rows)
     }
+}
 
-    /// Interprets the prefill (`step` false) or step graph over `toks`; the step graph's logits.
-    fn run(&mut self, step: bool, toks: &[Tok]) -> Option<Vec<f32>> {
+/// The decode program interpreted on the cpu with each op's reference semantics.
+pub struct CpuEngine {
+    prefill: Bound,
+    step: Bound,
+    model: Vec<Tensor>,
+    vocab: usize,
+    max_len: usize,
+    cache: KvCache,
+    /// Threads the LM head is split over.
+    cores: usize,
+    gemm: FastGemm,
+    /// Model the cuda kernels' roundings ([`CpuEngine::kernel_model`]).
+    kernel_model: bool,
+}
+
+impl CpuEngine {
+    /// The engine with the cuda kernels' roundings: every bf16 value rounded to bf16 where the
+    /// kernels store it, and the intermediates they keep in bf16 ([`reference::TensorCore`]).
+    /// The reference the cuda decode program is held to.
+    pub fn kernel_model(mut self) -> CpuEngine {
+        self.kernel_model = true;
+        self
+    }
+
+    pub fn new(graph: &Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<CpuEngine> {
+        ensure!(slots > 0, "at least one sequence slot");
+        crate::backend::check_state(plan, state)?;
+        let program = lower_decode(graph)?;
+        let width = program.caches[0].width;
+        ensure!(program.caches.iter().all(|c| c.width == width), "attention layers of different widths");
+        let windows: Vec<Option<usize>> = program.caches.iter().map(|c| c.window.map(|w| w as usize)).collect();
+        let max_len = plan.arch.max_seq as usize;
+        Ok(CpuEngine {
+            prefill: Bound::new(program.prefill, plan)?,
+            step: Bound::new(program.step, plan)?,
+            model: model_tensors(plan, &state.master),
+            vocab: plan.arch.vocab as usize,
+            max_len,
+            cache: KvCache::new(&windows, width as usize, slots, max_len),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gemm: FastGemm,
+            kernel_model: false,
+        })
+    }
+}
+
+impl Engine for CpuEngine {
+    fn slots(&self) -> usize {
+        self.cache.slots()
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn max_len(&self) -> usize {
+        self.max_len
+    }
+    fn reserve(&mut self, slot: usize, len: usize) -> Result<()> {
+        self.cache.reserve(slot, len)
+    }
+    fn release(&mut self, slot: usize) {
+        self.cache.release(slot);
+    }
+
+    fn run(&mut self, step: bool, toks: &[Tok]) -> Result<Option<Vec<f32>>> {
         let b = if step { &self.step } else { &self.prefill };
         let g = &b.graph;
         let n = toks.len();
         let dims = Dims { tokens: n, seq: n };
         let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for inp in &g.inputs {
-            let x: Vec<i32> = match inp.name {
-                InputName::Tokens => toks.iter().map(|t| t.token as i32).collect(),
-                InputName::Pos => toks.iter().map(|t| t.pos as i32).collect(),
-                InputName::Slot => toks.iter().map(|t| t.slot as i32).collect(),
-                ref other => unreachable!("the decode program reads ${other}"),
-            };
-            vals[inp.value.0 as usize] = Some(Tensor::i32(vec![n], x));
+            vals[inp.value.0 as usize] = Some(Tensor::i32(vec![n], input(&inp.name, toks)));
         }
+        let tensor_core = reference::TensorCore(&self.gemm);
+        let gemm: &dyn Gemm = if self.kernel_model { &tensor_core } else { &self.gemm };
         for node in &g.nodes {
             let outs = {
                 let ins: Vec<&Tensor> = node
@@ -209,18 +285,33 @@ impl Decoder {
                         let (h, v) = (hidden as usize, vocab as usize);
                         vec![Tensor::f32(vec![n, v], head_logits(&self.gemm, ins[0].f(), h, ins[1].f(), v, self.cores))]
                     }
-                    ref op => reference::forward(op, &dims, &ins, &self.gemm),
+                    ref op => reference::forward(op, &dims, &ins, gemm),
                 }
             };
-            for (v, t) in node.outputs.iter().zip(outs) {
+            for (v, mut t) in node.outputs.iter().zip(outs) {
+                if self.kernel_model && g.value(*v).ty.dtype == vpmoe_ir::DType::Bf16 {
+                    if let Data::F32(x) = &mut t.data {
+                        x.iter_mut().for_each(|x| *x = reference::round_bf16(*x));
+                    }
+                }
                 vals[v.0 as usize] = Some(t);
             }
         }
-        let out = g.output_named(&OutputName::Logits)?;
-        match vals[out.0 as usize].take()?.data {
-            Data::F32(v) => Some(v),
-            Data::I32(_) => unreachable!("logits are f32"),
+        let Some(out) = g.output_named(&OutputName::Logits) else { return Ok(None) };
+        match vals[out.0 as usize].take().map(|t| t.data) {
+            Some(Data::F32(v)) => Ok(Some(v)),
+            _ => unreachable!("logits are f32 and computed"),
         }
+    }
+}
+
+/// The decode program's input `name` for `toks`: `$tokens`, `$pos` or `$slot`.
+pub fn input(name: &InputName, toks: &[Tok]) -> Vec<i32> {
+    match name {
+        InputName::Tokens => toks.iter().map(|t| t.token as i32).collect(),
+        InputName::Pos => toks.iter().map(|t| t.pos as i32).collect(),
+        InputName::Slot => toks.iter().map(|t| t.slot as i32).collect(),
+        other => unreachable!("the decode program reads ${other}"),
     }
 }
 

@@ -7,7 +7,7 @@ use super::{OpdConfig, TEACHER_LOGP_FLOOR};
 use crate::backend::{Batch, WEIGHT_OPD};
 use crate::decode::sample::STOP;
 use crate::decode::sampler::{uniform, Sampling};
-use crate::decode::{generate, Decoder, Finish, GenConfig};
+use crate::decode::{generate, DecodeOn, Finish, GenConfig};
 use crate::state::TrainState;
 use crate::teacher::client::Client;
 use anyhow::{bail, ensure, Context, Result};
@@ -173,10 +173,11 @@ pub fn plan_prompts(
     Ok(out)
 }
 
-/// Samples and scores step `step`'s rollouts with the weights in `state`, at most `cap`
-/// completion tokens each.
+/// Samples (on `on`) and scores step `step`'s rollouts with the weights in `state`, at most
+/// `cap` completion tokens each.
 pub fn sample(
     s: &Sampler,
+    on: &DecodeOn,
     state: &TrainState,
     step: u64,
     phase: &super::curriculum::Phase,
@@ -184,7 +185,7 @@ pub fn sample(
 ) -> Result<Rollouts> {
     let planned = plan_prompts(s, step, phase)?;
     let t0 = Instant::now();
-    let mut dec = Decoder::new(&s.graph, &s.plan, state, s.rows)?;
+    let mut dec = on.decoder(&s.graph, &s.plan, state, s.rows)?;
     let gen = GenConfig {
         sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 },
         seed: splitmix64(s.seed ^ 0x726f_6c6c_6f75_7473) ^ step,

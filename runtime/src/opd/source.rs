@@ -162,7 +162,7 @@ impl Opd {
             self.discarded += self.sampler.rows as u64;
         }
         let (phase, cap) = (self.phase(), self.throttle.cap);
-        let r = rollout::sample(&self.sampler, &be.state()?, step, &phase, cap)?;
+        let r = rollout::sample(&self.sampler, &be.decode_on(), &be.state()?, step, &phase, cap)?;
         Ok((r, t0.elapsed().as_secs_f64()))
     }
 
@@ -172,9 +172,10 @@ impl Opd {
             return Ok(());
         }
         let (state, sampler, phase, cap) = (be.state()?, self.sampler.clone(), self.phase(), self.throttle.cap);
+        let on = be.decode_on();
         let handle = std::thread::Builder::new()
             .name("opd-sampler".into())
-            .spawn(move || rollout::sample(&sampler, &state, next, &phase, cap))
+            .spawn(move || rollout::sample(&sampler, &on, &state, next, &phase, cap))
             .context("starting the rollout sampler")?;
         self.pending = Some((next, handle));
         Ok(())

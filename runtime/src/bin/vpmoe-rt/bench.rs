@@ -109,16 +109,15 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// the caches, against the same B next tokens computed by recomputing the whole prefix (a
 /// prefill of C + 1 tokens each, as a model without caches would).
 fn run_decode_bench(args: BenchArgs) -> Result<()> {
-    use vpmoe_runtime::decode::{Decoder, Tok};
+    use vpmoe_runtime::decode::Tok;
     let BenchArgs { run: a, steps, .. } = args;
-    if a.backend.kind != BackendKind::Cpu {
-        bail!("bench --decode times generation, which runs on the cpu backend (--backend cpu)");
-    }
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let (_, graph, plan, _) = a.plan()?;
+    let (plan_dir, graph, plan, _) = a.plan()?;
+    let kind = a.backend.kind;
     let state = TrainState::init(&plan, a.seed);
+    let decoder = |slots| crate::cli::decoder(kind, &graph, &plan, &state, plan_dir.as_deref(), slots);
     let max = plan.arch.max_seq as usize;
     let contexts: Vec<usize> = (7..=12).map(|p| 1usize << p).filter(|&c| c + steps as usize <= max).collect();
     if contexts.is_empty() {
@@ -141,8 +140,9 @@ fn run_decode_bench(args: BenchArgs) -> Result<()> {
         })
         .collect();
     println!(
-        "bench --decode {} on cpu: attention layers [{}], {steps} decode steps per context",
+        "bench --decode {} on {}: attention layers [{}], {steps} decode steps per context",
         plan.arch.name,
+        kind.name(),
         windows.join(" ")
     );
     println!(
@@ -160,7 +160,7 @@ fn run_decode_bench(args: BenchArgs) -> Result<()> {
                     .map(|(s, p)| Tok { slot: s, pos: p, token: toks[s][p], logits: p + 1 == len })
                     .collect()
             };
-            let mut dec = Decoder::new(&graph, &plan, &state, b)?;
+            let mut dec = decoder(b)?;
             let t0 = Instant::now();
             dec.step(&prefill(c))?;
             let t_prefill = t0.elapsed().as_secs_f64();
@@ -171,7 +171,7 @@ fn run_decode_bench(args: BenchArgs) -> Result<()> {
                 dec.step(&step)?;
             }
             let t_step = t1.elapsed().as_secs_f64() / steps as f64;
-            let mut full = Decoder::new(&graph, &plan, &state, b)?;
+            let mut full = decoder(b)?;
             let t2 = Instant::now();
             full.step(&prefill(c + 1))?;
             let t_full = t2.elapsed().as_secs_f64();

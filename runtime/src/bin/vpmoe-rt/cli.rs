@@ -19,6 +19,15 @@ pub(crate) enum BackendKind {
     Cuda,
 }
 
+impl BackendKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 pub(crate) enum Decay {
     Constant,
@@ -62,6 +71,34 @@ pub(crate) enum Cmd {
     /// learning rate, gradient norm, throughput, router health and per-layer loads, stage 2 and
     /// stage 3 signals when present).
     Plot(PlotArgs),
+    /// Bring in weights from elsewhere: `import hf` reads a Hugging Face Qwen3-family checkpoint
+    /// into a vpmoe checkpoint (fresh optimizer state) that `train --init` starts from.
+    #[command(subcommand)]
+    Import(ImportCmd),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ImportCmd {
+    /// A Hugging Face checkpoint (config.json + *.safetensors, sharded or not) of the Qwen3
+    /// family with the o200k vocabulary, mapped tensor by tensor onto the architecture
+    /// (docs/rungs.md); every shape is checked before anything is written.
+    Hf(ImportHfArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ImportHfArgs {
+    /// The Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub(crate) from: PathBuf,
+    /// Architecture to import into (e.g. configs/rungs/qwen3-0_6B-o200k.toml).
+    #[arg(long, conflicts_with = "plan", required_unless_present = "plan")]
+    pub(crate) arch: Option<PathBuf>,
+    /// Plan directory to import into (instead of --arch).
+    #[arg(long)]
+    pub(crate) plan: Option<PathBuf>,
+    /// A new run directory: the checkpoint lands in OUT/step_00000000.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -525,6 +562,24 @@ pub(crate) fn backend<'g>(
             Box::new(be)
         }
     })
+}
+
+/// The decode program on the chosen backend for `slots` sequences; the cuda one fails with an
+/// explanation where there is no GPU. Its kernels come from `plan_dir`'s cubins where current.
+pub(crate) fn decoder(
+    kind: BackendKind,
+    graph: &vpmoe_ir::Graph,
+    plan: &vpmoe_compiler::Plan,
+    state: &TrainState,
+    plan_dir: Option<&std::path::Path>,
+    slots: usize,
+) -> Result<vpmoe_runtime::decode::Decoder> {
+    use vpmoe_runtime::decode::DecodeOn;
+    let on = match kind {
+        BackendKind::Cpu => DecodeOn::Cpu,
+        BackendKind::Cuda => DecodeOn::Cuda(plan_dir.map(std::path::Path::to_path_buf)),
+    };
+    on.decoder(graph, plan, state, slots)
 }
 
 /// `DIR` or `DIR:WEIGHT` (a suffix that is not a number is part of the path).

@@ -1,10 +1,9 @@
 //! `vpmoe-rt eval`.
 
-use crate::cli::{backend, plan_of, BackendArgs, BackendKind, EvalArgs};
+use crate::cli::{backend, decoder, plan_of, BackendArgs, EvalArgs};
 use anyhow::{bail, Context, Result};
 use vpmoe_runtime::checkpoint;
 use vpmoe_runtime::decode::sample::{load_checkpoint, read_prompts, require_harmony};
-use vpmoe_runtime::decode::Decoder;
 use vpmoe_runtime::eval::{sample_stats, tasks, HeldOut, Report};
 use vpmoe_runtime::train::{eval_split, evaluate, TrainConfig};
 
@@ -13,9 +12,6 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
         bail!("nothing to evaluate: give --data (held-out loss), --prompts (sampled answers), --tasks or --canary");
     }
     let generates = a.prompts.is_some() || !a.tasks.is_empty() || a.canary.is_some();
-    if a.model.backend == BackendKind::Cuda && generates {
-        bail!("--prompts, --tasks and --canary run the decoder on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
-    }
     let (graph, plan) = plan_of(a.model.plan.clone(), a.model.arch.clone())?;
     let (dir, state) = load_checkpoint(&a.model.checkpoint, &plan)?;
     let meta = checkpoint::read_meta(&dir)?;
@@ -46,7 +42,7 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
     }
     if let Some(path) = &a.prompts {
         let efforts = if a.reasoning_effort.is_empty() { vec![Default::default()] } else { a.reasoning_effort.clone() };
-        let mut dec = Decoder::new(&graph, &plan, &state, 8)?;
+        let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), 8)?;
         let teacher = match &a.teacher {
             Some(url) => {
                 let api = a.api.expect("clap requires --api with --teacher");
@@ -80,7 +76,7 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
         for t in &a.tasks {
             items.extend(tasks::read_tasks(t, plan.arch.max_seq as usize)?);
         }
-        let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+        let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), 1)?;
         let bar = vpmoe_data::progress_bar(items.len() as u64, "questions", true);
         report.tasks = tasks::run_tasks(&mut dec, &items, || bar.inc(1))?;
         bar.finish_and_clear();
@@ -89,7 +85,7 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
     if a.canary.is_some() || plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
         require_harmony(&plan)?;
         let canary = vpmoe_data::canary::Canary::load(a.canary.as_deref())?;
-        let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+        let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), 1)?;
         report.canary = Some(vpmoe_runtime::eval::canary_loss(&mut dec, &canary)?);
     }
     print!("{}", report.table());

@@ -7,7 +7,7 @@ mod sample;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use cli::{backend, data_source, plan_of, BackendKind, Cli, Cmd, Decay, ScoreArgs, TeacherCmd, TrainArgs};
+use cli::{backend, data_source, plan_of, BackendKind, Cli, Cmd, Decay, ImportCmd, ScoreArgs, TeacherCmd, TrainArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
@@ -173,11 +173,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
         println!("interrupted: the checkpoint above resumes the run with --resume");
         std::process::exit(130);
     }
-    // The model just trained answers a question (greedy, on the cpu, where generation runs).
-    if a.backend.kind == BackendKind::Cpu && plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
+    // The model just trained answers a question (greedy, on the training backend).
+    if plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
         const QUESTION: &str = "What is 2 + 2?";
         let state = be.state()?;
-        let mut dec = vpmoe_runtime::decode::Decoder::new(&graph, &plan, &state, 1)?;
+        drop(be);
+        let mut dec = crate::cli::decoder(a.backend.kind, &graph, &plan, &state, plan_dir.as_deref(), 1)?;
         let (text, verdict) = vpmoe_runtime::decode::sample::answer(&mut dec, QUESTION, 48)?;
         let judged = verdict.why.map_or("valid Harmony".to_string(), |w| format!("not valid Harmony: {w}"));
         println!("sample (greedy, ≤ 48 tokens) {QUESTION:?} -> {text:?} ({judged})");
@@ -248,6 +249,19 @@ fn run() -> Result<()> {
         Cmd::Chat(a) => sample::run_chat(a),
         Cmd::Score(a) => sample::run_score(a),
         Cmd::Eval(a) => eval::run_eval(a),
+        Cmd::Import(ImportCmd::Hf(a)) => {
+            let (_, plan) = plan_of(a.plan, a.arch)?;
+            println!("import {} into {} ({} parameters)", a.from.display(), plan.arch.name, plan.report.params_total);
+            let (path, imported) = vpmoe_runtime::import::import_to(&a.from, &plan, &a.out)?;
+            for (n, why) in &imported.dropped {
+                println!("  dropped {n}: {why}");
+            }
+            for (n, how) in &imported.derived {
+                println!("  {n}: {how}");
+            }
+            println!("wrote {} (start from it with train --init {})", path.display(), a.out.display());
+            Ok(())
+        }
         Cmd::Forward(run) => {
             let (micro_batch, seed) = (run.micro_batch, run.seed);
             let (plan_dir, graph, plan, seq) = run.plan()?;

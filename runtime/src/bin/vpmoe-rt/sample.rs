@@ -1,6 +1,6 @@
 //! `vpmoe-rt sample`, `vpmoe-rt chat` and `vpmoe-rt score`.
 
-use crate::cli::{plan_of, BackendKind, ChatArgs, ModelArgs, SampleArgs, SamplingArgs, StudentScoreArgs};
+use crate::cli::{decoder, plan_of, ChatArgs, ModelArgs, SampleArgs, SamplingArgs, StudentScoreArgs};
 use anyhow::{bail, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
@@ -12,14 +12,11 @@ use vpmoe_runtime::decode::sample::{
 };
 use vpmoe_runtime::decode::sampler::Sampling;
 use vpmoe_runtime::decode::score::{read_inputs, score_to_file};
-use vpmoe_runtime::decode::{generate, Decoder, GenConfig};
+use vpmoe_runtime::decode::{generate, GenConfig};
 use vpmoe_runtime::state::TrainState;
 
 /// The model of a `sample`, `chat` or `score` run: its graph, plan and checkpoint state.
 fn load(m: &ModelArgs) -> Result<(vpmoe_ir::Graph, vpmoe_compiler::Plan, std::path::PathBuf, TrainState)> {
-    if m.backend == BackendKind::Cuda {
-        bail!("generation runs on the cpu backend; the cuda decode program is not built yet (use --backend cpu)");
-    }
     let (graph, plan) = plan_of(m.plan.clone(), m.arch.clone())?;
     let (dir, state) = load_checkpoint(&m.checkpoint, &plan)?;
     Ok((graph, plan, dir, state))
@@ -30,13 +27,14 @@ pub(crate) fn run_score(a: StudentScoreArgs) -> Result<()> {
     let inputs = read_inputs(&a.input, plan.arch.vocab, plan.arch.max_seq as usize)?;
     let total: usize = inputs.iter().map(|i| i.tokens.len()).sum();
     println!(
-        "score {} sequences ({total} tokens) from {} with {} (step {}) · backend cpu",
+        "score {} sequences ({total} tokens) from {} with {} (step {}) · backend {}",
         inputs.len(),
         a.input.display(),
         dir.display(),
-        state.step
+        state.step,
+        a.model.backend.name()
     );
-    let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+    let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), 1)?;
     let bar = vpmoe_data::progress_bar(total as u64, "tokens", true);
     let t0 = Instant::now();
     score_to_file(&mut dec, &inputs, a.top_k, &a.out, |n| bar.inc(n as u64))?;
@@ -62,13 +60,14 @@ pub(crate) fn run_sample(a: SampleArgs) -> Result<()> {
     require_harmony(&plan)?;
     let slots = a.batch.min(prompts.len());
     println!(
-        "sample {} prompts from {} with {} (step {}) · backend cpu · batch {slots}",
+        "sample {} prompts from {} with {} (step {}) · backend {} · batch {slots}",
         prompts.len(),
         a.prompts.display(),
         dir.display(),
         state.step,
+        a.model.backend.name()
     );
-    let mut dec = Decoder::new(&graph, &plan, &state, slots)?;
+    let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), slots)?;
     let bar = vpmoe_data::progress_bar((prompts.len() * cfg.max_new_tokens) as u64, "tokens", true);
     let t0 = Instant::now();
     let summary = sample_to_file(&mut dec, &prompts, &cfg, &a.out, || bar.inc(1))?;
@@ -128,7 +127,7 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
     let mut cfg = gen_config(&a.sampling)?;
     let (graph, plan, dir, state) = load(&a.model)?;
     require_harmony(&plan)?;
-    let mut dec = Decoder::new(&graph, &plan, &state, 1)?;
+    let mut dec = decoder(a.model.backend, &graph, &plan, &state, a.model.plan.as_deref(), 1)?;
     let ansi = std::io::stdout().is_terminal();
     let interactive = std::io::stdin().is_terminal();
     println!(
