@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use vpmoe_compiler::Plan;
 use vpmoe_ir::reference::{self, round_bf16, Dims, Gemm, Tensor};
-use vpmoe_ir::{DType, Graph, OutputName, ValueDef};
+use vpmoe_ir::{DType, Graph, Node, OutputName, ValueDef};
 
 /// Every product of [`Gemm`] through matrixmultiply's strided sgemm: transposes are strides.
 pub struct FastGemm;
@@ -82,6 +82,9 @@ pub fn model_tensors(plan: &Plan, master: &[Vec<f32>]) -> Vec<Tensor> {
         .collect()
 }
 
+/// What [`CpuBackend::observe`] calls after each node: the node, its inputs, its outputs.
+pub type Observer<'a> = dyn FnMut(&Node, &[&Tensor], &[Tensor]) + 'a;
+
 pub struct CpuBackend<'g> {
     graph: &'g Graph,
     plan: &'g Plan,
@@ -149,8 +152,23 @@ impl<'g> CpuBackend<'g> {
         self.loads.clear();
     }
 
+    /// Runs the forward on `batch`, showing `seen` every node with its inputs and outputs.
+    pub fn observe(&self, batch: &Batch, seen: &mut Observer) -> Result<()> {
+        let n = vpmoe_compiler::autodiff::forward_len(self.graph);
+        self.run_seen(batch, n, Some(seen)).map(drop)
+    }
+
     /// Runs nodes `[..n]`; returns the graph outputs they define.
     fn run(&self, batch: &Batch, n: usize) -> Result<BTreeMap<OutputName, Tensor>> {
+        self.run_seen(batch, n, None)
+    }
+
+    fn run_seen(
+        &self,
+        batch: &Batch,
+        n: usize,
+        mut seen: Option<&mut Observer>,
+    ) -> Result<BTreeMap<OutputName, Tensor>> {
         let g = self.graph;
         batch.validate(self.plan.arch.vocab)?;
         let dims = Dims { tokens: batch.tokens.len(), seq: batch.seq };
@@ -174,6 +192,9 @@ impl<'g> CpuBackend<'g> {
                 })
                 .collect();
             let outs = reference::forward(&node.op, &dims, &ins, self.gemm.as_ref());
+            if let Some(f) = seen.as_deref_mut() {
+                f(node, &ins, &outs);
+            }
             for (v, t) in node.outputs.iter().zip(outs) {
                 if let reference::Data::F32(x) = &t.data {
                     if let Some(i) = x.iter().position(|x| !x.is_finite()) {

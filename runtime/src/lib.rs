@@ -18,6 +18,7 @@ pub use vpmoe_ir::rng;
 pub mod state;
 pub mod teacher;
 pub mod train;
+pub mod upcycle;
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;

@@ -337,26 +337,141 @@ fn import_hf_then_train_from_it() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("already holds checkpoints") && !text.contains("panicked"), "{text}");
     assert_eq!(std::fs::read(out.join("step_00000000/state.safetensors")).unwrap(), before);
-    let run = dir.join("run");
-    let (code, text) = rt(&[
-        "train",
-        "--backend",
-        "cpu",
-        "--arch",
-        &s(&arch),
-        "--init",
-        &s(&out),
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--micro-batch",
-        "1",
-        "--seq-len",
-        "1024",
-        "--ckpt-dir",
-        &s(&run),
-    ]);
+    // Upcycled into 4 layers of 8 experts (24 wide, top 2) with the 48-wide MLP as shared expert.
+    let moe = dir.join("qwen3-tiny-moe.toml");
+    let block =
+        "[moe]\nnum_experts = 8\ntopk = 2\nshared_expert = true\nshared_expert_size = 48\nfirst_layer_dense = true\n\
+                 router_score_function = \"sigmoid\"\nrouter_load_balancing_type = \"none\"\n\
+                 router_enable_expert_bias = true\n\n[optimizer]";
+    let moe_text = set(&qwen_arch(&TINY), "num_layers", "4").replace("[optimizer]", block);
+    std::fs::write(&moe, set(&moe_text, "ffn_hidden_size", "24")).unwrap();
+    let up = dir.join("moe");
+    let _ = std::fs::remove_dir_all(&up);
+    let (code, text) =
+        rt(&["upcycle", "--from", &s(&out), "--from-arch", &s(&arch), "--arch", &s(&moe), "--out", &s(&up)]);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains(&format!("initialised from {}", out.join("step_00000000").display())), "{text}");
+    assert!(text.contains("source layers placed: 1→1 2→4; 2 new identity layers"), "{text}");
+    for (from, cfg) in [(&out, &arch), (&up, &moe)] {
+        let run = dir.join("run");
+        let _ = std::fs::remove_dir_all(&run);
+        let init = s(from);
+        let args = ["--init", &init, "--steps", "2", "--warmup", "0", "--micro-batch", "1", "--seq-len", "1024"];
+        let (code, text) =
+            rt(&[&["train", "--backend", "cpu", "--arch", &s(cfg), "--ckpt-dir", &s(&run)][..], &args[..]].concat());
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains(&format!("initialised from {}", from.join("step_00000000").display())), "{text}");
+    }
+}
+
+/// tiny_moe's attention (TPA on window layers, ALiBi on global ones, value residual, sinks) with
+/// `layers` layers: dense with an MLP of 16 when `moe` is None, else routed experts of width
+/// `w` (8 of them, top-2) and a shared expert of 16.
+fn tiny(layers: u64, moe: Option<u64>) -> (vpmoe_ir::Graph, vpmoe_compiler::Plan) {
+    let text = std::fs::read_to_string(root().join("tests/configs/tiny_moe.toml")).unwrap();
+    let (head, tail) = text.split_at(text.find("[moe]").unwrap());
+    let optimizer = &tail[tail.find("[optimizer]").unwrap()..];
+    let mut t = match moe {
+        None => format!("{head}{optimizer}"),
+        Some(w) => set(&set(&text, "ffn_hidden_size", &w.to_string()), "shared_expert_size", "16"),
+    };
+    t = set(&set(&t, "num_layers", &layers.to_string()), "max_sequence_length", "64");
+    if moe.is_none() {
+        t = set(&t, "ffn_hidden_size", "16");
+    }
+    compile_arch(&config::parse(&t, "tiny", Path::new(".")).unwrap()).unwrap()
+}
+
+/// The logits after each of `tokens` (one sequence) of a model.
+fn logits(g: &vpmoe_ir::Graph, plan: &vpmoe_compiler::Plan, st: &TrainState, tokens: &[u32]) -> Vec<f32> {
+    let mut dec = Decoder::new(g, plan, st, 1).unwrap();
+    let toks: Vec<Tok> =
+        tokens.iter().enumerate().map(|(pos, &token)| Tok { slot: 0, pos, token, logits: true }).collect();
+    dec.step(&toks).unwrap()
+}
+
+/// A dense model with weights away from their initialisation (biases and all), so that every
+/// part of it shows in the logits.
+fn trained_like(plan: &vpmoe_compiler::Plan) -> TrainState {
+    let mut st = TrainState::init(plan, 5);
+    let mut r = Rng::new(9);
+    for (p, w) in plan.params.iter().zip(&mut st.master) {
+        let s = if p.name.contains("layernorm") { 0.3 } else { 0.2 };
+        w.iter_mut().for_each(|x| *x += s * (r.uniform() as f32 - 0.5));
+    }
+    st
+}
+
+#[test]
+fn upcycling_grows_depth_and_turns_mlps_into_experts_computing_the_same_function() {
+    let (gs, src) = tiny(4, None);
+    let st = trained_like(&src);
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 512).collect();
+    let want = logits(&gs, &src, &st, &tokens);
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+
+    // 4 → 10 layers: the same logits, bit for bit.
+    let (gt, grown) = tiny(10, None);
+    let up = vpmoe_runtime::upcycle::upcycle(&src, &st, &grown, 1).unwrap();
+    let placed: Vec<usize> = up.layers.iter().enumerate().filter(|(_, l)| !l.1).map(|(t, _)| t).collect();
+    assert_eq!(placed.len(), 4, "{:?}", up.layers);
+    for (t, &(s, _)) in up.layers.iter().enumerate() {
+        assert_eq!(grown.arch.local[t], src.arch.local[s], "target layer {} keeps its source's kind", t + 1);
+    }
+    assert_eq!(
+        bits(&logits(&gt, &grown, &up.state, &tokens)),
+        bits(&want),
+        "the grown model computes the same function"
+    );
+
+    // Dense → MoE with whole-width experts: the same logits.
+    let (gm, moe) = tiny(4, Some(16));
+    let up = vpmoe_runtime::upcycle::upcycle(&src, &st, &moe, 1).unwrap();
+    let got = logits(&gm, &moe, &up.state, &tokens);
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst == 0.0, "the MoE model computes the dense one's function: worst difference {worst:e}");
+
+    // Experts of half the width: each holds one half of the dense MLP's units (plus noise), and
+    // the first, dense layer keeps the 8 units with the largest output norms.
+    let (gm, moe) = tiny(4, Some(8));
+    let up = vpmoe_runtime::upcycle::upcycle(&src, &st, &moe, 1).unwrap();
+    let at = |plan: &vpmoe_compiler::Plan, st: &TrainState, n: &str| {
+        st.master[plan.params.iter().position(|p| p.name == n).unwrap_or_else(|| panic!("{n}"))].clone()
+    };
+    let dense = at(&src, &st, "decoder.layers.2.mlp.linear_fc1.weight");
+    let experts = at(&moe, &up.state, "decoder.layers.2.mlp.experts.linear_fc1.weight");
+    for (e, chunk) in experts.chunks(8 * 32).enumerate() {
+        let part = &dense[(e % 2) * 8 * 32..][..8 * 32];
+        let off = chunk.iter().zip(part).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(off > 0.0 && off < 1e-3, "expert {e}: {off}");
+    }
+    assert!(at(&moe, &up.state, "decoder.layers.2.mlp.experts.linear_fc2.weight").iter().all(|&x| x == 0.0));
+    assert_eq!(at(&moe, &up.state, "decoder.layers.2.mlp.shared_experts.linear_fc1.weight"), dense);
+    assert_eq!(at(&moe, &up.state, "decoder.layers.0.mlp.linear_fc1.weight").len(), 8 * 32);
+    assert!(up.made.iter().any(|(n, how)| n == "decoder.layers.0.mlp.linear_fc1.weight" && how.contains("largest")));
+
+    // Routing starts balanced: one training step's loads spread over every expert (the same
+    // model with a zero router sends every token to experts 0 and 1).
+    let entropy = |st: TrainState| {
+        let (c, o) = common::run_config(3, 2, 32, tmp("upcycle-route"));
+        let mut be = CpuBackend::new(&gm, &moe, st);
+        let out = train::train(&mut be, &moe, &common::sample_data_for(512), &c, &o).unwrap();
+        out.records[0].router_layers.iter().map(|(_, h)| h.entropy).fold(1f64, f64::min)
+    };
+    let mut flat = up.state.clone();
+    for (p, w) in moe.params.iter().zip(&mut flat.master) {
+        if p.name.ends_with("mlp.router.weight") {
+            w.fill(0.0);
+        }
+    }
+    let (balanced, control) = (entropy(up.state.clone()), entropy(flat));
+    assert!(balanced > 0.9 && control < 0.5, "load entropy {balanced:.3} upcycled, {control:.3} with a zero router");
+    eprintln!("upcycle: lowest layer's load entropy {balanced:.3} (1 = uniform), {control:.3} with a zero router");
+
+    // Refused: a source that is already MoE, a shrinking depth, an attention that differs.
+    let err = |r: anyhow::Result<vpmoe_runtime::upcycle::Upcycled>| format!("{:#}", r.err().expect("refused"));
+    assert!(err(vpmoe_runtime::upcycle::upcycle(&moe, &up.state, &src, 1)).contains("starts from a dense one"));
+    assert!(err(vpmoe_runtime::upcycle::upcycle(&grown, &TrainState::init(&grown, 1), &src, 1))
+        .contains("never removes layers"));
+    let (_, other) = compile_arch(&config::parse(&qwen_arch(&TINY), "qwen", Path::new(".")).unwrap()).unwrap();
+    assert!(err(vpmoe_runtime::upcycle::upcycle(&src, &st, &other, 1)).contains("architectures differ"));
 }

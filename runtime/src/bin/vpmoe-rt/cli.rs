@@ -75,6 +75,29 @@ pub(crate) enum Cmd {
     /// into a vpmoe checkpoint (fresh optimizer state) that `train --init` starts from.
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Grow a dense checkpoint into a deeper and/or mixture-of-experts architecture (depth
+    /// growth with identity layers, dense MLP → shared expert + routed experts), preserving the
+    /// function it computes (docs/rungs.md); writes a step-0 checkpoint for `train --init`.
+    Upcycle(UpcycleArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct UpcycleArgs {
+    /// The source checkpoint (a step_N directory or a run directory).
+    #[arg(long)]
+    pub(crate) from: PathBuf,
+    /// The architecture the source was trained with.
+    #[arg(long)]
+    pub(crate) from_arch: PathBuf,
+    /// The target architecture (e.g. configs/rungs/vpDense_80.toml, configs/vpmoe.toml).
+    #[arg(long)]
+    pub(crate) arch: PathBuf,
+    /// A new run directory: the checkpoint lands in OUT/step_00000000.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Seed of the router weights and of the noise that tells copied experts apart.
+    #[arg(long, default_value_t = 1234)]
+    pub(crate) seed: u64,
 }
 
 #[derive(Subcommand)]

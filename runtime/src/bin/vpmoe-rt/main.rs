@@ -249,6 +249,35 @@ fn run() -> Result<()> {
         Cmd::Chat(a) => sample::run_chat(a),
         Cmd::Score(a) => sample::run_score(a),
         Cmd::Eval(a) => eval::run_eval(a),
+        Cmd::Upcycle(a) => {
+            let (_, src) = plan_of(None, Some(a.from_arch))?;
+            let (_, plan) = plan_of(None, Some(a.arch))?;
+            println!(
+                "upcycle {} ({}, {} layers) into {} ({} layers, {} parameters)",
+                a.from.display(),
+                src.arch.name,
+                src.arch.layers,
+                plan.arch.name,
+                plan.arch.layers,
+                plan.report.params_total
+            );
+            let (path, up) = vpmoe_runtime::upcycle::upcycle_to(&a.from, &src, &plan, &a.out, a.seed)?;
+            let new = up.layers.iter().filter(|l| l.1).count();
+            let placed: Vec<String> = up
+                .layers
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.1)
+                .map(|(t, l)| format!("{}→{}", l.0 + 1, t + 1))
+                .collect();
+            println!("  source layers placed: {}; {new} new identity layers", placed.join(" "));
+            println!("  {} parameters made rather than copied (all listed in its meta.json):", up.made.len());
+            for (n, how) in up.made.iter().take(8) {
+                println!("    {n}: {how}");
+            }
+            println!("wrote {} (start from it with train --init {})", path.display(), a.out.display());
+            Ok(())
+        }
         Cmd::Import(ImportCmd::Hf(a)) => {
             let (_, plan) = plan_of(a.plan, a.arch)?;
             println!("import {} into {} ({} parameters)", a.from.display(), plan.arch.name, plan.report.params_total);
