@@ -311,6 +311,28 @@ fn mismatched_or_damaged_checkpoints_are_refused_before_anything_is_written() {
     let mut w = qwen_weights(&TINY, 1);
     w.get_mut("model.norm.weight").unwrap().1[3] = f32::NAN;
     refuse(&TINY, &w, "model.norm.weight holds a non-finite value");
+    // Damaged files: another model type, a truncated shard.
+    let (hf, out) = (dir.join("hf"), dir.join("out"));
+    let damaged = |what: &str, want: &str, damage: &dyn Fn()| {
+        write_hf(&hf, &TINY, &qwen_weights(&TINY, 1));
+        damage();
+        let _ = std::fs::remove_dir_all(&out);
+        let err = format!("{:#}", import_to(&hf, &plan, &out).err().unwrap_or_else(|| panic!("{what}: imported")));
+        assert!(err.contains(want), "{what}: want {want:?} in: {err}");
+        assert!(!out.join("step_00000000").exists(), "{what}: a checkpoint was written");
+    };
+    damaged("llama", "model_type \"llama\"", &|| {
+        let c = std::fs::read_to_string(hf.join("config.json")).unwrap();
+        std::fs::write(hf.join("config.json"), c.replace("\"qwen3\"", "\"llama\"")).unwrap();
+    });
+    damaged("truncated", "model-00001-of-00002.safetensors: not safetensors", &|| {
+        let f = hf.join("model-00001-of-00002.safetensors");
+        let b = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &b[..b.len() / 2]).unwrap();
+    });
+    damaged("missing shard", "model-00002-of-00002.safetensors is listed but missing", &|| {
+        std::fs::remove_file(hf.join("model-00002-of-00002.safetensors")).unwrap();
+    });
 }
 
 /// The command line: `import hf`, then `train --init` from its checkpoint; a second import
