@@ -111,6 +111,14 @@ pub fn words(text: &str) -> Vec<u64> {
     out
 }
 
+/// How [`Canary::check_dataset_remembered`] knew a dataset was clean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    Scanned,
+    /// An earlier scan of the same files against the same set.
+    Remembered,
+}
+
 #[derive(Debug, Clone)]
 pub struct Canary {
     /// Where it came from (a path, or the built-in set).
@@ -197,6 +205,47 @@ impl Canary {
     /// Refuses a token dataset (anything `reader::Dataset::open` takes) that contains a canary
     /// document, naming the document of each.
     pub fn check_dataset(&self, path: &Path) -> Result<()> {
+        self.check_dataset_remembered(path, None).map(drop)
+    }
+
+    /// [`Canary::check_dataset`], remembered under `cache`: a dataset found clean is not scanned
+    /// again while this set and the dataset's token files (paths, sizes, modification times)
+    /// are unchanged. A dataset with a canary document is scanned (and refused) every time.
+    pub fn check_dataset_remembered(&self, path: &Path, cache: Option<&Path>) -> Result<Checked> {
+        let stamp = match cache {
+            Some(c) => Some(c.join(format!("{}.clean", self.dataset_key(path)?))),
+            None => None,
+        };
+        if stamp.as_ref().is_some_and(|s| s.is_file()) {
+            return Ok(Checked::Remembered);
+        }
+        self.scan_dataset(path)?;
+        if let Some(s) = stamp {
+            // A cache that cannot be written costs a rescan next time, nothing else.
+            let _ = std::fs::create_dir_all(s.parent().expect("a file in the cache"))
+                .and_then(|_| std::fs::write(&s, format!("{}\n{}\n", path.display(), self.name)));
+        }
+        Ok(Checked::Scanned)
+    }
+
+    /// This set and the dataset's token files, as one hash.
+    fn dataset_key(&self, path: &Path) -> Result<String> {
+        let ds = crate::reader::Dataset::open(path)?;
+        let mut h = Sha256::new();
+        h.update(self.sha256.as_bytes());
+        for shard in &ds.shards {
+            let prefix = shard.tokens.prefix();
+            for f in [crate::indexed::bin_path(prefix), crate::indexed::idx_path(prefix)] {
+                let m = std::fs::metadata(&f).with_context(|| format!("{}", f.display()))?;
+                let when = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                let abs = std::fs::canonicalize(&f).unwrap_or(f);
+                h.update(format!("{}\0{}\0{:?}\0", abs.display(), m.len(), when).as_bytes());
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    fn scan_dataset(&self, path: &Path) -> Result<()> {
         let ds = crate::reader::Dataset::open(path)?;
         for doc in 0..ds.n_docs() {
             let (shard, local) = ds.locate(doc);

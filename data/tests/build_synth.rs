@@ -492,3 +492,37 @@ fn a_failed_build_removes_what_it_created_and_nothing_else() {
     let r = build_synth(&o).unwrap();
     assert_eq!((r.shards_built, r.shards_reused), (0, 2));
 }
+
+/// A dataset found clean is remembered (same set, same token files) and scanned again once its
+/// files change or the set does; one holding a canary document is refused every time.
+#[test]
+fn a_clean_canary_check_is_remembered_until_the_files_or_the_set_change() {
+    use vpmoe_data::canary::{Canary, Checked};
+    let out = tmpdir("remember-out");
+    build_synth(&opts(vec![sample()], &out)).unwrap();
+    let cache = tmpdir("remember-cache");
+    let builtin = Canary::load(None).unwrap();
+    let check = |c: &Canary| c.check_dataset_remembered(&out, Some(&cache));
+    assert_eq!(check(&builtin).unwrap(), Checked::Scanned);
+    assert_eq!(check(&builtin).unwrap(), Checked::Remembered);
+    // Another set is another check; one that the dataset contains is refused every time.
+    let dir = tmpdir("remember-set");
+    let hit = dir.join("canary.jsonl");
+    std::fs::write(&hit, "{\"text\": \"why did they plan to take the eiffel tower down after 20 years\"}\n").unwrap();
+    let hit = Canary::load(Some(&hit)).unwrap();
+    for _ in 0..2 {
+        let err = format!("{:#}", check(&hit).unwrap_err());
+        assert!(err.contains("contains canary document"), "{err}");
+    }
+    // A token file that changes is scanned again.
+    let bin = std::fs::read_dir(out.join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .unwrap();
+    let bytes = std::fs::read(&bin).unwrap();
+    std::fs::write(&bin, &bytes).unwrap(); // the same bytes, a new modification time
+    let f = std::fs::File::options().write(true).open(&bin).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(check(&builtin).unwrap(), Checked::Scanned);
+}

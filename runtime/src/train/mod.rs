@@ -182,8 +182,9 @@ pub fn train(
         inputs.push((run.prompts.clone(), 0.0));
     }
     let canary = vpmoe_data::canary::Canary::load(opts.canary.as_deref())?;
+    let remembered = canary_cache();
     for (d, _) in &inputs {
-        canary.check_dataset(d)?;
+        canary.check_dataset_remembered(d, remembered.as_deref())?;
     }
     // The canary loss needs the o200k vocabulary; the datasets are checked against the set anyway.
     let harmony = plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64;
@@ -392,4 +393,13 @@ impl Log {
     fn finish(self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// Where clean canary checks are remembered: `$VPMOE_CANARY_CACHE`, else
+/// `$XDG_CACHE_HOME/vpmoe/canary`, else `~/.cache/vpmoe/canary` (none without a home).
+fn canary_cache() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("VPMOE_CANARY_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("vpmoe/canary")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/vpmoe/canary")))
 }
