@@ -9,6 +9,8 @@ pub mod autodiff;
 pub mod config;
 pub mod decode;
 pub mod lower;
+#[cfg(feature = "mlir")]
+pub mod mlir;
 pub mod optimizer;
 pub mod plan;
 pub mod report;
@@ -54,6 +56,8 @@ pub struct KernelOptions {
     pub cache_dir: PathBuf,
     /// Also copy every kernel's source and PTX here (for nsys/ncu).
     pub dump_dir: Option<PathBuf>,
+    /// Also write `ir.mlir` (the `mlir` feature).
+    pub emit_mlir: bool,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +128,7 @@ fn check_replaceable(out: &Path) -> Result<()> {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v.get("format").is_some() && v.get("fingerprint").is_some());
     let foreign: Vec<&String> =
-        entries.iter().filter(|e| !["plan.json", "ir.txt", "kernels"].contains(&e.as_str())).collect();
+        entries.iter().filter(|e| !["plan.json", "ir.txt", "ir.mlir", "kernels"].contains(&e.as_str())).collect();
     if !is_plan || !foreign.is_empty() {
         let what = if is_plan { format!("it also holds {foreign:?}") } else { "it has no vpmoe plan.json".to_string() };
         bail!("{} is not a plan directory ({what}); refusing to replace it: choose another -o", out.display());
@@ -147,15 +151,40 @@ fn remove_stale_siblings(parent: &Path, name: &str) {
     }
 }
 
+/// Why `--emit-mlir` cannot run in a build without the `mlir` feature, and how to get one.
+pub const MLIR_MISSING: &str =
+    "--emit-mlir needs vpmoec built with the mlir feature: `eval $(bash scripts/setup-mlir)` \
+     (LLVM 19's MLIR), then `cargo run --release -p vpmoe-compiler --features mlir --bin vpmoec -- compile …`";
+
+/// `ir.txt`: the training graph, the optimizer program, the decode program.
+pub fn ir_text(graph: &Graph, plan: &Plan, decode: &decode::DecodeProgram) -> String {
+    graph.to_text() + "\n" + &plan.optimizer.to_text(graph) + "\n" + &decode.to_text()
+}
+
+/// The training step and the decode program as an MLIR module in the generic form (`ir.mlir`).
+#[cfg(feature = "mlir")]
+pub fn emit_mlir(graph: &Graph, plan: &Plan) -> Result<String> {
+    let decode = decode::lower_decode(graph)?;
+    mlir::emit(&mlir::Functions {
+        train: graph,
+        optimizer: plan.optimizer.to_text(graph),
+        prefill: &decode.prefill,
+        step: &decode.step,
+    })
+}
+
 fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
     let kdir = dir.join("kernels");
     std::fs::create_dir_all(&kdir)?;
     std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
     let decode = decode::lower_decode(graph)?;
-    std::fs::write(
-        dir.join("ir.txt"),
-        graph.to_text() + "\n" + &plan.optimizer.to_text(graph) + "\n" + &decode.to_text(),
-    )?;
+    std::fs::write(dir.join("ir.txt"), ir_text(graph, plan, &decode))?;
+    if opts.emit_mlir {
+        #[cfg(feature = "mlir")]
+        std::fs::write(dir.join("ir.mlir"), emit_mlir(graph, plan)?)?;
+        #[cfg(not(feature = "mlir"))]
+        bail!("{MLIR_MISSING}");
+    }
     let toolchain = match Toolchain::discover() {
         Ok(t) => Some(t),
         Err(e) if opts.require_nvrtc => return Err(e.context("--require-nvrtc")),

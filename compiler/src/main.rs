@@ -47,6 +47,10 @@ enum Cmd {
         /// Fail when NVRTC is not available instead of writing kernel sources only.
         #[arg(long)]
         require_nvrtc: bool,
+        /// Also write DIR/ir.mlir: the training step and the decode program as MLIR (a `vpmoe`
+        /// dialect in the generic form, verified by MLIR; needs the `mlir` feature).
+        #[arg(long)]
+        emit_mlir: bool,
     },
     /// Print the registers, shared memory, stack and spills of every kernel of a compiled plan
     /// (from PLAN_DIR/kernels/resources.json) as a Markdown table.
@@ -65,14 +69,23 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Compile { arch_toml, out, arch, dump_kernels, report, require_nvrtc } => {
+        Cmd::Compile { arch_toml, out, arch, dump_kernels, report, require_nvrtc, emit_mlir } => {
+            if emit_mlir && !cfg!(feature = "mlir") {
+                anyhow::bail!("{}", vpmoe_compiler::MLIR_MISSING);
+            }
             let t0 = Instant::now();
             let a = config::load(&arch_toml)?;
             for w in a.warnings() {
                 eprintln!("warning: {}: {w}", arch_toml.display());
             }
             let (graph, plan) = compile_arch(&a)?;
-            let opts = KernelOptions { arch, require_nvrtc, cache_dir: default_cache_dir(), dump_dir: dump_kernels };
+            let opts = KernelOptions {
+                arch,
+                require_nvrtc,
+                cache_dir: default_cache_dir(),
+                dump_dir: dump_kernels,
+                emit_mlir,
+            };
             let k = write_plan_dir(&graph, &plan, &out, &opts)?;
             match report {
                 Some(ReportFormat::Json) => println!("{}", serde_json::to_string_pretty(&plan.report)?),

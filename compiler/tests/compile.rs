@@ -300,6 +300,7 @@ fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
         require_nvrtc: false,
         cache_dir: dir.join("cache"),
         dump_dir: None,
+        emit_mlir: false,
     };
     vpmoe_compiler::write_plan_dir(&g, &plan, &out, &opts).unwrap();
     let before = std::fs::read(out.join("plan.json")).unwrap();
@@ -344,6 +345,7 @@ fn plan_dir_never_replaces_what_is_not_a_plan() {
         require_nvrtc: false,
         cache_dir: d.join("cache"),
         dump_dir: None,
+        emit_mlir: false,
     };
     let precious = dir.join("precious");
     std::fs::create_dir_all(&precious).unwrap();
@@ -389,6 +391,7 @@ fn locked_plan_kernels_compile_with_nvrtc_and_cache() {
         require_nvrtc: true,
         cache_dir: dir.join("cache"),
         dump_dir: Some(dir.join("dump")),
+        emit_mlir: false,
     };
     let first = vpmoe_compiler::write_plan_dir(&g, &plan, &dir.join("plan"), &opts).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(first.compiled, plan.kernels.len());
@@ -400,4 +403,21 @@ fn locked_plan_kernels_compile_with_nvrtc_and_cache() {
     let second = vpmoe_compiler::write_plan_dir(&g, &plan, &dir.join("plan"), &opts).unwrap();
     assert_eq!((second.compiled, second.cached), (0, plan.kernels.len()));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Without the `mlir` feature, `--emit-mlir` says how to get a build that has it.
+#[cfg(not(feature = "mlir"))]
+#[test]
+fn emit_mlir_without_the_feature_says_how_to_build_it() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoec"))
+        .args(["compile", "--emit-mlir", "-o", "/nonexistent/plan"])
+        .arg(root().join("tests/configs/tiny_dense.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the mlir feature") && err.contains("scripts/setup-mlir") && !err.contains("panicked"),
+        "{err}"
+    );
 }
