@@ -58,6 +58,8 @@ pub struct KernelOptions {
     pub dump_dir: Option<PathBuf>,
     /// Also write `ir.mlir` (the `mlir` feature).
     pub emit_mlir: bool,
+    /// Also write `ir.linalg.mlir` (the `mlir` feature).
+    pub emit_linalg: bool,
 }
 
 #[derive(Debug, Default)]
@@ -127,8 +129,10 @@ fn check_replaceable(out: &Path) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v.get("format").is_some() && v.get("fingerprint").is_some());
-    let foreign: Vec<&String> =
-        entries.iter().filter(|e| !["plan.json", "ir.txt", "ir.mlir", "kernels"].contains(&e.as_str())).collect();
+    let foreign: Vec<&String> = entries
+        .iter()
+        .filter(|e| !["plan.json", "ir.txt", "ir.mlir", "ir.linalg.mlir", "kernels"].contains(&e.as_str()))
+        .collect();
     if !is_plan || !foreign.is_empty() {
         let what = if is_plan { format!("it also holds {foreign:?}") } else { "it has no vpmoe plan.json".to_string() };
         bail!("{} is not a plan directory ({what}); refusing to replace it: choose another -o", out.display());
@@ -173,15 +177,32 @@ pub fn emit_mlir(graph: &Graph, plan: &Plan) -> Result<String> {
     })
 }
 
+/// The same with the plain tensor computations in upstream dialects (`ir.linalg.mlir`).
+#[cfg(feature = "mlir")]
+pub fn emit_mlir_linalg(graph: &Graph, plan: &Plan) -> Result<String> {
+    let decode = decode::lower_decode(graph)?;
+    mlir::emit_linalg(&mlir::Functions {
+        train: graph,
+        optimizer: plan.optimizer.to_text(graph),
+        prefill: &decode.prefill,
+        step: &decode.step,
+    })
+}
+
 fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -> Result<KernelSummary> {
     let kdir = dir.join("kernels");
     std::fs::create_dir_all(&kdir)?;
     std::fs::write(dir.join("plan.json"), serde_json::to_string_pretty(plan)?)?;
     let decode = decode::lower_decode(graph)?;
     std::fs::write(dir.join("ir.txt"), ir_text(graph, plan, &decode))?;
-    if opts.emit_mlir {
+    if opts.emit_mlir || opts.emit_linalg {
         #[cfg(feature = "mlir")]
-        std::fs::write(dir.join("ir.mlir"), emit_mlir(graph, plan)?)?;
+        {
+            std::fs::write(dir.join("ir.mlir"), emit_mlir(graph, plan)?)?;
+            if opts.emit_linalg {
+                std::fs::write(dir.join("ir.linalg.mlir"), emit_mlir_linalg(graph, plan)?)?;
+            }
+        }
         #[cfg(not(feature = "mlir"))]
         bail!("{MLIR_MISSING}");
     }

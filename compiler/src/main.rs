@@ -23,6 +23,15 @@ enum ReportFormat {
     Json,
 }
 
+/// What `--emit-mlir` writes besides `ir.mlir`.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum MlirForm {
+    /// `ir.mlir` only: every op in the `vpmoe` dialect.
+    Vpmoe,
+    /// Also `ir.linalg.mlir`: the plain tensor computations in `linalg`, `arith`, `tensor`.
+    Linalg,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Lower ARCH.toml to verified IR, plan it, generate every CUDA kernel and (when NVRTC is
@@ -48,9 +57,10 @@ enum Cmd {
         #[arg(long)]
         require_nvrtc: bool,
         /// Also write DIR/ir.mlir: the training step and the decode program as MLIR (a `vpmoe`
-        /// dialect in the generic form, verified by MLIR; needs the `mlir` feature).
-        #[arg(long)]
-        emit_mlir: bool,
+        /// dialect in the generic form, verified by MLIR); `=linalg` also DIR/ir.linalg.mlir, with
+        /// the plain tensor computations in upstream dialects. Needs the `mlir` feature.
+        #[arg(long, num_args = 0..=1, default_missing_value = "vpmoe", require_equals = true)]
+        emit_mlir: Option<MlirForm>,
     },
     /// Print the registers, shared memory, stack and spills of every kernel of a compiled plan
     /// (from PLAN_DIR/kernels/resources.json) as a Markdown table.
@@ -70,7 +80,7 @@ fn main() {
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Compile { arch_toml, out, arch, dump_kernels, report, require_nvrtc, emit_mlir } => {
-            if emit_mlir && !cfg!(feature = "mlir") {
+            if emit_mlir.is_some() && !cfg!(feature = "mlir") {
                 anyhow::bail!("{}", vpmoe_compiler::MLIR_MISSING);
             }
             let t0 = Instant::now();
@@ -84,7 +94,8 @@ fn run() -> Result<()> {
                 require_nvrtc,
                 cache_dir: default_cache_dir(),
                 dump_dir: dump_kernels,
-                emit_mlir,
+                emit_mlir: emit_mlir.is_some(),
+                emit_linalg: emit_mlir == Some(MlirForm::Linalg),
             };
             let k = write_plan_dir(&graph, &plan, &out, &opts)?;
             match report {

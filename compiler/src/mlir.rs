@@ -371,3 +371,248 @@ fn dict_string(ctx: &Context, dict: Attribute, key: &str) -> Result<String> {
     ensure!(!a.to_raw().ptr.is_null(), "no {key}");
     text_of(a)
 }
+
+/// The ops [`emit_linalg`] lowers to upstream dialects; every other op stays custom.
+pub const LOWERED: &[&str] = &["add", "out_proj", "mlp", "logits"];
+
+/// The module of `f` with the plain tensor computations in upstream dialects (`linalg`, `arith`,
+/// `tensor`): `add` is `arith.addf`; `out_proj`, `mlp` and `logits` are
+/// `linalg.matmul_transpose_b` (the weights are `[out, in]`; `logits` accumulates into f32), bias
+/// broadcasts, ReLU² as `arith.maximumf` and `arith.mulf`, and the residual `arith.addf`, in the
+/// values' own element types. Every other op is a call of a
+/// private function declared per node (`@"<op>:<node>"`, its attributes as `vpmoe.attrs`). MLIR
+/// verifies it with no unregistered dialect allowed.
+pub fn emit_linalg(f: &Functions) -> Result<String> {
+    let mut text = String::from("module {\n");
+    let mut decls = String::new();
+    for (sym, g) in [("train", f.train), ("decode_prefill", f.prefill), ("decode_step", f.step)] {
+        linalg_func(sym, g, &mut text, &mut decls)?;
+    }
+    text.push_str(&decls);
+    text.push_str("}\n");
+    let ctx = Context::new();
+    let registry = DialectRegistry::new();
+    melior::utility::register_all_dialects(&registry);
+    ctx.append_dialect_registry(&registry);
+    ctx.load_all_available_dialects();
+    let module = Module::parse(&ctx, &text).context("internal error: MLIR's parser rejects the linalg module")?;
+    ensure!(module.as_operation().verify(), "internal error: MLIR's verifier rejects the linalg module");
+    Ok(module.as_operation().to_string())
+}
+
+/// The MLIR text of a tensor type.
+fn tensor_text(t: &TensorType) -> String {
+    let mut s = String::from("tensor<");
+    for d in &t.dims {
+        match d {
+            Dim::Tok(_) => s.push_str("?x"),
+            Dim::Const(n) => s.push_str(&format!("{n}x")),
+        }
+    }
+    s.push_str(match t.dtype {
+        DType::Bf16 => "bf16",
+        DType::F32 => "f32",
+        DType::I32 => "i32",
+        DType::U8 => "ui8",
+    });
+    s.push('>');
+    s
+}
+
+fn linalg_func(sym: &str, g: &Graph, out: &mut String, decls: &mut String) -> Result<()> {
+    use std::fmt::Write;
+    let v = |id: vpmoe_ir::ValueId| format!("%v{}", id.0);
+    let ty = |id: vpmoe_ir::ValueId| tensor_text(&g.value(id).ty);
+    let args: Vec<vpmoe_ir::ValueId> =
+        g.inputs.iter().map(|i| i.value).chain(g.params.iter().map(|p| p.value)).collect();
+    let params: Vec<String> = args.iter().map(|a| format!("{}: {}", v(*a), ty(*a))).collect();
+    let results: Vec<String> = g.outputs.iter().map(|(_, o)| ty(*o)).collect();
+    writeln!(out, "  func.func @{sym}({}) -> ({}) {{", params.join(", "), results.join(", "))?;
+    writeln!(out, "    %c0 = arith.constant 0 : index")?;
+    let mut tmp = 0usize;
+    let mut fresh = || {
+        tmp += 1;
+        format!("%t{tmp}")
+    };
+    for (ni, node) in g.nodes.iter().enumerate() {
+        let ins: Vec<String> = node.inputs.iter().map(|i| v(*i)).collect();
+        match node.op {
+            vpmoe_ir::Op::Add { .. } => {
+                let t = ty(node.outputs[0]);
+                let mut acc = ins[0].clone();
+                for (k, x) in ins.iter().enumerate().skip(1) {
+                    let to = if k + 1 == ins.len() { v(node.outputs[0]) } else { fresh() };
+                    writeln!(out, "    {to} = arith.addf {acc}, {x} : {t}")?;
+                    acc = to;
+                }
+                if ins.len() == 1 {
+                    // A one-input add is its input.
+                    writeln!(out, "    {} = tensor.cast {} : {t} to {t}", v(node.outputs[0]), ins[0])?;
+                }
+            }
+            vpmoe_ir::Op::OutProj { bias, .. } => {
+                let (x, w) = (node.inputs[0], node.inputs[1]);
+                let y = dense(out, &mut fresh, g, x, w, bias.then(|| node.inputs[2]), &ty(node.outputs[0]), false)?;
+                let r = ins.last().expect("a residual");
+                writeln!(out, "    {} = arith.addf {y}, {r} : {}", v(node.outputs[0]), ty(node.outputs[0]))?;
+            }
+            vpmoe_ir::Op::Mlp { ffn, bias, residual, .. } => {
+                let x = node.inputs[0];
+                let (w1, b1) = (node.inputs[1], bias.then(|| node.inputs[2]));
+                let (w2, b2) = (node.inputs[2 + bias as usize], bias.then(|| node.inputs[3 + bias as usize]));
+                let out_ty = ty(node.outputs[0]);
+                let dt = g.value(node.outputs[0]).ty.dtype;
+                let hidden_ty = tensor_text(&TensorType::tok(dt, &[ffn]));
+                let h = dense(out, &mut fresh, g, x, w1, b1, &hidden_ty, true)?;
+                let y = dense_from(out, &mut fresh, g, &h, x, w2, b2, &out_ty)?;
+                if residual {
+                    let r = ins.last().expect("a residual");
+                    writeln!(out, "    {} = arith.addf {y}, {r} : {out_ty}", v(node.outputs[0]))?;
+                } else {
+                    writeln!(out, "    {} = tensor.cast {y} : {out_ty} to {out_ty}", v(node.outputs[0]))?;
+                }
+            }
+            vpmoe_ir::Op::Logits { .. } => {
+                let t = ty(node.outputs[0]);
+                let y = dense(out, &mut fresh, g, node.inputs[0], node.inputs[1], None, &t, false)?;
+                writeln!(out, "    {} = tensor.cast {y} : {t} to {t}", v(node.outputs[0]))?;
+            }
+            ref op => {
+                let callee = format!("\"{}:{}:{sym}.{ni}\"", op.name(), node.name);
+                let in_tys: Vec<String> = node.inputs.iter().map(|i| ty(*i)).collect();
+                let out_tys: Vec<String> = node.outputs.iter().map(|o| ty(*o)).collect();
+                let attrs: Vec<String> = op.attrs().into_iter().map(|(k, x)| format!("{k}={x}")).collect();
+                writeln!(
+                    decls,
+                    "  func.func private @{callee}({}) -> ({}) attributes {{vpmoe.op = {}, vpmoe.attrs = {}}}",
+                    in_tys.join(", "),
+                    out_tys.join(", "),
+                    mlir_string(op.name()),
+                    mlir_string(&attrs.join(" "))
+                )?;
+                let outs: Vec<String> = node.outputs.iter().map(|o| v(*o)).collect();
+                writeln!(
+                    out,
+                    "    {} = func.call @{callee}({}) : ({}) -> ({})",
+                    outs.join(", "),
+                    ins.join(", "),
+                    in_tys.join(", "),
+                    out_tys.join(", ")
+                )?;
+            }
+        }
+    }
+    let rets: Vec<String> = g.outputs.iter().map(|(_, o)| v(*o)).collect();
+    if rets.is_empty() {
+        writeln!(out, "    return")?;
+    } else {
+        writeln!(out, "    return {} : {}", rets.join(", "), results.join(", "))?;
+    }
+    writeln!(out, "  }}")?;
+    Ok(())
+}
+
+/// `x·wᵀ (+ b)` of a token-rows `x` into a new tensor of type `y_ty` (ReLU² after when `relu2`);
+/// returns its SSA name.
+#[allow(clippy::too_many_arguments)]
+fn dense(
+    out: &mut String,
+    fresh: &mut dyn FnMut() -> String,
+    g: &Graph,
+    x: vpmoe_ir::ValueId,
+    w: vpmoe_ir::ValueId,
+    b: Option<vpmoe_ir::ValueId>,
+    y_ty: &str,
+    relu2: bool,
+) -> Result<String> {
+    let y = dense_from(out, fresh, g, &format!("%v{}", x.0), x, w, b, y_ty)?;
+    if !relu2 {
+        return Ok(y);
+    }
+    use std::fmt::Write;
+    let zeros = filled(out, fresh, x, &tensor_text(&g.value(x).ty), y_ty, element_of(y_ty))?;
+    let (m, r) = (fresh(), fresh());
+    writeln!(out, "    {m} = arith.maximumf {y}, {zeros} : {y_ty}")?;
+    writeln!(out, "    {r} = arith.mulf {m}, {m} : {y_ty}")?;
+    Ok(r)
+}
+
+/// `a·wᵀ (+ b)` for an SSA tensor `a` with as many rows as the value `rows` (of the graph).
+#[allow(clippy::too_many_arguments)]
+fn dense_from(
+    out: &mut String,
+    fresh: &mut dyn FnMut() -> String,
+    g: &Graph,
+    a: &str,
+    rows: vpmoe_ir::ValueId,
+    w: vpmoe_ir::ValueId,
+    b: Option<vpmoe_ir::ValueId>,
+    y_ty: &str,
+) -> Result<String> {
+    use std::fmt::Write;
+    let rows_ty = tensor_text(&g.value(rows).ty);
+    let elem = element_of(y_ty);
+    let a_ty = if a == format!("%v{}", rows.0) {
+        rows_ty.clone()
+    } else {
+        // The MLP's hidden activation: the rows of `rows`, the width of `w`'s input.
+        let width = g.value(w).ty.dims.get(1).map(|d| d.eval(0)).unwrap_or(0);
+        format!("tensor<?x{width}x{elem}>")
+    };
+    let zero = filled(out, fresh, rows, &rows_ty, y_ty, elem)?;
+    let y = fresh();
+    writeln!(
+        out,
+        "    {y} = linalg.matmul_transpose_b ins({a}, %v{} : {a_ty}, {}) outs({zero} : {y_ty}) -> {y_ty}",
+        w.0,
+        tensor_text(&g.value(w).ty)
+    )?;
+    let Some(b) = b else { return Ok(y) };
+    let e = empty(out, fresh, rows, &rows_ty, y_ty)?;
+    let (bb, s) = (fresh(), fresh());
+    writeln!(
+        out,
+        "    {bb} = linalg.broadcast ins(%v{} : {}) outs({e} : {y_ty}) dimensions = [0]",
+        b.0,
+        tensor_text(&g.value(b).ty)
+    )?;
+    writeln!(out, "    {s} = arith.addf {y}, {bb} : {y_ty}")?;
+    Ok(s)
+}
+
+/// `tensor.empty` of type `ty` with as many rows as the value `rows`.
+fn empty(
+    out: &mut String,
+    fresh: &mut dyn FnMut() -> String,
+    rows: vpmoe_ir::ValueId,
+    rows_ty: &str,
+    ty: &str,
+) -> Result<String> {
+    use std::fmt::Write;
+    let (d, e) = (fresh(), fresh());
+    writeln!(out, "    {d} = tensor.dim %v{}, %c0 : {rows_ty}", rows.0)?;
+    writeln!(out, "    {e} = tensor.empty({d}) : {ty}")?;
+    Ok(e)
+}
+
+/// A zero tensor of type `ty` with as many rows as the value `rows`.
+fn filled(
+    out: &mut String,
+    fresh: &mut dyn FnMut() -> String,
+    rows: vpmoe_ir::ValueId,
+    rows_ty: &str,
+    ty: &str,
+    elem: &str,
+) -> Result<String> {
+    use std::fmt::Write;
+    let e = empty(out, fresh, rows, rows_ty, ty)?;
+    let (c, z) = (fresh(), fresh());
+    writeln!(out, "    {c} = arith.constant 0.0 : {elem}")?;
+    writeln!(out, "    {z} = linalg.fill ins({c} : {elem}) outs({e} : {ty}) -> {ty}")?;
+    Ok(z)
+}
+
+/// The element type of a tensor type's text.
+fn element_of(ty: &str) -> &str {
+    ty.trim_end_matches('>').rsplit('x').next().unwrap_or(ty)
+}

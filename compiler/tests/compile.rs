@@ -301,6 +301,7 @@ fn plan_dir_is_replaced_atomically_and_kept_on_failure() {
         cache_dir: dir.join("cache"),
         dump_dir: None,
         emit_mlir: false,
+        emit_linalg: false,
     };
     vpmoe_compiler::write_plan_dir(&g, &plan, &out, &opts).unwrap();
     let before = std::fs::read(out.join("plan.json")).unwrap();
@@ -346,6 +347,7 @@ fn plan_dir_never_replaces_what_is_not_a_plan() {
         cache_dir: d.join("cache"),
         dump_dir: None,
         emit_mlir: false,
+        emit_linalg: false,
     };
     let precious = dir.join("precious");
     std::fs::create_dir_all(&precious).unwrap();
@@ -392,6 +394,7 @@ fn locked_plan_kernels_compile_with_nvrtc_and_cache() {
         cache_dir: dir.join("cache"),
         dump_dir: Some(dir.join("dump")),
         emit_mlir: false,
+        emit_linalg: false,
     };
     let first = vpmoe_compiler::write_plan_dir(&g, &plan, &dir.join("plan"), &opts).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(first.compiled, plan.kernels.len());
