@@ -262,6 +262,9 @@ pub fn parse_module(text: &str) -> Result<Parsed> {
     let mut out = Parsed { graphs: Vec::new(), optimizer: String::new() };
     let mut cur = module.body().first_operation();
     while let Some(f) = cur {
+        let fname = f.name();
+        let fname = fname.as_string_ref().as_str().map_err(|e| anyhow!("{e}"))?.to_string();
+        ensure!(fname == "func.func", "a top-level {fname}: vpmoe modules hold func.func operations only");
         let sym = text_of(f.attribute("sym_name")?)?;
         let graph = text_of(f.attribute("vpmoe.graph")?)?;
         if let Ok(o) = f.attribute("vpmoe.optimizer") {
@@ -275,6 +278,9 @@ pub fn parse_module(text: &str) -> Result<Parsed> {
         // Value → its reference in the text form.
         let mut refs: HashMap<usize, String> = HashMap::new();
         let n_args = entry.argument_count();
+        let listed = unsafe { mlir_sys::mlirAttributeIsAArray(arg_attrs.to_raw()) }
+            .then(|| unsafe { mlir_sys::mlirArrayAttrGetNumElements(arg_attrs.to_raw()) });
+        ensure!(listed == Some(n_args as isize), "@{sym}: arg_attrs is not an array of one dictionary per argument");
         for i in 0..n_args {
             let dict =
                 unsafe { Attribute::from_raw(mlir_sys::mlirArrayAttrGetElement(arg_attrs.to_raw(), i as isize)) };
@@ -366,6 +372,7 @@ fn text_of(a: Attribute) -> Result<String> {
 /// The string `key` of a dictionary attribute.
 fn dict_string(ctx: &Context, dict: Attribute, key: &str) -> Result<String> {
     let _ = ctx;
+    ensure!(unsafe { mlir_sys::mlirAttributeIsADictionary(dict.to_raw()) }, "{dict} is not a dictionary");
     let k = melior::StringRef::new(key);
     let a = unsafe { Attribute::from_raw(mlir_sys::mlirDictionaryAttrGetElementByName(dict.to_raw(), k.to_raw())) };
     ensure!(!a.to_raw().ptr.is_null(), "no {key}");

@@ -232,14 +232,21 @@ impl Canary {
     fn dataset_key(&self, path: &Path) -> Result<String> {
         let ds = crate::reader::Dataset::open(path)?;
         let mut h = Sha256::new();
+        // The detector: a new build may find what an older one missed.
+        h.update(concat!("vpmoe-data ", env!("CARGO_PKG_VERSION")).as_bytes());
+        h.update(format!("key {KEY}\0").as_bytes());
         h.update(self.sha256.as_bytes());
         for shard in &ds.shards {
             let prefix = shard.tokens.prefix();
             for f in [crate::indexed::bin_path(prefix), crate::indexed::idx_path(prefix)] {
                 let m = std::fs::metadata(&f).with_context(|| format!("{}", f.display()))?;
                 let when = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                // The inode and change time too: a copy that keeps modification times (cp -p,
+                // rsync -t) or a file rebuilt in place to the same size is a new file here.
+                use std::os::unix::fs::MetadataExt;
+                let (ino, dev, ctime) = (m.ino(), m.dev(), (m.ctime(), m.ctime_nsec()));
                 let abs = std::fs::canonicalize(&f).unwrap_or(f);
-                h.update(format!("{}\0{}\0{:?}\0", abs.display(), m.len(), when).as_bytes());
+                h.update(format!("{}\0{}\0{when:?}\0{ino} {dev} {ctime:?}\0", abs.display(), m.len()).as_bytes());
             }
         }
         Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())

@@ -85,6 +85,12 @@ fn read_config(dir: &Path) -> Result<(HfConfig, Vec<u8>)> {
     if let Some(s) = v.get("rope_scaling").filter(|s| !s.is_null()) {
         bail!("{}: rope_scaling {s} is set; vpmoe's RoPE has no scaling", path.display());
     }
+    if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+        bail!(
+            "{}: use_sliding_window is true; vpmoe imports models whose every layer attends globally",
+            path.display()
+        );
+    }
     let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
     let cfg = HfConfig {
         hidden,
@@ -146,6 +152,12 @@ fn check_arch(cfg: &HfConfig, plan: &Plan) -> Result<()> {
     no("sink logits (softmax_type = \"learnable\")", a.sinks);
     no("ALiBi layers", a.grape.alibi);
     no("biases on the output projection and MLP (add_bias_linear)", a.bias_linear);
+    if a.tied_embeddings && !cfg.tied {
+        d.push(format!(
+            "the checkpoint's LM head is its own; {} ties it to the embedding (untied_embeddings = false)",
+            a.name
+        ));
+    }
     if a.grape.learnable_freq || a.grape.base != cfg.theta {
         d.push(format!(
             "the checkpoint rotates with RoPE of base {}; {} needs position_embedding_type = \"rope\" and rotary_base = {}",
@@ -320,7 +332,8 @@ pub fn import_hf(dir: &Path, plan: &Plan) -> Result<Imported> {
         } else if n.ends_with("rotary_emb.inv_freq") {
             "RoPE's frequencies, recomputed from rope_theta"
         } else if n == "lm_head.weight" {
-            unreachable!("an untied head is read")
+            // A tied checkpoint that also stores its head, into a tied architecture.
+            "the head, tied to model.embed_tokens.weight"
         } else {
             bail!("the checkpoint's tensor {n} has no place in {} (nothing maps to it)", plan.arch.name)
         };

@@ -3,7 +3,8 @@
 //! preserves:
 //!
 //! - **Depth growth** (L → L′ layers): every source layer keeps its place in order and its kind
-//!   (window or global), at the target position nearest `j·(L′−1)/(L−1)` of that kind; each new
+//!   (window or global), the first layer first, at the target position of that kind nearest
+//!   `j·(L′−1)/(L−1)` from which the rest still fit ([`layer_map`]); each new
 //!   layer copies the nearest earlier placed layer of its kind (the next one where there is none)
 //!   with its attention output projection and MLP output projection zeroed, so it adds nothing to
 //!   the residual stream: the grown model computes the same function.
@@ -38,22 +39,45 @@ pub struct Upcycled {
 }
 
 /// Places the source layers (kinds `src`, true = window) among the target's (`dst`): order and
-/// kind kept, spread evenly. Returns per target layer (source layer, new).
+/// kind kept, the first layer first (the value residual reads its V), each source layer at the
+/// slot of its kind nearest `j·(L′−1)/(L−1)` from which the rest still fit in order. Returns per
+/// target layer (source layer, new).
 pub fn layer_map(src: &[bool], dst: &[bool]) -> Result<Vec<(usize, bool)>> {
     let (l, lt) = (src.len(), dst.len());
     ensure!(lt >= l, "the target has {lt} layers, fewer than the source's {l}: upcycling never removes layers");
+    ensure!(
+        src.first() == dst.first(),
+        "the first layer keeps its place and so its kind: the source's is {} and the target's {}",
+        kind_name(src[0]),
+        kind_name(dst[0])
+    );
+    // Whether src[j..] fits, in order and kind, into dst[from..].
+    let fits = |j: usize, from: usize| {
+        let mut p = from;
+        for &kind in &src[j..] {
+            match (p..lt).find(|&q| dst[q] == kind) {
+                Some(q) => p = q + 1,
+                None => return false,
+            }
+        }
+        true
+    };
     let mut at = vec![None; lt];
     let mut next = 0usize;
     for (j, &kind) in src.iter().enumerate() {
         let ideal = if l == 1 { 0 } else { (j * (lt - 1) + (l - 1) / 2) / (l - 1) };
-        let p = (ideal.max(next)..lt).find(|&p| dst[p] == kind).with_context(|| {
-            format!(
-                "source layer {} ({}) has no place among the target's layers: the target's window/global pattern \
-                 cannot hold the source's in order",
-                j + 1,
-                if kind { "window" } else { "global" }
-            )
-        })?;
+        let p = (next..lt)
+            .filter(|&p| dst[p] == kind && fits(j + 1, p + 1))
+            .min_by_key(|&p| (p.abs_diff(ideal), p))
+            .with_context(|| {
+                format!(
+                    "source layer {} ({}) has no place among the target's layers: the target's window/global \
+                     pattern cannot hold the source's in order",
+                    j + 1,
+                    kind_name(kind)
+                )
+            })?;
+        ensure!(j > 0 || p == 0, "internal: the first layer moved");
         at[p] = Some(j);
         next = p + 1;
     }
@@ -262,7 +286,11 @@ fn balance_routers(plan: &Plan, state: &mut TrainState, seed: u64, made: &mut Ve
                     shifts.push((name, m.iter().map(|x| (avg - x) as f32).collect(), false));
                 }
             } else if bias {
-                let m = mean(&|s| (s / (1.0 - s)).ln());
+                // Logits from the scores, clamped away from a saturated sigmoid.
+                let m = mean(&|s| {
+                    let s = s.clamp(1e-7, 1.0 - 1e-7);
+                    (s / (1.0 - s)).ln()
+                });
                 let avg = m.iter().sum::<f64>() / e as f64;
                 if let Some(name) = param(2) {
                     shifts.push((name, m.iter().map(|x| (avg - x) as f32).collect(), true));
@@ -393,4 +421,33 @@ pub fn upcycle_to(from: &Path, src_plan: &Plan, plan: &Plan, out: &Path, seed: u
     };
     let path = checkpoint::save(out, plan, &up.state, meta, 1)?;
     Ok((path, up))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Window (true) / global (false) per layer, global every `f`-th.
+    fn pattern(layers: usize, f: usize) -> Vec<bool> {
+        (1..=layers).map(|l| l % f != 0).collect()
+    }
+
+    #[test]
+    fn layers_keep_order_and_kind_wherever_the_target_can_hold_them() {
+        for (from, to) in [(4, 6), (28, 30), (28, 80), (7, 7), (5, 9), (8, 9)] {
+            let (s, t) = (pattern(from, 4), pattern(to, 4));
+            let m = layer_map(&s, &t).unwrap_or_else(|e| panic!("{from} → {to}: {e:#}"));
+            let placed: Vec<usize> = m.iter().filter(|x| !x.1).map(|x| x.0).collect();
+            assert_eq!(placed, (0..from).collect::<Vec<_>>(), "{from} → {to}: every source layer once, in order");
+            assert_eq!(m[0], (0, false), "{from} → {to}: the first layer first");
+            assert!(m.iter().enumerate().all(|(p, &(j, _))| s[j] == t[p]), "{from} → {to}: kinds kept");
+        }
+        // 28 → 80 spreads the source over the whole depth.
+        let m = layer_map(&pattern(28, 4), &pattern(80, 4)).unwrap();
+        assert_eq!(m.iter().rposition(|x| !x.1), Some(79));
+        // Refused: fewer layers, a first layer of another kind, more global layers than fit.
+        assert!(layer_map(&pattern(8, 4), &pattern(4, 4)).is_err());
+        assert!(format!("{:#}", layer_map(&[false, true], &[true, false, true]).unwrap_err()).contains("first layer"));
+        assert!(layer_map(&pattern(8, 2), &pattern(9, 4)).is_err());
+    }
 }

@@ -333,6 +333,26 @@ fn mismatched_or_damaged_checkpoints_are_refused_before_anything_is_written() {
     damaged("missing shard", "model-00002-of-00002.safetensors is listed but missing", &|| {
         std::fs::remove_file(hf.join("model-00002-of-00002.safetensors")).unwrap();
     });
+    damaged("sliding window", "use_sliding_window is true", &|| {
+        let c = std::fs::read_to_string(hf.join("config.json")).unwrap();
+        std::fs::write(hf.join("config.json"), c.replacen("{", "{\"use_sliding_window\": true,", 1)).unwrap();
+    });
+    // An untied checkpoint into an architecture that ties its head.
+    let tied = config::parse(&set(&qwen_arch(&TINY), "untied_embeddings", "false"), "qwen3-tied", Path::new("."));
+    let (_, tied) = compile_arch(&tied.unwrap()).unwrap();
+    let mut w = qwen_weights(&TINY, 1);
+    let head = w["model.embed_tokens.weight"].clone();
+    w.insert("lm_head.weight".into(), head);
+    write_hf(&hf, &TINY, &w);
+    let c = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        c.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false"),
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    let err = format!("{:#}", import_to(&hf, &tied, &out).err().expect("refused"));
+    assert!(err.contains("ties it to the embedding") && !out.join("step_00000000").exists(), "{err}");
 }
 
 /// The command line: `import hf`, then `train --init` from its checkpoint; a second import

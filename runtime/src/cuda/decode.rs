@@ -56,6 +56,8 @@ pub struct CudaEngine {
     blocks: Blocks,
     vocab: usize,
     max_len: usize,
+    /// Whether any layer is global (paged).
+    any_global: bool,
     /// Captured step calls by token count. Declared before `gpu` so they go while the context lives.
     captured: BTreeMap<u64, GraphExec>,
     capture_stream: Arc<CudaStream>,
@@ -110,12 +112,16 @@ impl CudaEngine {
         // One pair of arenas serves both graphs (they run one after the other).
         let per_token = prefill.sched.tok_arena_bytes_per_token.max(step.sched.tok_arena_bytes_per_token);
         let fixed = prefill.sched.fixed_arena_bytes.max(step.sched.fixed_arena_bytes);
+        ensure!(
+            program.caches.iter().all(|c| c.window.is_none_or(|w| w as usize <= max_len)),
+            "a window longer than the context of {max_len} tokens"
+        );
         let blocks = Blocks::new(slots, max_len, program.caches.iter().any(|c| c.window.is_none()));
         let cache_bytes: u64 = program
             .caches
             .iter()
             .map(|c| {
-                let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * (w as usize).min(max_len));
+                let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * w as usize);
                 2 * rows as u64 * c.width * 2
             })
             .sum();
@@ -138,7 +144,7 @@ impl CudaEngine {
         let mut cache_bufs = Vec::new();
         let mut layers = Vec::new();
         for (i, c) in program.caches.iter().enumerate() {
-            let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * (w as usize).min(max_len));
+            let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * w as usize);
             let bytes = rows * c.width as usize * 2;
             let mut pair = [Region { addr: 0, bytes: 0, dtype: DType::Bf16 }; 2];
             for (r, what) in pair.iter_mut().zip(["keys", "values"]) {
@@ -176,6 +182,7 @@ impl CudaEngine {
             blocks,
             vocab: plan.arch.vocab as usize,
             max_len,
+            any_global: program.caches.iter().any(|c| c.window.is_none()),
             captured: BTreeMap::new(),
             capture_stream,
             gpu,
@@ -189,6 +196,22 @@ impl CudaEngine {
 
     /// Runs one call of at most `chunk` tokens.
     fn call(&mut self, step: bool, toks: &[Tok]) -> Result<Option<Vec<f32>>> {
+        // The kernels trust these (`Decoder::step` checks them too): no token outside its slot's
+        // reserved blocks or the context.
+        for t in toks {
+            ensure!(
+                t.slot < self.blocks.slots() && t.pos < self.max_len,
+                "token at slot {} position {}",
+                t.slot,
+                t.pos
+            );
+            ensure!(
+                !self.any_global || self.blocks.table(t.slot).len() * BLOCK > t.pos,
+                "slot {} has no block reserved for position {}",
+                t.slot,
+                t.pos
+            );
+        }
         let p = if step { &self.step } else { &self.prefill };
         let n = toks.len() as u64;
         let lay = Layout {
