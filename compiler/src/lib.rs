@@ -168,25 +168,20 @@ pub fn ir_text(graph: &Graph, plan: &Plan, decode: &decode::DecodeProgram) -> St
 /// The training step and the decode program as an MLIR module in the generic form (`ir.mlir`).
 #[cfg(feature = "mlir")]
 pub fn emit_mlir(graph: &Graph, plan: &Plan) -> Result<String> {
-    let decode = decode::lower_decode(graph)?;
-    mlir::emit(&mlir::Functions {
-        train: graph,
-        optimizer: plan.optimizer.to_text(graph),
-        prefill: &decode.prefill,
-        step: &decode.step,
-    })
+    with_functions(graph, plan, mlir::emit)
 }
 
 /// The same with the plain tensor computations in upstream dialects (`ir.linalg.mlir`).
 #[cfg(feature = "mlir")]
 pub fn emit_mlir_linalg(graph: &Graph, plan: &Plan) -> Result<String> {
+    with_functions(graph, plan, mlir::emit_linalg)
+}
+
+#[cfg(feature = "mlir")]
+fn with_functions(graph: &Graph, plan: &Plan, emit: fn(&mlir::Functions) -> Result<String>) -> Result<String> {
     let decode = decode::lower_decode(graph)?;
-    mlir::emit_linalg(&mlir::Functions {
-        train: graph,
-        optimizer: plan.optimizer.to_text(graph),
-        prefill: &decode.prefill,
-        step: &decode.step,
-    })
+    let optimizer = plan.optimizer.to_text(graph);
+    emit(&mlir::Functions { train: graph, optimizer, prefill: &decode.prefill, step: &decode.step })
 }
 
 fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -> Result<KernelSummary> {

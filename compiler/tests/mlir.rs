@@ -3,20 +3,11 @@
 //! reads back into the same `ir.txt`.
 #![cfg(feature = "mlir")]
 
-use std::path::{Path, PathBuf};
-use vpmoe_compiler::{compile_arch, config, decode, ir_text, mlir};
+mod common;
 
-fn configs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut paths: Vec<PathBuf> = ["configs", "configs/rungs", "tests/configs"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
-    paths
-}
+use common::configs;
+use std::path::Path;
+use vpmoe_compiler::{compile_arch, config, decode, ir_text, mlir};
 
 #[test]
 fn every_config_round_trips_through_mlir() {

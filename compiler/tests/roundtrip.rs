@@ -2,21 +2,11 @@
 //! training graphs rebuilds them (up to value numbering: `Graph::canonical`) and prints the same
 //! text, and the graph part of a plan's `ir.txt` splits off its optimizer section.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::configs;
 use vpmoe_compiler::{compile_arch, config, lower};
 use vpmoe_ir::{parse_graph, split_graph_text, Graph};
-
-fn configs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut paths: Vec<PathBuf> = ["configs", "configs/rungs", "tests/configs"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
-    paths
-}
 
 fn assert_round_trips(what: &str, g: &Graph) {
     let text = g.to_text();

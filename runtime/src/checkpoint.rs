@@ -57,6 +57,28 @@ pub struct LrState {
     pub next_lr: f64,
 }
 
+/// The metadata of a step-0 checkpoint made from other weights (`import hf`, `upcycle`): the
+/// provenance of this build and `plan`, no data or schedule yet, `train` saying where it came from.
+pub fn step0_meta(plan: &Plan, train: serde_json::Value, seed: u64, expert_bias: BTreeMap<String, Vec<f32>>) -> Meta {
+    Meta {
+        format: FORMAT,
+        step: 0,
+        git_sha: env!("VPMOE_GIT_SHA").to_string(),
+        config_hash: sha256_hex(plan.arch.canonical_json().as_bytes()),
+        plan_fingerprint: plan.fingerprint.clone(),
+        tokenizer_sha256: vpmoe_data::tokenizer::vocabulary_sha256(),
+        dataset_manifest_sha256: String::new(),
+        train,
+        rng: Rng { seed, state: 0 },
+        data_cursor: Default::default(),
+        expert_bias,
+        lr_schedule: LrState { schedule: vpmoe_ir::optim::Schedule::constant(0.0, 1), last_lr: 0.0, next_lr: 0.0 },
+        scalars: Default::default(),
+        state_sha256: String::new(),
+        master_sha256: String::new(),
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     vpmoe_ir::hex(&Sha256::digest(bytes))
 }

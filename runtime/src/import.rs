@@ -17,7 +17,7 @@
 //! | `output_layer.weight` | `lm_head.weight`, or a copy of `model.embed_tokens.weight` when the checkpoint ties them |
 //! | `rotary_pos_emb.log_freq` | none: RoPE's frequencies from `rope_theta`, which must equal `attention.rotary_base` |
 
-use crate::checkpoint::{self, LrState, Meta, Rng};
+use crate::checkpoint;
 use crate::state::TrainState;
 use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
@@ -365,28 +365,12 @@ pub fn import_to(from: &Path, plan: &Plan, out: &Path) -> Result<(PathBuf, Impor
         out.display()
     );
     let imported = import_hf(from, plan)?;
-    let schedule = vpmoe_ir::optim::Schedule::constant(0.0, 1);
-    let meta = Meta {
-        format: checkpoint::FORMAT,
-        step: 0,
-        git_sha: env!("VPMOE_GIT_SHA").to_string(),
-        config_hash: checkpoint::sha256_hex(plan.arch.canonical_json().as_bytes()),
-        plan_fingerprint: plan.fingerprint.clone(),
-        tokenizer_sha256: vpmoe_data::tokenizer::vocabulary_sha256(),
-        dataset_manifest_sha256: String::new(),
-        train: serde_json::json!({
-            "imported_from": from.display().to_string(),
-            "sources_sha256": imported.sources,
-            "dropped": imported.dropped.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-        }),
-        rng: Rng { seed: 0, state: 0 },
-        data_cursor: Default::default(),
-        expert_bias: BTreeMap::new(),
-        lr_schedule: LrState { schedule, last_lr: 0.0, next_lr: 0.0 },
-        scalars: Default::default(),
-        state_sha256: String::new(),
-        master_sha256: String::new(),
-    };
+    let train = serde_json::json!({
+        "imported_from": from.display().to_string(),
+        "sources_sha256": imported.sources,
+        "dropped": imported.dropped.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+    });
+    let meta = checkpoint::step0_meta(plan, train, 0, BTreeMap::new());
     let path = checkpoint::save(out, plan, &imported.state, meta, 1)?;
     Ok((path, imported))
 }

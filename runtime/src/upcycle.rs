@@ -21,7 +21,7 @@
 //! source (a value-residual logit where the source layer had none) keeps the target's
 //! initialisation, and is listed.
 
-use crate::checkpoint::{self, LrState, Meta, Rng};
+use crate::checkpoint;
 use crate::state::TrainState;
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -389,36 +389,22 @@ pub fn upcycle_to(from: &Path, src_plan: &Plan, plan: &Plan, out: &Path, seed: u
     );
     let (dir, src) = crate::decode::sample::load_checkpoint(from, src_plan).context("--from")?;
     let up = upcycle(src_plan, &src, plan, seed)?;
-    let meta = Meta {
-        format: checkpoint::FORMAT,
-        step: 0,
-        git_sha: env!("VPMOE_GIT_SHA").to_string(),
-        config_hash: checkpoint::sha256_hex(plan.arch.canonical_json().as_bytes()),
-        plan_fingerprint: plan.fingerprint.clone(),
-        tokenizer_sha256: vpmoe_data::tokenizer::vocabulary_sha256(),
-        dataset_manifest_sha256: String::new(),
-        train: serde_json::json!({
-            "upcycled_from": dir.display().to_string(),
-            "source_master_sha256": src.checksum(),
-            "source_config_hash": checkpoint::sha256_hex(src_plan.arch.canonical_json().as_bytes()),
-            "seed": seed,
-            "layers": up.layers.iter().map(|(s, new)| serde_json::json!({"from": s + 1, "new": new})).collect::<Vec<_>>(),
-            "made": up.made.iter().cloned().collect::<BTreeMap<String, String>>(),
-        }),
-        rng: Rng { seed, state: 0 },
-        data_cursor: Default::default(),
-        expert_bias: plan
-            .params
-            .iter()
-            .zip(&up.state.master)
-            .filter(|(p, _)| matches!(p.role, vpmoe_ir::Role::ExpertBias { .. }))
-            .map(|(p, w)| (p.name.clone(), w.clone()))
-            .collect(),
-        lr_schedule: LrState { schedule: vpmoe_ir::optim::Schedule::constant(0.0, 1), last_lr: 0.0, next_lr: 0.0 },
-        scalars: Default::default(),
-        state_sha256: String::new(),
-        master_sha256: String::new(),
-    };
+    let train = serde_json::json!({
+        "upcycled_from": dir.display().to_string(),
+        "source_master_sha256": src.checksum(),
+        "source_config_hash": checkpoint::sha256_hex(src_plan.arch.canonical_json().as_bytes()),
+        "seed": seed,
+        "layers": up.layers.iter().map(|(s, new)| serde_json::json!({"from": s + 1, "new": new})).collect::<Vec<_>>(),
+        "made": up.made.iter().cloned().collect::<BTreeMap<String, String>>(),
+    });
+    let expert_bias = plan
+        .params
+        .iter()
+        .zip(&up.state.master)
+        .filter(|(p, _)| matches!(p.role, vpmoe_ir::Role::ExpertBias { .. }))
+        .map(|(p, w)| (p.name.clone(), w.clone()))
+        .collect();
+    let meta = checkpoint::step0_meta(plan, train, seed, expert_bias);
     let path = checkpoint::save(out, plan, &up.state, meta, 1)?;
     Ok((path, up))
 }

@@ -24,7 +24,7 @@ families! {
 }
 
 /// The `WINDOW` (0: global) and `ALIBI` template arguments.
-fn kind(a: &Attn) -> (u64, u64) {
+pub(super) fn kind(a: &Attn) -> (u64, u64) {
     match a.kind {
         AttnKind::Window(w) => (w, 0),
         AttnKind::Global { alibi } => (0, alibi as u64),

@@ -6,7 +6,7 @@ use crate::consts::EPI_NONE;
 use crate::launch::{families, one, rows_grid, tok, Arg, LaunchDim, Lowered};
 use crate::ops::gemm::Dense;
 use crate::ops::Ports;
-use vpmoe_ir::{Attn, AttnKind};
+use vpmoe_ir::Attn;
 
 families! {
     GrapeAt = "grape_at" in "grape.cuh", 128 <D>
@@ -38,10 +38,7 @@ pub(super) fn grape_at(p: &Ports, heads: u64, groups: u64, head_dim: u64, scale:
 }
 
 pub(super) fn cached_attention(p: &Ports, a: &Attn, layer: u32, l: &mut Lowered) {
-    let (window, alibi) = match a.kind {
-        AttnKind::Window(w) => (w, 0),
-        AttnKind::Global { alibi } => (0, alibi as u64),
-    };
+    let (window, alibi) = super::attention::kind(a);
     let (kcache, vcache) = (Arg::Cache { layer, value: false }, Arg::Cache { layer, value: true });
     let blocks = || Arg::or_null(window == 0, || Arg::BlockTable);
     let attend = CachedAttention {
