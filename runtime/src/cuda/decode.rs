@@ -56,8 +56,6 @@ pub struct CudaEngine {
     blocks: Blocks,
     vocab: usize,
     max_len: usize,
-    /// Whether any layer is global (paged).
-    any_global: bool,
     /// Captured step calls by token count. Declared before `gpu` so they go while the context lives.
     captured: BTreeMap<u64, GraphExec>,
     capture_stream: Arc<CudaStream>,
@@ -117,14 +115,13 @@ impl CudaEngine {
             "a window longer than the context of {max_len} tokens"
         );
         let blocks = Blocks::new(slots, max_len, program.caches.iter().any(|c| c.window.is_none()));
-        let cache_bytes: u64 = program
+        // Bytes of each layer's K (and of its V): slots × window rows, or the whole block pool.
+        let layer_bytes: Vec<usize> = program
             .caches
             .iter()
-            .map(|c| {
-                let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * w as usize);
-                2 * rows as u64 * c.width * 2
-            })
-            .sum();
+            .map(|c| c.window.map_or(blocks.total() * BLOCK, |w| slots * w as usize) * c.width as usize * 2)
+            .collect();
+        let cache_bytes = 2 * layer_bytes.iter().sum::<usize>() as u64;
         let need = per_token * chunk as u64 + fixed + cache_bytes;
         let free = gpu.ctx.mem_get_info().map(|x| x.0).unwrap_or(usize::MAX) as u64;
         if need > free {
@@ -143,9 +140,7 @@ impl CudaEngine {
         let fixed_arena = DevBuf::new(&gpu, fixed.max(1) as usize, "the decode fixed arena")?;
         let mut cache_bufs = Vec::new();
         let mut layers = Vec::new();
-        for (i, c) in program.caches.iter().enumerate() {
-            let rows = c.window.map_or(blocks.total() * BLOCK, |w| slots * w as usize);
-            let bytes = rows * c.width as usize * 2;
+        for (c, &bytes) in program.caches.iter().zip(&layer_bytes) {
             let mut pair = [Region { addr: 0, bytes: 0, dtype: DType::Bf16 }; 2];
             for (r, what) in pair.iter_mut().zip(["keys", "values"]) {
                 let buf = DevBuf::new(&gpu, bytes, &format!("the {what} cache of {}", c.node))?;
@@ -154,7 +149,6 @@ impl CudaEngine {
                 cache_bufs.push(buf);
             }
             layers.push(pair);
-            ensure!(layers.len() == i + 1, "one cache per layer");
         }
         let table_len = slots * blocks.per_slot();
         let table_buf = DevBuf::new(&gpu, table_len.max(1) * 4, "the block table")?;
@@ -182,7 +176,6 @@ impl CudaEngine {
             blocks,
             vocab: plan.arch.vocab as usize,
             max_len,
-            any_global: program.caches.iter().any(|c| c.window.is_none()),
             captured: BTreeMap::new(),
             capture_stream,
             gpu,
@@ -206,7 +199,7 @@ impl CudaEngine {
                 t.pos
             );
             ensure!(
-                !self.any_global || self.blocks.table(t.slot).len() * BLOCK > t.pos,
+                !self.blocks.paged() || self.blocks.table(t.slot).len() * BLOCK > t.pos,
                 "slot {} has no block reserved for position {}",
                 t.slot,
                 t.pos

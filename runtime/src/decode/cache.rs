@@ -42,6 +42,11 @@ impl Blocks {
         self.tables.len()
     }
 
+    /// Whether any layer is paged (slots hold blocks).
+    pub fn paged(&self) -> bool {
+        self.paged
+    }
+
     /// Blocks in the pool.
     pub fn total(&self) -> usize {
         self.slots() * self.per_slot()
