@@ -430,6 +430,19 @@ impl Stream {
         }
     }
 
+    /// Advance past one row as [`Stream::take_window`] does, reading only document lengths.
+    fn skip_window(&mut self, seq_len: usize) {
+        let mut taken = 0;
+        while taken < seq_len {
+            let doc = self.normalise();
+            let n = (self.ds.doc_len(doc) - self.pos.offset as usize).min(seq_len - taken);
+            taken += n;
+            self.pos.offset += n as u64;
+        }
+        self.normalise();
+        self.pos.samples += 1;
+    }
+
     /// Append one `seq_len`-position row to the batch.
     fn take_window(&mut self, seq_len: usize, b: &mut Batch) {
         let mut toks: Vec<i32> = Vec::with_capacity(seq_len + 1);
@@ -565,6 +578,16 @@ impl Reader {
             self.samples += 1;
         }
         b
+    }
+
+    /// Moves past the next micro-batch of `micro_batch` rows without reading it: the position
+    /// afterwards is [`Reader::next_batch`]'s (a data-parallel rank skips the other ranks' rows).
+    pub fn skip_batch(&mut self, micro_batch: usize) {
+        for _ in 0..micro_batch {
+            let d = self.pick();
+            self.streams[d].skip_window(self.seq_len);
+            self.samples += 1;
+        }
     }
 
     /// The current position (save it with a checkpoint).

@@ -116,6 +116,27 @@ fn cursor_restores_exactly() {
     assert!(format!("{err}").contains("another data configuration"));
 }
 
+/// A data-parallel rank skips the other ranks' micro-batches: what it reads, and where it ends,
+/// are what a reader that reads everything sees (across documents, epochs and a blend).
+#[test]
+fn skipping_a_batch_lands_where_reading_it_does() {
+    let root = dataset("skip", 2, 30);
+    let open = || Reader::open(&[(&root.join("train"), 2.0), (&root.join("valid"), 1.0)], 80, 5).unwrap();
+    let mut all = open();
+    let every: Vec<Batch> = (0..60).map(|_| all.next_batch(3)).collect();
+    for (world, rank) in [(2, 0), (2, 1), (3, 2)] {
+        let mut r = open();
+        for (k, want) in every.iter().enumerate() {
+            if k % world == rank {
+                assert_eq!(&r.next_batch(3), want, "micro-batch {k} at rank {rank} of {world}");
+            } else {
+                r.skip_batch(3);
+            }
+        }
+        assert_eq!(r.cursor(), all.cursor(), "rank {rank} of {world} ends where the full reader does");
+    }
+}
+
 #[test]
 fn blending_follows_the_weights() {
     let a = dataset("blend-a", 1, 40);

@@ -205,18 +205,37 @@ pub fn span_scale(n: &[u64; 3], w_r: f32, w_f: f32) -> [f32; 3] {
 /// micro-batch gets the span scales over the step's global span token counts, the loss seed 1 and
 /// the aux-loss seed `α/M` (α: the architecture's sequence aux-loss coefficient, 0 without one).
 /// Returns the step's supervised token counts per span.
-pub fn seed_step(batches: &mut [Batch], arch: &vpmoe_compiler::Arch, [w_r, w_f]: [f32; 2]) -> [u64; 3] {
-    let alpha = arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0);
+pub fn seed_step(batches: &mut [Batch], arch: &vpmoe_compiler::Arch, w: [f32; 2]) -> [u64; 3] {
+    let counts = span_counts(batches);
+    let m = batches.len();
+    seed(batches, arch, w, &counts, m);
+    counts
+}
+
+/// Supervised tokens per span over `batches`.
+pub fn span_counts(batches: &[Batch]) -> [u64; 3] {
     let mut counts = [0u64; 3];
-    for b in batches.iter() {
+    for b in batches {
         let n = b.span_counts();
         (0..3).for_each(|i| counts[i] += n[i]);
     }
-    let (scale, aux_grad) = (span_scale(&counts, w_r, w_f), (alpha / batches.len() as f64) as f32);
+    counts
+}
+
+/// [`seed_step`] for some of a step's micro-batches (a data-parallel rank's): `counts` are the
+/// whole step's span token counts and `micro_batches` its number of micro-batches.
+pub fn seed(
+    batches: &mut [Batch],
+    arch: &vpmoe_compiler::Arch,
+    [w_r, w_f]: [f32; 2],
+    counts: &[u64; 3],
+    micro_batches: usize,
+) {
+    let alpha = arch.moe.as_ref().and_then(|m| m.seq_aux_coeff).unwrap_or(0.0);
+    let (scale, aux_grad) = (span_scale(counts, w_r, w_f), (alpha / micro_batches as f64) as f32);
     for b in batches {
         (b.span_scale, b.loss_grad, b.aux_grad) = (scale, 1.0, aux_grad);
     }
-    counts
 }
 
 #[derive(Debug, Default)]
@@ -308,6 +327,17 @@ pub trait Backend {
     /// Optimizer steps applied so far (without fetching the state).
     fn step_count(&self) -> u64;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
+    /// Trains as one rank of `dist`'s job: gradients and router loads are summed over its ranks
+    /// before each update; with `shard_optimizer` each rank keeps only its part of the optimizer
+    /// (ZeRO-1). [`Backend::state`] and [`Backend::step`] are then collectives: every rank calls
+    /// them together.
+    fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
+        let _ = shard_optimizer;
+        if dist.world() > 1 {
+            bail!("the {} backend trains on one device; data parallel training needs --backend cpu", self.name());
+        }
+        Ok(())
+    }
     /// The device this backend runs on, in words.
     /// Where this backend's decoders run (generation during training: evaluation, rollouts).
     fn decode_on(&self) -> crate::decode::DecodeOn {

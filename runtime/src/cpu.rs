@@ -100,6 +100,11 @@ pub struct CpuBackend<'g> {
     /// Round bf16 parameters' model copies to bf16 (D9). Off only for finite-difference checks,
     /// where the rounding would swallow the perturbation.
     round_bf16: bool,
+    /// The data-parallel job: gradients and loads are summed over its ranks before the update.
+    dist: crate::dist::Dist,
+    /// ZeRO-1: this rank's part of the optimizer; `state` then keeps only the frozen parameters'
+    /// masters (the trainable ones are empty) and the step count.
+    sharded: Option<crate::optim::Sharded>,
 }
 
 impl<'g> CpuBackend<'g> {
@@ -117,9 +122,44 @@ impl<'g> CpuBackend<'g> {
             loads: BTreeMap::new(),
             gemm: Box::new(FastGemm),
             round_bf16: true,
+            dist: crate::dist::Dist::single(),
+            sharded: None,
         };
         be.refresh_model();
         be
+    }
+
+    /// Trains as one rank of `dist`'s job; with `shard_optimizer` and more than one rank, keeps
+    /// only this rank's part of the optimizer (ZeRO-1).
+    pub fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) {
+        self.dist = dist;
+        self.sharded = None;
+        if shard_optimizer && self.dist.world() > 1 {
+            self.shard();
+        }
+    }
+
+    /// Moves the trainable masters and moments into this rank's shard.
+    fn shard(&mut self) {
+        let sh = crate::optim::Sharded::new(self.plan, &self.dist, &self.state);
+        for (i, p) in self.plan.params.iter().enumerate() {
+            if p.trainable() {
+                self.state.master[i] = Vec::new();
+                self.state.m[i] = Vec::new();
+                self.state.v[i] = Vec::new();
+            }
+        }
+        self.sharded = Some(sh);
+    }
+
+    /// Model copies of the parameters whose masters this rank holds (all of them unless sharded).
+    fn refresh_frozen(&mut self) {
+        for (i, (p, w)) in self.plan.params.iter().zip(&self.state.master).enumerate() {
+            if !p.trainable() {
+                let v = if p.ty.dtype == DType::Bf16 { w.iter().map(|&x| round_bf16(x)).collect() } else { w.clone() };
+                self.model[i] = Tensor::f32(p.ty.shape(0), v);
+            }
+        }
     }
 
     fn refresh_model(&mut self) {
@@ -279,16 +319,76 @@ impl Backend for CpuBackend<'_> {
 
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
-        let loads = std::mem::take(&mut self.loads).into_iter().collect();
-        let mut stats = crate::optim::apply(self.plan, &mut self.state, &mut self.grads, loads, s, self.gemm.as_ref())?;
+        let mut loads: Vec<(u32, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
+        if self.dist.world() > 1 {
+            let mut flat: Vec<u64> = loads.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+            self.dist.all_reduce_u64(&mut flat)?;
+            let mut at = 0;
+            for (_, n) in &mut loads {
+                let k = n.len();
+                n.copy_from_slice(&flat[at..at + k]);
+                at += k;
+            }
+        }
+        let mut stats = match self.sharded.as_mut() {
+            Some(sh) => {
+                let mut model: Vec<Vec<f32>> = self
+                    .model
+                    .iter_mut()
+                    .map(|t| match &mut t.data {
+                        reference::Data::F32(v) => std::mem::take(v),
+                        reference::Data::I32(_) => unreachable!("parameters are f32 tensors"),
+                    })
+                    .collect();
+                let out = sh.apply(
+                    self.plan,
+                    &self.dist,
+                    &mut self.state,
+                    &self.grads,
+                    loads,
+                    s,
+                    self.gemm.as_ref(),
+                    &mut model,
+                );
+                for (t, v) in self.model.iter_mut().zip(model) {
+                    t.data = reference::Data::F32(v);
+                }
+                let stats = out?;
+                self.refresh_frozen();
+                stats
+            }
+            None => {
+                if self.dist.world() > 1 {
+                    let mut flat: Vec<f32> = self.grads.iter().flatten().copied().collect();
+                    self.dist.all_reduce_f32(&mut flat)?;
+                    let mut at = 0;
+                    for g in &mut self.grads {
+                        let k = g.len();
+                        g.copy_from_slice(&flat[at..at + k]);
+                        at += k;
+                    }
+                }
+                let st = &mut self.state;
+                let stats = crate::optim::apply(self.plan, st, &mut self.grads, loads, s, self.gemm.as_ref())?;
+                self.refresh_model();
+                stats
+            }
+        };
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
-        self.refresh_model();
         stats.optimizer_seconds = t0.elapsed().as_secs_f64();
         Ok(stats)
     }
 
     fn state(&self) -> Result<TrainState> {
-        Ok(self.state.clone())
+        match &self.sharded {
+            Some(sh) => sh.full_state(self.plan, &self.dist, &self.state),
+            None => Ok(self.state.clone()),
+        }
+    }
+
+    fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
+        CpuBackend::distribute(self, dist, shard_optimizer);
+        Ok(())
     }
 
     fn step_count(&self) -> u64 {
@@ -299,6 +399,9 @@ impl Backend for CpuBackend<'_> {
         crate::backend::check_state(self.plan, &st)?;
         self.state = st;
         self.refresh_model();
+        if self.sharded.is_some() {
+            self.shard();
+        }
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod decode;
+pub mod dist;
 pub mod eval;
 pub mod health;
 pub mod import;

@@ -4,12 +4,14 @@
 //! everything else. The math is `vpmoe_ir::optim`; this module only moves data.
 
 use crate::backend::{StepScalars, StepStats};
+use crate::dist::zero::{self, Shard, Unit};
+use crate::dist::Dist;
 use crate::state::TrainState;
 use anyhow::{bail, Result};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::optim::{self, AdamHyper, NormuonHyper, PolarExpress};
-use vpmoe_ir::reference::Gemm;
-use vpmoe_ir::Role;
+use vpmoe_ir::reference::{round_bf16, Gemm};
+use vpmoe_ir::{DType, Role};
 
 /// The first parameter whose gradient holds a NaN or ±Inf, if any.
 fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
@@ -67,7 +69,8 @@ pub fn apply(
         bail!("gradient of {name} is not finite (NaN or Inf)");
     }
     update_expert_bias(plan, st, &loads, s.bias_rate);
-    let sq: f64 = grads.iter().map(|g| optim::sq_norm(g)).sum();
+    // In unit order, as the sharded optimizer adds its ranks' parts.
+    let sq: f64 = zero::units(plan).iter().map(|u| optim::sq_norm(&grads[u.param][u.lo..u.hi])).sum();
     let coef = optim::clip_coefficient(sq, s.clip);
     if coef < 1.0 {
         grads.iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= coef));
@@ -108,4 +111,196 @@ pub fn apply(
     st.step = k;
     let expert_bias = expert_biases(plan, st, &loads);
     Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
+}
+
+/// The optimizer sharded over data-parallel ranks (ZeRO-1, [`crate::dist::zero`]): the same step
+/// as [`apply`], bitwise, with each rank updating only the units it owns.
+pub struct Sharded {
+    pub units: Vec<Unit>,
+    pub owners: Vec<usize>,
+    pub shard: Shard,
+}
+
+impl Sharded {
+    /// This rank's share of `st`.
+    pub fn new(plan: &Plan, dist: &Dist, st: &TrainState) -> Sharded {
+        let units = zero::units(plan);
+        let owners = zero::owners(&units, dist.world());
+        let shard = Shard::take(&units, &owners, dist.rank.rank, st);
+        Sharded { units, owners, shard }
+    }
+
+    /// Element counts per rank (masters and first moments).
+    fn counts(&self, world: usize) -> Vec<usize> {
+        Shard::counts(&self.units, &self.owners, world, Unit::len)
+    }
+
+    /// Every rank's flat part of `x` (laid out by owner) back into per-parameter tensors.
+    fn scatter(&self, world: usize, all: &[f32], v: bool, out: &mut [Vec<f32>]) {
+        if v {
+            Shard::scatter(&self.units, &self.owners, world, all, zero::v_len, |u| u.v.0, out)
+        } else {
+            Shard::scatter(&self.units, &self.owners, world, all, Unit::len, |u| u.lo, out)
+        }
+    }
+
+    /// One step (§7.1): `grads` are this rank's own accumulators, `loads` the all-reduced
+    /// router loads; `st` holds the replicated frozen parameters (expert biases) and the step
+    /// count. The gradients are reduce-scattered to their owners, each owner updates its units,
+    /// and the new model weights (bf16-rounded where the parameter is bf16) are gathered into
+    /// `model` on every rank.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        dist: &Dist,
+        st: &mut TrainState,
+        grads: &[Vec<f32>],
+        loads: Vec<(u32, Vec<u64>)>,
+        s: &StepScalars,
+        gemm: &dyn Gemm,
+        model: &mut [Vec<f32>],
+    ) -> Result<StepStats> {
+        let world = dist.world();
+        let counts = self.counts(world);
+        let mut send = Vec::with_capacity(counts.iter().sum());
+        for r in 0..world {
+            for u in self.units.iter().zip(&self.owners).filter(|(_, &o)| o == r).map(|(u, _)| u) {
+                send.extend_from_slice(&grads[u.param][u.lo..u.hi]);
+            }
+        }
+        let mut g = dist.reduce_scatter_f32(&send, &counts)?;
+        drop(send);
+        // The first parameter with a non-finite gradient, agreed by all ranks.
+        let mut bad = vec![0u64; plan.params.len()];
+        let mut at = 0;
+        for &k in &self.shard.units {
+            let u = &self.units[k];
+            if g[at..at + u.len()].iter().any(|x| !x.is_finite()) {
+                bad[u.param] = 1;
+            }
+            at += u.len();
+        }
+        dist.all_reduce_u64(&mut bad)?;
+        if let Some(i) = bad.iter().position(|&b| b > 0) {
+            bail!("gradient of {} is not finite (NaN or Inf)", plan.params[i].name);
+        }
+        update_expert_bias(plan, st, &loads, s.bias_rate);
+        let mut sq_units = vec![0f64; self.units.len()];
+        let mut at = 0;
+        for &k in &self.shard.units {
+            let n = self.units[k].len();
+            sq_units[k] = optim::sq_norm(&g[at..at + n]);
+            at += n;
+        }
+        // Each unit has one contributor, so the sum over ranks is exact.
+        dist.all_reduce_f64(&mut sq_units)?;
+        let sq: f64 = sq_units.iter().sum();
+        let coef = optim::clip_coefficient(sq, s.clip);
+        if coef < 1.0 {
+            g.iter_mut().for_each(|x| *x *= coef);
+        }
+        self.update(plan, st.step + 1, &g, s, gemm);
+        st.step += 1;
+        // The new model weights, gathered.
+        let mine: Vec<f32> = {
+            let (mut out, mut at) = (Vec::with_capacity(self.shard.master.len()), 0);
+            for &k in &self.shard.units {
+                let u = &self.units[k];
+                let w = &self.shard.master[at..at + u.len()];
+                if plan.params[u.param].ty.dtype == DType::Bf16 {
+                    out.extend(w.iter().map(|&x| round_bf16(x)));
+                } else {
+                    out.extend_from_slice(w);
+                }
+                at += u.len();
+            }
+            out
+        };
+        let all = dist.all_gather_f32(&mine, &counts)?;
+        self.scatter(world, &all, false, model);
+        let expert_bias = expert_biases(plan, st, &loads);
+        Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
+    }
+
+    /// Normuon on the owned matrices, family by family, and AdamW on the owned blocks.
+    fn update(&mut self, plan: &Plan, k: u64, g: &[f32], s: &StepScalars, gemm: &dyn Gemm) {
+        let o = &plan.optimizer;
+        let h = NormuonHyper { momentum: o.momentum, beta2: o.beta2, eps: o.eps, nesterov: o.nesterov };
+        let pe =
+            PolarExpress { coeffs: o.polar_express.clone(), safety: o.polar_express_safety, eps: o.polar_express_eps };
+        // (element offset, second-moment offset) of each owned unit in the shard.
+        let mut offs = Vec::with_capacity(self.shard.units.len());
+        let (mut a, mut b) = (0, 0);
+        for &k in &self.shard.units {
+            offs.push((a, b));
+            a += self.units[k].len();
+            b += zero::v_len(&self.units[k]);
+        }
+        let sh = &mut self.shard;
+        for (f, fam) in o.families.iter().enumerate() {
+            let (r, c) = (fam.rows as usize, fam.cols as usize);
+            let mine: Vec<usize> = (0..sh.units.len())
+                .filter(|&j| self.units[sh.units[j]].family.is_some_and(|(ff, _)| ff == f))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let gather = |src: &[f32], v: bool| -> Vec<f32> {
+                let n = if v { r } else { r * c };
+                mine.iter().flat_map(|&j| src[if v { offs[j].1 } else { offs[j].0 }..][..n].iter().copied()).collect()
+            };
+            let (mut w, gg, mut mom, mut v) =
+                (gather(&sh.master, false), gather(g, false), gather(&sh.m, false), gather(&sh.v, true));
+            optim::normuon_step_batched(
+                &h,
+                &pe,
+                &mut w,
+                &gg,
+                &mut mom,
+                &mut v,
+                mine.len(),
+                r,
+                c,
+                s.lr,
+                s.weight_decay,
+                gemm,
+            );
+            for (i, &j) in mine.iter().enumerate() {
+                let (eo, vo) = offs[j];
+                sh.master[eo..eo + r * c].copy_from_slice(&w[i * r * c..(i + 1) * r * c]);
+                sh.m[eo..eo + r * c].copy_from_slice(&mom[i * r * c..(i + 1) * r * c]);
+                sh.v[vo..vo + r].copy_from_slice(&v[i * r..(i + 1) * r]);
+            }
+        }
+        let ah = AdamHyper::default();
+        for (j, &u) in sh.units.iter().enumerate() {
+            let u = &self.units[u];
+            if u.family.is_some() {
+                continue;
+            }
+            let wd = if plan.params[u.param].weight_decay { s.weight_decay } else { 0.0 };
+            let ((eo, vo), n) = (offs[j], u.len());
+            let (w, m, v) = (&mut sh.master[eo..eo + n], &mut sh.m[eo..eo + n], &mut sh.v[vo..vo + n]);
+            optim::adamw_step(&ah, w, &g[eo..eo + n], m, v, k, s.aux_lr, wd);
+        }
+    }
+
+    /// The whole training state, gathered from every rank (`st`: the replicated frozen masters
+    /// and the step count).
+    pub fn full_state(&self, plan: &Plan, dist: &Dist, st: &TrainState) -> Result<TrainState> {
+        let world = dist.world();
+        let (counts, vcounts) = (self.counts(world), Shard::counts(&self.units, &self.owners, world, zero::v_len));
+        let mut full = TrainState { step: st.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
+        for (i, p) in plan.params.iter().enumerate() {
+            let (n, m, v) = TrainState::sizes(p);
+            full.master.push(if p.trainable() { vec![0.0; n] } else { st.master[i].clone() });
+            full.m.push(vec![0.0; m]);
+            full.v.push(vec![0.0; v]);
+        }
+        self.scatter(world, &dist.all_gather_f32(&self.shard.master, &counts)?, false, &mut full.master);
+        self.scatter(world, &dist.all_gather_f32(&self.shard.m, &counts)?, false, &mut full.m);
+        self.scatter(world, &dist.all_gather_f32(&self.shard.v, &vcounts)?, true, &mut full.v);
+        Ok(full)
+    }
 }

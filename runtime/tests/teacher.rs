@@ -436,6 +436,8 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         opd: None,
         canary: None,
         eval_prompts: None,
+        dist: Default::default(),
+        shard_optimizer: false,
     };
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
     let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();

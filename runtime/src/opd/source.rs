@@ -106,7 +106,7 @@ impl Opd {
             rows: cfg.micro_batch * cfg.grad_accum,
         };
         Ok(Opd {
-            anchor: Datasets::open(data, cfg)?,
+            anchor: Datasets::open(data, cfg, &crate::dist::Dist::single())?,
             sampler: Arc::new(sampler),
             blend: data.len(),
             steps,

@@ -94,6 +94,12 @@ pub struct RunOptions {
     pub canary: Option<PathBuf>,
     /// Prompts whose greedy answers' Harmony validity is part of every evaluation.
     pub eval_prompts: Option<PathBuf>,
+    /// The data-parallel job this process is a rank of (one rank by default). Every rank runs
+    /// `train` with the same arguments; rank 0 alone prints, logs and writes checkpoints.
+    pub dist: crate::dist::Dist,
+    /// With more than one rank: each keeps only its part of the optimizer (ZeRO-1) rather than
+    /// all of it (the same numbers either way).
+    pub shard_optimizer: bool,
 }
 
 /// How a run ended.
@@ -121,9 +127,14 @@ fn install_sigint() {
     });
 }
 
-fn validate(cfg: &TrainConfig, plan: &Plan) -> Result<()> {
+fn validate(cfg: &TrainConfig, plan: &Plan, dist: &crate::dist::Dist) -> Result<()> {
     ensure!(cfg.micro_batch >= 1, "--micro-batch must be at least 1");
     ensure!(cfg.grad_accum >= 1, "--grad-accum must be at least 1");
+    dist.check_micro_batches(cfg.grad_accum)?;
+    ensure!(
+        cfg.opd.is_none() || dist.world() == 1,
+        "stage 3 (--opd-teacher) trains on one rank; it has no data-parallel form yet"
+    );
     ensure!(
         cfg.seq_len >= 1 && cfg.seq_len as u64 <= plan.arch.max_seq,
         "--seq-len {} must be in 1..={} (the architecture's max_sequence_length)",
@@ -171,7 +182,8 @@ pub fn train(
     cfg: &TrainConfig,
     opts: &RunOptions,
 ) -> Result<Outcome> {
-    validate(cfg, plan)?;
+    let dist = &opts.dist;
+    validate(cfg, plan, dist)?;
     ensure!(!data.is_empty(), "no training data given");
     for (d, _) in data {
         vpmoe_data::reader::check_vocabulary(d, plan.arch.vocab)?;
@@ -193,9 +205,16 @@ pub fn train(
     } else {
         None
     };
-    let ckpts = Checkpoints { plan, cfg, prov: Provenance::new(plan, &inputs)?, dir: &opts.ckpt_dir, keep: opts.keep };
+    let ckpts = Checkpoints {
+        plan,
+        cfg,
+        prov: Provenance::new(plan, &inputs)?,
+        dir: &opts.ckpt_dir,
+        keep: opts.keep,
+        writer: dist.is_root(),
+    };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
-        (None, None) => Box::new(Datasets::open(data, cfg)?),
+        (None, None) => Box::new(Datasets::open(data, cfg, dist)?),
         (Some(_), Some(run)) => Box::new(crate::opd::Opd::open(plan, data, cfg, run, opts.steps)?),
         _ => bail!("internal: stage 3 needs both its settings and its teacher"),
     };
@@ -207,7 +226,12 @@ pub fn train(
         );
     }
     std::fs::create_dir_all(&opts.ckpt_dir).with_context(|| format!("creating {}", opts.ckpt_dir.display()))?;
-    let _lock = vpmoe_data::lock::DirLock::acquire(&opts.ckpt_dir, "vpmoe-rt train")?;
+    // Rank 0 writes the directory; it holds the lock for the job.
+    let _lock = match dist.is_root() {
+        true => Some(vpmoe_data::lock::DirLock::acquire(&opts.ckpt_dir, "vpmoe-rt train")?),
+        false => None,
+    };
+    be.distribute(dist.clone(), opts.shard_optimizer)?;
     if !opts.resume && be.step_count() == 0 {
         if let Some(p) = crate::checkpoint::latest(&opts.ckpt_dir)? {
             bail!(
@@ -225,14 +249,14 @@ pub fn train(
     }
     install_sigint();
     INTERRUPTED.store(false, Ordering::SeqCst);
-    let mut log = Log::open(opts, be.step_count())?;
+    let mut log = Log::open(opts, be.step_count(), dist.is_root())?;
     let (mut records, mut interrupted, mut checkpoint) = (Vec::new(), false, None);
     for step in be.step_count()..opts.steps {
         let _range = crate::cuda::nvtx::range(&format!("step {}", step + 1));
         profile(be, opts, step, true, &log)?;
         let t0 = Instant::now();
         let mut drawn = source.draw(plan, cfg, &*be)?;
-        let acc = accumulate(be, &drawn, step)?;
+        let acc = accumulate(be, &drawn, cfg.grad_accum, dist, step)?;
         if let (Some(r), Some(o)) = (drawn.opd.as_mut(), &cfg.opd) {
             r.add_trained(&drawn.batches, &acc.token_loss, o.ratio_clip);
         }
@@ -246,7 +270,7 @@ pub fn train(
             }
             rec.eval = Some(e);
         }
-        interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        interrupted = dist.any(INTERRUPTED.load(Ordering::SeqCst))?;
         let last = step + 1 == opts.steps;
         if last || interrupted || (opts.save_every > 0 && (step + 1) % opts.save_every == 0) {
             let (p, sum) = ckpts.save(be, source.as_ref(), &rng)?;
@@ -278,9 +302,16 @@ pub struct Accumulated {
     pub token_loss: Vec<Vec<f32>>,
 }
 
-/// Forward and backward of every micro-batch; gradients accumulate in the backend.
-fn accumulate(be: &mut dyn Backend, drawn: &Drawn, step: u64) -> Result<Accumulated> {
-    let m = drawn.batches.len() as f64;
+/// Forward and backward of this rank's micro-batches of the step's `m`; gradients accumulate in
+/// the backend, the reported sums are over every rank's.
+fn accumulate(
+    be: &mut dyn Backend,
+    drawn: &Drawn,
+    m: usize,
+    dist: &crate::dist::Dist,
+    step: u64,
+) -> Result<Accumulated> {
+    let m = m as f64;
     let mut acc = Accumulated { loss: 0.0, span_loss: [0.0; 3], aux: Vec::new(), token_loss: Vec::new() };
     for b in &drawn.batches {
         let micro = be.accumulate(b).with_context(|| format!("step {}", step + 1))?;
@@ -293,6 +324,14 @@ fn accumulate(be: &mut dyn Backend, drawn: &Drawn, step: u64) -> Result<Accumula
                 None => acc.aux.push((layer, a as f64 / m)),
             }
         }
+    }
+    if dist.world() > 1 {
+        let mut sums = vec![acc.loss, acc.span_loss[0], acc.span_loss[1], acc.span_loss[2]];
+        sums.extend(acc.aux.iter().map(|a| a.1));
+        dist.all_reduce_f64(&mut sums)?;
+        acc.loss = sums[0];
+        acc.span_loss.copy_from_slice(&sums[1..4]);
+        acc.aux.iter_mut().zip(&sums[4..]).for_each(|(a, s)| a.1 = *s);
     }
     if !acc.loss.is_finite() {
         bail!("step {}: the loss is not finite ({})", step + 1, acc.loss);
@@ -342,7 +381,8 @@ fn cut_back(path: &std::path::Path, step: u64) -> Result<()> {
 
 /// `metrics.jsonl` (one record per step, appended) and the progress bar with its summary lines.
 struct Log {
-    metrics: std::fs::File,
+    /// Rank 0's; other ranks log nothing.
+    metrics: Option<std::fs::File>,
     bar: indicatif::ProgressBar,
     print_every: u64,
 }
@@ -351,7 +391,11 @@ impl Log {
     /// Opens `metrics.jsonl` for appending after step `start`, first cutting it back to the steps
     /// up to `start`: records logged after the checkpoint a run resumes from (by a process that died
     /// before its next checkpoint) belong to no run any more.
-    fn open(opts: &RunOptions, start: u64) -> Result<Log> {
+    fn open(opts: &RunOptions, start: u64, writer: bool) -> Result<Log> {
+        if !writer {
+            let bar = indicatif::ProgressBar::hidden();
+            return Ok(Log { metrics: None, bar, print_every: 0 });
+        }
         let path = opts.ckpt_dir.join("metrics.jsonl");
         cut_back(&path, start)?;
         let metrics = std::fs::OpenOptions::new()
@@ -368,11 +412,12 @@ impl Log {
             .expect("valid template"),
         );
         bar.set_position(start);
-        Ok(Log { metrics, bar, print_every: opts.print_every })
+        Ok(Log { metrics: Some(metrics), bar, print_every: opts.print_every })
     }
 
     fn write(&mut self, rec: &StepRecord, last: bool) -> Result<()> {
-        writeln!(self.metrics, "{}", serde_json::to_string(rec)?)?;
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
+        writeln!(metrics, "{}", serde_json::to_string(rec)?)?;
         let msg = records::summary(rec);
         self.bar.set_message(msg.clone());
         self.bar.inc(1);
@@ -383,6 +428,9 @@ impl Log {
     }
 
     fn println(&self, line: String) {
+        if self.metrics.is_none() {
+            return;
+        }
         if self.bar.is_hidden() {
             println!("{line}");
         } else {

@@ -87,14 +87,19 @@ pub(super) struct Checkpoints<'a> {
     pub prov: Provenance,
     pub dir: &'a Path,
     pub keep: usize,
+    /// Whether this process writes them (rank 0 of a data-parallel job).
+    pub writer: bool,
 }
 
 impl Checkpoints<'_> {
     /// Saves `be` and the stream `source` (keeping the newest `keep`); returns the checkpoint's
-    /// path and the masters' checksum.
+    /// path and the masters' checksum. Every rank gathers the state; the writer writes it.
     pub(super) fn save(&self, be: &dyn Backend, source: &dyn Source, rng: &Rng) -> Result<(PathBuf, String)> {
         let (plan, cfg) = (self.plan, self.cfg);
         let st = be.state()?;
+        if !self.writer {
+            return Ok((self.dir.join(format!("step_{:08}", st.step)), st.checksum()));
+        }
         let lr = |s: u64| cfg.schedule.lr_at(s);
         let mut meta = Meta {
             format: checkpoint::FORMAT,

@@ -4,6 +4,7 @@ use super::source::Drawn;
 use super::{Accumulated, TrainConfig};
 use crate::backend::{Batch, StepStats};
 use crate::health::RouterHealth;
+use anyhow::Result;
 use serde::Serialize;
 
 /// One optimizer step, as `metrics.jsonl` records it.
@@ -113,7 +114,25 @@ pub(super) fn span_means(sums: &[f64; 3], counts: &[u64; 3], w: [f32; 2]) -> (f6
 }
 
 /// Statistics of the step's confidence weights (the same formula as the IR reference).
-pub(super) fn kd_record(batches: &[Batch], kd: [f32; 5]) -> Option<(KdRecord, u64)> {
+/// The step's confidence-weight statistics over every rank's micro-batches.
+pub(super) fn kd_record(batches: &[Batch], kd: [f32; 5], dist: &crate::dist::Dist) -> Result<Option<(KdRecord, u64)>> {
+    let mut sums = kd_sums(batches, kd);
+    dist.all_reduce_f64(&mut sums)?;
+    let [n, lp_sum, lp_n, w_sum, lo, hi] = sums;
+    Ok((n > 0.0).then(|| {
+        let r = KdRecord {
+            center: kd[0] as f64,
+            teacher_logp_mean: if lp_n > 0.0 { lp_sum / lp_n } else { 0.0 },
+            weight_mean: w_sum / n,
+            clipped_low: lo / n,
+            clipped_high: hi / n,
+        };
+        (r, n as u64)
+    }))
+}
+
+/// `[positions, Σ log p, finite log p count, Σ weight, clipped low, clipped high]`.
+fn kd_sums(batches: &[Batch], kd: [f32; 5]) -> [f64; 6] {
     let (mut n, mut lp_sum, mut lp_n, mut w_sum, mut lo, mut hi) = (0u64, 0f64, 0u64, 0f64, 0u64, 0u64);
     for b in batches {
         for (&lp, &on) in b.teacher_logp.iter().zip(&b.teacher) {
@@ -131,16 +150,7 @@ pub(super) fn kd_record(batches: &[Batch], kd: [f32; 5]) -> Option<(KdRecord, u6
             hi += u64::from(w >= kd[3]);
         }
     }
-    (n > 0).then(|| {
-        let r = KdRecord {
-            center: kd[0] as f64,
-            teacher_logp_mean: if lp_n > 0 { lp_sum / lp_n as f64 } else { 0.0 },
-            weight_mean: w_sum / n as f64,
-            clipped_low: lo as f64 / n as f64,
-            clipped_high: hi as f64 / n as f64,
-        };
-        (r, n)
-    })
+    [n as f64, lp_sum, lp_n as f64, w_sum, lo as f64, hi as f64]
 }
 
 /// The progress line of a step.

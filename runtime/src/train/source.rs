@@ -3,8 +3,9 @@
 
 use super::records::{kd_record, KdRecord};
 use super::TrainConfig;
-use crate::backend::{seed_step, Backend, Batch};
+use crate::backend::{seed, span_counts, Backend, Batch};
 use crate::checkpoint::Meta;
+use crate::dist::Dist;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use vpmoe_compiler::Plan;
@@ -61,38 +62,60 @@ impl KdCenter {
 }
 
 /// Rows from a weighted blend of token datasets (stage 1 CE; stage 2 confidence-weighted CE on
-/// the rows that carry teacher log-probabilities, DISTILL.md 2B).
+/// the rows that carry teacher log-probabilities, DISTILL.md 2B). A data-parallel rank reads only
+/// its own micro-batches of each step (`Dist::mine`) and skips the others' rows, so every rank's
+/// cursor stays where a one-rank reader's is; the step's span counts, rows per dataset and
+/// teacher statistics are summed over the ranks before anything uses them.
 pub struct Datasets {
     reader: Reader,
     blend: usize,
     center: KdCenter,
+    dist: Dist,
 }
 
 impl Datasets {
-    pub fn open(data: &[(PathBuf, f64)], cfg: &TrainConfig) -> Result<Datasets> {
+    pub fn open(data: &[(PathBuf, f64)], cfg: &TrainConfig, dist: &Dist) -> Result<Datasets> {
         Ok(Datasets {
             reader: Reader::open(data, cfg.seq_len, cfg.seed)?,
             blend: data.len(),
             center: KdCenter::default(),
+            dist: dist.clone(),
         })
     }
 }
 
 impl Source for Datasets {
     fn draw(&mut self, plan: &Plan, cfg: &TrainConfig, _be: &dyn Backend) -> Result<Drawn> {
-        let raw: Vec<_> = (0..cfg.grad_accum).map(|_| self.reader.next_batch(cfg.micro_batch)).collect();
+        let m = cfg.grad_accum;
+        let mut raw = Vec::new();
+        for k in 0..m {
+            if self.dist.mine(k, m) {
+                raw.push(self.reader.next_batch(cfg.micro_batch));
+            } else {
+                self.reader.skip_batch(cfg.micro_batch);
+            }
+        }
         let mut rows_per_dataset = vec![0u64; self.blend];
         for b in &raw {
             b.source.iter().for_each(|&s| rows_per_dataset[s as usize] += 1);
         }
         let mut batches: Vec<Batch> = raw.into_iter().map(Batch::from_reader).collect();
-        let counts = seed_step(&mut batches, &plan.arch, cfg.span_weights);
+        // The whole step's sums: [span 0, span 1, span 2, rows per dataset…].
+        let mut sums: Vec<u64> = span_counts(&batches).to_vec();
+        sums.extend_from_slice(&rows_per_dataset);
+        self.dist.all_reduce_u64(&mut sums)?;
+        let counts = [sums[0], sums[1], sums[2]];
+        rows_per_dataset.copy_from_slice(&sums[3..]);
+        seed(&mut batches, &plan.arch, cfg.span_weights, &counts, m);
         // Confidence weights: fold this step's teacher values into m, then weight with it.
-        for b in &batches {
-            self.center.add(b);
-        }
+        let mut step = KdCenter::default();
+        batches.iter().for_each(|b| step.add(b));
+        let mut s = [step.sum, step.count as f64];
+        self.dist.all_reduce_f64(&mut s)?;
+        self.center.sum += s[0];
+        self.center.count += s[1] as u64;
         let kd = [self.center.mean() as f32, cfg.kd.temperature, cfg.kd.w_min, cfg.kd.w_max, 1.0];
-        let stats = kd_record(&batches, kd);
+        let stats = kd_record(&batches, kd, &self.dist)?;
         batches.iter_mut().for_each(|b| b.kd = kd);
         Ok(Drawn { batches, counts, rows_per_dataset, kd: stats, opd: None })
     }

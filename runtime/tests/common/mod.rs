@@ -117,6 +117,8 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         opd: None,
         canary: None,
         eval_prompts: None,
+        dist: Default::default(),
+        shard_optimizer: false,
     };
     (cfg, opts)
 }

@@ -79,6 +79,23 @@ pub(crate) enum Cmd {
     /// growth with identity layers, dense MLP → shared expert + routed experts), preserving the
     /// function it computes (docs/rungs.md); writes a step-0 checkpoint for `train --init`.
     Upcycle(UpcycleArgs),
+    /// Run a command as N data-parallel ranks on this machine, with the variables torchrun sets
+    /// (RANK, WORLD_SIZE, MASTER_ADDR, …): `vpmoe-rt launch --nproc 4 -- train --backend cpu …`.
+    /// Under torchrun (`--no-python`) or srun, run `vpmoe-rt train …` directly instead.
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct LaunchArgs {
+    /// Ranks to start.
+    #[arg(long)]
+    pub(crate) nproc: usize,
+    /// Port rank 0 listens on (default: a free one).
+    #[arg(long)]
+    pub(crate) master_port: Option<u16>,
+    /// The vpmoe-rt command each rank runs, after `--`.
+    #[arg(last = true, required = true)]
+    pub(crate) command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -401,7 +418,8 @@ pub(crate) struct TrainArgs {
     /// Rows per micro-batch.
     #[arg(long, default_value_t = 2)]
     pub(crate) micro_batch: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, over all data-parallel ranks (a multiple of the world
+    /// size; each rank runs its share), so a run's batch does not depend on how many ranks run it.
     #[arg(long, default_value_t = 2)]
     pub(crate) grad_accum: usize,
     /// Tokens per row (default: min(128, max_sequence_length)).
@@ -413,9 +431,14 @@ pub(crate) struct TrainArgs {
     /// Checkpoints and metrics.jsonl go here (default: runs/<arch name>).
     #[arg(long)]
     pub(crate) ckpt_dir: Option<PathBuf>,
-    /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs).
+    /// Continue from the newest checkpoint in --ckpt-dir (refused if the run differs); any world
+    /// size resumes any checkpoint.
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Data parallel: every rank keeps the whole optimizer state instead of its share (ZeRO-1).
+    /// The same numbers; the unsharded reference.
+    #[arg(long)]
+    pub(crate) replicated_optimizer: bool,
     /// Canary set no training dataset may contain (JSONL; docs/cli.md) [default: the built-in
     /// data/canary.jsonl].
     #[arg(long, value_name = "FILE")]

@@ -51,6 +51,9 @@ fn opd_settings(
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
+    // Every rank of a data-parallel job meets rank 0 here, before any work.
+    let dist = vpmoe_runtime::dist::Dist::from_env()?;
+    let root = dist.is_root();
     let plan_dir = a.plan.clone();
     let (graph, plan) = plan_of(a.plan, a.arch)?;
     if a.profile_steps.is_some() && a.backend.kind != BackendKind::Cuda {
@@ -91,7 +94,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
             let (dir, st) = vpmoe_runtime::decode::sample::load_checkpoint(p, &plan).context("--init")?;
             let st = st.restart();
             let sum = st.checksum();
-            println!("initialised from {} (masters sha256 {}…)", dir.display(), &sum[..16]);
+            if root {
+                println!("initialised from {} (masters sha256 {}…)", dir.display(), &sum[..16]);
+            }
             cfg.init_sha256 = Some(sum);
             st
         }
@@ -101,7 +106,13 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
-        vec![(vpmoe_runtime::bundled_sample_dataset(&ckpt_dir.join("data"), plan.arch.max_seq as usize)?, 1.0)]
+        // Rank 0 builds it; the others read it once it is there.
+        let dir = ckpt_dir.join("data");
+        if root {
+            vpmoe_runtime::bundled_sample_dataset(&dir, plan.arch.max_seq as usize)?;
+        }
+        dist.barrier()?;
+        vec![(dir, 1.0)]
     } else {
         a.data.iter().map(|s| data_source(s)).collect()
     };
@@ -119,6 +130,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         opd: None,
         canary: a.canary.clone(),
         eval_prompts: a.eval_prompts.clone(),
+        dist: dist.clone(),
+        shard_optimizer: !a.replicated_optimizer,
     };
     if let Some(url) = a.opd.opd_teacher.clone() {
         let (c, run) = opd_settings(&a.opd, url, &cfg, a.steps, &data)?;
@@ -135,6 +148,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
             c.token_budget
         );
         (cfg.opd, opts.opd) = (Some(c), Some(run));
+    }
+    if dist.world() > 1 && root {
+        let r = &dist.rank;
+        println!(
+            "data parallel: {} ranks ({} per node, from {}), {} micro-batches each per step, optimizer {}",
+            r.world,
+            r.local_world,
+            r.launcher,
+            cfg.grad_accum / r.world.max(1),
+            if opts.shard_optimizer { "sharded by rank (ZeRO-1)" } else { "replicated" }
+        );
+    }
+    if !root {
+        return train::train(be.as_mut(), &plan, &data, &cfg, &opts).map(drop);
     }
     println!(
         "train {} ({} params, fingerprint {}) on {} · backend {} · {} x {} x {} tokens per step",
@@ -176,7 +203,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     // The model just trained answers a question (greedy, on the training backend).
     if plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
         const QUESTION: &str = "What is 2 + 2?";
-        let state = be.state()?;
+        let state = out.state;
         drop(be);
         let mut dec = crate::cli::decoder(a.backend.kind, &graph, &plan, &state, plan_dir.as_deref(), 1)?;
         let (text, verdict) = vpmoe_runtime::decode::sample::answer(&mut dec, QUESTION, 48)?;
@@ -245,6 +272,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench::run_bench(a),
+        Cmd::Launch(a) => vpmoe_runtime::dist::launch::launch(a.nproc, a.master_port, &a.command),
         Cmd::Sample(a) => sample::run_sample(a),
         Cmd::Chat(a) => sample::run_chat(a),
         Cmd::Score(a) => sample::run_score(a),

@@ -1,0 +1,217 @@
+//! Data parallel training: who this process is ([`Rank`], from torchrun's or Slurm's variables),
+//! the collectives the ranks share ([`Collective`]: [`tcp`] between processes on the host, [`nccl`]
+//! between GPUs), how a step's micro-batches are split ([`Dist::mine`]), ZeRO-1 ownership
+//! ([`zero`]) and `vpmoe-rt launch` ([`launch`]).
+//!
+//! Every reduction has a fixed order (rank 0's contribution first, then rank 1's, …), so a run is
+//! bitwise reproducible for a given world size; at world size 1 every collective is the identity.
+
+pub mod launch;
+pub mod nccl;
+pub mod tcp;
+pub mod zero;
+
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// This process's place in the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub local_world: usize,
+    /// Where rank 0 listens for the others (`MASTER_ADDR:MASTER_PORT`).
+    pub master: String,
+    /// Which launcher's variables described it.
+    pub launcher: &'static str,
+}
+
+impl Rank {
+    pub fn single() -> Rank {
+        Rank { rank: 0, world: 1, local_rank: 0, local_world: 1, master: String::new(), launcher: "none" }
+    }
+
+    /// The rank description of this process's environment (see [`Rank::from_vars`]).
+    pub fn from_env() -> Result<Rank> {
+        Rank::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+    /// `MASTER_PORT` (also what `vpmoe-rt launch` sets); else Slurm's `SLURM_PROCID`,
+    /// `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE`, with `MASTER_ADDR` or the
+    /// launching node's address and `MASTER_PORT` or a port derived from the job id; else one rank.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Rank> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            var(k)
+                .map(|v| v.trim().parse::<usize>().with_context(|| format!("${k} = {v:?} is not a number")))
+                .transpose()
+        };
+        let (launcher, rank, world, local_rank, local_world) = if let Some(rank) = num("RANK")? {
+            let world = num("WORLD_SIZE")?.context("$RANK is set but $WORLD_SIZE is not")?;
+            let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
+            ("torchrun", rank, world, local_rank, num("LOCAL_WORLD_SIZE")?.unwrap_or(world))
+        } else if let Some(rank) = num("SLURM_PROCID")? {
+            let world = num("SLURM_NTASKS")?.context("$SLURM_PROCID is set but $SLURM_NTASKS is not")?;
+            let local_rank = num("SLURM_LOCALID")?.unwrap_or(0);
+            // "8" or "8(x2)": tasks on each node.
+            let per_node = var("SLURM_NTASKS_PER_NODE")
+                .and_then(|v| v.split(['(', ',']).next().and_then(|n| n.trim().parse().ok()))
+                .unwrap_or(world);
+            ("slurm", rank, world, local_rank, per_node)
+        } else {
+            return Ok(Rank::single());
+        };
+        if world == 0 || rank >= world {
+            bail!("{launcher}: rank {rank} is outside a world of {world}");
+        }
+        if local_world == 0 || local_rank >= local_world {
+            bail!("{launcher}: local rank {local_rank} is outside {local_world} processes per node");
+        }
+        let master = if world == 1 {
+            String::new()
+        } else {
+            let addr =
+                var("MASTER_ADDR").or_else(|| (launcher == "slurm").then(|| var("SLURM_LAUNCH_NODE_IPADDR")).flatten());
+            let addr = addr.with_context(|| format!("{launcher}: $MASTER_ADDR is not set (rank 0's host)"))?;
+            let port = match num("MASTER_PORT")? {
+                Some(p) => p,
+                None if launcher == "slurm" => 20000 + num("SLURM_JOB_ID")?.unwrap_or(0) % 20000,
+                None => bail!("{launcher}: $MASTER_PORT is not set (the port rank 0 listens on)"),
+            };
+            if port == 0 || port > 65535 {
+                bail!("$MASTER_PORT {port} is not a TCP port");
+            }
+            format!("{addr}:{port}")
+        };
+        Ok(Rank { rank, world, local_rank, local_world, master, launcher })
+    }
+}
+
+/// The collectives of a job. Sums are in rank order; a rank that dies or stops answering makes
+/// every other rank's next collective fail within the timeout, naming it.
+pub trait Collective: Send + Sync {
+    /// Element-wise sum over ranks, in place on every rank.
+    fn all_reduce_f32(&self, x: &mut [f32]) -> Result<()>;
+    fn all_reduce_f64(&self, x: &mut [f64]) -> Result<()>;
+    fn all_reduce_u64(&self, x: &mut [u64]) -> Result<()>;
+    /// `x` is split into consecutive segments of `counts[r]` elements; rank r gets the sum of
+    /// segment r over ranks.
+    fn reduce_scatter_f32(&self, x: &[f32], counts: &[usize]) -> Result<Vec<f32>>;
+    /// Every rank's `mine` (`counts[r]` elements from rank r), concatenated in rank order.
+    fn all_gather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>>;
+    /// `root`'s bytes on every rank.
+    fn broadcast(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+}
+
+/// One rank's view of the job: where it is and its collectives (cheap to clone).
+#[derive(Clone)]
+pub struct Dist {
+    pub rank: Rank,
+    comm: Option<Arc<dyn Collective>>,
+}
+
+impl Default for Dist {
+    fn default() -> Self {
+        Dist::single()
+    }
+}
+
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.rank.rank, self.rank.world)
+    }
+}
+
+/// How long a collective waits for the slowest rank: `$VPMOE_DIST_TIMEOUT` seconds, else 600.
+pub fn timeout() -> Duration {
+    let s = std::env::var("VPMOE_DIST_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
+    Duration::from_secs_f64(s.unwrap_or(600.0))
+}
+
+impl Dist {
+    pub fn single() -> Dist {
+        Dist { rank: Rank::single(), comm: None }
+    }
+
+    pub fn new(rank: Rank, comm: Arc<dyn Collective>) -> Dist {
+        Dist { rank, comm: Some(comm) }
+    }
+
+    /// The job this process belongs to (one rank without launcher variables); ranks of more
+    /// than one connect through rank 0's TCP rendezvous.
+    pub fn from_env() -> Result<Dist> {
+        let rank = Rank::from_env()?;
+        if rank.world == 1 {
+            return Ok(Dist { rank, comm: None });
+        }
+        let comm = tcp::TcpCollective::connect(&rank, timeout())?;
+        Ok(Dist::new(rank, Arc::new(comm)))
+    }
+
+    pub fn world(&self) -> usize {
+        self.rank.world
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.rank.rank == 0
+    }
+
+    /// Whether micro-batch `k` of a step's `m` belongs to this rank: rank r trains the r-th of
+    /// `world` consecutive equal blocks.
+    pub fn mine(&self, k: usize, m: usize) -> bool {
+        k / (m / self.world()).max(1) == self.rank.rank
+    }
+
+    /// Refuses a step of `m` micro-batches that the ranks cannot share equally.
+    pub fn check_micro_batches(&self, m: usize) -> Result<()> {
+        if !m.is_multiple_of(self.world()) {
+            bail!(
+                "--grad-accum {m} (micro-batches per step over all ranks) must be a multiple of the world size {}",
+                self.world()
+            );
+        }
+        Ok(())
+    }
+
+    fn comm(&self) -> Option<&dyn Collective> {
+        self.comm.as_deref()
+    }
+
+    pub fn all_reduce_f32(&self, x: &mut [f32]) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.all_reduce_f32(x))
+    }
+    pub fn all_reduce_f64(&self, x: &mut [f64]) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.all_reduce_f64(x))
+    }
+    pub fn all_reduce_u64(&self, x: &mut [u64]) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.all_reduce_u64(x))
+    }
+    pub fn reduce_scatter_f32(&self, x: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        match self.comm() {
+            Some(c) => c.reduce_scatter_f32(x, counts),
+            None => Ok(x.to_vec()),
+        }
+    }
+    pub fn all_gather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        match self.comm() {
+            Some(c) => c.all_gather_f32(mine, counts),
+            None => Ok(mine.to_vec()),
+        }
+    }
+    pub fn broadcast(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.broadcast(bytes, root))
+    }
+    pub fn barrier(&self) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.barrier())
+    }
+
+    /// Whether any rank says yes (an interrupt seen by one rank stops them all at one step).
+    pub fn any(&self, yes: bool) -> Result<bool> {
+        let mut x = [yes as u64];
+        self.all_reduce_u64(&mut x)?;
+        Ok(x[0] > 0)
+    }
+}

@@ -1,0 +1,374 @@
+//! Data parallel training on the cpu backend with the TCP collective: ranks as threads (one
+//! process, one TCP connection per rank, as between processes) and as processes (`launch`, a
+//! killed rank).
+
+mod common;
+
+use common::{compiled, root, run_config, sample_data, tmp};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use vpmoe_runtime::checkpoint;
+use vpmoe_runtime::cpu::CpuBackend;
+use vpmoe_runtime::dist::tcp::TcpCollective;
+use vpmoe_runtime::dist::{Collective, Dist, Rank};
+use vpmoe_runtime::state::TrainState;
+use vpmoe_runtime::train::{self, Outcome, RunOptions, TrainConfig};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn rank(rank: usize, world: usize, port: u16) -> Rank {
+    let master = format!("127.0.0.1:{port}");
+    Rank { rank, world, local_rank: rank, local_world: world, master, launcher: "test" }
+}
+
+/// Runs `f(dist)` on `world` ranks (threads) joined by the TCP collective; results in rank order.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(Dist) -> T + Sync) -> Vec<T> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let f = &f;
+                s.spawn(move || {
+                    let rk = rank(r, world, port);
+                    let dist = match world {
+                        1 => Dist::single(),
+                        _ => Dist::new(
+                            rk.clone(),
+                            Arc::new(TcpCollective::connect(&rk, Duration::from_secs(60)).unwrap()),
+                        ),
+                    };
+                    f(dist)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn collectives_reduce_in_rank_order_and_refuse_mismatches() {
+    // Values whose f32 sum depends on the order: rank order is ((x0 + x1) + x2).
+    let parts = [1.0e8f32, -1.0e8, 1.0];
+    let out = on_ranks(3, |d| {
+        let r = d.rank.rank;
+        let mut x = vec![parts[r], r as f32, 0.1 * (r + 1) as f32];
+        d.all_reduce_f32(&mut x).unwrap();
+        let mut u = [r as u64 + 1, 10];
+        d.all_reduce_u64(&mut u).unwrap();
+        let mut f = [0.1f64 * r as f64];
+        d.all_reduce_f64(&mut f).unwrap();
+        let rs = d.reduce_scatter_f32(&[1.0 + r as f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[1, 2, 3]).unwrap();
+        let ag = d.all_gather_f32(&vec![r as f32; r + 1], &[1, 2, 3]).unwrap();
+        let mut b = if r == 1 { b"from one".to_vec() } else { Vec::new() };
+        d.broadcast(&mut b, 1).unwrap();
+        d.barrier().unwrap();
+        assert!(d.any(r == 2).unwrap() && !d.any(false).unwrap());
+        (x, u, f, rs, ag, b)
+    });
+    let want0 = (parts[0] + parts[1]) + parts[2];
+    for (r, (x, u, f, rs, ag, b)) in out.iter().enumerate() {
+        assert_eq!(x[0].to_bits(), want0.to_bits(), "rank {r}");
+        assert_eq!(x[1], 3.0);
+        assert_eq!(x[2].to_bits(), ((0.1f32 + 0.2) + 0.3f32).to_bits());
+        assert_eq!(u, &[6, 30]);
+        assert_eq!(f[0].to_bits(), ((0.0 + 0.1) + 0.2f64).to_bits());
+        let want_rs: Vec<f32> = match r {
+            0 => vec![6.0],
+            1 => vec![6.0, 9.0],
+            _ => vec![12.0, 15.0, 18.0],
+        };
+        assert_eq!(rs, &want_rs);
+        assert_eq!(ag, &[0.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert_eq!(b, b"from one");
+    }
+    // Ranks that disagree on a buffer's length fail, all of them, saying which rank.
+    let errs = on_ranks(2, |d| {
+        let mut x = vec![0.0f32; 3 + d.rank.rank];
+        format!("{:#}", d.all_reduce_f32(&mut x).unwrap_err())
+    });
+    for e in &errs {
+        assert!(e.contains("rank 1 contributed 4 elements, rank 0 3"), "{e}");
+    }
+}
+
+/// A rank that never arrives is named by the others within the timeout.
+#[test]
+fn a_silent_rank_is_named_within_the_timeout() {
+    let port = free_port();
+    let t0 = std::time::Instant::now();
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|r| {
+                s.spawn(move || {
+                    let rk = rank(r, 3, port);
+                    let c = TcpCollective::connect(&rk, Duration::from_secs(2)).unwrap();
+                    if r == 2 {
+                        // Holds its connection open and never joins the collective.
+                        std::thread::sleep(Duration::from_secs(4));
+                        return String::new();
+                    }
+                    format!("{:#}", c.barrier().unwrap_err())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    for e in &errs[..2] {
+        assert!(e.contains("rank 2 did not reach collective #1"), "{e}");
+    }
+}
+
+fn base(steps: u64, grad_accum: usize, dir: PathBuf) -> (TrainConfig, RunOptions) {
+    let (mut cfg, mut opts) = run_config(steps, 1, 48, dir);
+    cfg.grad_accum = grad_accum;
+    opts.keep = 10;
+    (cfg, opts)
+}
+
+/// `world` ranks train `cfg` into `dir` (rank 0's outcome; every rank's final state is checked
+/// to be the same).
+fn train_on(world: usize, shard: bool, cfg: &TrainConfig, opts: &RunOptions, init_seed: u64) -> Outcome {
+    let (g, plan) = compiled("configs/small.toml");
+    let data = sample_data();
+    let mut outs = on_ranks(world, |dist| {
+        let mut opts = opts.clone();
+        (opts.dist, opts.shard_optimizer) = (dist, shard);
+        let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, init_seed));
+        train::train(&mut be, &plan, &data, cfg, &opts).unwrap()
+    });
+    for (r, o) in outs.iter().enumerate().skip(1) {
+        assert_eq!(o.state.checksum(), outs[0].state.checksum(), "rank {r} ends with rank 0's model");
+    }
+    outs.swap_remove(0)
+}
+
+/// The largest |a − b| over every master, relative to the largest |a|.
+fn master_gap(a: &TrainState, b: &TrainState) -> f64 {
+    let (mut d, mut m) = (0f64, 0f64);
+    for (x, y) in a.master.iter().zip(&b.master) {
+        for (p, q) in x.iter().zip(y) {
+            d = d.max((p - q).abs() as f64);
+            m = m.max(p.abs() as f64);
+        }
+    }
+    d / m
+}
+
+/// Losses of two runs of the same global batches agree to [`LOSS_TOL`] (relative) and masters
+/// to [`MASTER_TOL`] (relative to the largest master).
+fn assert_tracks(a: &Outcome, b: &Outcome, what: &str) {
+    assert_eq!(a.records.len(), b.records.len());
+    let worst =
+        a.records.iter().zip(&b.records).map(|(x, y)| (x.loss - y.loss).abs() / x.loss.abs()).fold(0.0, f64::max);
+    eprintln!("{what}: losses differ by {worst:.2e} (relative) at most");
+    for (x, y) in a.records.iter().zip(&b.records) {
+        let d = (x.loss - y.loss).abs() / x.loss.abs();
+        assert!(d <= LOSS_TOL, "{what}: step {} loss {} vs {} ({d:.1e})", x.step, x.loss, y.loss);
+        assert_eq!((x.tokens_reasoning, x.tokens_final), (y.tokens_reasoning, y.tokens_final), "{what}: same batch");
+    }
+    let gap = master_gap(&a.state, &b.state);
+    eprintln!("{what}: masters differ by {gap:.2e} of the largest");
+    assert!(gap <= MASTER_TOL, "{what}: masters differ by {gap:.2e} of the largest");
+}
+
+/// Ranks add a step's micro-batch gradients in another grouping than one rank's loop
+/// (`(g0+g1)+(g2+g3)` against `((g0+g1)+g2)+g3`), so each fp32 sum moves by a few units in its
+/// last place (2⁻²⁴ ≈ 6·10⁻⁸ relative), and the updates with it; now and then a master near a
+/// bf16 rounding boundary flips its model copy by one bf16 step. Measured on configs/small.toml
+/// (docs/training.md): losses 4·10⁻⁷ relative, masters 3·10⁻⁶ of the largest. The bounds allow
+/// 25–30× that; a wrong reduction (one rank's gradients lost) is 10⁻³ and more.
+const LOSS_TOL: f64 = 1e-5;
+const MASTER_TOL: f64 = 1e-4;
+
+#[test]
+fn world_sizes_one_two_and_four_train_the_same_model() {
+    // Two micro-batches per rank at world 4: every world size groups the sums its own way.
+    let (cfg, opts) = base(3, 8, PathBuf::new());
+    let dirs: Vec<PathBuf> = ["w1", "w2", "w4", "w2-again"].iter().map(|d| tmp(d)).collect();
+    let run = |world: usize, dir: &PathBuf| {
+        let mut o = opts.clone();
+        o.ckpt_dir = dir.clone();
+        train_on(world, true, &cfg, &o, cfg.seed)
+    };
+    let one = run(1, &dirs[0]);
+    let two = run(2, &dirs[1]);
+    let four = run(4, &dirs[2]);
+    assert_tracks(&one, &two, "world 2 against world 1");
+    assert_tracks(&one, &four, "world 4 against world 1");
+    // Bitwise run to run at a world size.
+    let again = run(2, &dirs[3]);
+    assert_eq!(two.state, again.state);
+    for (x, y) in two.records.iter().zip(&again.records) {
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits());
+        assert_eq!(x.grad_norm.to_bits(), y.grad_norm.to_bits());
+    }
+    // Only rank 0 logs.
+    let log = std::fs::read_to_string(dirs[1].join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn zero1_is_bitwise_the_replicated_optimizer() {
+    let (cfg, opts) = base(3, 4, PathBuf::new());
+    for world in [2, 4] {
+        let mut o = opts.clone();
+        o.ckpt_dir = tmp(&format!("z{world}"));
+        let sharded = train_on(world, true, &cfg, &o, cfg.seed);
+        o.ckpt_dir = tmp(&format!("r{world}"));
+        let replicated = train_on(world, false, &cfg, &o, cfg.seed);
+        assert_eq!(sharded.state, replicated.state, "world {world}: masters and moments");
+        for (x, y) in sharded.records.iter().zip(&replicated.records) {
+            assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "world {world} step {}", x.step);
+            assert_eq!(x.grad_norm.to_bits(), y.grad_norm.to_bits(), "world {world} step {}", x.step);
+        }
+        // The checkpoint holds the whole state, as one rank writes it.
+        let (_, st) =
+            checkpoint::load(&checkpoint::latest(&o.ckpt_dir).unwrap().unwrap(), &compiled("configs/small.toml").1)
+                .unwrap();
+        assert_eq!(st, replicated.state);
+        for d in [format!("z{world}"), format!("r{world}")] {
+            let _ = std::fs::remove_dir_all(tmp(&d));
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_of_world_two_resumes_at_one_two_and_four() {
+    let (cfg, opts) = base(6, 4, PathBuf::new());
+    let mut o = opts.clone();
+    o.ckpt_dir = tmp("straight2");
+    let straight = train_on(2, true, &cfg, &o, cfg.seed);
+    o.ckpt_dir = tmp("saved2");
+    o.save_every = 3;
+    train_on(2, true, &cfg, &o, cfg.seed);
+    let saved = o.ckpt_dir.clone();
+    let tail = |world: usize| {
+        let dir = tmp(&format!("resume-at-{world}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let from = saved.join("step_00000003");
+        copy_dir(&from, &dir.join("step_00000003"));
+        let mut o = opts.clone();
+        (o.ckpt_dir, o.resume) = (dir.clone(), true);
+        let out = train_on(world, true, &cfg, &o, 999);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    };
+    let same = tail(2);
+    assert_eq!(same.records.len(), 3);
+    assert_eq!(same.state, straight.state, "resume at the same world size is bitwise");
+    for (x, y) in straight.records[3..].iter().zip(&same.records) {
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {}", x.step);
+    }
+    let cut = Outcome { records: straight.records[3..].to_vec(), ..straight };
+    assert_tracks(&cut, &tail(1), "world 2 → 1");
+    assert_tracks(&cut, &tail(4), "world 2 → 4");
+    for d in ["straight2", "saved2"] {
+        let _ = std::fs::remove_dir_all(tmp(d));
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// A global batch the ranks cannot share equally is refused before anything runs.
+#[test]
+fn a_batch_the_ranks_cannot_share_is_refused() {
+    let (cfg, opts) = base(2, 3, tmp("uneven"));
+    let (g, plan) = compiled("configs/small.toml");
+    let data = sample_data();
+    let errs = on_ranks(2, |dist| {
+        let mut o = opts.clone();
+        o.dist = dist;
+        let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 1));
+        format!("{:#}", train::train(&mut be, &plan, &data, &cfg, &o).unwrap_err())
+    });
+    for e in errs {
+        assert!(e.contains("--grad-accum 3") && e.contains("multiple of the world size 2"), "{e}");
+    }
+}
+
+fn train_cmd(dir: &std::path::Path, steps: u64, grad_accum: usize) -> Vec<String> {
+    let data = sample_data()[0].0.display().to_string();
+    let mut v: Vec<String> =
+        ["train", "--backend", "cpu", "--seq-len", "32", "--micro-batch", "1"].iter().map(|s| s.to_string()).collect();
+    v.extend(["--grad-accum".into(), grad_accum.to_string(), "--steps".into(), steps.to_string(), "--warmup".into()]);
+    v.push("1".into());
+    v.extend(["--eval-every".into(), "0".into(), "--save-every".into(), "1".into()]);
+    v.extend(["--ckpt-dir".into(), dir.display().to_string(), "--data".into(), data]);
+    v
+}
+
+/// `vpmoe-rt launch` runs a job of processes; its checkpoint is the one a thread job writes.
+#[test]
+fn launch_runs_ranks_as_processes() {
+    let dir = tmp("launch");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+        .current_dir(root())
+        .args(["launch", "--nproc", "2", "--"])
+        .args(train_cmd(&dir, 2, 4))
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("data parallel: 2 ranks") && so.contains("ZeRO-1"), "{so}");
+    assert_eq!(so.matches("train small").count(), 1, "only rank 0 prints: {so}");
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Killing one rank ends every other rank with an error naming it, within the timeout, and
+/// leaves the last checkpoint whole.
+#[test]
+fn a_killed_rank_ends_the_job_and_is_named() {
+    let dir = tmp("killed");
+    let port = free_port().to_string();
+    let world = 3;
+    let mut ranks: Vec<std::process::Child> = (0..world)
+        .map(|r| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_vpmoe-rt"))
+                .current_dir(root())
+                .args(train_cmd(&dir, 1000, 3))
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("VPMOE_DIST_TIMEOUT", "20")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let metrics = dir.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(t0.elapsed().as_secs() < 300, "no step finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ranks[2].kill().unwrap();
+    let killed_at = std::time::Instant::now();
+    for (r, child) in ranks.into_iter().enumerate().take(2) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {r} went on");
+        assert!(err.contains("rank 2 exited"), "rank {r}: {err}");
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "the ranks took {:?} to stop", killed_at.elapsed());
+    let last = checkpoint::latest(&dir).unwrap().expect("a checkpoint");
+    checkpoint::load(&last, &compiled("configs/small.toml").1).expect("the last checkpoint is whole");
+    let _ = std::fs::remove_dir_all(&dir);
+}
