@@ -14,6 +14,7 @@ pub mod mlir;
 pub mod optimizer;
 pub mod plan;
 pub mod report;
+pub mod shard;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

@@ -53,6 +53,10 @@ enum Cmd {
         /// `--report=json` for machines (on stdout).
         #[arg(long, num_args = 0..=1, default_missing_value = "human", require_equals = true)]
         report: Option<ReportFormat>,
+        /// With --report: also the memory per GPU and the traffic per step of data-parallel
+        /// training on this many GPUs (optimizer sharded by rank).
+        #[arg(long, requires = "report", value_parser = clap::value_parser!(u64).range(1..=65536))]
+        world_size: Option<u64>,
         /// Fail when NVRTC is not available instead of writing kernel sources only.
         #[arg(long)]
         require_nvrtc: bool,
@@ -79,7 +83,7 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Compile { arch_toml, out, arch, dump_kernels, report, require_nvrtc, emit_mlir } => {
+        Cmd::Compile { arch_toml, out, arch, dump_kernels, report, world_size, require_nvrtc, emit_mlir } => {
             if emit_mlir.is_some() && !cfg!(feature = "mlir") {
                 anyhow::bail!("{}", vpmoe_compiler::MLIR_MISSING);
             }
@@ -98,9 +102,21 @@ fn run() -> Result<()> {
                 emit_linalg: emit_mlir == Some(MlirForm::Linalg),
             };
             let k = write_plan_dir(&graph, &plan, &out, &opts)?;
+            let dp = world_size.map(|w| vpmoe_compiler::report::data_parallel(&plan, w as usize));
             match report {
-                Some(ReportFormat::Json) => println!("{}", serde_json::to_string_pretty(&plan.report)?),
-                Some(ReportFormat::Human) => print!("{}", plan.report.human()),
+                Some(ReportFormat::Json) => {
+                    let mut v = serde_json::to_value(&plan.report)?;
+                    if let Some(dp) = &dp {
+                        v["data_parallel"] = serde_json::to_value(dp)?;
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v)?)
+                }
+                Some(ReportFormat::Human) => {
+                    print!("{}", plan.report.human());
+                    if let Some(dp) = &dp {
+                        print!("{}", dp.human());
+                    }
+                }
                 None => {}
             }
             match &k.skipped {

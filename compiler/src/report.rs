@@ -222,3 +222,81 @@ mod tests {
         assert!(super::resources_table("{}").unwrap_err().to_string().contains("resources.json"));
     }
 }
+
+/// Memory per GPU and communication per optimizer step of data-parallel training at `world`
+/// ranks with the optimizer sharded by rank (ZeRO-1, [`crate::shard`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataParallel {
+    pub world: u64,
+    /// Per GPU: the model copies, the step's fp32 gradient sums, the activations and workspace
+    /// of one micro-batch are whole on every rank; masters and optimizer state are the largest
+    /// rank's share.
+    pub memory: Memory,
+    pub total: u64,
+    /// Bytes each GPU sends per step (ring algorithms, `(W−1)/W` of the buffer): reduce-scatter
+    /// of the fp32 gradients to their owners, all-gather of the updated model weights.
+    pub reduce_scatter_bytes: u64,
+    pub all_gather_bytes: u64,
+    /// What an all-reduce of the gradients (the replicated optimizer) would send instead.
+    pub all_reduce_bytes: u64,
+}
+
+pub fn data_parallel(plan: &crate::Plan, world: usize) -> DataParallel {
+    let units = crate::shard::units(&plan.params, &plan.optimizer);
+    let owners = crate::shard::owners(&units, world);
+    let masters = crate::shard::counts(&units, &owners, world, |u| 4 * u.len());
+    let state = crate::shard::counts(&units, &owners, world, |u| 4 * (u.len() + crate::shard::v_len(u)));
+    let m = &plan.report.memory;
+    let memory = Memory {
+        masters: masters.iter().copied().max().unwrap_or(0) as u64,
+        optimizer_state: state.iter().copied().max().unwrap_or(0) as u64,
+        ..m.clone()
+    };
+    let total = memory.weights
+        + memory.masters
+        + memory.gradients
+        + memory.optimizer_state
+        + memory.activations
+        + memory.workspace;
+    let ring = |bytes: u64| bytes / world as u64 * (world as u64 - 1);
+    let trained_weights: u64 =
+        plan.params.iter().filter(|p| p.opt != OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
+    DataParallel {
+        world: world as u64,
+        total,
+        reduce_scatter_bytes: ring(m.gradients),
+        all_gather_bytes: ring(trained_weights),
+        all_reduce_bytes: 2 * ring(m.gradients),
+        memory,
+    }
+}
+
+impl DataParallel {
+    pub fn human(&self) -> String {
+        let m = &self.memory;
+        let mut s = String::new();
+        writeln!(s, "  data parallel at {} GPUs, optimizer sharded (ZeRO-1), per GPU:", self.world).unwrap();
+        writeln!(
+            s,
+            "    memory {}: weights {}, fp32 gradients {}, fp32 masters {} and optimizer state {} (largest share), \
+             activations {}, workspace {}",
+            gib(self.total),
+            gib(m.weights),
+            gib(m.gradients),
+            gib(m.masters),
+            gib(m.optimizer_state),
+            gib(m.activations),
+            gib(m.workspace)
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "    sent per step: gradient reduce-scatter {}, weight all-gather {} (an all-reduce would send {})",
+            gib(self.reduce_scatter_bytes),
+            gib(self.all_gather_bytes),
+            gib(self.all_reduce_bytes)
+        )
+        .unwrap();
+        s
+    }
+}

@@ -107,6 +107,30 @@ fn report_is_exact_for_the_locked_config() {
     insta::assert_json_snapshot!("report_locked", r);
 }
 
+/// `--report --world-size`: at 8 GPUs each holds about an eighth of the masters and optimizer
+/// state (whole matrices, so not exactly), everything else whole; at 1 it is the plain report.
+#[test]
+fn data_parallel_report_shares_the_optimizer_out() {
+    let (_, plan) = compile_arch(&load("configs/vpmoe.toml")).unwrap();
+    let m = &plan.report.memory;
+    let one = vpmoe_compiler::report::data_parallel(&plan, 1);
+    assert_eq!(one.memory, *m);
+    assert_eq!((one.reduce_scatter_bytes, one.all_gather_bytes, one.all_reduce_bytes), (0, 0, 0));
+    let eight = vpmoe_compiler::report::data_parallel(&plan, 8);
+    let d = &eight.memory;
+    assert_eq!(
+        (d.weights, d.gradients, d.activations, d.workspace),
+        (m.weights, m.gradients, m.activations, m.workspace)
+    );
+    for (share, whole) in [(d.masters, m.masters), (d.optimizer_state, m.optimizer_state)] {
+        assert!(share >= whole / 8 && share as f64 <= 1.03 * (whole / 8) as f64, "{share} of {whole}");
+    }
+    assert_eq!(eight.reduce_scatter_bytes, m.gradients / 8 * 7);
+    assert_eq!(eight.all_reduce_bytes, 2 * eight.reduce_scatter_bytes);
+    assert!(eight.all_gather_bytes < m.weights && eight.all_gather_bytes > m.weights / 8 * 6);
+    assert!(eight.human().contains("data parallel at 8 GPUs"));
+}
+
 /// MODEL.md §9's arithmetic, generalised: an independent count to check the graph-derived one.
 fn closed_form(a: &Arch) -> (u64, u64, u64) {
     let (h, nh, ng, d, v) = (a.hidden, a.heads, a.groups, a.head_dim, a.vocab);

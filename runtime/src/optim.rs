@@ -132,7 +132,7 @@ impl Sharded {
 
     /// Element counts per rank (masters and first moments).
     fn counts(&self, world: usize) -> Vec<usize> {
-        Shard::counts(&self.units, &self.owners, world, Unit::len)
+        zero::counts(&self.units, &self.owners, world, Unit::len)
     }
 
     /// Every rank's flat part of `x` (laid out by owner) back into per-parameter tensors.
@@ -290,7 +290,7 @@ impl Sharded {
     /// and the step count).
     pub fn full_state(&self, plan: &Plan, dist: &Dist, st: &TrainState) -> Result<TrainState> {
         let world = dist.world();
-        let (counts, vcounts) = (self.counts(world), Shard::counts(&self.units, &self.owners, world, zero::v_len));
+        let (counts, vcounts) = (self.counts(world), zero::counts(&self.units, &self.owners, world, zero::v_len));
         let mut full = TrainState { step: st.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
         for (i, p) in plan.params.iter().enumerate() {
             let (n, m, v) = TrainState::sizes(p);

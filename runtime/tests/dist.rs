@@ -372,3 +372,22 @@ fn a_killed_rank_ends_the_job_and_is_named() {
     checkpoint::load(&last, &compiled("configs/small.toml").1).expect("the last checkpoint is whole");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// NCCL loads, reports its version and makes a unique id without a GPU, and rank 0's id reaches
+/// every rank over the rendezvous (everything of communicator creation short of the device).
+#[test]
+fn nccl_binds_and_shares_its_unique_id_without_a_gpu() {
+    use vpmoe_runtime::dist::nccl;
+    if let Err(e) = nccl::check_loadable() {
+        assert!(std::env::var_os("VPMOE_FULL").is_none(), "the full tier needs NCCL: {e:#}");
+        eprintln!("SKIPPED: {e:#}");
+        return;
+    }
+    let (major, minor, _) = nccl::version().unwrap();
+    assert_eq!((major, minor), (2, 30), "the NCCL cudarc binds");
+    let ids = on_ranks(3, |d| nccl::shared_id(&d).map(|id| id.internal().map(|c| c as u8).to_vec()).unwrap());
+    assert_eq!(ids[0].len(), 128);
+    assert!(ids[0].iter().any(|&b| b != 0));
+    assert!(ids.iter().all(|id| *id == ids[0]), "every rank has rank 0's id");
+    assert_ne!(nccl::unique_id().unwrap(), ids[0], "a fresh id each time");
+}

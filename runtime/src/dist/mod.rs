@@ -215,3 +215,71 @@ impl Dist {
         Ok(x[0] > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> =
+            kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn torchrun_slurm_and_nothing_describe_a_rank() {
+        let t = Rank::from_vars(vars(&[
+            ("RANK", "5"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "8"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+            ("SLURM_PROCID", "3"),
+        ]))
+        .unwrap();
+        assert_eq!((t.rank, t.world, t.local_rank, t.local_world, t.launcher), (5, 16, 1, 8, "torchrun"));
+        assert_eq!(t.master, "node0:29500");
+        let s = Rank::from_vars(vars(&[
+            ("SLURM_PROCID", "9"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "8(x2)"),
+            ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7"),
+            ("SLURM_JOB_ID", "123456"),
+        ]))
+        .unwrap();
+        assert_eq!((s.rank, s.world, s.local_rank, s.local_world, s.launcher), (9, 16, 1, 8, "slurm"));
+        assert_eq!(s.master, format!("10.0.0.7:{}", 20000 + 123456 % 20000));
+        assert_eq!(Rank::from_vars(vars(&[])).unwrap(), Rank::single());
+        // One task of an allocation is one rank, with no rendezvous.
+        let one = Rank::from_vars(vars(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")])).unwrap();
+        assert_eq!((one.world, one.master.as_str()), (1, ""));
+    }
+
+    #[test]
+    fn bad_launcher_variables_are_named() {
+        let e = |kv: &[(&str, &str)]| format!("{:#}", Rank::from_vars(vars(kv)).unwrap_err());
+        assert!(e(&[("RANK", "0")]).contains("$WORLD_SIZE is not"));
+        assert!(e(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("$RANK = \"x\" is not a number"));
+        assert!(e(&[("RANK", "2"), ("WORLD_SIZE", "2")]).contains("rank 2 is outside a world of 2"));
+        assert!(e(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("$MASTER_ADDR is not set"));
+        assert!(e(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")]).contains("$MASTER_PORT is not set"));
+        assert!(e(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")])
+            .contains("not a TCP port"));
+    }
+
+    #[test]
+    fn ranks_take_equal_consecutive_blocks_of_micro_batches() {
+        let mine = |rank: usize, world: usize, m: usize| -> Vec<usize> {
+            let d = Dist { rank: Rank { rank, world, ..Rank::single() }, comm: None };
+            (0..m).filter(|&k| d.mine(k, m)).collect()
+        };
+        assert_eq!(mine(0, 1, 3), [0, 1, 2]);
+        assert_eq!(mine(1, 2, 4), [2, 3]);
+        assert_eq!(mine(3, 4, 8), [6, 7]);
+        let d = Dist { rank: Rank { rank: 0, world: 4, ..Rank::single() }, comm: None };
+        assert!(d.check_micro_batches(8).is_ok());
+        assert!(format!("{}", d.check_micro_batches(6).unwrap_err()).contains("multiple of the world size 4"));
+    }
+}
