@@ -320,16 +320,7 @@ impl Backend for CpuBackend<'_> {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
         let mut loads: Vec<(u32, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
-        if self.dist.world() > 1 {
-            let mut flat: Vec<u64> = loads.iter().flat_map(|(_, n)| n.iter().copied()).collect();
-            self.dist.all_reduce_u64(&mut flat)?;
-            let mut at = 0;
-            for (_, n) in &mut loads {
-                let k = n.len();
-                n.copy_from_slice(&flat[at..at + k]);
-                at += k;
-            }
-        }
+        crate::dist::all_reduce_loads(&self.dist, &mut loads)?;
         let mut stats = match self.sharded.as_mut() {
             Some(sh) => {
                 let mut model: Vec<Vec<f32>> = self

@@ -31,7 +31,8 @@ pub fn gpu_available() -> bool {
     driver && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
 }
 
-/// Opens device 0 (select another with `CUDA_VISIBLE_DEVICES`).
+/// Opens this process's device: 0, or a data-parallel rank's local rank where the node shows it
+/// more than one GPU (select others with `CUDA_VISIBLE_DEVICES`).
 pub fn open() -> Result<Gpu> {
     if !unsafe { sys::is_culib_present() } {
         bail!(
@@ -44,7 +45,12 @@ pub fn open() -> Result<Gpu> {
     if n == 0 {
         bail!("the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES); run with --backend cpu");
     }
-    let ctx = CudaContext::new(0).map_err(|e| anyhow!("creating a CUDA context on device 0: {e}"))?;
+    let local = crate::dist::Rank::from_env()?.local_rank;
+    let ordinal = if n == 1 { 0 } else { local };
+    if ordinal >= n as usize {
+        bail!("local rank {local} needs GPU {ordinal}, and this node shows {n} (check CUDA_VISIBLE_DEVICES)");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e}"))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
     let cc = ctx.compute_capability().map_err(|e| anyhow!("{e}"))?;
     if cc != (9, 0) {

@@ -141,6 +141,10 @@ pub struct CudaBackend<'g> {
     capture_stream: Arc<CudaStream>,
     /// Where the plan's cubins are (for decoders of the same plan).
     plan_dir: Option<PathBuf>,
+    /// Data parallel: the job, and NCCL over its GPUs (declared before `gpu`: the communicator
+    /// goes while the context lives).
+    dist: crate::dist::Dist,
+    nccl: Option<crate::dist::nccl::Gpus>,
     gpu: Gpu,
 }
 
@@ -215,6 +219,8 @@ impl<'g> CudaBackend<'g> {
             captured: BTreeMap::new(),
             capture_stream,
             plan_dir: plan_dir.map(Path::to_path_buf),
+            dist: crate::dist::Dist::single(),
+            nccl: None,
             gpu,
         })
     }
@@ -472,7 +478,13 @@ impl Backend for CudaBackend<'_> {
 
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
-        let loads = std::mem::take(&mut self.loads).into_iter().collect();
+        let mut loads: Vec<(u32, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
+        if let Some(nccl) = &self.nccl {
+            for (ptr, count) in self.opt.grad_buffers() {
+                nccl.all_reduce_f32(ptr, count)?;
+            }
+            crate::dist::all_reduce_loads(&self.dist, &mut loads)?;
+        }
         let mut stats = self.opt.step(&mut self.launcher, self.plan, loads, s)?;
         stats.optimizer_seconds = t0.elapsed().as_secs_f64();
         Ok(stats)
@@ -495,6 +507,26 @@ impl Backend for CudaBackend<'_> {
 
     fn device_name(&self) -> String {
         self.gpu.name.clone()
+    }
+
+    /// The replicated optimizer: gradient sums all-reduced over NCCL, each rank stepping the
+    /// whole optimizer (ZeRO-1 is the cpu backend's so far).
+    fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
+        if dist.world() == 1 {
+            return Ok(());
+        }
+        if shard_optimizer {
+            bail!(
+                "the cuda backend trains data parallel with the replicated optimizer only: pass                  --replicated-optimizer (the sharded optimizer, ZeRO-1, runs on --backend cpu)"
+            );
+        }
+        if self.gpu.emulated {
+            bail!("NCCL needs real GPUs; the host emulator runs one rank");
+        }
+        crate::dist::nccl::check_loadable()?;
+        self.nccl = Some(crate::dist::nccl::communicator(&dist, self.gpu.stream.clone())?);
+        self.dist = dist;
+        Ok(())
     }
 
     fn decode_on(&self) -> crate::decode::DecodeOn {

@@ -311,6 +311,12 @@ impl DeviceOptimizer {
         self.upload()
     }
 
+    /// The step's fp32 gradient sums as `(device address, elements)`, one buffer per group (what
+    /// data-parallel ranks all-reduce).
+    pub fn grad_buffers(&self) -> Vec<(u64, usize)> {
+        self.groups.iter().map(|g| (g.grad.ptr, g.lay.len as usize)).collect()
+    }
+
     /// The step's gradient sum of every trainable parameter (plan order; `None` for frozen ones).
     /// The kernels that finalise a gradient write it there directly (`Arg::Accum`).
     pub fn grad_sums(&self, n_params: usize) -> Vec<Option<Region>> {

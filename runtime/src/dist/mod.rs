@@ -216,6 +216,23 @@ impl Dist {
     }
 }
 
+/// The step's router loads per MoE layer, summed over ranks (each rank's expert-bias update then
+/// sees the whole step's loads).
+pub fn all_reduce_loads(dist: &Dist, loads: &mut [(u32, Vec<u64>)]) -> Result<()> {
+    if dist.world() == 1 {
+        return Ok(());
+    }
+    let mut flat: Vec<u64> = loads.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+    dist.all_reduce_u64(&mut flat)?;
+    let mut at = 0;
+    for (_, n) in loads.iter_mut() {
+        let k = n.len();
+        n.copy_from_slice(&flat[at..at + k]);
+        at += k;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,8 @@
 
 use super::Dist;
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{CudaSlice, CudaStream};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::driver::CudaStream;
+use cudarc::nccl::{result, sys, Id};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,36 +54,49 @@ pub fn shared_id(dist: &Dist) -> Result<Id> {
 /// This rank's NCCL communicator on `stream`'s GPU.
 pub fn communicator(dist: &Dist, stream: Arc<CudaStream>) -> Result<Gpus> {
     let id = shared_id(dist)?;
-    let comm = Comm::from_rank(stream.clone(), dist.rank.rank, dist.world(), id)
-        .map_err(|e| anyhow!("ncclCommInitRank (rank {} of {}): {e:?}", dist.rank.rank, dist.world()))?;
+    let (rank, world) = (dist.rank.rank, dist.world());
+    let mut comm = std::mem::MaybeUninit::uninit();
+    let comm = unsafe {
+        let id = sys::ncclUniqueId { internal: *id.internal() };
+        result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32)
+            .map_err(|e| anyhow!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
+        comm.assume_init()
+    };
     Ok(Gpus { comm, stream, timeout: super::timeout() })
 }
 
-/// Collectives on device buffers. Each waits for its stream with the job's timeout and aborts
-/// the communicator when it passes, so a dead peer ends the job with an error instead of a hang.
+/// Collectives on device memory, on the backend's stream. Each waits for the stream with the
+/// job's timeout and aborts the communicator when it passes, so a dead peer ends the job with an
+/// error instead of a hang.
 pub struct Gpus {
-    comm: Comm,
+    comm: sys::ncclComm_t,
     stream: Arc<CudaStream>,
     timeout: Duration,
 }
 
+impl Drop for Gpus {
+    fn drop(&mut self) {
+        // Abort rather than finalize: a peer may be gone.
+        let _ = unsafe { result::comm_abort(self.comm) };
+    }
+}
+
 impl Gpus {
-    /// In-place fp32 sum over ranks.
-    pub fn all_reduce(&self, x: &mut CudaSlice<f32>) -> Result<()> {
-        self.comm.all_reduce_in_place(x, &ReduceOp::Sum).map_err(|e| anyhow!("ncclAllReduce: {e:?}"))?;
+    /// In-place fp32 sum over ranks of `count` floats at device address `ptr`.
+    pub fn all_reduce_f32(&self, ptr: u64, count: usize) -> Result<()> {
+        unsafe {
+            result::all_reduce(
+                ptr as *const std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| anyhow!("ncclAllReduce of {count} floats: {e:?}"))?;
         self.wait("all-reduce")
-    }
-
-    /// Rank r receives the sum over ranks of the r-th `out.len()`-element segment of `x`.
-    pub fn reduce_scatter(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
-        self.comm.reduce_scatter(x, out, &ReduceOp::Sum).map_err(|e| anyhow!("ncclReduceScatter: {e:?}"))?;
-        self.wait("reduce-scatter")
-    }
-
-    /// Every rank's `mine` (equal sizes), concatenated in rank order.
-    pub fn all_gather<T: cudarc::nccl::NcclType>(&self, mine: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
-        self.comm.all_gather(mine, out).map_err(|e| anyhow!("ncclAllGather: {e:?}"))?;
-        self.wait("all-gather")
     }
 
     fn wait(&self, what: &str) -> Result<()> {
@@ -93,7 +106,6 @@ impl Gpus {
             match unsafe { cuStreamQuery(self.stream.cu_stream()) } {
                 CUresult::CUDA_SUCCESS => return Ok(()),
                 CUresult::CUDA_ERROR_NOT_READY if t0.elapsed() > self.timeout => {
-                    // Comm's drop aborts the communicator, which releases the stuck kernel.
                     bail!(
                         "NCCL {what} did not finish within {:.0} s ($VPMOE_DIST_TIMEOUT): a rank died or stopped",
                         self.timeout.as_secs_f64()
