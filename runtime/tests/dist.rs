@@ -162,26 +162,34 @@ fn master_gap(a: &TrainState, b: &TrainState) -> f64 {
 /// to [`MASTER_TOL`] (relative to the largest master).
 fn assert_tracks(a: &Outcome, b: &Outcome, what: &str) {
     assert_eq!(a.records.len(), b.records.len());
-    let worst =
-        a.records.iter().zip(&b.records).map(|(x, y)| (x.loss - y.loss).abs() / x.loss.abs()).fold(0.0, f64::max);
-    eprintln!("{what}: losses differ by {worst:.2e} (relative) at most");
+    let diffs: Vec<String> = a
+        .records
+        .iter()
+        .zip(&b.records)
+        .map(|(x, y)| format!("{:.1e}", (x.loss - y.loss).abs() / x.loss.abs()))
+        .collect();
+    eprintln!(
+        "{what}: losses differ by {} (per step); masters by {:.2e}",
+        diffs.join(" "),
+        master_gap(&a.state, &b.state)
+    );
     for (x, y) in a.records.iter().zip(&b.records) {
         let d = (x.loss - y.loss).abs() / x.loss.abs();
         assert!(d <= LOSS_TOL, "{what}: step {} loss {} vs {} ({d:.1e})", x.step, x.loss, y.loss);
         assert_eq!((x.tokens_reasoning, x.tokens_final), (y.tokens_reasoning, y.tokens_final), "{what}: same batch");
     }
     let gap = master_gap(&a.state, &b.state);
-    eprintln!("{what}: masters differ by {gap:.2e} of the largest");
     assert!(gap <= MASTER_TOL, "{what}: masters differ by {gap:.2e} of the largest");
 }
 
 /// Ranks add a step's micro-batch gradients in another grouping than one rank's loop
 /// (`(g0+g1)+(g2+g3)` against `((g0+g1)+g2)+g3`), so each fp32 sum moves by a few units in its
-/// last place (2⁻²⁴ ≈ 6·10⁻⁸ relative), and the updates with it; now and then a master near a
-/// bf16 rounding boundary flips its model copy by one bf16 step. Measured on configs/small.toml
-/// (docs/training.md): losses 4·10⁻⁷ relative, masters 3·10⁻⁶ of the largest. The bounds allow
-/// 25–30× that; a wrong reduction (one rank's gradients lost) is 10⁻³ and more.
-const LOSS_TOL: f64 = 1e-5;
+/// last place (2⁻²⁴ ≈ 6·10⁻⁸ relative), and the updates with it; masters near a bf16 rounding
+/// boundary then flip their model copies by one bf16 step (2⁻⁸), and those flips compound step
+/// by step. Measured on configs/small.toml (3 steps of 8 micro-batches): step 1 equal, step 2
+/// 2·10⁻⁸, step 3 up to 5·10⁻⁵ relative in the loss; masters 6·10⁻⁶ of the largest. The bounds
+/// allow 6× and 16× that; losing one of two ranks' gradients moves step 2's loss by 10⁻³.
+const LOSS_TOL: f64 = 3e-4;
 const MASTER_TOL: f64 = 1e-4;
 
 #[test]

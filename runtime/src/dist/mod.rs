@@ -126,9 +126,12 @@ impl std::fmt::Debug for Dist {
 }
 
 /// How long a collective waits for the slowest rank: `$VPMOE_DIST_TIMEOUT` seconds, else 600.
-pub fn timeout() -> Duration {
-    let s = std::env::var("VPMOE_DIST_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
-    Duration::from_secs_f64(s.unwrap_or(600.0))
+pub fn timeout() -> Result<Duration> {
+    let Ok(v) = std::env::var("VPMOE_DIST_TIMEOUT") else { return Ok(Duration::from_secs(600)) };
+    match v.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => bail!("$VPMOE_DIST_TIMEOUT = {v:?} is not a positive number of seconds"),
+    }
 }
 
 impl Dist {
@@ -147,7 +150,7 @@ impl Dist {
         if rank.world == 1 {
             return Ok(Dist { rank, comm: None });
         }
-        let comm = tcp::TcpCollective::connect(&rank, timeout())?;
+        let comm = tcp::TcpCollective::connect(&rank, timeout()?)?;
         Ok(Dist::new(rank, Arc::new(comm)))
     }
 

@@ -62,7 +62,7 @@ pub fn communicator(dist: &Dist, stream: Arc<CudaStream>) -> Result<Gpus> {
             .map_err(|e| anyhow!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))?;
         comm.assume_init()
     };
-    Ok(Gpus { comm, stream, timeout: super::timeout() })
+    Ok(Gpus { comm, stream, timeout: super::timeout()? })
 }
 
 /// Collectives on device memory, on the backend's stream. Each waits for the stream with the

@@ -145,7 +145,9 @@ impl Checkpoints<'_> {
         let (meta, st) = checkpoint::load(&p, self.plan)?;
         source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
         be.set_state(st)?;
-        eprintln!("resumed from {} (step {})", p.display(), meta.step);
+        if self.writer {
+            eprintln!("resumed from {} (step {})", p.display(), meta.step);
+        }
         Ok(meta.rng)
     }
 }

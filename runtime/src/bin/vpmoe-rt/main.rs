@@ -161,7 +161,10 @@ fn run_train(a: TrainArgs) -> Result<()> {
         );
     }
     if !root {
-        return train::train(be.as_mut(), &plan, &data, &cfg, &opts).map(drop);
+        if train::train(be.as_mut(), &plan, &data, &cfg, &opts)?.interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
     }
     println!(
         "train {} ({} params, fingerprint {}) on {} · backend {} · {} x {} x {} tokens per step",
