@@ -4,49 +4,15 @@
 
 mod common;
 
-use common::{compiled, root, run_config, sample_data, tmp};
+use common::{compiled, free_port, on_ranks, rank, root, run_config, sample_data, tmp};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 use vpmoe_runtime::checkpoint;
 use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::dist::tcp::TcpCollective;
-use vpmoe_runtime::dist::{Collective, Dist, Rank};
+use vpmoe_runtime::dist::Collective;
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::train::{self, Outcome, RunOptions, TrainConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn rank(rank: usize, world: usize, port: u16) -> Rank {
-    let master = format!("127.0.0.1:{port}");
-    Rank { rank, world, local_rank: rank, local_world: world, master, launcher: "test" }
-}
-
-/// Runs `f(dist)` on `world` ranks (threads) joined by the TCP collective; results in rank order.
-fn on_ranks<T: Send>(world: usize, f: impl Fn(Dist) -> T + Sync) -> Vec<T> {
-    let port = free_port();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..world)
-            .map(|r| {
-                let f = &f;
-                s.spawn(move || {
-                    let rk = rank(r, world, port);
-                    let dist = match world {
-                        1 => Dist::single(),
-                        _ => Dist::new(
-                            rk.clone(),
-                            Arc::new(TcpCollective::connect(&rk, Duration::from_secs(60)).unwrap()),
-                        ),
-                    };
-                    f(dist)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
 
 #[test]
 fn collectives_reduce_in_rank_order_and_refuse_mismatches() {

@@ -111,7 +111,7 @@ fn teacher_logprobs_align_with_every_trained_token() {
     let s = sampler(&server, 9);
     let state = stage1();
     let phase = s.cfg.curriculum.at(0.0).clone();
-    let mut r = rollout::sample(&s, &DecodeOn::Cpu, state, state.step, &phase, 96).unwrap();
+    let mut r = rollout::sample(&s, &DecodeOn::Cpu, state, state.step, &phase, 96, 0..s.rows).unwrap();
     assert_eq!(r.rows.len(), 4);
     assert!(r.rows.iter().any(|x| x.span.iter().any(|&s| s != 0)), "the stage-1 model writes Harmony spans");
     // The teacher's value of each sampled token is the function at that token and context.
@@ -212,6 +212,47 @@ fn opd_run(
     opts.opd = Some(OpdRun { teacher: client(server), prompts: sample_data()[0].0.clone() });
     let mut be = CpuBackend::new(g, plan, stage1().clone());
     (train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap(), cfg)
+}
+
+/// [`opd_run`] (no resume) on `world` ranks with the sharded optimizer; rank 0's outcome.
+fn opd_ranks(world: usize, server: &Server, dir: &std::path::Path, opd: OpdConfig, steps: u64) -> train::Outcome {
+    let (g, plan) = model();
+    let start_step = stage1().step;
+    let (mut cfg, mut opts) = common::run_config(start_step + steps, 2, SEQ, dir.to_path_buf());
+    (cfg.schedule.warmup, cfg.schedule.lr, cfg.aux_lr) = (0, 0.02, 0.02);
+    cfg.opd = Some(opd);
+    opts.opd = Some(OpdRun { teacher: client(server), prompts: sample_data()[0].0.clone() });
+    let mut outs = common::on_ranks(world, |dist| {
+        let mut opts = opts.clone();
+        (opts.dist, opts.shard_optimizer) = (dist, true);
+        let mut be = CpuBackend::new(g, plan, stage1().clone());
+        train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap()
+    });
+    outs.swap_remove(0)
+}
+
+/// Two ranks sample and score the rollouts of their own micro-batches: the same rollouts and
+/// statistics as one rank that samples them all, and the same model within the fp32
+/// summation-order tolerance of tests/dist.rs.
+#[test]
+fn two_ranks_share_a_steps_rollouts() {
+    let server = start(Api::Vllm, Faults::default(), prefers_even);
+    let cfg = opd_config(0, 0.34);
+    let (one, _) = opd_run(&server, &tmp("dp1"), cfg.clone(), (3, 3), false);
+    let two = opd_ranks(2, &server, &tmp("dp2"), cfg, 3);
+    for (a, b) in one.records.iter().zip(&two.records) {
+        let (x, y) = (a.opd.as_ref().unwrap(), b.opd.as_ref().unwrap());
+        assert_eq!(
+            (x.anchor, x.modes, x.opd_tokens, x.teacher_floored),
+            (y.anchor, y.modes, y.opd_tokens, y.teacher_floored)
+        );
+        assert_eq!((x.valid_rate, x.length_by_mode), (y.valid_rate, y.length_by_mode), "step {}", a.step);
+        assert_eq!((a.tokens_reasoning, a.tokens_final), (b.tokens_reasoning, b.tokens_final));
+        let d = (a.loss - b.loss).abs() / a.loss.abs();
+        assert!(d <= 3e-4, "step {}: loss {} vs {} ({d:.1e})", a.step, a.loss, b.loss);
+        assert!((x.advantage_final - y.advantage_final).abs() <= 1e-3 * x.advantage_final.abs().max(1.0));
+    }
+    assert!(one.records.iter().any(|r| !r.opd.as_ref().unwrap().anchor), "an OPD step ran");
 }
 
 #[test]
@@ -341,7 +382,7 @@ fn the_opd_objective_ignores_the_micro_batch_split_and_padding() {
     let server = start(Api::Vllm, Faults::default(), prefers_even);
     let s = sampler(&server, 4);
     let phase = s.cfg.curriculum.at(0.0).clone();
-    let r = rollout::sample(&s, &DecodeOn::Cpu, stage1(), 0, &phase, 96).unwrap();
+    let r = rollout::sample(&s, &DecodeOn::Cpu, stage1(), 0, &phase, 96, 0..s.rows).unwrap();
     // A step's loss and gradient norm from its batches.
     let step = |seq: usize, micro: usize| {
         let mut b = rollout::batches(&r.rows, seq, micro, 2.0);

@@ -425,6 +425,18 @@ pub fn generate(
     dec: &mut Decoder,
     prompts: &[Vec<u32>],
     cfg: &GenConfig,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generated>> {
+    generate_from(dec, prompts, 0, cfg, on_token)
+}
+
+/// [`generate`] for requests `first..first + prompts.len()` of a larger set (a data-parallel
+/// rank's share): their draws are the ones the whole set's would be.
+pub fn generate_from(
+    dec: &mut Decoder,
+    prompts: &[Vec<u32>],
+    first: u64,
+    cfg: &GenConfig,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Generated>> {
     cfg.sampling.validate()?;
@@ -475,7 +487,7 @@ pub fn generate(
         for (slot, l) in live.iter_mut().enumerate() {
             let Some(seq) = l else { continue };
             let row = rows.next().expect("a row per live slot");
-            let u = uniform(cfg.seed, seq.request as u64, seq.len as u64);
+            let u = uniform(cfg.seed, first + seq.request as u64, seq.len as u64);
             let Choice { token, logprob } = choose(row, &cfg.sampling, u);
             seq.out.tokens.push(token);
             seq.out.logprobs.push(logprob);

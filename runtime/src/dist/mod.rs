@@ -96,6 +96,8 @@ pub trait Collective: Send + Sync {
     fn all_reduce_f32(&self, x: &mut [f32]) -> Result<()>;
     fn all_reduce_f64(&self, x: &mut [f64]) -> Result<()>;
     fn all_reduce_u64(&self, x: &mut [u64]) -> Result<()>;
+    /// Element-wise maximum over ranks, in place on every rank.
+    fn all_max_f64(&self, x: &mut [f64]) -> Result<()>;
     /// `x` is split into consecutive segments of `counts[r]` elements; rank r gets the sum of
     /// segment r over ranks.
     fn reduce_scatter_f32(&self, x: &[f32], counts: &[usize]) -> Result<Vec<f32>>;
@@ -191,6 +193,15 @@ impl Dist {
     }
     pub fn all_reduce_u64(&self, x: &mut [u64]) -> Result<()> {
         self.comm().map_or(Ok(()), |c| c.all_reduce_u64(x))
+    }
+    pub fn all_max_f64(&self, x: &mut [f64]) -> Result<()> {
+        self.comm().map_or(Ok(()), |c| c.all_max_f64(x))
+    }
+
+    /// Rows `lo..hi` of a step's `rows` that this rank handles (its micro-batches' rows).
+    pub fn share(&self, rows: usize) -> std::ops::Range<usize> {
+        let (r, w) = (self.rank.rank, self.world());
+        r * rows / w..(r + 1) * rows / w
     }
     pub fn reduce_scatter_f32(&self, x: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
         match self.comm() {

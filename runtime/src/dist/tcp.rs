@@ -21,6 +21,7 @@ enum Op {
     AllReduceF32 = 1,
     AllReduceF64,
     AllReduceU64,
+    AllMaxF64,
     ReduceScatter,
     AllGather,
     Broadcast,
@@ -328,6 +329,10 @@ impl Collective for TcpCollective {
 
     fn all_reduce_u64(&self, x: &mut [u64]) -> Result<()> {
         self.reduce(Op::AllReduceU64, x, |a, b| a.checked_add(b).context("u64 sum overflows"))
+    }
+
+    fn all_max_f64(&self, x: &mut [f64]) -> Result<()> {
+        self.reduce(Op::AllMaxF64, x, |a, b| Ok(a.max(b)))
     }
 
     fn reduce_scatter_f32(&self, x: &[f32], counts: &[usize]) -> Result<Vec<f32>> {

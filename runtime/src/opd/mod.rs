@@ -112,7 +112,14 @@ pub struct OpdRecord {
 impl OpdRecord {
     /// The statistics of the trained tokens: `token_loss[k]` is micro-batch k's per-token loss at
     /// the weights the step trained (`lp = −token_loss`).
-    pub fn add_trained(&mut self, batches: &[Batch], token_loss: &[Vec<f32>], clip: f32) {
+    /// With more than one rank, over every rank's micro-batches.
+    pub fn add_trained(
+        &mut self,
+        batches: &[Batch],
+        token_loss: &[Vec<f32>],
+        clip: f32,
+        dist: &crate::dist::Dist,
+    ) -> anyhow::Result<()> {
         let (mut adv, mut n) = ([0f64; 3], [0u64; 3]);
         let (mut mis, mut mis_max, mut cut, mut all) = (0f64, 0f64, 0u64, 0u64);
         for (b, tl) in batches.iter().zip(token_loss) {
@@ -128,12 +135,18 @@ impl OpdRecord {
                 all += 1;
             }
         }
-        let mean = |x: f64, n: u64| if n > 0 { x / n as f64 } else { 0.0 };
-        self.advantage_reasoning = mean(adv[1], n[1]);
-        self.advantage_final = mean(adv[2], n[2]);
+        let mut sums = [adv[1], adv[2], n[1] as f64, n[2] as f64, mis, cut as f64, all as f64];
+        dist.all_reduce_f64(&mut sums)?;
+        let mut max = [mis_max];
+        dist.all_max_f64(&mut max)?;
+        let [adv_r, adv_f, n_r, n_f, mis, cut, all] = sums;
+        let mean = |x: f64, n: f64| if n > 0.0 { x / n } else { 0.0 };
+        self.advantage_reasoning = mean(adv_r, n_r);
+        self.advantage_final = mean(adv_f, n_f);
         self.mismatch_mean = mean(mis, all);
-        self.mismatch_max = mis_max;
-        self.clipped = mean(cut as f64, all);
+        self.mismatch_max = max[0];
+        self.clipped = mean(cut, all);
+        Ok(())
     }
 
     /// The progress line's part.

@@ -7,7 +7,7 @@ use super::{OpdConfig, TEACHER_LOGP_FLOOR};
 use crate::backend::{Batch, WEIGHT_OPD};
 use crate::decode::sample::STOP;
 use crate::decode::sampler::{uniform, Sampling};
-use crate::decode::{generate, DecodeOn, Finish, GenConfig};
+use crate::decode::{generate_from, DecodeOn, Finish, GenConfig};
 use crate::state::TrainState;
 use crate::teacher::client::Client;
 use anyhow::{bail, ensure, Context, Result};
@@ -173,7 +173,8 @@ pub fn plan_prompts(
     Ok(out)
 }
 
-/// Samples (on `on`) and scores step `step`'s rollouts with the weights in `state`, at most
+/// Samples (on `on`) and scores rows `share` of step `step`'s rollouts (a data-parallel rank's;
+/// the same rollouts as when one rank samples them all) with the weights in `state`, at most
 /// `cap` completion tokens each.
 pub fn sample(
     s: &Sampler,
@@ -182,10 +183,11 @@ pub fn sample(
     step: u64,
     phase: &super::curriculum::Phase,
     cap: usize,
+    share: std::ops::Range<usize>,
 ) -> Result<Rollouts> {
-    let planned = plan_prompts(s, step, phase)?;
+    let planned: Vec<_> = plan_prompts(s, step, phase)?.drain(share.clone()).collect();
     let t0 = Instant::now();
-    let mut dec = on.decoder(&s.graph, &s.plan, state, s.rows)?;
+    let mut dec = on.decoder(&s.graph, &s.plan, state, planned.len())?;
     let gen = GenConfig {
         sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 },
         seed: splitmix64(s.seed ^ 0x726f_6c6c_6f75_7473) ^ step,
@@ -193,7 +195,8 @@ pub fn sample(
         stop: STOP.to_vec(),
     };
     let prompts: Vec<Vec<u32>> = planned.iter().map(|p| p.0.clone()).collect();
-    let generated = generate(&mut dec, &prompts, &gen, |_, _| {}).context("sampling rollouts")?;
+    let generated =
+        generate_from(&mut dec, &prompts, share.start as u64, &gen, |_, _| {}).context("sampling rollouts")?;
     drop(dec);
     let sample_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();

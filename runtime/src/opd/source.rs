@@ -12,13 +12,17 @@
 //! there). Rollouts never wait longer: a step's rollouts come from the weights of its own step
 //! or the one before. Rollouts in flight when a checkpoint is written are discarded by a resume
 //! and counted.
+//!
+//! Data parallel, each rank samples and scores the rollouts of its own micro-batches (the rows
+//! one rank would give them, the same draws) and the step's statistics are summed over ranks.
 
 use super::curriculum::Phase;
 use super::rollout::{self, Prompts, Rollouts, Sampler};
 use super::{OpdConfig, OpdRecord, OpdRun};
-use crate::backend::{seed_step, Backend};
+use crate::backend::{seed, span_counts, Backend};
 use crate::checkpoint::Meta;
 use crate::decode::sampler::uniform;
+use crate::dist::Dist;
 use crate::teacher::client::Client;
 use crate::train::{Datasets, Drawn, Source, TrainConfig};
 use anyhow::{anyhow, ensure, Context, Result};
@@ -84,11 +88,19 @@ pub struct Opd {
     throttle: Throttle,
     /// When the last draw returned (the trainer has trained since).
     last_draw: Option<Instant>,
+    dist: Dist,
 }
 
 impl Opd {
     /// Connects to the teacher and opens the prompts and the anchor's datasets.
-    pub fn open(plan: &Plan, data: &[(PathBuf, f64)], cfg: &TrainConfig, run: &OpdRun, steps: u64) -> Result<Opd> {
+    pub fn open(
+        plan: &Plan,
+        data: &[(PathBuf, f64)],
+        cfg: &TrainConfig,
+        run: &OpdRun,
+        steps: u64,
+        dist: &Dist,
+    ) -> Result<Opd> {
         let opd = cfg.opd.clone().context("internal: an OPD source without OPD settings")?;
         let max_new_tokens = opd.max_new_tokens;
         crate::decode::sample::require_harmony(plan)?;
@@ -106,7 +118,7 @@ impl Opd {
             rows: cfg.micro_batch * cfg.grad_accum,
         };
         Ok(Opd {
-            anchor: Datasets::open(data, cfg, &crate::dist::Dist::single())?,
+            anchor: Datasets::open(data, cfg, dist)?,
             sampler: Arc::new(sampler),
             blend: data.len(),
             steps,
@@ -117,6 +129,7 @@ impl Opd {
             pending: None,
             throttle: Throttle::new(max_new_tokens),
             last_draw: None,
+            dist: dist.clone(),
         })
     }
 
@@ -162,7 +175,8 @@ impl Opd {
             self.discarded += self.sampler.rows as u64;
         }
         let (phase, cap) = (self.phase(), self.throttle.cap);
-        let r = rollout::sample(&self.sampler, &be.decode_on(), &be.state()?, step, &phase, cap)?;
+        let share = self.dist.share(self.sampler.rows);
+        let r = rollout::sample(&self.sampler, &be.decode_on(), &be.state()?, step, &phase, cap, share)?;
         Ok((r, t0.elapsed().as_secs_f64()))
     }
 
@@ -172,10 +186,10 @@ impl Opd {
             return Ok(());
         }
         let (state, sampler, phase, cap) = (be.state()?, self.sampler.clone(), self.phase(), self.throttle.cap);
-        let on = be.decode_on();
+        let (on, share) = (be.decode_on(), self.dist.share(self.sampler.rows));
         let handle = std::thread::Builder::new()
             .name("opd-sampler".into())
-            .spawn(move || rollout::sample(&sampler, &on, &state, next, &phase, cap))
+            .spawn(move || rollout::sample(&sampler, &on, &state, next, &phase, cap, share))
             .context("starting the rollout sampler")?;
         self.pending = Some((next, handle));
         Ok(())
@@ -196,6 +210,11 @@ impl Source for Opd {
         let mut rec = self.record();
         let trained = self.last_draw.map(|t| t.elapsed().as_secs_f64());
         let (r, stall) = self.rollouts(be, step)?;
+        // The slowest rank's times, so every rank throttles alike.
+        let mut times = [stall, trained.unwrap_or(0.0), r.sample_seconds, r.score_seconds];
+        self.dist.all_max_f64(&mut times)?;
+        let [stall, slowest, sample_s, score_s] = times;
+        let trained = trained.map(|_| slowest);
         // Only a pipelined step waits on a buffer; a synchronous one samples by design.
         if let (Some(trained), 1) = (trained, r.policy_step.abs_diff(step)) {
             rec.note = self.throttle.update(stall, trained, self.cfg().max_new_tokens);
@@ -203,24 +222,34 @@ impl Source for Opd {
         let lag = step - r.policy_step;
         ensure!(lag <= self.cfg().max_lag, "internal: rollouts of step {} trained at step {step}", r.policy_step);
         let mut batches = rollout::batches(&r.rows, cfg.seq_len, cfg.micro_batch, self.cfg().ratio_clip);
-        let counts = seed_step(&mut batches, &plan.arch, cfg.span_weights);
-        self.opd_tokens += counts[1] + counts[2];
-        let (mut len, sampled) = ([0u64; 3], r.rows.iter().map(|x| x.completion.len()).sum::<usize>() as f64);
+        // The whole step's sums: span tokens, rollouts and completion tokens per effort, valid
+        // rollouts, rollouts, floored teacher values.
+        let mut sums = span_counts(&batches).to_vec();
+        sums.extend([0u64; 9]);
         for x in &r.rows {
             let m = x.effort as usize; // low, medium, high
-            rec.modes[m] += 1;
-            len[m] += x.completion.len() as u64;
+            sums[3 + m] += 1;
+            sums[6 + m] += x.completion.len() as u64;
         }
+        sums[9] = r.rows.iter().filter(|x| x.valid).count() as u64;
+        sums[10] = r.rows.len() as u64;
+        sums[11] = r.floored;
+        self.dist.all_reduce_u64(&mut sums)?;
+        let counts = [sums[0], sums[1], sums[2]];
+        seed(&mut batches, &plan.arch, cfg.span_weights, &counts, cfg.grad_accum);
+        self.opd_tokens += counts[1] + counts[2];
+        rec.modes = [sums[3], sums[4], sums[5]];
         rec.length_by_mode =
-            [0, 1, 2].map(|m| if rec.modes[m] > 0 { len[m] as f64 / rec.modes[m] as f64 } else { 0.0 });
-        rec.valid_rate = r.rows.iter().filter(|x| x.valid).count() as f64 / r.rows.len().max(1) as f64;
+            [0, 1, 2].map(|m| if sums[3 + m] > 0 { sums[6 + m] as f64 / sums[3 + m] as f64 } else { 0.0 });
+        let sampled = (sums[6] + sums[7] + sums[8]) as f64;
+        rec.valid_rate = sums[9] as f64 / sums[10].max(1) as f64;
         rec.phase = r.phase.clone();
         rec.opd_tokens = self.opd_tokens;
         rec.lag = lag;
         rec.stall_s = stall;
-        rec.sample_tok_s = sampled / r.sample_seconds.max(1e-9);
-        rec.score_tok_s = sampled / r.score_seconds.max(1e-9);
-        rec.teacher_floored = r.floored;
+        rec.sample_tok_s = sampled / sample_s.max(1e-9);
+        rec.score_tok_s = sampled / score_s.max(1e-9);
+        rec.teacher_floored = sums[11];
         self.prefetch(be, step + 1)?;
         rec.buffer = self.pending.is_some() as usize;
         (rec.cap, rec.high_cut) = (self.throttle.cap, self.throttle.high_cut);

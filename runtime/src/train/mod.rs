@@ -132,10 +132,6 @@ fn validate(cfg: &TrainConfig, plan: &Plan, dist: &crate::dist::Dist) -> Result<
     ensure!(cfg.grad_accum >= 1, "--grad-accum must be at least 1");
     dist.check_micro_batches(cfg.grad_accum)?;
     ensure!(
-        cfg.opd.is_none() || dist.world() == 1,
-        "stage 3 (--opd-teacher) trains on one rank; it has no data-parallel form yet"
-    );
-    ensure!(
         cfg.seq_len >= 1 && cfg.seq_len as u64 <= plan.arch.max_seq,
         "--seq-len {} must be in 1..={} (the architecture's max_sequence_length)",
         cfg.seq_len,
@@ -215,7 +211,7 @@ pub fn train(
     };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
         (None, None) => Box::new(Datasets::open(data, cfg, dist)?),
-        (Some(_), Some(run)) => Box::new(crate::opd::Opd::open(plan, data, cfg, run, opts.steps)?),
+        (Some(_), Some(run)) => Box::new(crate::opd::Opd::open(plan, data, cfg, run, opts.steps, dist)?),
         _ => bail!("internal: stage 3 needs both its settings and its teacher"),
     };
     let eval_data = data.iter().find_map(|(d, _)| eval_split(d));
@@ -258,7 +254,7 @@ pub fn train(
         let mut drawn = source.draw(plan, cfg, &*be)?;
         let acc = accumulate(be, &drawn, cfg.grad_accum, dist, step)?;
         if let (Some(r), Some(o)) = (drawn.opd.as_mut(), &cfg.opd) {
-            r.add_trained(&drawn.batches, &acc.token_loss, o.ratio_clip);
+            r.add_trained(&drawn.batches, &acc.token_loss, o.ratio_clip, dist)?;
         }
         let stats = update(be, plan, cfg, step)?;
         let mut rec = StepRecord::new(step, cfg, &drawn, &acc, &stats, t0.elapsed().as_secs_f64());

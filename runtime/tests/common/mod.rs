@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use vpmoe_compiler::{compile_arch, config, Plan};
 use vpmoe_ir::Graph;
 use vpmoe_runtime::bundled_sample_dataset;
+use vpmoe_runtime::dist::{tcp::TcpCollective, Dist, Rank};
 use vpmoe_runtime::train::{RunOptions, TrainConfig};
 
 /// The repository root: where the test binary was built, unless `VPMOE_REPO_ROOT` says otherwise
@@ -121,4 +122,39 @@ pub fn run_config(steps: u64, micro_batch: usize, seq_len: usize, ckpt_dir: Path
         shard_optimizer: false,
     };
     (cfg, opts)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Rank `rank` of `world` meeting at 127.0.0.1:`port`.
+pub fn rank(rank: usize, world: usize, port: u16) -> Rank {
+    let master = format!("127.0.0.1:{port}");
+    Rank { rank, world, local_rank: rank, local_world: world, master, launcher: "test" }
+}
+
+/// Runs `f(dist)` on `world` ranks (threads, each with its own TCP connection as between
+/// processes) joined by the TCP collective; results in rank order.
+pub fn on_ranks<T: Send>(world: usize, f: impl Fn(Dist) -> T + Sync) -> Vec<T> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let f = &f;
+                s.spawn(move || {
+                    let rk = rank(r, world, port);
+                    let dist = match world {
+                        1 => Dist::single(),
+                        _ => {
+                            let comm = TcpCollective::connect(&rk, std::time::Duration::from_secs(60)).unwrap();
+                            Dist::new(rk, std::sync::Arc::new(comm))
+                        }
+                    };
+                    f(dist)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }

@@ -135,18 +135,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
     };
     if let Some(url) = a.opd.opd_teacher.clone() {
         let (c, run) = opd_settings(&a.opd, url, &cfg, a.steps, &data)?;
-        println!(
-            "stage 3: on-policy distillation against {} ({}), prompts {}, CE anchor {:.0}%, max lag {}, ratio clip {}, \
-             ≤ {} new tokens, budget {} OPD tokens",
-            run.teacher.url,
-            run.teacher.api.as_str(),
-            run.prompts.display(),
-            100.0 * c.ce_anchor,
-            c.max_lag,
-            c.ratio_clip,
-            c.max_new_tokens,
-            c.token_budget
-        );
+        if root {
+            println!(
+                "stage 3: on-policy distillation against {} ({}), prompts {}, CE anchor {:.0}%, max lag {}, ratio clip {}, \
+                 ≤ {} new tokens, budget {} OPD tokens",
+                run.teacher.url,
+                run.teacher.api.as_str(),
+                run.prompts.display(),
+                100.0 * c.ce_anchor,
+                c.max_lag,
+                c.ratio_clip,
+                c.max_new_tokens,
+                c.token_budget
+            );
+        }
         (cfg.opd, opts.opd) = (Some(c), Some(run));
     }
     if dist.world() > 1 && root {
