@@ -24,9 +24,22 @@ pub fn compiled(rel: &str) -> (Graph, Plan) {
     compile_arch(&config::load(&root().join(rel)).unwrap()).unwrap()
 }
 
-/// A fresh temporary directory named after the test binary, `name` and this process.
+/// A fresh temporary directory named after the test binary, `name` and this process. The first
+/// call removes the directories earlier runs of this binary left (their process is gone), so
+/// checkpoints of failed or interrupted runs do not pile up.
 pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vpmoe-{}-{name}-{}", env!("CARGO_CRATE_NAME"), std::process::id()));
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    let prefix = format!("vpmoe-{}-", env!("CARGO_CRATE_NAME"));
+    SWEEP.call_once(|| {
+        for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            let pid = n.strip_prefix(&prefix).and_then(|r| r.rsplit('-').next()).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let d = std::env::temp_dir().join(format!("{prefix}{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
