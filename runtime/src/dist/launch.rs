@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// Runs `args` (a vpmoe-rt command line) as ranks `0..nproc` of one job and waits for all of
 /// them; fails naming every rank that did not exit cleanly.
@@ -33,12 +34,33 @@ pub fn launch(nproc: usize, port: Option<u16>, args: &[String]) -> Result<()> {
             .with_context(|| format!("starting rank {rank}"))?;
         children.push((rank, child));
     }
-    let mut failed = Vec::new();
-    for (rank, mut child) in children {
-        let status = child.wait().with_context(|| format!("waiting for rank {rank}"))?;
-        if !status.success() {
-            failed.push(format!("rank {rank} ({status})"));
+    // Wait for every rank. Once one fails, the others normally stop at their next collective,
+    // naming it; any still running after GRACE (stuck before the rendezvous, say) are killed.
+    const GRACE: Duration = Duration::from_secs(30);
+    let (mut failed, mut first_failure) = (Vec::new(), None::<Instant>);
+    let mut live: Vec<(usize, Child)> = children;
+    while !live.is_empty() {
+        let mut still = Vec::new();
+        for (rank, mut child) in live {
+            match child.try_wait().with_context(|| format!("waiting for rank {rank}"))? {
+                Some(status) if status.success() => {}
+                Some(status) => {
+                    failed.push(format!("rank {rank} ({status})"));
+                    first_failure.get_or_insert_with(Instant::now);
+                }
+                None if first_failure.is_some_and(|t| t.elapsed() > GRACE) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failed.push(format!(
+                        "rank {rank} (still running {} s after the first failure: killed)",
+                        GRACE.as_secs()
+                    ));
+                }
+                None => still.push((rank, child)),
+            }
         }
+        live = still;
+        std::thread::sleep(Duration::from_millis(50));
     }
     if !failed.is_empty() {
         bail!("{} of {nproc} ranks failed: {}", failed.len(), failed.join(", "));
