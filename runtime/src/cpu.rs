@@ -72,14 +72,16 @@ impl Gemm for FastGemm {
 /// The tensors the graph reads for each parameter: bf16 parameters are their fp32 masters
 /// rounded to bf16 (D9).
 pub fn model_tensors(plan: &Plan, master: &[Vec<f32>]) -> Vec<Tensor> {
-    plan.params
-        .iter()
-        .zip(master)
-        .map(|(p, w)| {
-            let v = if p.ty.dtype == DType::Bf16 { w.iter().map(|&x| round_bf16(x)).collect() } else { w.clone() };
-            Tensor::f32(p.ty.shape(0), v)
-        })
-        .collect()
+    plan.params.iter().zip(master).map(|(p, w)| Tensor::f32(p.ty.shape(0), model_values(p, w))).collect()
+}
+
+/// The model copy of (part of) parameter `p`'s masters `w`: rounded to bf16 where `p` is bf16.
+pub fn model_values(p: &vpmoe_compiler::plan::ParamEntry, w: &[f32]) -> Vec<f32> {
+    if p.ty.dtype == DType::Bf16 {
+        w.iter().map(|&x| round_bf16(x)).collect()
+    } else {
+        w.to_vec()
+    }
 }
 
 /// What [`CpuBackend::observe`] calls after each node: the node, its inputs, its outputs.
@@ -156,8 +158,7 @@ impl<'g> CpuBackend<'g> {
     fn refresh_frozen(&mut self) {
         for (i, (p, w)) in self.plan.params.iter().zip(&self.state.master).enumerate() {
             if !p.trainable() {
-                let v = if p.ty.dtype == DType::Bf16 { w.iter().map(|&x| round_bf16(x)).collect() } else { w.clone() };
-                self.model[i] = Tensor::f32(p.ty.shape(0), v);
+                self.model[i] = Tensor::f32(p.ty.shape(0), model_values(p, w));
             }
         }
     }

@@ -10,8 +10,8 @@ use crate::state::TrainState;
 use anyhow::{bail, Result};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::optim::{self, AdamHyper, NormuonHyper, PolarExpress};
-use vpmoe_ir::reference::{round_bf16, Gemm};
-use vpmoe_ir::{DType, Role};
+use vpmoe_ir::reference::Gemm;
+use vpmoe_ir::Role;
 
 /// The first parameter whose gradient holds a NaN or ±Inf, if any.
 fn first_non_finite(plan: &Plan, grads: &[Vec<f32>]) -> Option<String> {
@@ -207,12 +207,7 @@ impl Sharded {
             let (mut out, mut at) = (Vec::with_capacity(self.shard.master.len()), 0);
             for &k in &self.shard.units {
                 let u = &self.units[k];
-                let w = &self.shard.master[at..at + u.len()];
-                if plan.params[u.param].ty.dtype == DType::Bf16 {
-                    out.extend(w.iter().map(|&x| round_bf16(x)));
-                } else {
-                    out.extend_from_slice(w);
-                }
+                out.extend(crate::cpu::model_values(&plan.params[u.param], &self.shard.master[at..at + u.len()]));
                 at += u.len();
             }
             out
