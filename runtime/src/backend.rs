@@ -324,6 +324,11 @@ pub trait Backend {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats>;
     /// The backend-independent training state (for checkpoints; the cuda backend downloads it).
     fn state(&self) -> Result<crate::state::TrainState>;
+    /// ZeRO-1: this rank's part of the optimizer and the state of the rest (frozen masters, step
+    /// count), which a checkpoint writes without gathering the whole state.
+    fn shard(&self) -> Option<(&crate::dist::zero::Shard, &crate::state::TrainState)> {
+        None
+    }
     /// Optimizer steps applied so far (without fetching the state).
     fn step_count(&self) -> u64;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;

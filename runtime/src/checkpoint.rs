@@ -4,13 +4,16 @@
 //! `keep` are removed afterwards, so a crash never leaves a partial checkpoint and never costs
 //! the last good one.
 
+use crate::dist::zero::{self, Shard};
+use crate::dist::Dist;
 use crate::state::TrainState;
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::Plan;
 use vpmoe_ir::DType;
@@ -87,38 +90,84 @@ fn step_dir(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step_{step:08}"))
 }
 
-/// Saves `st` with `meta` (whose checksums are filled in here); returns the checkpoint path.
-pub fn save(dir: &Path, plan: &Plan, st: &TrainState, mut meta: Meta, keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bytes = encode(plan, st)?;
-    meta.state_sha256 = sha256_hex(&bytes);
-    meta.master_sha256 = st.checksum();
+/// The training state one rank writes into a checkpoint.
+pub enum Part<'a> {
+    /// A whole state: one process, or one rank of a replicated optimizer, which writes the units
+    /// ZeRO-1 would give it (so the ranks share the writing either way).
+    Whole(&'a TrainState),
+    /// ZeRO-1: this rank's shard; the state holds the replicated frozen masters and the step count.
+    Shard(&'a Shard, &'a TrainState),
+}
+
+/// Saves a whole state with `meta` from one process; returns the checkpoint path.
+pub fn save(dir: &Path, plan: &Plan, st: &TrainState, meta: Meta, keep: usize) -> Result<PathBuf> {
+    Ok(save_part(dir, plan, Part::Whole(st), meta, keep, &Dist::single())?.0)
+}
+
+/// Every rank of `dist` calls this together: rank 0 lays out `state.safetensors` under a
+/// temporary name, each rank writes its part into it, and once all have, rank 0 computes the
+/// checksums (into its `meta`), writes `meta.json`, renames the directory into place and removes
+/// checkpoints beyond the newest `keep`. Returns the path and the masters' checksum on every
+/// rank. The directory must be on a filesystem every rank sees.
+pub fn save_part(dir: &Path, plan: &Plan, part: Part, meta: Meta, keep: usize, dist: &Dist) -> Result<(PathBuf, String)> {
+    let layout = Layout::new(plan, meta.step)?;
     let fin = step_dir(dir, meta.step);
-    let tmp = dir.join(format!(".step_{:08}.tmp-{}", meta.step, std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let write = || -> Result<()> {
-        std::fs::write(tmp.join("state.safetensors"), &bytes)?;
+    // Rank 0 creates the temporary directory and tells the others its name ("" if it failed).
+    let made = if dist.is_root() { layout.create(dir, meta.step).map(Some) } else { Ok(None) };
+    let mut name = match &made {
+        Ok(Some(tmp)) => tmp.as_os_str().as_encoded_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    dist.broadcast(&mut name, 0)?;
+    made?;
+    ensure!(!name.is_empty(), "rank 0 could not lay out checkpoint {}", fin.display());
+    let tmp = PathBuf::from(String::from_utf8(name).context("checkpoint directory name")?);
+    let wrote = layout.write_part(plan, &part, &tmp, dist);
+    let mut failed = vec![0u64; dist.world()];
+    failed[dist.rank.rank] = wrote.is_err() as u64;
+    dist.all_reduce_u64(&mut failed)?;
+    if failed.iter().any(|&f| f > 0) {
+        if dist.is_root() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        wrote.with_context(|| format!("writing this rank's part of checkpoint {}", fin.display()))?;
+        let ranks: Vec<String> = failed.iter().enumerate().filter(|(_, &f)| f > 0).map(|(r, _)| r.to_string()).collect();
+        bail!("rank {} could not write its part of checkpoint {}", ranks.join(", "), fin.display());
+    }
+    // Rank 0 finishes and tells the others the masters' checksum ("" if it failed).
+    let done = if dist.is_root() { finish(dir, plan, &layout, &tmp, &fin, meta, keep) } else { Ok(String::new()) };
+    let mut sum = done.as_ref().map_or(Vec::new(), |s| s.as_bytes().to_vec());
+    dist.broadcast(&mut sum, 0)?;
+    done?;
+    ensure!(!sum.is_empty(), "rank 0 could not finish checkpoint {}", fin.display());
+    Ok((fin, String::from_utf8(sum).context("checksum")?))
+}
+
+/// Checksums, `meta.json`, the rename into place and the removal of old checkpoints; returns the
+/// masters' checksum.
+fn finish(dir: &Path, plan: &Plan, layout: &Layout, tmp: &Path, fin: &Path, mut meta: Meta, keep: usize) -> Result<String> {
+    let sealed = (|| -> Result<()> {
+        (meta.state_sha256, meta.master_sha256) = layout.checksums(plan, &tmp.join("state.safetensors"))?;
         std::fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
         Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    })();
+    if let Err(e) = sealed {
+        let _ = std::fs::remove_dir_all(tmp);
         return Err(e.context(format!("writing checkpoint into {}", tmp.display())));
     }
     if fin.exists() {
         let old = dir.join(format!(".step_{:08}.old-{}", meta.step, std::process::id()));
-        std::fs::rename(&fin, &old)?;
-        std::fs::rename(&tmp, &fin)?;
+        std::fs::rename(fin, &old)?;
+        std::fs::rename(tmp, fin)?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, &fin).with_context(|| format!("renaming into {}", fin.display()))?;
+        std::fs::rename(tmp, fin).with_context(|| format!("renaming into {}", fin.display()))?;
     }
     let all = list(dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         std::fs::remove_dir_all(old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
     }
-    Ok(fin)
+    Ok(meta.master_sha256)
 }
 
 /// Complete checkpoints in `dir`, oldest first.
@@ -173,30 +222,194 @@ pub fn resumable(dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
-fn encode(plan: &Plan, st: &TrainState) -> Result<Vec<u8>> {
-    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (i, p) in plan.params.iter().enumerate() {
-        let shape = p.ty.shape(0);
-        let f32s = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let model = if p.ty.dtype == DType::Bf16 {
-            let b: Vec<u16> = st.master[i].iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-            (Dtype::BF16, bytemuck::cast_slice::<u16, u8>(&b).to_vec())
-        } else {
-            (Dtype::F32, f32s(&st.master[i]))
-        };
-        bufs.push((format!("model/{}", p.name), model.0, shape.clone(), model.1));
-        bufs.push((format!("master/{}", p.name), Dtype::F32, shape.clone(), f32s(&st.master[i])));
-        if !st.m[i].is_empty() {
-            bufs.push((format!("opt.m/{}", p.name), Dtype::F32, shape.clone(), f32s(&st.m[i])));
-            let vshape = if st.v[i].len() == st.m[i].len() { shape } else { vec![st.v[i].len()] };
-            bufs.push((format!("opt.v/{}", p.name), Dtype::F32, vshape, f32s(&st.v[i])));
+/// Where each tensor of `state.safetensors` lies, whoever writes it: per parameter `model/`
+/// (bf16 where the parameter is), `master/`, and for trainable ones `opt.m/` and `opt.v/`, in the
+/// safetensors crate's order (f32 before bf16, then by name: every tensor aligned).
+struct Layout {
+    /// The length prefix and the JSON header, padded to 8 bytes.
+    header: Vec<u8>,
+    /// File offsets of each parameter's tensors.
+    slots: Vec<Slots>,
+    len: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slots {
+    model: u64,
+    master: u64,
+    m: u64,
+    v: u64,
+}
+
+impl Layout {
+    fn new(plan: &Plan, step: u64) -> Result<Layout> {
+        // (name, dtype, shape, bytes, parameter, which of its slots)
+        let mut ts = Vec::new();
+        for (i, p) in plan.params.iter().enumerate() {
+            let shape = p.ty.shape(0);
+            let (n, nm, nv) = TrainState::sizes(p);
+            let (dt, w) = if p.ty.dtype == DType::Bf16 { (Dtype::BF16, 2) } else { (Dtype::F32, 4) };
+            ts.push((format!("model/{}", p.name), dt, shape.clone(), n * w, i, 0));
+            ts.push((format!("master/{}", p.name), Dtype::F32, shape.clone(), n * 4, i, 1));
+            if nm > 0 {
+                let vshape = if nv == nm { shape.clone() } else { vec![nv] };
+                ts.push((format!("opt.m/{}", p.name), Dtype::F32, shape, nm * 4, i, 2));
+                ts.push((format!("opt.v/{}", p.name), Dtype::F32, vshape, nv * 4, i, 3));
+            }
         }
+        ts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let (mut infos, mut placed, mut at) = (Vec::new(), Vec::new(), 0usize);
+        for (name, dtype, shape, bytes, i, slot) in ts {
+            infos.push((name, safetensors::tensor::TensorInfo { dtype, shape, data_offsets: (at, at + bytes) }));
+            placed.push((i, slot, at as u64));
+            at += bytes;
+        }
+        let md = std::collections::HashMap::from([("step".to_string(), step.to_string())]);
+        let mut json = serde_json::to_vec(&safetensors::tensor::Metadata::new(Some(md), infos)?)?;
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut header = (json.len() as u64).to_le_bytes().to_vec();
+        header.extend(json);
+        let base = header.len() as u64;
+        let mut slots = vec![Slots::default(); plan.params.len()];
+        for (i, slot, off) in placed {
+            let s = &mut slots[i];
+            *[&mut s.model, &mut s.master, &mut s.m, &mut s.v][slot] = base + off;
+        }
+        Ok(Layout { len: base + at as u64, header, slots })
     }
-    let views: Vec<(String, TensorView)> =
-        bufs.iter().map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
-    let mut md = std::collections::HashMap::new();
-    md.insert("step".to_string(), st.step.to_string());
-    Ok(safetensors::serialize(views, Some(md))?)
+
+    /// Rank 0: a fresh temporary directory holding `state.safetensors` at its full length with
+    /// the header written.
+    fn create(&self, dir: &Path, step: u64) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join(format!(".step_{step:08}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let made = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp)?;
+            let f = std::fs::File::create(tmp.join("state.safetensors"))?;
+            f.set_len(self.len)?;
+            f.write_all_at(&self.header, 0)?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("creating checkpoint {}", tmp.display())));
+        }
+        Ok(tmp)
+    }
+
+    /// Writes this rank's units (and on rank 0 the frozen parameters) into `tmp`'s file.
+    fn write_part(&self, plan: &Plan, part: &Part, tmp: &Path, dist: &Dist) -> Result<()> {
+        let path = tmp.join("state.safetensors");
+        let f = std::fs::OpenOptions::new().write(true).open(&path).with_context(|| {
+            format!("opening {} (the checkpoint directory must be on a filesystem every rank sees)", path.display())
+        })?;
+        let mut w = RunWriter { f: &f, plan, layout: self, run: None };
+        let units = zero::units(plan);
+        let st = match part {
+            Part::Whole(st) => {
+                let owners = zero::owners(&units, dist.world());
+                for u in units.iter().zip(&owners).filter(|(_, &o)| o == dist.rank.rank).map(|(u, _)| u) {
+                    let (m, v) = (&st.m[u.param][u.lo..u.hi], &st.v[u.param][u.v.0..u.v.1]);
+                    w.add(u.param, u.lo, u.v.0, &st.master[u.param][u.lo..u.hi], m, v)?;
+                }
+                st
+            }
+            Part::Shard(sh, st) => {
+                let (mut a, mut b) = (0, 0);
+                for u in sh.units.iter().map(|&k| &units[k]) {
+                    let (n, nv) = (u.len(), zero::v_len(u));
+                    w.add(u.param, u.lo, u.v.0, &sh.master[a..a + n], &sh.m[a..a + n], &sh.v[b..b + nv])?;
+                    (a, b) = (a + n, b + nv);
+                }
+                st
+            }
+        };
+        if dist.is_root() {
+            for i in (0..plan.params.len()).filter(|&i| !plan.params[i].trainable()) {
+                w.add(i, 0, 0, &st.master[i], &[], &[])?;
+            }
+        }
+        w.flush().with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// SHA-256 of the whole file and of the masters in plan order, read back from `path`.
+    fn checksums(&self, plan: &Plan, path: &Path) -> Result<(String, String)> {
+        let f = std::fs::File::open(path).with_context(|| format!("reading back {}", path.display()))?;
+        let mut buf = vec![0u8; 16 << 20];
+        let mut hash = |h: &mut Sha256, mut at: u64, end: u64| -> Result<()> {
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], at)?;
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+            Ok(())
+        };
+        let mut whole = Sha256::new();
+        hash(&mut whole, 0, self.len)?;
+        let mut master = Sha256::new();
+        for (p, s) in plan.params.iter().zip(&self.slots) {
+            hash(&mut master, s.master, s.master + 4 * p.numel)?;
+        }
+        Ok((vpmoe_ir::hex(&whole.finalize()), vpmoe_ir::hex(&master.finalize())))
+    }
+}
+
+/// Writes a rank's units, joining units that continue each other into one write per tensor.
+struct RunWriter<'a> {
+    f: &'a std::fs::File,
+    plan: &'a Plan,
+    layout: &'a Layout,
+    run: Option<Run>,
+}
+
+/// Elements `[lo, lo + master.len())` of one parameter (second moments from `vlo`).
+struct Run {
+    param: usize,
+    lo: usize,
+    vlo: usize,
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl RunWriter<'_> {
+    /// Elements buffered before a run is written.
+    const MAX: usize = 16 << 20;
+
+    fn add(&mut self, param: usize, lo: usize, vlo: usize, master: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+        let joins = self.run.as_ref().is_some_and(|r| {
+            r.param == param && r.lo + r.master.len() == lo && r.vlo + r.v.len() == vlo && r.master.len() < Self::MAX
+        });
+        if !joins {
+            self.flush()?;
+            self.run = Some(Run { param, lo, vlo, master: Vec::new(), m: Vec::new(), v: Vec::new() });
+        }
+        let r = self.run.as_mut().expect("a run is open");
+        r.master.extend_from_slice(master);
+        r.m.extend_from_slice(m);
+        r.v.extend_from_slice(v);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let Some(r) = self.run.take() else { return Ok(()) };
+        let s = self.layout.slots[r.param];
+        let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        if self.plan.params[r.param].ty.dtype == DType::Bf16 {
+            let b: Vec<u16> = r.master.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+            self.f.write_all_at(bytemuck::cast_slice(&b), s.model + 2 * r.lo as u64)?;
+        } else {
+            self.f.write_all_at(&bytes(&r.master), s.model + 4 * r.lo as u64)?;
+        }
+        self.f.write_all_at(&bytes(&r.master), s.master + 4 * r.lo as u64)?;
+        if !r.m.is_empty() {
+            self.f.write_all_at(&bytes(&r.m), s.m + 4 * r.lo as u64)?;
+            self.f.write_all_at(&bytes(&r.v), s.v + 4 * r.vlo as u64)?;
+        }
+        Ok(())
+    }
 }
 
 /// A checkpoint's metadata.

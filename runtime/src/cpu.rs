@@ -378,6 +378,10 @@ impl Backend for CpuBackend<'_> {
         }
     }
 
+    fn shard(&self) -> Option<(&crate::dist::zero::Shard, &TrainState)> {
+        self.sharded.as_ref().map(|s| (&s.shard, &self.state))
+    }
+
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
         CpuBackend::distribute(self, dist, shard_optimizer);
         Ok(())

@@ -198,9 +198,10 @@ fn zero1_is_bitwise_the_replicated_optimizer() {
     let (cfg, opts) = base(3, 4, PathBuf::new());
     for world in [2, 4] {
         let mut o = opts.clone();
-        o.ckpt_dir = tmp(&format!("z{world}"));
+        let (zdir, rdir) = (tmp(&format!("z{world}")), tmp(&format!("r{world}")));
+        o.ckpt_dir = zdir.clone();
         let sharded = train_on(world, true, &cfg, &o, cfg.seed);
-        o.ckpt_dir = tmp(&format!("r{world}"));
+        o.ckpt_dir = rdir.clone();
         let replicated = train_on(world, false, &cfg, &o, cfg.seed);
         assert_eq!(sharded.state, replicated.state, "world {world}: masters and moments");
         for (x, y) in sharded.records.iter().zip(&replicated.records) {
@@ -210,8 +211,10 @@ fn zero1_is_bitwise_the_replicated_optimizer() {
         // The checkpoint holds the whole state, as one rank writes it.
         let (_, st) = checkpoint::load(&checkpoint::latest(&o.ckpt_dir).unwrap().unwrap(), &compiled(ARCH).1).unwrap();
         assert_eq!(st, replicated.state);
-        for d in [format!("z{world}"), format!("r{world}")] {
-            let _ = std::fs::remove_dir_all(tmp(&d));
+        let file = |d: &PathBuf| std::fs::read(checkpoint::latest(d).unwrap().unwrap().join("state.safetensors"));
+        assert!(file(&zdir).unwrap() == file(&rdir).unwrap(), "world {world}: the same file");
+        for d in [zdir, rdir] {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
@@ -250,6 +253,73 @@ fn a_checkpoint_of_world_two_resumes_at_one_two_and_four() {
     for d in ["straight2", "saved2"] {
         let _ = std::fs::remove_dir_all(tmp(d));
     }
+}
+
+/// Ranks write one checkpoint, each its part (a ZeRO-1 shard or its share of a whole state),
+/// byte for byte the file one process writes — which is the safetensors crate's serialisation.
+#[test]
+fn ranks_write_one_checkpoint_in_the_safetensors_layout() {
+    use safetensors::tensor::{Dtype, TensorView};
+    use vpmoe_runtime::checkpoint::Part;
+    use vpmoe_runtime::dist::zero::{self, Shard};
+    let (_, plan) = compiled(ARCH);
+    let mut st = TrainState::init(&plan, 7);
+    // Moments unlike each other and the masters, so a misplaced slice shows.
+    for (i, (m, v)) in st.m.iter_mut().zip(&mut st.v).enumerate() {
+        m.iter_mut().enumerate().for_each(|(j, x)| *x = (i * 1000 + j) as f32 * 1e-3);
+        v.iter_mut().enumerate().for_each(|(j, x)| *x = (i * 7 + j) as f32 * 1e-2 + 0.5);
+    }
+    st.step = 5;
+    let mut meta = checkpoint::step0_meta(&plan, serde_json::json!({"test": true}), 1, Default::default());
+    meta.step = 5;
+    let file = |dir: &PathBuf, f: &str| std::fs::read(dir.join("step_00000005").join(f)).unwrap();
+    let one = tmp("ckpt-one");
+    checkpoint::save(&one, &plan, &st, meta.clone(), 1).unwrap();
+    let bytes = file(&one, "state.safetensors");
+    let mut bufs = Vec::new();
+    for (i, p) in plan.params.iter().enumerate() {
+        let shape = p.ty.shape(0);
+        let f32s = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        let model = if p.ty.dtype == vpmoe_ir::DType::Bf16 {
+            let b: Vec<u16> = st.master[i].iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            (Dtype::BF16, bytemuck::cast_slice::<u16, u8>(&b).to_vec())
+        } else {
+            (Dtype::F32, f32s(&st.master[i]))
+        };
+        bufs.push((format!("model/{}", p.name), model.0, shape.clone(), model.1));
+        bufs.push((format!("master/{}", p.name), Dtype::F32, shape.clone(), f32s(&st.master[i])));
+        if !st.m[i].is_empty() {
+            let vshape = if st.v[i].len() == st.m[i].len() { shape.clone() } else { vec![st.v[i].len()] };
+            bufs.push((format!("opt.m/{}", p.name), Dtype::F32, shape, f32s(&st.m[i])));
+            bufs.push((format!("opt.v/{}", p.name), Dtype::F32, vshape, f32s(&st.v[i])));
+        }
+    }
+    let views: Vec<(String, TensorView)> =
+        bufs.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let md = std::collections::HashMap::from([("step".to_string(), "5".to_string())]);
+    assert!(bytes == safetensors::serialize(views, Some(md)).unwrap(), "the safetensors crate's bytes");
+    let (_, back) = checkpoint::load(&one.join("step_00000005"), &plan).unwrap();
+    assert_eq!(back, st);
+    for (world, sharded) in [(2, false), (3, true), (4, true)] {
+        let dir = tmp(&format!("ckpt-{world}"));
+        let sums = on_ranks(world, |dist| {
+            let (units, keep) = (zero::units(&plan), st.clone());
+            let shard = Shard::take(&units, &zero::owners(&units, world), dist.rank.rank, &st);
+            let mut rest = st.clone();
+            for i in (0..plan.params.len()).filter(|&i| plan.params[i].trainable()) {
+                (rest.master[i], rest.m[i], rest.v[i]) = Default::default();
+            }
+            let part = if sharded { Part::Shard(&shard, &rest) } else { Part::Whole(&keep) };
+            checkpoint::save_part(&dir, &plan, part, meta.clone(), 1, &dist).unwrap()
+        });
+        for (p, sum) in sums {
+            assert_eq!((p, sum), (dir.join("step_00000005"), st.checksum()), "world {world}: path and checksum");
+        }
+        assert!(file(&dir, "state.safetensors") == bytes, "world {world}: the one-process file");
+        assert_eq!(file(&dir, "meta.json"), file(&one, "meta.json"), "world {world}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let _ = std::fs::remove_dir_all(one);
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -207,7 +207,7 @@ pub fn train(
         prov: Provenance::new(plan, &inputs)?,
         dir: &opts.ckpt_dir,
         keep: opts.keep,
-        writer: dist.is_root(),
+        dist,
     };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
         (None, None) => Box::new(Datasets::open(data, cfg, dist)?),

@@ -4,7 +4,7 @@
 use super::source::Source;
 use super::TrainConfig;
 use crate::backend::Backend;
-use crate::checkpoint::{self, LrState, Meta, Rng};
+use crate::checkpoint::{self, LrState, Meta, Part, Rng};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vpmoe_compiler::Plan;
@@ -87,19 +87,24 @@ pub(super) struct Checkpoints<'a> {
     pub prov: Provenance,
     pub dir: &'a Path,
     pub keep: usize,
-    /// Whether this process writes them (rank 0 of a data-parallel job).
-    pub writer: bool,
+    /// The data-parallel job; its rank 0 finishes each checkpoint and reports.
+    pub dist: &'a crate::dist::Dist,
 }
 
 impl Checkpoints<'_> {
     /// Saves `be` and the stream `source` (keeping the newest `keep`); returns the checkpoint's
-    /// path and the masters' checksum. Every rank gathers the state; the writer writes it.
+    /// path and the masters' checksum. A collective: each rank writes its part
+    /// ([`checkpoint::save_part`]).
     pub(super) fn save(&self, be: &dyn Backend, source: &dyn Source, rng: &Rng) -> Result<(PathBuf, String)> {
         let (plan, cfg) = (self.plan, self.cfg);
-        let st = be.state()?;
-        if !self.writer {
-            return Ok((self.dir.join(format!("step_{:08}", st.step)), st.checksum()));
-        }
+        let whole;
+        let (part, st) = match be.shard() {
+            Some((shard, st)) => (Part::Shard(shard, st), st),
+            None => {
+                whole = be.state()?;
+                (Part::Whole(&whole), &whole)
+            }
+        };
         let lr = |s: u64| cfg.schedule.lr_at(s);
         let mut meta = Meta {
             format: checkpoint::FORMAT,
@@ -129,7 +134,7 @@ impl Checkpoints<'_> {
             master_sha256: String::new(),
         };
         source.save(&mut meta);
-        Ok((checkpoint::save(self.dir, plan, &st, meta, self.keep)?, st.checksum()))
+        checkpoint::save_part(self.dir, plan, part, meta, self.keep, self.dist)
     }
 
     /// Continues the run of the newest checkpoint: the backend's state, the stream and the RNG;
@@ -145,7 +150,7 @@ impl Checkpoints<'_> {
         let (meta, st) = checkpoint::load(&p, self.plan)?;
         source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
         be.set_state(st)?;
-        if self.writer {
+        if self.dist.is_root() {
             eprintln!("resumed from {} (step {})", p.display(), meta.step);
         }
         Ok(meta.rng)
