@@ -324,6 +324,10 @@ pub trait Backend {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats>;
     /// The backend-independent training state (for checkpoints; the cuda backend downloads it).
     fn state(&self) -> Result<crate::state::TrainState>;
+    /// The masters alone, moments left empty: what a decoder reads (evaluation, rollouts).
+    fn weights(&self) -> Result<crate::state::TrainState> {
+        self.state()
+    }
     /// ZeRO-1: this rank's part of the optimizer and the state of the rest (frozen masters, step
     /// count), which a checkpoint writes without gathering the whole state.
     fn shard(&self) -> Option<(&crate::dist::zero::Shard, &crate::state::TrainState)> {
@@ -406,6 +410,7 @@ pub(crate) fn fold_micro(
 
 /// Refuses a training state whose tensor sizes do not fit the plan (before anything is replaced).
 pub(crate) fn check_state(plan: &vpmoe_compiler::Plan, st: &crate::state::TrainState) -> Result<()> {
+    check_weights(plan, st)?;
     for ((p, w), (m, v)) in plan.params.iter().zip(&st.master).zip(st.m.iter().zip(&st.v)) {
         let want = crate::state::TrainState::sizes(p);
         if (w.len(), m.len(), v.len()) != want {
@@ -414,6 +419,20 @@ pub(crate) fn check_state(plan: &vpmoe_compiler::Plan, st: &crate::state::TrainS
                 p.name,
                 (w.len(), m.len(), v.len())
             );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses masters that are not the plan's (a decoder reads no moments).
+pub(crate) fn check_weights(plan: &vpmoe_compiler::Plan, st: &crate::state::TrainState) -> Result<()> {
+    let n = plan.params.len();
+    if (st.master.len(), st.m.len(), st.v.len()) != (n, n, n) {
+        bail!("a state of {} parameters; the plan has {n}", st.master.len());
+    }
+    for (p, w) in plan.params.iter().zip(&st.master) {
+        if w.len() != p.numel as usize {
+            bail!("weights of {} have {} elements, the plan needs {}", p.name, w.len(), p.numel);
         }
     }
     Ok(())

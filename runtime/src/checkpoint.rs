@@ -109,7 +109,14 @@ pub fn save(dir: &Path, plan: &Plan, st: &TrainState, meta: Meta, keep: usize) -
 /// checksums (into its `meta`), writes `meta.json`, renames the directory into place and removes
 /// checkpoints beyond the newest `keep`. Returns the path and the masters' checksum on every
 /// rank. The directory must be on a filesystem every rank sees.
-pub fn save_part(dir: &Path, plan: &Plan, part: Part, meta: Meta, keep: usize, dist: &Dist) -> Result<(PathBuf, String)> {
+pub fn save_part(
+    dir: &Path,
+    plan: &Plan,
+    part: Part,
+    meta: Meta,
+    keep: usize,
+    dist: &Dist,
+) -> Result<(PathBuf, String)> {
     let layout = Layout::new(plan, meta.step)?;
     let fin = step_dir(dir, meta.step);
     // Rank 0 creates the temporary directory and tells the others its name ("" if it failed).
@@ -131,7 +138,8 @@ pub fn save_part(dir: &Path, plan: &Plan, part: Part, meta: Meta, keep: usize, d
             let _ = std::fs::remove_dir_all(&tmp);
         }
         wrote.with_context(|| format!("writing this rank's part of checkpoint {}", fin.display()))?;
-        let ranks: Vec<String> = failed.iter().enumerate().filter(|(_, &f)| f > 0).map(|(r, _)| r.to_string()).collect();
+        let ranks: Vec<String> =
+            failed.iter().enumerate().filter(|(_, &f)| f > 0).map(|(r, _)| r.to_string()).collect();
         bail!("rank {} could not write its part of checkpoint {}", ranks.join(", "), fin.display());
     }
     // Rank 0 finishes and tells the others the masters' checksum ("" if it failed).
@@ -145,7 +153,15 @@ pub fn save_part(dir: &Path, plan: &Plan, part: Part, meta: Meta, keep: usize, d
 
 /// Checksums, `meta.json`, the rename into place and the removal of old checkpoints; returns the
 /// masters' checksum.
-fn finish(dir: &Path, plan: &Plan, layout: &Layout, tmp: &Path, fin: &Path, mut meta: Meta, keep: usize) -> Result<String> {
+fn finish(
+    dir: &Path,
+    plan: &Plan,
+    layout: &Layout,
+    tmp: &Path,
+    fin: &Path,
+    mut meta: Meta,
+    keep: usize,
+) -> Result<String> {
     let sealed = (|| -> Result<()> {
         (meta.state_sha256, meta.master_sha256) = layout.checksums(plan, &tmp.join("state.safetensors"))?;
         std::fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(&meta)?)?;
@@ -336,21 +352,11 @@ impl Layout {
     /// SHA-256 of the whole file and of the masters in plan order, read back from `path`.
     fn checksums(&self, plan: &Plan, path: &Path) -> Result<(String, String)> {
         let f = std::fs::File::open(path).with_context(|| format!("reading back {}", path.display()))?;
-        let mut buf = vec![0u8; 16 << 20];
-        let mut hash = |h: &mut Sha256, mut at: u64, end: u64| -> Result<()> {
-            while at < end {
-                let n = ((end - at) as usize).min(buf.len());
-                f.read_exact_at(&mut buf[..n], at)?;
-                h.update(&buf[..n]);
-                at += n as u64;
-            }
-            Ok(())
-        };
         let mut whole = Sha256::new();
-        hash(&mut whole, 0, self.len)?;
+        hash_range(&f, &mut whole, 0, self.len)?;
         let mut master = Sha256::new();
         for (p, s) in plan.params.iter().zip(&self.slots) {
-            hash(&mut master, s.master, s.master + 4 * p.numel)?;
+            hash_range(&f, &mut master, s.master, s.master + 4 * p.numel)?;
         }
         Ok((vpmoe_ir::hex(&whole.finalize()), vpmoe_ir::hex(&master.finalize())))
     }
@@ -422,16 +428,31 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
     Ok(meta)
 }
 
-/// Loads a checkpoint's metadata and state, validating every tensor against the plan.
+/// Loads a checkpoint's metadata and state, validating every tensor against the plan. The file
+/// is read piecewise (its checksum streamed, each tensor read into place), so loading holds the
+/// state once.
 pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
     let meta = read_meta(path)?;
     let sp = path.join("state.safetensors");
-    let bytes = std::fs::read(&sp).with_context(|| format!("reading {}", sp.display()))?;
-    if sha256_hex(&bytes) != meta.state_sha256 {
+    let f = std::fs::File::open(&sp).with_context(|| format!("reading {}", sp.display()))?;
+    let len = f.metadata()?.len();
+    let mut whole = Sha256::new();
+    hash_range(&f, &mut whole, 0, len).with_context(|| format!("reading {}", sp.display()))?;
+    if vpmoe_ir::hex(&whole.finalize()) != meta.state_sha256 {
         bail!("{}: contents do not match the checksum in meta.json (damaged or replaced)", sp.display());
     }
-    let t =
-        safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not safetensors", sp.display()))?;
+    let header = (|| -> Result<(u64, safetensors::tensor::Metadata)> {
+        let mut n = [0u8; 8];
+        f.read_exact_at(&mut n, 0)?;
+        let n = u64::from_le_bytes(n);
+        ensure!(n < len, "header length {n} beyond the file's {len} bytes");
+        let mut json = vec![0u8; n as usize];
+        f.read_exact_at(&mut json, 8)?;
+        let md: safetensors::tensor::Metadata = serde_json::from_slice(&json)?;
+        ensure!(8 + n + md.data_len() as u64 == len, "tensors end at {} of {len} bytes", 8 + n + md.data_len() as u64);
+        Ok((8 + n, md))
+    })();
+    let (base, md) = header.with_context(|| format!("{}: not safetensors", sp.display()))?;
     let mut st = TrainState { step: meta.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
     for p in &plan.params {
         let (n, nm, nv) = TrainState::sizes(p);
@@ -440,11 +461,12 @@ pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
                 return Ok(Vec::new());
             }
             let name = format!("{kind}/{}", p.name);
-            let v = t.tensor(&name).with_context(|| format!("{}: missing tensor {name}", sp.display()))?;
-            ensure!(v.dtype() == Dtype::F32, "{}: {name} is {:?}, expected F32", sp.display(), v.dtype());
-            let data: Vec<f32> =
-                v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            ensure!(data.len() == want, "{}: {name} has {} elements, the plan needs {want}", sp.display(), data.len());
+            let t = md.info(&name).with_context(|| format!("{}: missing tensor {name}", sp.display()))?;
+            ensure!(t.dtype == Dtype::F32, "{}: {name} is {:?}, expected F32", sp.display(), t.dtype);
+            let got = (t.data_offsets.1 - t.data_offsets.0) / 4;
+            ensure!(got == want, "{}: {name} has {got} elements, the plan needs {want}", sp.display());
+            let mut data = vec![0f32; want];
+            f.read_exact_at(bytemuck::cast_slice_mut(&mut data), base + t.data_offsets.0 as u64)?;
             Ok(data)
         };
         st.master.push(get("master", n)?);
@@ -455,4 +477,16 @@ pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
         bail!("{}: master weights do not match the checksum in meta.json", sp.display());
     }
     Ok((meta, st))
+}
+
+/// Adds bytes `[at, end)` of `f` to `h`.
+fn hash_range(f: &std::fs::File, h: &mut Sha256, mut at: u64, end: u64) -> Result<()> {
+    let mut buf = vec![0u8; (16 << 20).min(end.saturating_sub(at)) as usize];
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
 }

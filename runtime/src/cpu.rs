@@ -350,16 +350,7 @@ impl Backend for CpuBackend<'_> {
                 stats
             }
             None => {
-                if self.dist.world() > 1 {
-                    let mut flat: Vec<f32> = self.grads.iter().flatten().copied().collect();
-                    self.dist.all_reduce_f32(&mut flat)?;
-                    let mut at = 0;
-                    for g in &mut self.grads {
-                        let k = g.len();
-                        g.copy_from_slice(&flat[at..at + k]);
-                        at += k;
-                    }
-                }
+                crate::dist::all_reduce_tensors(&self.dist, &mut self.grads)?;
                 let st = &mut self.state;
                 let stats = crate::optim::apply(self.plan, st, &mut self.grads, loads, s, self.gemm.as_ref())?;
                 self.refresh_model();
@@ -376,6 +367,16 @@ impl Backend for CpuBackend<'_> {
             Some(sh) => sh.full_state(self.plan, &self.dist, &self.state),
             None => Ok(self.state.clone()),
         }
+    }
+
+    fn weights(&self) -> Result<TrainState> {
+        let mut st =
+            TrainState { step: self.state.step, master: self.state.master.clone(), m: Vec::new(), v: Vec::new() };
+        if let Some(sh) = &self.sharded {
+            sh.gather_masters(self.plan, &self.dist, &mut st.master)?;
+        }
+        (st.m, st.v) = (vec![Vec::new(); st.master.len()], vec![Vec::new(); st.master.len()]);
+        Ok(st)
     }
 
     fn shard(&self) -> Option<(&crate::dist::zero::Shard, &TrainState)> {

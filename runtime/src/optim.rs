@@ -281,6 +281,16 @@ impl Sharded {
         }
     }
 
+    /// Every rank's trainable masters, gathered into `master` (per parameter, in plan order).
+    pub fn gather_masters(&self, plan: &Plan, dist: &Dist, master: &mut [Vec<f32>]) -> Result<()> {
+        for (w, p) in master.iter_mut().zip(&plan.params).filter(|(_, p)| p.trainable()) {
+            w.resize(p.numel as usize, 0.0);
+        }
+        let all = dist.all_gather_f32(&self.shard.master, &self.counts(dist.world()))?;
+        self.scatter(dist.world(), &all, false, master);
+        Ok(())
+    }
+
     /// The whole training state, gathered from every rank (`st`: the replicated frozen masters
     /// and the step count).
     pub fn full_state(&self, plan: &Plan, dist: &Dist, st: &TrainState) -> Result<TrainState> {
@@ -288,12 +298,12 @@ impl Sharded {
         let (counts, vcounts) = (self.counts(world), zero::counts(&self.units, &self.owners, world, zero::v_len));
         let mut full = TrainState { step: st.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
         for (i, p) in plan.params.iter().enumerate() {
-            let (n, m, v) = TrainState::sizes(p);
-            full.master.push(if p.trainable() { vec![0.0; n] } else { st.master[i].clone() });
+            let (_, m, v) = TrainState::sizes(p);
+            full.master.push(if p.trainable() { Vec::new() } else { st.master[i].clone() });
             full.m.push(vec![0.0; m]);
             full.v.push(vec![0.0; v]);
         }
-        self.scatter(world, &dist.all_gather_f32(&self.shard.master, &counts)?, false, &mut full.master);
+        self.gather_masters(plan, dist, &mut full.master)?;
         self.scatter(world, &dist.all_gather_f32(&self.shard.m, &counts)?, false, &mut full.m);
         self.scatter(world, &dist.all_gather_f32(&self.shard.v, &vcounts)?, true, &mut full.v);
         Ok(full)

@@ -74,7 +74,7 @@ impl CudaEngine {
         plan_dir: Option<&Path>,
     ) -> Result<CudaEngine> {
         ensure!(slots > 0, "at least one sequence slot");
-        crate::backend::check_state(plan, state)?;
+        crate::backend::check_weights(plan, state)?;
         let program = lower_decode(graph)?;
         let gpu = super::device::open()?;
         let max_len = plan.arch.max_seq as usize;

@@ -491,7 +491,11 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn state(&self) -> Result<TrainState> {
-        self.opt.state().context("downloading the training state from the GPU")
+        self.opt.state(true).context("downloading the training state from the GPU")
+    }
+
+    fn weights(&self) -> Result<TrainState> {
+        self.opt.state(false).context("downloading the weights from the GPU")
     }
 
     fn step_count(&self) -> u64 {
@@ -517,7 +521,8 @@ impl Backend for CudaBackend<'_> {
         }
         if shard_optimizer {
             bail!(
-                "the cuda backend trains data parallel with the replicated optimizer only: pass                  --replicated-optimizer (the sharded optimizer, ZeRO-1, runs on --backend cpu)"
+                "the cuda backend trains data parallel with the replicated optimizer only: pass \
+                 --replicated-optimizer (the sharded optimizer, ZeRO-1, runs on --backend cpu)"
             );
         }
         if self.gpu.emulated {

@@ -285,19 +285,25 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    /// The full training state (downloads the groups).
-    pub fn state(&self) -> Result<TrainState> {
+    /// The training state, downloading the groups: with `moments`, the full state; without,
+    /// the masters alone (moments empty).
+    pub fn state(&self, moments: bool) -> Result<TrainState> {
         let mut st = self.host.clone();
         for g in &self.groups {
             for m in &g.lay.members {
                 let i = m.param;
                 st.master[i] = vec![0.0; m.len as usize];
-                st.m[i] = vec![0.0; m.len as usize];
-                st.v[i] = vec![0.0; m.v_len as usize];
                 download(g.master.ptr + m.off * 4, &mut st.master[i])?;
-                download(g.m.ptr + m.off * 4, &mut st.m[i])?;
-                download(g.v.ptr + m.v_off * 4, &mut st.v[i])?;
+                if moments {
+                    st.m[i] = vec![0.0; m.len as usize];
+                    st.v[i] = vec![0.0; m.v_len as usize];
+                    download(g.m.ptr + m.off * 4, &mut st.m[i])?;
+                    download(g.v.ptr + m.v_off * 4, &mut st.v[i])?;
+                }
             }
+        }
+        if !moments {
+            st.m.iter_mut().chain(&mut st.v).for_each(Vec::clear);
         }
         Ok(st)
     }

@@ -216,7 +216,7 @@ impl CpuEngine {
 
     pub fn new(graph: &Graph, plan: &Plan, state: &TrainState, slots: usize) -> Result<CpuEngine> {
         ensure!(slots > 0, "at least one sequence slot");
-        crate::backend::check_state(plan, state)?;
+        crate::backend::check_weights(plan, state)?;
         let program = lower_decode(graph)?;
         let width = program.caches[0].width;
         ensure!(program.caches.iter().all(|c| c.width == width), "attention layers of different widths");

@@ -236,13 +236,57 @@ pub fn all_reduce_loads(dist: &Dist, loads: &mut [(u32, Vec<u64>)]) -> Result<()
     if dist.world() == 1 {
         return Ok(());
     }
-    let mut flat: Vec<u64> = loads.iter().flat_map(|(_, n)| n.iter().copied()).collect();
-    dist.all_reduce_u64(&mut flat)?;
-    let mut at = 0;
-    for (_, n) in loads.iter_mut() {
-        let k = n.len();
-        n.copy_from_slice(&flat[at..at + k]);
-        at += k;
+    let mut parts: Vec<&mut [u64]> = loads.iter_mut().map(|(_, n)| n.as_mut_slice()).collect();
+    reduce_parts(&mut parts, BUCKET, |x| dist.all_reduce_u64(x))
+}
+
+/// Each tensor summed over ranks in rank order (fp32 gradient sums).
+pub fn all_reduce_tensors(dist: &Dist, tensors: &mut [Vec<f32>]) -> Result<()> {
+    if dist.world() == 1 {
+        return Ok(());
+    }
+    let mut parts: Vec<&mut [f32]> = tensors.iter_mut().map(|t| t.as_mut_slice()).collect();
+    reduce_parts(&mut parts, BUCKET, |x| dist.all_reduce_f32(x))
+}
+
+/// Elements per collective when many tensors are reduced: the staging copy is one bucket, not
+/// all of them.
+const BUCKET: usize = 1 << 24;
+
+/// Runs `reduce` over consecutive pieces of `parts` packed into buckets of `bucket` elements (a
+/// larger tensor is split). Sums are element-wise, so the bucketing changes no bit.
+fn reduce_parts<T: Copy + Default>(
+    parts: &mut [&mut [T]],
+    bucket: usize,
+    mut reduce: impl FnMut(&mut [T]) -> Result<()>,
+) -> Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![T::default(); total.min(bucket)];
+    let (mut part, mut off) = (0, 0);
+    while part < parts.len() {
+        // (part, offset, length) of each piece in the bucket.
+        let (mut pieces, mut n) = (Vec::new(), 0);
+        while part < parts.len() && n < buf.len() {
+            let k = (parts[part].len() - off).min(buf.len() - n);
+            buf[n..n + k].copy_from_slice(&parts[part][off..off + k]);
+            pieces.push((part, off, k));
+            (n, off) = (n + k, off + k);
+            if off == parts[part].len() {
+                (part, off) = (part + 1, 0);
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        reduce(&mut buf[..n])?;
+        let mut at = 0;
+        for (p, o, k) in pieces {
+            parts[p][o..o + k].copy_from_slice(&buf[at..at + k]);
+            at += k;
+        }
     }
     Ok(())
 }
@@ -250,6 +294,22 @@ pub fn all_reduce_loads(dist: &Dist, loads: &mut [(u32, Vec<u64>)]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensors_are_reduced_in_full_buckets_each_element_once() {
+        let mut t: Vec<Vec<u64>> = [0, 5, 3, 0, 10, 1].iter().map(|&n| (0..n).map(|i| 100 * n + i).collect()).collect();
+        let want: Vec<Vec<u64>> = t.iter().map(|v| v.iter().map(|x| x + 1).collect()).collect();
+        let mut sizes = Vec::new();
+        let mut parts: Vec<&mut [u64]> = t.iter_mut().map(|v| v.as_mut_slice()).collect();
+        reduce_parts(&mut parts, 4, |x| {
+            sizes.push(x.len());
+            x.iter_mut().for_each(|v| *v += 1);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(t, want);
+        assert_eq!(sizes, [4, 4, 4, 4, 3]);
+    }
 
     fn vars(kv: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: std::collections::HashMap<String, String> =

@@ -176,7 +176,7 @@ impl Opd {
         }
         let (phase, cap) = (self.phase(), self.throttle.cap);
         let share = self.dist.share(self.sampler.rows);
-        let r = rollout::sample(&self.sampler, &be.decode_on(), &be.state()?, step, &phase, cap, share)?;
+        let r = rollout::sample(&self.sampler, &be.decode_on(), &be.weights()?, step, &phase, cap, share)?;
         Ok((r, t0.elapsed().as_secs_f64()))
     }
 
@@ -185,7 +185,7 @@ impl Opd {
         if self.cfg().max_lag == 0 || next >= self.steps || self.is_anchor(next) {
             return Ok(());
         }
-        let (state, sampler, phase, cap) = (be.state()?, self.sampler.clone(), self.phase(), self.throttle.cap);
+        let (state, sampler, phase, cap) = (be.weights()?, self.sampler.clone(), self.phase(), self.throttle.cap);
         let (on, share) = (be.decode_on(), self.dist.share(self.sampler.rows));
         let handle = std::thread::Builder::new()
             .name("opd-sampler".into())

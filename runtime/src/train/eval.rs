@@ -67,7 +67,7 @@ impl Sampled {
 
     /// Adds the canary loss and the validity rate at `be`'s weights to `e`.
     pub fn add(&self, plan: &vpmoe_compiler::Plan, be: &dyn Backend, e: &mut EvalRecord) -> Result<()> {
-        let state = be.state()?;
+        let state = be.weights()?;
         // Continuous batching over a few slots: the caches stay small whatever the prompt count.
         let mut dec = be.decode_on().decoder(&self.graph, plan, &state, self.prompts.len().clamp(1, 8))?;
         if let Some(c) = &self.canary {

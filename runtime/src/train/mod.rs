@@ -201,14 +201,8 @@ pub fn train(
     } else {
         None
     };
-    let ckpts = Checkpoints {
-        plan,
-        cfg,
-        prov: Provenance::new(plan, &inputs)?,
-        dir: &opts.ckpt_dir,
-        keep: opts.keep,
-        dist,
-    };
+    let ckpts =
+        Checkpoints { plan, cfg, prov: Provenance::new(plan, &inputs)?, dir: &opts.ckpt_dir, keep: opts.keep, dist };
     let mut source: Box<dyn Source> = match (&cfg.opd, &opts.opd) {
         (None, None) => Box::new(Datasets::open(data, cfg, dist)?),
         (Some(_), Some(run)) => Box::new(crate::opd::Opd::open(plan, data, cfg, run, opts.steps, dist)?),
