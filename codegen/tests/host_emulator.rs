@@ -33,6 +33,33 @@ fn run(tmp: &Path, group: Option<&str>, env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
+/// Runs `jobs` (group, environment) on the cores the machine has, each as its own process of the
+/// build under `tmp` (which the first call, listing the groups, made); outputs in job order.
+fn run_all(tmp: &Path, jobs: &[(Option<String>, Vec<(&str, &str)>)]) -> Vec<Output> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let outs: Vec<std::sync::Mutex<Option<Output>>> = jobs.iter().map(|_| Default::default()).collect();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((group, env)) = jobs.get(i) else { break };
+                *outs[i].lock().unwrap() = Some(run(tmp, group.as_deref(), env));
+            });
+        }
+    });
+    outs.into_iter().map(|o| o.into_inner().unwrap().expect("every job ran")).collect()
+}
+
+/// The suite's groups (`run.sh --groups`), building it under `tmp` with `env`.
+fn groups(tmp: &Path, env: &[(&str, &str)]) -> Vec<String> {
+    let out = run(tmp, Some("--groups"), env);
+    assert!(out.status.success(), "building the suite failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let groups: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert!(groups.len() >= 10 && groups.iter().any(|g| g == "optim"), "groups: {groups:?}");
+    groups
+}
+
 fn suite_passed(out: &Output, what: &str) {
     let text = String::from_utf8_lossy(&out.stdout);
     let failed: Vec<&str> = text.lines().filter(|l| l.contains("FAIL")).collect();
@@ -59,6 +86,7 @@ fn every_kernel_family_matches_the_reference_under_every_schedule() {
         return;
     }
     let tmp = Scratch::new("schedules");
+    groups(&tmp.0, &[]);
     let schedules: [(&str, &str); 8] = [
         ("12345", "random"),
         ("1", "random"),
@@ -69,13 +97,18 @@ fn every_kernel_family_matches_the_reference_under_every_schedule() {
         ("12345", "in-order"),
         ("12345", "reverse"),
     ];
-    for (seed, mode) in schedules {
-        let out = run(&tmp.0, None, &[("VPMOE_EMU_SEED", seed), ("VPMOE_EMU_MODE", mode)]);
-        suite_passed(&out, &format!("VPMOE_EMU_SEED={seed} VPMOE_EMU_MODE={mode}"));
+    // The whole suite under each schedule, and the broken kernels: each is reported (the
+    // group's own check), and said so by name.
+    let mut jobs: Vec<(Option<String>, Vec<(&str, &str)>)> = schedules
+        .iter()
+        .map(|&(seed, mode)| (None, vec![("VPMOE_EMU_SEED", seed), ("VPMOE_EMU_MODE", mode)]))
+        .collect();
+    jobs.push((Some("broken".to_string()), vec![]));
+    let mut outs = run_all(&tmp.0, &jobs);
+    let out = outs.pop().expect("the broken kernels ran");
+    for ((seed, mode), o) in schedules.iter().zip(&outs) {
+        suite_passed(o, &format!("VPMOE_EMU_SEED={seed} VPMOE_EMU_MODE={mode}"));
     }
-
-    // Each broken kernel is reported (the group's own check), and said so by name.
-    let out = run(&tmp.0, Some("broken"), &[]);
     suite_passed(&out, "broken kernels");
     let text = String::from_utf8_lossy(&out.stdout);
     for name in [
@@ -98,14 +131,18 @@ fn every_kernel_family_is_race_free_under_thread_sanitizer() {
     }
     let tmp = Scratch::new("tsan");
     let tsan = [("SAN", "thread"), ("TSAN_OPTIONS", "halt_on_error=0")];
-    let out = run(&tmp.0, None, &tsan);
-    suite_passed(&out, "SAN=thread");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("ThreadSanitizer"), "ThreadSanitizer reports:\n{stderr}");
-
-    // A plain `+=` by every thread of a block gives the right sum on every schedule; only the
-    // sanitizer sees it.
-    let out = run(&tmp.0, Some("broken-race"), &tsan);
+    // Every group (a process each, on the machine's cores), and the racy kernel: a plain `+=` by
+    // every thread of a block gives the right sum on every schedule; only the sanitizer sees it.
+    let mut jobs: Vec<(Option<String>, Vec<(&str, &str)>)> =
+        groups(&tmp.0, &tsan).into_iter().map(|g| (Some(g), tsan.to_vec())).collect();
+    jobs.push((Some("broken-race".to_string()), tsan.to_vec()));
+    let mut outs = run_all(&tmp.0, &jobs);
+    let out = outs.pop().expect("the racy kernel ran");
+    for ((g, _), o) in jobs.iter().zip(&outs) {
+        suite_passed(o, &format!("SAN=thread, group {}", g.as_deref().unwrap_or("")));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("ThreadSanitizer"), "ThreadSanitizer reports:\n{stderr}");
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("ThreadSanitizer: data race") && stderr.contains("racy_accumulate"),

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds and runs the host-emulated kernel tests (optionally one group: small gemm grouped attn
-# router dispatch loss bwd-small bwd-gemm bwd-attn bwd-router bwd-loss optim, or a broken-* group
-# of deliberately wrong kernels). SAN=address adds AddressSanitizer/UBSan (out-of-bounds global
+# router dispatch loss bwd-small bwd-gemm bwd-attn bwd-router bwd-loss optim, as `--groups`
+# lists them, or a broken-* group of deliberately wrong kernels). SAN=address adds AddressSanitizer/UBSan (out-of-bounds global
 # reads); SAN=thread builds the kernels under ThreadSanitizer (races; emu.cpp's EMU_TSAN). The
 # schedule follows VPMOE_EMU_SEED and VPMOE_EMU_MODE (emu.cpp). A build is reused while no source
 # is newer.
