@@ -145,6 +145,25 @@ impl Toolchain {
         vpmoe_ir::hex(&h.finalize())
     }
 
+    /// [`Toolchain::compile`] for each `(name, source)` of `units`, on as many threads as the
+    /// machine has cores; results in `units`' order.
+    pub fn compile_all(&self, units: &[(String, String)], arch: &str, cache_dir: &Path) -> Vec<Result<Compiled>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let out: Vec<std::sync::Mutex<Option<Result<Compiled>>>> = units.iter().map(|_| Default::default()).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.len());
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, src)) = units.get(i) else { break };
+                    *out[i].lock().expect("no thread panics holding it") =
+                        Some(self.compile(name, src, arch, cache_dir));
+                });
+            }
+        });
+        out.into_iter().map(|r| r.into_inner().expect("no thread panics holding it").expect("every unit ran")).collect()
+    }
+
     /// Compiles one translation unit to PTX and a CUBIN for `arch`, through the cache in `cache_dir`.
     pub fn compile(&self, name: &str, src: &str, arch: &str, cache_dir: &Path) -> Result<Compiled> {
         let key = self.cache_key(src, arch);
@@ -160,8 +179,10 @@ impl Toolchain {
         let (ptx, cubin, log) = compile_uncached(name, src, &self.options(arch))?;
         std::fs::create_dir_all(cache_dir).with_context(|| format!("creating cache {}", cache_dir.display()))?;
         // Write each file under a temporary name and rename, the log (checked last on lookup) last.
+        static TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (ext, bytes) in [("cubin", cubin.as_slice()), ("ptx", ptx.as_bytes()), ("log", log.as_bytes())] {
-            let tmp = base.with_extension(format!("{ext}.tmp{}", std::process::id()));
+            let tmp = base.with_extension(format!("{ext}.tmp{}-{n}", std::process::id()));
             std::fs::write(&tmp, bytes)?;
             std::fs::rename(&tmp, base.with_extension(ext))?;
         }

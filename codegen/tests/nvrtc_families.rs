@@ -134,9 +134,9 @@ fn every_family_compiles_for_sm90a() {
         assert!(specs.iter().any(|(s, _)| s.family == f.name), "no test instantiation of family {}", f.name);
     }
     let mut failures = Vec::new();
-    for (spec, block) in &specs {
-        let src = shim(spec, *block);
-        match tc.compile(&spec.name(), &src, "sm_90a", &cache) {
+    let units: Vec<(String, String)> = specs.iter().map(|(spec, block)| (spec.name(), shim(spec, *block))).collect();
+    for ((spec, _), got) in specs.iter().zip(tc.compile_all(&units, "sm_90a", &cache)) {
+        match got {
             Ok(c) => {
                 assert!(c.cubin.starts_with(b"\x7fELF"), "{}: not an ELF cubin", spec.name());
                 assert!(c.ptx.contains(&spec.name()), "{}: entry point missing from PTX", spec.name());

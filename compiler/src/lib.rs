@@ -220,16 +220,23 @@ fn fill_plan_dir(graph: &Graph, plan: &Plan, dir: &Path, opts: &KernelOptions) -
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let mut table = serde_json::Map::new();
-    for k in &plan.kernels {
-        let spec = vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() };
-        let src = vpmoe_codegen::shim(&spec, k.block);
-        std::fs::write(kdir.join(format!("{}.cu", k.name)), &src)?;
-        let c = tc.compile(&k.name, &src, &opts.arch, &opts.cache_dir)?;
+    let units: Vec<(String, String)> = plan
+        .kernels
+        .iter()
+        .map(|k| {
+            let spec = vpmoe_codegen::KernelSpec { family: k.family.clone(), targs: k.targs.clone() };
+            (k.name.clone(), vpmoe_codegen::shim(&spec, k.block))
+        })
+        .collect();
+    let compiled = tc.compile_all(&units, &opts.arch, &opts.cache_dir);
+    for ((k, (_, src)), c) in plan.kernels.iter().zip(&units).zip(compiled) {
+        std::fs::write(kdir.join(format!("{}.cu", k.name)), src)?;
+        let c = c?;
         std::fs::write(kdir.join(format!("{}.ptx", k.name)), &c.ptx)?;
         std::fs::write(kdir.join(format!("{}.cubin", k.name)), &c.cubin)?;
         std::fs::write(kdir.join(format!("{}.log", k.name)), &c.log)?;
         if let Some(d) = &opts.dump_dir {
-            std::fs::write(d.join(format!("{}.cu", k.name)), &src)?;
+            std::fs::write(d.join(format!("{}.cu", k.name)), src)?;
             std::fs::write(d.join(format!("{}.ptx", k.name)), &c.ptx)?;
         }
         if c.cached {
