@@ -33,9 +33,12 @@ fn run(tmp: &Path, group: Option<&str>, env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
+/// One run of the suite: the group (all when `None`) and extra environment.
+type Job<'a> = (Option<String>, Vec<(&'a str, &'a str)>);
+
 /// Runs `jobs` (group, environment) on the cores the machine has, each as its own process of the
 /// build under `tmp` (which the first call, listing the groups, made); outputs in job order.
-fn run_all(tmp: &Path, jobs: &[(Option<String>, Vec<(&str, &str)>)]) -> Vec<Output> {
+fn run_all(tmp: &Path, jobs: &[Job]) -> Vec<Output> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let outs: Vec<std::sync::Mutex<Option<Output>>> = jobs.iter().map(|_| Default::default()).collect();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len());
@@ -99,7 +102,7 @@ fn every_kernel_family_matches_the_reference_under_every_schedule() {
     ];
     // The whole suite under each schedule, and the broken kernels: each is reported (the
     // group's own check), and said so by name.
-    let mut jobs: Vec<(Option<String>, Vec<(&str, &str)>)> = schedules
+    let mut jobs: Vec<Job> = schedules
         .iter()
         .map(|&(seed, mode)| (None, vec![("VPMOE_EMU_SEED", seed), ("VPMOE_EMU_MODE", mode)]))
         .collect();
@@ -133,8 +136,7 @@ fn every_kernel_family_is_race_free_under_thread_sanitizer() {
     let tsan = [("SAN", "thread"), ("TSAN_OPTIONS", "halt_on_error=0")];
     // Every group (a process each, on the machine's cores), and the racy kernel: a plain `+=` by
     // every thread of a block gives the right sum on every schedule; only the sanitizer sees it.
-    let mut jobs: Vec<(Option<String>, Vec<(&str, &str)>)> =
-        groups(&tmp.0, &tsan).into_iter().map(|g| (Some(g), tsan.to_vec())).collect();
+    let mut jobs: Vec<Job> = groups(&tmp.0, &tsan).into_iter().map(|g| (Some(g), tsan.to_vec())).collect();
     jobs.push((Some("broken-race".to_string()), tsan.to_vec()));
     let mut outs = run_all(&tmp.0, &jobs);
     let out = outs.pop().expect("the racy kernel ran");
