@@ -24,6 +24,25 @@ pub fn full_tier(test: &str) -> bool {
     full
 }
 
+/// `f` of every item, on as many threads as the machine has cores (each takes the next item);
+/// results in `items`' order. Kernel builds (NVRTC, the host emulator's g++) are independent.
+pub fn on_cores<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    use std::sync::{atomic::AtomicUsize, atomic::Ordering, Mutex};
+    let next = AtomicUsize::new(0);
+    let out: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                *out[i].lock().expect("no thread panicked holding it") = Some(f(item));
+            });
+        }
+    });
+    out.into_iter().map(|r| r.into_inner().expect("no thread panicked holding it").expect("every item ran")).collect()
+}
+
 /// Version of the generated code; part of every plan fingerprint and cache key.
 pub const CODEGEN_VERSION: &str = concat!("vpmoe-codegen ", env!("CARGO_PKG_VERSION"));
 
@@ -72,6 +91,19 @@ pub fn shim(spec: &KernelSpec, block: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_cores_maps_every_item_once_in_order() {
+        let items: Vec<u64> = (0..100).collect();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let out = on_cores(&items, |x| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            x * x
+        });
+        assert_eq!(out, items.iter().map(|x| x * x).collect::<Vec<_>>());
+        assert_eq!(calls.into_inner(), 100);
+        assert!(on_cores(&[] as &[u64], |x| *x).is_empty());
+    }
 
     /// The shim's whole text for one kernel: every kernel's shim is this format with its family's
     /// header, parameters and template arguments.

@@ -148,20 +148,7 @@ impl Toolchain {
     /// [`Toolchain::compile`] for each `(name, source)` of `units`, on as many threads as the
     /// machine has cores; results in `units`' order.
     pub fn compile_all(&self, units: &[(String, String)], arch: &str, cache_dir: &Path) -> Vec<Result<Compiled>> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let out: Vec<std::sync::Mutex<Option<Result<Compiled>>>> = units.iter().map(|_| Default::default()).collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.len());
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((name, src)) = units.get(i) else { break };
-                    *out[i].lock().expect("no thread panics holding it") =
-                        Some(self.compile(name, src, arch, cache_dir));
-                });
-            }
-        });
-        out.into_iter().map(|r| r.into_inner().expect("no thread panics holding it").expect("every unit ran")).collect()
+        crate::on_cores(units, |(name, src)| self.compile(name, src, arch, cache_dir))
     }
 
     /// Compiles one translation unit to PTX and a CUBIN for `arch`, through the cache in `cache_dir`.

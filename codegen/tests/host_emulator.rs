@@ -36,22 +36,10 @@ fn run(tmp: &Path, group: Option<&str>, env: &[(&str, &str)]) -> Output {
 /// One run of the suite: the group (all when `None`) and extra environment.
 type Job<'a> = (Option<String>, Vec<(&'a str, &'a str)>);
 
-/// Runs `jobs` (group, environment) on the cores the machine has, each as its own process of the
-/// build under `tmp` (which the first call, listing the groups, made); outputs in job order.
+/// Runs `jobs` on the machine's cores, each as its own process of the build under `tmp` (which
+/// the first call, listing the groups, made); outputs in job order.
 fn run_all(tmp: &Path, jobs: &[Job]) -> Vec<Output> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let outs: Vec<std::sync::Mutex<Option<Output>>> = jobs.iter().map(|_| Default::default()).collect();
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len());
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some((group, env)) = jobs.get(i) else { break };
-                *outs[i].lock().unwrap() = Some(run(tmp, group.as_deref(), env));
-            });
-        }
-    });
-    outs.into_iter().map(|o| o.into_inner().unwrap().expect("every job ran")).collect()
+    vpmoe_codegen::on_cores(jobs, |(group, env)| run(tmp, group.as_deref(), env))
 }
 
 /// The suite's groups (`run.sh --groups`), building it under `tmp` with `env`.
