@@ -438,6 +438,50 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
     assert_tracks(&loss_of[1], &loss_of[0], "cublas against the generated GEMMs");
 }
 
+/// Data parallel on the cuda backend: two ranks of one micro-batch each train as one rank of
+/// two. A rank's gradient sum is the one micro-batch's, and the all-reduce adds the two in rank
+/// order — the same single fp32 addition one rank makes accumulating its second micro-batch — so
+/// the masters, moments and losses are bit for bit one rank's. On the host emulator the gradient
+/// buffers cross through the TCP collective (NCCL needs a GPU per rank: `scripts/gpu-check multi`
+/// runs this over NCCL on 2+ GPUs).
+#[test]
+fn two_ranks_train_as_one() {
+    if !gpu("two_ranks_train_as_one") {
+        return;
+    }
+    if std::env::var_os("VPMOE_EMU_SRC").is_none() {
+        let _ =
+            writeln!(std::io::stderr(), "SKIPPED two_ranks_train_as_one: one GPU per rank (scripts/gpu-check multi)");
+        return;
+    }
+    let (g, plan) = small();
+    let data = sample_data_for(plan.arch.vocab);
+    let run = |world: usize, dir: PathBuf| {
+        let mut outs = common::on_ranks(world, |dist| {
+            let (mut c, mut o) = cfg(&plan, 2, dir.clone());
+            c.grad_accum = 2;
+            (o.dist, o.shard_optimizer) = (dist, false);
+            let tokens = c.micro_batch * c.seq_len;
+            let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, false).unwrap();
+            train::train(&mut be, &plan, &data, &c, &o).unwrap()
+        });
+        for o in &outs[1..] {
+            assert_eq!(o.state, outs[0].state, "every rank ends with rank 0's state");
+        }
+        outs.swap_remove(0)
+    };
+    let (d1, d2) = (tmp("dp-cuda-1"), tmp("dp-cuda-2"));
+    let (one, two) = (run(1, d1.clone()), run(2, d2.clone()));
+    assert_same_state(&one.state, &two.state, 2);
+    let losses = |o: &train::Outcome| o.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&one), losses(&two));
+    let written = vpmoe_runtime::checkpoint::latest(&d2).unwrap().expect("rank 0 saved");
+    assert_eq!(vpmoe_runtime::checkpoint::load(&written, &plan).unwrap().1, two.state);
+    for d in [d1, d2] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// `log p(next token)` at every position from `from[s]` of each sequence `seqs[s]`, fed by
 /// teacher forcing through `dec` (3 slots): a new sequence's prompt (`from[s] + 1` tokens) in one
 /// call whose last token alone asks for logits, then one token a step; a finished sequence's slot
@@ -589,6 +633,7 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         "host_momentum_gives_the_same_state_bit_for_bit",
         "graph_replay_gives_the_same_state_bit_for_bit",
         "decoding_tracks_the_cpu_decoder",
+        "two_ranks_train_as_one",
     ];
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(tests)

@@ -479,9 +479,18 @@ impl Backend for CudaBackend<'_> {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
         let mut loads: Vec<(u32, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
-        if let Some(nccl) = &self.nccl {
+        if self.dist.world() > 1 {
             for (ptr, count) in self.opt.grad_buffers() {
-                nccl.all_reduce_f32(ptr, count)?;
+                match &self.nccl {
+                    Some(nccl) => nccl.all_reduce_f32(ptr, count)?,
+                    // The host emulator (no NCCL): through the job's collective, via the host.
+                    None => {
+                        let mut g = vec![0f32; count];
+                        download(ptr, &mut g)?;
+                        self.dist.all_reduce_f32(&mut g)?;
+                        super::device::upload(ptr, &g)?;
+                    }
+                }
             }
             crate::dist::all_reduce_loads(&self.dist, &mut loads)?;
         }
@@ -514,7 +523,9 @@ impl Backend for CudaBackend<'_> {
     }
 
     /// The replicated optimizer: gradient sums all-reduced over NCCL, each rank stepping the
-    /// whole optimizer (ZeRO-1 is the cpu backend's so far).
+    /// whole optimizer (ZeRO-1 is the cpu backend's so far). The host emulator has no NCCL: its
+    /// ranks sum the gradient buffers through the job's collective, so everything around NCCL
+    /// runs without a GPU.
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
         if dist.world() == 1 {
             return Ok(());
@@ -525,11 +536,10 @@ impl Backend for CudaBackend<'_> {
                  --replicated-optimizer (the sharded optimizer, ZeRO-1, runs on --backend cpu)"
             );
         }
-        if self.gpu.emulated {
-            bail!("NCCL needs real GPUs; the host emulator runs one rank");
+        if !self.gpu.emulated {
+            crate::dist::nccl::check_loadable()?;
+            self.nccl = Some(crate::dist::nccl::communicator(&dist, self.gpu.stream.clone())?);
         }
-        crate::dist::nccl::check_loadable()?;
-        self.nccl = Some(crate::dist::nccl::communicator(&dist, self.gpu.stream.clone())?);
         self.dist = dist;
         Ok(())
     }
