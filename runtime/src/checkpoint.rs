@@ -2,7 +2,8 @@
 //! masters, optimizer moments) and `meta.json` (provenance, data cursor, RNG, schedule). A
 //! checkpoint is written under a temporary name and renamed into place, older ones beyond
 //! `keep` are removed afterwards, so a crash never leaves a partial checkpoint and never costs
-//! the last good one.
+//! the last good one. In a data-parallel job every rank writes its part of the one file
+//! ([`save_part`]).
 
 use crate::dist::zero::{self, Shard};
 use crate::dist::Dist;
@@ -295,11 +296,17 @@ impl Layout {
     }
 
     /// Rank 0: a fresh temporary directory holding `state.safetensors` at its full length with
-    /// the header written.
+    /// the header written. Temporary directories an interrupted save left behind (one writer per
+    /// directory: training holds its lock) are removed first.
     fn create(&self, dir: &Path, step: u64) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step_") && (name.contains(".tmp-") || name.contains(".old-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         let tmp = dir.join(format!(".step_{step:08}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
         let made = (|| -> Result<()> {
             std::fs::create_dir_all(&tmp)?;
             let f = std::fs::File::create(tmp.join("state.safetensors"))?;

@@ -302,6 +302,9 @@ fn ranks_write_one_checkpoint_in_the_safetensors_layout() {
     assert_eq!(back, st);
     for (world, sharded) in [(2, false), (3, true), (4, true)] {
         let dir = tmp(&format!("ckpt-{world}"));
+        // What an interrupted save leaves behind goes with the next save.
+        let stale = dir.join(".step_00000003.tmp-99999");
+        std::fs::create_dir_all(&stale).unwrap();
         let sums = on_ranks(world, |dist| {
             let (units, keep) = (zero::units(&plan), st.clone());
             let shard = Shard::take(&units, &zero::owners(&units, world), dist.rank.rank, &st);
@@ -317,6 +320,7 @@ fn ranks_write_one_checkpoint_in_the_safetensors_layout() {
         }
         assert!(file(&dir, "state.safetensors") == bytes, "world {world}: the one-process file");
         assert_eq!(file(&dir, "meta.json"), file(&one, "meta.json"), "world {world}");
+        assert!(!stale.exists(), "world {world}: the stale temporary directory is removed");
         let _ = std::fs::remove_dir_all(dir);
     }
     let _ = std::fs::remove_dir_all(one);
