@@ -77,6 +77,7 @@ fn every_kernel_family_matches_the_reference_under_every_schedule() {
         return;
     }
     let tmp = Scratch::new("schedules");
+    // Builds the suite once, before the runs below share the build.
     groups(&tmp.0, &[]);
     let schedules: [(&str, &str); 8] = [
         ("12345", "random"),

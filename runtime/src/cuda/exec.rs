@@ -523,7 +523,7 @@ impl Backend for CudaBackend<'_> {
     }
 
     /// The replicated optimizer: gradient sums all-reduced over NCCL, each rank stepping the
-    /// whole optimizer (ZeRO-1 is the cpu backend's so far). The host emulator has no NCCL: its
+    /// whole optimizer (ZeRO-1 runs on the cpu backend only). The host emulator has no NCCL: its
     /// ranks sum the gradient buffers through the job's collective, so everything around NCCL
     /// runs without a GPU.
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
