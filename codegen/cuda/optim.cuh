@@ -4,7 +4,7 @@
 // per-group buffers (a Normuon shape family, or an AdamW dtype/decay class) laid out member after
 // member, so each family is one contiguous `[matrices, R, C]` batch and nothing is gathered.
 //
-//   opt_sumsq   partial[block] = Σ g² (f64)                      global grad norm, in fixed order
+//   opt_sumsq   out[unit] = Σ g² over one optimizer unit (f64)     global grad norm, in fixed order
 //   opt_adamw   AdamW on a group, writing the bf16/f32 model copy
 //   pe_start    Normuon momentum (clip folded in) and Polar Express's normalisation: X = bf16(U/‖U‖…)
 //   pe_gram     A = X·Xᵀ                    \
@@ -24,9 +24,8 @@
 // GPU test holds the update to it under parity::NORMUON.
 //
 // Launches (the runtime's runtime::cuda::optim; "stride" = min(ceil(n/256), 2048) blocks):
-//   opt_sumsq     stride × 256, one launch per group (its sums are contiguous); the host adds the
-//                 partials in group and block order, and reruns it per parameter to name the
-//                 first non-finite one
+//   opt_sumsq     units × 256, one launch per group (its units tile it); the host adds the sums in
+//                 unit order, and the first non-finite one names the parameter
 //   opt_adamw     stride × 256, one launch per AdamW class
 //   pe_start      matrices × 256;  pe_finish  matrices × 256
 //   pe_gram       (ceil(M/64), ceil(M/64), matrices) × 128, gemm_tile
@@ -59,14 +58,18 @@ __device__ __forceinline__ long long grid_threads() { return (long long)gridDim.
 // The global gradient norm (the gradient sums are written by the kernels that finalise them:
 // put_grad in vp_common.cuh)
 // ------------------------------------------------------------------------------------------------
-// One f64 partial per block (grid-stride, so the partial count is the grid size the runtime chose
-// and the host sums them in block order: deterministic). NaN/Inf propagate into the partial.
-__device__ __forceinline__ void opt_sumsq(const float* __restrict__ g, long long n, double* __restrict__ partial) {
+// One f64 sum per optimizer unit (dist::zero: a Normuon matrix, an AdamW block): block b sums
+// g[starts[b] .. starts[b+1]) with the same thread split and tree wherever the unit lies, so a
+// ZeRO-1 owner holding it in its shard gets the bits one rank holding everything gets. NaN/Inf
+// propagate into the unit's sum.
+__device__ __forceinline__ void opt_sumsq(const float* __restrict__ g, const long long* __restrict__ starts,
+                                          double* __restrict__ out) {
     require_block(opt_cfg::THREADS);
+    const long long lo = starts[blockIdx.x], hi = starts[blockIdx.x + 1];
     double s = 0.0;
-    for (long long i = grid_thread(); i < n; i += grid_threads()) s = dadd(s, dmul((double)g[i], (double)g[i]));
+    for (long long i = lo + threadIdx.x; i < hi; i += opt_cfg::THREADS) s = dadd(s, dmul((double)g[i], (double)g[i]));
     s = block_sum<opt_cfg::THREADS, double>(s);
-    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
 // ------------------------------------------------------------------------------------------------

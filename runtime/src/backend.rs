@@ -330,8 +330,9 @@ pub trait Backend {
     }
     /// ZeRO-1: this rank's part of the optimizer and the state of the rest (frozen masters, step
     /// count), which a checkpoint writes without gathering the whole state.
-    fn shard(&self) -> Option<(&crate::dist::zero::Shard, &crate::state::TrainState)> {
-        None
+    #[allow(clippy::type_complexity)]
+    fn shard(&self) -> Result<Option<(std::borrow::Cow<'_, crate::dist::zero::Shard>, &crate::state::TrainState)>> {
+        Ok(None)
     }
     /// Optimizer steps applied so far (without fetching the state).
     fn step_count(&self) -> u64;

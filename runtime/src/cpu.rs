@@ -379,8 +379,8 @@ impl Backend for CpuBackend<'_> {
         Ok(st)
     }
 
-    fn shard(&self) -> Option<(&crate::dist::zero::Shard, &TrainState)> {
-        self.sharded.as_ref().map(|s| (&s.shard, &self.state))
+    fn shard(&self) -> Result<Option<(std::borrow::Cow<'_, crate::dist::zero::Shard>, &TrainState)>> {
+        Ok(self.sharded.as_ref().map(|s| (std::borrow::Cow::Borrowed(&s.shard), &self.state)))
     }
 
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {

@@ -15,6 +15,7 @@ use vpmoe_ir::Graph;
 use vpmoe_runtime::backend::Batch;
 use vpmoe_runtime::cpu::{CpuBackend, FastGemm};
 use vpmoe_runtime::cuda::decode::CudaEngine;
+use vpmoe_runtime::cuda::optim::Placement;
 use vpmoe_runtime::cuda::{gpu_available, CudaBackend};
 use vpmoe_runtime::decode::sampler::Sampling;
 use vpmoe_runtime::decode::{generate, CpuEngine, Decoder, GenConfig, Tok};
@@ -130,7 +131,7 @@ fn cublas_gemms_match_the_reference() {
 
 /// A cuda backend for micro-batches of up to `tokens` tokens, with `--cublas` when `cublas`.
 fn cuda_backend<'g>(g: &'g Graph, plan: &'g Plan, st: TrainState, tokens: usize, cublas: bool) -> CudaBackend<'g> {
-    let mut be = CudaBackend::new(g, plan, st, None, tokens, false).unwrap();
+    let mut be = CudaBackend::new(g, plan, st, None, tokens, Placement::default()).unwrap();
     if cublas {
         be.use_cublas().unwrap();
     }
@@ -228,7 +229,7 @@ fn the_device_optimizer_matches_the_host_step() {
             &reference::TensorCore(&FastGemm),
         )
         .unwrap();
-        let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, false).unwrap();
+        let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, Placement::default()).unwrap();
         be.set_step_inputs(&grads, loads.clone()).unwrap();
         let got = be.step(&s).unwrap();
         let dev = be.state().unwrap();
@@ -279,7 +280,7 @@ fn the_device_optimizer_matches_the_host_step() {
     let mut bad = grads.clone();
     let victim = plan.params.iter().rposition(|p| p.opt == vpmoe_ir::OptGroup::Normuon).unwrap();
     bad[victim][3] = f32::NAN;
-    let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, false).unwrap();
+    let mut be = CudaBackend::new(&g, &plan, st.clone(), None, 256, Placement::default()).unwrap();
     be.set_step_inputs(&bad, loads).unwrap();
     let s = StepScalars { lr: 0.02, aux_lr: 0.004, weight_decay: 0.01, clip: 1.0, bias_rate: 1e-3 };
     let err = be.step(&s).unwrap_err().to_string();
@@ -322,7 +323,7 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     o_gpu.profile_steps = Some((3, 4));
     let gpu = {
         let mut be =
-            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len, false)
+            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len, Placement::default())
                 .unwrap();
         train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_gpu).unwrap()
     };
@@ -356,7 +357,7 @@ fn checkpoints_resume_across_backends() {
         let mk = |cuda: bool| -> Box<dyn vpmoe_runtime::Backend + '_> {
             let st = TrainState::init(&plan, c.seed);
             if cuda {
-                Box::new(CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len, false).unwrap())
+                Box::new(CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len, Placement::default()).unwrap())
             } else {
                 Box::new(CpuBackend::new(&g, &plan, st))
             }
@@ -391,7 +392,8 @@ fn host_momentum_gives_the_same_state_bit_for_bit() {
     for host in [false, true] {
         let (c, o) = cfg(&plan, 4, tmp(if host { "hm-host" } else { "hm-device" }));
         let tokens = c.micro_batch * c.seq_len;
-        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, host).unwrap();
+        let placement = Placement { host_momentum: host, shard: None };
+        let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, placement).unwrap();
         train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
         states.push(vpmoe_runtime::Backend::state(&be).unwrap());
     }
@@ -441,28 +443,36 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
 /// Data parallel on the cuda backend: two ranks of one micro-batch each train as one rank of
 /// two. A rank's gradient sum is the one micro-batch's, and the all-reduce adds the two in rank
 /// order — the same single fp32 addition one rank makes accumulating its second micro-batch — so
-/// the masters, moments and losses are bit for bit one rank's. On the host emulator the gradient
-/// buffers cross through the TCP collective (NCCL needs a GPU per rank: `scripts/gpu-check multi`
-/// runs this over NCCL on 2+ GPUs).
+/// the masters, moments and losses are bit for bit one rank's. With the optimizer sharded
+/// (ZeRO-1: gradients reduced to each unit's owner, which updates its masters and moments, new
+/// model copies broadcast; rank 1 keeps its momenta in host memory) they are bit for bit the
+/// replicated optimizer's, and so is the checkpoint file the ranks write. On the host emulator
+/// device buffers cross through the TCP collective (NCCL needs a GPU per rank:
+/// `scripts/gpu-check multi` runs this over NCCL on 2+ GPUs).
 #[test]
-fn two_ranks_train_as_one() {
-    if !gpu("two_ranks_train_as_one") {
+fn two_ranks_train_as_one_with_either_optimizer() {
+    const NAME: &str = "two_ranks_train_as_one_with_either_optimizer";
+    if !gpu(NAME) {
         return;
     }
     if std::env::var_os("VPMOE_EMU_SRC").is_none() {
-        let _ =
-            writeln!(std::io::stderr(), "SKIPPED two_ranks_train_as_one: one GPU per rank (scripts/gpu-check multi)");
+        let _ = writeln!(std::io::stderr(), "SKIPPED {NAME}: one GPU per rank (scripts/gpu-check multi)");
         return;
     }
     let (g, plan) = small();
     let data = sample_data_for(plan.arch.vocab);
-    let run = |world: usize, dir: PathBuf| {
+    let run = |world: usize, shard: bool, dir: PathBuf| {
         let mut outs = common::on_ranks(world, |dist| {
             let (mut c, mut o) = cfg(&plan, 2, dir.clone());
             c.grad_accum = 2;
-            (o.dist, o.shard_optimizer) = (dist, false);
+            let placement = Placement {
+                host_momentum: shard && dist.rank.rank == 1,
+                shard: (shard && world > 1).then(|| dist.clone()),
+            };
+            (o.dist, o.shard_optimizer) = (dist, shard);
             let tokens = c.micro_batch * c.seq_len;
-            let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, false).unwrap();
+            let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, placement).unwrap();
+            assert_eq!(vpmoe_runtime::Backend::shard(&be).unwrap().is_some(), shard && world > 1);
             train::train(&mut be, &plan, &data, &c, &o).unwrap()
         });
         for o in &outs[1..] {
@@ -470,14 +480,20 @@ fn two_ranks_train_as_one() {
         }
         outs.swap_remove(0)
     };
-    let (d1, d2) = (tmp("dp-cuda-1"), tmp("dp-cuda-2"));
-    let (one, two) = (run(1, d1.clone()), run(2, d2.clone()));
+    let (d1, d2, dz) = (tmp("dp-cuda-1"), tmp("dp-cuda-2"), tmp("dp-cuda-zero"));
+    let (one, two, zero) = (run(1, false, d1.clone()), run(2, false, d2.clone()), run(2, true, dz.clone()));
     assert_same_state(&one.state, &two.state, 2);
+    assert_same_state(&two.state, &zero.state, 2);
     let losses = |o: &train::Outcome| o.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
     assert_eq!(losses(&one), losses(&two));
-    let written = vpmoe_runtime::checkpoint::latest(&d2).unwrap().expect("rank 0 saved");
-    assert_eq!(vpmoe_runtime::checkpoint::load(&written, &plan).unwrap().1, two.state);
-    for d in [d1, d2] {
+    assert_eq!(losses(&two), losses(&zero));
+    let norms = |o: &train::Outcome| o.records.iter().map(|r| r.grad_norm.to_bits()).collect::<Vec<_>>();
+    assert_eq!(norms(&two), norms(&zero), "the global norm is summed in unit order either way");
+    let written = |d: &PathBuf| vpmoe_runtime::checkpoint::latest(d).unwrap().expect("rank 0 saved");
+    assert_eq!(vpmoe_runtime::checkpoint::load(&written(&d2), &plan).unwrap().1, two.state);
+    let file = |d: &PathBuf| std::fs::read(written(d).join("state.safetensors")).unwrap();
+    assert!(file(&d2) == file(&dz), "the sharded ranks' checkpoint file is the replicated one's");
+    for d in [d1, d2, dz] {
         let _ = std::fs::remove_dir_all(d);
     }
 }
@@ -633,7 +649,7 @@ fn the_gpu_tests_pass_on_the_host_emulator() {
         "host_momentum_gives_the_same_state_bit_for_bit",
         "graph_replay_gives_the_same_state_bit_for_bit",
         "decoding_tracks_the_cpu_decoder",
-        "two_ranks_train_as_one",
+        "two_ranks_train_as_one_with_either_optimizer",
     ];
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(tests)

@@ -310,20 +310,24 @@ fn mismatches_are_refused() {
 
 /// The device optimizer's groups (no GPU needed): every trainable parameter in exactly one group,
 /// members back to back (so a Normuon family is one `[matrices, rows, cols]` batch), second
-/// moments sized `[matrices, rows]`, and the locked config's device footprint.
+/// moments sized `[matrices, rows]`, and the locked config's device footprint. ZeRO-1's shares:
+/// every unit in exactly one rank's groups, whole Normuon matrices, the groups of every rank in
+/// the same order, each rank's runs of the whole buffers its members' places, and the staging
+/// chunks covering each run once.
 #[test]
 fn optimizer_groups_cover_every_trainable_parameter_once() {
-    use vpmoe_runtime::cuda::optim::{layout, momentum_bytes, planned_bytes, Kind};
+    use vpmoe_runtime::cuda::optim::{chunks, layout, momentum_bytes, planned_bytes, runs, whole_layout, Kind};
+    use vpmoe_runtime::dist::zero;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     for cfg in ["configs/small.toml", "configs/vpmoe.toml"] {
         let (_, plan) = compile_arch(&config::load(&root.join(cfg)).unwrap()).unwrap();
-        let groups = layout(&plan);
+        let groups = whole_layout(&plan);
         let mut seen = vec![0; plan.params.len()];
         for g in &groups {
             let (mut off, mut v_off) = (0, 0);
             for m in &g.members {
                 seen[m.param] += 1;
-                assert_eq!((m.off, m.v_off, m.len), (off, v_off, plan.params[m.param].numel), "{cfg}");
+                assert_eq!((m.lo, m.off, m.v_off, m.len), (0, off, v_off, plan.params[m.param].numel), "{cfg}");
                 off += m.len;
                 v_off += m.v_len;
             }
@@ -336,24 +340,90 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
         for (p, n) in plan.params.iter().zip(&seen) {
             assert_eq!(*n, p.trainable() as u32, "{cfg}: {}", p.name);
         }
+        let units = zero::units(&plan);
+        let world = 3;
+        let owners = zero::owners(&units, world);
+        let mut owned = vec![0; units.len()];
+        for r in 0..world {
+            let mine = layout(&plan, &units, |k| owners[k] == r);
+            assert_eq!(mine.iter().map(|g| &g.kind).collect::<Vec<_>>(), groups.iter().map(|g| &g.kind).collect::<Vec<_>>());
+            let runs = runs(&groups, &mine);
+            for ((g, w), runs) in mine.iter().zip(&groups).zip(&runs) {
+                let (mut off, mut v_off) = (0, 0);
+                for m in &g.members {
+                    assert_eq!((m.off, m.v_off), (off, v_off), "{cfg}: rank {r}'s members are back to back");
+                    off += m.len;
+                    v_off += m.v_len;
+                }
+                assert_eq!((g.len, g.v_len), (off, v_off));
+                if let Kind::Normuon { rows, cols, .. } = g.kind {
+                    assert!(g.members.iter().all(|m| m.lo % (rows * cols) == 0 && m.len % (rows * cols) == 0));
+                }
+                for &k in &g.units {
+                    owned[k] += 1;
+                }
+                // The runs are the members' places in the whole group, joined where adjacent.
+                let places: Vec<(u64, u64)> = g
+                    .members
+                    .iter()
+                    .map(|m| (w.members.iter().find(|x| x.param == m.param).unwrap().off + m.lo, m.len))
+                    .collect();
+                assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), g.len);
+                assert!(runs.windows(2).all(|p| p[0].0 + p[0].1 < p[1].0), "{cfg}: runs ascending, apart");
+                assert!(places.iter().all(|&(o, n)| runs.iter().any(|&(ro, rn)| ro <= o && o + n <= ro + rn)));
+                for cap in [1000, 1 << 26] {
+                    let cut = chunks(runs, cap);
+                    let mut pos = 0;
+                    let mut pieces = Vec::new();
+                    for (p, c) in &cut {
+                        let n: u64 = c.iter().map(|x| x.1).sum();
+                        assert!(*p == pos && n <= cap && n > 0);
+                        pos += n;
+                        pieces.extend(c.iter().copied());
+                    }
+                    assert_eq!(pos, g.len);
+                    let mut joined: Vec<(u64, u64)> = Vec::new();
+                    for (o, n) in pieces {
+                        match joined.last_mut() {
+                            Some(j) if j.0 + j.1 == o => j.1 += n,
+                            _ => joined.push((o, n)),
+                        }
+                    }
+                    assert_eq!(&joined, runs, "{cfg}: the chunks cover the runs once, in order");
+                }
+            }
+        }
+        assert!(owned.iter().all(|&n| n == 1), "{cfg}: every unit in exactly one rank's groups");
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         if cfg.ends_with("vpmoe.toml") {
             // 6.02 B parameters × (bf16 copy + fp32 master, gradient sum and first moment) + 1 GiB
             // Polar Express scratch + the second moments (AdamW's for the embedding and head):
             // about 81 GiB, which with the arenas fits an H200, not an 80 GB H100 (docs/gpu.md).
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            assert!(
-                (79.0..84.0).contains(&gib(planned_bytes(&plan, false))),
-                "{} GiB",
-                gib(planned_bytes(&plan, false))
-            );
+            let b = planned_bytes(&plan, false, None);
+            assert!((79.0..84.0).contains(&gib(b)), "{} GiB", gib(b));
             // Whole device footprint at one 2048-token micro-batch. The H100 exposes ≈ 79 GiB;
             // leave 5 GiB for the context, modules and fragmentation.
             let arenas = plan.tok_arena_bytes_per_token * 2048 + plan.fixed_arena_bytes;
-            let (device, h100) = (gib(arenas + planned_bytes(&plan, false)), gib(arenas + planned_bytes(&plan, true)));
+            let (device, h100) = (gib(arenas + b), gib(arenas + planned_bytes(&plan, true, None)));
             assert!(device > 80.0 && device < 130.0, "{device} GiB: an H200, not an H100");
             assert!(h100 < 74.0, "--host-momentum needs {h100} GiB: does not fit an 80 GB H100");
-            assert!(gib(momentum_bytes(&plan)) > 18.0);
-            eprintln!("locked config at 2048 tokens: {device:.2} GiB, {h100:.2} GiB with --host-momentum");
+            assert!(gib(momentum_bytes(&plan, None)) > 18.0);
+            // ZeRO-1 at 8 GPUs: each rank's largest share of the masters and moments, against the
+            // compiler's report of the same (plus the rank's own gradient sums, model copies and
+            // the staging buffer).
+            let dp = vpmoe_compiler::report::data_parallel(&plan, 8);
+            let most = (0..8).map(|r| planned_bytes(&plan, false, Some((r, 8)))).max().unwrap();
+            let m = &dp.memory;
+            let report = m.weights + m.gradients + m.masters + m.optimizer_state;
+            eprintln!(
+                "locked config at 2048 tokens: {device:.2} GiB, {h100:.2} GiB with --host-momentum; ZeRO-1 at 8: \
+                 optimizer {:.2} GiB per rank (report {:.2})",
+                gib(most),
+                gib(report)
+            );
+            // The whole model's gradient sums (22.4 GiB) and bf16 copies (11.2 GiB) stay on every rank.
+            assert!(gib(b) - gib(most) > 30.0, "ZeRO-1 at 8 ranks keeps {:.2} GiB of {:.2} per rank", gib(most), gib(b));
+            assert!(most >= report && gib(most - report) < 8.0, "{} vs {}", gib(most), gib(report));
         }
     }
 }

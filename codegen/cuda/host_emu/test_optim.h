@@ -1,26 +1,35 @@
 // Optimizer kernels (optim.cuh) against a transcription of ir/src/optim.rs: AdamW bitwise, the
-// norm partials to f64 rounding, and a whole Normuon step (momentum, the five batched Polar
+// per-unit norm sums to f64 rounding, and a whole Normuon step (momentum, the five batched Polar
 // Express iterations on tensor cores, row normalisation, update, model copy) on wide, tall,
 // square and partial-tile shapes.
 #include "optim.cuh"
 
-static void test_opt_sumsq(long long n, bool with_nan) {
+// Units of 1000, 1 and 2000 elements (one with a NaN when asked), and the middle-sized unit
+// again at another offset: its sum must not depend on where it lies (ZeRO-1 shards).
+static void test_opt_sumsq(bool with_nan) {
+    const long long n = 3001;
     auto g = rf(n, 3.0);
-    if (with_nan) g[n / 2] = POISON_F;
-    const int blocks = 5;
-    std::vector<double> part(blocks + 1, -1.0);
-    emu_launch(blocks, 1, 256, [&] { vp::opt_sumsq(g.data(), n, part.data()); });
-    double got = 0, ref = 0;
-    for (int b = 0; b < blocks; ++b) got += part[b];
-    for (long long i = 0; i < n; ++i) ref += (double)g[i] * g[i];
-    char nm[120]; snprintf(nm, 120, "opt_sumsq n%lld nan%d", n, with_nan);
-    if (with_nan) {
-        expect(std::isnan(got), std::string(nm) + ": a NaN gradient must give a NaN norm");
-        printf("%-60s ok\n", nm);
-    } else {
-        Cmp c(nm, 0, 1e-13); c.add(ref, got, 0); c.report();
+    if (with_nan) g[1500] = POISON_F;
+    std::vector<long long> starts = {0, 1000, 1001, 3001};
+    const int units = 3;
+    std::vector<double> out(units + 1, -1.0);
+    emu_launch(units, 1, 256, [&] { vp::opt_sumsq(g.data(), starts.data(), out.data()); });
+    char nm[120]; snprintf(nm, 120, "opt_sumsq units nan%d", with_nan);
+    Cmp c(nm, 0, 1e-13);
+    for (int u = 0; u < units; ++u) {
+        double ref = 0;
+        for (long long i = starts[u]; i < starts[u + 1]; ++i) ref += (double)g[i] * g[i];
+        if (with_nan && u == 2) expect(std::isnan(out[u]), std::string(nm) + ": a NaN gradient must give a NaN sum");
+        else c.add(ref, out[u], u);
     }
-    expect(part[blocks] == -1.0, "opt_sumsq wrote past its partials");
+    c.report();
+    expect(out[units] == -1.0, "opt_sumsq wrote past its units");
+    std::vector<float> moved(2000 + 37, POISON_F);
+    std::copy(g.begin() + 1001, g.end(), moved.begin() + 37);
+    std::vector<long long> at = {37, 37 + 2000};
+    double again = -1.0;
+    emu_launch(1, 1, 256, [&] { vp::opt_sumsq(moved.data(), at.data(), &again); });
+    expect(with_nan ? std::isnan(again) : again == out[2], std::string(nm) + ": a unit's sum depends on its offset");
 }
 
 // ir::optim::adamw_step_bc with the clip coefficient applied first (optim::apply).
@@ -215,8 +224,8 @@ static void test_normuon(int batch) {
 
 static void run_optim_tests(const std::function<bool(const char*)>& want) {
     if (!want("optim")) return;
-    test_opt_sumsq(3001, false);
-    test_opt_sumsq(777, true);
+    test_opt_sumsq(false);
+    test_opt_sumsq(true);
     test_opt_adamw<0>(1500);
     test_opt_adamw<1>(333);
     test_normuon<8, 40>(3);    // wide, one partial tile

@@ -8,8 +8,8 @@ use crate::consts::GEMM_TILE as TILE;
 use crate::launch::{families, KernelSpec};
 
 families! {
-    /// Per-block partial sums of squares of a gradient (the clipping norm).
-    OptSumsq = "opt_sumsq" in "optim.cuh", 256 <> (g: F32, n: LongLong, partial: F64Mut);
+    /// The sum of squares of each optimizer unit of a gradient buffer (the clipping norm).
+    OptSumsq = "opt_sumsq" in "optim.cuh", 256 <> (g: F32, starts: I64, out: F64Mut);
     /// AdamW on an f32 master with an f32 (`OUT` = 1) or bf16 model copy.
     OptAdamw = "opt_adamw" in "optim.cuh", 256 <OUT>
         (g: F32, m: F32Mut, s: F32Mut, w: F32Mut, model: VoidMut, n: LongLong, coef: Float, b1: Double,
@@ -34,7 +34,7 @@ pub const THREADS: u32 = OptSumsq::FAMILY.threads;
 /// Block size of the batched Polar Express GEMMs (`gemm_cfg::THREADS`).
 pub const GEMM_THREADS: u32 = PeGram::FAMILY.threads;
 /// Grid-stride kernels never use more blocks than this: enough to fill an H100/H200 several
-/// times over, and a fixed partial count for `opt_sumsq` however large the tensor.
+/// times over.
 pub const MAX_STRIDE_BLOCKS: u64 = 2048;
 /// Largest batch one Polar Express launch covers (the grid's z dimension).
 pub const MAX_CHUNK: u64 = 65_535;

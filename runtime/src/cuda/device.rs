@@ -153,3 +153,11 @@ pub fn download<T: Copy>(src: u64, dst: &mut [T]) -> Result<()> {
         .result()
         .context("cuMemcpy from the GPU")
 }
+
+/// Copies `bytes` bytes between device addresses (ordered with the launches on the stream).
+pub fn copy(dst: u64, src: u64, bytes: u64) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    unsafe { sys::cuMemcpy(dst, src, bytes as usize) }.result().context("cuMemcpy on the GPU")
+}

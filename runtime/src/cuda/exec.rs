@@ -8,7 +8,8 @@
 use super::bind::{Bound, Layout, Param, Region};
 use super::device::{download, DevBuf, Gpu, GIB};
 use super::kernels::Kernels;
-use super::optim::DeviceOptimizer;
+use super::link::Link;
+use super::optim::{DeviceOptimizer, Placement};
 use super::replay::{self, GraphExec};
 use crate::backend::{Backend, Batch, ForwardOut, MicroOut, StepScalars, StepStats};
 use crate::state::TrainState;
@@ -141,37 +142,37 @@ pub struct CudaBackend<'g> {
     capture_stream: Arc<CudaStream>,
     /// Where the plan's cubins are (for decoders of the same plan).
     plan_dir: Option<PathBuf>,
-    /// Data parallel: the job, and NCCL over its GPUs (declared before `gpu`: the communicator
-    /// goes while the context lives).
-    dist: crate::dist::Dist,
-    nccl: Option<crate::dist::nccl::Gpus>,
+    /// Data parallel: the job's collectives on device memory (declared before `gpu`: an NCCL
+    /// communicator goes while the context lives).
+    link: Link,
     gpu: Gpu,
 }
 
 impl<'g> CudaBackend<'g> {
     /// Opens the GPU, loads the plan's kernels (from `plan_dir`'s cubins when they are current,
     /// else compiled by NVRTC) and allocates everything for micro-batches of up to `max_tokens`.
-    /// `host_momentum` keeps the Normuon momenta in pinned host memory (the 80 GB H100 option:
-    /// see [`DeviceOptimizer::new`]).
+    /// `placement` says where the optimizer lives: the Normuon momenta in pinned host memory
+    /// (the 80 GB H100 option), and ZeRO-1's share of a data-parallel rank (see
+    /// [`DeviceOptimizer::new`]); the rank's [`Backend::distribute`] must then name the same job.
     pub fn new(
         graph: &'g Graph,
         plan: &'g Plan,
         state: TrainState,
         plan_dir: Option<&Path>,
         max_tokens: usize,
-        host_momentum: bool,
+        placement: Placement,
     ) -> Result<Self> {
         crate::backend::check_state(plan, &state)?;
         let gpu = super::device::open()?;
         let kernels = Kernels::load(&gpu, plan, plan_dir)?;
         let max_tokens = max_tokens as u64;
         let tok_bytes = plan.tok_arena_bytes_per_token * max_tokens;
-        let opt_bytes = super::optim::planned_bytes(plan, host_momentum);
+        let opt_bytes = super::optim::planned_bytes(plan, placement.host_momentum, placement.shard_of());
         let need = tok_bytes + plan.fixed_arena_bytes + opt_bytes;
         let free = gpu.ctx.mem_get_info().map(|x| x.0).unwrap_or(usize::MAX) as u64;
         if need > free {
-            let momentum = super::optim::momentum_bytes(plan);
-            let hint = if !host_momentum && need - momentum <= free {
+            let momentum = super::optim::momentum_bytes(plan, placement.shard_of());
+            let hint = if !placement.host_momentum && need - momentum <= free {
                 format!(
                     "; --host-momentum keeps the Normuon momenta ({:.2} GiB) in host memory and fits",
                     momentum as f64 / GIB
@@ -196,7 +197,7 @@ impl<'g> CudaBackend<'g> {
         let fixed_arena = DevBuf::new(&gpu, plan.fixed_arena_bytes as usize, "the fixed arena")?;
         let tickets = DevBuf::new(&gpu, vpmoe_codegen::consts::TICKETS as usize * 4, "the split-reduction tickets")?;
         tickets.fill(0)?;
-        let opt = DeviceOptimizer::new(&gpu, plan, state, host_momentum)?;
+        let opt = DeviceOptimizer::new(&gpu, plan, state, &placement)?;
         let sums = Rc::new(gradient_sums(graph, plan, &opt)?);
         let launcher = Launcher::new(kernels, gpu.stream.cu_stream());
         let capture_stream = gpu.ctx.new_stream().map_err(|e| anyhow!("creating the capture stream: {e}"))?;
@@ -219,8 +220,7 @@ impl<'g> CudaBackend<'g> {
             captured: BTreeMap::new(),
             capture_stream,
             plan_dir: plan_dir.map(Path::to_path_buf),
-            dist: crate::dist::Dist::single(),
-            nccl: None,
+            link: Link::single(),
             gpu,
         })
     }
@@ -479,32 +479,25 @@ impl Backend for CudaBackend<'_> {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats> {
         let t0 = Instant::now();
         let mut loads: Vec<(u32, Vec<u64>)> = std::mem::take(&mut self.loads).into_iter().collect();
-        if self.dist.world() > 1 {
-            for (ptr, count) in self.opt.grad_buffers() {
-                match &self.nccl {
-                    Some(nccl) => nccl.all_reduce_f32(ptr, count)?,
-                    // The host emulator (no NCCL): through the job's collective, via the host.
-                    None => {
-                        let mut g = vec![0f32; count];
-                        download(ptr, &mut g)?;
-                        self.dist.all_reduce_f32(&mut g)?;
-                        super::device::upload(ptr, &g)?;
-                    }
+        if self.link.world() > 1 {
+            if !self.opt.sharded() {
+                for (ptr, count) in self.opt.grad_buffers() {
+                    self.link.all_reduce_f32(ptr, count)?;
                 }
             }
-            crate::dist::all_reduce_loads(&self.dist, &mut loads)?;
+            crate::dist::all_reduce_loads(&self.link.dist, &mut loads)?;
         }
-        let mut stats = self.opt.step(&mut self.launcher, self.plan, loads, s)?;
+        let mut stats = self.opt.step(&mut self.launcher, self.plan, loads, s, &self.link)?;
         stats.optimizer_seconds = t0.elapsed().as_secs_f64();
         Ok(stats)
     }
 
     fn state(&self) -> Result<TrainState> {
-        self.opt.state(true).context("downloading the training state from the GPU")
+        self.opt.state(self.plan, true).context("downloading the training state from the GPU")
     }
 
     fn weights(&self) -> Result<TrainState> {
-        self.opt.state(false).context("downloading the weights from the GPU")
+        self.opt.state(self.plan, false).context("downloading the weights from the GPU")
     }
 
     fn step_count(&self) -> u64 {
@@ -522,26 +515,42 @@ impl Backend for CudaBackend<'_> {
         self.gpu.name.clone()
     }
 
-    /// The replicated optimizer: gradient sums all-reduced over NCCL, each rank stepping the
-    /// whole optimizer (ZeRO-1 runs on the cpu backend only). The host emulator has no NCCL: its
-    /// ranks sum the gradient buffers through the job's collective, so everything around NCCL
-    /// runs without a GPU.
+    /// Joins `dist`'s job: gradient sums all-reduced over NCCL for the replicated optimizer, or
+    /// reduced to their owners and the model copies shared for ZeRO-1, whose share the backend
+    /// was created with ([`Placement::shard`]). The host emulator has no NCCL: its ranks move
+    /// device buffers through the job's host collective, so everything around NCCL runs without
+    /// a GPU.
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
+        let want = (shard_optimizer && dist.world() > 1).then(|| (dist.rank.rank, dist.world()));
+        let have = self.opt.placement().shard_of();
+        if want != have {
+            bail!(
+                "the cuda backend was created with its optimizer {} and is asked to train {} as rank {} of {}: \
+                 create it with the placement of its job",
+                have.map_or("whole".to_string(), |(r, w)| format!("sharded as rank {r} of {w}")),
+                if shard_optimizer { "with a sharded optimizer" } else { "with a replicated optimizer" },
+                dist.rank.rank,
+                dist.world()
+            );
+        }
         if dist.world() == 1 {
             return Ok(());
         }
-        if shard_optimizer {
-            bail!(
-                "the cuda backend trains data parallel with the replicated optimizer only: pass \
-                 --replicated-optimizer (the sharded optimizer, ZeRO-1, runs on --backend cpu)"
-            );
-        }
-        if !self.gpu.emulated {
-            crate::dist::nccl::check_loadable()?;
-            self.nccl = Some(crate::dist::nccl::communicator(&dist, self.gpu.stream.clone())?);
-        }
-        self.dist = dist;
+        let nccl = match self.gpu.emulated {
+            true => None,
+            false => {
+                crate::dist::nccl::check_loadable()?;
+                Some(crate::dist::nccl::communicator(&dist, self.gpu.stream.clone())?)
+            }
+        };
+        self.link = Link::new(dist, nccl);
         Ok(())
+    }
+
+    fn shard(&self) -> Result<Option<(std::borrow::Cow<'_, crate::dist::zero::Shard>, &TrainState)>> {
+        let Some(rest) = self.opt.sharded_rest() else { return Ok(None) };
+        let shard = self.opt.shard().context("downloading this rank's optimizer share from the GPU")?;
+        Ok(Some((std::borrow::Cow::Owned(shard), rest)))
     }
 
     fn decode_on(&self) -> crate::decode::DecodeOn {

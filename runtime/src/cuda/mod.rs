@@ -8,6 +8,7 @@ pub mod decode;
 pub mod device;
 mod exec;
 mod kernels;
+pub mod link;
 pub mod nvtx;
 pub mod optim;
 mod replay;

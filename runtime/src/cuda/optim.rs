@@ -6,17 +6,27 @@
 //! master also writes its bf16/f32 copy. Frozen parameters (the expert biases) stay on the host,
 //! where their sign update is computed exactly as on the cpu backend.
 //!
-//! A step: sums of squares per group (f64 partials, summed on the host in a fixed order: the
-//! global norm and the clip coefficient; a non-finite norm is traced to the first offending
-//! parameter by name before anything changes); the expert-bias update; each Normuon family in
-//! chunks of at most [`CHUNK_BYTES`] of scratch (momentum, five batched Polar Express
-//! iterations, row normalisation, update); AdamW per class. Everything but Polar Express is
-//! bitwise the host's.
+//! A step: the sum of squares of every optimizer unit ([`crate::dist::zero`]; f64, added on the
+//! host in unit order: the global norm and the clip coefficient; a non-finite one names its
+//! parameter before anything changes); the expert-bias update; each Normuon family in chunks of
+//! at most [`CHUNK_BYTES`] of scratch (momentum, five batched Polar Express iterations, row
+//! normalisation, update); AdamW per class. Everything but Polar Express is bitwise the host's.
+//!
+//! ZeRO-1 ([`Placement::shard`]): every rank keeps the gradient sums and model copies of the
+//! whole model (what the plan's kernels read and write), and the masters and moments of its own
+//! units only, in groups of the same order holding just those units. A step reduces each rank's
+//! units of the gradient sums to it (packed through a staging buffer, [`chunks`]), the owner
+//! updates them with the same kernels — a unit's arithmetic does not depend on where it lies, so
+//! the masters are bitwise the replicated optimizer's — and each owner broadcasts its new model
+//! copies into every rank's.
 
 use super::bind::{Param, Region};
-use super::device::{download, DevBuf, Gpu};
+use super::device::{copy, download, DevBuf, Gpu};
 use super::exec::Launcher;
+use super::link::Link;
 use crate::backend::{StepScalars, StepStats};
+use crate::dist::zero::{self, Shard, Unit};
+use crate::dist::Dist;
 use crate::state::TrainState;
 use anyhow::{bail, Result};
 use vpmoe_codegen::optim::{self as ok, Polar};
@@ -26,15 +36,36 @@ use vpmoe_ir::{DType, OptGroup};
 
 /// Scratch for one Polar Express chunk (U/O, two X, A, B): bounds the optimizer's workspace.
 pub const CHUNK_BYTES: u64 = 1 << 30;
+/// ZeRO-1's staging buffer for packing a rank's gradient sums or model copies.
+pub const STAGE_BYTES: u64 = 256 << 20;
 const NODE: &str = "optimizer";
 
-/// One parameter's place in its group: element offset and count of its master (= gradient,
-/// first moment, model copy), and of its second moment.
+/// Where a rank's optimizer lives.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// The Normuon momenta in pinned host memory (see [`DeviceOptimizer::new`]).
+    pub host_momentum: bool,
+    /// ZeRO-1 over this job's ranks: this rank holds the masters and moments of its units only.
+    pub shard: Option<Dist>,
+}
+
+impl Placement {
+    /// `(rank, world)` of a sharded optimizer.
+    pub fn shard_of(&self) -> Option<(usize, usize)> {
+        self.shard.as_ref().map(|d| (d.rank.rank, d.world()))
+    }
+}
+
+/// One run of a parameter's elements in a group: where it starts in the parameter (`lo`,
+/// `v_lo`) and in the group's buffers (`off`, `v_off`), and its length, for the master (=
+/// gradient, first moment, model copy) and for the second moment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Member {
     pub param: usize,
+    pub lo: u64,
     pub off: u64,
     pub len: u64,
+    pub v_lo: u64,
     pub v_off: u64,
     pub v_len: u64,
 }
@@ -50,6 +81,8 @@ pub enum Kind {
 pub struct GroupLayout {
     pub kind: Kind,
     pub members: Vec<Member>,
+    /// The optimizer units the group holds, in buffer order: they tile it.
+    pub units: Vec<usize>,
     pub len: u64,
     pub v_len: u64,
 }
@@ -63,21 +96,46 @@ impl GroupLayout {
     }
 }
 
-/// Normuon families in plan order, then AdamW classes (bf16/f32 model × decay) in table order.
-pub fn layout(plan: &Plan) -> Vec<GroupLayout> {
+/// Normuon families in plan order, then AdamW classes (bf16/f32 model × decay) in table order,
+/// each holding the units of `units` that `keep` accepts (all of them: the whole optimizer; a
+/// rank's: its ZeRO-1 share). A group holding none of them keeps its place, empty, so the
+/// groups of every rank line up.
+pub fn layout(plan: &Plan, units: &[Unit], keep: impl Fn(usize) -> bool) -> Vec<GroupLayout> {
+    // Each parameter's units are consecutive.
+    let mut of_param: Vec<Option<(usize, usize)>> = vec![None; plan.params.len()];
+    for (k, u) in units.iter().enumerate() {
+        let r = &mut of_param[u.param];
+        *r = Some((r.map_or(k, |r| r.0), k + 1));
+    }
     let mut groups = Vec::new();
     let mut push = |kind, params: Vec<usize>| {
-        let (mut len, mut v_len) = (0, 0);
-        let mut members = Vec::new();
+        if params.is_empty() {
+            return;
+        }
+        let mut g = GroupLayout { kind, members: Vec::new(), units: Vec::new(), len: 0, v_len: 0 };
         for i in params {
-            let (n, _, nv) = TrainState::sizes(&plan.params[i]);
-            members.push(Member { param: i, off: len, len: n as u64, v_off: v_len, v_len: nv as u64 });
-            len += n as u64;
-            v_len += nv as u64;
+            let (lo, hi) = of_param[i].unwrap_or((0, 0));
+            for k in (lo..hi).filter(|&k| keep(k)) {
+                let u = &units[k];
+                let (n, nv) = (u.len() as u64, zero::v_len(u) as u64);
+                match g.members.last_mut() {
+                    Some(m) if m.param == i && m.lo + m.len == u.lo as u64 => (m.len, m.v_len) = (m.len + n, m.v_len + nv),
+                    _ => g.members.push(Member {
+                        param: i,
+                        lo: u.lo as u64,
+                        off: g.len,
+                        len: n,
+                        v_lo: u.v.0 as u64,
+                        v_off: g.v_len,
+                        v_len: nv,
+                    }),
+                }
+                g.units.push(k);
+                g.len += n;
+                g.v_len += nv;
+            }
         }
-        if !members.is_empty() {
-            groups.push(GroupLayout { kind, members, len, v_len });
-        }
+        groups.push(g);
     };
     for f in &plan.optimizer.families {
         let kind = Kind::Normuon { rows: f.rows, cols: f.cols, matrices: f.matrices() };
@@ -95,6 +153,57 @@ pub fn layout(plan: &Plan) -> Vec<GroupLayout> {
     groups
 }
 
+/// The whole optimizer's groups.
+pub fn whole_layout(plan: &Plan) -> Vec<GroupLayout> {
+    layout(plan, &zero::units(plan), |_| true)
+}
+
+/// Rank `rank`'s runs of each group's units in the whole layout's buffers, `(element offset,
+/// count)`, consecutive runs joined: what it receives of the gradient sums and sends of the
+/// model copies.
+pub fn runs(whole: &[GroupLayout], mine: &[GroupLayout]) -> Vec<Vec<(u64, u64)>> {
+    whole
+        .iter()
+        .zip(mine)
+        .map(|(w, g)| {
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for m in &g.members {
+                let at = w.members.iter().find(|x| x.param == m.param).expect("a member of the whole group");
+                let off = at.off + m.lo;
+                match out.last_mut() {
+                    Some(r) if r.0 + r.1 == off => r.1 += m.len,
+                    _ => out.push((off, m.len)),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// A rank's runs cut for a staging buffer of `cap` elements: each chunk is where it starts in
+/// the rank's own group buffer and its pieces `(element offset, count)` of the whole buffer, at
+/// most `cap` elements in all.
+pub fn chunks(runs: &[(u64, u64)], cap: u64) -> Vec<(u64, Vec<(u64, u64)>)> {
+    let cap = cap.max(1);
+    let (mut out, mut pos, mut cur, mut fill): (Vec<(u64, Vec<(u64, u64)>)>, u64, Vec<(u64, u64)>, u64) =
+        (Vec::new(), 0, Vec::new(), 0);
+    for &(mut off, mut n) in runs {
+        while n > 0 {
+            let take = n.min(cap - fill);
+            cur.push((off, take));
+            (off, n, fill) = (off + take, n - take, fill + take);
+            if fill == cap {
+                out.push((pos, std::mem::take(&mut cur)));
+                (pos, fill) = (pos + cap, 0);
+            }
+        }
+    }
+    if fill > 0 {
+        out.push((pos, cur));
+    }
+    out
+}
+
 /// Polar Express chunk scratch: the largest any family needs.
 fn scratch_bytes(groups: &[GroupLayout]) -> u64 {
     let per = |g: &GroupLayout| match g.kind {
@@ -107,73 +216,129 @@ fn scratch_bytes(groups: &[GroupLayout]) -> u64 {
     groups.iter().map(per).max().unwrap_or(0)
 }
 
-/// Bytes of the Normuon momenta (fp32, one per matrix element): what `host_momentum` moves off
-/// the device.
-pub fn momentum_bytes(plan: &Plan) -> u64 {
-    layout(plan).iter().filter(|g| matches!(g.kind, Kind::Normuon { .. })).map(|g| g.len * 4).sum()
+/// A rank's groups: the whole optimizer's, or with ZeRO-1 (`shard`: rank, world) its share.
+fn own_layout(plan: &Plan, units: &[Unit], shard: Option<(usize, usize)>) -> Vec<GroupLayout> {
+    match shard {
+        None => layout(plan, units, |_| true),
+        Some((rank, world)) => {
+            let owners = zero::owners(units, world);
+            layout(plan, units, |k| owners[k] == rank)
+        }
+    }
 }
 
-/// Device bytes the optimizer allocates for `plan`: model copies, fp32 masters, gradient sums and
-/// first moments (the Normuon ones only without `host_momentum`), second moments, frozen
-/// parameters, norm partials and Polar Express scratch.
-pub fn planned_bytes(plan: &Plan, host_momentum: bool) -> u64 {
-    let groups = layout(plan);
-    let state: u64 = groups.iter().map(|g| g.len * (12 + g.model_dtype().bytes()) + g.v_len * 4).sum();
-    let state = state - if host_momentum { momentum_bytes(plan) } else { 0 };
+/// Bytes of the Normuon momenta a rank holds (fp32, one per matrix element; `shard` as in
+/// [`planned_bytes`]): what `host_momentum` moves off the device.
+pub fn momentum_bytes(plan: &Plan, shard: Option<(usize, usize)>) -> u64 {
+    let own = own_layout(plan, &zero::units(plan), shard);
+    own.iter().filter(|g| matches!(g.kind, Kind::Normuon { .. })).map(|g| g.len * 4).sum()
+}
+
+/// Device bytes the optimizer allocates for `plan` on one rank (`shard`: ZeRO-1's rank and
+/// world): gradient sums and model copies of the whole model; fp32 masters, first moments (the
+/// Normuon ones only without `host_momentum`) and second moments of the rank's groups (with
+/// ZeRO-1 also their gradient sums, model copies and the staging buffer); frozen parameters,
+/// unit sums and tables, and Polar Express scratch.
+pub fn planned_bytes(plan: &Plan, host_momentum: bool, shard: Option<(usize, usize)>) -> u64 {
+    let units = zero::units(plan);
+    let whole = layout(plan, &units, |_| true);
+    let own = own_layout(plan, &units, shard);
+    let shared: u64 = whole.iter().map(|g| g.len * (4 + g.model_dtype().bytes())).sum();
+    let mut state: u64 = own.iter().map(|g| g.len * 8 + g.v_len * 4).sum();
+    if shard.is_some() {
+        state += own.iter().map(|g| g.len * (4 + g.model_dtype().bytes())).sum::<u64>() + stage_bytes(&whole);
+    }
+    let state = state - if host_momentum { momentum_bytes(plan, shard) } else { 0 };
     let frozen: u64 =
         plan.params.iter().filter(|p| p.opt == OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
-    state + frozen + partial_count(plan) as u64 * 8 + scratch_bytes(&groups)
+    let tables = (units.len() + own.len()) as u64 * 8 + units.len() as u64 * 8;
+    shared + state + frozen + tables + scratch_bytes(&own)
 }
 
-/// Norm partials: enough for one `opt_sumsq` launch per trainable parameter (the per-parameter
-/// pass that names a non-finite gradient needs more than the per-group one).
-fn partial_count(plan: &Plan) -> usize {
-    let per_param: usize =
-        plan.params.iter().filter(|p| p.trainable()).map(|p| ok::stride_blocks(p.numel) as usize).sum();
-    let per_group: usize = layout(plan).iter().map(|g| ok::stride_blocks(g.len) as usize).sum();
-    per_param.max(per_group)
+/// The staging buffer: [`STAGE_BYTES`], or less where the largest group is smaller.
+fn stage_bytes(whole: &[GroupLayout]) -> u64 {
+    whole.iter().map(|g| g.len * 4).max().unwrap_or(0).min(STAGE_BYTES)
 }
 
-struct Group {
-    lay: GroupLayout,
-    master: DevBuf,
-    grad: DevBuf,
-    m: DevBuf,
-    v: DevBuf,
-    model: DevBuf,
+/// A view of device memory: an allocation or part of one.
+#[derive(Clone, Copy, Debug)]
+struct View {
+    ptr: u64,
+    bytes: u64,
 }
 
-pub struct DeviceOptimizer {
-    groups: Vec<Group>,
-    /// Host masters of the frozen parameters, their device copies, and the step count.
-    host: TrainState,
-    frozen: Vec<(usize, DevBuf)>,
-    /// Per trainable parameter (plan order): its index, group and member index.
-    trainable: Vec<(usize, usize, usize)>,
-    /// One f64 per block of every `opt_sumsq` launch.
-    partials: DevBuf,
-    scratch: DevBuf,
-    /// The next micro-batch starts the step's sums (its kernels store instead of adding).
-    first: bool,
+impl From<&DevBuf> for View {
+    fn from(b: &DevBuf) -> View {
+        View { ptr: b.ptr, bytes: b.bytes as u64 }
+    }
 }
 
 fn ptr(addr: u64, dtype: DType, bytes: u64) -> Param {
     Param::Ptr(addr, Some(Region { addr, bytes, dtype }))
 }
 
-impl Group {
-    fn at(&self, buf: &DevBuf, elem: u64, dtype: DType) -> Param {
-        let off = elem * dtype.bytes();
-        ptr(buf.ptr + off, dtype, buf.bytes as u64 - off)
-    }
+/// `buf` from element `elem` on.
+fn at(buf: View, elem: u64, dtype: DType) -> Param {
+    let off = elem * dtype.bytes();
+    ptr(buf.ptr + off, dtype, buf.bytes - off)
+}
+
+/// The gradient sums and model copies of a whole group: what the plan's kernels use.
+struct Whole {
+    lay: GroupLayout,
+    grad: DevBuf,
+    model: DevBuf,
+}
+
+/// A group this rank updates: the whole group's buffers (replicated), or its share's own.
+struct Group {
+    lay: GroupLayout,
+    master: DevBuf,
+    m: DevBuf,
+    v: DevBuf,
+    grad: View,
+    model: View,
+    /// Where its unit boundaries (`opt_sumsq`'s `starts`) are.
+    starts: u64,
+}
+
+/// ZeRO-1's bookkeeping on one rank.
+struct Zero {
+    dist: Dist,
+    owners: Vec<usize>,
+    /// Per group, per rank: that rank's runs of the whole group ([`runs`]).
+    runs: Vec<Vec<Vec<(u64, u64)>>>,
+    stage: DevBuf,
+    /// This rank's gradient sums and model copies of its groups.
+    _own: Vec<DevBuf>,
+}
+
+pub struct DeviceOptimizer {
+    units: Vec<Unit>,
+    whole: Vec<Whole>,
+    groups: Vec<Group>,
+    zero: Option<Zero>,
+    /// Host masters of the frozen parameters, their device copies, and the step count.
+    host: TrainState,
+    frozen: Vec<(usize, DevBuf)>,
+    /// Per trainable parameter (plan order): its index, whole group and member index.
+    trainable: Vec<(usize, usize, usize)>,
+    /// Every group's unit boundaries (i64; the groups point into it), and one f64 sum per unit.
+    _tables: DevBuf,
+    sums: DevBuf,
+    scratch: DevBuf,
+    host_momentum: bool,
+    /// The next micro-batch starts the step's sums (its kernels store instead of adding).
+    first: bool,
 }
 
 impl DeviceOptimizer {
-    /// Allocates every group and uploads `st` (the masters, model copies and optimizer state).
-    /// With `host_momentum` the Normuon momenta live in pinned host memory that `pe_start`
+    /// Allocates every group and uploads `st` (the masters, model copies and optimizer state;
+    /// with ZeRO-1 only this rank's units of the masters and moments). With
+    /// `placement.host_momentum` the Normuon momenta live in pinned host memory that `pe_start`
     /// reads and writes over PCIe (once each per step): the same kernels and arithmetic, so the
     /// same state bit for bit, with ≈ 20 GiB less on the device for the locked config.
-    pub fn new(gpu: &Gpu, plan: &Plan, st: TrainState, host_momentum: bool) -> Result<DeviceOptimizer> {
+    pub fn new(gpu: &Gpu, plan: &Plan, st: TrainState, placement: &Placement) -> Result<DeviceOptimizer> {
         if let Some(p) = plan.params.iter().find(|p| p.opt == OptGroup::Normuon && p.ty.dtype != DType::Bf16) {
             bail!(
                 "Normuon parameter {} is {}; the device optimizer writes bf16 model copies for Normuon",
@@ -181,22 +346,72 @@ impl DeviceOptimizer {
                 p.ty.dtype.name()
             );
         }
-        let mut groups = Vec::new();
-        for lay in layout(plan) {
+        let units = zero::units(plan);
+        let mut whole = Vec::new();
+        for lay in layout(plan, &units, |_| true) {
             let what = |b: &str| format!("{b} of {:?}", lay.kind);
-            let f32b = (lay.len * 4) as usize;
-            groups.push(Group {
-                master: DevBuf::new(gpu, f32b, &what("fp32 masters"))?,
-                grad: DevBuf::new(gpu, f32b, &what("fp32 gradients"))?,
-                m: match (host_momentum, &lay.kind) {
-                    (true, Kind::Normuon { .. }) => DevBuf::new_mapped(gpu, f32b, &what("momenta"))?,
-                    _ => DevBuf::new(gpu, f32b, &what("first moments"))?,
-                },
-                v: DevBuf::new(gpu, (lay.v_len * 4) as usize, &what("second moments"))?,
+            whole.push(Whole {
+                grad: DevBuf::new(gpu, (lay.len * 4) as usize, &what("fp32 gradients"))?,
                 model: DevBuf::new(gpu, (lay.len * lay.model_dtype().bytes()) as usize, &what("model copies"))?,
                 lay,
             });
         }
+        let own = own_layout(plan, &units, placement.shard_of());
+        // Unit boundaries of every group, back to back.
+        let mut table: Vec<i64> = Vec::new();
+        let mut starts_at = Vec::new();
+        for g in &own {
+            starts_at.push(table.len() as u64 * 8);
+            let mut s = 0i64;
+            table.push(0);
+            for &k in &g.units {
+                s += units[k].len() as i64;
+                table.push(s);
+            }
+        }
+        let tables = DevBuf::new(gpu, table.len() * 8, "optimizer unit boundaries")?;
+        tables.upload_at(0, &table)?;
+        let mut own_bufs = Vec::new();
+        let mut groups = Vec::new();
+        for ((lay, w), s) in own.into_iter().zip(&whole).zip(starts_at) {
+            let what = |b: &str| format!("{b} of {:?}", lay.kind);
+            let f32b = (lay.len * 4) as usize;
+            let (grad, model) = match placement.shard {
+                None => (View::from(&w.grad), View::from(&w.model)),
+                Some(_) => {
+                    own_bufs.push(DevBuf::new(gpu, f32b, &what("this rank's fp32 gradients"))?);
+                    let g = View::from(own_bufs.last().expect("pushed"));
+                    let mb = (lay.len * lay.model_dtype().bytes()) as usize;
+                    own_bufs.push(DevBuf::new(gpu, mb, &what("this rank's model copies"))?);
+                    (g, View::from(own_bufs.last().expect("pushed")))
+                }
+            };
+            groups.push(Group {
+                master: DevBuf::new(gpu, f32b, &what("fp32 masters"))?,
+                m: match (placement.host_momentum, &lay.kind) {
+                    (true, Kind::Normuon { .. }) => DevBuf::new_mapped(gpu, f32b, &what("momenta"))?,
+                    _ => DevBuf::new(gpu, f32b, &what("first moments"))?,
+                },
+                v: DevBuf::new(gpu, (lay.v_len * 4) as usize, &what("second moments"))?,
+                grad,
+                model,
+                starts: tables.ptr + s,
+                lay,
+            });
+        }
+        let zero = match &placement.shard {
+            None => None,
+            Some(dist) => {
+                let world = dist.world();
+                let owners = zero::owners(&units, world);
+                let lays: Vec<GroupLayout> = whole.iter().map(|w| w.lay.clone()).collect();
+                let per_rank: Vec<Vec<Vec<(u64, u64)>>> =
+                    (0..world).map(|r| runs(&lays, &layout(plan, &units, |k| owners[k] == r))).collect();
+                let runs = (0..lays.len()).map(|g| per_rank.iter().map(|r| r[g].clone()).collect()).collect();
+                let stage = DevBuf::new(gpu, stage_bytes(&lays) as usize, "the ZeRO-1 staging buffer")?;
+                Some(Zero { dist: dist.clone(), owners, runs, stage, _own: own_bufs })
+            }
+        };
         let mut frozen = Vec::new();
         for (i, p) in plan.params.iter().enumerate() {
             if p.opt == OptGroup::Frozen {
@@ -208,35 +423,44 @@ impl DeviceOptimizer {
             if !p.trainable() {
                 continue;
             }
-            let (g, k) = groups
+            let (g, k) = whole
                 .iter()
                 .enumerate()
-                .find_map(|(g, gr)| gr.lay.members.iter().position(|m| m.param == i).map(|k| (g, k)))
+                .find_map(|(g, w)| w.lay.members.iter().position(|m| m.param == i).map(|k| (g, k)))
                 .ok_or_else(|| anyhow::anyhow!("trainable parameter {} is in no optimizer group", p.name))?;
             trainable.push((i, g, k));
         }
         let lays: Vec<GroupLayout> = groups.iter().map(|g| g.lay.clone()).collect();
-        let scratch_bytes = scratch_bytes(&lays);
         let mut o = DeviceOptimizer {
+            sums: DevBuf::new(gpu, units.len() * 8, "optimizer unit sums of squares")?,
+            units,
+            whole,
             groups,
+            zero,
             host: st,
             frozen,
             trainable,
-            partials: DevBuf::new(gpu, partial_count(plan) * 8, "gradient-norm partials")?,
-            scratch: DevBuf::new(gpu, scratch_bytes as usize, "Polar Express scratch")?,
+            _tables: tables,
+            scratch: DevBuf::new(gpu, scratch_bytes(&lays) as usize, "Polar Express scratch")?,
+            host_momentum: placement.host_momentum,
             first: true,
         };
         o.upload()?;
         Ok(o)
     }
 
+    /// Where this optimizer lives.
+    pub fn placement(&self) -> Placement {
+        Placement { host_momentum: self.host_momentum, shard: self.zero.as_ref().map(|z| z.dist.clone()) }
+    }
+
     /// Device address of every parameter's model copy, in plan order.
     pub fn model_ptrs(&self, n_params: usize) -> Vec<u64> {
         let mut out = vec![0; n_params];
-        for g in &self.groups {
-            let b = g.lay.model_dtype().bytes();
-            for m in &g.lay.members {
-                out[m.param] = g.model.ptr + m.off * b;
+        for w in &self.whole {
+            let b = w.lay.model_dtype().bytes();
+            for m in &w.lay.members {
+                out[m.param] = w.model.ptr + m.off * b;
             }
         }
         for (i, buf) in &self.frozen {
@@ -245,26 +469,37 @@ impl DeviceOptimizer {
         out
     }
 
-    /// Uploads the host state, then drops the uploaded tensors from it (the device copy is the
+    /// Uploads the host state — the model copies of every parameter, the masters and moments of
+    /// this rank's groups — then drops the uploaded tensors from it (the device copy is the
     /// truth; the locked config's would otherwise keep 69 GiB of host memory).
     fn upload(&mut self) -> Result<()> {
         let st = &mut self.host;
-        for g in &self.groups {
-            for m in &g.lay.members {
-                let i = m.param;
-                g.master.upload_at(m.off as usize * 4, &st.master[i])?;
-                g.m.upload_at(m.off as usize * 4, &st.m[i])?;
-                g.v.upload_at(m.v_off as usize * 4, &st.v[i])?;
-                match g.lay.model_dtype() {
-                    DType::F32 => g.model.upload_at(m.off as usize * 4, &st.master[i])?,
+        for w in &self.whole {
+            for m in &w.lay.members {
+                let x = &st.master[m.param];
+                match w.lay.model_dtype() {
+                    DType::F32 => w.model.upload_at(m.off as usize * 4, x)?,
                     _ => {
-                        let b: Vec<half::bf16> = st.master[i].iter().map(|&x| half::bf16::from_f32(x)).collect();
-                        g.model.upload_at(m.off as usize * 2, &b)?
+                        let b: Vec<half::bf16> = x.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                        w.model.upload_at(m.off as usize * 2, &b)?
                     }
                 }
-                st.master[i] = Vec::new();
-                st.m[i] = Vec::new();
-                st.v[i] = Vec::new();
+            }
+        }
+        for g in &self.groups {
+            for m in &g.lay.members {
+                let (i, e, v) = (m.param, (m.lo..m.lo + m.len), (m.v_lo..m.v_lo + m.v_len));
+                let (e, v) = (e.start as usize..e.end as usize, v.start as usize..v.end as usize);
+                g.master.upload_at(m.off as usize * 4, &st.master[i][e.clone()])?;
+                g.m.upload_at(m.off as usize * 4, &st.m[i][e])?;
+                g.v.upload_at(m.v_off as usize * 4, &st.v[i][v])?;
+            }
+        }
+        for w in &self.whole {
+            for m in &w.lay.members {
+                st.master[m.param] = Vec::new();
+                st.m[m.param] = Vec::new();
+                st.v[m.param] = Vec::new();
             }
         }
         self.upload_frozen()?;
@@ -285,9 +520,19 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    /// The training state, downloading the groups: with `moments`, the full state; without,
-    /// the masters alone (moments empty).
-    pub fn state(&self, moments: bool) -> Result<TrainState> {
+    /// The training state: with `moments`, the full state; without, the masters alone (moments
+    /// empty). With ZeRO-1 a collective: every rank's share is gathered.
+    pub fn state(&self, plan: &Plan, moments: bool) -> Result<TrainState> {
+        if let Some(z) = &self.zero {
+            let sh = crate::optim::Sharded { units: self.units.clone(), owners: z.owners.clone(), shard: self.shard()? };
+            if moments {
+                return sh.full_state(plan, &z.dist, &self.host);
+            }
+            let mut st = self.host.clone();
+            sh.gather_masters(plan, &z.dist, &mut st.master)?;
+            st.m.iter_mut().chain(&mut st.v).for_each(Vec::clear);
+            return Ok(st);
+        }
         let mut st = self.host.clone();
         for g in &self.groups {
             for m in &g.lay.members {
@@ -308,6 +553,45 @@ impl DeviceOptimizer {
         Ok(st)
     }
 
+    /// ZeRO-1: this rank's share of the masters and moments, as [`Shard::take`] lays it out.
+    pub fn shard(&self) -> Result<Shard> {
+        // Each owned unit's place: (unit, group, element offset, second-moment offset).
+        let mut place = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let (mut off, mut v_off) = (0u64, 0u64);
+            for &k in &g.lay.units {
+                place.push((k, gi, off, v_off));
+                off += self.units[k].len() as u64;
+                v_off += zero::v_len(&self.units[k]) as u64;
+            }
+        }
+        place.sort_unstable();
+        let host = |b: &DevBuf, n: u64| -> Result<Vec<f32>> {
+            let mut x = vec![0f32; n as usize];
+            download(b.ptr, &mut x)?;
+            Ok(x)
+        };
+        let mut got = Vec::new();
+        for g in &self.groups {
+            got.push((host(&g.master, g.lay.len)?, host(&g.m, g.lay.len)?, host(&g.v, g.lay.v_len)?));
+        }
+        let mut sh = Shard::default();
+        for (k, gi, off, v_off) in place {
+            let u = &self.units[k];
+            let (e, v) = (off as usize..off as usize + u.len(), v_off as usize..v_off as usize + zero::v_len(u));
+            sh.units.push(k);
+            sh.master.extend_from_slice(&got[gi].0[e.clone()]);
+            sh.m.extend_from_slice(&got[gi].1[e]);
+            sh.v.extend_from_slice(&got[gi].2[v]);
+        }
+        Ok(sh)
+    }
+
+    /// ZeRO-1: the state besides the shard (frozen masters, step count).
+    pub fn sharded_rest(&self) -> Option<&TrainState> {
+        self.zero.as_ref().map(|_| &self.host)
+    }
+
     pub fn step_count(&self) -> u64 {
         self.host.step
     }
@@ -318,9 +602,14 @@ impl DeviceOptimizer {
     }
 
     /// The step's fp32 gradient sums as `(device address, elements)`, one buffer per group (what
-    /// data-parallel ranks all-reduce).
+    /// the replicated optimizer's ranks all-reduce).
     pub fn grad_buffers(&self) -> Vec<(u64, usize)> {
-        self.groups.iter().map(|g| (g.grad.ptr, g.lay.len as usize)).collect()
+        self.whole.iter().map(|w| (w.grad.ptr, w.lay.len as usize)).collect()
+    }
+
+    /// Whether ranks share the optimizer (ZeRO-1): the step then reduces the gradients itself.
+    pub fn sharded(&self) -> bool {
+        self.zero.is_some()
     }
 
     /// The step's gradient sum of every trainable parameter (plan order; `None` for frozen ones).
@@ -328,8 +617,8 @@ impl DeviceOptimizer {
     pub fn grad_sums(&self, n_params: usize) -> Vec<Option<Region>> {
         let mut out = vec![None; n_params];
         for &(i, g, k) in &self.trainable {
-            let (gr, m) = (&self.groups[g], &self.groups[g].lay.members[k]);
-            out[i] = Some(Region { addr: gr.grad.ptr + m.off * 4, bytes: m.len * 4, dtype: DType::F32 });
+            let (w, m) = (&self.whole[g], &self.whole[g].lay.members[k]);
+            out[i] = Some(Region { addr: w.grad.ptr + m.off * 4, bytes: m.len * 4, dtype: DType::F32 });
         }
         out
     }
@@ -337,18 +626,18 @@ impl DeviceOptimizer {
     /// Fills the gradient sums with 0xFF (NaN) before a step's first micro-batch, so a gradient
     /// element no kernel writes shows up (parity runs).
     pub fn poison_sums(&self) -> Result<()> {
-        self.groups.iter().try_for_each(|g| g.grad.fill(0xFF))
+        self.whole.iter().try_for_each(|w| w.grad.fill(0xFF))
     }
 
     /// Replaces the step's gradient sums (`grads` in plan order, empty for frozen parameters).
     pub fn set_grad_sums(&mut self, grads: &[Vec<f32>]) -> Result<()> {
         for &(i, g, k) in &self.trainable {
-            let gr = &self.groups[g];
-            let m = &gr.lay.members[k];
+            let w = &self.whole[g];
+            let m = &w.lay.members[k];
             if grads[i].len() as u64 != m.len {
                 bail!("gradient {i} has {} elements, the parameter {}", grads[i].len(), m.len);
             }
-            gr.grad.upload_at(m.off as usize * 4, &grads[i])?;
+            w.grad.upload_at(m.off as usize * 4, &grads[i])?;
         }
         self.first = false;
         Ok(())
@@ -364,34 +653,31 @@ impl DeviceOptimizer {
         self.first = false;
     }
 
-    /// The step (§7.1) on the accumulated gradients.
+    /// The step (§7.1) on the accumulated gradients (with ZeRO-1 a collective over `link`:
+    /// the gradients are reduced to their owners first, the model copies shared after).
     pub fn step(
         &mut self,
         l: &mut Launcher,
         plan: &Plan,
         loads: Vec<(u32, Vec<u64>)>,
         s: &StepScalars,
+        link: &Link,
     ) -> Result<StepStats> {
         if self.first {
             bail!("optimizer step without accumulated gradients");
         }
-        // Global norm: one launch per group (its sums are contiguous).
-        let whole: Vec<(Param, u64)> = self.groups.iter().map(|g| (g.at(&g.grad, 0, DType::F32), g.lay.len)).collect();
-        let sq: f64 = self.sumsq(l, &whole)?.iter().sum();
-        if !sq.is_finite() {
-            // Per parameter, only to name the first non-finite gradient.
-            let each: Vec<(Param, u64)> = self
-                .trainable
-                .iter()
-                .map(|&(_, g, k)| {
-                    let (gr, m) = (&self.groups[g], &self.groups[g].lay.members[k]);
-                    (gr.at(&gr.grad, m.off, DType::F32), m.len)
-                })
-                .collect();
-            let per = self.sumsq(l, &each)?;
-            let bad = self.trainable.iter().zip(&per).find(|(_, s)| !s.is_finite()).map_or(0, |(t, _)| t.0);
-            bail!("gradient of {} is not finite (NaN or Inf)", plan.params[bad].name);
+        if let Some(z) = &self.zero {
+            self.reduce_gradients(z, link)?;
         }
+        let mut per_unit = self.unit_sumsq(l)?;
+        if let Some(z) = &self.zero {
+            // Each unit has one owner, so the sum over ranks is exact.
+            z.dist.all_reduce_f64(&mut per_unit)?;
+        }
+        if let Some(k) = per_unit.iter().position(|x| !x.is_finite()) {
+            bail!("gradient of {} is not finite (NaN or Inf)", plan.params[self.units[k].param].name);
+        }
+        let sq: f64 = per_unit.iter().sum();
         let coef = clip_coefficient(sq, s.clip);
 
         crate::optim::update_expert_bias(plan, &mut self.host, &loads, s.bias_rate);
@@ -401,9 +687,12 @@ impl DeviceOptimizer {
         let k = self.host.step + 1;
         let ah = AdamHyper::default();
         let (bc1, bc2) = ah.bias_corrections(k);
-        for g in &self.groups {
+        for g in self.groups.iter().filter(|g| g.lay.len > 0) {
             match g.lay.kind {
-                Kind::Normuon { rows, cols, matrices } => self.normuon(l, g, rows, cols, matrices, coef, s, o)?,
+                Kind::Normuon { rows, cols, .. } => {
+                    let matrices = g.lay.len / (rows * cols);
+                    self.normuon(l, g, rows, cols, matrices, coef, s, o)?
+                }
                 Kind::AdamW { f32_model, decay } => {
                     let wd = if decay { s.weight_decay } else { 0.0 };
                     let n = g.lay.len;
@@ -413,11 +702,11 @@ impl DeviceOptimizer {
                         [ok::stride_blocks(n), 1, 1],
                         ok::THREADS,
                         &[
-                            g.at(&g.grad, 0, DType::F32),
-                            g.at(&g.m, 0, DType::F32),
-                            g.at(&g.v, 0, DType::F32),
-                            g.at(&g.master, 0, DType::F32),
-                            g.at(&g.model, 0, g.lay.model_dtype()),
+                            at(g.grad, 0, DType::F32),
+                            at((&g.m).into(), 0, DType::F32),
+                            at((&g.v).into(), 0, DType::F32),
+                            at((&g.master).into(), 0, DType::F32),
+                            at(g.model, 0, g.lay.model_dtype()),
                             Param::I64(n as i64),
                             Param::F32(coef),
                             Param::F64(ah.beta1),
@@ -433,34 +722,77 @@ impl DeviceOptimizer {
             }
         }
         l.sync()?;
+        if let Some(z) = &self.zero {
+            self.share_models(z, link)?;
+        }
         self.host.step = k;
         self.first = true;
         let expert_bias = crate::optim::expert_biases(plan, &self.host, &loads);
         Ok(StepStats { grad_norm: sq.sqrt(), clip_coef: coef, loads, expert_bias, ..Default::default() })
     }
 
-    /// `Σx²` of each `(f32 buffer, length)`: one `opt_sumsq` launch each, whose f64 block partials
-    /// are summed here in block order (deterministic).
-    fn sumsq(&self, l: &mut Launcher, ranges: &[(Param, u64)]) -> Result<Vec<f64>> {
-        let mut starts = Vec::with_capacity(ranges.len() + 1);
-        let mut p0 = 0u64;
-        for (buf, n) in ranges {
-            starts.push(p0 as usize);
-            let part = Param::Ptr(self.partials.ptr + p0 * 8, None);
-            l.launch(
-                &ok::sumsq(),
-                NODE,
-                [ok::stride_blocks(*n), 1, 1],
-                ok::THREADS,
-                &[*buf, Param::I64(*n as i64), part],
-            )?;
-            p0 += ok::stride_blocks(*n) as u64;
+    /// `Σx²` of every unit this rank's groups hold (one `opt_sumsq` launch per group), indexed
+    /// by unit; 0 for the units of other ranks.
+    fn unit_sumsq(&self, l: &mut Launcher) -> Result<Vec<f64>> {
+        let mut at_unit = 0u64;
+        for g in self.groups.iter().filter(|g| !g.lay.units.is_empty()) {
+            let n = g.lay.units.len() as u64;
+            let out = Param::Ptr(self.sums.ptr + at_unit * 8, None);
+            let starts = Param::Ptr(g.starts, None);
+            l.launch(&ok::sumsq(), NODE, [grid([n, 1, 1])?[0], 1, 1], ok::THREADS, &[at(g.grad, 0, DType::F32), starts, out])?;
+            at_unit += n;
         }
-        starts.push(p0 as usize);
         l.sync()?;
-        let mut partials = vec![0f64; p0 as usize];
-        download(self.partials.ptr, &mut partials)?;
-        Ok(starts.windows(2).map(|w| partials[w[0]..w[1]].iter().sum()).collect())
+        let mut got = vec![0f64; at_unit as usize];
+        download(self.sums.ptr, &mut got)?;
+        let mut per_unit = vec![0f64; self.units.len()];
+        for (&k, x) in self.groups.iter().flat_map(|g| &g.lay.units).zip(got) {
+            per_unit[k] = x;
+        }
+        Ok(per_unit)
+    }
+
+    /// ZeRO-1: each rank's units of the whole gradient sums, summed over ranks into its own
+    /// groups' gradient buffers (packed into the staging buffer chunk by chunk).
+    fn reduce_gradients(&self, z: &Zero, link: &Link) -> Result<()> {
+        let cap = z.stage.bytes as u64 / 4;
+        for ((w, g), runs) in self.whole.iter().zip(&self.groups).zip(&z.runs) {
+            for (r, runs) in runs.iter().enumerate() {
+                for (pos, pieces) in chunks(runs, cap) {
+                    let mut n = 0;
+                    for (off, k) in pieces {
+                        copy(z.stage.ptr + n * 4, w.grad.ptr + off * 4, k * 4)?;
+                        n += k;
+                    }
+                    // Only the root's destination is written.
+                    let dst = if r == link.rank() { g.grad.ptr + pos * 4 } else { z.stage.ptr };
+                    link.reduce_f32(z.stage.ptr, dst, n as usize, r)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1: each rank's new model copies broadcast into every rank's whole model copies.
+    fn share_models(&self, z: &Zero, link: &Link) -> Result<()> {
+        for ((w, g), runs) in self.whole.iter().zip(&self.groups).zip(&z.runs) {
+            let b = w.lay.model_dtype().bytes();
+            for (r, runs) in runs.iter().enumerate() {
+                for (pos, pieces) in chunks(runs, z.stage.bytes as u64 / b) {
+                    let n: u64 = pieces.iter().map(|p| p.1).sum();
+                    if r == link.rank() {
+                        copy(z.stage.ptr, g.model.ptr + pos * b, n * b)?;
+                    }
+                    link.broadcast(z.stage.ptr, (n * b) as usize, r)?;
+                    let mut at = 0;
+                    for (off, k) in pieces {
+                        copy(w.model.ptr + off * b, z.stage.ptr + at * b, k * b)?;
+                        at += k;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One Normuon family, chunk by chunk (§7.2; batching per D10).
@@ -501,8 +833,8 @@ impl DeviceOptimizer {
                 [c as u32, 1, 1],
                 ok::THREADS,
                 &[
-                    g.at(&g.grad, j0 * size, DType::F32),
-                    g.at(&g.m, j0 * size, DType::F32),
+                    at(g.grad, j0 * size, DType::F32),
+                    at((&g.m).into(), j0 * size, DType::F32),
                     sp(u, DType::F32),
                     sp(x0, DType::Bf16),
                     Param::F32(coef),
@@ -545,9 +877,9 @@ impl DeviceOptimizer {
                 ok::THREADS,
                 &[
                     sp(u, DType::F32),
-                    g.at(&g.v, j0 * rows, DType::F32),
-                    g.at(&g.master, j0 * size, DType::F32),
-                    g.at(&g.model, j0 * size, DType::Bf16),
+                    at((&g.v).into(), j0 * rows, DType::F32),
+                    at((&g.master).into(), j0 * size, DType::F32),
+                    at(g.model, j0 * size, DType::Bf16),
                     Param::F64(o.beta2),
                     Param::F64(o.eps),
                     Param::F64(s.lr),

@@ -99,6 +99,42 @@ impl Gpus {
         self.wait("all-reduce")
     }
 
+    /// The fp32 sum over ranks of `count` floats at `send` (every rank's), into `recv` on `root`
+    /// (other ranks' `recv` is not written).
+    pub fn reduce_f32(&self, send: u64, recv: u64, count: usize, root: usize) -> Result<()> {
+        unsafe {
+            result::reduce(
+                send as *const std::ffi::c_void,
+                recv as *mut std::ffi::c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                root as i32,
+                self.comm,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| anyhow!("ncclReduce of {count} floats to rank {root}: {e:?}"))?;
+        self.wait("reduce")
+    }
+
+    /// `root`'s `bytes` bytes at `ptr` into `ptr` on every rank.
+    pub fn broadcast(&self, ptr: u64, bytes: usize, root: usize) -> Result<()> {
+        unsafe {
+            result::broadcast(
+                ptr as *const std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
+                bytes,
+                sys::ncclDataType_t::ncclUint8,
+                root as i32,
+                self.comm,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| anyhow!("ncclBroadcast of {bytes} bytes from rank {root}: {e:?}"))?;
+        self.wait("broadcast")
+    }
+
     fn wait(&self, what: &str) -> Result<()> {
         let t0 = Instant::now();
         loop {

@@ -98,8 +98,9 @@ impl Checkpoints<'_> {
     pub(super) fn save(&self, be: &dyn Backend, source: &dyn Source, rng: &Rng) -> Result<(PathBuf, String)> {
         let (plan, cfg) = (self.plan, self.cfg);
         let whole;
-        let (part, st) = match be.shard() {
-            Some((shard, st)) => (Part::Shard(shard, st), st),
+        let shard = be.shard()?;
+        let (part, st) = match &shard {
+            Some((sh, st)) => (Part::Shard(sh, st), *st),
             None => {
                 whole = be.state()?;
                 (Part::Whole(&whole), &whole)

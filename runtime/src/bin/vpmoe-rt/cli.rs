@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use vpmoe_runtime::{cpu::CpuBackend, cuda::CudaBackend, load_plan, state::TrainState, Backend};
+use vpmoe_runtime::{cpu::CpuBackend, cuda::optim::Placement, cuda::CudaBackend, load_plan, state::TrainState, Backend};
 
 #[derive(Parser)]
 #[command(name = "vpmoe-rt", version, about = "Run compiled vpmoe plans: forward, data, training")]
@@ -579,6 +579,9 @@ pub(crate) fn teacher_client(
 }
 
 /// The backend the user chose; the cuda one fails with an explanation where there is no GPU.
+/// `shard`: the data-parallel job whose ranks share the optimizer (ZeRO-1), which the cuda
+/// backend places when it allocates (the cpu one shards when it joins the job).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backend<'g>(
     args: &BackendArgs,
     graph: &'g vpmoe_ir::Graph,
@@ -586,6 +589,7 @@ pub(crate) fn backend<'g>(
     state: TrainState,
     plan_dir: Option<&std::path::Path>,
     max_tokens: usize,
+    shard: Option<vpmoe_runtime::dist::Dist>,
 ) -> Result<Box<dyn Backend + 'g>> {
     Ok(match args.kind {
         BackendKind::Cpu if args.host_momentum => bail!("--host-momentum places cuda state; it needs --backend cuda"),
@@ -595,7 +599,8 @@ pub(crate) fn backend<'g>(
             Box::new(CpuBackend::new(graph, plan, state))
         }
         BackendKind::Cuda => {
-            let mut be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, args.host_momentum)?;
+            let placement = Placement { host_momentum: args.host_momentum, shard };
+            let mut be = CudaBackend::new(graph, plan, state, plan_dir, max_tokens, placement)?;
             if args.cublas {
                 be.use_cublas()?;
             }

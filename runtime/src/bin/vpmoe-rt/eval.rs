@@ -29,7 +29,7 @@ pub(crate) fn run_eval(a: EvalArgs) -> Result<()> {
         }
         let args = BackendArgs { kind: a.model.backend, host_momentum: false, cublas: false };
         let mut be =
-            backend(&args, &graph, &plan, state.clone(), a.model.plan.as_deref(), cfg.micro_batch * cfg.seq_len)?;
+            backend(&args, &graph, &plan, state.clone(), a.model.plan.as_deref(), cfg.micro_batch * cfg.seq_len, None)?;
         for d in &a.data {
             let valid = eval_split(d).with_context(|| format!("{}: no valid split (DIR/valid)", d.display()))?;
             vpmoe_data::reader::check_vocabulary(d, plan.arch.vocab)?;

@@ -103,7 +103,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         None => TrainState::init(&plan, cfg.seed),
     };
     // Open the device before any data work: a missing GPU is reported at once.
-    let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), cfg.micro_batch * cfg.seq_len)?;
+    let shard = (!a.replicated_optimizer && dist.world() > 1).then(|| dist.clone());
+    let tokens = cfg.micro_batch * cfg.seq_len;
+    let mut be = backend(&a.backend, &graph, &plan, state, plan_dir.as_deref(), tokens, shard)?;
     let ckpt_dir = a.ckpt_dir.unwrap_or_else(|| PathBuf::from("runs").join(&plan.arch.name));
     let data: Vec<(PathBuf, f64)> = if a.data.is_empty() {
         // Rank 0 builds it; the others read it once it is there.
@@ -338,6 +340,7 @@ fn run() -> Result<()> {
                 TrainState::init(&plan, seed),
                 plan_dir.as_deref(),
                 seq * micro_batch,
+                None,
             )?;
             let init_s = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
