@@ -322,9 +322,15 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     let (_, mut o_gpu) = cfg(&plan, 24, tmp("track-cuda"));
     o_gpu.profile_steps = Some((3, 4));
     let gpu = {
-        let mut be =
-            CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, c.micro_batch * c.seq_len, Placement::default())
-                .unwrap();
+        let mut be = CudaBackend::new(
+            &g,
+            &plan,
+            TrainState::init(&plan, c.seed),
+            None,
+            c.micro_batch * c.seq_len,
+            Placement::default(),
+        )
+        .unwrap();
         train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_gpu).unwrap()
     };
     let l = |o: &train::Outcome| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
@@ -357,7 +363,9 @@ fn checkpoints_resume_across_backends() {
         let mk = |cuda: bool| -> Box<dyn vpmoe_runtime::Backend + '_> {
             let st = TrainState::init(&plan, c.seed);
             if cuda {
-                Box::new(CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len, Placement::default()).unwrap())
+                Box::new(
+                    CudaBackend::new(&g, &plan, st, None, c.micro_batch * c.seq_len, Placement::default()).unwrap(),
+                )
             } else {
                 Box::new(CpuBackend::new(&g, &plan, st))
             }

@@ -346,7 +346,10 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
         let mut owned = vec![0; units.len()];
         for r in 0..world {
             let mine = layout(&plan, &units, |k| owners[k] == r);
-            assert_eq!(mine.iter().map(|g| &g.kind).collect::<Vec<_>>(), groups.iter().map(|g| &g.kind).collect::<Vec<_>>());
+            assert_eq!(
+                mine.iter().map(|g| &g.kind).collect::<Vec<_>>(),
+                groups.iter().map(|g| &g.kind).collect::<Vec<_>>()
+            );
             let runs = runs(&groups, &mine);
             for ((g, w), runs) in mine.iter().zip(&groups).zip(&runs) {
                 let (mut off, mut v_off) = (0, 0);
@@ -422,7 +425,12 @@ fn optimizer_groups_cover_every_trainable_parameter_once() {
                 gib(report)
             );
             // The whole model's gradient sums (22.4 GiB) and bf16 copies (11.2 GiB) stay on every rank.
-            assert!(gib(b) - gib(most) > 30.0, "ZeRO-1 at 8 ranks keeps {:.2} GiB of {:.2} per rank", gib(most), gib(b));
+            assert!(
+                gib(b) - gib(most) > 30.0,
+                "ZeRO-1 at 8 ranks keeps {:.2} GiB of {:.2} per rank",
+                gib(most),
+                gib(b)
+            );
             assert!(most >= report && gib(most - report) < 8.0, "{} vs {}", gib(most), gib(report));
         }
     }

@@ -119,7 +119,9 @@ pub fn layout(plan: &Plan, units: &[Unit], keep: impl Fn(usize) -> bool) -> Vec<
                 let u = &units[k];
                 let (n, nv) = (u.len() as u64, zero::v_len(u) as u64);
                 match g.members.last_mut() {
-                    Some(m) if m.param == i && m.lo + m.len == u.lo as u64 => (m.len, m.v_len) = (m.len + n, m.v_len + nv),
+                    Some(m) if m.param == i && m.lo + m.len == u.lo as u64 => {
+                        (m.len, m.v_len) = (m.len + n, m.v_len + nv)
+                    }
                     _ => g.members.push(Member {
                         param: i,
                         lo: u.lo as u64,
@@ -180,13 +182,15 @@ pub fn runs(whole: &[GroupLayout], mine: &[GroupLayout]) -> Vec<Vec<(u64, u64)>>
         .collect()
 }
 
+/// Pieces `(element offset, count)` of a whole group's buffer.
+pub type Pieces = Vec<(u64, u64)>;
+
 /// A rank's runs cut for a staging buffer of `cap` elements: each chunk is where it starts in
-/// the rank's own group buffer and its pieces `(element offset, count)` of the whole buffer, at
-/// most `cap` elements in all.
-pub fn chunks(runs: &[(u64, u64)], cap: u64) -> Vec<(u64, Vec<(u64, u64)>)> {
+/// the rank's own group buffer and its pieces of the whole buffer, at most `cap` elements in all.
+pub fn chunks(runs: &[(u64, u64)], cap: u64) -> Vec<(u64, Pieces)> {
     let cap = cap.max(1);
-    let (mut out, mut pos, mut cur, mut fill): (Vec<(u64, Vec<(u64, u64)>)>, u64, Vec<(u64, u64)>, u64) =
-        (Vec::new(), 0, Vec::new(), 0);
+    let mut out = Vec::new();
+    let (mut pos, mut cur, mut fill) = (0, Pieces::new(), 0);
     for &(mut off, mut n) in runs {
         while n > 0 {
             let take = n.min(cap - fill);
@@ -524,7 +528,8 @@ impl DeviceOptimizer {
     /// empty). With ZeRO-1 a collective: every rank's share is gathered.
     pub fn state(&self, plan: &Plan, moments: bool) -> Result<TrainState> {
         if let Some(z) = &self.zero {
-            let sh = crate::optim::Sharded { units: self.units.clone(), owners: z.owners.clone(), shard: self.shard()? };
+            let sh =
+                crate::optim::Sharded { units: self.units.clone(), owners: z.owners.clone(), shard: self.shard()? };
             if moments {
                 return sh.full_state(plan, &z.dist, &self.host);
             }
@@ -739,7 +744,13 @@ impl DeviceOptimizer {
             let n = g.lay.units.len() as u64;
             let out = Param::Ptr(self.sums.ptr + at_unit * 8, None);
             let starts = Param::Ptr(g.starts, None);
-            l.launch(&ok::sumsq(), NODE, [grid([n, 1, 1])?[0], 1, 1], ok::THREADS, &[at(g.grad, 0, DType::F32), starts, out])?;
+            l.launch(
+                &ok::sumsq(),
+                NODE,
+                [grid([n, 1, 1])?[0], 1, 1],
+                ok::THREADS,
+                &[at(g.grad, 0, DType::F32), starts, out],
+            )?;
             at_unit += n;
         }
         l.sync()?;

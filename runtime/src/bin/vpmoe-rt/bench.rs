@@ -21,7 +21,8 @@ pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
         bail!("--steps and --grad-accum must be at least 1");
     }
     let tokens = seq * a.micro_batch;
-    let mut be = backend(&a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens, None)?;
+    let mut be =
+        backend(&a.backend, &graph, &plan, TrainState::init(&plan, a.seed), plan_dir.as_deref(), tokens, None)?;
     let device = match a.backend.kind {
         BackendKind::Cpu => "cpu".to_string(),
         BackendKind::Cuda => be.device_name(),

@@ -4,7 +4,9 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use vpmoe_runtime::{cpu::CpuBackend, cuda::optim::Placement, cuda::CudaBackend, load_plan, state::TrainState, Backend};
+use vpmoe_runtime::{
+    cpu::CpuBackend, cuda::optim::Placement, cuda::CudaBackend, load_plan, state::TrainState, Backend,
+};
 
 #[derive(Parser)]
 #[command(name = "vpmoe-rt", version, about = "Run compiled vpmoe plans: forward, data, training")]
