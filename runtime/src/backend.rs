@@ -337,6 +337,17 @@ pub trait Backend {
     /// Optimizer steps applied so far (without fetching the state).
     fn step_count(&self) -> u64;
     fn set_state(&mut self, st: crate::state::TrainState) -> Result<()>;
+    /// ZeRO-1: whether this rank keeps only its share of the optimizer (a resume then reads only
+    /// that share, [`crate::checkpoint::load_share`]).
+    fn shares_optimizer(&self) -> bool {
+        false
+    }
+    /// ZeRO-1: replaces the state from every parameter's masters (moments empty) and this rank's
+    /// share of the optimizer.
+    fn set_share(&mut self, st: crate::state::TrainState, shard: crate::dist::zero::Shard) -> Result<()> {
+        let _ = (st, shard);
+        bail!("the {} backend keeps the whole optimizer", self.name())
+    }
     /// Trains as one rank of `dist`'s job: gradients and router loads are summed over its ranks
     /// before each update; with `shard_optimizer` each rank keeps only its part of the optimizer
     /// (ZeRO-1). [`Backend::state`] and [`Backend::step`] are then collectives: every rank calls

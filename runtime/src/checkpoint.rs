@@ -439,51 +439,117 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
 /// is read piecewise (its checksum streamed, each tensor read into place), so loading holds the
 /// state once.
 pub fn load(path: &Path, plan: &Plan) -> Result<(Meta, TrainState)> {
-    let meta = read_meta(path)?;
-    let sp = path.join("state.safetensors");
-    let f = std::fs::File::open(&sp).with_context(|| format!("reading {}", sp.display()))?;
-    let len = f.metadata()?.len();
-    let mut whole = Sha256::new();
-    hash_range(&f, &mut whole, 0, len).with_context(|| format!("reading {}", sp.display()))?;
-    if vpmoe_ir::hex(&whole.finalize()) != meta.state_sha256 {
-        bail!("{}: contents do not match the checksum in meta.json (damaged or replaced)", sp.display());
-    }
-    let header = (|| -> Result<(u64, safetensors::tensor::Metadata)> {
-        let mut n = [0u8; 8];
-        f.read_exact_at(&mut n, 0)?;
-        let n = u64::from_le_bytes(n);
-        ensure!(n < len, "header length {n} beyond the file's {len} bytes");
-        let mut json = vec![0u8; n as usize];
-        f.read_exact_at(&mut json, 8)?;
-        let md: safetensors::tensor::Metadata = serde_json::from_slice(&json)?;
-        ensure!(8 + n + md.data_len() as u64 == len, "tensors end at {} of {len} bytes", 8 + n + md.data_len() as u64);
-        Ok((8 + n, md))
-    })();
-    let (base, md) = header.with_context(|| format!("{}: not safetensors", sp.display()))?;
-    let mut st = TrainState { step: meta.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
+    let o = Opened::new(path)?;
+    o.verify()?;
+    let mut st = o.masters(plan)?;
     for p in &plan.params {
-        let (n, nm, nv) = TrainState::sizes(p);
-        let get = |kind: &str, want: usize| -> Result<Vec<f32>> {
-            if want == 0 {
-                return Ok(Vec::new());
-            }
-            let name = format!("{kind}/{}", p.name);
-            let t = md.info(&name).with_context(|| format!("{}: missing tensor {name}", sp.display()))?;
-            ensure!(t.dtype == Dtype::F32, "{}: {name} is {:?}, expected F32", sp.display(), t.dtype);
-            let got = (t.data_offsets.1 - t.data_offsets.0) / 4;
-            ensure!(got == want, "{}: {name} has {got} elements, the plan needs {want}", sp.display());
-            let mut data = vec![0f32; want];
-            f.read_exact_at(bytemuck::cast_slice_mut(&mut data), base + t.data_offsets.0 as u64)?;
-            Ok(data)
-        };
-        st.master.push(get("master", n)?);
-        st.m.push(get("opt.m", nm)?);
-        st.v.push(get("opt.v", nv)?);
+        let (_, nm, nv) = TrainState::sizes(p);
+        st.m.push(o.read("opt.m", &p.name, nm, 0, nm)?);
+        st.v.push(o.read("opt.v", &p.name, nv, 0, nv)?);
     }
-    if st.checksum() != meta.master_sha256 {
-        bail!("{}: master weights do not match the checksum in meta.json", sp.display());
+    Ok((o.meta, st))
+}
+
+/// ZeRO-1's resume: every parameter's masters (moments empty) and this rank's share of the
+/// optimizer ([`Shard::take`]'s layout), reading only those moments. A collective: rank 0 alone
+/// streams the file for its checksum and tells the others whether it matched.
+pub fn load_share(path: &Path, plan: &Plan, dist: &Dist) -> Result<(Meta, TrainState, Shard)> {
+    let o = Opened::new(path)?;
+    let checked = if dist.is_root() { o.verify().err() } else { None };
+    if dist.any(checked.is_some())? {
+        return Err(checked.unwrap_or_else(|| anyhow::anyhow!("{}: rank 0 found it damaged", o.file.display())));
     }
-    Ok((meta, st))
+    let mut st = o.masters(plan)?;
+    st.m = vec![Vec::new(); plan.params.len()];
+    st.v = vec![Vec::new(); plan.params.len()];
+    let units = zero::units(plan);
+    let owners = zero::owners(&units, dist.world());
+    let mut sh = Shard::default();
+    let mine: Vec<usize> = (0..units.len()).filter(|&k| owners[k] == dist.rank.rank).collect();
+    // Consecutive units of one parameter are read together.
+    for run in mine.chunk_by(|&a, &b| b == a + 1 && units[a].param == units[b].param) {
+        let (first, last) = (&units[run[0]], &units[run[run.len() - 1]]);
+        let p = &plan.params[first.param];
+        let (_, nm, nv) = TrainState::sizes(p);
+        sh.units.extend_from_slice(run);
+        sh.master.extend_from_slice(&st.master[first.param][first.lo..last.hi]);
+        sh.m.extend(o.read("opt.m", &p.name, nm, first.lo, last.hi)?);
+        sh.v.extend(o.read("opt.v", &p.name, nv, first.v.0, last.v.1)?);
+    }
+    Ok((o.meta, st, sh))
+}
+
+/// An open checkpoint: its metadata and `state.safetensors` with the header parsed.
+struct Opened {
+    meta: Meta,
+    file: std::path::PathBuf,
+    f: std::fs::File,
+    len: u64,
+    /// Where the tensors start, and the header.
+    base: u64,
+    md: safetensors::tensor::Metadata,
+}
+
+impl Opened {
+    fn new(path: &Path) -> Result<Opened> {
+        let meta = read_meta(path)?;
+        let file = path.join("state.safetensors");
+        let f = std::fs::File::open(&file).with_context(|| format!("reading {}", file.display()))?;
+        let len = f.metadata()?.len();
+        let header = (|| -> Result<(u64, safetensors::tensor::Metadata)> {
+            let mut n = [0u8; 8];
+            f.read_exact_at(&mut n, 0)?;
+            let n = u64::from_le_bytes(n);
+            ensure!(n < len, "header length {n} beyond the file's {len} bytes");
+            let mut json = vec![0u8; n as usize];
+            f.read_exact_at(&mut json, 8)?;
+            let md: safetensors::tensor::Metadata = serde_json::from_slice(&json)?;
+            let end = 8 + n + md.data_len() as u64;
+            ensure!(end == len, "tensors end at {end} of {len} bytes");
+            Ok((8 + n, md))
+        })();
+        let (base, md) = header.with_context(|| format!("{}: not safetensors", file.display()))?;
+        Ok(Opened { meta, file, f, len, base, md })
+    }
+
+    /// The whole file against the checksum in meta.json (streamed).
+    fn verify(&self) -> Result<()> {
+        let mut whole = Sha256::new();
+        hash_range(&self.f, &mut whole, 0, self.len).with_context(|| format!("reading {}", self.file.display()))?;
+        if vpmoe_ir::hex(&whole.finalize()) != self.meta.state_sha256 {
+            bail!("{}: contents do not match the checksum in meta.json (damaged or replaced)", self.file.display());
+        }
+        Ok(())
+    }
+
+    /// Every parameter's masters (moments empty), checked against meta.json's checksum.
+    fn masters(&self, plan: &Plan) -> Result<TrainState> {
+        let mut st = TrainState { step: self.meta.step, master: Vec::new(), m: Vec::new(), v: Vec::new() };
+        for p in &plan.params {
+            let (n, _, _) = TrainState::sizes(p);
+            st.master.push(self.read("master", &p.name, n, 0, n)?);
+        }
+        if st.checksum() != self.meta.master_sha256 {
+            bail!("{}: master weights do not match the checksum in meta.json", self.file.display());
+        }
+        Ok(st)
+    }
+
+    /// Elements `lo..hi` of the f32 tensor `kind/name`, which the plan says has `want`.
+    fn read(&self, kind: &str, name: &str, want: usize, lo: usize, hi: usize) -> Result<Vec<f32>> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let (sp, name) = (self.file.display(), format!("{kind}/{name}"));
+        let t = self.md.info(&name).with_context(|| format!("{sp}: missing tensor {name}"))?;
+        ensure!(t.dtype == Dtype::F32, "{sp}: {name} is {:?}, expected F32", t.dtype);
+        let got = (t.data_offsets.1 - t.data_offsets.0) / 4;
+        ensure!(got == want, "{sp}: {name} has {got} elements, the plan needs {want}");
+        let mut data = vec![0f32; hi - lo];
+        let at = self.base + (t.data_offsets.0 + lo * 4) as u64;
+        self.f.read_exact_at(bytemuck::cast_slice_mut(&mut data), at).with_context(|| format!("reading {sp}"))?;
+        Ok(data)
+    }
 }
 
 /// Adds bytes `[at, end)` of `f` to `h`.

@@ -144,6 +144,11 @@ impl<'g> CpuBackend<'g> {
     /// Moves the trainable masters and moments into this rank's shard.
     fn shard(&mut self) {
         let sh = crate::optim::Sharded::new(self.plan, &self.dist, &self.state);
+        self.keep(sh);
+    }
+
+    /// Keeps `sh` as this rank's part of the optimizer; the state keeps the frozen masters.
+    fn keep(&mut self, sh: crate::optim::Sharded) {
         for (i, p) in self.plan.params.iter().enumerate() {
             if p.trainable() {
                 self.state.master[i] = Vec::new();
@@ -399,6 +404,22 @@ impl Backend for CpuBackend<'_> {
         if self.sharded.is_some() {
             self.shard();
         }
+        Ok(())
+    }
+
+    fn shares_optimizer(&self) -> bool {
+        self.sharded.is_some()
+    }
+
+    fn set_share(&mut self, st: TrainState, shard: crate::dist::zero::Shard) -> Result<()> {
+        crate::backend::check_weights(self.plan, &st)?;
+        if self.sharded.is_none() {
+            bail!("a share of the optimizer for a rank that keeps all of it");
+        }
+        let sh = crate::optim::Sharded::from_share(self.plan, &self.dist, shard)?;
+        self.state = st;
+        self.refresh_model();
+        self.keep(sh);
         Ok(())
     }
 }

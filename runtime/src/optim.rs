@@ -130,6 +130,27 @@ impl Sharded {
         Sharded { units, owners, shard }
     }
 
+    /// This rank's share as read from a checkpoint ([`crate::checkpoint::load_share`]); refuses
+    /// one of other units or sizes.
+    pub fn from_share(plan: &Plan, dist: &Dist, shard: Shard) -> Result<Sharded> {
+        let units = zero::units(plan);
+        let owners = zero::owners(&units, dist.world());
+        let mine: Vec<usize> = (0..units.len()).filter(|&k| owners[k] == dist.rank.rank).collect();
+        let n: usize = mine.iter().map(|&k| units[k].len()).sum();
+        let nv: usize = mine.iter().map(|&k| zero::v_len(&units[k])).sum();
+        if shard.units != mine || (shard.master.len(), shard.m.len(), shard.v.len()) != (n, n, nv) {
+            bail!(
+                "a share of {} optimizer units ({} elements) for rank {} of {}, which owns {} ({n})",
+                shard.units.len(),
+                shard.master.len(),
+                dist.rank.rank,
+                dist.world(),
+                mine.len()
+            );
+        }
+        Ok(Sharded { units, owners, shard })
+    }
+
     /// Element counts per rank (masters and first moments).
     fn counts(&self, world: usize) -> Vec<usize> {
         zero::counts(&self.units, &self.owners, world, Unit::len)

@@ -453,8 +453,9 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
 /// order — the same single fp32 addition one rank makes accumulating its second micro-batch — so
 /// the masters, moments and losses are bit for bit one rank's. With the optimizer sharded
 /// (ZeRO-1: gradients reduced to each unit's owner, which updates its masters and moments, new
-/// model copies broadcast; rank 1 keeps its momenta in host memory) they are bit for bit the
-/// replicated optimizer's, and so is the checkpoint file the ranks write. On the host emulator
+/// model copies broadcast; rank 1 keeps its momenta in host memory; the run stops after one
+/// step and resumes, each rank reading its share) they are bit for bit the replicated
+/// optimizer's, and so is the checkpoint file the ranks write. On the host emulator
 /// device buffers cross through the TCP collective (NCCL needs a GPU per rank:
 /// `scripts/gpu-check multi` runs this over NCCL on 2+ GPUs).
 #[test]
@@ -469,10 +470,12 @@ fn two_ranks_train_as_one_with_either_optimizer() {
     }
     let (g, plan) = small();
     let data = sample_data_for(plan.arch.vocab);
-    let run = |world: usize, shard: bool, dir: PathBuf| {
+    // `upto` steps of a 2-step run, resuming the directory's checkpoint past step 0.
+    let run = |world: usize, shard: bool, dir: PathBuf, upto: u64| {
         let mut outs = common::on_ranks(world, |dist| {
             let (mut c, mut o) = cfg(&plan, 2, dir.clone());
-            c.grad_accum = 2;
+            let resume = vpmoe_runtime::checkpoint::latest(&dir).ok().flatten().is_some();
+            (c.grad_accum, o.steps, o.resume) = (2, upto, resume);
             let placement = Placement {
                 host_momentum: shard && dist.rank.rank == 1,
                 shard: (shard && world > 1).then(|| dist.clone()),
@@ -489,14 +492,17 @@ fn two_ranks_train_as_one_with_either_optimizer() {
         outs.swap_remove(0)
     };
     let (d1, d2, dz) = (tmp("dp-cuda-1"), tmp("dp-cuda-2"), tmp("dp-cuda-zero"));
-    let (one, two, zero) = (run(1, false, d1.clone()), run(2, false, d2.clone()), run(2, true, dz.clone()));
+    let (one, two) = (run(1, false, d1.clone(), 2), run(2, false, d2.clone(), 2));
+    let (first, zero) = (run(2, true, dz.clone(), 1), run(2, true, dz.clone(), 2));
     assert_same_state(&one.state, &two.state, 2);
     assert_same_state(&two.state, &zero.state, 2);
-    let losses = |o: &train::Outcome| o.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
-    assert_eq!(losses(&one), losses(&two));
-    assert_eq!(losses(&two), losses(&zero));
-    let norms = |o: &train::Outcome| o.records.iter().map(|r| r.grad_norm.to_bits()).collect::<Vec<_>>();
-    assert_eq!(norms(&two), norms(&zero), "the global norm is summed in unit order either way");
+    type Of = fn(&train::StepRecord) -> f64;
+    let bits =
+        |o: &[&train::Outcome], f: Of| o.iter().flat_map(|o| &o.records).map(|r| f(r).to_bits()).collect::<Vec<_>>();
+    let (loss, norm): (Of, Of) = (|r| r.loss, |r| r.grad_norm);
+    assert_eq!(bits(&[&one], loss), bits(&[&two], loss));
+    assert_eq!(bits(&[&two], loss), bits(&[&first, &zero], loss));
+    assert_eq!(bits(&[&two], norm), bits(&[&first, &zero], norm), "the global norm is summed in unit order either way");
     let written = |d: &PathBuf| vpmoe_runtime::checkpoint::latest(d).unwrap().expect("rank 0 saved");
     assert_eq!(vpmoe_runtime::checkpoint::load(&written(&d2), &plan).unwrap().1, two.state);
     let file = |d: &PathBuf| std::fs::read(written(d).join("state.safetensors")).unwrap();

@@ -313,7 +313,15 @@ fn ranks_write_one_checkpoint_in_the_safetensors_layout() {
                 (rest.master[i], rest.m[i], rest.v[i]) = Default::default();
             }
             let part = if sharded { Part::Shard(&shard, &rest) } else { Part::Whole(&keep) };
-            checkpoint::save_part(&dir, &plan, part, meta.clone(), 1, &dist).unwrap()
+            let saved = checkpoint::save_part(&dir, &plan, part, meta.clone(), 1, &dist).unwrap();
+            // ZeRO-1's resume reads every master and this rank's share of the moments.
+            let (m, masters, back) = checkpoint::load_share(&saved.0, &plan, &dist).unwrap();
+            assert_eq!((m.step, &masters.master), (5, &st.master));
+            assert!(masters.m.iter().chain(&masters.v).all(Vec::is_empty));
+            let same =
+                (&back.units, &back.master, &back.m, &back.v) == (&shard.units, &shard.master, &shard.m, &shard.v);
+            assert!(same, "world {world} rank {}: the share read is the share written", dist.rank.rank);
+            saved
         });
         for (p, sum) in sums {
             assert_eq!((p, sum), (dir.join("step_00000005"), st.checksum()), "world {world}: path and checksum");
@@ -321,6 +329,19 @@ fn ranks_write_one_checkpoint_in_the_safetensors_layout() {
         assert!(file(&dir, "state.safetensors") == bytes, "world {world}: the one-process file");
         assert_eq!(file(&dir, "meta.json"), file(&one, "meta.json"), "world {world}");
         assert!(!stale.exists(), "world {world}: the stale temporary directory is removed");
+        if world == 3 {
+            // A damaged file: rank 0 alone hashes it, and every rank refuses it.
+            let f = dir.join("step_00000005").join("state.safetensors");
+            let mut b = std::fs::read(&f).unwrap();
+            let n = b.len();
+            b[n - 5] ^= 0x10;
+            std::fs::write(&f, b).unwrap();
+            let errs = on_ranks(3, |dist| {
+                format!("{:#}", checkpoint::load_share(&dir.join("step_00000005"), &plan, &dist).unwrap_err())
+            });
+            assert!(errs[0].contains("do not match the checksum"), "{}", errs[0]);
+            assert!(errs[1..].iter().all(|e| e.contains("rank 0 found it damaged")), "{errs:?}");
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
     let _ = std::fs::remove_dir_all(one);

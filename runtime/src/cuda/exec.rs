@@ -511,6 +511,17 @@ impl Backend for CudaBackend<'_> {
         self.opt.set_state(st)
     }
 
+    fn shares_optimizer(&self) -> bool {
+        self.opt.sharded()
+    }
+
+    fn set_share(&mut self, st: TrainState, shard: crate::dist::zero::Shard) -> Result<()> {
+        crate::backend::check_weights(self.plan, &st)?;
+        self.loads.clear();
+        self.captured.clear();
+        self.opt.set_share(self.plan, st, shard)
+    }
+
     fn device_name(&self) -> String {
         self.gpu.name.clone()
     }

@@ -264,6 +264,22 @@ fn stage_bytes(whole: &[GroupLayout]) -> u64 {
     whole.iter().map(|g| g.len * 4).max().unwrap_or(0).min(STAGE_BYTES)
 }
 
+/// Each unit a rank's groups hold, in unit order: `(unit, group, element offset, second-moment
+/// offset)` in the group's buffers.
+fn places(units: &[Unit], groups: &[Group]) -> Vec<(usize, usize, u64, u64)> {
+    let mut out = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let (mut off, mut v_off) = (0u64, 0u64);
+        for &k in &g.lay.units {
+            out.push((k, gi, off, v_off));
+            off += units[k].len() as u64;
+            v_off += zero::v_len(&units[k]) as u64;
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 /// A view of device memory: an allocation or part of one.
 #[derive(Clone, Copy, Debug)]
 struct View {
@@ -449,7 +465,7 @@ impl DeviceOptimizer {
             host_momentum: placement.host_momentum,
             first: true,
         };
-        o.upload()?;
+        o.upload(None)?;
         Ok(o)
     }
 
@@ -474,9 +490,10 @@ impl DeviceOptimizer {
     }
 
     /// Uploads the host state — the model copies of every parameter, the masters and moments of
-    /// this rank's groups — then drops the uploaded tensors from it (the device copy is the
-    /// truth; the locked config's would otherwise keep 69 GiB of host memory).
-    fn upload(&mut self) -> Result<()> {
+    /// this rank's groups (with ZeRO-1 from `share` when given: the host state then has no
+    /// moments) — then drops the uploaded tensors from it (the device copy is the truth; the
+    /// locked config's would otherwise keep 69 GiB of host memory).
+    fn upload(&mut self, share: Option<Shard>) -> Result<()> {
         let st = &mut self.host;
         for w in &self.whole {
             for m in &w.lay.members {
@@ -490,13 +507,30 @@ impl DeviceOptimizer {
                 }
             }
         }
-        for g in &self.groups {
-            for m in &g.lay.members {
-                let (i, e, v) = (m.param, (m.lo..m.lo + m.len), (m.v_lo..m.v_lo + m.v_len));
-                let (e, v) = (e.start as usize..e.end as usize, v.start as usize..v.end as usize);
-                g.master.upload_at(m.off as usize * 4, &st.master[i][e.clone()])?;
-                g.m.upload_at(m.off as usize * 4, &st.m[i][e])?;
-                g.v.upload_at(m.v_off as usize * 4, &st.v[i][v])?;
+        match &self.zero {
+            None => {
+                for g in &self.groups {
+                    for m in &g.lay.members {
+                        let (i, e, v) = (m.param, m.lo as usize..(m.lo + m.len) as usize, m.v_lo as usize..);
+                        g.master.upload_at(m.off as usize * 4, &st.master[i][e.clone()])?;
+                        g.m.upload_at(m.off as usize * 4, &st.m[i][e])?;
+                        g.v.upload_at(m.v_off as usize * 4, &st.v[i][v][..m.v_len as usize])?;
+                    }
+                }
+            }
+            Some(z) => {
+                let sh = match share {
+                    Some(sh) => sh,
+                    None => Shard::take(&self.units, &z.owners, z.dist.rank.rank, st),
+                };
+                let (mut a, mut b) = (0, 0);
+                for (k, gi, off, v_off) in places(&self.units, &self.groups) {
+                    let (g, n, nv) = (&self.groups[gi], self.units[k].len(), zero::v_len(&self.units[k]));
+                    g.master.upload_at(off as usize * 4, &sh.master[a..a + n])?;
+                    g.m.upload_at(off as usize * 4, &sh.m[a..a + n])?;
+                    g.v.upload_at(v_off as usize * 4, &sh.v[b..b + nv])?;
+                    (a, b) = (a + n, b + nv);
+                }
             }
         }
         for w in &self.whole {
@@ -560,17 +594,6 @@ impl DeviceOptimizer {
 
     /// ZeRO-1: this rank's share of the masters and moments, as [`Shard::take`] lays it out.
     pub fn shard(&self) -> Result<Shard> {
-        // Each owned unit's place: (unit, group, element offset, second-moment offset).
-        let mut place = Vec::new();
-        for (gi, g) in self.groups.iter().enumerate() {
-            let (mut off, mut v_off) = (0u64, 0u64);
-            for &k in &g.lay.units {
-                place.push((k, gi, off, v_off));
-                off += self.units[k].len() as u64;
-                v_off += zero::v_len(&self.units[k]) as u64;
-            }
-        }
-        place.sort_unstable();
         let host = |b: &DevBuf, n: u64| -> Result<Vec<f32>> {
             let mut x = vec![0f32; n as usize];
             download(b.ptr, &mut x)?;
@@ -581,7 +604,7 @@ impl DeviceOptimizer {
             got.push((host(&g.master, g.lay.len)?, host(&g.m, g.lay.len)?, host(&g.v, g.lay.v_len)?));
         }
         let mut sh = Shard::default();
-        for (k, gi, off, v_off) in place {
+        for (k, gi, off, v_off) in places(&self.units, &self.groups) {
             let u = &self.units[k];
             let (e, v) = (off as usize..off as usize + u.len(), v_off as usize..v_off as usize + zero::v_len(u));
             sh.units.push(k);
@@ -603,7 +626,15 @@ impl DeviceOptimizer {
 
     pub fn set_state(&mut self, st: TrainState) -> Result<()> {
         self.host = st;
-        self.upload()
+        self.upload(None)
+    }
+
+    /// ZeRO-1: the state from every parameter's masters (moments empty) and this rank's share.
+    pub fn set_share(&mut self, plan: &Plan, st: TrainState, share: Shard) -> Result<()> {
+        let Some(z) = &self.zero else { bail!("a share of the optimizer for a rank that keeps all of it") };
+        let share = crate::optim::Sharded::from_share(plan, &z.dist, share)?.shard;
+        self.host = st;
+        self.upload(Some(share))
     }
 
     /// The step's fp32 gradient sums as `(device address, elements)`, one buffer per group (what

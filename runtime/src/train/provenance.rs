@@ -148,9 +148,17 @@ impl Checkpoints<'_> {
         if !diff.is_empty() {
             bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));
         }
-        let (meta, st) = checkpoint::load(&p, self.plan)?;
-        source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
-        be.set_state(st)?;
+        let meta = if be.shares_optimizer() {
+            let (meta, st, shard) = checkpoint::load_share(&p, self.plan, self.dist)?;
+            source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
+            be.set_share(st, shard)?;
+            meta
+        } else {
+            let (meta, st) = checkpoint::load(&p, self.plan)?;
+            source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
+            be.set_state(st)?;
+            meta
+        };
         if self.dist.is_root() {
             eprintln!("resumed from {} (step {})", p.display(), meta.step);
         }
