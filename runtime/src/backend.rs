@@ -324,7 +324,8 @@ pub trait Backend {
     fn step(&mut self, s: &StepScalars) -> Result<StepStats>;
     /// The backend-independent training state (for checkpoints; the cuda backend downloads it).
     fn state(&self) -> Result<crate::state::TrainState>;
-    /// The masters alone, moments left empty: what a decoder reads (evaluation, rollouts).
+    /// What a decoder reads (evaluation, rollouts), moments left empty: the masters, or the
+    /// model copies, which decode the same (a decoder rounds bf16 parameters to bf16 either way).
     fn weights(&self) -> Result<crate::state::TrainState> {
         self.state()
     }

@@ -484,7 +484,13 @@ fn two_ranks_train_as_one_with_either_optimizer() {
             let tokens = c.micro_batch * c.seq_len;
             let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, placement).unwrap();
             assert_eq!(vpmoe_runtime::Backend::shard(&be).unwrap().is_some(), shard && world > 1);
-            train::train(&mut be, &plan, &data, &c, &o).unwrap()
+            let out = train::train(&mut be, &plan, &data, &c, &o).unwrap();
+            // A decoder's weights are the model copies every rank holds: the masters rounded.
+            let w = vpmoe_runtime::Backend::weights(&be).unwrap();
+            for (p, (w, m)) in plan.params.iter().zip(w.master.iter().zip(&out.state.master)) {
+                assert!(*w == vpmoe_runtime::cpu::model_values(p, m), "{}: weights are the rounded masters", p.name);
+            }
+            out
         });
         for o in &outs[1..] {
             assert_eq!(o.state, outs[0].state, "every rank ends with rank 0's state");

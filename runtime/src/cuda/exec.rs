@@ -493,11 +493,11 @@ impl Backend for CudaBackend<'_> {
     }
 
     fn state(&self) -> Result<TrainState> {
-        self.opt.state(self.plan, true).context("downloading the training state from the GPU")
+        self.opt.state(self.plan).context("downloading the training state from the GPU")
     }
 
     fn weights(&self) -> Result<TrainState> {
-        self.opt.state(self.plan, false).context("downloading the weights from the GPU")
+        self.opt.weights().context("downloading the weights from the GPU")
     }
 
     fn step_count(&self) -> u64 {

@@ -558,37 +558,52 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    /// The training state: with `moments`, the full state; without, the masters alone (moments
-    /// empty). With ZeRO-1 a collective: every rank's share is gathered.
-    pub fn state(&self, plan: &Plan, moments: bool) -> Result<TrainState> {
+    /// The training state: masters and moments. With ZeRO-1 a collective: every rank's share is
+    /// gathered.
+    pub fn state(&self, plan: &Plan) -> Result<TrainState> {
         if let Some(z) = &self.zero {
             let sh =
                 crate::optim::Sharded { units: self.units.clone(), owners: z.owners.clone(), shard: self.shard()? };
-            if moments {
-                return sh.full_state(plan, &z.dist, &self.host);
-            }
-            let mut st = self.host.clone();
-            sh.gather_masters(plan, &z.dist, &mut st.master)?;
-            st.m.iter_mut().chain(&mut st.v).for_each(Vec::clear);
-            return Ok(st);
+            return sh.full_state(plan, &z.dist, &self.host);
         }
         let mut st = self.host.clone();
         for g in &self.groups {
             for m in &g.lay.members {
                 let i = m.param;
                 st.master[i] = vec![0.0; m.len as usize];
+                st.m[i] = vec![0.0; m.len as usize];
+                st.v[i] = vec![0.0; m.v_len as usize];
                 download(g.master.ptr + m.off * 4, &mut st.master[i])?;
-                if moments {
-                    st.m[i] = vec![0.0; m.len as usize];
-                    st.v[i] = vec![0.0; m.v_len as usize];
-                    download(g.m.ptr + m.off * 4, &mut st.m[i])?;
-                    download(g.v.ptr + m.v_off * 4, &mut st.v[i])?;
-                }
+                download(g.m.ptr + m.off * 4, &mut st.m[i])?;
+                download(g.v.ptr + m.v_off * 4, &mut st.v[i])?;
             }
         }
-        if !moments {
-            st.m.iter_mut().chain(&mut st.v).for_each(Vec::clear);
+        Ok(st)
+    }
+
+    /// What a decoder reads: the model copies of every parameter (bf16 ones widened to f32: the
+    /// masters rounded as a decoder rounds them), moments empty. Every rank holds them whole, so
+    /// this is no collective even with ZeRO-1, and half the bytes of the masters.
+    pub fn weights(&self) -> Result<TrainState> {
+        let mut st = self.host.clone();
+        for w in &self.whole {
+            for m in &w.lay.members {
+                let n = m.len as usize;
+                st.master[m.param] = match w.lay.model_dtype() {
+                    DType::F32 => {
+                        let mut x = vec![0f32; n];
+                        download(w.model.ptr + m.off * 4, &mut x)?;
+                        x
+                    }
+                    _ => {
+                        let mut x = vec![half::bf16::ZERO; n];
+                        download(w.model.ptr + m.off * 2, &mut x)?;
+                        x.into_iter().map(half::bf16::to_f32).collect()
+                    }
+                };
+            }
         }
+        st.m.iter_mut().chain(&mut st.v).for_each(Vec::clear);
         Ok(st)
     }
 
