@@ -11,6 +11,9 @@ use cudarc::nccl::{result, sys, Id};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
+const SUM: sys::ncclRedOp_t = sys::ncclRedOp_t::ncclSum;
+
 /// Fails, saying how to install it, where libnccl cannot be loaded.
 pub fn check_loadable() -> Result<()> {
     // cudarc panics on a missing library; ask first.
@@ -84,55 +87,43 @@ impl Drop for Gpus {
 impl Gpus {
     /// In-place fp32 sum over ranks of `count` floats at device address `ptr`.
     pub fn all_reduce_f32(&self, ptr: u64, count: usize) -> Result<()> {
-        unsafe {
-            result::all_reduce(
-                ptr as *const std::ffi::c_void,
-                ptr as *mut std::ffi::c_void,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        }
-        .map_err(|e| anyhow!("ncclAllReduce of {count} floats: {e:?}"))?;
-        self.wait("all-reduce")
+        self.run(
+            "all-reduce",
+            || format!("ncclAllReduce of {count} floats"),
+            |comm, stream| unsafe { result::all_reduce(ptr as _, ptr as _, count, F32, SUM, comm, stream) },
+        )
     }
 
     /// The fp32 sum over ranks of `count` floats at `send` (every rank's), into `recv` on `root`
     /// (other ranks' `recv` is not written).
     pub fn reduce_f32(&self, send: u64, recv: u64, count: usize, root: usize) -> Result<()> {
-        unsafe {
-            result::reduce(
-                send as *const std::ffi::c_void,
-                recv as *mut std::ffi::c_void,
-                count,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                root as i32,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        }
-        .map_err(|e| anyhow!("ncclReduce of {count} floats to rank {root}: {e:?}"))?;
-        self.wait("reduce")
+        self.run(
+            "reduce",
+            || format!("ncclReduce of {count} floats to rank {root}"),
+            |comm, stream| unsafe { result::reduce(send as _, recv as _, count, F32, SUM, root as i32, comm, stream) },
+        )
     }
 
     /// `root`'s `bytes` bytes at `ptr` into `ptr` on every rank.
     pub fn broadcast(&self, ptr: u64, bytes: usize, root: usize) -> Result<()> {
-        unsafe {
-            result::broadcast(
-                ptr as *const std::ffi::c_void,
-                ptr as *mut std::ffi::c_void,
-                bytes,
-                sys::ncclDataType_t::ncclUint8,
-                root as i32,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        }
-        .map_err(|e| anyhow!("ncclBroadcast of {bytes} bytes from rank {root}: {e:?}"))?;
-        self.wait("broadcast")
+        let u8s = sys::ncclDataType_t::ncclUint8;
+        self.run(
+            "broadcast",
+            || format!("ncclBroadcast of {bytes} bytes from rank {root}"),
+            |comm, stream| unsafe { result::broadcast(ptr as _, ptr as _, bytes, u8s, root as i32, comm, stream) },
+        )
+    }
+
+    /// Issues one collective on the backend's stream (`call` gets the communicator and stream)
+    /// and waits for it.
+    fn run<T>(
+        &self,
+        what: &str,
+        detail: impl Fn() -> String,
+        call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<T, result::NcclError>,
+    ) -> Result<()> {
+        call(self.comm, self.stream.cu_stream() as _).map_err(|e| anyhow!("{}: {e:?}", detail()))?;
+        self.wait(what)
     }
 
     fn wait(&self, what: &str) -> Result<()> {
