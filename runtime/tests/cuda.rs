@@ -317,7 +317,7 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
     let (c, o_cpu) = cfg(&plan, 24, tmp("track-cpu"));
     let cpu = {
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, c.seed));
-        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_cpu).unwrap()
+        common::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_cpu).unwrap()
     };
     let (_, mut o_gpu) = cfg(&plan, 24, tmp("track-cuda"));
     o_gpu.profile_steps = Some((3, 4));
@@ -331,9 +331,9 @@ fn training_tracks_the_cpu_backend_for_24_steps() {
             Placement::default(),
         )
         .unwrap();
-        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_gpu).unwrap()
+        common::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o_gpu).unwrap()
     };
-    let l = |o: &train::Outcome| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
+    let l = |o: &common::Trained| o.records.iter().map(|r| r.loss).collect::<Vec<_>>();
     assert_tracks(&l(&gpu), &l(&cpu), "cuda vs cpu");
     assert!(l(&gpu)[23] < l(&gpu)[0] - 1.0, "the loss falls on the GPU too: {:?}", l(&gpu));
     let table = std::fs::read_to_string(o_gpu.ckpt_dir.join("kernel-times.txt")).unwrap();
@@ -350,7 +350,7 @@ fn checkpoints_resume_across_backends() {
     let (c, straight) = cfg(&plan, 6, tmp("x-straight"));
     let reference: Vec<f64> = {
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, c.seed));
-        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &straight)
+        common::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &straight)
             .unwrap()
             .records
             .iter()
@@ -371,7 +371,7 @@ fn checkpoints_resume_across_backends() {
             }
         };
         let mut a = mk(first_cuda);
-        let mut losses: Vec<f64> = train::train(a.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o)
+        let mut losses: Vec<f64> = common::train(a.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o)
             .unwrap()
             .records
             .iter()
@@ -380,7 +380,7 @@ fn checkpoints_resume_across_backends() {
         o.steps = 6;
         o.resume = true;
         let mut b = mk(!first_cuda);
-        let rest = train::train(b.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
+        let rest = common::train(b.as_mut(), &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
         assert_eq!(rest.records[0].step, 4, "resumed at step 4");
         losses.extend(rest.records.iter().map(|r| r.loss));
         assert_tracks(&losses, &reference, if first_cuda { "cuda then cpu" } else { "cpu then cuda" });
@@ -402,7 +402,7 @@ fn host_momentum_gives_the_same_state_bit_for_bit() {
         let tokens = c.micro_batch * c.seq_len;
         let placement = Placement { host_momentum: host, shard: None };
         let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, placement).unwrap();
-        train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
+        common::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
         states.push(vpmoe_runtime::Backend::state(&be).unwrap());
     }
     assert_same_state(&states[0], &states[1], 4);
@@ -435,7 +435,7 @@ fn graph_replay_gives_the_same_state_bit_for_bit() {
             let tokens = c.micro_batch * c.seq_len;
             let mut be = cuda_backend(&g, &plan, TrainState::init(&plan, c.seed), tokens, cublas);
             be.graphs = graphs;
-            let out = train::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
+            let out = common::train(&mut be, &plan, &sample_data_for(plan.arch.vocab), &c, &o).unwrap();
             assert_eq!(be.cublas_calls() > 0, cublas, "cuBLAS calls issued");
             losses.push(out.records.iter().map(|r| r.loss).collect::<Vec<_>>());
             states.push(vpmoe_runtime::Backend::state(&be).unwrap());
@@ -484,7 +484,7 @@ fn two_ranks_train_as_one_with_either_optimizer() {
             let tokens = c.micro_batch * c.seq_len;
             let mut be = CudaBackend::new(&g, &plan, TrainState::init(&plan, c.seed), None, tokens, placement).unwrap();
             assert_eq!(vpmoe_runtime::Backend::shard(&be).unwrap().is_some(), shard && world > 1);
-            let out = train::train(&mut be, &plan, &data, &c, &o).unwrap();
+            let out = common::train(&mut be, &plan, &data, &c, &o).unwrap();
             // A decoder's weights are the model copies every rank holds: the masters rounded.
             let w = vpmoe_runtime::Backend::weights(&be).unwrap();
             for (p, (w, m)) in plan.params.iter().zip(w.master.iter().zip(&out.state.master)) {
@@ -504,7 +504,7 @@ fn two_ranks_train_as_one_with_either_optimizer() {
     assert_same_state(&two.state, &zero.state, 2);
     type Of = fn(&train::StepRecord) -> f64;
     let bits =
-        |o: &[&train::Outcome], f: Of| o.iter().flat_map(|o| &o.records).map(|r| f(r).to_bits()).collect::<Vec<_>>();
+        |o: &[&common::Trained], f: Of| o.iter().flat_map(|o| &o.records).map(|r| f(r).to_bits()).collect::<Vec<_>>();
     let (loss, norm): (Of, Of) = (|r| r.loss, |r| r.grad_norm);
     assert_eq!(bits(&[&one], loss), bits(&[&two], loss));
     assert_eq!(bits(&[&two], loss), bits(&[&first, &zero], loss));

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::Trained;
 use common::{compiled, free_port, on_ranks, rank, root, run_config, sample_data_for, tmp};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::dist::tcp::TcpCollective;
 use vpmoe_runtime::dist::Collective;
 use vpmoe_runtime::state::TrainState;
-use vpmoe_runtime::train::{self, Outcome, RunOptions, TrainConfig};
+use vpmoe_runtime::train::{RunOptions, TrainConfig};
 
 #[test]
 fn collectives_reduce_in_rank_order_and_refuse_mismatches() {
@@ -101,14 +102,14 @@ fn base(steps: u64, grad_accum: usize, dir: PathBuf) -> (TrainConfig, RunOptions
 
 /// `world` ranks train `cfg` into `dir` (rank 0's outcome; every rank's final state is checked
 /// to be the same).
-fn train_on(world: usize, shard: bool, cfg: &TrainConfig, opts: &RunOptions, init_seed: u64) -> Outcome {
+fn train_on(world: usize, shard: bool, cfg: &TrainConfig, opts: &RunOptions, init_seed: u64) -> Trained {
     let (g, plan) = compiled(ARCH);
     let data = sample_data_for(512);
     let mut outs = on_ranks(world, |dist| {
         let mut opts = opts.clone();
         (opts.dist, opts.shard_optimizer) = (dist, shard);
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, init_seed));
-        train::train(&mut be, &plan, &data, cfg, &opts).unwrap()
+        common::train(&mut be, &plan, &data, cfg, &opts).unwrap()
     });
     for (r, o) in outs.iter().enumerate().skip(1) {
         assert_eq!(o.state.checksum(), outs[0].state.checksum(), "rank {r} ends with rank 0's model");
@@ -130,7 +131,7 @@ fn master_gap(a: &TrainState, b: &TrainState) -> f64 {
 
 /// Losses of two runs of the same global batches agree to [`LOSS_TOL`] (relative) and masters
 /// to [`MASTER_TOL`] (relative to the largest master).
-fn assert_tracks(a: &Outcome, b: &Outcome, what: &str) {
+fn assert_tracks(a: &Trained, b: &Trained, what: &str) {
     assert_eq!(a.records.len(), b.records.len());
     let diffs: Vec<String> = a
         .records
@@ -247,7 +248,10 @@ fn a_checkpoint_of_world_two_resumes_at_one_two_and_four() {
     for (x, y) in straight.records[3..].iter().zip(&same.records) {
         assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {}", x.step);
     }
-    let cut = Outcome { records: straight.records[3..].to_vec(), ..straight };
+    let cut = Trained {
+        out: vpmoe_runtime::train::Outcome { records: straight.records[3..].to_vec(), ..straight.out },
+        ..straight
+    };
     assert_tracks(&cut, &tail(1), "world 2 → 1");
     assert_tracks(&cut, &tail(4), "world 2 → 4");
     for d in ["straight2", "saved2"] {
@@ -365,7 +369,7 @@ fn a_batch_the_ranks_cannot_share_is_refused() {
         let mut o = opts.clone();
         o.dist = dist;
         let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 1));
-        format!("{:#}", train::train(&mut be, &plan, &data, &cfg, &o).unwrap_err())
+        format!("{:#}", common::train(&mut be, &plan, &data, &cfg, &o).unwrap_err())
     });
     for e in errs {
         assert!(e.contains("--grad-accum 3") && e.contains("multiple of the world size 2"), "{e}");

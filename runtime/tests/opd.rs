@@ -19,7 +19,7 @@ use vpmoe_runtime::opd::{OpdConfig, OpdRun, TEACHER_LOGP_FLOOR};
 use vpmoe_runtime::state::TrainState;
 use vpmoe_runtime::teacher::client::{Client, ClientConfig};
 use vpmoe_runtime::teacher::wire::Api;
-use vpmoe_runtime::train::{self, TrainConfig};
+use vpmoe_runtime::train::TrainConfig;
 
 const SEQ: usize = 192;
 
@@ -74,7 +74,7 @@ fn stage1_run() -> &'static (TrainState, std::path::PathBuf) {
         (cfg.aux_lr, cfg.aux_min_lr, cfg.schedule.warmup) = (0.02, 0.002, 4);
         opts.keep = 1;
         let mut be = CpuBackend::new(g, plan, TrainState::init(plan, cfg.seed));
-        (train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap().state, dir)
+        (common::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap().state, dir)
     })
 }
 
@@ -200,7 +200,7 @@ fn opd_run(
     opd: OpdConfig,
     (steps, until): (u64, u64),
     resume: bool,
-) -> (train::Outcome, TrainConfig) {
+) -> (common::Trained, TrainConfig) {
     let (g, plan) = model();
     let start_step = stage1().step;
     let (mut cfg, mut opts) = common::run_config(start_step + steps, 2, SEQ, dir.to_path_buf());
@@ -211,11 +211,11 @@ fn opd_run(
     opts.keep = 5;
     opts.opd = Some(OpdRun { teacher: client(server), prompts: sample_data()[0].0.clone() });
     let mut be = CpuBackend::new(g, plan, stage1().clone());
-    (train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap(), cfg)
+    (common::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap(), cfg)
 }
 
 /// [`opd_run`] (no resume) on `world` ranks with the sharded optimizer; rank 0's outcome.
-fn opd_ranks(world: usize, server: &Server, dir: &std::path::Path, opd: OpdConfig, steps: u64) -> train::Outcome {
+fn opd_ranks(world: usize, server: &Server, dir: &std::path::Path, opd: OpdConfig, steps: u64) -> common::Trained {
     let (g, plan) = model();
     let start_step = stage1().step;
     let (mut cfg, mut opts) = common::run_config(start_step + steps, 2, SEQ, dir.to_path_buf());
@@ -226,7 +226,7 @@ fn opd_ranks(world: usize, server: &Server, dir: &std::path::Path, opd: OpdConfi
         let mut opts = opts.clone();
         (opts.dist, opts.shard_optimizer) = (dist, true);
         let mut be = CpuBackend::new(g, plan, stage1().clone());
-        train::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap()
+        common::train(&mut be, plan, &sample_data(), &cfg, &opts).unwrap()
     });
     outs.swap_remove(0)
 }
@@ -261,7 +261,7 @@ fn synchronous_opd_is_reproducible_and_resumes_bit_for_bit() {
     let cfg = opd_config(0, 0.34);
     let (a, _) = opd_run(&server, &tmp("sync-a"), cfg.clone(), (3, 3), false);
     let (b, _) = opd_run(&server, &tmp("sync-b"), cfg.clone(), (3, 3), false);
-    let losses = |o: &train::Outcome| o.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
+    let losses = |o: &common::Trained| o.records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
     assert_eq!(losses(&a), losses(&b));
     assert_eq!(a.state.checksum(), b.state.checksum());
     let kinds: Vec<bool> = a.records.iter().map(|r| r.opd.as_ref().unwrap().anchor).collect();
@@ -368,7 +368,7 @@ fn teacher_outages_are_retried_and_bad_answers_stop_with_a_clear_error() {
     let broken = start(Api::Vllm, Faults { nan_always: true, ..Default::default() }, |_, _, _| (vec![], -1.25));
     opts.opd = Some(OpdRun { teacher: client(&broken), prompts: sample_data()[0].0.clone() });
     let mut be = CpuBackend::new(g, plan, stage1().clone());
-    let e = train::train(&mut be, plan, &sample_data(), &cfg, &opts).map(|_| ()).unwrap_err();
+    let e = common::train(&mut be, plan, &sample_data(), &cfg, &opts).map(|_| ()).unwrap_err();
     let text = format!("{e:#}");
     assert!(text.contains("teacher scoring of rollouts") && text.contains("NaN"), "{text}");
     assert!(vpmoe_runtime::checkpoint::latest(&dir).unwrap().is_none());

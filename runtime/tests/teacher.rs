@@ -384,7 +384,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
     use vpmoe_runtime::backend::{Backend, Batch};
     use vpmoe_runtime::cpu::CpuBackend;
     use vpmoe_runtime::state::TrainState;
-    use vpmoe_runtime::train::{self, KdConfig, RunOptions, TrainConfig};
+    use vpmoe_runtime::train::{KdConfig, RunOptions, TrainConfig};
 
     let dir = tmp("stage2");
     let data = dataset(&dir);
@@ -440,7 +440,7 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
         shard_optimizer: false,
     };
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let out = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    let out = common::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
     let rows: Vec<u64> = out.records.iter().flat_map(|r| r.rows_per_dataset.clone()).collect();
     let (vanilla, rescored): (u64, u64) = (rows.iter().step_by(2).sum(), rows.iter().skip(1).step_by(2).sum());
     assert_eq!((vanilla, rescored), (12, 28), "the blend follows the 30/70 weights exactly");
@@ -494,11 +494,11 @@ fn stage_two_trains_on_a_blend_with_confidence_weighted_ce() {
     opts.ckpt_dir = dir.join("resumed");
     opts.save_every = 2;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    common::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
     std::fs::remove_dir_all(opts.ckpt_dir.join("step_00000004")).unwrap();
     opts.resume = true;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 1));
-    let resumed = train::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
+    let resumed = common::train(&mut be, &plan, &blend, &cfg, &opts).unwrap();
     for (a, b) in out.records[2..].iter().zip(&resumed.records) {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}", a.step);
         assert_eq!(a.kd.as_ref().unwrap().center.to_bits(), b.kd.as_ref().unwrap().center.to_bits());

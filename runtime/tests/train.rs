@@ -11,7 +11,7 @@ use vpmoe_ir::{Graph, OutputName};
 use vpmoe_runtime::backend::{seed_step, Backend, Batch};
 use vpmoe_runtime::cpu::CpuBackend;
 use vpmoe_runtime::state::TrainState;
-use vpmoe_runtime::train::{self, RunOptions, TrainConfig};
+use vpmoe_runtime::train::{RunOptions, TrainConfig};
 use vpmoe_runtime::{checkpoint, synthetic_batch};
 
 /// Splits `rows` rows of a batch into micro-batches of `per` rows.
@@ -168,7 +168,7 @@ fn main_job_loss_falls_on_the_bundled_sample() {
     opts.ckpt_dir = tmp("falls");
     opts.eval_every = 6;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let out = train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    let out = common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
     let first = &out.records[..3].iter().map(|r| r.loss).sum::<f64>() / 3.0;
     let last = &out.records[9..].iter().map(|r| r.loss).sum::<f64>() / 3.0;
     assert!(last < first - 1.0, "loss did not fall: first steps {first:.3}, last steps {last:.3}");
@@ -189,17 +189,17 @@ fn resume_is_bitwise() {
     // Straight: 6 steps.
     opts.ckpt_dir = tmp("straight");
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let straight = train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    let straight = common::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
     // Interrupted: the same run saving every 3 steps, then a fresh process-like restart from
     // step 3 only (the step-6 checkpoint removed).
     opts.ckpt_dir = tmp("resumed");
     opts.save_every = 3;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    common::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
     std::fs::remove_dir_all(opts.ckpt_dir.join("step_00000006")).unwrap();
     opts.resume = true;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 999));
-    let resumed = train::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
+    let resumed = common::train(&mut be, &plan, &data, &cfg, &opts).unwrap();
     assert_eq!(resumed.records.len(), 3);
     for (a, b) in straight.records[3..].iter().zip(&resumed.records) {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {}: {} vs {}", a.step, a.loss, b.loss);
@@ -218,12 +218,12 @@ fn resume_is_bitwise() {
     let mut other = cfg.clone();
     other.schedule.lr = 0.03;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let e = train::train(&mut be, &plan, &data, &other, &opts).unwrap_err().to_string();
+    let e = common::train(&mut be, &plan, &data, &other, &opts).unwrap_err().to_string();
     assert!(e.contains("different run") && e.contains("schedule"), "{e}");
     let (g2, plan2) = compiled("tests/configs/tiny_moe.toml");
     let mut be = CpuBackend::new(&g2, &plan2, TrainState::init(&plan2, 1));
     let short = TrainConfig { seq_len: 32, ..cfg.clone() };
-    let e = format!("{:#}", train::train(&mut be, &plan2, &sample_data_for(512), &short, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan2, &sample_data_for(512), &short, &opts).unwrap_err());
     assert!(e.contains("missing tensor") || e.contains("fingerprint"), "{e}");
 
     // A damaged checkpoint is refused by its checksum.
@@ -240,7 +240,7 @@ fn resume_is_bitwise() {
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("state.safetensors"), b"x").unwrap();
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let e = format!("{:#}", train::train(&mut be, &plan, &data, &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &data, &cfg, &opts).unwrap_err());
     assert!(e.contains("step_00000009 is incomplete (missing meta.json)") && e.contains("step_00000006"), "{e}");
     for d in ["straight", "resumed"] {
         let _ = std::fs::remove_dir_all(tmp(d));
@@ -255,7 +255,7 @@ fn a_dataset_of_a_larger_vocabulary_is_refused_up_front() {
     let (cfg, mut opts) = run_config(2, 1, 32, tmp("vocab"));
     opts.eval_every = 0;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
     assert!(e.contains("(201088 tokens); the architecture has 512"), "{e}");
     assert!(!opts.ckpt_dir.exists(), "nothing was written");
 }
@@ -267,7 +267,7 @@ fn schedule_errors_name_the_flags() {
     let (mut cfg, opts) = run_config(2, 1, 32, tmp("warmup"));
     cfg.schedule.warmup = 4;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
     assert!(e.contains("--warmup") && e.contains("--steps") && e.contains("warmup (4) exceeds total (2)"), "{e}");
 }
 
@@ -281,12 +281,12 @@ fn a_run_directory_belongs_to_one_run() {
     std::fs::create_dir_all(&opts.ckpt_dir).unwrap();
     let held = vpmoe_data::lock::DirLock::acquire(&opts.ckpt_dir, "vpmoe-rt train").unwrap();
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
     assert!(e.contains("is in use by vpmoe-rt train (pid"), "{e}");
     drop(held);
-    train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, 99));
-    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
     assert!(e.contains("holds the checkpoints of a run") && e.contains("--resume"), "{e}");
     let _ = std::fs::remove_dir_all(&opts.ckpt_dir);
 }
@@ -298,7 +298,7 @@ fn a_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint() {
     opts.ckpt_dir = tmp("nan");
     opts.steps = 2;
     let mut be = CpuBackend::new(&g, &plan, TrainState::init(&plan, cfg.seed));
-    train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
+    common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap();
     let good = checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap();
     let before = std::fs::read(good.join("state.safetensors")).unwrap();
     // Poison one weight and continue to step 4.
@@ -307,7 +307,7 @@ fn a_non_finite_value_stops_the_run_and_keeps_the_last_checkpoint() {
     st.master[i][3] = f32::NAN;
     be.set_state(st).unwrap();
     opts.steps = 4;
-    let e = format!("{:#}", train::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
+    let e = format!("{:#}", common::train(&mut be, &plan, &sample_data(), &cfg, &opts).unwrap_err());
     assert!(e.contains("step 3") && e.contains("non-finite"), "{e}");
     assert!(e.contains("blk1.attn.proj"), "the first offending tensor is named: {e}");
     assert_eq!(checkpoint::latest(&opts.ckpt_dir).unwrap().unwrap(), good);

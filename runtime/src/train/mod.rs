@@ -18,7 +18,6 @@ pub use source::{Datasets, Drawn, KdCenter, Source};
 
 use crate::backend::{Backend, StepScalars, StepStats};
 use crate::checkpoint::Rng;
-use crate::state::TrainState;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -108,7 +107,6 @@ pub struct Outcome {
     pub records: Vec<StepRecord>,
     pub interrupted: bool,
     pub checkpoint: Option<PathBuf>,
-    pub state: TrainState,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -277,7 +275,7 @@ pub fn train(
         }
     }
     log.finish();
-    Ok(Outcome { records, interrupted, checkpoint, state: be.state()? })
+    Ok(Outcome { records, interrupted, checkpoint })
 }
 
 /// What the forward and backward passes of a step's micro-batches report, summed.

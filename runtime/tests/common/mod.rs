@@ -9,7 +9,8 @@ use vpmoe_compiler::{compile_arch, config, Plan};
 use vpmoe_ir::Graph;
 use vpmoe_runtime::bundled_sample_dataset;
 use vpmoe_runtime::dist::{tcp::TcpCollective, Dist, Rank};
-use vpmoe_runtime::train::{RunOptions, TrainConfig};
+use vpmoe_runtime::state::TrainState;
+use vpmoe_runtime::train::{Outcome, RunOptions, TrainConfig};
 
 /// The repository root: where the test binary was built, unless `VPMOE_REPO_ROOT` says otherwise
 /// (a binary carried to a GPU machine by `scripts/gpu-bundle` runs in another checkout).
@@ -170,4 +171,30 @@ pub fn on_ranks<T: Send>(world: usize, f: impl Fn(Dist) -> T + Sync) -> Vec<T> {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// A run's outcome and the backend's state after it (a collective on a data-parallel rank).
+#[derive(Debug)]
+pub struct Trained {
+    pub out: Outcome,
+    pub state: TrainState,
+}
+
+impl std::ops::Deref for Trained {
+    type Target = Outcome;
+    fn deref(&self) -> &Outcome {
+        &self.out
+    }
+}
+
+/// [`vpmoe_runtime::train::train`], then the backend's whole state.
+pub fn train(
+    be: &mut dyn vpmoe_runtime::Backend,
+    plan: &Plan,
+    data: &[(PathBuf, f64)],
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> anyhow::Result<Trained> {
+    let out = vpmoe_runtime::train::train(be, plan, data, cfg, opts)?;
+    Ok(Trained { out, state: be.state()? })
 }

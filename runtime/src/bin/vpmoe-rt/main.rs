@@ -210,7 +210,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     // The model just trained answers a question (greedy, on the training backend).
     if plan.arch.vocab == vpmoe_data::tokenizer::VOCAB_SIZE as u64 {
         const QUESTION: &str = "What is 2 + 2?";
-        let state = out.state;
+        let state = be.weights()?;
         drop(be);
         let mut dec = crate::cli::decoder(a.backend.kind, &graph, &plan, &state, plan_dir.as_deref(), 1)?;
         let (text, verdict) = vpmoe_runtime::decode::sample::answer(&mut dec, QUESTION, 48)?;
