@@ -508,7 +508,7 @@ impl Backend for CudaBackend<'_> {
         crate::backend::check_state(self.plan, &st)?;
         self.loads.clear();
         self.captured.clear();
-        self.opt.set_state(st)
+        self.opt.set_state(self.plan, st, None)
     }
 
     fn shares_optimizer(&self) -> bool {
@@ -519,7 +519,7 @@ impl Backend for CudaBackend<'_> {
         crate::backend::check_weights(self.plan, &st)?;
         self.loads.clear();
         self.captured.clear();
-        self.opt.set_share(self.plan, st, shard)
+        self.opt.set_state(self.plan, st, Some(shard))
     }
 
     fn device_name(&self) -> String {
@@ -533,7 +533,7 @@ impl Backend for CudaBackend<'_> {
     /// a GPU.
     fn distribute(&mut self, dist: crate::dist::Dist, shard_optimizer: bool) -> Result<()> {
         let want = (shard_optimizer && dist.world() > 1).then(|| (dist.rank.rank, dist.world()));
-        let have = self.opt.placement().shard_of();
+        let have = self.opt.shard_of();
         if want != have {
             bail!(
                 "the cuda backend was created with its optimizer {} and is asked to train {} as rank {} of {}: \

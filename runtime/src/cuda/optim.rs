@@ -234,8 +234,12 @@ fn own_layout(plan: &Plan, units: &[Unit], shard: Option<(usize, usize)>) -> Vec
 /// Bytes of the Normuon momenta a rank holds (fp32, one per matrix element; `shard` as in
 /// [`planned_bytes`]): what `host_momentum` moves off the device.
 pub fn momentum_bytes(plan: &Plan, shard: Option<(usize, usize)>) -> u64 {
-    let own = own_layout(plan, &zero::units(plan), shard);
-    own.iter().filter(|g| matches!(g.kind, Kind::Normuon { .. })).map(|g| g.len * 4).sum()
+    momenta(&own_layout(plan, &zero::units(plan), shard))
+}
+
+/// Bytes of the Normuon momenta of `groups`.
+fn momenta(groups: &[GroupLayout]) -> u64 {
+    groups.iter().filter(|g| matches!(g.kind, Kind::Normuon { .. })).map(|g| g.len * 4).sum()
 }
 
 /// Device bytes the optimizer allocates for `plan` on one rank (`shard`: ZeRO-1's rank and
@@ -252,7 +256,7 @@ pub fn planned_bytes(plan: &Plan, host_momentum: bool, shard: Option<(usize, usi
     if shard.is_some() {
         state += own.iter().map(|g| g.len * (4 + g.model_dtype().bytes())).sum::<u64>() + stage_bytes(&whole);
     }
-    let state = state - if host_momentum { momentum_bytes(plan, shard) } else { 0 };
+    let state = state - if host_momentum { momenta(&own) } else { 0 };
     let frozen: u64 =
         plan.params.iter().filter(|p| p.opt == OptGroup::Frozen).map(|p| p.numel * p.ty.dtype.bytes()).sum();
     let tables = (units.len() + own.len()) as u64 * 8 + units.len() as u64 * 8;
@@ -347,7 +351,6 @@ pub struct DeviceOptimizer {
     _tables: DevBuf,
     sums: DevBuf,
     scratch: DevBuf,
-    host_momentum: bool,
     /// The next micro-batch starts the step's sums (its kernels store instead of adding).
     first: bool,
 }
@@ -462,16 +465,15 @@ impl DeviceOptimizer {
             trainable,
             _tables: tables,
             scratch: DevBuf::new(gpu, scratch_bytes(&lays) as usize, "Polar Express scratch")?,
-            host_momentum: placement.host_momentum,
             first: true,
         };
         o.upload(None)?;
         Ok(o)
     }
 
-    /// Where this optimizer lives.
-    pub fn placement(&self) -> Placement {
-        Placement { host_momentum: self.host_momentum, shard: self.zero.as_ref().map(|z| z.dist.clone()) }
+    /// ZeRO-1: `(rank, world)` of this rank's share.
+    pub fn shard_of(&self) -> Option<(usize, usize)> {
+        self.zero.as_ref().map(|z| (z.dist.rank.rank, z.dist.world()))
     }
 
     /// Device address of every parameter's model copy, in plan order.
@@ -639,17 +641,16 @@ impl DeviceOptimizer {
         self.host.step
     }
 
-    pub fn set_state(&mut self, st: TrainState) -> Result<()> {
+    /// Replaces the state: a whole one, or with ZeRO-1's `share` every parameter's masters
+    /// (moments empty) and this rank's share.
+    pub fn set_state(&mut self, plan: &Plan, st: TrainState, share: Option<Shard>) -> Result<()> {
+        let share = match (&self.zero, share) {
+            (_, None) => None,
+            (None, Some(_)) => bail!("a share of the optimizer for a rank that keeps all of it"),
+            (Some(z), Some(sh)) => Some(crate::optim::Sharded::from_share(plan, &z.dist, sh)?.shard),
+        };
         self.host = st;
-        self.upload(None)
-    }
-
-    /// ZeRO-1: the state from every parameter's masters (moments empty) and this rank's share.
-    pub fn set_share(&mut self, plan: &Plan, st: TrainState, share: Shard) -> Result<()> {
-        let Some(z) = &self.zero else { bail!("a share of the optimizer for a rank that keeps all of it") };
-        let share = crate::optim::Sharded::from_share(plan, &z.dist, share)?.shard;
-        self.host = st;
-        self.upload(Some(share))
+        self.upload(share)
     }
 
     /// The step's fp32 gradient sums as `(device address, elements)`, one buffer per group (what

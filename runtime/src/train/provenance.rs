@@ -148,17 +148,15 @@ impl Checkpoints<'_> {
         if !diff.is_empty() {
             bail!("--resume: {} belongs to a different run:\n  {}", p.display(), diff.join("\n  "));
         }
-        let meta = if be.shares_optimizer() {
-            let (meta, st, shard) = checkpoint::load_share(&p, self.plan, self.dist)?;
-            source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
-            be.set_share(st, shard)?;
-            meta
-        } else {
-            let (meta, st) = checkpoint::load(&p, self.plan)?;
-            source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
-            be.set_state(st)?;
-            meta
+        let (meta, st, shard) = match be.shares_optimizer() {
+            true => checkpoint::load_share(&p, self.plan, self.dist).map(|(m, st, sh)| (m, st, Some(sh)))?,
+            false => checkpoint::load(&p, self.plan).map(|(m, st)| (m, st, None))?,
         };
+        source.restore(&meta).with_context(|| format!("resuming from {}", p.display()))?;
+        match shard {
+            Some(sh) => be.set_share(st, sh)?,
+            None => be.set_state(st)?,
+        }
         if self.dist.is_root() {
             eprintln!("resumed from {} (step {})", p.display(), meta.step);
         }
